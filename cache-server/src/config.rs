@@ -1,0 +1,352 @@
+//! Worker settings: plain data loaded from a TOML file (then overridden by flags in the CLI),
+//! validated once into [`Settings`] before any component is built.
+//!
+//! ```toml
+//! node_id = "node-a"
+//! listen = "127.0.0.1:7070"
+//! metrics_addr = "127.0.0.1:9464"
+//! metadata_ttl = "30s"
+//!
+//! [cache]
+//! dir = "/var/cache/granary"
+//! memory = "1GiB"
+//! disk = "16GiB"
+//! block_size = "4MiB"
+//!
+//! [s3]                      # optional; AWS_* variables fill what is not set here
+//! endpoint = "http://127.0.0.1:9000"
+//! region = "us-east-1"
+//!
+//! [backend]
+//! request_timeout = "20s"
+//! max_concurrency = 64
+//!
+//! [[mount]]
+//! path = "/imagenet"
+//! source = "s3://bucket/imagenet"
+//! ```
+
+use granary_core::{BlockSize, ByteSize, MountPoint, Namespace, SourceUri, parse_duration};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The file as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub node_id: Option<String>,
+    pub listen: Option<String>,
+    pub metrics_addr: Option<String>,
+    pub metadata_ttl: Option<String>,
+    #[serde(default)]
+    pub cache: CacheSection,
+    #[serde(default)]
+    pub s3: S3Section,
+    #[serde(default)]
+    pub backend: BackendSection,
+    #[serde(default, rename = "mount")]
+    pub mounts: Vec<MountSection>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSection {
+    pub dir: Option<PathBuf>,
+    pub memory: Option<String>,
+    pub disk: Option<String>,
+    pub block_size: Option<String>,
+}
+
+/// S3 connection settings; each one left out is taken from the standard `AWS_*` variables.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct S3Section {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub session_token: Option<String>,
+    /// Send unsigned requests (public buckets).
+    #[serde(default)]
+    pub anonymous: bool,
+    /// Let the SDK find credentials itself (instance metadata, web identity, ECS).
+    #[serde(default)]
+    pub use_instance_credentials: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSection {
+    pub request_timeout: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub max_retries: Option<usize>,
+    pub max_concurrency: Option<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MountSection {
+    pub path: String,
+    pub source: String,
+}
+
+/// Validated worker settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub node_id: String,
+    pub listen: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    pub metadata_ttl: Duration,
+    pub cache: CacheSettings,
+    pub s3: S3Section,
+    pub backend: BackendSettings,
+    pub namespace: Namespace,
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    pub dir: PathBuf,
+    pub memory: ByteSize,
+    pub disk: ByteSize,
+    pub block_size: BlockSize,
+}
+
+#[derive(Debug, Clone)]
+pub struct BackendSettings {
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_retries: usize,
+    pub max_concurrency: usize,
+}
+
+impl Default for BackendSettings {
+    fn default() -> Self {
+        BackendSettings {
+            request_timeout: Duration::from_secs(20),
+            connect_timeout: Duration::from_secs(3),
+            max_retries: 3,
+            max_concurrency: 64,
+        }
+    }
+}
+
+impl CacheSettings {
+    pub const DEFAULT_MEMORY: ByteSize = ByteSize::mib(512);
+    pub const DEFAULT_DISK: ByteSize = ByteSize::gib(4);
+
+    /// The disk tier must hold at least a few of its regions to be useful.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.memory.bytes() < 4 * self.block_size.get() {
+            return Err(ConfigError::Invalid(format!(
+                "memory cache {} is too small for block size {}: give it at least 4 blocks",
+                self.memory,
+                ByteSize(self.block_size.get())
+            )));
+        }
+        let min_disk = 4 * disk_region_size(self.block_size) as u64;
+        if self.disk.bytes() != 0 && self.disk.bytes() < min_disk {
+            return Err(ConfigError::Invalid(format!(
+                "disk cache {} is too small: use 0 (no disk tier) or at least {}",
+                self.disk,
+                ByteSize(min_disk)
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The size of one region of the disk tier: the largest entry it can hold.
+pub fn disk_region_size(block_size: BlockSize) -> usize {
+    (16usize << 20).max((block_size.get() as usize * 2).next_power_of_two())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn field<T, E: std::fmt::Display>(name: &str, value: &str, parse: impl Fn(&str) -> Result<T, E>) -> Result<T, ConfigError> {
+    parse(value).map_err(|e| ConfigError::Invalid(format!("{name}: {e}")))
+}
+
+impl ConfigFile {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Validates every field and builds the settings.
+    pub fn settings(&self) -> Result<Settings, ConfigError> {
+        let node_id = match &self.node_id {
+            Some(id) if id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_whitespace() || c == '/') => {
+                return Err(ConfigError::Invalid(format!(
+                    "node_id {id:?} must be 1-128 characters without spaces or '/'"
+                )));
+            }
+            Some(id) => id.clone(),
+            None => default_node_id(),
+        };
+        let listen = field("listen", self.listen.as_deref().unwrap_or("127.0.0.1:7070"), |s| s.parse::<SocketAddr>())?;
+        let metrics_addr = self
+            .metrics_addr
+            .as_deref()
+            .map(|a| field("metrics_addr", a, |s| s.parse::<SocketAddr>()))
+            .transpose()?;
+        let metadata_ttl = field("metadata_ttl", self.metadata_ttl.as_deref().unwrap_or("30s"), parse_duration)?;
+        let size = |name: &str, v: &Option<String>, default: ByteSize| match v {
+            Some(s) => field(name, s, |s| s.parse::<ByteSize>()),
+            None => Ok(default),
+        };
+        let block_size = size("cache.block_size", &self.cache.block_size, ByteSize(BlockSize::DEFAULT.get()))?;
+        let cache = CacheSettings {
+            dir: self.cache.dir.clone().unwrap_or_else(default_cache_dir),
+            memory: size("cache.memory", &self.cache.memory, CacheSettings::DEFAULT_MEMORY)?,
+            disk: size("cache.disk", &self.cache.disk, CacheSettings::DEFAULT_DISK)?,
+            block_size: BlockSize::new(block_size.bytes()).map_err(|e| ConfigError::Invalid(format!("cache.block_size: {e}")))?,
+        };
+        cache.validate()?;
+        let mut backend = BackendSettings::default();
+        if let Some(t) = &self.backend.request_timeout {
+            backend.request_timeout = field("backend.request_timeout", t, parse_duration)?;
+        }
+        if let Some(t) = &self.backend.connect_timeout {
+            backend.connect_timeout = field("backend.connect_timeout", t, parse_duration)?;
+        }
+        if let Some(n) = self.backend.max_retries {
+            backend.max_retries = n;
+        }
+        if let Some(n) = self.backend.max_concurrency {
+            if n == 0 {
+                return Err(ConfigError::Invalid("backend.max_concurrency must be at least 1".into()));
+            }
+            backend.max_concurrency = n;
+        }
+        if self.mounts.is_empty() {
+            return Err(ConfigError::Invalid(
+                "no [[mount]] sections: add at least one, e.g. path = \"/data\", source = \"s3://bucket/prefix\"".into(),
+            ));
+        }
+        let mounts = self
+            .mounts
+            .iter()
+            .map(|m| {
+                let source = m
+                    .source
+                    .parse::<SourceUri>()
+                    .map_err(|e| ConfigError::Invalid(format!("mount {:?}: {e}", m.path)))?;
+                Ok(MountPoint {
+                    path: m.path.clone(),
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        let namespace = Namespace::new(mounts).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        Ok(Settings {
+            node_id,
+            listen,
+            metrics_addr,
+            metadata_ttl,
+            cache,
+            s3: self.s3.clone(),
+            backend,
+            namespace,
+        })
+    }
+}
+
+fn default_node_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "granary".into())
+}
+
+/// `$GRANARY_CACHE_DIR`, else `/var/cache/granary` for root, else `~/.cache/granary`.
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("GRANARY_CACHE_DIR") {
+        return dir.into();
+    }
+    match std::env::var_os("HOME") {
+        Some(home) if !is_root() => Path::new(&home).join(".cache/granary"),
+        _ => PathBuf::from("/var/cache/granary"),
+    }
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Settings, ConfigError> {
+        toml::from_str::<ConfigFile>(text)
+            .map_err(|e| ConfigError::Parse { path: "t.toml".into(), message: e.to_string() })?
+            .settings()
+    }
+
+    #[test]
+    fn full_config() {
+        let s = parse(
+            r#"
+            node_id = "n1"
+            listen = "127.0.0.1:7000"
+            metadata_ttl = "5s"
+            [cache]
+            dir = "/tmp/c"
+            memory = "64MiB"
+            disk = "1GiB"
+            block_size = "1MiB"
+            [backend]
+            max_concurrency = 8
+            [[mount]]
+            path = "/a"
+            source = "s3://bucket/x"
+            [[mount]]
+            path = "/g"
+            source = "file:///mnt/g"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(s.node_id, "n1");
+        assert_eq!(s.cache.block_size.get(), 1 << 20);
+        assert_eq!(s.metadata_ttl, Duration::from_secs(5));
+        assert_eq!(s.namespace.mounts().len(), 2);
+        assert_eq!(s.backend.max_concurrency, 8);
+    }
+
+    #[test]
+    fn bad_configs_name_the_problem() {
+        let mount = "[[mount]]\npath = \"/a\"\nsource = \"s3://bucket\"\n";
+        let cases = [
+            (format!("bogus = 1\n{mount}"), "unknown field"),
+            ("".to_string(), "no [[mount]]"),
+            (format!("[cache]\nmemory = \"lots\"\n{mount}"), "cache.memory"),
+            (format!("[cache]\nblock_size = \"3MiB\"\n{mount}"), "cache.block_size"),
+            (format!("[cache]\ndisk = \"1MiB\"\n{mount}"), "disk cache"),
+            (format!("listen = \"nowhere\"\n{mount}"), "listen"),
+            ("[[mount]]\npath = \"/a\"\nsource = \"gs://x\"\n".to_string(), "unknown URI scheme"),
+            (format!("{mount}[[mount]]\npath = \"/a/b\"\nsource = \"s3://other\"\n"), "overlap"),
+            (format!("node_id = \"a b\"\n{mount}"), "node_id"),
+        ];
+        for (text, needle) in cases {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
+}

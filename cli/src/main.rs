@@ -1,0 +1,63 @@
+//! `granary`: the one binary. This crate is the composition root: it parses flags, loads
+//! settings, builds the components and wires them together; it decides nothing else.
+
+mod cmd_mount;
+mod cmd_server;
+mod cmd_up;
+mod runtime;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "granary",
+    version,
+    about = "Granary: a distributed data cache and staging layer for AI training",
+    long_about = "Granary puts S3, Ceph RGW and POSIX sources (GlusterFS, CephFS, NFS) behind one read-only \
+                  namespace, mounted with FUSE, cached in memory and on local disk.\n\n\
+                  Logs go to stderr; set GRANARY_LOG (e.g. GRANARY_LOG=debug) to choose what is logged."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a cache worker and a FUSE mount of one source in this process (single node).
+    Up(cmd_up::UpArgs),
+    /// Run a cache worker serving its namespace to remote FUSE clients.
+    Server(cmd_server::ServerArgs),
+    /// Mount a remote cache worker's namespace with FUSE.
+    Mount(cmd_mount::MountArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    runtime::init_tracing();
+    let result = match cli.command {
+        Command::Up(args) => runtime::block_on(cmd_up::run(args)),
+        Command::Server(args) => runtime::block_on(cmd_server::run(args)),
+        Command::Mount(args) => runtime::block_on(cmd_mount::run(args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("granary: error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ").replace('\n', " ")
+}

@@ -1,0 +1,47 @@
+//! The metric catalogue: every metric Granary exports is named here once (docs/METRICS.md lists
+//! them with units and labels). Labels stay low-cardinality.
+
+/// Block reads served, by `tier`: `memory`, `disk` (cache hits) or `backend` (a miss fetched
+/// from the source). Counter, requests.
+pub const BLOCK_READS: &str = "granary_block_reads_total";
+/// Bytes of block reads served, by `tier` (as above). Counter, bytes.
+pub const BLOCK_READ_BYTES: &str = "granary_block_read_bytes_total";
+/// Requests sent to a backend, by `op` (`get`, `list`) and `outcome` (`ok`, `error`). Counter.
+pub const BACKEND_REQUESTS: &str = "granary_backend_requests_total";
+/// Backend request latency, by `op`. Histogram, seconds.
+pub const BACKEND_REQUEST_SECONDS: &str = "granary_backend_request_seconds";
+/// Bytes received from backends. Counter, bytes.
+pub const BACKEND_BYTES: &str = "granary_backend_bytes_total";
+/// Blocks whose checksum did not match (dropped and refetched). Counter.
+pub const BLOCK_CHECKSUM_FAILURES: &str = "granary_block_checksum_failures_total";
+/// Metadata (stat/list) lookups, by `result`: `hit` (served from the TTL cache) or `miss`. Counter.
+pub const METADATA_LOOKUPS: &str = "granary_metadata_lookups_total";
+/// FUSE operations, by `op` and `outcome` (`ok` or an errno name). Counter.
+pub const FUSE_OPS: &str = "granary_fuse_ops_total";
+/// FUSE operation latency, by `op`. Histogram, seconds.
+pub const FUSE_OP_SECONDS: &str = "granary_fuse_op_seconds";
+/// Bytes returned to FUSE readers. Counter, bytes.
+pub const FUSE_READ_BYTES: &str = "granary_fuse_read_bytes_total";
+/// Bytes currently held by readahead across all open files. Gauge, bytes.
+pub const READAHEAD_BYTES: &str = "granary_readahead_bytes";
+/// Configured capacity of a cache tier, by `tier` (`memory`, `disk`). Gauge, bytes.
+pub const CACHE_CAPACITY_BYTES: &str = "granary_cache_capacity_bytes";
+/// gRPC requests served by the worker, by `method` and `code`. Counter.
+pub const RPC_REQUESTS: &str = "granary_rpc_requests_total";
+
+/// Every name above, for tests and docs.
+pub const ALL: &[&str] = &[
+    BLOCK_READS,
+    BLOCK_READ_BYTES,
+    BACKEND_REQUESTS,
+    BACKEND_REQUEST_SECONDS,
+    BACKEND_BYTES,
+    BLOCK_CHECKSUM_FAILURES,
+    METADATA_LOOKUPS,
+    FUSE_OPS,
+    FUSE_OP_SECONDS,
+    FUSE_READ_BYTES,
+    READAHEAD_BYTES,
+    CACHE_CAPACITY_BYTES,
+    RPC_REQUESTS,
+];

@@ -1,0 +1,237 @@
+//! The fuser adapter: each kernel request opens a span, runs the [`GranaryFs`] call on the tokio
+//! runtime, maps the error to an errno, replies, and records the op's latency and outcome.
+//! Nothing here decides anything about the filesystem.
+
+use crate::fs::{Attr, FsError, GranaryFs};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
+    LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, Request,
+};
+use granary_core::metrics as m;
+use granary_proto::{CacheApi, EntryKind};
+use std::ffi::OsStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+use tokio::runtime::Handle;
+
+pub struct FuseAdapter<A> {
+    fs: Arc<GranaryFs<A>>,
+    rt: Handle,
+    ttl: Duration,
+}
+
+impl<A: CacheApi> FuseAdapter<A> {
+    pub fn new(fs: Arc<GranaryFs<A>>, rt: Handle) -> Self {
+        let ttl = fs.config().attr_ttl;
+        FuseAdapter { fs, rt, ttl }
+    }
+}
+
+fn record(op: &'static str, start: Instant, outcome: Result<(), &FsError>) {
+    let label = match outcome {
+        Ok(()) => "ok",
+        Err(e) => e.label(),
+    };
+    metrics::counter!(m::FUSE_OPS, "op" => op, "outcome" => label).increment(1);
+    metrics::histogram!(m::FUSE_OP_SECONDS, "op" => op).record(start.elapsed().as_secs_f64());
+    if let Err(e @ (FsError::Io(_) | FsError::Stale(_))) = outcome {
+        tracing::warn!(op, error = %e, "filesystem operation failed");
+    }
+}
+
+fn errno(e: &FsError) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    let mtime = if a.mtime_ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(a.mtime_ns as u64)
+    } else {
+        UNIX_EPOCH
+    };
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: mtime,
+        mtime,
+        ctime: mtime,
+        crtime: mtime,
+        kind: match a.kind {
+            EntryKind::Dir => FileType::Directory,
+            EntryKind::File => FileType::RegularFile,
+        },
+        perm: a.perm,
+        nlink: if a.kind == EntryKind::Dir { 2 } else { 1 },
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        flags: 0,
+        blksize: a.blksize,
+    }
+}
+
+fn kind(k: EntryKind) -> FileType {
+    match k {
+        EntryKind::Dir => FileType::Directory,
+        EntryKind::File => FileType::RegularFile,
+    }
+}
+
+impl<A: CacheApi> Filesystem for FuseAdapter<A> {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let wanted = InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_ASYNC_READ;
+        if let Err(unsupported) = config.add_capabilities(wanted) {
+            tracing::info!(?unsupported, "kernel lacks some FUSE capabilities");
+            let _ = config.add_capabilities(wanted - unsupported);
+        }
+        let _ = config.set_max_readahead(1 << 20).or_else(|max| config.set_max_readahead(max));
+        let _ = config.set_max_background(64);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let fs = self.fs.clone();
+        let ttl = self.ttl;
+        let name = name.to_string_lossy().into_owned();
+        self.rt.spawn(async move {
+            let start = Instant::now();
+            let result = fs.lookup(parent.0, &name).await;
+            record("lookup", start, result.as_ref().map(|_| ()));
+            match result {
+                Ok(attr) => reply.entry(&ttl, &file_attr(&attr), Generation(0)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let fs = self.fs.clone();
+        let ttl = self.ttl;
+        self.rt.spawn(async move {
+            let start = Instant::now();
+            let result = fs.getattr(ino.0).await;
+            record("getattr", start, result.as_ref().map(|_| ()));
+            match result {
+                Ok(attr) => reply.attr(&ttl, &file_attr(&attr)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let fs = self.fs.clone();
+        let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+        self.rt.spawn(async move {
+            let start = Instant::now();
+            let result = fs.open(ino.0, write).await;
+            record("open", start, result.as_ref().map(|_| ()));
+            match result {
+                Ok(opened) => {
+                    let flags = if opened.keep_cache { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
+                    reply.opened(FileHandle(opened.fh), flags)
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let fs = self.fs.clone();
+        self.rt.spawn(async move {
+            let start = Instant::now();
+            let result = fs.read(fh.0, offset, size).await;
+            record("read", start, result.as_ref().map(|_| ()));
+            match result {
+                Ok(data) => {
+                    metrics::counter!(m::FUSE_READ_BYTES).increment(data.len() as u64);
+                    reply.data(&data)
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.release(fh.0);
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let fs = self.fs.clone();
+        self.rt.spawn(async move {
+            let start = Instant::now();
+            let result = fs.opendir(ino.0).await;
+            record("opendir", start, result.as_ref().map(|_| ()));
+            match result {
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let start = Instant::now();
+        let result = self.fs.readdir(ino.0, fh.0, offset, false, |item| {
+            !reply.add(INodeNo(item.ino), item.next_offset, kind(item.attr.kind), &item.name)
+        });
+        record("readdir", start, result.as_ref().map(|_| ()));
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let start = Instant::now();
+        let ttl = self.ttl;
+        let result = self.fs.readdir(ino.0, fh.0, offset, true, |item| {
+            !reply.add(INodeNo(item.ino), item.next_offset, &item.name, &ttl, &file_attr(&item.attr), Generation(0))
+        });
+        record("readdirplus", start, result.as_ref().map(|_| ()));
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.fs.releasedir(fh.0);
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let info = self.fs.block_size();
+        let bsize = info.get().min(1 << 20) as u32;
+        let capacity = (self.fs.inode_count() as u64).max(1);
+        // A read-only view: report what it holds as used and nothing free.
+        reply.statfs(1 << 30, 0, 0, capacity, 0, bsize, 255, bsize);
+    }
+}

@@ -1,0 +1,14 @@
+//! Granary's FUSE client: a read-only POSIX view of a cache worker's namespace.
+//!
+//! [`fs::GranaryFs`] holds the filesystem logic over any [`granary_proto::CacheApi`] (a worker in
+//! the same process, or one reached over gRPC); [`fuse::FuseAdapter`] is the thin fuser layer;
+//! [`mount`] checks the mount point and mounts.
+
+pub mod fs;
+pub mod fuse;
+pub mod inodes;
+pub mod mount;
+pub mod prefetch;
+
+pub use fs::{FsConfig, FsError, GranaryFs};
+pub use mount::{MountError, Mounted, check_fuse_device, check_mount_dir, mount};

@@ -1,0 +1,114 @@
+//! Mounting: the checks that make a bad mount fail fast with a clear message, then fuser.
+
+use crate::fs::GranaryFs;
+use crate::fuse::FuseAdapter;
+use fuser::{BackgroundSession, Config, MountOption, SessionACL};
+use granary_proto::CacheApi;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("mount point {0} does not exist")]
+    Missing(PathBuf),
+    #[error("mount point {0} is not a directory")]
+    NotADirectory(PathBuf),
+    #[error("mount point {0} is not empty")]
+    NotEmpty(PathBuf),
+    #[error("mount point {0}: {1}")]
+    Io(PathBuf, std::io::Error),
+    #[error("no permission to open /dev/fuse ({0}): run as root or grant access to /dev/fuse")]
+    FuseDevice(std::io::Error),
+    #[error("cannot mount at {0}: {1}")]
+    Mount(PathBuf, std::io::Error),
+}
+
+/// The mount point must exist, be a directory and be empty.
+pub fn check_mount_dir(dir: &Path) -> Result<(), MountError> {
+    let meta = match std::fs::metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(MountError::Missing(dir.into())),
+        Err(e) => return Err(MountError::Io(dir.into(), e)),
+    };
+    if !meta.is_dir() {
+        return Err(MountError::NotADirectory(dir.into()));
+    }
+    let mut entries = std::fs::read_dir(dir).map_err(|e| MountError::Io(dir.into(), e))?;
+    if entries.next().is_some() {
+        return Err(MountError::NotEmpty(dir.into()));
+    }
+    Ok(())
+}
+
+/// The FUSE device must be openable for reading and writing.
+pub fn check_fuse_device() -> Result<(), MountError> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .map(drop)
+        .map_err(MountError::FuseDevice)
+}
+
+/// A mounted filesystem; unmounts when dropped or with [`Mounted::unmount`].
+pub struct Mounted {
+    session: Option<BackgroundSession>,
+    dir: PathBuf,
+}
+
+impl std::fmt::Debug for Mounted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mounted").field("dir", &self.dir).finish()
+    }
+}
+
+impl Mounted {
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Unmounts and waits for the session thread to end.
+    pub fn unmount(mut self) -> std::io::Result<()> {
+        match self.session.take() {
+            Some(s) => s.umount_and_join(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Some(s) = self.session.take() {
+            let _ = s.umount_and_join();
+        }
+    }
+}
+
+/// Checks the mount point and the FUSE device, then mounts `fs` read-only at `dir`.
+pub fn mount<A: CacheApi>(fs: Arc<GranaryFs<A>>, dir: &Path, fsname: &str) -> Result<Mounted, MountError> {
+    check_mount_dir(dir)?;
+    check_fuse_device()?;
+    let is_root = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false);
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::RO,
+        MountOption::FSName(fsname.to_string()),
+        MountOption::Subtype("granary".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoAtime,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+    ];
+    // Training pods often run as another user than the mounter: let root's mounts be shared.
+    if is_root {
+        config.acl = SessionACL::All;
+    }
+    config.n_threads = Some(2);
+    config.clone_fd = true;
+    let adapter = FuseAdapter::new(fs, tokio::runtime::Handle::current());
+    let session = fuser::spawn_mount(adapter, dir, &config).map_err(|e| MountError::Mount(dir.into(), e))?;
+    Ok(Mounted {
+        session: Some(session),
+        dir: dir.to_path_buf(),
+    })
+}

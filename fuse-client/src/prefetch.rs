@@ -1,0 +1,173 @@
+//! Block fetching for one open file: the blocks a read needs now plus a readahead window.
+//!
+//! Each open file keeps a map of in-flight (or landed) blocks, driven by
+//! [`granary_core::Readahead`]: a read first asks the window which blocks should be in flight,
+//! drops the blocks behind it (or everything, after a seek), starts the missing ones, and waits
+//! only for those it touches. Blocks ahead of the reader hold permits from a global byte budget,
+//! so readahead across all open files never holds more than `readahead_total` bytes; when the
+//! budget is spent, readahead shrinks rather than waits. Blocks the reader needs now are always
+//! fetched. A failed block is dropped from the map so that the next read retries it.
+
+use bytes::{Bytes, BytesMut};
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use granary_core::metrics as m;
+use granary_core::{BlockSize, Readahead};
+use granary_proto::{ApiError, CacheApi, ObjectRef};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+type BlockFuture = Shared<BoxFuture<'static, Result<Bytes, ApiError>>>;
+
+/// The global readahead byte budget, counted in KiB permits.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    permits: Arc<Semaphore>,
+    total_kib: usize,
+}
+
+impl Budget {
+    pub fn new(total_bytes: u64) -> Self {
+        let total_kib = (total_bytes >> 10).min(Semaphore::MAX_PERMITS as u64) as usize;
+        Budget {
+            permits: Arc::new(Semaphore::new(total_kib)),
+            total_kib,
+        }
+    }
+
+    fn try_take(&self, bytes: u64) -> Option<OwnedSemaphorePermit> {
+        let kib = bytes.div_ceil(1024) as u32;
+        let permit = self.permits.clone().try_acquire_many_owned(kib).ok();
+        self.publish();
+        permit
+    }
+
+    fn publish(&self) {
+        let used = self.total_kib - self.permits.available_permits();
+        metrics::gauge!(m::READAHEAD_BYTES).set((used as u64 * 1024) as f64);
+    }
+
+    /// Bytes currently held by readahead.
+    pub fn used_bytes(&self) -> u64 {
+        (self.total_kib - self.permits.available_permits()) as u64 * 1024
+    }
+}
+
+struct Inflight {
+    block: BlockFuture,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+pub struct FileReader {
+    object: ObjectRef,
+    block_size: BlockSize,
+    budget: Budget,
+    state: Mutex<State>,
+}
+
+struct State {
+    readahead: Readahead,
+    blocks: BTreeMap<u64, Inflight>,
+}
+
+impl FileReader {
+    pub fn new(object: ObjectRef, block_size: BlockSize, max_ahead_blocks: u64, budget: Budget) -> Self {
+        FileReader {
+            object,
+            block_size,
+            budget,
+            state: Mutex::new(State {
+                readahead: Readahead::new(max_ahead_blocks),
+                blocks: BTreeMap::new(),
+            }),
+        }
+    }
+
+    pub fn object(&self) -> &ObjectRef {
+        &self.object
+    }
+
+    fn fetch<A: CacheApi>(&self, api: &Arc<A>, index: u64) -> BlockFuture {
+        let api = api.clone();
+        let object = self.object.clone();
+        let task = tokio::spawn(async move { api.read_block(&object, index).await.map(|b| b.data) });
+        async move {
+            match task.await {
+                Ok(result) => result,
+                Err(e) => Err(ApiError::Internal(format!("block fetch task failed: {e}"))),
+            }
+        }
+        .boxed()
+        .shared()
+    }
+
+    /// Reads up to `len` bytes at `offset` (short at the end of the file).
+    pub async fn read<A: CacheApi>(&self, api: &Arc<A>, offset: u64, len: u64) -> Result<Bytes, ApiError> {
+        let size = self.object.id.size;
+        let bs = self.block_size;
+        let needed = bs.indices(offset, len, size);
+        if needed.is_empty() {
+            return Ok(Bytes::new());
+        }
+        let waits: Vec<(u64, BlockFuture)> = {
+            let mut state = self.state.lock().expect("reader lock");
+            let plan = state.readahead.on_read(offset, len, bs, size);
+            state.blocks.retain(|i, _| plan.contains(i));
+            for index in plan {
+                if state.blocks.contains_key(&index) {
+                    continue;
+                }
+                let permit = if needed.contains(&index) {
+                    None
+                } else {
+                    match self.budget.try_take(bs.range(index, size).end - bs.range(index, size).start) {
+                        Some(p) => Some(p),
+                        None => break,
+                    }
+                };
+                let block = self.fetch(api, index);
+                state.blocks.insert(index, Inflight { block, _permit: permit });
+            }
+            needed.clone().map(|i| (i, state.blocks[&i].block.clone())).collect()
+        };
+        let mut parts = Vec::with_capacity(waits.len());
+        let mut failure = None;
+        for (index, wait) in waits {
+            match wait.await {
+                Ok(data) => parts.push(data),
+                Err(e) => {
+                    self.state.lock().expect("reader lock").blocks.remove(&index);
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        self.budget.publish();
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        let expected_total: u64 = bs.spans(offset, len, size).map(|s| s.within.end - s.within.start).sum();
+        let mut spans = bs.spans(offset, len, size);
+        if parts.len() == 1 {
+            let span = spans.next().expect("one span");
+            return slice(&parts[0], span.within, span.index, &self.object);
+        }
+        let mut out = BytesMut::with_capacity(expected_total as usize);
+        for (span, data) in spans.zip(&parts) {
+            out.extend_from_slice(&slice(data, span.within, span.index, &self.object)?);
+        }
+        Ok(out.freeze())
+    }
+}
+
+fn slice(data: &Bytes, within: std::ops::Range<u64>, index: u64, object: &ObjectRef) -> Result<Bytes, ApiError> {
+    if within.end as usize > data.len() {
+        return Err(ApiError::Corrupt(format!(
+            "block {index} of {:?} has {} bytes, needed {}",
+            object.id.key,
+            data.len(),
+            within.end
+        )));
+    }
+    Ok(data.slice(within.start as usize..within.end as usize))
+}

@@ -1,0 +1,7 @@
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto/granary.proto");
+    tonic_prost_build::configure()
+        .bytes(".granary.v1.BlockData.data")
+        .compile_protos(&["proto/granary.proto"], &["proto"])?;
+    Ok(())
+}

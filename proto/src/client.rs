@@ -1,0 +1,93 @@
+//! [`GrpcCache`]: the worker API over gRPC, for a client on another node than its worker.
+
+use crate::{ApiError, Block, CacheApi, Entry, Info, MAX_MESSAGE_BYTES, ObjectRef, pb};
+use granary_core::BlockSize;
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+type Client = pb::cache_client::CacheClient<Channel>;
+
+/// A connection to one worker.
+#[derive(Clone)]
+pub struct GrpcCache {
+    client: Client,
+    info: Info,
+}
+
+impl std::fmt::Debug for GrpcCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcCache").field("info", &self.info).finish()
+    }
+}
+
+impl GrpcCache {
+    /// Connects to a worker at `addr` (`host:port` or `http://host:port`) and asks its info.
+    pub async fn connect(addr: &str, timeout: Duration) -> Result<Self, ApiError> {
+        let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+        let endpoint = Endpoint::from_shared(uri.clone())
+            .map_err(|e| ApiError::Invalid(format!("bad server address {addr:?}: {e}")))?
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .tcp_nodelay(true)
+            .initial_stream_window_size(Some(8 << 20))
+            .initial_connection_window_size(Some(32 << 20));
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("cannot connect to worker {addr}: {e}")))?;
+        let mut client = pb::cache_client::CacheClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let info = client.info(pb::InfoRequest {}).await.map_err(ApiError::from)?.into_inner();
+        let block_size = BlockSize::new(info.block_size)
+            .map_err(|e| ApiError::Invalid(format!("worker {addr} reports {e}")))?;
+        Ok(GrpcCache {
+            client,
+            info: Info {
+                node_id: info.node_id,
+                block_size,
+                memory_capacity: info.memory_capacity,
+                disk_capacity: info.disk_capacity,
+            },
+        })
+    }
+}
+
+impl CacheApi for GrpcCache {
+    fn info(&self) -> Info {
+        self.info.clone()
+    }
+
+    async fn stat(&self, path: &str) -> Result<Entry, ApiError> {
+        let req = pb::StatRequest { path: path.to_string() };
+        let entry = self.client.clone().stat(req).await?.into_inner();
+        Entry::try_from(entry)
+    }
+
+    async fn list(&self, path: &str) -> Result<Arc<Vec<Entry>>, ApiError> {
+        let req = pb::ListRequest { path: path.to_string() };
+        let resp = self.client.clone().list(req).await?.into_inner();
+        let entries = resp.entries.into_iter().map(Entry::try_from).collect::<Result<Vec<_>, _>>()?;
+        Ok(Arc::new(entries))
+    }
+
+    async fn read_block(&self, object: &ObjectRef, index: u64) -> Result<Block, ApiError> {
+        let req = pb::ReadBlockRequest {
+            object: Some(object.into()),
+            index,
+        };
+        let resp = self.client.clone().read_block(req).await?.into_inner();
+        let block = Block {
+            data: resp.data,
+            crc32c: resp.crc32c,
+        };
+        if !block.verify() {
+            return Err(ApiError::Corrupt(format!(
+                "block {index} of {:?} failed its checksum in transit",
+                object.id.key
+            )));
+        }
+        Ok(block)
+    }
+}

@@ -1,0 +1,130 @@
+//! Granary's wire types and the worker API.
+//!
+//! [`CacheApi`] is what a FUSE client needs from a cache worker: stat, list and block reads in
+//! core types. A worker in the same process implements it directly (no network on the same
+//! node); [`client::GrpcCache`] implements it over gRPC for a remote worker, and the worker's
+//! gRPC service (in `cache-server`) serves any `CacheApi` implementation. Errors cross the wire
+//! through exactly one mapping each way ([`ApiError`] <-> `tonic::Status`).
+
+pub mod client;
+mod convert;
+
+use bytes::Bytes;
+use granary_core::{BlockSize, ObjectId};
+use std::future::Future;
+use std::sync::Arc;
+
+/// The generated gRPC types.
+pub mod pb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("granary.v1");
+}
+
+/// Largest gRPC message either side accepts: a 64 MiB block plus framing, or a large listing.
+pub const MAX_MESSAGE_BYTES: usize = 80 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    File,
+    Dir,
+}
+
+/// A file as it was seen: which mount it came from and which version of the object it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectRef {
+    pub mount: u32,
+    pub id: ObjectId,
+}
+
+/// One name in a directory, or the answer to a stat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub name: String,
+    pub kind: EntryKind,
+    pub size: u64,
+    pub mtime_ns: i64,
+    /// Present for files.
+    pub object: Option<ObjectRef>,
+}
+
+/// A block's bytes and the CRC32C computed when it was fetched from the backend.
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub data: Bytes,
+    pub crc32c: u32,
+}
+
+impl Block {
+    pub fn new(data: Bytes) -> Self {
+        let crc32c = granary_core::object::checksum(&data);
+        Block { data, crc32c }
+    }
+
+    pub fn verify(&self) -> bool {
+        granary_core::object::checksum(&self.data) == self.crc32c
+    }
+}
+
+/// What a worker tells its clients about itself.
+#[derive(Debug, Clone)]
+pub struct Info {
+    pub node_id: String,
+    pub block_size: BlockSize,
+    pub memory_capacity: u64,
+    pub disk_capacity: u64,
+}
+
+/// Errors of the worker API, by what the caller should do about them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("not a directory: {0}")]
+    NotADirectory(String),
+    /// The object changed in the backend since it was opened: reopen it.
+    #[error("stale: {0}")]
+    Stale(String),
+    /// A backend or worker did not answer (in time): retry later.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// The request itself is wrong.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// Data failed its checksum on arrival.
+    #[error("corrupt data: {0}")]
+    Corrupt(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// What a FUSE client needs from a cache worker.
+pub trait CacheApi: Send + Sync + 'static {
+    fn info(&self) -> Info;
+
+    /// The entry at a namespace path (`/` is the root directory).
+    fn stat(&self, path: &str) -> impl Future<Output = Result<Entry, ApiError>> + Send;
+
+    /// The entries of the directory at a namespace path, sorted by name.
+    fn list(&self, path: &str) -> impl Future<Output = Result<Arc<Vec<Entry>>, ApiError>> + Send;
+
+    /// Block `index` of exactly the object version `object` names.
+    fn read_block(&self, object: &ObjectRef, index: u64) -> impl Future<Output = Result<Block, ApiError>> + Send;
+}
+
+impl<T: CacheApi> CacheApi for Arc<T> {
+    fn info(&self) -> Info {
+        (**self).info()
+    }
+
+    fn stat(&self, path: &str) -> impl Future<Output = Result<Entry, ApiError>> + Send {
+        (**self).stat(path)
+    }
+
+    fn list(&self, path: &str) -> impl Future<Output = Result<Arc<Vec<Entry>>, ApiError>> + Send {
+        (**self).list(path)
+    }
+
+    fn read_block(&self, object: &ObjectRef, index: u64) -> impl Future<Output = Result<Block, ApiError>> + Send {
+        (**self).read_block(object, index)
+    }
+}

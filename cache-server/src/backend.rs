@@ -8,11 +8,10 @@ use granary_core::SourceUri;
 use granary_core::metrics as m;
 use granary_proto::ApiError;
 use object_store::aws::AmazonS3Builder;
-use object_store::local::LocalFileSystem;
 use object_store::path::Path as StorePath;
-use object_store::{
-    ClientOptions, GetOptions, GetRange, ListResult, ObjectStore, RetryConfig,
-};
+use object_store::{ClientOptions, GetOptions, GetRange, ObjectStore, RetryConfig};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,11 +26,30 @@ pub enum BackendError {
     Unreachable { backend: String, message: String },
 }
 
+/// One name in a backend directory, before it becomes an [`granary_proto::Entry`].
+#[derive(Debug, Clone)]
+pub struct RawEntry {
+    pub name: String,
+    pub dir: bool,
+    /// The object's key relative to the backend root (files only).
+    pub key: String,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub etag: Option<String>,
+    pub version: Option<String>,
+}
+
+enum Store {
+    /// S3 and S3-compatible stores, through object_store.
+    Object { store: Arc<dyn ObjectStore>, prefix: Option<StorePath> },
+    /// A POSIX directory (GlusterFS, CephFS, NFS mounts), read with positional reads.
+    Posix { root: PathBuf },
+}
+
 pub struct Backend {
     /// The source URI, also the backend part of object identities.
     id: String,
-    store: Arc<dyn ObjectStore>,
-    prefix: Option<StorePath>,
+    store: Store,
     limit: Semaphore,
 }
 
@@ -100,31 +118,107 @@ fn store_error(op: &str, id: &str, key: &str, e: object_store::Error) -> ApiErro
     let what = format!("{op} {id}/{key}");
     match e {
         E::NotFound { .. } => ApiError::NotFound(what),
-        E::Precondition { .. } | E::NotModified { .. } => ApiError::Stale(format!("{what}: the object changed in the backend")),
+        E::Precondition { .. } | E::NotModified { .. } => {
+            ApiError::Stale(format!("{what}: the object changed in the backend"))
+        }
         E::InvalidPath { .. } => ApiError::Invalid(format!("{what}: {e}")),
         other => ApiError::Unavailable(format!("{what}: {other}")),
     }
 }
 
+fn io_error(op: &str, id: &str, key: &str, e: std::io::Error) -> ApiError {
+    let what = format!("{op} {id}/{key}: {e}");
+    match e.kind() {
+        std::io::ErrorKind::NotFound => ApiError::NotFound(what),
+        std::io::ErrorKind::NotADirectory => ApiError::NotADirectory(what),
+        _ => ApiError::Unavailable(what),
+    }
+}
+
+/// The version tag of a POSIX file: inode, mtime and size.
+fn posix_etag(meta: &std::fs::Metadata) -> String {
+    format!("{:x}-{:x}-{:x}", meta.ino(), mtime_ns(meta), meta.len())
+}
+
+fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
+    meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec())
+}
+
+fn join_key(prefix: &str, key: &str) -> String {
+    match (prefix.is_empty(), key.is_empty()) {
+        (true, _) => key.to_string(),
+        (false, true) => prefix.to_string(),
+        (false, false) => format!("{prefix}/{key}"),
+    }
+}
+
+/// Lists a POSIX directory (blocking).
+fn posix_list(root: &Path, key: &str) -> std::io::Result<Vec<RawEntry>> {
+    let dir = root.join(key);
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&dir)? {
+        let entry = entry?;
+        let Ok(name) = entry.file_name().into_string() else {
+            tracing::warn!(dir = %dir.display(), name = ?entry.file_name(), "skipping a name that is not UTF-8");
+            continue;
+        };
+        // Follow symlinks; skip what cannot be stat'ed (dangling links) and special files.
+        let Ok(meta) = std::fs::metadata(entry.path()) else { continue };
+        if !(meta.is_dir() || meta.is_file()) {
+            continue;
+        }
+        out.push(RawEntry {
+            key: join_key(key, &name),
+            name,
+            dir: meta.is_dir(),
+            size: if meta.is_file() { meta.len() } else { 0 },
+            mtime_ns: mtime_ns(&meta),
+            etag: meta.is_file().then(|| posix_etag(&meta)),
+            version: None,
+        });
+    }
+    Ok(out)
+}
+
+/// Reads `range` of a POSIX file whose version must still be `etag` (blocking).
+fn posix_read(root: &Path, key: &str, range: Range<u64>, etag: Option<&str>) -> Result<Bytes, std::io::Error> {
+    let file = std::fs::File::open(root.join(key))?;
+    if let Some(expected) = etag
+        && posix_etag(&file.metadata()?) != expected
+    {
+        return Err(std::io::Error::other(STALE));
+    }
+    let mut buf = vec![0u8; (range.end - range.start) as usize];
+    file.read_exact_at(&mut buf, range.start).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof { std::io::Error::other(STALE) } else { e }
+    })?;
+    Ok(Bytes::from(buf))
+}
+
+const STALE: &str = "the object changed in the backend";
+
 impl Backend {
     pub fn new(source: &SourceUri, s3: &S3Section, settings: &BackendSettings) -> Result<Self, BackendError> {
-        let (store, prefix): (Arc<dyn ObjectStore>, String) = match source {
-            SourceUri::S3 { bucket, prefix } => (s3_store(bucket, s3, settings)?, prefix.clone()),
+        let store = match source {
+            SourceUri::S3 { bucket, prefix } => Store::Object {
+                store: s3_store(bucket, s3, settings)?,
+                prefix: if prefix.is_empty() {
+                    None
+                } else {
+                    Some(StorePath::parse(prefix).map_err(|e| BackendError::Config(format!("source {source}: {e}")))?)
+                },
+            },
             SourceUri::Local { path } => {
-                let meta = std::fs::metadata(path)
-                    .map_err(|e| BackendError::Config(format!("source {source}: {e}")))?;
+                let meta = std::fs::metadata(path).map_err(|e| BackendError::Config(format!("source {source}: {e}")))?;
                 if !meta.is_dir() {
                     return Err(BackendError::Config(format!("source {source} is not a directory")));
                 }
-                let fs = LocalFileSystem::new_with_prefix(path)
-                    .map_err(|e| BackendError::Config(format!("source {source}: {e}")))?;
-                (Arc::new(fs), String::new())
+                Store::Posix { root: PathBuf::from(path) }
             }
         };
         Ok(Backend {
             id: source.to_string(),
             store,
-            prefix: (!prefix.is_empty()).then(|| StorePath::from(prefix)),
             limit: Semaphore::new(settings.max_concurrency),
         })
     }
@@ -134,33 +228,59 @@ impl Backend {
         &self.id
     }
 
-    /// The store path of a key relative to this backend's prefix.
-    fn path(&self, key: &str) -> StorePath {
-        match (&self.prefix, key.is_empty()) {
-            (None, _) => StorePath::from(key),
-            (Some(p), true) => p.clone(),
-            (Some(p), false) => StorePath::from(format!("{p}/{key}")),
-        }
-    }
-
-    /// The key relative to this backend's prefix of a store path it returned.
-    pub fn key_of(&self, path: &StorePath) -> String {
-        let s = path.as_ref();
-        match &self.prefix {
-            Some(p) => s.strip_prefix(p.as_ref()).unwrap_or(s).trim_start_matches('/').to_string(),
-            None => s.to_string(),
-        }
-    }
-
     /// Lists one directory level under `key` (`""` = the backend's root).
-    pub async fn list(&self, key: &str) -> Result<ListResult, ApiError> {
-        let path = self.path(key);
-        let prefix = (!path.as_ref().is_empty()).then_some(&path);
+    pub async fn list(&self, key: &str) -> Result<Vec<RawEntry>, ApiError> {
         let _permit = self.limit.acquire().await.map_err(|_| ApiError::Unavailable("backend closed".into()))?;
         let start = Instant::now();
-        let result = self.store.list_with_delimiter(prefix).await;
+        let result = match &self.store {
+            Store::Object { store, prefix } => {
+                let prefix_str = prefix.as_ref().map(|p| p.as_ref().to_string()).unwrap_or_default();
+                let path = StorePath::parse(join_key(&prefix_str, key))
+                    .map_err(|e| ApiError::Invalid(format!("list {}/{key}: {e}", self.id)))?;
+                let listed = store
+                    .list_with_delimiter((!path.as_ref().is_empty()).then_some(&path))
+                    .await
+                    .map_err(|e| store_error("list", &self.id, key, e));
+                listed.map(|l| {
+                    let rel = |p: &StorePath| {
+                        let s = p.as_ref();
+                        s.strip_prefix(prefix_str.as_str()).unwrap_or(s).trim_start_matches('/').to_string()
+                    };
+                    let dirs = l.common_prefixes.iter().filter_map(|p| {
+                        Some(RawEntry {
+                            name: p.filename()?.to_string(),
+                            dir: true,
+                            key: rel(p),
+                            size: 0,
+                            mtime_ns: 0,
+                            etag: None,
+                            version: None,
+                        })
+                    });
+                    let files = l.objects.iter().filter_map(|o| {
+                        Some(RawEntry {
+                            name: o.location.filename()?.to_string(),
+                            dir: false,
+                            key: rel(&o.location),
+                            size: o.size,
+                            mtime_ns: o.last_modified.timestamp_nanos_opt().unwrap_or(0),
+                            etag: o.e_tag.clone(),
+                            version: o.version.clone(),
+                        })
+                    });
+                    dirs.chain(files).collect()
+                })
+            }
+            Store::Posix { root } => {
+                let (root, key_owned) = (root.clone(), key.to_string());
+                tokio::task::spawn_blocking(move || posix_list(&root, &key_owned))
+                    .await
+                    .map_err(|e| ApiError::Internal(e.to_string()))?
+                    .map_err(|e| io_error("list", &self.id, key, e))
+            }
+        };
         record("list", start, result.is_ok());
-        result.map_err(|e| store_error("list", &self.id, key, e))
+        result
     }
 
     /// Reads `range` of exactly the object version named by `etag`/`version`.
@@ -171,26 +291,46 @@ impl Backend {
         etag: Option<&str>,
         version: Option<&str>,
     ) -> Result<Bytes, ApiError> {
-        let path = self.path(key);
-        let options = GetOptions {
-            if_match: etag.map(str::to_string),
-            version: version.map(str::to_string),
-            range: Some(GetRange::Bounded(range.clone())),
-            ..GetOptions::default()
-        };
         let _permit = self.limit.acquire().await.map_err(|_| ApiError::Unavailable("backend closed".into()))?;
         let start = Instant::now();
-        let result = match self.store.get_opts(&path, options).await {
-            Ok(r) => r.bytes().await,
-            Err(e) => Err(e),
+        let result = match &self.store {
+            Store::Object { store, prefix } => {
+                let prefix_str = prefix.as_ref().map(|p| p.as_ref().to_string()).unwrap_or_default();
+                let path = StorePath::parse(join_key(&prefix_str, key))
+                    .map_err(|e| ApiError::Invalid(format!("get {}/{key}: {e}", self.id)))?;
+                let options = GetOptions {
+                    if_match: etag.map(str::to_string),
+                    version: version.map(str::to_string),
+                    range: Some(GetRange::Bounded(range.clone())),
+                    ..GetOptions::default()
+                };
+                let got = match store.get_opts(&path, options).await {
+                    Ok(r) => r.bytes().await,
+                    Err(e) => Err(e),
+                };
+                got.map_err(|e| store_error("get", &self.id, key, e))
+            }
+            Store::Posix { root } => {
+                let (root, key_owned, etag_owned, r) = (root.clone(), key.to_string(), etag.map(str::to_string), range.clone());
+                tokio::task::spawn_blocking(move || posix_read(&root, &key_owned, r, etag_owned.as_deref()))
+                    .await
+                    .map_err(|e| ApiError::Internal(e.to_string()))?
+                    .map_err(|e| {
+                        if e.to_string() == STALE {
+                            ApiError::Stale(format!("get {}/{key}: {STALE}", self.id))
+                        } else {
+                            io_error("get", &self.id, key, e)
+                        }
+                    })
+            }
         };
         record("get", start, result.is_ok());
-        let data = result.map_err(|e| store_error("get", &self.id, key, e))?;
+        let data = result?;
         metrics::counter!(m::BACKEND_BYTES).increment(data.len() as u64);
         let expected = range.end - range.start;
         if data.len() as u64 != expected {
             return Err(ApiError::Stale(format!(
-                "get {}/{key}: asked {expected} bytes at {}, got {}: the object changed in the backend",
+                "get {}/{key}: asked {expected} bytes at {}, got {}: {STALE}",
                 self.id,
                 range.start,
                 data.len()
@@ -205,10 +345,15 @@ impl Backend {
             backend: self.id.clone(),
             message,
         };
-        match tokio::time::timeout(timeout, self.store.list_with_delimiter(self.prefix.as_ref())).await {
-            Err(_) => Err(unreachable(format!("no answer within {timeout:?} (is the endpoint right and up?)"))),
-            Ok(Err(e)) => Err(unreachable(describe_probe_error(&e))),
-            Ok(Ok(_)) => Ok(()),
+        match &self.store {
+            Store::Object { store, prefix } => {
+                match tokio::time::timeout(timeout, store.list_with_delimiter(prefix.as_ref())).await {
+                    Err(_) => Err(unreachable(format!("no answer within {timeout:?} (is the endpoint right and up?)"))),
+                    Ok(Err(e)) => Err(unreachable(describe_probe_error(&e))),
+                    Ok(Ok(_)) => Ok(()),
+                }
+            }
+            Store::Posix { root } => std::fs::read_dir(root).map(drop).map_err(|e| unreachable(e.to_string())),
         }
     }
 }

@@ -84,38 +84,31 @@ impl Worker {
     /// Lists one directory of a backend, as entries.
     async fn list_backend(&self, mount: usize, key: &str) -> Result<Listing, ApiError> {
         let backend = &self.backends[mount];
-        let result = backend.list(key).await?;
-        let mut entries = Vec::with_capacity(result.objects.len() + result.common_prefixes.len());
-        for prefix in &result.common_prefixes {
-            if let Some(name) = prefix.filename().filter(|n| valid_name(n)) {
-                entries.push(self.dir_entry(name));
-            }
-        }
-        for meta in result.objects {
-            let Some(name) = meta.location.filename().filter(|n| valid_name(n)) else {
-                continue;
-            };
-            let name = name.to_string();
-            let mtime_ns = meta.last_modified.timestamp_nanos_opt().unwrap_or(0);
-            let id = ObjectId {
-                backend: backend.id().to_string(),
-                key: backend.key_of(&meta.location),
-                size: meta.size,
-                etag: meta.e_tag,
-                version: meta.version,
-                mtime_ns,
-            };
-            entries.push(Entry {
-                name,
-                kind: EntryKind::File,
-                size: meta.size,
-                mtime_ns,
-                object: Some(ObjectRef {
-                    mount: mount as u32,
-                    id,
-                }),
-            });
-        }
+        let raw = backend.list(key).await?;
+        let entries = raw
+            .into_iter()
+            .filter(|r| valid_name(&r.name))
+            .map(|r| {
+                if r.dir {
+                    return self.dir_entry(&r.name);
+                }
+                let id = ObjectId {
+                    backend: backend.id().to_string(),
+                    key: r.key,
+                    size: r.size,
+                    etag: r.etag,
+                    version: r.version,
+                    mtime_ns: r.mtime_ns,
+                };
+                Entry {
+                    name: r.name,
+                    kind: EntryKind::File,
+                    size: r.size,
+                    mtime_ns: r.mtime_ns,
+                    object: Some(ObjectRef { mount: mount as u32, id }),
+                }
+            })
+            .collect();
         Ok(Listing::new(entries))
     }
 

@@ -6,7 +6,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 VOL=gv0
 G() { timeout 60 gluster --mode=script "$@"; }
 
-install() { apt_ensure glusterfs-server glusterfs-client fuse3 psmisc; }
+install() { apt_ensure glusterfs-server glusterfs-client fuse3 iproute2; }
 
 start() {
   prepare_state "${1:-}"

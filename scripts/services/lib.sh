@@ -2,7 +2,7 @@
 # Each service script sets SVC (its name) before sourcing this file.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
-SERVICES_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+export PATH=$PATH:/usr/sbin:/sbin
 # Debian's python3 (always there with python3-venv on this image); fall back to whatever is on PATH.
 PY=/usr/bin/python3; [ -x "$PY" ] || PY=$(command -v python3)
 
@@ -36,8 +36,8 @@ apt_ensure() {
   done
   [ ${#missing[@]} -eq 0 ] && return 0
   local log; log=$(mktemp /tmp/granary-apt.XXXXXX.log)
-  run_logged "$log" apt-get update
-  run_logged "$log" apt-get install -y "${missing[@]}"
+  run_logged "$log" apt-get -o DPkg::Lock::Timeout=300 update
+  run_logged "$log" apt-get -o DPkg::Lock::Timeout=300 install -y "${missing[@]}"
   rm -f "$log"
 }
 
@@ -77,11 +77,12 @@ umount_under() {
   done
 }
 
-alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
+# alive PID: the process exists and is not a zombie waiting to be reaped.
+alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null && [[ $(ps -o stat= -p "$1") != Z* ]]; }
 
 # kill_pidfiles FILE...: TERM each recorded pid, wait up to $GRACE (10) s, then KILL. Never fails.
 kill_pidfiles() {
-  local f pids=() p i
+  local f pids=() p
   for f in "$@"; do
     [ -f "$f" ] || continue
     p=$(tr -dc 0-9 <"$f"); alive "$p" && pids+=("$p")
@@ -89,7 +90,7 @@ kill_pidfiles() {
   done
   [ ${#pids[@]} -eq 0 ] && return 0
   kill "${pids[@]}" 2>/dev/null || true
-  for i in $(seq $((${GRACE:-10} * 5))); do
+  for _ in $(seq $((${GRACE:-10} * 5))); do
     for p in "${pids[@]}"; do alive "$p" && break; p=; done
     [ -z "$p" ] && return 0
     sleep 0.2

@@ -1,0 +1,165 @@
+//! The data every system reads: deterministic pseudo-random files (the same bytes on every run),
+//! written once to local disk (the native copy) and uploaded to the bucket under one prefix, each
+//! with its SHA-256 so that what a system returns can be checked.
+
+use anyhow::Context;
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Key prefix of the dataset in the bucket.
+const PREFIX: &str = "bench";
+/// Generation, write and multipart upload unit for the large file.
+const CHUNK: usize = 8 << 20;
+/// Uploads in flight.
+const UPLOADS: usize = 8;
+
+/// How much data: one large file and many small ones.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Shape {
+    pub large_bytes: u64,
+    pub small_count: usize,
+    pub small_bytes: u64,
+}
+
+/// One file of the dataset: its path relative to the dataset root (local directory, mount
+/// point, or bucket prefix alike), size and digest.
+#[derive(Debug, Clone)]
+pub struct FileSpec {
+    pub name: String,
+    pub size: u64,
+    pub sha256: [u8; 32],
+}
+
+/// The dataset, present both under `native_root` and in the bucket under `prefix`.
+#[derive(Debug)]
+pub struct Dataset {
+    pub prefix: String,
+    pub native_root: PathBuf,
+    pub large: Vec<FileSpec>,
+    pub small: Vec<FileSpec>,
+}
+
+impl Dataset {
+    /// Generates the files, writes them under `native_root` and uploads them to `store`.
+    pub async fn create(
+        shape: Shape,
+        native_root: &Path,
+        store: &Arc<dyn ObjectStore>,
+    ) -> anyhow::Result<Dataset> {
+        std::fs::create_dir_all(native_root.join("small"))?;
+        let large = write_large("large.bin", shape.large_bytes, native_root, store).await?;
+        let mut small: Vec<FileSpec> = futures::stream::iter(0..shape.small_count)
+            .map(|i| {
+                let name = format!("small/{i:05}.bin");
+                write_small(name, shape.small_bytes, native_root, store)
+            })
+            .buffer_unordered(UPLOADS)
+            .try_collect()
+            .await?;
+        small.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Dataset {
+            prefix: PREFIX.to_string(),
+            native_root: native_root.to_path_buf(),
+            large: vec![large],
+            small,
+        })
+    }
+
+    /// The object key of `file`.
+    pub fn key(&self, file: &FileSpec) -> ObjectPath {
+        ObjectPath::from(format!("{}/{}", self.prefix, file.name))
+    }
+}
+
+async fn write_large(
+    name: &str,
+    size: u64,
+    root: &Path,
+    store: &Arc<dyn ObjectStore>,
+) -> anyhow::Result<FileSpec> {
+    let path = root.join(name);
+    let mut local = std::io::BufWriter::with_capacity(
+        CHUNK,
+        std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?,
+    );
+    let key = ObjectPath::from(format!("{PREFIX}/{name}"));
+    let upload = store
+        .put_multipart(&key)
+        .await
+        .with_context(|| format!("cannot start uploading {key}"))?;
+    let mut upload = WriteMultipart::new_with_chunk_size(upload, CHUNK);
+    let mut generator = Generator::for_file(name);
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(CHUNK as u64) as usize;
+        generator.fill(&mut buf[..n]);
+        hasher.update(&buf[..n]);
+        std::io::Write::write_all(&mut local, &buf[..n])?;
+        upload.wait_for_capacity(UPLOADS).await?;
+        upload.write(&buf[..n]);
+        left -= n as u64;
+    }
+    local.into_inner()?.sync_all()?;
+    upload
+        .finish()
+        .await
+        .with_context(|| format!("cannot upload {key}"))?;
+    Ok(FileSpec {
+        name: name.to_string(),
+        size,
+        sha256: hasher.finalize().into(),
+    })
+}
+
+async fn write_small(
+    name: String,
+    size: u64,
+    root: &Path,
+    store: &Arc<dyn ObjectStore>,
+) -> anyhow::Result<FileSpec> {
+    let mut data = vec![0u8; size as usize];
+    Generator::for_file(&name).fill(&mut data);
+    let sha256 = Sha256::digest(&data).into();
+    std::fs::write(root.join(&name), &data)?;
+    let key = ObjectPath::from(format!("{PREFIX}/{name}"));
+    store
+        .put(&key, PutPayload::from(data))
+        .await
+        .with_context(|| format!("cannot upload {key}"))?;
+    Ok(FileSpec { name, size, sha256 })
+}
+
+/// splitmix64, seeded from the file name: fast, and the same bytes on every run and machine.
+struct Generator(u64);
+
+impl Generator {
+    fn for_file(name: &str) -> Generator {
+        // FNV-1a of the name.
+        let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        Generator(seed)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let word = self.next().to_le_bytes();
+            chunk.copy_from_slice(&word[..chunk.len()]);
+        }
+    }
+}

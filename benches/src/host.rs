@@ -1,0 +1,318 @@
+//! The machine side: daemons we start (own process group, log file, stopped with SIGTERM then
+//! SIGKILL), what /proc says about a process (CPU time, peak RSS), mounts and unmounting, dropping
+//! the page cache, free ports, and a description of the machine for the report.
+
+use crate::cleanup::{self, Guard};
+use anyhow::{Context, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde::Serialize;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Linux reports CPU times in /proc in clock ticks of USER_HZ, which is 100 on every architecture.
+const USER_HZ: f64 = 100.0;
+/// How long a daemon gets to exit after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(15);
+
+/// A long-running child process: its stdout and stderr go to a log file, it runs in its own
+/// process group (so Ctrl-C reaches only us, and we tear down in order), and it is stopped when
+/// this value is dropped.
+pub struct Daemon {
+    name: String,
+    pid: u32,
+    child: Arc<Mutex<Child>>,
+    log: PathBuf,
+    /// Where this daemon's part of the (shared, appended) log starts.
+    log_start: usize,
+    _stop: Guard,
+}
+
+impl Daemon {
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<Daemon> {
+        let mut out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("cannot open {}", log.display()))?;
+        let log_start = out.metadata()?.len() as usize;
+        writeln!(out, "===== {} =====", describe(&cmd))?;
+        let err = out.try_clone()?;
+        cmd.stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {name}: {}", describe(&cmd)))?;
+        let pid = child.id();
+        let child = Arc::new(Mutex::new(child));
+        let stop = {
+            let child = child.clone();
+            cleanup::register(format!("stop {name} (pid {pid})"), move || {
+                stop_child(&child)
+            })
+        };
+        Ok(Daemon {
+            name: name.to_string(),
+            pid,
+            child,
+            log: log.to_path_buf(),
+            log_start,
+            _stop: stop,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Fails (with the end of its log) if the daemon has exited.
+    pub fn check_running(&self) -> anyhow::Result<()> {
+        let status = lock(&self.child).try_wait()?;
+        match status {
+            None => Ok(()),
+            Some(status) => bail!(
+                "{} exited ({status}); last lines of {}:\n{}",
+                self.name,
+                self.log.display(),
+                log_tail(&self.log, 20)
+            ),
+        }
+    }
+
+    /// Waits until `ready` holds, failing if the daemon exits or `timeout` passes.
+    pub fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut ready: impl FnMut() -> bool,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if ready() {
+                return Ok(());
+            }
+            self.check_running()?;
+            if Instant::now() > deadline {
+                bail!(
+                    "{}: timed out after {timeout:?} waiting for {what}; last lines of {}:\n{}",
+                    self.name,
+                    self.log.display(),
+                    log_tail(&self.log, 20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// What this daemon has logged so far.
+    pub fn log_text(&self) -> String {
+        let text = std::fs::read(&self.log).unwrap_or_default();
+        String::from_utf8_lossy(text.get(self.log_start..).unwrap_or_default()).into_owned()
+    }
+}
+
+fn lock(child: &Mutex<Child>) -> std::sync::MutexGuard<'_, Child> {
+    child.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// SIGTERM, then SIGKILL after [`STOP_GRACE`]; reaps the child either way.
+fn stop_child(child: &Mutex<Child>) {
+    let mut child = lock(child);
+    if matches!(child.try_wait(), Ok(Some(_))) {
+        return;
+    }
+    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+    let deadline = Instant::now() + STOP_GRACE;
+    while Instant::now() < deadline {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "granary-bench: pid {} ignored SIGTERM for {STOP_GRACE:?}; killing it",
+        child.id()
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|s| s.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Runs a short command to completion, failing with its output if it fails.
+pub fn run_command(mut cmd: Command) -> anyhow::Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {}", describe(&cmd)))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "{} failed ({}):\n{stdout}{}",
+            describe(&cmd),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(stdout)
+}
+
+/// CPU time and memory of a process, from /proc.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcStats {
+    /// User plus system CPU time of all its threads so far.
+    pub cpu_seconds: f64,
+    /// Peak resident set size so far (VmHWM).
+    pub peak_rss_bytes: u64,
+}
+
+impl ProcStats {
+    pub fn read(pid: u32) -> anyhow::Result<ProcStats> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the command name, which is in parentheses and may contain anything:
+        // [0] is field 3 (state), so utime (field 14) is [11] and stime (field 15) is [12].
+        let rest = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest)
+            .context("odd /proc/PID/stat")?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| -> anyhow::Result<f64> {
+            Ok(fields.get(i).context("short /proc/PID/stat")?.parse::<u64>()? as f64)
+        };
+        let cpu_seconds = (ticks(11)? + ticks(12)?) / USER_HZ;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let peak_kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .context("no VmHWM in /proc/PID/status")?;
+        Ok(ProcStats {
+            cpu_seconds,
+            peak_rss_bytes: peak_kib * 1024,
+        })
+    }
+}
+
+/// Whether something is mounted exactly at `dir`.
+pub fn is_mounted(dir: &Path) -> bool {
+    mounts_under(dir).iter().any(|m| m == dir)
+}
+
+/// Mount points at or below `dir`, deepest first.
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let table = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let mut found: Vec<PathBuf> = table
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .map(|m| PathBuf::from(m.replace("\\040", " ")))
+        .filter(|m| m.starts_with(dir))
+        .collect();
+    found.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    found
+}
+
+/// Unmounts everything at or below `dir`: `fusermount3 -u`, then `umount -l` for what is busy
+/// or whose daemon is gone. Never fails; reports what it could not do.
+pub fn unmount_all_under(dir: &Path) {
+    for m in mounts_under(dir) {
+        let quiet = |prog: &str, args: &[&str]| {
+            Command::new(prog)
+                .args(args)
+                .arg(&m)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !quiet("fusermount3", &["-u"]) && !quiet("umount", &["-l"]) {
+            eprintln!("granary-bench: cannot unmount {}", m.display());
+        }
+    }
+}
+
+/// Writes back dirty pages, then drops the page cache, dentries and inodes (needs root).
+pub fn drop_caches() -> anyhow::Result<()> {
+    run_command(Command::new("sync"))?;
+    std::fs::write("/proc/sys/vm/drop_caches", "3\n")
+        .context("cannot write /proc/sys/vm/drop_caches (the benchmark must run as root)")
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_local_addr() -> anyhow::Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// `cmd` if it is on PATH.
+pub fn which(cmd: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(cmd))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Creates `path` as a file readable by its owner only (credentials).
+pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f: File = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+/// What the figures were measured on.
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub nproc: usize,
+    pub memory_bytes: u64,
+    pub kernel: String,
+    pub cpu: String,
+}
+
+impl Machine {
+    pub fn describe() -> Machine {
+        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        let meminfo = read("/proc/meminfo");
+        let memory_kib = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        let cpu = read("/proc/cpuinfo")
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            .unwrap_or_default();
+        Machine {
+            nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            memory_bytes: memory_kib * 1024,
+            kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
+            cpu,
+        }
+    }
+}

@@ -93,7 +93,7 @@ async fn write_large(
         .await
         .with_context(|| format!("cannot start uploading {key}"))?;
     let mut upload = WriteMultipart::new_with_chunk_size(upload, CHUNK);
-    let mut generator = Generator::for_file(name);
+    let mut generator = Rng::for_file(name);
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
     let mut left = size;
@@ -125,7 +125,7 @@ async fn write_small(
     store: &Arc<dyn ObjectStore>,
 ) -> anyhow::Result<FileSpec> {
     let mut data = vec![0u8; size as usize];
-    Generator::for_file(&name).fill(&mut data);
+    Rng::for_file(&name).fill(&mut data);
     let sha256 = Sha256::digest(&data).into();
     std::fs::write(root.join(&name), &data)?;
     let key = ObjectPath::from(format!("{PREFIX}/{name}"));
@@ -136,19 +136,22 @@ async fn write_small(
     Ok(FileSpec { name, size, sha256 })
 }
 
-/// splitmix64, seeded from the file name: fast, and the same bytes on every run and machine.
-struct Generator(u64);
+/// splitmix64: fast, and the same numbers on every run and machine for the same seed.
+pub struct Rng(u64);
 
-impl Generator {
-    fn for_file(name: &str) -> Generator {
-        // FNV-1a of the name.
-        let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-        });
-        Generator(seed)
+impl Rng {
+    pub fn seeded(seed: u64) -> Rng {
+        Rng(seed)
     }
 
-    fn next(&mut self) -> u64 {
+    /// Seeded from the FNV-1a hash of a file name, so each file has its own bytes.
+    fn for_file(name: &str) -> Rng {
+        Rng(name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        }))
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -158,7 +161,7 @@ impl Generator {
 
     fn fill(&mut self, buf: &mut [u8]) {
         for chunk in buf.chunks_mut(8) {
-            let word = self.next().to_le_bytes();
+            let word = self.next_u64().to_le_bytes();
             chunk.copy_from_slice(&word[..chunk.len()]);
         }
     }

@@ -160,16 +160,16 @@ fn log_tail(path: &Path, lines: usize) -> String {
 }
 
 /// Runs a short command to completion, failing with its output if it fails.
-pub fn run_command(mut cmd: Command) -> anyhow::Result<String> {
+pub fn run_command(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
-        .with_context(|| format!("cannot run {}", describe(&cmd)))?;
+        .with_context(|| format!("cannot run {}", describe(cmd)))?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
         bail!(
             "{} failed ({}):\n{stdout}{}",
-            describe(&cmd),
+            describe(cmd),
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
@@ -250,9 +250,25 @@ pub fn unmount_all_under(dir: &Path) {
     }
 }
 
+/// Unmounts whatever is mounted at or below `dir`, then deletes it (unless something stays
+/// mounted: deleting through a mount would reach into someone else's files). Never fails.
+pub fn remove_tree(dir: &Path) {
+    unmount_all_under(dir);
+    if !mounts_under(dir).is_empty() {
+        eprintln!("granary-bench: {} is still mounted; leaving it", dir.display());
+        return;
+    }
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            eprintln!("granary-bench: cannot remove {}: {e}", dir.display())
+        }
+        _ => {}
+    }
+}
+
 /// Writes back dirty pages, then drops the page cache, dentries and inodes (needs root).
 pub fn drop_caches() -> anyhow::Result<()> {
-    run_command(Command::new("sync"))?;
+    run_command(&mut Command::new("sync"))?;
     std::fs::write("/proc/sys/vm/drop_caches", "3\n")
         .context("cannot write /proc/sys/vm/drop_caches (the benchmark must run as root)")
 }

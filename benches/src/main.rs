@@ -1,1 +1,369 @@
-fn main() {}
+//! `granary-bench`: whole-workload benchmarks of Granary's mount side by side with the native
+//! local disk, the raw S3 backend and (when installed) peer FUSE tools.
+//!
+//! It sets everything up itself on 127.0.0.1 (moto, a generated dataset in the bucket and on
+//! local disk, one fresh mount per run) and tears it all down however it ends. Each figure is
+//! preceded by an untimed pass that checks every byte, then measured over several runs. Results:
+//! a table on stdout and JSON under `target/bench-results/`. See docs/BENCHMARKS.md.
+
+mod cleanup;
+mod dataset;
+mod host;
+mod progress;
+mod report;
+mod s3;
+mod systems;
+mod workloads;
+
+use anyhow::{Context, bail};
+use clap::{ArgGroup, Parser};
+use dataset::{Dataset, Shape};
+use progress::Progress;
+use report::{Figure, GranaryConfig, Report, Sample};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::SystemTime;
+use systems::{Condition, Mount, Native, RawBackend, System, Tool};
+use workloads::Workload;
+
+const MIB: u64 = 1 << 20;
+
+#[derive(Parser, Debug)]
+#[command(
+    about = "Benchmarks Granary's mount against native disk, the raw S3 backend and peer FUSE tools",
+    group(ArgGroup::new("profile").required(true).args(["quick", "full"]))
+)]
+struct Args {
+    /// A few minutes: a 256 MiB file, 500 small files, 3 runs per figure.
+    #[arg(long)]
+    quick: bool,
+    /// A 1 GiB file, 2,000 small files, 5 runs per figure.
+    #[arg(long)]
+    full: bool,
+    /// Runs per figure [default: 3 with --quick, 5 with --full].
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Systems to measure, comma-separated: native, backend, granary, s3fs, rclone
+    /// [default: all of them whose tools are installed].
+    #[arg(long, value_delimiter = ',')]
+    systems: Vec<String>,
+    /// Granary's memory cache.
+    #[arg(long, default_value = "512MiB", value_parser = parse_size)]
+    memory_cache: u64,
+    /// Granary's disk cache.
+    #[arg(long, default_value = "4GiB", value_parser = parse_size)]
+    disk_cache: u64,
+    /// The granary binary to measure [default: build it now, target/release/granary].
+    #[arg(long, value_name = "PATH")]
+    granary_bin: Option<PathBuf>,
+}
+
+/// `512MiB`, `4GiB`, `1048576`.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let n: u64 = s[..digits]
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a size such as 512MiB"))?;
+    let unit = match s[digits..].trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        _ => return Err(format!("{s:?}: use B, KiB, MiB or GiB")),
+    };
+    Ok(n * unit)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("granary-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace, found from this crate's manifest.
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("benches/ has a parent")
+        .to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// Runs the benchmark; `Ok(false)` when it ran but something was wrong (errors, bad bytes).
+fn run(args: &Args) -> anyhow::Result<bool> {
+    let started = SystemTime::now();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.spawn(cleanup::on_signal());
+    let (profile, shape, default_runs) = if args.full {
+        ("full", Shape { large_bytes: 1 << 30, small_count: 2000, small_bytes: 128 << 10 }, 5)
+    } else {
+        ("quick", Shape { large_bytes: 256 << 20, small_count: 500, small_bytes: 128 << 10 }, 3)
+    };
+    let runs = args.runs.unwrap_or(default_runs).max(1);
+    let names = system_names(&args.systems)?;
+    host::drop_caches()?;
+
+    let root = workspace_root();
+    let results_dir = target_dir().join("bench-results");
+    let log_dir = results_dir.join("logs");
+    let work = target_dir().join("bench-work");
+    let moto_script = root.join("scripts/services/moto.sh");
+    let moto_state = work.join("moto");
+    let granary_bin = match &args.granary_bin {
+        Some(bin) => std::fs::canonicalize(bin).with_context(|| format!("{}", bin.display()))?,
+        None => build_granary(&root)?,
+    };
+
+    // Whatever a killed earlier run left behind, then a clean slate, removed again at the end.
+    s3::stop_moto(&moto_script, &moto_state);
+    host::remove_tree(&work);
+    host::remove_tree(&log_dir);
+    std::fs::create_dir_all(&work)?;
+    std::fs::create_dir_all(&log_dir)?;
+    let work = std::fs::canonicalize(&work)?;
+    let _work_guard = {
+        let work = work.clone();
+        cleanup::register(format!("remove {}", work.display()), move || {
+            host::remove_tree(&work)
+        })
+    };
+
+    let mut progress = Progress::new();
+    progress.note("starting moto (scripts/services/moto.sh)");
+    let server = s3::S3Server::start(&moto_script, &moto_state)?;
+    let store = server.conn.store(16)?;
+    progress.note(&format!(
+        "dataset: writing and uploading a {} MiB file and {} files of {} KiB",
+        shape.large_bytes / MIB,
+        shape.small_count,
+        shape.small_bytes >> 10
+    ));
+    let dataset = rt.block_on(Dataset::create(shape, &work.join("native"), &store))?;
+
+    let systems: Vec<Box<dyn System>> = names
+        .iter()
+        .map(|&name| -> Box<dyn System> {
+            let tool = match name {
+                "native" => return Box::new(Native { root: dataset.native_root.clone() }),
+                "backend" => return Box::new(RawBackend { store: store.clone() }),
+                "s3fs" => Tool::S3fs,
+                "rclone" => Tool::Rclone,
+                _ => Tool::Granary {
+                    bin: granary_bin.clone(),
+                    memory_cache: args.memory_cache,
+                    disk_cache: args.disk_cache,
+                },
+            };
+            Box::new(Mount::new(tool, server.conn.clone(), &dataset.prefix, &work, &log_dir))
+        })
+        .collect();
+    let passes_per_workload: usize = systems.iter().map(|s| s.conditions().len()).sum();
+    progress.expect(Workload::ALL.len() * passes_per_workload * (runs + 1));
+
+    let mut systems = systems;
+    let mut figures = Vec::new();
+    for workload in Workload::ALL {
+        for system in systems.iter_mut() {
+            figures.extend(measure(system.as_mut(), workload, &dataset, runs, &rt, &mut progress));
+        }
+    }
+    drop(systems);
+    progress.note("tearing down");
+
+    let mut report = Report {
+        started_at: humantime::format_rfc3339_seconds(started).to_string(),
+        finished_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        profile,
+        runs,
+        machine: host::Machine::describe(),
+        dataset: shape,
+        granary: GranaryConfig {
+            binary: granary_bin,
+            git: git_describe(&root),
+            memory_cache_bytes: args.memory_cache,
+            disk_cache_bytes: args.disk_cache,
+        },
+        figures,
+        targets: Vec::new(),
+    };
+    report.finish();
+    print!("{}", report.render());
+    let stamp: String = report
+        .started_at
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    let path = report.write_json(&results_dir, &stamp)?;
+    println!(
+        "\nResults: {} (and latest.json beside it); daemon logs in {}",
+        path.display(),
+        log_dir.display()
+    );
+    Ok(report.all_good())
+}
+
+const SYSTEMS: [&str; 5] = ["native", "backend", "granary", "s3fs", "rclone"];
+
+/// The systems to measure: those asked for, or all whose tools are installed.
+fn system_names(asked: &[String]) -> anyhow::Result<Vec<&'static str>> {
+    let is_installed = |name: &str| !matches!(name, "s3fs" | "rclone") || host::which(name).is_some();
+    if asked.is_empty() {
+        return Ok(SYSTEMS.into_iter().filter(|n| is_installed(n)).collect());
+    }
+    asked
+        .iter()
+        .map(|name| {
+            let known = SYSTEMS
+                .into_iter()
+                .find(|n| n == name)
+                .with_context(|| format!("unknown system {name:?} (known: {})", SYSTEMS.join(", ")))?;
+            if !is_installed(known) {
+                bail!("{known} is not installed (apt-get install -y {known})");
+            }
+            Ok(known)
+        })
+        .collect()
+}
+
+/// Builds `granary` in release mode with the cargo that runs us (a no-op when up to date).
+fn build_granary(root: &Path) -> anyhow::Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("granary-bench: cargo build --release -p granary");
+    let status = Command::new(cargo)
+        .args(["build", "--release", "-p", "granary"])
+        .current_dir(root)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+        .context("cannot run cargo")?;
+    if !status.success() {
+        bail!("cargo build --release -p granary failed ({status})");
+    }
+    Ok(target_dir().join("release/granary"))
+}
+
+/// The commit measured, marked `-dirty` when the tree has changes.
+fn git_describe(root: &Path) -> String {
+    let git = |args: &[&str]| {
+        host::run_command(Command::new("git").arg("-C").arg(root).args(args)).unwrap_or_default()
+    };
+    let commit = git(&["rev-parse", "--short", "HEAD"]).trim().to_string();
+    let dirty = !git(&["status", "--porcelain"]).trim().is_empty();
+    format!("{commit}{}", if dirty { "-dirty" } else { "" })
+}
+
+/// All figures of one system on one workload: an untimed checking run, then `runs` timed ones,
+/// each from a fresh instance. A failure ends this system's measurements on this workload and is
+/// recorded on the figure it happened in.
+fn measure(
+    system: &mut dyn System,
+    workload: Workload,
+    dataset: &Dataset,
+    runs: usize,
+    rt: &tokio::runtime::Runtime,
+    progress: &mut Progress,
+) -> Vec<Figure> {
+    let name = system.name().to_string();
+    let conditions = system.conditions();
+    let mut figures: Vec<Figure> = conditions
+        .iter()
+        .map(|c| Figure::new(workload.name(), workload.counts_files(), &name, c.label(&name)))
+        .collect();
+    'runs: for run in 0..=runs {
+        let check = run == 0;
+        if let Err(e) = system.start() {
+            figures[0].error = Some(format!("cannot start: {e:#}"));
+            break;
+        }
+        for (i, &condition) in conditions.iter().enumerate() {
+            let figure = &mut figures[i];
+            let result = timed_pass(system, workload, dataset, condition, run, check, rt);
+            let what = if check { "check".to_string() } else { format!("run {run}/{runs}") };
+            let message = format!("{} {name} {} {what}", workload.name(), figure.condition);
+            let fields = json!({
+                "workload": workload.name(), "system": name, "condition": figure.condition,
+                "run": run, "check": check,
+            });
+            match result {
+                Ok(sample) => {
+                    let rate = format!("{:.0} MB/s", sample.mb_per_s);
+                    let mut fields = fields;
+                    fields["mb_per_s"] = json!(sample.mb_per_s);
+                    if check {
+                        figure.verified = true;
+                        progress.pass(&format!("{message}: bytes ok ({rate})"), fields);
+                    } else {
+                        progress.pass(&format!("{message}: {rate}"), fields);
+                        figure.samples.push(sample);
+                    }
+                }
+                Err(e) => {
+                    let e = format!("{e:#}");
+                    progress.pass(&format!("{message}: FAILED: {e}"), fields);
+                    figure.error = Some(e);
+                    break 'runs;
+                }
+            }
+        }
+    }
+    system.stop();
+    figures
+}
+
+/// One pass in `condition`, with the serving process's CPU time and peak RSS around it.
+fn timed_pass(
+    system: &dyn System,
+    workload: Workload,
+    dataset: &Dataset,
+    condition: Condition,
+    run: usize,
+    check: bool,
+    rt: &tokio::runtime::Runtime,
+) -> anyhow::Result<Sample> {
+    if condition.drops_page_cache() {
+        host::drop_caches()?;
+    }
+    let stats = || system.pid().map(host::ProcStats::read).transpose();
+    let (before, counters_before) = (stats()?, system.counters());
+    let pass = workloads::run_pass(
+        workload,
+        dataset,
+        &system.access(),
+        run as u64,
+        check,
+        rt.handle(),
+    )?;
+    let (after, counters_after) = (stats()?, system.counters());
+    let counters = counters_after
+        .into_iter()
+        .map(|(k, v)| {
+            let delta = v - counters_before.get(&k).copied().unwrap_or(0.0);
+            (k, delta)
+        })
+        .filter(|(_, delta)| *delta != 0.0)
+        .collect();
+    Ok(Sample {
+        seconds: pass.seconds,
+        bytes: pass.bytes,
+        files: pass.files,
+        mb_per_s: report::rate(pass.bytes, pass.seconds),
+        files_per_s: pass.files as f64 / pass.seconds,
+        cpu_seconds: before.zip(after).map(|(b, a)| a.cpu_seconds - b.cpu_seconds),
+        peak_rss_bytes: after.map(|a| a.peak_rss_bytes),
+        counters,
+    })
+}

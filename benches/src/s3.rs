@@ -14,13 +14,19 @@ use std::time::Duration;
 /// The region every client signs for; moto accepts any.
 pub const REGION: &str = "us-east-1";
 
-/// A running moto server with one empty bucket.
+/// A running moto server with one empty bucket; stopped when dropped.
 pub struct S3Server {
+    pub conn: S3Conn,
+    _stop: Guard,
+}
+
+/// How to reach the server's bucket.
+#[derive(Debug, Clone)]
+pub struct S3Conn {
     pub endpoint: String,
     pub access_key: String,
     pub secret_key: String,
     pub bucket: String,
-    _stop: Guard,
 }
 
 impl S3Server {
@@ -30,7 +36,7 @@ impl S3Server {
             let (script, state_dir) = (script.to_path_buf(), state_dir.to_path_buf());
             cleanup::register("stop moto", move || stop_moto(&script, &state_dir))
         };
-        run_command(script_command(script, &["install"]))?;
+        run_command(&mut script_command(script, &["install"]))?;
         run_command(script_command(script, &["start"]).arg(state_dir))?;
         let env_file = state_dir.join("moto.env");
         let text = std::fs::read_to_string(&env_file)
@@ -43,15 +49,17 @@ impl S3Server {
                 .map(|(_, v)| v.trim_matches(['"', '\'']).to_string())
                 .with_context(|| format!("{} has no {name}", env_file.display()))
         };
-        Ok(S3Server {
+        let conn = S3Conn {
             endpoint: var("GRANARY_TEST_S3_ENDPOINT")?,
             access_key: var("GRANARY_TEST_S3_ACCESS_KEY")?,
             secret_key: var("GRANARY_TEST_S3_SECRET_KEY")?,
             bucket: var("GRANARY_TEST_S3_BUCKET")?,
-            _stop: stop,
-        })
+        };
+        Ok(S3Server { conn, _stop: stop })
     }
+}
 
+impl S3Conn {
     /// A client for the bucket, sized for `concurrency` requests in flight.
     pub fn store(&self, concurrency: usize) -> anyhow::Result<Arc<dyn ObjectStore>> {
         let client = ClientOptions::new()

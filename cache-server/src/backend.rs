@@ -8,7 +8,7 @@ use granary_core::SourceUri;
 use granary_core::metrics as m;
 use granary_proto::ApiError;
 use object_store::aws::AmazonS3Builder;
-use object_store::path::Path as StorePath;
+use object_store::path::{Path as StorePath, PathPart};
 use object_store::{ClientOptions, GetOptions, GetRange, ObjectStore, RetryConfig};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -195,6 +195,21 @@ fn posix_read(root: &Path, key: &str, range: Range<u64>, etag: Option<&str>) -> 
     Ok(Bytes::from(buf))
 }
 
+/// The store path of `key` (plain names, `/`-separated) under `prefix`: each name becomes one
+/// path part, percent-encoded the way object_store encodes the keys it lists.
+fn store_path(prefix: Option<&StorePath>, key: &str) -> StorePath {
+    let parts = key.split('/').filter(|p| !p.is_empty()).map(PathPart::from);
+    match prefix {
+        Some(p) => StorePath::from_iter(p.parts().chain(parts)),
+        None => StorePath::from_iter(parts),
+    }
+}
+
+/// A listed path part as the plain name it encodes.
+fn decode(part: &str) -> String {
+    percent_encoding::percent_decode_str(part).decode_utf8_lossy().into_owned()
+}
+
 const STALE: &str = "the object changed in the backend";
 
 impl Backend {
@@ -205,7 +220,7 @@ impl Backend {
                 prefix: if prefix.is_empty() {
                     None
                 } else {
-                    Some(StorePath::parse(prefix).map_err(|e| BackendError::Config(format!("source {source}: {e}")))?)
+                    Some(StorePath::from(prefix.as_str()))
                 },
             },
             SourceUri::Local { path } => {
@@ -234,21 +249,17 @@ impl Backend {
         let start = Instant::now();
         let result = match &self.store {
             Store::Object { store, prefix } => {
-                let prefix_str = prefix.as_ref().map(|p| p.as_ref().to_string()).unwrap_or_default();
-                let path = StorePath::parse(join_key(&prefix_str, key))
-                    .map_err(|e| ApiError::Invalid(format!("list {}/{key}: {e}", self.id)))?;
+                let path = store_path(prefix.as_ref(), key);
+                let skip = prefix.as_ref().map_or(0, |p| p.parts().count());
                 let listed = store
                     .list_with_delimiter((!path.as_ref().is_empty()).then_some(&path))
                     .await
                     .map_err(|e| store_error("list", &self.id, key, e));
                 listed.map(|l| {
-                    let rel = |p: &StorePath| {
-                        let s = p.as_ref();
-                        s.strip_prefix(prefix_str.as_str()).unwrap_or(s).trim_start_matches('/').to_string()
-                    };
+                    let rel = |p: &StorePath| p.parts().skip(skip).map(|part| decode(part.as_ref())).collect::<Vec<_>>().join("/");
                     let dirs = l.common_prefixes.iter().filter_map(|p| {
                         Some(RawEntry {
-                            name: p.filename()?.to_string(),
+                            name: decode(p.filename()?),
                             dir: true,
                             key: rel(p),
                             size: 0,
@@ -259,7 +270,7 @@ impl Backend {
                     });
                     let files = l.objects.iter().filter_map(|o| {
                         Some(RawEntry {
-                            name: o.location.filename()?.to_string(),
+                            name: decode(o.location.filename()?),
                             dir: false,
                             key: rel(&o.location),
                             size: o.size,
@@ -295,9 +306,7 @@ impl Backend {
         let start = Instant::now();
         let result = match &self.store {
             Store::Object { store, prefix } => {
-                let prefix_str = prefix.as_ref().map(|p| p.as_ref().to_string()).unwrap_or_default();
-                let path = StorePath::parse(join_key(&prefix_str, key))
-                    .map_err(|e| ApiError::Invalid(format!("get {}/{key}: {e}", self.id)))?;
+                let path = store_path(prefix.as_ref(), key);
                 let options = GetOptions {
                     if_match: etag.map(str::to_string),
                     version: version.map(str::to_string),

@@ -53,8 +53,12 @@ fn exercise(mount: &Mount, local: &Path, tree: &Tree) {
     let mut seen = Vec::new();
     walk(mnt, mnt, &mut seen);
     seen.sort();
-    let names: Vec<String> = seen.iter().map(|(p, _)| p.clone()).collect();
-    assert_eq!(names, all_paths(tree));
+    let names: std::collections::BTreeSet<String> = seen.iter().map(|(p, _)| p.clone()).collect();
+    let expected: std::collections::BTreeSet<String> = all_paths(tree).into_iter().collect();
+    let missing: Vec<_> = expected.difference(&names).take(10).collect();
+    let extra: Vec<_> = names.difference(&expected).take(10).collect();
+    assert!(missing.is_empty() && extra.is_empty(), "listing differs: missing {missing:?}, unexpected {extra:?}");
+    assert_eq!(names.len(), expected.len());
     for (path, size) in &seen {
         if let Some(expected) = tree.get(path) {
             assert_eq!(size, expected, "size of {path}");

@@ -41,6 +41,9 @@ struct Args {
     /// A 1 GiB file, 2,000 small files, 5 runs per figure.
     #[arg(long)]
     full: bool,
+    /// The S3 server holding the dataset.
+    #[arg(long, value_enum, default_value = "moto")]
+    s3: s3::Flavor,
     /// Runs per figure [default: 3 with --quick, 5 with --full].
     #[arg(long)]
     runs: Option<usize>,
@@ -121,15 +124,17 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     let results_dir = target_dir().join("bench-results");
     let log_dir = results_dir.join("logs");
     let work = target_dir().join("bench-work");
-    let moto_script = root.join("scripts/services/moto.sh");
-    let moto_state = work.join("moto");
+    let s3_script = root.join("scripts/services").join(args.s3.script());
+    let s3_state = work.join("s3");
     let granary_bin = match &args.granary_bin {
         Some(bin) => std::fs::canonicalize(bin).with_context(|| format!("{}", bin.display()))?,
         None => build_granary(&root)?,
     };
 
     // Whatever a killed earlier run left behind, then a clean slate, removed again at the end.
-    s3::stop_moto(&moto_script, &moto_state);
+    for flavor in <s3::Flavor as clap::ValueEnum>::value_variants() {
+        s3::stop_server(&root.join("scripts/services").join(flavor.script()), &s3_state);
+    }
     host::remove_tree(&work);
     host::remove_tree(&log_dir);
     std::fs::create_dir_all(&work)?;
@@ -143,8 +148,8 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     };
 
     let mut progress = Progress::new();
-    progress.note("starting moto (scripts/services/moto.sh)");
-    let server = s3::S3Server::start(&moto_script, &moto_state)?;
+    progress.note(&format!("starting {:?} (scripts/services/{})", args.s3, args.s3.script()));
+    let server = s3::S3Server::start(args.s3, &s3_script, &s3_state)?;
     let store = server.conn.store(16)?;
     progress.note(&format!(
         "dataset: writing and uploading a {} MiB file and {} files of {} KiB",
@@ -189,6 +194,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         finished_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         profile,
         runs,
+        s3: args.s3,
         machine: host::Machine::describe(),
         dataset: shape,
         granary: GranaryConfig {

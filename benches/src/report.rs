@@ -4,6 +4,7 @@
 
 use crate::dataset::Shape;
 use crate::host::Machine;
+use crate::s3::Flavor;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -125,6 +126,7 @@ pub struct Report {
     pub finished_at: String,
     pub profile: &'static str,
     pub runs: usize,
+    pub s3: Flavor,
     pub machine: Machine,
     pub dataset: Shape,
     pub granary: GranaryConfig,
@@ -292,7 +294,18 @@ impl Report {
             }
             rows.push(row);
         }
-        let mut out = table(&rows);
+        let mut out = format!(
+            "granary-bench --{}: {} MiB file, {} files of {} KiB, S3 server {:?}, granary {} \
+             (memory cache {} MiB)\n\n",
+            self.profile,
+            self.dataset.large_bytes / MIB,
+            self.dataset.small_count,
+            self.dataset.small_bytes >> 10,
+            self.s3,
+            self.granary.git,
+            self.granary.memory_cache_bytes / MIB,
+        );
+        out.push_str(&table(&rows));
         out.push_str(&format!(
             "\nMB = 10^6 bytes; median of {} runs per figure, [min-max]; every figure's bytes were \
              checked (SHA-256) in an untimed pass{}.\n",

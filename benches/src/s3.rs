@@ -1,5 +1,6 @@
-//! The S3 server behind every S3-backed system: moto on 127.0.0.1, installed, started and stopped
-//! with the project's own `scripts/services/moto.sh`, plus object_store clients for it.
+//! The S3 server behind every S3-backed system, on 127.0.0.1: moto (in-memory, fast to start) or
+//! a single-node Ceph RGW, installed, started and stopped with the project's own
+//! `scripts/services/*.sh`; plus object_store clients for it.
 
 use crate::cleanup::{self, Guard};
 use crate::host::run_command;
@@ -14,7 +15,36 @@ use std::time::Duration;
 /// The region every client signs for; moto accepts any.
 pub const REGION: &str = "us-east-1";
 
-/// A running moto server with one empty bucket; stopped when dropped.
+/// Which S3 server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Flavor {
+    /// moto: in memory, up in a second. Every GET reads the whole object, so ranged GETs of a large
+    /// object cost as much as the object: large-file backend figures are moto's, not the cache's.
+    Moto,
+    /// Ceph RGW over a memstore OSD: a real object store, ~15 s to start.
+    Ceph,
+}
+
+impl Flavor {
+    /// Its script under scripts/services/.
+    pub fn script(self) -> &'static str {
+        match self {
+            Flavor::Moto => "moto.sh",
+            Flavor::Ceph => "ceph.sh",
+        }
+    }
+
+    /// The env file `start` writes into the state directory, and the prefix of its variables.
+    fn env_file(self) -> (&'static str, &'static str) {
+        match self {
+            Flavor::Moto => ("moto.env", "GRANARY_TEST_S3_"),
+            Flavor::Ceph => ("ceph.env", "GRANARY_TEST_RGW_"),
+        }
+    }
+}
+
+/// A running S3 server with one empty bucket; stopped when dropped.
 pub struct S3Server {
     pub conn: S3Conn,
     _stop: Guard,
@@ -30,18 +60,21 @@ pub struct S3Conn {
 }
 
 impl S3Server {
-    /// Installs moto if needed and starts it with its state (pid, log, env file) in `state_dir`.
-    pub fn start(script: &Path, state_dir: &Path) -> anyhow::Result<S3Server> {
+    /// Installs the server if needed (`SCRIPT install`) and starts it (`SCRIPT start STATE_DIR`)
+    /// with its state (pids, logs, env file) in `state_dir`.
+    pub fn start(flavor: Flavor, script: &Path, state_dir: &Path) -> anyhow::Result<S3Server> {
         let stop = {
             let (script, state_dir) = (script.to_path_buf(), state_dir.to_path_buf());
-            cleanup::register("stop moto", move || stop_moto(&script, &state_dir))
+            cleanup::register(format!("stop {flavor:?}"), move || stop_server(&script, &state_dir))
         };
         run_command(&mut script_command(script, &["install"]))?;
         run_command(script_command(script, &["start"]).arg(state_dir))?;
-        let env_file = state_dir.join("moto.env");
+        let (file, prefix) = flavor.env_file();
+        let env_file = state_dir.join(file);
         let text = std::fs::read_to_string(&env_file)
-            .with_context(|| format!("moto.sh start wrote no {}", env_file.display()))?;
-        let var = |name: &str| -> anyhow::Result<String> {
+            .with_context(|| format!("{} start wrote no {}", script.display(), env_file.display()))?;
+        let var = |suffix: &str| -> anyhow::Result<String> {
+            let name = format!("{prefix}{suffix}");
             text.lines()
                 .filter_map(|l| l.trim().strip_prefix("export "))
                 .filter_map(|l| l.split_once('='))
@@ -50,10 +83,10 @@ impl S3Server {
                 .with_context(|| format!("{} has no {name}", env_file.display()))
         };
         let conn = S3Conn {
-            endpoint: var("GRANARY_TEST_S3_ENDPOINT")?,
-            access_key: var("GRANARY_TEST_S3_ACCESS_KEY")?,
-            secret_key: var("GRANARY_TEST_S3_SECRET_KEY")?,
-            bucket: var("GRANARY_TEST_S3_BUCKET")?,
+            endpoint: var("ENDPOINT")?,
+            access_key: var("ACCESS_KEY")?,
+            secret_key: var("SECRET_KEY")?,
+            bucket: var("BUCKET")?,
         };
         Ok(S3Server { conn, _stop: stop })
     }
@@ -95,9 +128,9 @@ fn script_command(script: &Path, args: &[&str]) -> Command {
     cmd
 }
 
-/// Stops a moto started from `state_dir` (harmless if none is running). Never fails.
-pub fn stop_moto(script: &Path, state_dir: &Path) {
+/// Stops a server started from `state_dir` (harmless if none is running). Never fails.
+pub fn stop_server(script: &Path, state_dir: &Path) {
     if let Err(e) = run_command(script_command(script, &["stop"]).arg(state_dir)) {
-        eprintln!("granary-bench: stopping moto: {e:#}");
+        eprintln!("granary-bench: stopping the S3 server: {e:#}");
     }
 }

@@ -19,6 +19,11 @@ use granary_proto::{ApiError, Block};
 use std::future::Future;
 use std::io::{Read, Write};
 
+/// Bytes of blocks buffered for writing to the disk tier (and as much again queued). When the
+/// disk falls behind a cold read, blocks past this are not written: the cache stays correct, it
+/// just keeps less on disk.
+const DISK_WRITE_BUFFER: usize = 32 << 20;
+
 /// A cached block: the bytes and their CRC32C.
 #[derive(Debug, Clone)]
 pub struct CachedBlock(pub Block);
@@ -113,7 +118,11 @@ impl BlockCache {
             builder
                 .with_recover_mode(RecoverMode::Quiet)
                 .with_engine_config(
-                    BlockEngineConfig::new(device).with_block_size(disk_region_size(settings.block_size)),
+                    BlockEngineConfig::new(device)
+                        .with_block_size(disk_region_size(settings.block_size))
+                        .with_flushers(2)
+                        .with_buffer_pool_size(DISK_WRITE_BUFFER)
+                        .with_submit_queue_size_threshold(2 * DISK_WRITE_BUFFER),
                 )
                 .build()
                 .await

@@ -26,10 +26,10 @@ pub struct MountArgs {
     #[arg(long, value_name = "DURATION", default_value = "30s")]
     pub attr_ttl: String,
     /// Readahead per open file.
-    #[arg(long, value_name = "SIZE", default_value = "64MiB")]
+    #[arg(long, value_name = "SIZE", default_value = "32MiB")]
     pub readahead: ByteSize,
     /// Readahead across all open files.
-    #[arg(long, value_name = "SIZE", default_value = "256MiB")]
+    #[arg(long, value_name = "SIZE", default_value = "128MiB")]
     pub readahead_total: ByteSize,
 }
 

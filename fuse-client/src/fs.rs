@@ -36,8 +36,8 @@ impl Default for FsConfig {
     fn default() -> Self {
         FsConfig {
             attr_ttl: Duration::from_secs(30),
-            readahead_per_file: 64 << 20,
-            readahead_total: 256 << 20,
+            readahead_per_file: 32 << 20,
+            readahead_total: 128 << 20,
             read_timeout: Duration::from_secs(25),
             uid: 0,
             gid: 0,

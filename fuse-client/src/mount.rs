@@ -67,11 +67,29 @@ impl Mounted {
         &self.dir
     }
 
-    /// Unmounts and waits for the session thread to end.
+    /// Unmounts and waits for the session thread to end. A mount still in use (open files, a
+    /// shell inside it) is detached lazily instead: it disappears from the namespace now and
+    /// its users get ENOTCONN once this process exits.
     pub fn unmount(mut self) -> std::io::Result<()> {
-        match self.session.take() {
-            Some(s) => s.umount_and_join(),
-            None => Ok(()),
+        let Some(session) = self.session.take() else { return Ok(()) };
+        match session.umount_and_join() {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                tracing::warn!(dir = %self.dir.display(), "mount busy; detaching it lazily");
+                lazy_unmount(&self.dir)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn lazy_unmount(dir: &Path) -> std::io::Result<()> {
+    let status = std::process::Command::new("fusermount3").arg("-u").arg("-z").arg(dir).status();
+    match status {
+        Ok(s) if s.success() => Ok(()),
+        _ => {
+            let s = std::process::Command::new("umount").arg("-l").arg(dir).status()?;
+            if s.success() { Ok(()) } else { Err(std::io::Error::other(format!("cannot detach {}", dir.display()))) }
         }
     }
 }

@@ -85,7 +85,8 @@ async fn write_large(
     let path = root.join(name);
     let mut local = std::io::BufWriter::with_capacity(
         CHUNK,
-        std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?,
+        std::fs::File::create(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?,
     );
     let key = ObjectPath::from(format!("{PREFIX}/{name}"));
     let upload = store

@@ -120,7 +120,9 @@ impl Daemon {
 }
 
 fn lock(child: &Mutex<Child>) -> std::sync::MutexGuard<'_, Child> {
-    child.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    child
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// SIGTERM, then SIGKILL after [`STOP_GRACE`]; reaps the child either way.
@@ -197,7 +199,10 @@ impl ProcStats {
             .context("odd /proc/PID/stat")?;
         let fields: Vec<&str> = rest.split_whitespace().collect();
         let ticks = |i: usize| -> anyhow::Result<f64> {
-            Ok(fields.get(i).context("short /proc/PID/stat")?.parse::<u64>()? as f64)
+            Ok(fields
+                .get(i)
+                .context("short /proc/PID/stat")?
+                .parse::<u64>()? as f64)
         };
         let cpu_seconds = (ticks(11)? + ticks(12)?) / USER_HZ;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -255,7 +260,10 @@ pub fn unmount_all_under(dir: &Path) {
 pub fn remove_tree(dir: &Path) {
     unmount_all_under(dir);
     if !mounts_under(dir).is_empty() {
-        eprintln!("granary-bench: {} is still mounted; leaving it", dir.display());
+        eprintln!(
+            "granary-bench: {} is still mounted; leaving it",
+            dir.display()
+        );
         return;
     }
     match std::fs::remove_dir_all(dir) {

@@ -112,9 +112,25 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         .build()?;
     rt.spawn(cleanup::on_signal());
     let (profile, shape, default_runs) = if args.full {
-        ("full", Shape { large_bytes: 1 << 30, small_count: 2000, small_bytes: 128 << 10 }, 5)
+        (
+            "full",
+            Shape {
+                large_bytes: 1 << 30,
+                small_count: 2000,
+                small_bytes: 128 << 10,
+            },
+            5,
+        )
     } else {
-        ("quick", Shape { large_bytes: 256 << 20, small_count: 500, small_bytes: 128 << 10 }, 3)
+        (
+            "quick",
+            Shape {
+                large_bytes: 256 << 20,
+                small_count: 500,
+                small_bytes: 128 << 10,
+            },
+            3,
+        )
     };
     let runs = args.runs.unwrap_or(default_runs).max(1);
     let names = system_names(&args.systems)?;
@@ -133,7 +149,10 @@ fn run(args: &Args) -> anyhow::Result<bool> {
 
     // Whatever a killed earlier run left behind, then a clean slate, removed again at the end.
     for flavor in <s3::Flavor as clap::ValueEnum>::value_variants() {
-        s3::stop_server(&root.join("scripts/services").join(flavor.script()), &s3_state);
+        s3::stop_server(
+            &root.join("scripts/services").join(flavor.script()),
+            &s3_state,
+        );
     }
     host::remove_tree(&work);
     host::remove_tree(&log_dir);
@@ -148,7 +167,11 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     };
 
     let mut progress = Progress::new();
-    progress.note(&format!("starting {:?} (scripts/services/{})", args.s3, args.s3.script()));
+    progress.note(&format!(
+        "starting {} (scripts/services/{})",
+        args.s3.name(),
+        args.s3.script()
+    ));
     let server = s3::S3Server::start(args.s3, &s3_script, &s3_state)?;
     let store = server.conn.store(16)?;
     progress.note(&format!(
@@ -163,8 +186,16 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         .iter()
         .map(|&name| -> Box<dyn System> {
             let tool = match name {
-                "native" => return Box::new(Native { root: dataset.native_root.clone() }),
-                "backend" => return Box::new(RawBackend { store: store.clone() }),
+                "native" => {
+                    return Box::new(Native {
+                        root: dataset.native_root.clone(),
+                    });
+                }
+                "backend" => {
+                    return Box::new(RawBackend {
+                        store: store.clone(),
+                    });
+                }
                 "s3fs" => Tool::S3fs,
                 "rclone" => Tool::Rclone,
                 _ => Tool::Granary {
@@ -173,7 +204,13 @@ fn run(args: &Args) -> anyhow::Result<bool> {
                     disk_cache: args.disk_cache,
                 },
             };
-            Box::new(Mount::new(tool, server.conn.clone(), &dataset.prefix, &work, &log_dir))
+            Box::new(Mount::new(
+                tool,
+                server.conn.clone(),
+                &dataset.prefix,
+                &work,
+                &log_dir,
+            ))
         })
         .collect();
     let passes_per_workload: usize = systems.iter().map(|s| s.conditions().len()).sum();
@@ -183,7 +220,14 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     let mut figures = Vec::new();
     for workload in Workload::ALL {
         for system in systems.iter_mut() {
-            figures.extend(measure(system.as_mut(), workload, &dataset, runs, &rt, &mut progress));
+            figures.extend(measure(
+                system.as_mut(),
+                workload,
+                &dataset,
+                runs,
+                &rt,
+                &mut progress,
+            ));
         }
     }
     drop(systems);
@@ -226,17 +270,17 @@ const SYSTEMS: [&str; 5] = ["native", "backend", "granary", "s3fs", "rclone"];
 
 /// The systems to measure: those asked for, or all whose tools are installed.
 fn system_names(asked: &[String]) -> anyhow::Result<Vec<&'static str>> {
-    let is_installed = |name: &str| !matches!(name, "s3fs" | "rclone") || host::which(name).is_some();
+    let is_installed =
+        |name: &str| !matches!(name, "s3fs" | "rclone") || host::which(name).is_some();
     if asked.is_empty() {
         return Ok(SYSTEMS.into_iter().filter(|n| is_installed(n)).collect());
     }
     asked
         .iter()
         .map(|name| {
-            let known = SYSTEMS
-                .into_iter()
-                .find(|n| n == name)
-                .with_context(|| format!("unknown system {name:?} (known: {})", SYSTEMS.join(", ")))?;
+            let known = SYSTEMS.into_iter().find(|n| n == name).with_context(|| {
+                format!("unknown system {name:?} (known: {})", SYSTEMS.join(", "))
+            })?;
             if !is_installed(known) {
                 bail!("{known} is not installed (apt-get install -y {known})");
             }
@@ -287,7 +331,14 @@ fn measure(
     let conditions = system.conditions();
     let mut figures: Vec<Figure> = conditions
         .iter()
-        .map(|c| Figure::new(workload.name(), workload.counts_files(), &name, c.label(&name)))
+        .map(|c| {
+            Figure::new(
+                workload.name(),
+                workload.counts_files(),
+                &name,
+                c.label(&name),
+            )
+        })
         .collect();
     'runs: for run in 0..=runs {
         let check = run == 0;
@@ -298,7 +349,11 @@ fn measure(
         for (i, &condition) in conditions.iter().enumerate() {
             let figure = &mut figures[i];
             let result = timed_pass(system, workload, dataset, condition, run, check, rt);
-            let what = if check { "check".to_string() } else { format!("run {run}/{runs}") };
+            let what = if check {
+                "check".to_string()
+            } else {
+                format!("run {run}/{runs}")
+            };
             let message = format!("{} {name} {} {what}", workload.name(), figure.condition);
             let fields = json!({
                 "workload": workload.name(), "system": name, "condition": figure.condition,
@@ -368,7 +423,9 @@ fn timed_pass(
         files: pass.files,
         mb_per_s: report::rate(pass.bytes, pass.seconds),
         files_per_s: pass.files as f64 / pass.seconds,
-        cpu_seconds: before.zip(after).map(|(b, a)| a.cpu_seconds - b.cpu_seconds),
+        cpu_seconds: before
+            .zip(after)
+            .map(|(b, a)| a.cpu_seconds - b.cpu_seconds),
         peak_rss_bytes: after.map(|a| a.peak_rss_bytes),
         counters,
     })

@@ -86,7 +86,12 @@ pub struct Summary {
 }
 
 impl Figure {
-    pub fn new(workload: &'static str, counts_files: bool, system: &str, condition: String) -> Self {
+    pub fn new(
+        workload: &'static str,
+        counts_files: bool,
+        system: &str,
+        condition: String,
+    ) -> Self {
         Figure {
             workload,
             system: system.to_string(),
@@ -141,12 +146,19 @@ impl Report {
             .figures
             .iter()
             .enumerate()
-            .map(|(i, f)| (i, Stats::of(f.samples.iter().map(|s| s.mb_per_s)).map(|s| s.median)))
+            .map(|(i, f)| {
+                (
+                    i,
+                    Stats::of(f.samples.iter().map(|s| s.mb_per_s)).map(|s| s.median),
+                )
+            })
             .collect();
         let median_of = |workload: &str, system: &str, condition: &str| {
             medians.iter().find_map(|&(i, m)| {
                 let f = &self.figures[i];
-                (f.workload == workload && f.is(system, condition)).then_some(m).flatten()
+                (f.workload == workload && f.is(system, condition))
+                    .then_some(m)
+                    .flatten()
             })
         };
         let summaries: Vec<Option<Summary>> = self
@@ -190,7 +202,9 @@ impl Report {
         let seq = "large-sequential";
         let ratio_target = |name: &str, condition: &str, ratio: Option<f64>, min: f64| {
             let measured = match (self.summary(seq, "granary", condition), ratio) {
-                (Some(s), Some(r)) => format!("{:.0}% ({} MB/s)", r * 100.0, mbps(s.mb_per_s.median)),
+                (Some(s), Some(r)) => {
+                    format!("{:.0}% ({} MB/s)", r * 100.0, mbps(s.mb_per_s.median))
+                }
                 _ => "not measured".into(),
             };
             Target {
@@ -199,9 +213,13 @@ impl Report {
                 met: ratio.map(|r| r >= min),
             }
         };
-        let vs_native =
-            |condition: &str| self.summary(seq, "granary", condition).and_then(|s| s.vs_native);
-        let cold_vs_backend = self.summary(seq, "granary", "cold").and_then(|s| s.vs_backend);
+        let vs_native = |condition: &str| {
+            self.summary(seq, "granary", condition)
+                .and_then(|s| s.vs_native)
+        };
+        let cold_vs_backend = self
+            .summary(seq, "granary", "cold")
+            .and_then(|s| s.vs_backend);
         let peak = self
             .figures
             .iter()
@@ -229,10 +247,7 @@ impl Report {
                 0.8,
             ),
             Target {
-                name: format!(
-                    "peak RSS <= memory cache + 256 MiB ({} MiB)",
-                    limit / MIB
-                ),
+                name: format!("peak RSS <= memory cache + 256 MiB ({} MiB)", limit / MIB),
                 measured: peak.map_or("not measured".into(), |p| format!("{} MiB", p / MIB)),
                 met: peak.map(|p| p <= limit),
             },
@@ -246,46 +261,65 @@ impl Report {
 
     /// The table and the targets, for a terminal.
     pub fn render(&self) -> String {
-        let mut rows = vec![[
-            "workload",
-            "system",
-            "condition",
-            "MB/s",
-            "[min-max]",
-            "files/s",
-            "[min-max]",
-            "vs native",
-            "vs backend",
-            "peak RSS",
-            "CPU s",
-        ]
-        .map(String::from)
-        .to_vec()];
+        let mut rows = vec![
+            [
+                "workload",
+                "system",
+                "condition",
+                "MB/s",
+                "[min-max]",
+                "files/s",
+                "[min-max]",
+                "vs native",
+                "vs backend",
+                "peak RSS",
+                "CPU s",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ];
         let mut problems = Vec::new();
         for f in &self.figures {
-            let mut row = vec![f.workload.to_string(), f.system.clone(), f.condition.clone()];
+            let mut row = vec![
+                f.workload.to_string(),
+                f.system.clone(),
+                f.condition.clone(),
+            ];
             match &f.summary {
                 Some(s) => {
                     let files = |x: f64| format!("{x:.0}");
                     row.extend([
                         mbps(s.mb_per_s.median),
                         format!("[{}-{}]", mbps(s.mb_per_s.min), mbps(s.mb_per_s.max)),
-                        if f.counts_files { files(s.files_per_s.median) } else { "-".into() },
                         if f.counts_files {
-                            format!("[{}-{}]", files(s.files_per_s.min), files(s.files_per_s.max))
+                            files(s.files_per_s.median)
+                        } else {
+                            "-".into()
+                        },
+                        if f.counts_files {
+                            format!(
+                                "[{}-{}]",
+                                files(s.files_per_s.min),
+                                files(s.files_per_s.max)
+                            )
                         } else {
                             String::new()
                         },
                         s.vs_native.map_or("-".into(), |r| format!("{r:.2}")),
                         s.vs_backend.map_or("-".into(), |r| format!("{r:.2}")),
-                        s.peak_rss_bytes.map_or("-".into(), |b| format!("{} MiB", b / MIB)),
-                        s.cpu_seconds.map_or("-".into(), |c| format!("{:.2}", c.median)),
+                        s.peak_rss_bytes
+                            .map_or("-".into(), |b| format!("{} MiB", b / MIB)),
+                        s.cpu_seconds
+                            .map_or("-".into(), |c| format!("{:.2}", c.median)),
                     ]);
                 }
                 None => row.push("not measured".into()),
             }
             if let Some(e) = &f.error {
-                problems.push(format!("{} / {} / {}: {e}", f.workload, f.system, f.condition));
+                problems.push(format!(
+                    "{} / {} / {}: {e}",
+                    f.workload, f.system, f.condition
+                ));
             } else if !f.verified {
                 problems.push(format!(
                     "{} / {} / {}: bytes not verified",
@@ -295,13 +329,13 @@ impl Report {
             rows.push(row);
         }
         let mut out = format!(
-            "granary-bench --{}: {} MiB file, {} files of {} KiB, S3 server {:?}, granary {} \
+            "granary-bench --{}: {} MiB file, {} files of {} KiB, S3 server {}, granary {} \
              (memory cache {} MiB)\n\n",
             self.profile,
             self.dataset.large_bytes / MIB,
             self.dataset.small_count,
             self.dataset.small_bytes >> 10,
-            self.s3,
+            self.s3.name(),
             self.granary.git,
             self.granary.memory_cache_bytes / MIB,
         );
@@ -310,7 +344,11 @@ impl Report {
             "\nMB = 10^6 bytes; median of {} runs per figure, [min-max]; every figure's bytes were \
              checked (SHA-256) in an untimed pass{}.\n",
             self.runs,
-            if problems.is_empty() { "" } else { ", except as listed below" }
+            if problems.is_empty() {
+                ""
+            } else {
+                ", except as listed below"
+            }
         ));
         if !self.targets.is_empty() {
             out.push_str("\nIssue-2 targets:\n");
@@ -355,7 +393,13 @@ fn mbps(x: f64) -> String {
 fn table(rows: &[Vec<String>]) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let width: Vec<usize> = (0..cols)
-        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.len()).max().unwrap_or(0))
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.len())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for row in rows {

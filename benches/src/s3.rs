@@ -27,6 +27,13 @@ pub enum Flavor {
 }
 
 impl Flavor {
+    pub fn name(self) -> &'static str {
+        match self {
+            Flavor::Moto => "moto",
+            Flavor::Ceph => "ceph",
+        }
+    }
+
     /// Its script under scripts/services/.
     pub fn script(self) -> &'static str {
         match self {
@@ -65,14 +72,17 @@ impl S3Server {
     pub fn start(flavor: Flavor, script: &Path, state_dir: &Path) -> anyhow::Result<S3Server> {
         let stop = {
             let (script, state_dir) = (script.to_path_buf(), state_dir.to_path_buf());
-            cleanup::register(format!("stop {flavor:?}"), move || stop_server(&script, &state_dir))
+            cleanup::register(format!("stop {}", flavor.name()), move || {
+                stop_server(&script, &state_dir)
+            })
         };
         run_command(&mut script_command(script, &["install"]))?;
         run_command(script_command(script, &["start"]).arg(state_dir))?;
         let (file, prefix) = flavor.env_file();
         let env_file = state_dir.join(file);
-        let text = std::fs::read_to_string(&env_file)
-            .with_context(|| format!("{} start wrote no {}", script.display(), env_file.display()))?;
+        let text = std::fs::read_to_string(&env_file).with_context(|| {
+            format!("{} start wrote no {}", script.display(), env_file.display())
+        })?;
         let var = |suffix: &str| -> anyhow::Result<String> {
             let name = format!("{prefix}{suffix}");
             text.lines()

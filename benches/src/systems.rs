@@ -324,7 +324,11 @@ impl System for Mount {
     }
 
     fn access(&self) -> Access {
-        Access::Files(self.live.as_ref().map_or_else(PathBuf::new, |l| l.paths.mnt.clone()))
+        Access::Files(
+            self.live
+                .as_ref()
+                .map_or_else(PathBuf::new, |l| l.paths.mnt.clone()),
+        )
     }
 
     fn pid(&self) -> Option<u32> {

@@ -106,7 +106,9 @@ pub fn run_pass(
             };
             read_files(root, &files, readers, check)?
         }
-        Access::Store(store) => rt.block_on(get_objects(workload, dataset, store, &files, check))?,
+        Access::Store(store) => {
+            rt.block_on(get_objects(workload, dataset, store, &files, check))?
+        }
     };
     Ok(Pass {
         bytes,
@@ -226,7 +228,12 @@ async fn get_whole(
     let data = async { store.get(&key).await?.bytes().await }
         .await
         .with_context(|| format!("GET {key}"))?;
-    verify(key.as_ref(), file, data.len() as u64, check.then(|| Sha256::new_with_prefix(&data)))?;
+    verify(
+        key.as_ref(),
+        file,
+        data.len() as u64,
+        check.then(|| Sha256::new_with_prefix(&data)),
+    )?;
     Ok(data.len() as u64)
 }
 

@@ -1,0 +1,167 @@
+//! Mount tests over a local POSIX source (no external service): a directory of 10,000 files, a
+//! file larger than 4 GiB, a file changed in the backend, and the split deployment (`granary
+//! server` + `granary mount` over gRPC).
+
+mod support;
+
+use std::os::unix::fs::FileExt;
+use std::time::Duration;
+use support::data::{Tree, content, fill, seed_of, standard_tree, write_local};
+use support::process::{Mount, UpOptions, granary};
+use support::{free_port, metric};
+
+fn up(source: &std::path::Path, cache: &std::path::Path, mnt: &std::path::Path, extra: &[&str]) -> Mount {
+    Mount::up(UpOptions {
+        source: source.to_str().unwrap().to_string(),
+        envs: vec![],
+        cache_dir: cache,
+        mount_dir: mnt,
+        extra: extra.iter().map(|s| s.to_string()).collect(),
+    })
+}
+
+#[test]
+fn ten_thousand_files_in_one_directory() {
+    let source = tempfile::tempdir().unwrap();
+    let dir = source.path().join("many");
+    std::fs::create_dir(&dir).unwrap();
+    for i in 0..10_000 {
+        std::fs::write(dir.join(format!("file-{i:05}")), format!("{i}\n")).unwrap();
+    }
+    let (cache, mnt) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mount = up(source.path(), cache.path(), mnt.path(), &[]);
+    let mut names: Vec<String> = std::fs::read_dir(mnt.path().join("many"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 10_000);
+    assert_eq!(names[9_999], "file-09999");
+    for i in (0..10_000).step_by(97) {
+        let text = std::fs::read_to_string(mnt.path().join(format!("many/file-{i:05}"))).unwrap();
+        assert_eq!(text, format!("{i}\n"));
+    }
+    let lists = metric(&mount.metrics(), "granary_backend_requests_total", &[("op", "list")]);
+    assert!(lists <= 3.0, "one listing serves every lookup: {lists} LISTs");
+    assert!(mount.stop().success());
+}
+
+#[test]
+fn files_larger_than_4_gib() {
+    let source = tempfile::tempdir().unwrap();
+    let path = source.path().join("huge.bin");
+    let size: u64 = (4 << 30) + (3 << 20) + 7;
+    let file = std::fs::File::create(&path).unwrap();
+    file.set_len(size).unwrap();
+    // Sparse, with real bytes around the 4 GiB boundary and at the end.
+    let regions = [(0u64, 1u64 << 20), ((4 << 30) - 4096, 8192), (size - 100_000, 100_000)];
+    for (offset, len) in regions {
+        let mut buf = vec![0u8; len as usize];
+        fill(seed_of("huge"), offset, &mut buf);
+        file.write_all_at(&buf, offset).unwrap();
+    }
+    drop(file);
+    let (cache, mnt) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mount = up(source.path(), cache.path(), mnt.path(), &["--disk-cache", "0"]);
+    let through = std::fs::File::open(mnt.path().join("huge.bin")).unwrap();
+    assert_eq!(through.metadata().unwrap().len(), size);
+    for (offset, len) in regions {
+        let mut got = vec![0u8; len as usize];
+        through.read_exact_at(&mut got, offset).unwrap();
+        let mut expected = vec![0u8; len as usize];
+        fill(seed_of("huge"), offset, &mut expected);
+        assert!(got == expected, "bytes at {offset}");
+    }
+    let mut zeros = vec![1u8; 4096];
+    through.read_exact_at(&mut zeros, 2 << 30).unwrap();
+    assert!(zeros.iter().all(|&b| b == 0), "sparse region reads as zeros");
+    let mut tail = vec![0u8; 10];
+    assert_eq!(through.read_at(&mut tail, size - 3).unwrap(), 3, "short read at EOF");
+    assert_eq!(through.read_at(&mut tail, size + 10).unwrap(), 0, "read past EOF");
+    drop(through);
+    assert!(mount.stop().success());
+}
+
+#[test]
+fn a_file_changed_in_the_backend_is_never_served_mixed() {
+    let source = tempfile::tempdir().unwrap();
+    let path = source.path().join("f.bin");
+    let old = content("old", 8 << 20);
+    std::fs::write(&path, &old).unwrap();
+    let (cache, mnt) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mount = up(source.path(), cache.path(), mnt.path(), &["--metadata-ttl", "1s", "--block-size", "1MiB"]);
+    let through = mnt.path().join("f.bin");
+    let open = std::fs::File::open(&through).unwrap();
+    let mut first = vec![0u8; 1 << 20];
+    open.read_exact_at(&mut first, 0).unwrap();
+    assert!(first[..] == old[..1 << 20]);
+    // Replace the file (new inode, new size) while it is open.
+    let new = content("new", 6 << 20);
+    std::fs::write(source.path().join("f.tmp"), &new).unwrap();
+    std::fs::rename(source.path().join("f.tmp"), &path).unwrap();
+    // The open handle reads its version or fails: never bytes of the new one.
+    let mut rest = vec![0u8; 1 << 20];
+    match open.read_exact_at(&mut rest, 5 << 20) {
+        Ok(()) => assert!(rest[..] == old[5 << 20..6 << 20], "old handle served other bytes"),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(116), "ESTALE expected, got {e}"),
+    }
+    drop(open);
+    // After the TTL a new open sees the new version, whole.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(std::fs::read(&through).unwrap() == new);
+    assert!(mount.stop().success());
+}
+
+#[test]
+fn split_deployment_server_and_remote_mount() {
+    let source = tempfile::tempdir().unwrap();
+    let tree: Tree = standard_tree(1 << 20, 24 << 20, 300);
+    write_local(source.path(), &tree);
+    let cache = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = cache.path().join("worker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "node_id = \"w1\"\nlisten = \"127.0.0.1:{port}\"\n[cache]\ndir = \"{}\"\nmemory = \"64MiB\"\ndisk = \"256MiB\"\nblock_size = \"1MiB\"\n[[mount]]\npath = \"/data\"\nsource = \"file://{}\"\n",
+            cache.path().join("c").display(),
+            source.path().display()
+        ),
+    )
+    .unwrap();
+    let server_metrics = format!("127.0.0.1:{}", free_port());
+    let mut server = granary(
+        &["server", "--config", config.to_str().unwrap(), "--metrics-addr", &server_metrics],
+        &[],
+    )
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "server did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mnt = tempfile::tempdir().unwrap();
+    let client_metrics = format!("127.0.0.1:{}", free_port());
+    let mount = Mount::spawn(
+        granary(
+            &["mount", "--server", &format!("127.0.0.1:{port}"), mnt.path().to_str().unwrap(), "--metrics-addr", &client_metrics],
+            &[],
+        ),
+        mnt.path(),
+        client_metrics,
+    );
+    let root: Vec<String> =
+        std::fs::read_dir(mnt.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert_eq!(root, vec!["data".to_string()], "the namespace root lists the mount point");
+    for (path, size) in &tree {
+        let got = std::fs::read(mnt.path().join("data").join(path)).unwrap();
+        assert!(got == content(path, *size), "{path}");
+    }
+    let server_text = support::http_get(&server_metrics, "/metrics");
+    assert!(metric(&server_text, "granary_rpc_requests_total", &[("method", "read_block"), ("code", "ok")]) > 0.0);
+    assert!(mount.stop().success());
+    support::process::signal(server.id(), "INT");
+    assert!(server.wait().unwrap().success(), "server exits 0 on SIGINT");
+}

@@ -10,9 +10,9 @@ use granary_proto::ApiError;
 use object_store::aws::AmazonS3Builder;
 use object_store::path::{Path as StorePath, PathPart};
 use object_store::{ClientOptions, GetOptions, GetRange, ObjectStore, RetryConfig};
+use std::ops::Range;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -41,7 +41,10 @@ pub struct RawEntry {
 
 enum Store {
     /// S3 and S3-compatible stores, through object_store.
-    Object { store: Arc<dyn ObjectStore>, prefix: Option<StorePath> },
+    Object {
+        store: Arc<dyn ObjectStore>,
+        prefix: Option<StorePath>,
+    },
     /// A POSIX directory (GlusterFS, CephFS, NFS mounts), read with positional reads.
     Posix { root: PathBuf },
 }
@@ -59,7 +62,11 @@ impl std::fmt::Debug for Backend {
     }
 }
 
-fn s3_store(bucket: &str, s3: &S3Section, settings: &BackendSettings) -> Result<Arc<dyn ObjectStore>, BackendError> {
+fn s3_store(
+    bucket: &str,
+    s3: &S3Section,
+    settings: &BackendSettings,
+) -> Result<Arc<dyn ObjectStore>, BackendError> {
     let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
     if let Some(e) = &s3.endpoint {
         b = b.with_endpoint(e);
@@ -94,7 +101,9 @@ fn s3_store(bucket: &str, s3: &S3Section, settings: &BackendSettings) -> Result<
         .clone()
         .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
         .or_else(|| std::env::var("AWS_ENDPOINT").ok());
-    let plain_http = endpoint.as_deref().is_some_and(|e| e.starts_with("http://"));
+    let plain_http = endpoint
+        .as_deref()
+        .is_some_and(|e| e.starts_with("http://"));
     let client = ClientOptions::new()
         .with_allow_http(plain_http)
         .with_timeout(settings.request_timeout)
@@ -141,7 +150,9 @@ fn posix_etag(meta: &std::fs::Metadata) -> String {
 }
 
 fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
-    meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec())
+    meta.mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(meta.mtime_nsec())
 }
 
 fn join_key(prefix: &str, key: &str) -> String {
@@ -163,7 +174,9 @@ fn posix_list(root: &Path, key: &str) -> std::io::Result<Vec<RawEntry>> {
             continue;
         };
         // Follow symlinks; skip what cannot be stat'ed (dangling links) and special files.
-        let Ok(meta) = std::fs::metadata(entry.path()) else { continue };
+        let Ok(meta) = std::fs::metadata(entry.path()) else {
+            continue;
+        };
         if !(meta.is_dir() || meta.is_file()) {
             continue;
         }
@@ -181,7 +194,12 @@ fn posix_list(root: &Path, key: &str) -> std::io::Result<Vec<RawEntry>> {
 }
 
 /// Reads `range` of a POSIX file whose version must still be `etag` (blocking).
-fn posix_read(root: &Path, key: &str, range: Range<u64>, etag: Option<&str>) -> Result<Bytes, std::io::Error> {
+fn posix_read(
+    root: &Path,
+    key: &str,
+    range: Range<u64>,
+    etag: Option<&str>,
+) -> Result<Bytes, std::io::Error> {
     let file = std::fs::File::open(root.join(key))?;
     if let Some(expected) = etag
         && posix_etag(&file.metadata()?) != expected
@@ -190,7 +208,11 @@ fn posix_read(root: &Path, key: &str, range: Range<u64>, etag: Option<&str>) -> 
     }
     let mut buf = vec![0u8; (range.end - range.start) as usize];
     file.read_exact_at(&mut buf, range.start).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof { std::io::Error::other(STALE) } else { e }
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            std::io::Error::other(STALE)
+        } else {
+            e
+        }
     })?;
     Ok(Bytes::from(buf))
 }
@@ -207,13 +229,19 @@ fn store_path(prefix: Option<&StorePath>, key: &str) -> StorePath {
 
 /// A listed path part as the plain name it encodes.
 fn decode(part: &str) -> String {
-    percent_encoding::percent_decode_str(part).decode_utf8_lossy().into_owned()
+    percent_encoding::percent_decode_str(part)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 const STALE: &str = "the object changed in the backend";
 
 impl Backend {
-    pub fn new(source: &SourceUri, s3: &S3Section, settings: &BackendSettings) -> Result<Self, BackendError> {
+    pub fn new(
+        source: &SourceUri,
+        s3: &S3Section,
+        settings: &BackendSettings,
+    ) -> Result<Self, BackendError> {
         let store = match source {
             SourceUri::S3 { bucket, prefix } => Store::Object {
                 store: s3_store(bucket, s3, settings)?,
@@ -224,11 +252,16 @@ impl Backend {
                 },
             },
             SourceUri::Local { path } => {
-                let meta = std::fs::metadata(path).map_err(|e| BackendError::Config(format!("source {source}: {e}")))?;
+                let meta = std::fs::metadata(path)
+                    .map_err(|e| BackendError::Config(format!("source {source}: {e}")))?;
                 if !meta.is_dir() {
-                    return Err(BackendError::Config(format!("source {source} is not a directory")));
+                    return Err(BackendError::Config(format!(
+                        "source {source} is not a directory"
+                    )));
                 }
-                Store::Posix { root: PathBuf::from(path) }
+                Store::Posix {
+                    root: PathBuf::from(path),
+                }
             }
         };
         Ok(Backend {
@@ -245,7 +278,11 @@ impl Backend {
 
     /// Lists one directory level under `key` (`""` = the backend's root).
     pub async fn list(&self, key: &str) -> Result<Vec<RawEntry>, ApiError> {
-        let _permit = self.limit.acquire().await.map_err(|_| ApiError::Unavailable("backend closed".into()))?;
+        let _permit = self
+            .limit
+            .acquire()
+            .await
+            .map_err(|_| ApiError::Unavailable("backend closed".into()))?;
         let start = Instant::now();
         let result = match &self.store {
             Store::Object { store, prefix } => {
@@ -256,7 +293,13 @@ impl Backend {
                     .await
                     .map_err(|e| store_error("list", &self.id, key, e));
                 listed.map(|l| {
-                    let rel = |p: &StorePath| p.parts().skip(skip).map(|part| decode(part.as_ref())).collect::<Vec<_>>().join("/");
+                    let rel = |p: &StorePath| {
+                        p.parts()
+                            .skip(skip)
+                            .map(|part| decode(part.as_ref()))
+                            .collect::<Vec<_>>()
+                            .join("/")
+                    };
                     let dirs = l.common_prefixes.iter().filter_map(|p| {
                         Some(RawEntry {
                             name: decode(p.filename()?),
@@ -302,7 +345,11 @@ impl Backend {
         etag: Option<&str>,
         version: Option<&str>,
     ) -> Result<Bytes, ApiError> {
-        let _permit = self.limit.acquire().await.map_err(|_| ApiError::Unavailable("backend closed".into()))?;
+        let _permit = self
+            .limit
+            .acquire()
+            .await
+            .map_err(|_| ApiError::Unavailable("backend closed".into()))?;
         let start = Instant::now();
         let result = match &self.store {
             Store::Object { store, prefix } => {
@@ -320,17 +367,24 @@ impl Backend {
                 got.map_err(|e| store_error("get", &self.id, key, e))
             }
             Store::Posix { root } => {
-                let (root, key_owned, etag_owned, r) = (root.clone(), key.to_string(), etag.map(str::to_string), range.clone());
-                tokio::task::spawn_blocking(move || posix_read(&root, &key_owned, r, etag_owned.as_deref()))
-                    .await
-                    .map_err(|e| ApiError::Internal(e.to_string()))?
-                    .map_err(|e| {
-                        if e.to_string() == STALE {
-                            ApiError::Stale(format!("get {}/{key}: {STALE}", self.id))
-                        } else {
-                            io_error("get", &self.id, key, e)
-                        }
-                    })
+                let (root, key_owned, etag_owned, r) = (
+                    root.clone(),
+                    key.to_string(),
+                    etag.map(str::to_string),
+                    range.clone(),
+                );
+                tokio::task::spawn_blocking(move || {
+                    posix_read(&root, &key_owned, r, etag_owned.as_deref())
+                })
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))?
+                .map_err(|e| {
+                    if e.to_string() == STALE {
+                        ApiError::Stale(format!("get {}/{key}: {STALE}", self.id))
+                    } else {
+                        io_error("get", &self.id, key, e)
+                    }
+                })
             }
         };
         record("get", start, result.is_ok());
@@ -356,24 +410,37 @@ impl Backend {
         };
         match &self.store {
             Store::Object { store, prefix } => {
-                match tokio::time::timeout(timeout, store.list_with_delimiter(prefix.as_ref())).await {
-                    Err(_) => Err(unreachable(format!("no answer within {timeout:?} (is the endpoint right and up?)"))),
+                match tokio::time::timeout(timeout, store.list_with_delimiter(prefix.as_ref()))
+                    .await
+                {
+                    Err(_) => Err(unreachable(format!(
+                        "no answer within {timeout:?} (is the endpoint right and up?)"
+                    ))),
                     Ok(Err(e)) => Err(unreachable(describe_probe_error(&e))),
                     Ok(Ok(_)) => Ok(()),
                 }
             }
-            Store::Posix { root } => std::fs::read_dir(root).map(drop).map_err(|e| unreachable(e.to_string())),
+            Store::Posix { root } => std::fs::read_dir(root)
+                .map(drop)
+                .map_err(|e| unreachable(e.to_string())),
         }
     }
 }
 
 fn describe_probe_error(e: &object_store::Error) -> String {
     let text = e.to_string();
-    let hint = if text.contains("NoSuchBucket") || matches!(e, object_store::Error::NotFound { .. }) {
+    let hint = if text.contains("NoSuchBucket") || matches!(e, object_store::Error::NotFound { .. })
+    {
         "the bucket does not exist"
-    } else if text.contains("InvalidAccessKeyId") || text.contains("SignatureDoesNotMatch") || text.contains("403") {
+    } else if text.contains("InvalidAccessKeyId")
+        || text.contains("SignatureDoesNotMatch")
+        || text.contains("403")
+    {
         "access denied (check the credentials)"
-    } else if text.contains("onnect") || text.contains("dns") || text.contains("error sending request") {
+    } else if text.contains("onnect")
+        || text.contains("dns")
+        || text.contains("error sending request")
+    {
         "cannot connect to the endpoint"
     } else {
         "the backend refused the listing"
@@ -382,6 +449,7 @@ fn describe_probe_error(e: &object_store::Error) -> String {
 }
 
 fn record(op: &'static str, start: Instant, ok: bool) {
-    metrics::histogram!(m::BACKEND_REQUEST_SECONDS, "op" => op).record(start.elapsed().as_secs_f64());
+    metrics::histogram!(m::BACKEND_REQUEST_SECONDS, "op" => op)
+        .record(start.elapsed().as_secs_f64());
     metrics::counter!(m::BACKEND_REQUESTS, "op" => op, "outcome" => if ok { "ok" } else { "error" }).increment(1);
 }

@@ -10,8 +10,8 @@
 use crate::config::{CacheSettings, disk_region_size};
 use bytes::Bytes;
 use foyer::{
-    BlockEngineConfig, Code, DeviceBuilder, FsDeviceBuilder, HybridCache, HybridCacheBuilder, HybridCachePolicy,
-    RecoverMode, Source,
+    BlockEngineConfig, Code, DeviceBuilder, FsDeviceBuilder, HybridCache, HybridCacheBuilder,
+    HybridCachePolicy, RecoverMode, Source,
 };
 use granary_core::BlockKey;
 use granary_core::metrics as m;
@@ -30,23 +30,34 @@ pub struct CachedBlock(pub Block);
 
 impl Code for CachedBlock {
     fn encode(&self, writer: &mut impl Write) -> foyer::Result<()> {
-        writer.write_all(&self.0.crc32c.to_le_bytes()).map_err(foyer::Error::io_error)?;
+        writer
+            .write_all(&self.0.crc32c.to_le_bytes())
+            .map_err(foyer::Error::io_error)?;
         writer
             .write_all(&(self.0.data.len() as u64).to_le_bytes())
             .map_err(foyer::Error::io_error)?;
-        writer.write_all(&self.0.data).map_err(foyer::Error::io_error)
+        writer
+            .write_all(&self.0.data)
+            .map_err(foyer::Error::io_error)
     }
 
     fn decode(reader: &mut impl Read) -> foyer::Result<Self> {
         let mut header = [0u8; 12];
-        reader.read_exact(&mut header).map_err(foyer::Error::io_error)?;
+        reader
+            .read_exact(&mut header)
+            .map_err(foyer::Error::io_error)?;
         let crc32c = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
         let len = u64::from_le_bytes(header[4..].try_into().expect("8 bytes"));
         if len > granary_core::BlockSize::MAX {
-            return Err(foyer::Error::new(foyer::ErrorKind::Parse, "cached block length out of range"));
+            return Err(foyer::Error::new(
+                foyer::ErrorKind::Parse,
+                "cached block length out of range",
+            ));
         }
         let mut data = vec![0u8; len as usize];
-        reader.read_exact(&mut data).map_err(foyer::Error::io_error)?;
+        reader
+            .read_exact(&mut data)
+            .map_err(foyer::Error::io_error)?;
         Ok(CachedBlock(Block {
             data: Bytes::from(data),
             crc32c,
@@ -128,14 +139,20 @@ impl BlockCache {
                 .await
         }
         .map_err(|e| err(e.to_string()))?;
-        metrics::gauge!(m::CACHE_CAPACITY_BYTES, "tier" => "memory").set(settings.memory.bytes() as f64);
-        metrics::gauge!(m::CACHE_CAPACITY_BYTES, "tier" => "disk").set(settings.disk.bytes() as f64);
+        metrics::gauge!(m::CACHE_CAPACITY_BYTES, "tier" => "memory")
+            .set(settings.memory.bytes() as f64);
+        metrics::gauge!(m::CACHE_CAPACITY_BYTES, "tier" => "disk")
+            .set(settings.disk.bytes() as f64);
         Ok(BlockCache { cache })
     }
 
     /// The block at `key`, from memory, disk, or `fetch` (one fetch for concurrent misses).
     /// `fetch` makes the backend read; it is called again if a disk copy fails its checksum.
-    pub async fn get_or_fetch<F, Fut>(&self, key: BlockKey, fetch: F) -> Result<(Block, Tier), ApiError>
+    pub async fn get_or_fetch<F, Fut>(
+        &self,
+        key: BlockKey,
+        fetch: F,
+    ) -> Result<(Block, Tier), ApiError>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<Block, ApiError>> + Send + 'static,
@@ -163,10 +180,13 @@ impl BlockCache {
                 continue;
             }
             metrics::counter!(m::BLOCK_READS, "tier" => tier.label()).increment(1);
-            metrics::counter!(m::BLOCK_READ_BYTES, "tier" => tier.label()).increment(block.data.len() as u64);
+            metrics::counter!(m::BLOCK_READ_BYTES, "tier" => tier.label())
+                .increment(block.data.len() as u64);
             return Ok((block, tier));
         }
-        Err(ApiError::Corrupt(format!("block {key:?} failed its checksum twice")))
+        Err(ApiError::Corrupt(format!(
+            "block {key:?} failed its checksum twice"
+        )))
     }
 
     /// Flushes what is in flight to disk and stops the cache.

@@ -165,14 +165,21 @@ pub fn disk_region_size(block_size: BlockSize) -> usize {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{0}")]
     Invalid(String),
 }
 
-fn field<T, E: std::fmt::Display>(name: &str, value: &str, parse: impl Fn(&str) -> Result<T, E>) -> Result<T, ConfigError> {
+fn field<T, E: std::fmt::Display>(
+    name: &str,
+    value: &str,
+    parse: impl Fn(&str) -> Result<T, E>,
+) -> Result<T, ConfigError> {
     parse(value).map_err(|e| ConfigError::Invalid(format!("{name}: {e}")))
 }
 
@@ -191,7 +198,11 @@ impl ConfigFile {
     /// Validates every field and builds the settings.
     pub fn settings(&self) -> Result<Settings, ConfigError> {
         let node_id = match &self.node_id {
-            Some(id) if id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_whitespace() || c == '/') => {
+            Some(id)
+                if id.is_empty()
+                    || id.len() > 128
+                    || id.chars().any(|c| c.is_whitespace() || c == '/') =>
+            {
                 return Err(ConfigError::Invalid(format!(
                     "node_id {id:?} must be 1-128 characters without spaces or '/'"
                 )));
@@ -199,23 +210,40 @@ impl ConfigFile {
             Some(id) => id.clone(),
             None => default_node_id(),
         };
-        let listen = field("listen", self.listen.as_deref().unwrap_or("127.0.0.1:7070"), |s| s.parse::<SocketAddr>())?;
+        let listen = field(
+            "listen",
+            self.listen.as_deref().unwrap_or("127.0.0.1:7070"),
+            |s| s.parse::<SocketAddr>(),
+        )?;
         let metrics_addr = self
             .metrics_addr
             .as_deref()
             .map(|a| field("metrics_addr", a, |s| s.parse::<SocketAddr>()))
             .transpose()?;
-        let metadata_ttl = field("metadata_ttl", self.metadata_ttl.as_deref().unwrap_or("30s"), parse_duration)?;
+        let metadata_ttl = field(
+            "metadata_ttl",
+            self.metadata_ttl.as_deref().unwrap_or("30s"),
+            parse_duration,
+        )?;
         let size = |name: &str, v: &Option<String>, default: ByteSize| match v {
             Some(s) => field(name, s, |s| s.parse::<ByteSize>()),
             None => Ok(default),
         };
-        let block_size = size("cache.block_size", &self.cache.block_size, ByteSize(BlockSize::DEFAULT.get()))?;
+        let block_size = size(
+            "cache.block_size",
+            &self.cache.block_size,
+            ByteSize(BlockSize::DEFAULT.get()),
+        )?;
         let cache = CacheSettings {
             dir: self.cache.dir.clone().unwrap_or_else(default_cache_dir),
-            memory: size("cache.memory", &self.cache.memory, CacheSettings::DEFAULT_MEMORY)?,
+            memory: size(
+                "cache.memory",
+                &self.cache.memory,
+                CacheSettings::DEFAULT_MEMORY,
+            )?,
             disk: size("cache.disk", &self.cache.disk, CacheSettings::DEFAULT_DISK)?,
-            block_size: BlockSize::new(block_size.bytes()).map_err(|e| ConfigError::Invalid(format!("cache.block_size: {e}")))?,
+            block_size: BlockSize::new(block_size.bytes())
+                .map_err(|e| ConfigError::Invalid(format!("cache.block_size: {e}")))?,
         };
         cache.validate()?;
         let mut backend = BackendSettings::default();
@@ -230,7 +258,9 @@ impl ConfigFile {
         }
         if let Some(n) = self.backend.max_concurrency {
             if n == 0 {
-                return Err(ConfigError::Invalid("backend.max_concurrency must be at least 1".into()));
+                return Err(ConfigError::Invalid(
+                    "backend.max_concurrency must be at least 1".into(),
+                ));
             }
             backend.max_concurrency = n;
         }
@@ -287,7 +317,9 @@ pub fn default_cache_dir() -> PathBuf {
 }
 
 fn is_root() -> bool {
-    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -296,7 +328,10 @@ mod tests {
 
     fn parse(text: &str) -> Result<Settings, ConfigError> {
         toml::from_str::<ConfigFile>(text)
-            .map_err(|e| ConfigError::Parse { path: "t.toml".into(), message: e.to_string() })?
+            .map_err(|e| ConfigError::Parse {
+                path: "t.toml".into(),
+                message: e.to_string(),
+            })?
             .settings()
     }
 
@@ -336,12 +371,24 @@ mod tests {
         let cases = [
             (format!("bogus = 1\n{mount}"), "unknown field"),
             ("".to_string(), "no [[mount]]"),
-            (format!("[cache]\nmemory = \"lots\"\n{mount}"), "cache.memory"),
-            (format!("[cache]\nblock_size = \"3MiB\"\n{mount}"), "cache.block_size"),
+            (
+                format!("[cache]\nmemory = \"lots\"\n{mount}"),
+                "cache.memory",
+            ),
+            (
+                format!("[cache]\nblock_size = \"3MiB\"\n{mount}"),
+                "cache.block_size",
+            ),
             (format!("[cache]\ndisk = \"1MiB\"\n{mount}"), "disk cache"),
             (format!("listen = \"nowhere\"\n{mount}"), "listen"),
-            ("[[mount]]\npath = \"/a\"\nsource = \"gs://x\"\n".to_string(), "unknown URI scheme"),
-            (format!("{mount}[[mount]]\npath = \"/a/b\"\nsource = \"s3://other\"\n"), "overlap"),
+            (
+                "[[mount]]\npath = \"/a\"\nsource = \"gs://x\"\n".to_string(),
+                "unknown URI scheme",
+            ),
+            (
+                format!("{mount}[[mount]]\npath = \"/a/b\"\nsource = \"s3://other\"\n"),
+                "overlap",
+            ),
             (format!("node_id = \"a b\"\n{mount}"), "node_id"),
         ];
         for (text, needle) in cases {

@@ -29,7 +29,10 @@ fn record<T>(method: &'static str, result: &Result<T, ApiError>) {
 
 #[tonic::async_trait]
 impl<A: CacheApi> pb::cache_server::Cache for CacheService<A> {
-    async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
+    async fn info(
+        &self,
+        _: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
         let info = self.api.info();
         Ok(Response::new(pb::InfoResponse {
             node_id: info.node_id,
@@ -45,14 +48,20 @@ impl<A: CacheApi> pb::cache_server::Cache for CacheService<A> {
         Ok(Response::new(pb::Entry::from(&result?)))
     }
 
-    async fn list(&self, req: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
+    async fn list(
+        &self,
+        req: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
         let result = self.api.list(&req.into_inner().path).await;
         record("list", &result);
         let entries = result?.iter().map(pb::Entry::from).collect();
         Ok(Response::new(pb::ListResponse { entries }))
     }
 
-    async fn read_block(&self, req: Request<pb::ReadBlockRequest>) -> Result<Response<pb::BlockData>, Status> {
+    async fn read_block(
+        &self,
+        req: Request<pb::ReadBlockRequest>,
+    ) -> Result<Response<pb::BlockData>, Status> {
         let req = req.into_inner();
         let result = match req.object {
             None => Err(ApiError::Invalid("read_block without an object".into())),

@@ -22,9 +22,17 @@ pub struct Listing {
 impl Listing {
     /// Builds a listing; where a file and a directory share a name, the directory wins.
     pub fn new(mut entries: Vec<Entry>) -> Self {
-        entries.sort_by(|a, b| a.name.cmp(&b.name).then((a.kind as u8).cmp(&(b.kind as u8)).reverse()));
+        entries.sort_by(|a, b| {
+            a.name
+                .cmp(&b.name)
+                .then((a.kind as u8).cmp(&(b.kind as u8)).reverse())
+        });
         entries.dedup_by(|later, earlier| later.name == earlier.name);
-        let index = entries.iter().enumerate().map(|(i, e)| (e.name.clone(), i)).collect();
+        let index = entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.name.clone(), i))
+            .collect();
         Listing {
             entries: Arc::new(entries),
             index,
@@ -60,7 +68,11 @@ impl ListingCache {
             // Drop the idle half: slots nobody is filling right now.
             let mut idle: Vec<_> = slots
                 .iter()
-                .filter_map(|(k, s)| s.try_lock().ok().map(|g| (k.clone(), g.as_ref().map(|(t, _)| *t))))
+                .filter_map(|(k, s)| {
+                    s.try_lock()
+                        .ok()
+                        .map(|g| (k.clone(), g.as_ref().map(|(t, _)| *t)))
+                })
                 .collect();
             idle.sort_by_key(|(_, t)| *t);
             for (k, _) in idle.into_iter().take(self.max_dirs / 2 + 1) {
@@ -71,7 +83,12 @@ impl ListingCache {
     }
 
     /// The listing of `key` in `mount`, from the cache if younger than the TTL, else from `list`.
-    pub async fn get_or_list<F, Fut>(&self, mount: usize, key: &str, list: F) -> Result<Arc<Listing>, ApiError>
+    pub async fn get_or_list<F, Fut>(
+        &self,
+        mount: usize,
+        key: &str,
+        list: F,
+    ) -> Result<Arc<Listing>, ApiError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Listing, ApiError>>,
@@ -134,7 +151,10 @@ mod tests {
         }
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         for i in 0..20 {
-            cache.get_or_list(0, &format!("d{i}"), || async { Ok(Listing::new(vec![])) }).await.unwrap();
+            cache
+                .get_or_list(0, &format!("d{i}"), || async { Ok(Listing::new(vec![])) })
+                .await
+                .unwrap();
         }
         assert!(cache.slots.lock().unwrap().len() <= 4);
         let expired = ListingCache::new(Duration::ZERO, 4);

@@ -31,7 +31,9 @@ pub struct Worker {
 
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Worker").field("node_id", &self.settings.node_id).finish_non_exhaustive()
+        f.debug_struct("Worker")
+            .field("node_id", &self.settings.node_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -43,7 +45,11 @@ impl Worker {
     pub async fn start(settings: Settings) -> Result<Arc<Self>, StartError> {
         let mut backends = Vec::new();
         for mount in settings.namespace.mounts() {
-            backends.push(Arc::new(Backend::new(&mount.source, &settings.s3, &settings.backend)?));
+            backends.push(Arc::new(Backend::new(
+                &mount.source,
+                &settings.s3,
+                &settings.backend,
+            )?));
         }
         let probes = backends.iter().map(|b| b.probe(PROBE_TIMEOUT));
         for result in futures::future::join_all(probes).await {
@@ -105,7 +111,10 @@ impl Worker {
                     kind: EntryKind::File,
                     size: r.size,
                     mtime_ns: r.mtime_ns,
-                    object: Some(ObjectRef { mount: mount as u32, id }),
+                    object: Some(ObjectRef {
+                        mount: mount as u32,
+                        id,
+                    }),
                 }
             })
             .collect();
@@ -113,7 +122,9 @@ impl Worker {
     }
 
     async fn listing(&self, mount: usize, key: &str) -> Result<Arc<Listing>, ApiError> {
-        self.listings.get_or_list(mount, key, || self.list_backend(mount, key)).await
+        self.listings
+            .get_or_list(mount, key, || self.list_backend(mount, key))
+            .await
     }
 
     /// Checks that a client-supplied object reference names an object this worker serves.
@@ -123,10 +134,16 @@ impl Worker {
             .get(object.mount as usize)
             .filter(|b| b.id() == object.id.backend)
             .ok_or_else(|| {
-                ApiError::Invalid(format!("object {:?} names mount {} of backend {:?}, which this worker does not serve", object.id.key, object.mount, object.id.backend))
+                ApiError::Invalid(format!(
+                    "object {:?} names mount {} of backend {:?}, which this worker does not serve",
+                    object.id.key, object.mount, object.id.backend
+                ))
             })?;
         if object.id.key.is_empty() || components(&format!("/{}", object.id.key)).is_none() {
-            return Err(ApiError::Invalid(format!("invalid object key {:?}", object.id.key)));
+            return Err(ApiError::Invalid(format!(
+                "invalid object key {:?}",
+                object.id.key
+            )));
         }
         let count = self.settings.cache.block_size.count(object.id.size);
         if index >= count {
@@ -159,7 +176,11 @@ impl CacheApi for Worker {
     }
 
     async fn stat(&self, path: &str) -> Result<Entry, ApiError> {
-        let resolved = self.settings.namespace.resolve(path).map_err(|e| ApiError::Invalid(e.to_string()))?;
+        let resolved = self
+            .settings
+            .namespace
+            .resolve(path)
+            .map_err(|e| ApiError::Invalid(e.to_string()))?;
         let name = path.rsplit('/').next().unwrap_or("");
         match resolved {
             Resolved::NotFound => Err(ApiError::NotFound(path.to_string())),
@@ -168,16 +189,25 @@ impl CacheApi for Worker {
             Resolved::Mount { mount, key, .. } => {
                 let (parent, base) = split_parent(&key);
                 let listing = self.listing(mount, parent).await?;
-                listing.get(base).cloned().ok_or_else(|| ApiError::NotFound(path.to_string()))
+                listing
+                    .get(base)
+                    .cloned()
+                    .ok_or_else(|| ApiError::NotFound(path.to_string()))
             }
         }
     }
 
     async fn list(&self, path: &str) -> Result<Arc<Vec<Entry>>, ApiError> {
-        let resolved = self.settings.namespace.resolve(path).map_err(|e| ApiError::Invalid(e.to_string()))?;
+        let resolved = self
+            .settings
+            .namespace
+            .resolve(path)
+            .map_err(|e| ApiError::Invalid(e.to_string()))?;
         match resolved {
             Resolved::NotFound => Err(ApiError::NotFound(path.to_string())),
-            Resolved::Synthetic { children } => Ok(Arc::new(children.iter().map(|c| self.dir_entry(c)).collect())),
+            Resolved::Synthetic { children } => Ok(Arc::new(
+                children.iter().map(|c| self.dir_entry(c)).collect(),
+            )),
             Resolved::Mount { mount, key, .. } => {
                 let listing = self.listing(mount, &key).await?;
                 if listing.entries.is_empty() && !key.is_empty() {
@@ -204,7 +234,9 @@ impl CacheApi for Worker {
                 let id = object.id.clone();
                 let range = range.clone();
                 async move {
-                    let data = backend.get_range(&id.key, range, id.etag.as_deref(), id.version.as_deref()).await?;
+                    let data = backend
+                        .get_range(&id.key, range, id.etag.as_deref(), id.version.as_deref())
+                        .await?;
                     Ok(Block::new(data))
                 }
             })

@@ -16,13 +16,23 @@ fn env(name: &str) -> String {
 }
 
 fn unique(name: &str) -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     format!("conformance-{name}-{nanos}")
 }
 
 enum Fixture {
-    S3 { store: object_store::aws::AmazonS3, bucket: String, prefix: String, s3: S3Section },
-    Posix { root: PathBuf },
+    S3 {
+        store: object_store::aws::AmazonS3,
+        bucket: String,
+        prefix: String,
+        s3: S3Section,
+    },
+    Posix {
+        root: PathBuf,
+    },
 }
 
 impl Fixture {
@@ -47,7 +57,12 @@ impl Fixture {
             secret_access_key: Some(secret),
             ..S3Section::default()
         };
-        Fixture::S3 { store, bucket, prefix: unique(name), s3 }
+        Fixture::S3 {
+            store,
+            bucket,
+            prefix: unique(name),
+            s3,
+        }
     }
 
     fn posix(root: PathBuf) -> Fixture {
@@ -60,7 +75,10 @@ impl Fixture {
         match self {
             Fixture::S3 { store, prefix, .. } => {
                 let path = StorePath::from_iter(prefix.split('/').chain(key.split('/')));
-                store.put(&path, PutPayload::from(data.to_vec())).await.unwrap();
+                store
+                    .put(&path, PutPayload::from(data.to_vec()))
+                    .await
+                    .unwrap();
             }
             Fixture::Posix { root } => {
                 let path = root.join(key);
@@ -75,25 +93,44 @@ impl Fixture {
 
     fn backend(&self) -> Backend {
         let (uri, s3) = match self {
-            Fixture::S3 { bucket, prefix, s3, .. } => (format!("s3://{bucket}/{prefix}"), s3.clone()),
+            Fixture::S3 {
+                bucket, prefix, s3, ..
+            } => (format!("s3://{bucket}/{prefix}"), s3.clone()),
             Fixture::Posix { root } => (format!("file://{}", root.display()), S3Section::default()),
         };
-        Backend::new(&uri.parse::<SourceUri>().unwrap(), &s3, &BackendSettings::default()).unwrap()
+        Backend::new(
+            &uri.parse::<SourceUri>().unwrap(),
+            &s3,
+            &BackendSettings::default(),
+        )
+        .unwrap()
     }
 }
 
 fn bytes(n: usize, seed: u8) -> Vec<u8> {
-    (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 /// The suite every backend must pass.
 async fn conformance(fx: Fixture) {
-    let names = ["plain.bin", "with space.txt", "ünïcødé-文件.bin", "per%cent#hash.txt", "dir/inner.bin", "dir/sub/deep.bin"];
+    let names = [
+        "plain.bin",
+        "with space.txt",
+        "ünïcødé-文件.bin",
+        "per%cent#hash.txt",
+        "dir/inner.bin",
+        "dir/sub/deep.bin",
+    ];
     for (i, name) in names.iter().enumerate() {
         fx.put(name, &bytes(1000 + i * 100_000, i as u8)).await;
     }
     let backend = fx.backend();
-    backend.probe(std::time::Duration::from_secs(5)).await.unwrap();
+    backend
+        .probe(std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
 
     // Listing one level: files with sizes and versions, directories once, names decoded.
     let mut root = backend.list("").await.unwrap();
@@ -101,16 +138,29 @@ async fn conformance(fx: Fixture) {
     let listed: Vec<(&str, bool)> = root.iter().map(|e| (e.name.as_str(), e.dir)).collect();
     assert_eq!(
         listed,
-        vec![("dir", true), ("per%cent#hash.txt", false), ("plain.bin", false), ("with space.txt", false), ("ünïcødé-文件.bin", false)]
+        vec![
+            ("dir", true),
+            ("per%cent#hash.txt", false),
+            ("plain.bin", false),
+            ("with space.txt", false),
+            ("ünïcødé-文件.bin", false)
+        ]
     );
     for e in root.iter().filter(|e| !e.dir) {
         let i = names.iter().position(|n| *n == e.name).unwrap();
         assert_eq!(e.size, (1000 + i * 100_000) as u64, "{}", e.name);
-        assert!(e.etag.is_some() || e.version.is_some(), "{} has no version tag", e.name);
+        assert!(
+            e.etag.is_some() || e.version.is_some(),
+            "{} has no version tag",
+            e.name
+        );
         assert_eq!(e.key, e.name);
     }
     let dir = backend.list("dir").await.unwrap();
-    let mut dir_names: Vec<(&str, bool, &str)> = dir.iter().map(|e| (e.name.as_str(), e.dir, e.key.as_str())).collect();
+    let mut dir_names: Vec<(&str, bool, &str)> = dir
+        .iter()
+        .map(|e| (e.name.as_str(), e.dir, e.key.as_str()))
+        .collect();
     dir_names.sort();
     assert_eq!(dir_names[0].0, "inner.bin");
     assert_eq!(dir_names[0].2, "dir/inner.bin");
@@ -122,26 +172,56 @@ async fn conformance(fx: Fixture) {
         let data = bytes(1000 + idx * 100_000, idx as u8);
         let size = data.len() as u64;
         for range in [0..size, 0..1, size / 2..size, size - 1..size] {
-            let got = backend.get_range(&entry.key, range.clone(), entry.etag.as_deref(), entry.version.as_deref()).await;
-            assert_eq!(got.unwrap()[..], data[range.start as usize..range.end as usize], "{} {range:?} (#{i})", entry.name);
+            let got = backend
+                .get_range(
+                    &entry.key,
+                    range.clone(),
+                    entry.etag.as_deref(),
+                    entry.version.as_deref(),
+                )
+                .await;
+            assert_eq!(
+                got.unwrap()[..],
+                data[range.start as usize..range.end as usize],
+                "{} {range:?} (#{i})",
+                entry.name
+            );
         }
     }
 
     // A missing object is NotFound; a range past the end is an error, never short bytes.
-    let missing = backend.get_range("no-such-object", 0..10, None, None).await.unwrap_err();
+    let missing = backend
+        .get_range("no-such-object", 0..10, None, None)
+        .await
+        .unwrap_err();
     assert!(matches!(missing, ApiError::NotFound(_)), "{missing:?}");
     let plain = root.iter().find(|e| e.name == "plain.bin").unwrap();
-    assert!(backend.get_range(&plain.key, 500..5000, None, None).await.is_err());
+    assert!(
+        backend
+            .get_range(&plain.key, 500..5000, None, None)
+            .await
+            .is_err()
+    );
 
     // A new version of an object: reading with the old version tag fails as Stale.
     fx.put("plain.bin", &bytes(3000, 99)).await;
-    let stale = backend.get_range(&plain.key, 0..100, plain.etag.as_deref(), plain.version.as_deref()).await;
+    let stale = backend
+        .get_range(
+            &plain.key,
+            0..100,
+            plain.etag.as_deref(),
+            plain.version.as_deref(),
+        )
+        .await;
     assert!(matches!(stale, Err(ApiError::Stale(_))), "{stale:?}");
     let relisted = backend.list("").await.unwrap();
     let fresh = relisted.iter().find(|e| e.name == "plain.bin").unwrap();
     assert_ne!(fresh.etag, plain.etag);
     assert_eq!(fresh.size, 3000);
-    let got = backend.get_range(&fresh.key, 0..3000, fresh.etag.as_deref(), None).await.unwrap();
+    let got = backend
+        .get_range(&fresh.key, 0..3000, fresh.etag.as_deref(), None)
+        .await
+        .unwrap();
     assert_eq!(got[..], bytes(3000, 99)[..]);
 }
 
@@ -157,7 +237,10 @@ async fn ceph_rgw() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn glusterfs_volume() {
-    conformance(Fixture::posix(PathBuf::from(env("GRANARY_TEST_GLUSTER_DIR")))).await;
+    conformance(Fixture::posix(PathBuf::from(env(
+        "GRANARY_TEST_GLUSTER_DIR",
+    ))))
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -51,7 +51,11 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
     };
     let fs = Arc::new(GranaryFs::new(api, config));
     let mounted = granary_fuse_client::mount(fs, &args.dir, &format!("granary:{}", args.server))?;
-    println!("granary: worker {} mounted at {}", args.server, args.dir.display());
+    println!(
+        "granary: worker {} mounted at {}",
+        args.server,
+        args.dir.display()
+    );
     runtime::shutdown_signal().await;
     tokio::task::spawn_blocking(move || mounted.unmount()).await??;
     Ok(())

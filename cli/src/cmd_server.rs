@@ -57,7 +57,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     }
     let settings = file.settings()?;
     if args.check_config {
-        println!("{}: ok ({} mounts)", args.config.display(), settings.namespace.mounts().len());
+        println!(
+            "{}: ok ({} mounts)",
+            args.config.display(),
+            settings.namespace.mounts().len()
+        );
         return Ok(());
     }
     let _lock = runtime::lock_cache_dir(&settings.cache.dir)?;
@@ -68,7 +72,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         runtime::serve_metrics(addr).await?;
     }
     let worker = Worker::start(settings.clone()).await?;
-    println!("granary: worker {} serving on {}", settings.node_id, settings.listen);
+    println!(
+        "granary: worker {} serving on {}",
+        settings.node_id, settings.listen
+    );
     grpc::serve(worker.clone(), listener, runtime::shutdown_signal()).await?;
     worker.close().await;
     Ok(())

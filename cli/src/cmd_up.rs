@@ -70,7 +70,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     granary_fuse_client::check_fuse_device()?;
     let _lock = runtime::lock_cache_dir(&settings.cache.dir)?;
     let grpc_listener = match args.listen {
-        Some(addr) => Some(grpc::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?),
+        Some(addr) => Some(
+            grpc::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?,
+        ),
         None => None,
     };
     if let Some(addr) = args.metrics_addr {
@@ -87,7 +91,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     };
     let fs = Arc::new(GranaryFs::new(worker.clone(), fs_config));
     let mounted = granary_fuse_client::mount(fs, &args.mount, &args.source)?;
-    println!("granary: {} mounted at {}", args.source, args.mount.display());
+    println!(
+        "granary: {} mounted at {}",
+        args.source,
+        args.mount.display()
+    );
     tracing::info!(
         source = %args.source,
         mount = %args.mount.display(),
@@ -113,9 +121,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 }
 
 pub fn current_uid() -> u32 {
-    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap_or(0)
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .unwrap_or(0)
 }
 
 pub fn current_gid() -> u32 {
-    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::gid(&m)).unwrap_or(0)
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::gid(&m))
+        .unwrap_or(0)
 }

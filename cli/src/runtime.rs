@@ -23,7 +23,10 @@ pub fn block_on<F: Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("GRANARY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,foyer=warn,fuser=warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 /// Completes on SIGINT or SIGTERM.
@@ -44,7 +47,8 @@ pub async fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen for metrics on {addr}"))?;
     let seconds = [
-        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0, 30.0,
     ];
     let handle: PrometheusHandle = PrometheusBuilder::new()
         .set_buckets(&seconds)
@@ -76,14 +80,20 @@ pub async fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
 
 /// Takes an exclusive lock on the cache directory for this process's lifetime.
 pub fn lock_cache_dir(dir: &Path) -> anyhow::Result<File> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create cache dir {}", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create cache dir {}", dir.display()))?;
     let path = dir.join("granary.lock");
     let file = File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => {
-            anyhow::bail!("cache dir {} is in use by another granary process", dir.display())
+            anyhow::bail!(
+                "cache dir {} is in use by another granary process",
+                dir.display()
+            )
         }
-        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("cannot lock {}", path.display())),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
     }
 }

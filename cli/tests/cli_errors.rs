@@ -14,18 +14,36 @@ use support::process::{granary, run_with_timeout};
 fn fails(args: &[&str], envs: &[(String, String)], mount: Option<&Path>, needle: &str) {
     let out = run_with_timeout(granary(args, envs), Duration::from_secs(25));
     assert!(!out.status.success(), "{args:?} succeeded");
-    let errors: Vec<&str> =
-        out.stderr.lines().filter(|l| l.starts_with("granary: error:") || l.starts_with("error:")).collect();
-    assert_eq!(errors.len(), 1, "{args:?}: one error line expected, got:\n{}", out.stderr);
-    assert!(errors[0].contains(needle), "{args:?}: expected {needle:?} in the error, got:\n{}", out.stderr);
-    assert!(out.elapsed < Duration::from_secs(20), "{args:?} took {:?}", out.elapsed);
+    let errors: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("granary: error:") || l.starts_with("error:"))
+        .collect();
+    assert_eq!(
+        errors.len(),
+        1,
+        "{args:?}: one error line expected, got:\n{}",
+        out.stderr
+    );
+    assert!(
+        errors[0].contains(needle),
+        "{args:?}: expected {needle:?} in the error, got:\n{}",
+        out.stderr
+    );
+    assert!(
+        out.elapsed < Duration::from_secs(20),
+        "{args:?} took {:?}",
+        out.elapsed
+    );
     if let Some(dir) = mount {
         assert!(!is_mounted(dir), "{} left mounted", dir.display());
     }
 }
 
 fn up(source: &str, mount: &Path, cache: &Path, extra: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = ["up", "--source", source, "--mount"].map(String::from).to_vec();
+    let mut v: Vec<String> = ["up", "--source", source, "--mount"]
+        .map(String::from)
+        .to_vec();
     v.push(mount.to_str().unwrap().into());
     v.push("--cache-dir".into());
     v.push(cache.to_str().unwrap().into());
@@ -55,7 +73,12 @@ fn bad_sizes() {
     check("/tmp", &["--disk-cache", "12XB"], &[], "invalid size");
     check("/tmp", &["--block-size", "3MiB"], &[], "invalid block size");
     check("/tmp", &["--metadata-ttl", "soon"], &[], "invalid duration");
-    check("/tmp", &["--metrics-addr", "nowhere"], &[], "invalid socket address");
+    check(
+        "/tmp",
+        &["--metrics-addr", "nowhere"],
+        &[],
+        "invalid socket address",
+    );
 }
 
 #[test]
@@ -63,14 +86,29 @@ fn bad_mount_points() {
     let cache = tempfile::tempdir().unwrap();
     let missing = Path::new("/tmp/granary-no-such-mount-point");
     let args = up("/tmp", missing, cache.path(), &[]);
-    fails(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[], None, "does not exist");
+    fails(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &[],
+        None,
+        "does not exist",
+    );
     let full = tempfile::tempdir().unwrap();
     std::fs::write(full.path().join("x"), b"x").unwrap();
     let args = up("/tmp", full.path(), cache.path(), &[]);
-    fails(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[], Some(full.path()), "is not empty");
+    fails(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &[],
+        Some(full.path()),
+        "is not empty",
+    );
     let file = full.path().join("x");
     let args = up("/tmp", &file, cache.path(), &[]);
-    fails(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[], None, "is not a directory");
+    fails(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &[],
+        None,
+        "is not a directory",
+    );
 }
 
 #[test]
@@ -88,14 +126,23 @@ fn no_permission_on_dev_fuse() {
         .env("GRANARY_LOG", "warn");
     let out = run_with_timeout(cmd, Duration::from_secs(20));
     assert!(!out.status.success());
-    assert!(out.stderr.contains("no permission to open /dev/fuse"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("no permission to open /dev/fuse"),
+        "{}",
+        out.stderr
+    );
     assert!(!is_mounted(mnt.path()));
 }
 
 #[test]
 fn bad_s3_endpoints_and_credentials() {
     let moto = S3Target::moto();
-    check("s3://granary-no-such-bucket", &[], &moto.env(), "bucket does not exist");
+    check(
+        "s3://granary-no-such-bucket",
+        &[],
+        &moto.env(),
+        "bucket does not exist",
+    );
     let mut dead = moto.env();
     dead[0].1 = format!("http://127.0.0.1:{}", support::free_port());
     check(&moto.uri(""), &[], &dead, "cannot connect");
@@ -107,8 +154,12 @@ fn bad_s3_endpoints_and_credentials() {
     let mnt = tempfile::tempdir().unwrap();
     let cache = tempfile::tempdir().unwrap();
     let args = up(&moto.uri(""), mnt.path(), cache.path(), &[]);
-    let mut cmd = granary(&args.iter().map(String::as_str).collect::<Vec<_>>(), &no_keys);
-    cmd.env_remove("AWS_ACCESS_KEY_ID").env_remove("AWS_SECRET_ACCESS_KEY");
+    let mut cmd = granary(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &no_keys,
+    );
+    cmd.env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY");
     let out = run_with_timeout(cmd, Duration::from_secs(20));
     assert!(!out.status.success());
     assert!(out.stderr.contains("no credentials"), "{}", out.stderr);
@@ -116,21 +167,42 @@ fn bad_s3_endpoints_and_credentials() {
 
 #[test]
 fn bad_configs() {
-    fails(&["server", "--config", "/no/such/config.toml"], &[], None, "cannot read config file");
+    fails(
+        &["server", "--config", "/no/such/config.toml"],
+        &[],
+        None,
+        "cannot read config file",
+    );
     let dir = tempfile::tempdir().unwrap();
     let write = |name: &str, text: &str| {
         let p = dir.path().join(name);
         std::fs::write(&p, text).unwrap();
         p.to_str().unwrap().to_string()
     };
-    let unknown = write("unknown.toml", "bogus = 1\n[[mount]]\npath = \"/a\"\nsource = \"/tmp\"\n");
-    fails(&["server", "--config", &unknown, "--check-config"], &[], None, "unknown field");
+    let unknown = write(
+        "unknown.toml",
+        "bogus = 1\n[[mount]]\npath = \"/a\"\nsource = \"/tmp\"\n",
+    );
+    fails(
+        &["server", "--config", &unknown, "--check-config"],
+        &[],
+        None,
+        "unknown field",
+    );
     let garbage = write("garbage.toml", "this is [not toml");
     fails(&["server", "--config", &garbage], &[], None, "garbage.toml");
     let no_mounts = write("none.toml", "listen = \"127.0.0.1:7070\"\n");
-    fails(&["server", "--config", &no_mounts], &[], None, "no [[mount]] sections");
+    fails(
+        &["server", "--config", &no_mounts],
+        &[],
+        None,
+        "no [[mount]] sections",
+    );
     let ok = write("ok.toml", "[[mount]]\npath = \"/a\"\nsource = \"/tmp\"\n");
-    let out = run_with_timeout(granary(&["server", "--config", &ok, "--check-config"], &[]), Duration::from_secs(10));
+    let out = run_with_timeout(
+        granary(&["server", "--config", &ok, "--check-config"], &[]),
+        Duration::from_secs(10),
+    );
     assert!(out.status.success(), "{}", out.stderr);
 }
 
@@ -142,7 +214,15 @@ fn example_configs_in_deploy_are_valid() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
             let out = run_with_timeout(
-                granary(&["server", "--config", path.to_str().unwrap(), "--check-config"], &[]),
+                granary(
+                    &[
+                        "server",
+                        "--config",
+                        path.to_str().unwrap(),
+                        "--check-config",
+                    ],
+                    &[],
+                ),
                 Duration::from_secs(10),
             );
             assert!(out.status.success(), "{}: {}", path.display(), out.stderr);

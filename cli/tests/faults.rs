@@ -13,7 +13,9 @@ use support::metric;
 use support::process::{Mount, UpOptions};
 
 fn services_script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/services").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../scripts/services")
+        .join(name)
 }
 
 /// A moto server of this test's own, so the test can stop it.
@@ -50,7 +52,11 @@ impl OwnMoto {
     }
 
     fn stop(&self) {
-        let _ = Command::new("bash").arg(services_script("moto.sh")).arg("stop").arg(self.state.path()).status();
+        let _ = Command::new("bash")
+            .arg(services_script("moto.sh"))
+            .arg("stop")
+            .arg(self.state.path())
+            .status();
     }
 }
 
@@ -86,21 +92,37 @@ fn backend_down_serves_cached_data_and_fails_uncached_reads_in_bounded_time() {
         envs: moto.target.env(),
         cache_dir: cache.path(),
         mount_dir: mnt.path(),
-        extra: vec!["--metadata-ttl".into(), "1h".into(), "--block-size".into(), "1MiB".into()],
+        extra: vec![
+            "--metadata-ttl".into(),
+            "1h".into(),
+            "--block-size".into(),
+            "1MiB".into(),
+        ],
     });
     let m = mnt.path();
     for path in ["warm/big.bin", "warm/small.txt"] {
-        assert_eq!(read_all(&m.join(path)).unwrap(), content(path, tree[path]), "{path}");
+        assert_eq!(
+            read_all(&m.join(path)).unwrap(),
+            content(path, tree[path]),
+            "{path}"
+        );
     }
     // Known to the metadata cache, never read.
-    assert_eq!(std::fs::metadata(m.join("cold/big.bin")).unwrap().len(), 9 << 20);
+    assert_eq!(
+        std::fs::metadata(m.join("cold/big.bin")).unwrap().len(),
+        9 << 20
+    );
 
     moto.stop();
     drop_page_cache();
 
     // Cached data still reads, byte for byte.
     for path in ["warm/big.bin", "warm/small.txt"] {
-        assert_eq!(read_all(&m.join(path)).unwrap(), content(path, tree[path]), "{path} after the backend stopped");
+        assert_eq!(
+            read_all(&m.join(path)).unwrap(),
+            content(path, tree[path]),
+            "{path} after the backend stopped"
+        );
     }
     // Uncached data fails with EIO, in bounded time, and never returns wrong bytes.
     let start = Instant::now();
@@ -108,12 +130,20 @@ fn backend_down_serves_cached_data_and_fails_uncached_reads_in_bounded_time() {
     let mut buf = vec![0u8; 1 << 20];
     let err = file.read_at(&mut buf, 3 << 20).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(5), "EIO, got {err}");
-    assert!(start.elapsed() < Duration::from_secs(30), "failed after {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "failed after {:?}",
+        start.elapsed()
+    );
     // A directory never listed fails too, also in bounded time.
     let start = Instant::now();
     assert!(std::fs::read_dir(m.join("never-listed")).is_err());
     assert!(start.elapsed() < Duration::from_secs(30));
-    let errors = metric(&mount.metrics(), "granary_backend_requests_total", &[("outcome", "error")]);
+    let errors = metric(
+        &mount.metrics(),
+        "granary_backend_requests_total",
+        &[("outcome", "error")],
+    );
     assert!(errors > 0.0, "backend errors are counted");
     drop(file);
     assert!(mount.stop().success());
@@ -128,7 +158,11 @@ fn corrupt_disk_tier(dir: &Path) -> usize {
             damaged += corrupt_disk_tier(&path);
             continue;
         }
-        let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
         let len = file.metadata().unwrap().len();
         let mut offset = 4096 + 777;
         while offset + 64 < len {
@@ -160,12 +194,22 @@ fn a_corrupted_disk_block_is_detected_and_refetched() {
             envs: vec![],
             cache_dir: cache.path(),
             mount_dir: mnt.path(),
-            extra: ["--block-size", "1MiB", "--memory-cache", "8MiB", "--disk-cache", "256MiB"]
-                .map(String::from)
-                .to_vec(),
+            extra: [
+                "--block-size",
+                "1MiB",
+                "--memory-cache",
+                "8MiB",
+                "--disk-cache",
+                "256MiB",
+            ]
+            .map(String::from)
+            .to_vec(),
         });
         let got = std::fs::read(mnt.path().join("data.bin")).unwrap();
-        assert!(got == expected, "bytes read through the mount differ from the source");
+        assert!(
+            got == expected,
+            "bytes read through the mount differ from the source"
+        );
         let text = mount.metrics();
         assert!(mount.stop().success());
         (
@@ -179,11 +223,18 @@ fn a_corrupted_disk_block_is_detected_and_refetched() {
     // A restart finds the blocks on disk (the disk tier may skip writes when it falls behind a
     // cold read, so a few may be fetched again).
     let (gets, disk_hits) = run();
-    assert!(gets <= 10.0 && disk_hits >= 30.0, "restart: {gets} GETs, {disk_hits} disk hits for 40 blocks");
+    assert!(
+        gets <= 10.0 && disk_hits >= 30.0,
+        "restart: {gets} GETs, {disk_hits} disk hits for 40 blocks"
+    );
     // Damage the disk tier: the damaged blocks are refetched, never served.
     let damaged = corrupt_disk_tier(&cache.path().join("blocks"));
     assert!(damaged > 0, "nothing to damage");
     // Every entry spans a damaged byte: all are refetched, none is served from disk.
     let (gets, disk_hits) = run();
-    assert_eq!((gets, disk_hits), (40.0, 0.0), "damaged blocks were refetched");
+    assert_eq!(
+        (gets, disk_hits),
+        (40.0, 0.0),
+        "damaged blocks were refetched"
+    );
 }

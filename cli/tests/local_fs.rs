@@ -10,7 +10,12 @@ use support::data::{Tree, content, fill, seed_of, standard_tree, write_local};
 use support::process::{Mount, UpOptions, granary};
 use support::{free_port, metric};
 
-fn up(source: &std::path::Path, cache: &std::path::Path, mnt: &std::path::Path, extra: &[&str]) -> Mount {
+fn up(
+    source: &std::path::Path,
+    cache: &std::path::Path,
+    mnt: &std::path::Path,
+    extra: &[&str],
+) -> Mount {
     Mount::up(UpOptions {
         source: source.to_str().unwrap().to_string(),
         envs: vec![],
@@ -41,8 +46,15 @@ fn ten_thousand_files_in_one_directory() {
         let text = std::fs::read_to_string(mnt.path().join(format!("many/file-{i:05}"))).unwrap();
         assert_eq!(text, format!("{i}\n"));
     }
-    let lists = metric(&mount.metrics(), "granary_backend_requests_total", &[("op", "list")]);
-    assert!(lists <= 3.0, "one listing serves every lookup: {lists} LISTs");
+    let lists = metric(
+        &mount.metrics(),
+        "granary_backend_requests_total",
+        &[("op", "list")],
+    );
+    assert!(
+        lists <= 3.0,
+        "one listing serves every lookup: {lists} LISTs"
+    );
     assert!(mount.stop().success());
 }
 
@@ -54,7 +66,11 @@ fn files_larger_than_4_gib() {
     let file = std::fs::File::create(&path).unwrap();
     file.set_len(size).unwrap();
     // Sparse, with real bytes around the 4 GiB boundary and at the end.
-    let regions = [(0u64, 1u64 << 20), ((4 << 30) - 4096, 8192), (size - 100_000, 100_000)];
+    let regions = [
+        (0u64, 1u64 << 20),
+        ((4 << 30) - 4096, 8192),
+        (size - 100_000, 100_000),
+    ];
     for (offset, len) in regions {
         let mut buf = vec![0u8; len as usize];
         fill(seed_of("huge"), offset, &mut buf);
@@ -62,7 +78,12 @@ fn files_larger_than_4_gib() {
     }
     drop(file);
     let (cache, mnt) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mount = up(source.path(), cache.path(), mnt.path(), &["--disk-cache", "0"]);
+    let mount = up(
+        source.path(),
+        cache.path(),
+        mnt.path(),
+        &["--disk-cache", "0"],
+    );
     let through = std::fs::File::open(mnt.path().join("huge.bin")).unwrap();
     assert_eq!(through.metadata().unwrap().len(), size);
     for (offset, len) in regions {
@@ -74,10 +95,21 @@ fn files_larger_than_4_gib() {
     }
     let mut zeros = vec![1u8; 4096];
     through.read_exact_at(&mut zeros, 2 << 30).unwrap();
-    assert!(zeros.iter().all(|&b| b == 0), "sparse region reads as zeros");
+    assert!(
+        zeros.iter().all(|&b| b == 0),
+        "sparse region reads as zeros"
+    );
     let mut tail = vec![0u8; 10];
-    assert_eq!(through.read_at(&mut tail, size - 3).unwrap(), 3, "short read at EOF");
-    assert_eq!(through.read_at(&mut tail, size + 10).unwrap(), 0, "read past EOF");
+    assert_eq!(
+        through.read_at(&mut tail, size - 3).unwrap(),
+        3,
+        "short read at EOF"
+    );
+    assert_eq!(
+        through.read_at(&mut tail, size + 10).unwrap(),
+        0,
+        "read past EOF"
+    );
     drop(through);
     assert!(mount.stop().success());
 }
@@ -89,7 +121,12 @@ fn a_file_changed_in_the_backend_is_never_served_mixed() {
     let old = content("old", 8 << 20);
     std::fs::write(&path, &old).unwrap();
     let (cache, mnt) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mount = up(source.path(), cache.path(), mnt.path(), &["--metadata-ttl", "1s", "--block-size", "1MiB"]);
+    let mount = up(
+        source.path(),
+        cache.path(),
+        mnt.path(),
+        &["--metadata-ttl", "1s", "--block-size", "1MiB"],
+    );
     let through = mnt.path().join("f.bin");
     let open = std::fs::File::open(&through).unwrap();
     let mut first = vec![0u8; 1 << 20];
@@ -102,7 +139,10 @@ fn a_file_changed_in_the_backend_is_never_served_mixed() {
     // The open handle reads its version or fails: never bytes of the new one.
     let mut rest = vec![0u8; 1 << 20];
     match open.read_exact_at(&mut rest, 5 << 20) {
-        Ok(()) => assert!(rest[..] == old[5 << 20..6 << 20], "old handle served other bytes"),
+        Ok(()) => assert!(
+            rest[..] == old[5 << 20..6 << 20],
+            "old handle served other bytes"
+        ),
         Err(e) => assert_eq!(e.raw_os_error(), Some(116), "ESTALE expected, got {e}"),
     }
     drop(open);
@@ -131,7 +171,13 @@ fn split_deployment_server_and_remote_mount() {
     .unwrap();
     let server_metrics = format!("127.0.0.1:{}", free_port());
     let mut server = granary(
-        &["server", "--config", config.to_str().unwrap(), "--metrics-addr", &server_metrics],
+        &[
+            "server",
+            "--config",
+            config.to_str().unwrap(),
+            "--metrics-addr",
+            &server_metrics,
+        ],
         &[],
     )
     .stdout(std::process::Stdio::piped())
@@ -139,28 +185,50 @@ fn split_deployment_server_and_remote_mount() {
     .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(std::time::Instant::now() < deadline, "server did not listen");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "server did not listen"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let mnt = tempfile::tempdir().unwrap();
     let client_metrics = format!("127.0.0.1:{}", free_port());
     let mount = Mount::spawn(
         granary(
-            &["mount", "--server", &format!("127.0.0.1:{port}"), mnt.path().to_str().unwrap(), "--metrics-addr", &client_metrics],
+            &[
+                "mount",
+                "--server",
+                &format!("127.0.0.1:{port}"),
+                mnt.path().to_str().unwrap(),
+                "--metrics-addr",
+                &client_metrics,
+            ],
             &[],
         ),
         mnt.path(),
         client_metrics,
     );
-    let root: Vec<String> =
-        std::fs::read_dir(mnt.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
-    assert_eq!(root, vec!["data".to_string()], "the namespace root lists the mount point");
+    let root: Vec<String> = std::fs::read_dir(mnt.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        root,
+        vec!["data".to_string()],
+        "the namespace root lists the mount point"
+    );
     for (path, size) in &tree {
         let got = std::fs::read(mnt.path().join("data").join(path)).unwrap();
         assert!(got == content(path, *size), "{path}");
     }
     let server_text = support::http_get(&server_metrics, "/metrics");
-    assert!(metric(&server_text, "granary_rpc_requests_total", &[("method", "read_block"), ("code", "ok")]) > 0.0);
+    assert!(
+        metric(
+            &server_text,
+            "granary_rpc_requests_total",
+            &[("method", "read_block"), ("code", "ok")]
+        ) > 0.0
+    );
     assert!(mount.stop().success());
     support::process::signal(server.id(), "INT");
     assert!(server.wait().unwrap().success(), "server exits 0 on SIGINT");

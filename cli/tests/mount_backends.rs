@@ -21,19 +21,32 @@ fn tree() -> Tree {
 
 fn sh(script: &str) -> String {
     let out = Command::new("bash").arg("-c").arg(script).output().unwrap();
-    assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
 fn checksums(root: &Path) -> String {
-    sh(&format!("cd '{}' && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum", root.display()))
+    sh(&format!(
+        "cd '{}' && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum",
+        root.display()
+    ))
 }
 
 fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, u64)>) {
     for entry in std::fs::read_dir(dir).unwrap() {
         let entry = entry.unwrap();
         let meta = entry.metadata().unwrap();
-        let rel = entry.path().strip_prefix(root).unwrap().to_str().unwrap().to_string();
+        let rel = entry
+            .path()
+            .strip_prefix(root)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
         out.push((rel, if meta.is_dir() { u64::MAX } else { meta.len() }));
         if meta.is_dir() {
             walk(root, &entry.path(), out);
@@ -42,7 +55,11 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, u64)>) {
 }
 
 fn backend_gets(mount: &Mount) -> f64 {
-    metric(&mount.metrics(), "granary_backend_requests_total", &[("op", "get")])
+    metric(
+        &mount.metrics(),
+        "granary_backend_requests_total",
+        &[("op", "get")],
+    )
 }
 
 /// Everything a user does with a mounted tree, checked against the local copy.
@@ -57,7 +74,10 @@ fn exercise(mount: &Mount, local: &Path, tree: &Tree) {
     let expected: std::collections::BTreeSet<String> = all_paths(tree).into_iter().collect();
     let missing: Vec<_> = expected.difference(&names).take(10).collect();
     let extra: Vec<_> = names.difference(&expected).take(10).collect();
-    assert!(missing.is_empty() && extra.is_empty(), "listing differs: missing {missing:?}, unexpected {extra:?}");
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "listing differs: missing {missing:?}, unexpected {extra:?}"
+    );
     assert_eq!(names.len(), expected.len());
     for (path, size) in &seen {
         if let Some(expected) = tree.get(path) {
@@ -75,9 +95,22 @@ fn exercise(mount: &Mount, local: &Path, tree: &Tree) {
 
     // cp -r, and Python reads and mmap.
     let copy = tempfile::tempdir().unwrap();
-    sh(&format!("cp -r '{}/nested' '{}/names' '{}/'", mnt.display(), mnt.display(), copy.path().display()));
-    sh(&format!("diff -r '{}/nested' '{}/nested'", local.display(), copy.path().display()));
-    sh(&format!("diff -r '{}/names' '{}/names'", local.display(), copy.path().display()));
+    sh(&format!(
+        "cp -r '{}/nested' '{}/names' '{}/'",
+        mnt.display(),
+        mnt.display(),
+        copy.path().display()
+    ));
+    sh(&format!(
+        "diff -r '{}/nested' '{}/nested'",
+        local.display(),
+        copy.path().display()
+    ));
+    sh(&format!(
+        "diff -r '{}/names' '{}/names'",
+        local.display(),
+        copy.path().display()
+    ));
     let py = format!(
         "import hashlib, mmap\n\
          p = '{}/block-plus-one.bin'\n\
@@ -113,12 +146,42 @@ fn exercise(mount: &Mount, local: &Path, tree: &Tree) {
 
     // Read-only: writes, creates, renames, removals fail with EROFS.
     let erofs = Some(libc_erofs());
-    assert_eq!(std::fs::write(mnt.join("new-file"), b"x").unwrap_err().raw_os_error(), erofs);
-    assert_eq!(std::fs::OpenOptions::new().append(true).open(mnt.join("one-byte")).unwrap_err().raw_os_error(), erofs);
-    assert_eq!(std::fs::create_dir(mnt.join("new-dir")).unwrap_err().raw_os_error(), erofs);
-    assert_eq!(std::fs::rename(mnt.join("one-byte"), mnt.join("two")).unwrap_err().raw_os_error(), erofs);
-    assert_eq!(std::fs::remove_file(mnt.join("one-byte")).unwrap_err().raw_os_error(), erofs);
-    assert_eq!(std::fs::metadata(mnt.join("no-such")).unwrap_err().kind(), std::io::ErrorKind::NotFound);
+    assert_eq!(
+        std::fs::write(mnt.join("new-file"), b"x")
+            .unwrap_err()
+            .raw_os_error(),
+        erofs
+    );
+    assert_eq!(
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(mnt.join("one-byte"))
+            .unwrap_err()
+            .raw_os_error(),
+        erofs
+    );
+    assert_eq!(
+        std::fs::create_dir(mnt.join("new-dir"))
+            .unwrap_err()
+            .raw_os_error(),
+        erofs
+    );
+    assert_eq!(
+        std::fs::rename(mnt.join("one-byte"), mnt.join("two"))
+            .unwrap_err()
+            .raw_os_error(),
+        erofs
+    );
+    assert_eq!(
+        std::fs::remove_file(mnt.join("one-byte"))
+            .unwrap_err()
+            .raw_os_error(),
+        erofs
+    );
+    assert_eq!(
+        std::fs::metadata(mnt.join("no-such")).unwrap_err().kind(),
+        std::io::ErrorKind::NotFound
+    );
 
     // A second full read, with the kernel's page cache dropped, is served by Granary's cache.
     let gets = backend_gets(mount);
@@ -144,7 +207,14 @@ fn mount_and_exercise(source: String, envs: Vec<(String, String)>, local: &Path,
         envs,
         cache_dir: cache.path(),
         mount_dir: mnt.path(),
-        extra: vec!["--block-size".into(), "1MiB".into(), "--memory-cache".into(), "256MiB".into(), "--disk-cache".into(), "512MiB".into()],
+        extra: vec![
+            "--block-size".into(),
+            "1MiB".into(),
+            "--memory-cache".into(),
+            "256MiB".into(),
+            "--disk-cache".into(),
+            "512MiB".into(),
+        ],
     });
     exercise(&mount, local, tree);
     assert!(mount.stop().success(), "granary up exits 0 on SIGINT");
@@ -159,7 +229,9 @@ async fn s3_backend(target: S3Target, name: &str) {
     let envs = target.env();
     let uri = target.uri(&prefix);
     let local_path = local.path().to_path_buf();
-    tokio::task::spawn_blocking(move || mount_and_exercise(uri, envs, &local_path, &tree)).await.unwrap();
+    tokio::task::spawn_blocking(move || mount_and_exercise(uri, envs, &local_path, &tree))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -179,6 +251,11 @@ fn glusterfs_volume() {
     write_local(local.path(), &tree);
     let root = gluster_dir().join(unique("gluster"));
     write_local(&root, &tree);
-    mount_and_exercise(format!("file://{}", root.display()), vec![], local.path(), &tree);
+    mount_and_exercise(
+        format!("file://{}", root.display()),
+        vec![],
+        local.path(),
+        &tree,
+    );
     std::fs::remove_dir_all(&root).unwrap();
 }

@@ -116,8 +116,14 @@ mod tests {
         assert_eq!(
             spans,
             vec![
-                BlockSpan { index: 0, within: (1 << 16) - 1..1 << 16 },
-                BlockSpan { index: 1, within: 0..1 }
+                BlockSpan {
+                    index: 0,
+                    within: (1 << 16) - 1..1 << 16
+                },
+                BlockSpan {
+                    index: 1,
+                    within: 0..1
+                }
             ]
         );
         assert_eq!(bs.range(1, (1 << 16) + 1), (1 << 16)..(1 << 16) + 1);

@@ -30,9 +30,15 @@ pub enum NamespaceError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resolved<'a> {
     /// Inside mount `mount` at `key` (empty key = the mount's root).
-    Mount { mount: usize, key: String, source: &'a SourceUri },
+    Mount {
+        mount: usize,
+        key: String,
+        source: &'a SourceUri,
+    },
     /// A directory synthesized above mount points, listing these child names.
-    Synthetic { children: Vec<String> },
+    Synthetic {
+        children: Vec<String>,
+    },
     NotFound,
 }
 
@@ -48,7 +54,10 @@ pub fn components(path: &str) -> Option<Vec<&str>> {
         return Some(Vec::new());
     }
     let parts: Vec<&str> = trimmed.split('/').collect();
-    if parts.iter().any(|p| p.is_empty() || *p == "." || *p == ".." || p.contains('\0')) {
+    if parts
+        .iter()
+        .any(|p| p.is_empty() || *p == "." || *p == ".." || p.contains('\0'))
+    {
         return None;
     }
     Some(parts)
@@ -61,8 +70,13 @@ impl Namespace {
         }
         let mut normalized = Vec::with_capacity(mounts.len());
         for m in mounts {
-            let trimmed = if m.path.len() > 1 { m.path.trim_end_matches('/') } else { &m.path };
-            let parts = components(trimmed).ok_or_else(|| NamespaceError::InvalidMountPath(m.path.clone()))?;
+            let trimmed = if m.path.len() > 1 {
+                m.path.trim_end_matches('/')
+            } else {
+                &m.path
+            };
+            let parts = components(trimmed)
+                .ok_or_else(|| NamespaceError::InvalidMountPath(m.path.clone()))?;
             normalized.push(MountPoint {
                 path: format!("/{}", parts.join("/")),
                 source: m.source,
@@ -81,7 +95,10 @@ impl Namespace {
     /// A namespace of a single source mounted at `/`.
     pub fn single(source: SourceUri) -> Self {
         Namespace {
-            mounts: vec![MountPoint { path: "/".into(), source }],
+            mounts: vec![MountPoint {
+                path: "/".into(),
+                source,
+            }],
         }
     }
 
@@ -90,12 +107,17 @@ impl Namespace {
     }
 
     pub fn resolve(&self, path: &str) -> Result<Resolved<'_>, NamespaceError> {
-        let parts = components(path).ok_or_else(|| NamespaceError::InvalidPath(path.to_string()))?;
+        let parts =
+            components(path).ok_or_else(|| NamespaceError::InvalidPath(path.to_string()))?;
         let path = format!("/{}", parts.join("/"));
         for (i, m) in self.mounts.iter().enumerate() {
             if is_within(&path, &m.path) {
                 let key = path[m.path.len()..].trim_start_matches('/').to_string();
-                return Ok(Resolved::Mount { mount: i, key, source: &m.source });
+                return Ok(Resolved::Mount {
+                    mount: i,
+                    key,
+                    source: &m.source,
+                });
             }
         }
         let mut children: Vec<String> = self
@@ -103,7 +125,11 @@ impl Namespace {
             .iter()
             .filter(|m| is_within(&m.path, &path) && m.path != path)
             .filter_map(|m| {
-                let rest = if path == "/" { &m.path[1..] } else { &m.path[path.len() + 1..] };
+                let rest = if path == "/" {
+                    &m.path[1..]
+                } else {
+                    &m.path[path.len() + 1..]
+                };
                 rest.split('/').next().map(str::to_string)
             })
             .collect();
@@ -118,7 +144,9 @@ impl Namespace {
 
 /// `path` equals `dir` or lies below it.
 fn is_within(path: &str, dir: &str) -> bool {
-    dir == "/" || path == dir || (path.starts_with(dir) && path.as_bytes().get(dir.len()) == Some(&b'/'))
+    dir == "/"
+        || path == dir
+        || (path.starts_with(dir) && path.as_bytes().get(dir.len()) == Some(&b'/'))
 }
 
 #[cfg(test)]
@@ -126,12 +154,19 @@ mod tests {
     use super::*;
 
     fn mp(path: &str, src: &str) -> MountPoint {
-        MountPoint { path: path.into(), source: src.parse().unwrap() }
+        MountPoint {
+            path: path.into(),
+            source: src.parse().unwrap(),
+        }
     }
 
     #[test]
     fn resolves_longest_mount() {
-        let ns = Namespace::new(vec![mp("/imagenet", "s3://bkt/in"), mp("/text/c4/", "/mnt/gluster/c4")]).unwrap();
+        let ns = Namespace::new(vec![
+            mp("/imagenet", "s3://bkt/in"),
+            mp("/text/c4/", "/mnt/gluster/c4"),
+        ])
+        .unwrap();
         match ns.resolve("/imagenet/train/a.jpg").unwrap() {
             Resolved::Mount { mount, key, .. } => {
                 assert_eq!(mount, 0);
@@ -139,12 +174,21 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(ns.resolve("/imagenet").unwrap(), Resolved::Mount { key, .. } if key.is_empty()));
+        assert!(
+            matches!(ns.resolve("/imagenet").unwrap(), Resolved::Mount { key, .. } if key.is_empty())
+        );
         assert_eq!(
             ns.resolve("/").unwrap(),
-            Resolved::Synthetic { children: vec!["imagenet".into(), "text".into()] }
+            Resolved::Synthetic {
+                children: vec!["imagenet".into(), "text".into()]
+            }
         );
-        assert_eq!(ns.resolve("/text").unwrap(), Resolved::Synthetic { children: vec!["c4".into()] });
+        assert_eq!(
+            ns.resolve("/text").unwrap(),
+            Resolved::Synthetic {
+                children: vec!["c4".into()]
+            }
+        );
         assert_eq!(ns.resolve("/imagenetx").unwrap(), Resolved::NotFound);
         assert_eq!(ns.resolve("/nope").unwrap(), Resolved::NotFound);
         assert!(ns.resolve("/imagenet/../etc").is_err());
@@ -155,7 +199,9 @@ mod tests {
     fn single_mount_at_root() {
         let ns = Namespace::single("s3://bkt".parse().unwrap());
         assert!(matches!(ns.resolve("/").unwrap(), Resolved::Mount { key, .. } if key.is_empty()));
-        assert!(matches!(ns.resolve("/a b/ü").unwrap(), Resolved::Mount { key, .. } if key == "a b/ü"));
+        assert!(
+            matches!(ns.resolve("/a b/ü").unwrap(), Resolved::Mount { key, .. } if key == "a b/ü")
+        );
     }
 
     #[test]
@@ -165,8 +211,17 @@ mod tests {
             Namespace::new(vec![mp("/a", "s3://bkt"), mp("/a/b", "s3://bkt2")]),
             Err(NamespaceError::Overlap(..))
         ));
-        assert!(matches!(Namespace::new(vec![mp("/", "s3://bkt"), mp("/a", "s3://bkt2")]), Err(NamespaceError::Overlap(..))));
-        assert!(matches!(Namespace::new(vec![mp("a", "s3://bkt")]), Err(NamespaceError::InvalidMountPath(_))));
-        assert!(matches!(Namespace::new(vec![mp("/a/../b", "s3://bkt")]), Err(NamespaceError::InvalidMountPath(_))));
+        assert!(matches!(
+            Namespace::new(vec![mp("/", "s3://bkt"), mp("/a", "s3://bkt2")]),
+            Err(NamespaceError::Overlap(..))
+        ));
+        assert!(matches!(
+            Namespace::new(vec![mp("a", "s3://bkt")]),
+            Err(NamespaceError::InvalidMountPath(_))
+        ));
+        assert!(matches!(
+            Namespace::new(vec![mp("/a/../b", "s3://bkt")]),
+            Err(NamespaceError::InvalidMountPath(_))
+        ));
     }
 }

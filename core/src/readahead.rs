@@ -42,10 +42,12 @@ impl Readahead {
         let needed = bs.indices(offset, len, size);
         let behind = bs.get();
         let ahead = (self.window + 1) * bs.get();
-        let sequential =
-            offset.saturating_add(behind) >= self.last_end && offset <= self.last_end.saturating_add(ahead);
+        let sequential = offset.saturating_add(behind) >= self.last_end
+            && offset <= self.last_end.saturating_add(ahead);
         if sequential {
-            self.window = (self.window * 2).clamp(1, self.max_blocks.max(1)).min(self.max_blocks);
+            self.window = (self.window * 2)
+                .clamp(1, self.max_blocks.max(1))
+                .min(self.max_blocks);
             self.last_end = self.last_end.max(offset.saturating_add(len));
         } else {
             self.window = 0;

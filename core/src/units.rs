@@ -55,7 +55,9 @@ impl FromStr for ByteSize {
         let s = input.trim();
         let (number, unit) = split_number(s);
         if number.is_empty() {
-            return Err(err("expected a number followed by a unit such as 512MiB or 4GiB"));
+            return Err(err(
+                "expected a number followed by a unit such as 512MiB or 4GiB",
+            ));
         }
         let multiplier = match unit.to_ascii_lowercase().as_str() {
             "" | "b" => 1,
@@ -67,7 +69,11 @@ impl FromStr for ByteSize {
             "mb" => 1_000_000,
             "gb" => 1_000_000_000,
             "tb" => 1_000_000_000_000,
-            _ => return Err(err("unknown unit (use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB)")),
+            _ => {
+                return Err(err(
+                    "unknown unit (use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB)",
+                ));
+            }
         };
         let bytes = if number.contains('.') {
             let value: f64 = number.parse().map_err(|_| err("not a number"))?;
@@ -78,7 +84,9 @@ impl FromStr for ByteSize {
             bytes.round() as u64
         } else {
             let value: u64 = number.parse().map_err(|_| err("not a number"))?;
-            value.checked_mul(multiplier).ok_or_else(|| err("too large"))?
+            value
+                .checked_mul(multiplier)
+                .ok_or_else(|| err("too large"))?
         };
         Ok(ByteSize(bytes))
     }
@@ -87,8 +95,13 @@ impl FromStr for ByteSize {
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        for (unit, size) in [("TiB", Self::TIB), ("GiB", Self::GIB), ("MiB", Self::MIB), ("KiB", Self::KIB)] {
-            if b >= size && b % size == 0 {
+        for (unit, size) in [
+            ("TiB", Self::TIB),
+            ("GiB", Self::GIB),
+            ("MiB", Self::MIB),
+            ("KiB", Self::KIB),
+        ] {
+            if b >= size && b.is_multiple_of(size) {
                 return write!(f, "{}{unit}", b / size);
             }
         }
@@ -108,7 +121,9 @@ pub fn parse_duration(input: &str) -> Result<Duration, UnitError> {
     };
     let (number, unit) = split_number(input.trim());
     if number.is_empty() {
-        return Err(err("expected a number followed by a unit such as 500ms, 10s, 5m or 1h"));
+        return Err(err(
+            "expected a number followed by a unit such as 500ms, 10s, 5m or 1h",
+        ));
     }
     let value: f64 = number.parse().map_err(|_| err("not a number"))?;
     let seconds = match unit {
@@ -139,7 +154,15 @@ mod tests {
 
     #[test]
     fn bad_sizes_name_the_problem() {
-        for bad in ["", "MiB", "12XB", "-1GiB", "99999999999999999999", "1e3", "20000000TiB"] {
+        for bad in [
+            "",
+            "MiB",
+            "12XB",
+            "-1GiB",
+            "99999999999999999999",
+            "1e3",
+            "20000000TiB",
+        ] {
             let e = bad.parse::<ByteSize>().unwrap_err().to_string();
             assert!(e.contains("invalid size"), "{bad}: {e}");
         }

@@ -14,7 +14,9 @@ pub enum SourceUri {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UriError {
-    #[error("unknown URI scheme {scheme:?} in {uri:?} (use s3://bucket/prefix, file:///path or an absolute path)")]
+    #[error(
+        "unknown URI scheme {scheme:?} in {uri:?} (use s3://bucket/prefix, file:///path or an absolute path)"
+    )]
     UnknownScheme { uri: String, scheme: String },
     #[error("missing bucket in {0:?} (expected s3://bucket/prefix)")]
     MissingBucket(String),
@@ -41,16 +43,20 @@ impl FromStr for SourceUri {
             }
             let valid = bucket.len() >= 3
                 && bucket.len() <= 63
-                && bucket
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.' || c == '_');
+                && bucket.chars().all(|c| {
+                    c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.' || c == '_'
+                });
             if !valid {
                 return Err(UriError::InvalidBucket {
                     uri: uri.to_string(),
                     bucket: bucket.to_string(),
                 });
             }
-            let prefix = prefix.split('/').filter(|p| !p.is_empty()).collect::<Vec<_>>().join("/");
+            let prefix = prefix
+                .split('/')
+                .filter(|p| !p.is_empty())
+                .collect::<Vec<_>>()
+                .join("/");
             return Ok(SourceUri::S3 {
                 bucket: bucket.to_string(),
                 prefix,
@@ -75,7 +81,11 @@ fn local(path: &str) -> Result<SourceUri, UriError> {
     }
     let trimmed = path.trim_end_matches('/');
     Ok(SourceUri::Local {
-        path: if trimmed.is_empty() { "/".into() } else { trimmed.into() },
+        path: if trimmed.is_empty() {
+            "/".into()
+        } else {
+            trimmed.into()
+        },
     })
 }
 
@@ -97,28 +107,62 @@ mod tests {
     fn parses() {
         assert_eq!(
             "s3://bucket/a/b/".parse::<SourceUri>().unwrap(),
-            SourceUri::S3 { bucket: "bucket".into(), prefix: "a/b".into() }
+            SourceUri::S3 {
+                bucket: "bucket".into(),
+                prefix: "a/b".into()
+            }
         );
         assert_eq!(
             "s3://bucket".parse::<SourceUri>().unwrap(),
-            SourceUri::S3 { bucket: "bucket".into(), prefix: "".into() }
+            SourceUri::S3 {
+                bucket: "bucket".into(),
+                prefix: "".into()
+            }
         );
         assert_eq!(
             "file:///mnt/gluster/".parse::<SourceUri>().unwrap(),
-            SourceUri::Local { path: "/mnt/gluster".into() }
+            SourceUri::Local {
+                path: "/mnt/gluster".into()
+            }
         );
-        assert_eq!("/data".parse::<SourceUri>().unwrap(), SourceUri::Local { path: "/data".into() });
-        assert_eq!("s3://b-1/x".parse::<SourceUri>().unwrap().to_string(), "s3://b-1/x");
+        assert_eq!(
+            "/data".parse::<SourceUri>().unwrap(),
+            SourceUri::Local {
+                path: "/data".into()
+            }
+        );
+        assert_eq!(
+            "s3://b-1/x".parse::<SourceUri>().unwrap().to_string(),
+            "s3://b-1/x"
+        );
     }
 
     #[test]
     fn rejects_bad_uris() {
-        assert!(matches!("gs://b/x".parse::<SourceUri>(), Err(UriError::UnknownScheme { .. })));
-        assert!(matches!("s3:///x".parse::<SourceUri>(), Err(UriError::MissingBucket(_))));
-        assert!(matches!("s3://".parse::<SourceUri>(), Err(UriError::MissingBucket(_))));
-        assert!(matches!("s3://Bad Bucket/x".parse::<SourceUri>(), Err(UriError::InvalidBucket { .. })));
-        assert!(matches!("data/x".parse::<SourceUri>(), Err(UriError::RelativePath(_))));
-        assert!(matches!("file://rel".parse::<SourceUri>(), Err(UriError::RelativePath(_))));
+        assert!(matches!(
+            "gs://b/x".parse::<SourceUri>(),
+            Err(UriError::UnknownScheme { .. })
+        ));
+        assert!(matches!(
+            "s3:///x".parse::<SourceUri>(),
+            Err(UriError::MissingBucket(_))
+        ));
+        assert!(matches!(
+            "s3://".parse::<SourceUri>(),
+            Err(UriError::MissingBucket(_))
+        ));
+        assert!(matches!(
+            "s3://Bad Bucket/x".parse::<SourceUri>(),
+            Err(UriError::InvalidBucket { .. })
+        ));
+        assert!(matches!(
+            "data/x".parse::<SourceUri>(),
+            Err(UriError::RelativePath(_))
+        ));
+        assert!(matches!(
+            "file://rel".parse::<SourceUri>(),
+            Err(UriError::RelativePath(_))
+        ));
         assert!(matches!("".parse::<SourceUri>(), Err(UriError::Empty)));
     }
 }

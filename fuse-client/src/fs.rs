@@ -159,7 +159,9 @@ pub struct GranaryFs<A> {
 
 impl<A> std::fmt::Debug for GranaryFs<A> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GranaryFs").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("GranaryFs")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -219,7 +221,10 @@ impl<A: CacheApi> GranaryFs<A> {
 
     fn path_of(&self, ino: u64) -> Result<String, FsError> {
         let inodes = self.inodes.lock().expect("inode lock");
-        inodes.get(ino).map(|i| i.path.clone()).ok_or(FsError::NotFound)
+        inodes
+            .get(ino)
+            .map(|i| i.path.clone())
+            .ok_or(FsError::NotFound)
     }
 
     /// Looks `name` up in directory `parent`; the kernel takes one reference on success.
@@ -230,7 +235,11 @@ impl<A: CacheApi> GranaryFs<A> {
         let parent_path = self.path_of(parent)?;
         let path = child_path(&parent_path, name);
         let entry = self.api.stat(&path).await?;
-        let ino = self.inodes.lock().expect("inode lock").upsert(&path, entry.clone(), 1, Instant::now());
+        let ino =
+            self.inodes
+                .lock()
+                .expect("inode lock")
+                .upsert(&path, entry.clone(), 1, Instant::now());
         Ok(self.attr(ino, &entry))
     }
 
@@ -243,13 +252,20 @@ impl<A: CacheApi> GranaryFs<A> {
         let (path, entry, fresh) = {
             let inodes = self.inodes.lock().expect("inode lock");
             let inode = inodes.get(ino).ok_or(FsError::NotFound)?;
-            (inode.path.clone(), inode.entry.clone(), inode.seen.elapsed() < self.config.attr_ttl)
+            (
+                inode.path.clone(),
+                inode.entry.clone(),
+                inode.seen.elapsed() < self.config.attr_ttl,
+            )
         };
         if fresh || ino == ROOT {
             return Ok(self.attr(ino, &entry));
         }
         let entry = self.api.stat(&path).await?;
-        self.inodes.lock().expect("inode lock").refresh(ino, entry.clone(), Instant::now());
+        self.inodes
+            .lock()
+            .expect("inode lock")
+            .refresh(ino, entry.clone(), Instant::now());
         Ok(self.attr(ino, &entry))
     }
 
@@ -260,26 +276,50 @@ impl<A: CacheApi> GranaryFs<A> {
         }
         let path = self.path_of(ino)?;
         let entry = self.api.stat(&path).await?;
-        self.inodes.lock().expect("inode lock").refresh(ino, entry.clone(), Instant::now());
+        self.inodes
+            .lock()
+            .expect("inode lock")
+            .refresh(ino, entry.clone(), Instant::now());
         let object = match (entry.kind, entry.object) {
             (EntryKind::File, Some(object)) => object,
             (EntryKind::Dir, _) => return Err(FsError::IsADirectory),
-            (EntryKind::File, None) => return Err(FsError::Io(format!("{path}: file without an object"))),
+            (EntryKind::File, None) => {
+                return Err(FsError::Io(format!("{path}: file without an object")));
+            }
         };
         let fingerprint = object.id.fingerprint();
         let keep_cache = {
             let mut versions = self.cached_versions.lock().expect("versions lock");
             versions.insert(ino, fingerprint) == Some(fingerprint)
         };
-        let reader = FileReader::new(object, self.block_size, self.max_ahead_blocks, self.budget.clone());
+        let reader = FileReader::new(
+            object,
+            self.block_size,
+            self.max_ahead_blocks,
+            self.budget.clone(),
+        );
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.files.lock().expect("files lock").insert(fh, Arc::new(reader));
+        self.files
+            .lock()
+            .expect("files lock")
+            .insert(fh, Arc::new(reader));
         Ok(Opened { fh, keep_cache })
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Bytes, FsError> {
-        let reader = self.files.lock().expect("files lock").get(&fh).cloned().ok_or(FsError::BadHandle)?;
-        match tokio::time::timeout(self.config.read_timeout, reader.read(&self.api, offset, size as u64)).await {
+        let reader = self
+            .files
+            .lock()
+            .expect("files lock")
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)?;
+        match tokio::time::timeout(
+            self.config.read_timeout,
+            reader.read(&self.api, offset, size as u64),
+        )
+        .await
+        {
             Ok(result) => Ok(result?),
             Err(_) => Err(FsError::Io(format!(
                 "read of {:?} at {offset} did not complete within {:?}",
@@ -301,29 +341,63 @@ impl<A: CacheApi> GranaryFs<A> {
             if inode.entry.kind != EntryKind::Dir {
                 return Err(FsError::NotADirectory);
             }
-            let parent = inode.path.rsplit_once('/').map(|(p, _)| if p.is_empty() { "/" } else { p }).unwrap_or("/");
+            let parent = inode
+                .path
+                .rsplit_once('/')
+                .map(|(p, _)| if p.is_empty() { "/" } else { p })
+                .unwrap_or("/");
             (inode.path.clone(), inodes.ino_of(parent).unwrap_or(ROOT))
         };
         let entries = self.api.list(&path).await?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.dirs.lock().expect("dirs lock").insert(fh, DirHandle { path, parent_ino, entries });
+        self.dirs.lock().expect("dirs lock").insert(
+            fh,
+            DirHandle {
+                path,
+                parent_ino,
+                entries,
+            },
+        );
         Ok(fh)
     }
 
     /// Directory entries from `offset` on, `.` and `..` first. With `plus`, each returned entry is
     /// registered as an inode and `accept` must return whether the kernel took it (a reference).
-    pub fn readdir(&self, ino: u64, fh: u64, offset: u64, plus: bool, mut accept: impl FnMut(&DirItem) -> bool) -> Result<(), FsError> {
+    pub fn readdir(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        plus: bool,
+        mut accept: impl FnMut(&DirItem) -> bool,
+    ) -> Result<(), FsError> {
         let (path, parent_ino, entries) = {
             let dirs = self.dirs.lock().expect("dirs lock");
             let d = dirs.get(&fh).ok_or(FsError::BadHandle)?;
             (d.path.clone(), d.parent_ino, d.entries.clone())
         };
-        let self_entry = Entry { name: ".".into(), kind: EntryKind::Dir, size: 0, mtime_ns: 0, object: None };
+        let self_entry = Entry {
+            name: ".".into(),
+            kind: EntryKind::Dir,
+            size: 0,
+            mtime_ns: 0,
+            object: None,
+        };
         let total = entries.len() as u64 + 2;
         for off in offset..total {
             let item = match off {
-                0 => DirItem { next_offset: 1, ino, name: ".".into(), attr: self.attr(ino, &self_entry) },
-                1 => DirItem { next_offset: 2, ino: parent_ino, name: "..".into(), attr: self.attr(parent_ino, &self_entry) },
+                0 => DirItem {
+                    next_offset: 1,
+                    ino,
+                    name: ".".into(),
+                    attr: self.attr(ino, &self_entry),
+                },
+                1 => DirItem {
+                    next_offset: 2,
+                    ino: parent_ino,
+                    name: "..".into(),
+                    attr: self.attr(parent_ino, &self_entry),
+                },
                 _ => {
                     let entry = &entries[(off - 2) as usize];
                     let child = child_path(&path, &entry.name);
@@ -333,10 +407,17 @@ impl<A: CacheApi> GranaryFs<A> {
                         if plus {
                             inodes.upsert(&child, entry.clone(), 1, now)
                         } else {
-                            inodes.ino_of(&child).unwrap_or_else(|| synthetic_ino(&child))
+                            inodes
+                                .ino_of(&child)
+                                .unwrap_or_else(|| synthetic_ino(&child))
                         }
                     };
-                    DirItem { next_offset: off + 1, ino: child_ino, name: entry.name.clone(), attr: self.attr(child_ino, entry) }
+                    DirItem {
+                        next_offset: off + 1,
+                        ino: child_ino,
+                        name: entry.name.clone(),
+                        attr: self.attr(child_ino, entry),
+                    }
                 }
             };
             if !accept(&item) {

@@ -4,9 +4,9 @@
 
 use crate::fs::{Attr, FsError, GranaryFs};
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
-    LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use granary_core::metrics as m;
 use granary_proto::{CacheApi, EntryKind};
@@ -89,7 +89,9 @@ impl<A: CacheApi> Filesystem for FuseAdapter<A> {
             tracing::info!(?unsupported, "kernel lacks some FUSE capabilities");
             let _ = config.add_capabilities(wanted - unsupported);
         }
-        let _ = config.set_max_readahead(1 << 20).or_else(|max| config.set_max_readahead(max));
+        let _ = config
+            .set_max_readahead(1 << 20)
+            .or_else(|max| config.set_max_readahead(max));
         let _ = config.set_max_background(64);
         Ok(())
     }
@@ -136,7 +138,11 @@ impl<A: CacheApi> Filesystem for FuseAdapter<A> {
             record("open", start, result.as_ref().map(|_| ()));
             match result {
                 Ok(opened) => {
-                    let flags = if opened.keep_cache { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
+                    let flags = if opened.keep_cache {
+                        FopenFlags::FOPEN_KEEP_CACHE
+                    } else {
+                        FopenFlags::empty()
+                    };
                     reply.opened(FileHandle(opened.fh), flags)
                 }
                 Err(e) => reply.error(errno(&e)),
@@ -197,10 +203,22 @@ impl<A: CacheApi> Filesystem for FuseAdapter<A> {
         });
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let start = Instant::now();
         let result = self.fs.readdir(ino.0, fh.0, offset, false, |item| {
-            !reply.add(INodeNo(item.ino), item.next_offset, kind(item.attr.kind), &item.name)
+            !reply.add(
+                INodeNo(item.ino),
+                item.next_offset,
+                kind(item.attr.kind),
+                &item.name,
+            )
         });
         record("readdir", start, result.as_ref().map(|_| ()));
         match result {
@@ -209,11 +227,25 @@ impl<A: CacheApi> Filesystem for FuseAdapter<A> {
         }
     }
 
-    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
         let start = Instant::now();
         let ttl = self.ttl;
         let result = self.fs.readdir(ino.0, fh.0, offset, true, |item| {
-            !reply.add(INodeNo(item.ino), item.next_offset, &item.name, &ttl, &file_attr(&item.attr), Generation(0))
+            !reply.add(
+                INodeNo(item.ino),
+                item.next_offset,
+                &item.name,
+                &ttl,
+                &file_attr(&item.attr),
+                Generation(0),
+            )
         });
         record("readdirplus", start, result.as_ref().map(|_| ()));
         match result {
@@ -222,21 +254,46 @@ impl<A: CacheApi> Filesystem for FuseAdapter<A> {
         }
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         self.fs.releasedir(fh.0);
         reply.ok();
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
         reply.error(Errno::NO_XATTR);
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if size == 0 { reply.size(0) } else { reply.data(&[]) }
+        if size == 0 {
+            reply.size(0)
+        } else {
+            reply.data(&[])
+        }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

@@ -28,7 +28,11 @@ pub struct InodeTable {
 
 /// The namespace path of `name` inside the directory at `parent`.
 pub fn child_path(parent: &str, name: &str) -> String {
-    if parent == "/" { format!("/{name}") } else { format!("{parent}/{name}") }
+    if parent == "/" {
+        format!("/{name}")
+    } else {
+        format!("{parent}/{name}")
+    }
 }
 
 impl InodeTable {
@@ -45,7 +49,11 @@ impl InodeTable {
         );
         let mut by_path = HashMap::new();
         by_path.insert("/".to_string(), ROOT);
-        InodeTable { by_ino, by_path, next: ROOT + 1 }
+        InodeTable {
+            by_ino,
+            by_path,
+            next: ROOT + 1,
+        }
     }
 
     pub fn get(&self, ino: u64) -> Option<&Inode> {
@@ -93,7 +101,9 @@ impl InodeTable {
         if ino == ROOT {
             return;
         }
-        let Some(inode) = self.by_ino.get_mut(&ino) else { return };
+        let Some(inode) = self.by_ino.get_mut(&ino) else {
+            return;
+        };
         inode.lookups = inode.lookups.saturating_sub(n);
         if inode.lookups == 0 {
             let path = inode.path.clone();
@@ -117,7 +127,13 @@ mod tests {
     use granary_proto::EntryKind;
 
     fn dir(name: &str) -> Entry {
-        Entry { name: name.into(), kind: EntryKind::Dir, size: 0, mtime_ns: 0, object: None }
+        Entry {
+            name: name.into(),
+            kind: EntryKind::Dir,
+            size: 0,
+            mtime_ns: 0,
+            object: None,
+        }
     }
 
     #[test]

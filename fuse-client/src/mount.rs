@@ -27,7 +27,9 @@ pub enum MountError {
 pub fn check_mount_dir(dir: &Path) -> Result<(), MountError> {
     let meta = match std::fs::metadata(dir) {
         Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(MountError::Missing(dir.into())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(MountError::Missing(dir.into()));
+        }
         Err(e) => return Err(MountError::Io(dir.into(), e)),
     };
     if !meta.is_dir() {
@@ -71,7 +73,9 @@ impl Mounted {
     /// shell inside it) is detached lazily instead: it disappears from the namespace now and
     /// its users get ENOTCONN once this process exits.
     pub fn unmount(mut self) -> std::io::Result<()> {
-        let Some(session) = self.session.take() else { return Ok(()) };
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
         match session.umount_and_join() {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
@@ -84,12 +88,26 @@ impl Mounted {
 }
 
 fn lazy_unmount(dir: &Path) -> std::io::Result<()> {
-    let status = std::process::Command::new("fusermount3").arg("-u").arg("-z").arg(dir).status();
+    let status = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg("-z")
+        .arg(dir)
+        .status();
     match status {
         Ok(s) if s.success() => Ok(()),
         _ => {
-            let s = std::process::Command::new("umount").arg("-l").arg(dir).status()?;
-            if s.success() { Ok(()) } else { Err(std::io::Error::other(format!("cannot detach {}", dir.display()))) }
+            let s = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(dir)
+                .status()?;
+            if s.success() {
+                Ok(())
+            } else {
+                Err(std::io::Error::other(format!(
+                    "cannot detach {}",
+                    dir.display()
+                )))
+            }
         }
     }
 }
@@ -103,10 +121,16 @@ impl Drop for Mounted {
 }
 
 /// Checks the mount point and the FUSE device, then mounts `fs` read-only at `dir`.
-pub fn mount<A: CacheApi>(fs: Arc<GranaryFs<A>>, dir: &Path, fsname: &str) -> Result<Mounted, MountError> {
+pub fn mount<A: CacheApi>(
+    fs: Arc<GranaryFs<A>>,
+    dir: &Path,
+    fsname: &str,
+) -> Result<Mounted, MountError> {
     check_mount_dir(dir)?;
     check_fuse_device()?;
-    let is_root = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false);
+    let is_root = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false);
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::RO,
@@ -124,7 +148,8 @@ pub fn mount<A: CacheApi>(fs: Arc<GranaryFs<A>>, dir: &Path, fsname: &str) -> Re
     config.n_threads = Some(2);
     config.clone_fd = true;
     let adapter = FuseAdapter::new(fs, tokio::runtime::Handle::current());
-    let session = fuser::spawn_mount(adapter, dir, &config).map_err(|e| MountError::Mount(dir.into(), e))?;
+    let session =
+        fuser::spawn_mount(adapter, dir, &config).map_err(|e| MountError::Mount(dir.into(), e))?;
     Ok(Mounted {
         session: Some(session),
         dir: dir.to_path_buf(),

@@ -72,7 +72,12 @@ struct State {
 }
 
 impl FileReader {
-    pub fn new(object: ObjectRef, block_size: BlockSize, max_ahead_blocks: u64, budget: Budget) -> Self {
+    pub fn new(
+        object: ObjectRef,
+        block_size: BlockSize,
+        max_ahead_blocks: u64,
+        budget: Budget,
+    ) -> Self {
         FileReader {
             object,
             block_size,
@@ -91,7 +96,8 @@ impl FileReader {
     fn fetch<A: CacheApi>(&self, api: &Arc<A>, index: u64) -> BlockFuture {
         let api = api.clone();
         let object = self.object.clone();
-        let task = tokio::spawn(async move { api.read_block(&object, index).await.map(|b| b.data) });
+        let task =
+            tokio::spawn(async move { api.read_block(&object, index).await.map(|b| b.data) });
         async move {
             match task.await {
                 Ok(result) => result,
@@ -103,7 +109,12 @@ impl FileReader {
     }
 
     /// Reads up to `len` bytes at `offset` (short at the end of the file).
-    pub async fn read<A: CacheApi>(&self, api: &Arc<A>, offset: u64, len: u64) -> Result<Bytes, ApiError> {
+    pub async fn read<A: CacheApi>(
+        &self,
+        api: &Arc<A>,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, ApiError> {
         let size = self.object.id.size;
         let bs = self.block_size;
         let needed = bs.indices(offset, len, size);
@@ -121,15 +132,27 @@ impl FileReader {
                 let permit = if needed.contains(&index) {
                     None
                 } else {
-                    match self.budget.try_take(bs.range(index, size).end - bs.range(index, size).start) {
+                    match self
+                        .budget
+                        .try_take(bs.range(index, size).end - bs.range(index, size).start)
+                    {
                         Some(p) => Some(p),
                         None => break,
                     }
                 };
                 let block = self.fetch(api, index);
-                state.blocks.insert(index, Inflight { block, _permit: permit });
+                state.blocks.insert(
+                    index,
+                    Inflight {
+                        block,
+                        _permit: permit,
+                    },
+                );
             }
-            needed.clone().map(|i| (i, state.blocks[&i].block.clone())).collect()
+            needed
+                .clone()
+                .map(|i| (i, state.blocks[&i].block.clone()))
+                .collect()
         };
         let mut parts = Vec::with_capacity(waits.len());
         let mut failure = None;
@@ -137,7 +160,11 @@ impl FileReader {
             match wait.await {
                 Ok(data) => parts.push(data),
                 Err(e) => {
-                    self.state.lock().expect("reader lock").blocks.remove(&index);
+                    self.state
+                        .lock()
+                        .expect("reader lock")
+                        .blocks
+                        .remove(&index);
                     failure.get_or_insert(e);
                 }
             }
@@ -146,7 +173,10 @@ impl FileReader {
         if let Some(e) = failure {
             return Err(e);
         }
-        let expected_total: u64 = bs.spans(offset, len, size).map(|s| s.within.end - s.within.start).sum();
+        let expected_total: u64 = bs
+            .spans(offset, len, size)
+            .map(|s| s.within.end - s.within.start)
+            .sum();
         let mut spans = bs.spans(offset, len, size);
         if parts.len() == 1 {
             let span = spans.next().expect("one span");
@@ -160,7 +190,12 @@ impl FileReader {
     }
 }
 
-fn slice(data: &Bytes, within: std::ops::Range<u64>, index: u64, object: &ObjectRef) -> Result<Bytes, ApiError> {
+fn slice(
+    data: &Bytes,
+    within: std::ops::Range<u64>,
+    index: u64,
+    object: &ObjectRef,
+) -> Result<Bytes, ApiError> {
     if within.end as usize > data.len() {
         return Err(ApiError::Corrupt(format!(
             "block {index} of {:?} has {} bytes, needed {}",

@@ -17,14 +17,20 @@ pub struct GrpcCache {
 
 impl std::fmt::Debug for GrpcCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GrpcCache").field("info", &self.info).finish()
+        f.debug_struct("GrpcCache")
+            .field("info", &self.info)
+            .finish()
     }
 }
 
 impl GrpcCache {
     /// Connects to a worker at `addr` (`host:port` or `http://host:port`) and asks its info.
     pub async fn connect(addr: &str, timeout: Duration) -> Result<Self, ApiError> {
-        let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+        let uri = if addr.contains("://") {
+            addr.to_string()
+        } else {
+            format!("http://{addr}")
+        };
         let endpoint = Endpoint::from_shared(uri.clone())
             .map_err(|e| ApiError::Invalid(format!("bad server address {addr:?}: {e}")))?
             .connect_timeout(timeout)
@@ -39,7 +45,11 @@ impl GrpcCache {
         let mut client = pb::cache_client::CacheClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let info = client.info(pb::InfoRequest {}).await.map_err(ApiError::from)?.into_inner();
+        let info = client
+            .info(pb::InfoRequest {})
+            .await
+            .map_err(ApiError::from)?
+            .into_inner();
         let block_size = BlockSize::new(info.block_size)
             .map_err(|e| ApiError::Invalid(format!("worker {addr} reports {e}")))?;
         Ok(GrpcCache {
@@ -60,15 +70,23 @@ impl CacheApi for GrpcCache {
     }
 
     async fn stat(&self, path: &str) -> Result<Entry, ApiError> {
-        let req = pb::StatRequest { path: path.to_string() };
+        let req = pb::StatRequest {
+            path: path.to_string(),
+        };
         let entry = self.client.clone().stat(req).await?.into_inner();
         Entry::try_from(entry)
     }
 
     async fn list(&self, path: &str) -> Result<Arc<Vec<Entry>>, ApiError> {
-        let req = pb::ListRequest { path: path.to_string() };
+        let req = pb::ListRequest {
+            path: path.to_string(),
+        };
         let resp = self.client.clone().list(req).await?.into_inner();
-        let entries = resp.entries.into_iter().map(Entry::try_from).collect::<Result<Vec<_>, _>>()?;
+        let entries = resp
+            .entries
+            .into_iter()
+            .map(Entry::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Arc::new(entries))
     }
 

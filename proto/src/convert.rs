@@ -56,10 +56,18 @@ impl TryFrom<pb::Entry> for Entry {
         let kind = match pb::Kind::try_from(e.kind) {
             Ok(pb::Kind::File) => EntryKind::File,
             Ok(pb::Kind::Dir) => EntryKind::Dir,
-            _ => return Err(ApiError::Invalid(format!("entry {:?} has unknown kind {}", e.name, e.kind))),
+            _ => {
+                return Err(ApiError::Invalid(format!(
+                    "entry {:?} has unknown kind {}",
+                    e.name, e.kind
+                )));
+            }
         };
         if kind == EntryKind::File && e.object.is_none() {
-            return Err(ApiError::Invalid(format!("file entry {:?} has no object", e.name)));
+            return Err(ApiError::Invalid(format!(
+                "file entry {:?} has no object",
+                e.name
+            )));
         }
         Ok(Entry {
             name: e.name,
@@ -94,9 +102,10 @@ impl From<Status> for ApiError {
             Code::Aborted => ApiError::Stale(m),
             Code::InvalidArgument => ApiError::Invalid(m),
             Code::DataLoss => ApiError::Corrupt(m),
-            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::ResourceExhausted => {
-                ApiError::Unavailable(format!("{m} ({:?})", s.code()))
-            }
+            Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+            | Code::ResourceExhausted => ApiError::Unavailable(format!("{m} ({:?})", s.code())),
             other => ApiError::Internal(format!("{m} ({other:?})")),
         }
     }
@@ -117,7 +126,10 @@ mod tests {
         ] {
             assert_eq!(ApiError::from(Status::from(e.clone())), e);
         }
-        assert!(matches!(ApiError::from(Status::unavailable("x")), ApiError::Unavailable(_)));
+        assert!(matches!(
+            ApiError::from(Status::unavailable("x")),
+            ApiError::Unavailable(_)
+        ));
     }
 
     #[test]

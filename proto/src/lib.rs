@@ -108,7 +108,11 @@ pub trait CacheApi: Send + Sync + 'static {
     fn list(&self, path: &str) -> impl Future<Output = Result<Arc<Vec<Entry>>, ApiError>> + Send;
 
     /// Block `index` of exactly the object version `object` names.
-    fn read_block(&self, object: &ObjectRef, index: u64) -> impl Future<Output = Result<Block, ApiError>> + Send;
+    fn read_block(
+        &self,
+        object: &ObjectRef,
+        index: u64,
+    ) -> impl Future<Output = Result<Block, ApiError>> + Send;
 }
 
 impl<T: CacheApi> CacheApi for Arc<T> {
@@ -124,7 +128,11 @@ impl<T: CacheApi> CacheApi for Arc<T> {
         (**self).list(path)
     }
 
-    fn read_block(&self, object: &ObjectRef, index: u64) -> impl Future<Output = Result<Block, ApiError>> + Send {
+    fn read_block(
+        &self,
+        object: &ObjectRef,
+        index: u64,
+    ) -> impl Future<Output = Result<Block, ApiError>> + Send {
         (**self).read_block(object, index)
     }
 }

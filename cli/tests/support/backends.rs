@@ -10,7 +10,9 @@ use std::path::PathBuf;
 
 pub fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
-        panic!("{name} is not set: run the tests with scripts/test.sh, which starts the real backends")
+        panic!(
+            "{name} is not set: run the tests with scripts/test.sh, which starts the real backends"
+        )
     })
 }
 
@@ -76,13 +78,19 @@ impl S3Target {
             .for_each_concurrent(16, |(path, size)| async move {
                 let key = StorePath::from(format!("{prefix}/{path}"));
                 let payload = PutPayload::from(content(path, *size));
-                store.put(&key, payload).await.unwrap_or_else(|e| panic!("upload {key}: {e}"));
+                store
+                    .put(&key, payload)
+                    .await
+                    .unwrap_or_else(|e| panic!("upload {key}: {e}"));
             })
             .await;
     }
 
     pub async fn put(&self, key: &str, data: Vec<u8>) {
-        self.store().put(&StorePath::from(key), PutPayload::from(data)).await.unwrap();
+        self.store()
+            .put(&StorePath::from(key), PutPayload::from(data))
+            .await
+            .unwrap();
     }
 }
 
@@ -93,6 +101,9 @@ pub fn gluster_dir() -> PathBuf {
 
 /// A unique prefix for one test run.
 pub fn unique(name: &str) -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     format!("{name}-{}-{nanos}", std::process::id())
 }

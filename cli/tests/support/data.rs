@@ -23,7 +23,9 @@ fn mix(mut x: u64) -> u64 {
 }
 
 pub fn seed_of(path: &str) -> u64 {
-    path.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    path.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 pub fn content(path: &str, size: u64) -> Vec<u8> {

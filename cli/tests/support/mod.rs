@@ -12,18 +12,27 @@ use std::time::Duration;
 
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// `GET http://addr/path` with a plain HTTP/1.0 request; returns the body.
 pub fn http_get(addr: &str, path: &str) -> String {
     let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
-    assert!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
     body.to_string()
 }
 
@@ -37,7 +46,10 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
             if metric_name != name {
                 return None;
             }
-            if labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))) {
+            if labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+            {
                 value.parse::<f64>().ok()
             } else {
                 None
@@ -50,5 +62,7 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 pub fn is_mounted(dir: &std::path::Path) -> bool {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let dir = dir.to_str().unwrap().replace(' ', "\\040");
-    mounts.lines().any(|l| l.split(' ').nth(4) == Some(dir.as_str()))
+    mounts
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(dir.as_str()))
 }

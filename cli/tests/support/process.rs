@@ -32,7 +32,11 @@ pub struct Finished {
 
 pub fn run_with_timeout(mut cmd: Command, limit: Duration) -> Finished {
     let start = Instant::now();
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             let out = child.wait_with_output().unwrap();
@@ -93,7 +97,11 @@ impl Mount {
 
     /// Spawns any granary command that mounts at `dir` and waits for the "mounted at" line.
     pub fn spawn(mut cmd: Command, dir: &Path, metrics_addr: String) -> Mount {
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
         let stdout = child.stdout.take().unwrap();
         let stderr_pipe = child.stderr.take().unwrap();
         let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
@@ -122,14 +130,25 @@ impl Mount {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if rx.recv_timeout(Duration::from_millis(100)).is_ok() {
-                assert!(is_mounted(dir), "granary said mounted but {} is not a mount point", dir.display());
+                assert!(
+                    is_mounted(dir),
+                    "granary said mounted but {} is not a mount point",
+                    dir.display()
+                );
                 return mount;
             }
             if let Some(status) = mount.child.as_mut().unwrap().try_wait().unwrap() {
                 mount.child = None;
-                panic!("granary exited with {status} before mounting: {}", mount.stderr());
+                panic!(
+                    "granary exited with {status} before mounting: {}",
+                    mount.stderr()
+                );
             }
-            assert!(Instant::now() < deadline, "granary did not mount within 60 s: {}", mount.stderr());
+            assert!(
+                Instant::now() < deadline,
+                "granary did not mount within 60 s: {}",
+                mount.stderr()
+            );
         }
     }
 
@@ -152,7 +171,11 @@ impl Mount {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
-                assert!(!is_mounted(&self.dir), "{} still mounted after exit", self.dir.display());
+                assert!(
+                    !is_mounted(&self.dir),
+                    "{} still mounted after exit",
+                    self.dir.display()
+                );
                 return status;
             }
             if Instant::now() > deadline {
@@ -165,7 +188,11 @@ impl Mount {
 }
 
 pub fn signal(pid: u32, sig: &str) {
-    let status = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().unwrap();
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
     assert!(status.success(), "kill -{sig} {pid}");
 }
 

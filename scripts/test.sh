@@ -21,4 +21,10 @@ set +a
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked "$@"
+set +e
+cargo test --workspace --locked "$@" 2>&1 | tee "$state/cargo-test.log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole run (cargo prints one summary per test binary).
+awk '/^test result:/ { p += $4; f += $6 } END { printf "total: %d passed, %d failed\n", p, f }' "$state/cargo-test.log"
+exit "$status"

@@ -9,6 +9,7 @@ pub mod block;
 pub mod metrics;
 pub mod namespace;
 pub mod object;
+pub mod placement;
 pub mod readahead;
 pub mod units;
 pub mod uri;

@@ -34,7 +34,7 @@ fn score(member: &str, key: BlockKey) -> u64 {
 
 /// The `r` owners of `key` among `members`, best first (fewer when there are fewer members).
 /// Ties (practically impossible) break by member id, so every node agrees.
-pub fn owners<'a, M: Member>(key: BlockKey, members: &'a [M], r: usize) -> Vec<&'a M> {
+pub fn owners<M: Member>(key: BlockKey, members: &[M], r: usize) -> Vec<&M> {
     let mut scored: Vec<(u64, &M)> = members.iter().map(|m| (score(m.id(), key), m)).collect();
     let r = r.min(scored.len());
     if r == 0 {
@@ -49,12 +49,12 @@ pub fn owners<'a, M: Member>(key: BlockKey, members: &'a [M], r: usize) -> Vec<&
 }
 
 /// The owners of `key` among the members whose ids `allowed` accepts (a pinned node set).
-pub fn owners_within<'a, M: Member>(
+pub fn owners_within<M: Member>(
     key: BlockKey,
-    members: &'a [M],
+    members: &[M],
     r: usize,
     allowed: impl Fn(&str) -> bool,
-) -> Vec<&'a M> {
+) -> Vec<&M> {
     let subset: Vec<&M> = members.iter().filter(|m| allowed(m.id())).collect();
     owners(key, &subset, r).into_iter().copied().collect()
 }

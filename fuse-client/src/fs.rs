@@ -168,11 +168,14 @@ impl<A> std::fmt::Debug for GranaryFs<A> {
 impl<A: CacheApi> GranaryFs<A> {
     pub fn new(api: Arc<A>, config: FsConfig) -> Self {
         let block_size = api.info().block_size;
+        let mounted_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i64);
         let root = Entry {
             name: String::new(),
             kind: EntryKind::Dir,
             size: 0,
-            mtime_ns: 0,
+            mtime_ns: mounted_ns,
             object: None,
         };
         GranaryFs {

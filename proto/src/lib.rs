@@ -8,6 +8,7 @@
 
 pub mod client;
 mod convert;
+pub mod frame;
 
 use bytes::Bytes;
 use granary_core::{BlockSize, ObjectId};

@@ -82,7 +82,7 @@ impl Daemon {
                 "{} exited ({status}); last lines of {}:\n{}",
                 self.name,
                 self.log.display(),
-                log_tail(&self.log, 20)
+                self.log_tail()
             ),
         }
     }
@@ -105,7 +105,7 @@ impl Daemon {
                     "{}: timed out after {timeout:?} waiting for {what}; last lines of {}:\n{}",
                     self.name,
                     self.log.display(),
-                    log_tail(&self.log, 20)
+                    self.log_tail()
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -116,6 +116,13 @@ impl Daemon {
     pub fn log_text(&self) -> String {
         let text = std::fs::read(&self.log).unwrap_or_default();
         String::from_utf8_lossy(text.get(self.log_start..).unwrap_or_default()).into_owned()
+    }
+
+    /// The last lines this daemon logged.
+    fn log_tail(&self) -> String {
+        let text = self.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
     }
 }
 
@@ -153,12 +160,6 @@ fn describe(cmd: &Command) -> String {
         .map(|s| s.to_string_lossy())
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-fn log_tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// Runs a short command to completion, failing with its output if it fails.

@@ -1,8 +1,8 @@
 //! `granary-bench`: whole-workload benchmarks of Granary's mount side by side with the native
 //! local disk, the raw S3 backend and (when installed) peer FUSE tools.
 //!
-//! It sets everything up itself on 127.0.0.1 (moto, a generated dataset in the bucket and on
-//! local disk, one fresh mount per run) and tears it all down however it ends. Each figure is
+//! It sets everything up itself on 127.0.0.1 (an S3 server, a generated dataset in the bucket and
+//! on local disk, one fresh mount per run) and tears it all down however it ends. Each figure is
 //! preceded by an untimed pass that checks every byte, then measured over several runs. Results:
 //! a table on stdout and JSON under `target/bench-results/`. See docs/BENCHMARKS.md.
 
@@ -11,6 +11,7 @@ mod dataset;
 mod host;
 mod progress;
 mod report;
+mod runner;
 mod s3;
 mod systems;
 mod workloads;
@@ -19,12 +20,11 @@ use anyhow::{Context, bail};
 use clap::{ArgGroup, Parser};
 use dataset::{Dataset, Shape};
 use progress::Progress;
-use report::{Figure, GranaryConfig, Report, Sample};
-use serde_json::json;
+use report::{GranaryConfig, Report};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::SystemTime;
-use systems::{Condition, Mount, Native, RawBackend, System, Tool};
+use systems::{Mount, Native, RawBackend, System, Tool};
 use workloads::Workload;
 
 const MIB: u64 = 1 << 20;
@@ -60,6 +60,32 @@ struct Args {
     /// The granary binary to measure [default: build it now, target/release/granary].
     #[arg(long, value_name = "PATH")]
     granary_bin: Option<PathBuf>,
+}
+
+/// The dataset and the number of runs, from `--quick`/`--full` and `--runs`.
+struct Profile {
+    name: &'static str,
+    shape: Shape,
+    runs: usize,
+}
+
+impl Profile {
+    fn of(args: &Args) -> Profile {
+        let (name, large_bytes, small_count, runs) = if args.full {
+            ("full", 1 << 30, 2000, 5)
+        } else {
+            ("quick", 256 << 20, 500, 3)
+        };
+        Profile {
+            name,
+            shape: Shape {
+                large_bytes,
+                small_count,
+                small_bytes: 128 << 10,
+            },
+            runs: args.runs.unwrap_or(runs).max(1),
+        }
+    }
 }
 
 /// `512MiB`, `4GiB`, `1048576`.
@@ -111,28 +137,11 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         .enable_all()
         .build()?;
     rt.spawn(cleanup::on_signal());
-    let (profile, shape, default_runs) = if args.full {
-        (
-            "full",
-            Shape {
-                large_bytes: 1 << 30,
-                small_count: 2000,
-                small_bytes: 128 << 10,
-            },
-            5,
-        )
-    } else {
-        (
-            "quick",
-            Shape {
-                large_bytes: 256 << 20,
-                small_count: 500,
-                small_bytes: 128 << 10,
-            },
-            3,
-        )
-    };
-    let runs = args.runs.unwrap_or(default_runs).max(1);
+    let Profile {
+        name: profile,
+        shape,
+        runs,
+    } = Profile::of(args);
     let names = system_names(&args.systems)?;
     host::drop_caches()?;
 
@@ -182,7 +191,12 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     ));
     let dataset = rt.block_on(Dataset::create(shape, &work.join("native"), &store))?;
 
-    let systems: Vec<Box<dyn System>> = names
+    let granary = Tool::Granary {
+        bin: granary_bin.clone(),
+        memory_cache: args.memory_cache,
+        disk_cache: args.disk_cache,
+    };
+    let mut systems: Vec<Box<dyn System>> = names
         .iter()
         .map(|&name| -> Box<dyn System> {
             let tool = match name {
@@ -198,11 +212,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
                 }
                 "s3fs" => Tool::S3fs,
                 "rclone" => Tool::Rclone,
-                _ => Tool::Granary {
-                    bin: granary_bin.clone(),
-                    memory_cache: args.memory_cache,
-                    disk_cache: args.disk_cache,
-                },
+                _ => granary.clone(),
             };
             Box::new(Mount::new(
                 tool,
@@ -216,11 +226,10 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     let passes_per_workload: usize = systems.iter().map(|s| s.conditions().len()).sum();
     progress.expect(Workload::ALL.len() * passes_per_workload * (runs + 1));
 
-    let mut systems = systems;
     let mut figures = Vec::new();
     for workload in Workload::ALL {
         for system in systems.iter_mut() {
-            figures.extend(measure(
+            figures.extend(runner::measure(
                 system.as_mut(),
                 workload,
                 &dataset,
@@ -314,119 +323,4 @@ fn git_describe(root: &Path) -> String {
     let commit = git(&["rev-parse", "--short", "HEAD"]).trim().to_string();
     let dirty = !git(&["status", "--porcelain"]).trim().is_empty();
     format!("{commit}{}", if dirty { "-dirty" } else { "" })
-}
-
-/// All figures of one system on one workload: an untimed checking run, then `runs` timed ones,
-/// each from a fresh instance. A failure ends this system's measurements on this workload and is
-/// recorded on the figure it happened in.
-fn measure(
-    system: &mut dyn System,
-    workload: Workload,
-    dataset: &Dataset,
-    runs: usize,
-    rt: &tokio::runtime::Runtime,
-    progress: &mut Progress,
-) -> Vec<Figure> {
-    let name = system.name().to_string();
-    let conditions = system.conditions();
-    let mut figures: Vec<Figure> = conditions
-        .iter()
-        .map(|c| {
-            Figure::new(
-                workload.name(),
-                workload.counts_files(),
-                &name,
-                c.label(&name),
-            )
-        })
-        .collect();
-    'runs: for run in 0..=runs {
-        let check = run == 0;
-        if let Err(e) = system.start() {
-            figures[0].error = Some(format!("cannot start: {e:#}"));
-            break;
-        }
-        for (i, &condition) in conditions.iter().enumerate() {
-            let figure = &mut figures[i];
-            let result = timed_pass(system, workload, dataset, condition, run, check, rt);
-            let what = if check {
-                "check".to_string()
-            } else {
-                format!("run {run}/{runs}")
-            };
-            let message = format!("{} {name} {} {what}", workload.name(), figure.condition);
-            let fields = json!({
-                "workload": workload.name(), "system": name, "condition": figure.condition,
-                "run": run, "check": check,
-            });
-            match result {
-                Ok(sample) => {
-                    let rate = format!("{:.0} MB/s", sample.mb_per_s);
-                    let mut fields = fields;
-                    fields["mb_per_s"] = json!(sample.mb_per_s);
-                    if check {
-                        figure.verified = true;
-                        progress.pass(&format!("{message}: bytes ok ({rate})"), fields);
-                    } else {
-                        progress.pass(&format!("{message}: {rate}"), fields);
-                        figure.samples.push(sample);
-                    }
-                }
-                Err(e) => {
-                    let e = format!("{e:#}");
-                    progress.pass(&format!("{message}: FAILED: {e}"), fields);
-                    figure.error = Some(e);
-                    break 'runs;
-                }
-            }
-        }
-    }
-    system.stop();
-    figures
-}
-
-/// One pass in `condition`, with the serving process's CPU time and peak RSS around it.
-fn timed_pass(
-    system: &dyn System,
-    workload: Workload,
-    dataset: &Dataset,
-    condition: Condition,
-    run: usize,
-    check: bool,
-    rt: &tokio::runtime::Runtime,
-) -> anyhow::Result<Sample> {
-    if condition.drops_page_cache() {
-        host::drop_caches()?;
-    }
-    let stats = || system.pid().map(host::ProcStats::read).transpose();
-    let (before, counters_before) = (stats()?, system.counters());
-    let pass = workloads::run_pass(
-        workload,
-        dataset,
-        &system.access(),
-        run as u64,
-        check,
-        rt.handle(),
-    )?;
-    let (after, counters_after) = (stats()?, system.counters());
-    let counters = counters_after
-        .into_iter()
-        .map(|(k, v)| {
-            let delta = v - counters_before.get(&k).copied().unwrap_or(0.0);
-            (k, delta)
-        })
-        .filter(|(_, delta)| *delta != 0.0)
-        .collect();
-    Ok(Sample {
-        seconds: pass.seconds,
-        bytes: pass.bytes,
-        files: pass.files,
-        mb_per_s: report::rate(pass.bytes, pass.seconds),
-        files_per_s: pass.files as f64 / pass.seconds,
-        cpu_seconds: before
-            .zip(after)
-            .map(|(b, a)| a.cpu_seconds - b.cpu_seconds),
-        peak_rss_bytes: after.map(|a| a.peak_rss_bytes),
-        counters,
-    })
 }

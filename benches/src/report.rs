@@ -315,16 +315,11 @@ impl Report {
                 }
                 None => row.push("not measured".into()),
             }
+            let what = format!("{} / {} / {}", f.workload, f.system, f.condition);
             if let Some(e) = &f.error {
-                problems.push(format!(
-                    "{} / {} / {}: {e}",
-                    f.workload, f.system, f.condition
-                ));
-            } else if !f.verified {
-                problems.push(format!(
-                    "{} / {} / {}: bytes not verified",
-                    f.workload, f.system, f.condition
-                ));
+                problems.push(format!("{what}: {}", e.replace('\n', "\n      ")));
+            } else if !f.verified && !f.samples.is_empty() {
+                problems.push(format!("{what}: bytes not verified"));
             }
             rows.push(row);
         }
@@ -350,6 +345,13 @@ impl Report {
                 ", except as listed below"
             }
         ));
+        if self.s3 == Flavor::Moto {
+            out.push_str(
+                "Note: moto reads the whole object for every ranged GET, so large-sequential cold and \
+                 backend figures measure moto\n(bytes per request), not the clients: use --s3 ceph for \
+                 those.\n",
+            );
+        }
         if !self.targets.is_empty() {
             out.push_str("\nIssue-2 targets:\n");
             for t in &self.targets {

@@ -41,7 +41,7 @@ pub struct UpArgs {
     #[arg(long, value_name = "DURATION", default_value = "30s")]
     pub metadata_ttl: String,
     /// Readahead per open file.
-    #[arg(long, value_name = "SIZE", default_value = "32MiB")]
+    #[arg(long, value_name = "SIZE", default_value = "64MiB")]
     pub readahead: ByteSize,
     /// Readahead across all open files.
     #[arg(long, value_name = "SIZE", default_value = "128MiB")]

@@ -36,7 +36,7 @@ impl Default for FsConfig {
     fn default() -> Self {
         FsConfig {
             attr_ttl: Duration::from_secs(30),
-            readahead_per_file: 32 << 20,
+            readahead_per_file: 64 << 20,
             readahead_total: 128 << 20,
             read_timeout: Duration::from_secs(25),
             uid: 0,

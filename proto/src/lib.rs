@@ -9,6 +9,8 @@
 pub mod client;
 mod convert;
 pub mod frame;
+pub mod quic;
+pub mod tls;
 
 use bytes::Bytes;
 use granary_core::{BlockSize, ObjectId};

@@ -1,0 +1,235 @@
+//! The data plane over QUIC: block reads between clients and workers and between workers.
+//!
+//! One connection per peer, one bidirectional stream per block read (the frame codec in
+//! [`crate::frame`]). Both sides authenticate with the cluster CA ([`crate::tls`]). The server
+//! bounds what one connection may hold: at most [`MAX_STREAMS`] reads in flight and a receive
+//! window; a peer that sends a malformed or oversized frame has its connection closed with an
+//! error code and a reason, while the server goes on serving everyone else.
+
+use crate::frame::{self, ReadBlock};
+use crate::tls::TlsIdentity;
+use crate::{ApiError, Block, CacheApi, ObjectRef};
+use bytes::BytesMut;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{Connection, Endpoint, TransportConfig, VarInt};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Block reads one connection may have in flight.
+pub const MAX_STREAMS: u32 = 64;
+/// Error code sent when closing a connection for a protocol violation.
+pub const CLOSE_MALFORMED: u32 = 1;
+
+fn transport() -> Arc<TransportConfig> {
+    let mut t = TransportConfig::default();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t.stream_receive_window(VarInt::from_u32(16 << 20));
+    t.receive_window(VarInt::from_u32(128 << 20));
+    t.send_window(128 << 20);
+    t.max_idle_timeout(Some(VarInt::from_u32(30_000).into()));
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    Arc::new(t)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QuicError {
+    #[error("QUIC setup: {0}")]
+    Setup(String),
+}
+
+/// Binds a QUIC server endpoint.
+pub fn server_endpoint(addr: SocketAddr, tls: &TlsIdentity) -> Result<Endpoint, QuicError> {
+    let crypto = QuicServerConfig::try_from(
+        tls.server_config()
+            .map_err(|e| QuicError::Setup(e.to_string()))?,
+    )
+    .map_err(|e| QuicError::Setup(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(transport());
+    Endpoint::server(config, addr)
+        .map_err(|e| QuicError::Setup(format!("cannot listen on {addr}: {e}")))
+}
+
+/// Serves block reads from `api` on `endpoint` until `shutdown` completes.
+pub async fn serve<A: CacheApi>(
+    endpoint: Endpoint,
+    api: Arc<A>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let accept = async {
+        while let Some(incoming) = endpoint.accept().await {
+            let api = api.clone();
+            tokio::spawn(async move {
+                match incoming.await {
+                    Ok(conn) => serve_connection(conn, api).await,
+                    Err(e) => tracing::warn!(error = %e, "QUIC handshake refused"),
+                }
+            });
+        }
+    };
+    tokio::select! {
+        _ = accept => {}
+        _ = shutdown => {}
+    }
+    endpoint.close(VarInt::from_u32(0), b"shutting down");
+}
+
+async fn serve_connection<A: CacheApi>(conn: Connection, api: Arc<A>) {
+    let peer = conn.remote_address();
+    loop {
+        let (mut send, mut recv) = match conn.accept_bi().await {
+            Ok(streams) => streams,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "connection ended");
+                return;
+            }
+        };
+        let (api, conn) = (api.clone(), conn.clone());
+        tokio::spawn(async move {
+            let request = match recv.read_to_end(frame::MAX_REQUEST + 16).await {
+                Ok(bytes) => {
+                    let mut buf = BytesMut::from(&bytes[..]);
+                    match frame::decode_request(&mut buf) {
+                        Ok(Some(req)) if buf.is_empty() => Ok(req),
+                        Ok(Some(_)) => Err("trailing bytes after the request".to_string()),
+                        Ok(None) => Err("truncated request".to_string()),
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+                Err(e) => Err(format!("reading the request: {e}")),
+            };
+            let req = match request {
+                Ok(req) => req,
+                Err(reason) => {
+                    tracing::warn!(%peer, %reason, "closing a connection that sent a malformed frame");
+                    conn.close(VarInt::from_u32(CLOSE_MALFORMED), reason.as_bytes());
+                    return;
+                }
+            };
+            let result = api.read_block(&req.object, req.index).await;
+            let mut header = BytesMut::new();
+            let body = frame::encode_response_header(&result, &mut header);
+            let sent = async {
+                send.write_all(&header).await?;
+                if let Some(body) = body {
+                    send.write_all(&body).await?;
+                }
+                send.finish()?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+            };
+            if let Err(e) = sent.await {
+                tracing::debug!(%peer, error = %e, "response not delivered");
+            }
+        });
+    }
+}
+
+/// A client of workers' data planes: one QUIC connection per worker address, made on first use
+/// and remade after it fails.
+#[derive(Clone)]
+pub struct BlockClient {
+    endpoint: Endpoint,
+    connections: Arc<Mutex<HashMap<SocketAddr, Connection>>>,
+}
+
+impl std::fmt::Debug for BlockClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockClient").finish_non_exhaustive()
+    }
+}
+
+impl BlockClient {
+    pub fn new(tls: &TlsIdentity) -> Result<Self, QuicError> {
+        let crypto = QuicClientConfig::try_from(
+            tls.client_config()
+                .map_err(|e| QuicError::Setup(e.to_string()))?,
+        )
+        .map_err(|e| QuicError::Setup(e.to_string()))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        config.transport_config(transport());
+        let bind: SocketAddr = "0.0.0.0:0".parse().expect("address");
+        let mut endpoint = Endpoint::client(bind).map_err(|e| QuicError::Setup(e.to_string()))?;
+        endpoint.set_default_client_config(config);
+        Ok(BlockClient {
+            endpoint,
+            connections: Arc::new(Mutex::new(HashMap::new())),
+        })
+    }
+
+    async fn connection(
+        &self,
+        addr: SocketAddr,
+        server_name: &str,
+    ) -> Result<Connection, ApiError> {
+        if let Some(conn) = self.connections.lock().expect("connections").get(&addr)
+            && conn.close_reason().is_none()
+        {
+            return Ok(conn.clone());
+        }
+        let connecting = self.endpoint.connect(addr, server_name).map_err(|e| {
+            ApiError::Unavailable(format!("connect to {server_name} at {addr}: {e}"))
+        })?;
+        let conn = connecting.await.map_err(|e| {
+            ApiError::Unavailable(format!("connect to {server_name} at {addr}: {e}"))
+        })?;
+        self.connections
+            .lock()
+            .expect("connections")
+            .insert(addr, conn.clone());
+        Ok(conn)
+    }
+
+    /// Reads block `index` of `object` from the worker at `addr` (named `server_name` in its
+    /// certificate), within `timeout`. The block's checksum is verified on arrival.
+    pub async fn read_block(
+        &self,
+        addr: SocketAddr,
+        server_name: &str,
+        object: &ObjectRef,
+        index: u64,
+        timeout: Duration,
+    ) -> Result<Block, ApiError> {
+        let attempt = async {
+            let conn = self.connection(addr, server_name).await?;
+            let (mut send, mut recv) = conn
+                .open_bi()
+                .await
+                .map_err(|e| ApiError::Unavailable(format!("{server_name}: {e}")))?;
+            let mut request = BytesMut::new();
+            frame::encode_request(
+                &ReadBlock {
+                    object: object.clone(),
+                    index,
+                },
+                &mut request,
+            );
+            send.write_all(&request)
+                .await
+                .map_err(|e| ApiError::Unavailable(format!("{server_name}: {e}")))?;
+            send.finish()
+                .map_err(|e| ApiError::Unavailable(format!("{server_name}: {e}")))?;
+            let bytes = recv
+                .read_to_end(frame::MAX_BODY + 64)
+                .await
+                .map_err(|e| ApiError::Unavailable(format!("{server_name}: {e}")))?;
+            let mut buf = BytesMut::from(&bytes[..]);
+            match frame::decode_response(&mut buf) {
+                Ok(Some(result)) => result,
+                Ok(None) => Err(ApiError::Unavailable(format!(
+                    "{server_name}: truncated response"
+                ))),
+                Err(e) => Err(ApiError::Corrupt(format!("{server_name}: {e}"))),
+            }
+        };
+        match tokio::time::timeout(timeout, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(ApiError::Unavailable(format!(
+                "{server_name} at {addr}: no answer within {timeout:?}"
+            ))),
+        }
+    }
+}

@@ -9,6 +9,7 @@ pub mod blocks;
 pub mod config;
 pub mod grpc;
 pub mod listing;
+pub mod membership;
 pub mod worker;
 
 pub use config::{ConfigFile, Settings};

@@ -128,12 +128,13 @@ async fn serve_connection<A: CacheApi>(conn: Connection, api: Arc<A>) {
     }
 }
 
-/// A client of workers' data planes: one QUIC connection per worker address, made on first use
+/// A client of workers' data planes: one QUIC connection per worker (address and certificate
+/// name), made on first use
 /// and remade after it fails.
 #[derive(Clone)]
 pub struct BlockClient {
     endpoint: Endpoint,
-    connections: Arc<Mutex<HashMap<SocketAddr, Connection>>>,
+    connections: Arc<Mutex<HashMap<(SocketAddr, String), Connection>>>,
 }
 
 impl std::fmt::Debug for BlockClient {
@@ -165,7 +166,8 @@ impl BlockClient {
         addr: SocketAddr,
         server_name: &str,
     ) -> Result<Connection, ApiError> {
-        if let Some(conn) = self.connections.lock().expect("connections").get(&addr)
+        let key = (addr, server_name.to_string());
+        if let Some(conn) = self.connections.lock().expect("connections").get(&key)
             && conn.close_reason().is_none()
         {
             return Ok(conn.clone());
@@ -179,7 +181,7 @@ impl BlockClient {
         self.connections
             .lock()
             .expect("connections")
-            .insert(addr, conn.clone());
+            .insert(key, conn.clone());
         Ok(conn)
     }
 

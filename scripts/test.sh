@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
-scripts/services/all.sh install
+scripts/services/all.sh install moto ceph gluster etcd
 
 state=$(mktemp -d /tmp/granary-test.XXXXXX)
 cleanup() {
@@ -14,7 +14,7 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-scripts/services/all.sh start "$state"
+scripts/services/all.sh start "$state" moto ceph gluster etcd
 set -a
 . "$state/services.env"
 set +a

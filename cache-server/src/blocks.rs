@@ -75,6 +75,8 @@ pub enum Tier {
     Memory,
     Disk,
     Backend,
+    /// Fetched from the worker that owns the block.
+    Peer,
 }
 
 impl Tier {
@@ -83,6 +85,7 @@ impl Tier {
             Tier::Memory => "memory",
             Tier::Disk => "disk",
             Tier::Backend => "backend",
+            Tier::Peer => "peer",
         }
     }
 }
@@ -187,6 +190,31 @@ impl BlockCache {
         Err(ApiError::Corrupt(format!(
             "block {key:?} failed its checksum twice"
         )))
+    }
+
+    /// The block at `key` if this node has it (memory or disk), without fetching.
+    pub async fn get_cached(&self, key: BlockKey) -> Option<(Block, Tier)> {
+        let entry = self.cache.get(&key.0).await.ok().flatten()?;
+        let tier = if entry.source() == Source::Disk {
+            Tier::Disk
+        } else {
+            Tier::Memory
+        };
+        let block = entry.value().0.clone();
+        if tier == Tier::Disk && !block.verify() {
+            metrics::counter!(m::BLOCK_CHECKSUM_FAILURES).increment(1);
+            self.cache.remove(&key.0);
+            return None;
+        }
+        metrics::counter!(m::BLOCK_READS, "tier" => tier.label()).increment(1);
+        metrics::counter!(m::BLOCK_READ_BYTES, "tier" => tier.label())
+            .increment(block.data.len() as u64);
+        Some((block, tier))
+    }
+
+    /// Bytes held by the memory tier.
+    pub fn memory_used(&self) -> u64 {
+        self.cache.memory().usage() as u64
     }
 
     /// Flushes what is in flight to disk and stops the cache.

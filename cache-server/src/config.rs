@@ -27,6 +27,7 @@
 //! ```
 
 use granary_core::{BlockSize, ByteSize, MountPoint, Namespace, SourceUri, parse_duration};
+use granary_proto::tls::TlsFiles;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -48,6 +49,40 @@ pub struct ConfigFile {
     pub backend: BackendSection,
     #[serde(default, rename = "mount")]
     pub mounts: Vec<MountSection>,
+    pub cluster: Option<ClusterSection>,
+    pub tls: Option<TlsSection>,
+}
+
+/// Joining a cluster: through etcd, or a static member list.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    #[serde(default)]
+    pub etcd: Vec<String>,
+    #[serde(default)]
+    pub members: Vec<StaticMember>,
+    pub replicas: Option<usize>,
+    pub peer_timeout: Option<String>,
+    pub lease_ttl: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticMember {
+    pub node_id: String,
+    /// Worker API (gRPC, TCP) and data plane (QUIC, UDP) share this address.
+    pub addr: String,
+}
+
+/// TLS material: explicit files, or a directory holding `ca.pem`, `<node_id>.pem` and
+/// `<node_id>.key` (what `granary certs` writes).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub dir: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -103,6 +138,18 @@ pub struct Settings {
     pub s3: S3Section,
     pub backend: BackendSettings,
     pub namespace: Namespace,
+    pub cluster: Option<ClusterSettings>,
+    pub tls: Option<TlsFiles>,
+}
+
+/// Validated cluster settings.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    pub etcd: Vec<String>,
+    pub members: Vec<(String, SocketAddr)>,
+    pub replicas: usize,
+    pub peer_timeout: Duration,
+    pub lease_ttl: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -284,6 +331,17 @@ impl ConfigFile {
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
         let namespace = Namespace::new(mounts).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let tls = self
+            .tls
+            .as_ref()
+            .map(|t| tls_files(t, &node_id))
+            .transpose()?;
+        let cluster = self.cluster.as_ref().map(cluster_settings).transpose()?;
+        if cluster.is_some() && tls.is_none() {
+            return Err(ConfigError::Invalid(
+                "[cluster] needs [tls] (dir, or ca/cert/key): the data plane between workers is always mutual TLS".into(),
+            ));
+        }
         Ok(Settings {
             node_id,
             listen,
@@ -293,8 +351,68 @@ impl ConfigFile {
             s3: self.s3.clone(),
             backend,
             namespace,
+            cluster,
+            tls,
         })
     }
+}
+
+fn tls_files(t: &TlsSection, node_id: &str) -> Result<TlsFiles, ConfigError> {
+    match (&t.dir, &t.ca, &t.cert, &t.key) {
+        (Some(dir), None, None, None) => Ok(TlsFiles::in_dir(dir, node_id)),
+        (None, Some(ca), Some(cert), Some(key)) => Ok(TlsFiles {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        _ => Err(ConfigError::Invalid(
+            "[tls]: give either dir, or all of ca, cert and key".into(),
+        )),
+    }
+}
+
+fn cluster_settings(c: &ClusterSection) -> Result<ClusterSettings, ConfigError> {
+    if c.etcd.is_empty() == c.members.is_empty() {
+        return Err(ConfigError::Invalid(
+            "[cluster]: give either etcd endpoints or a static members list".into(),
+        ));
+    }
+    for url in &c.etcd {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(ConfigError::Invalid(format!(
+                "cluster.etcd: {url:?} is not an http(s):// URL"
+            )));
+        }
+    }
+    let members = c
+        .members
+        .iter()
+        .map(|m| {
+            let addr = field("cluster.members.addr", &m.addr, |s| s.parse::<SocketAddr>())?;
+            Ok((m.node_id.clone(), addr))
+        })
+        .collect::<Result<Vec<_>, ConfigError>>()?;
+    let replicas = c.replicas.unwrap_or(1);
+    if !(1..=5).contains(&replicas) {
+        return Err(ConfigError::Invalid(
+            "cluster.replicas must be between 1 and 5".into(),
+        ));
+    }
+    Ok(ClusterSettings {
+        etcd: c.etcd.clone(),
+        members,
+        replicas,
+        peer_timeout: field(
+            "cluster.peer_timeout",
+            c.peer_timeout.as_deref().unwrap_or("2s"),
+            parse_duration,
+        )?,
+        lease_ttl: field(
+            "cluster.lease_ttl",
+            c.lease_ttl.as_deref().unwrap_or("10s"),
+            parse_duration,
+        )?,
+    })
 }
 
 fn default_node_id() -> String {

@@ -39,6 +39,7 @@ impl<A: CacheApi> pb::cache_server::Cache for CacheService<A> {
             block_size: info.block_size.get(),
             memory_capacity: info.memory_capacity,
             disk_capacity: info.disk_capacity,
+            stats: Some((&info.stats).into()),
         }))
     }
 

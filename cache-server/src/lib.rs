@@ -9,7 +9,6 @@ pub mod blocks;
 pub mod config;
 pub mod grpc;
 pub mod listing;
-pub mod membership;
 pub mod worker;
 
 pub use config::{ConfigFile, Settings};

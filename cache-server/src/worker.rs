@@ -3,13 +3,18 @@
 //! through [`crate::grpc`], remote clients.
 
 use crate::backend::{Backend, BackendError};
+use crate::blocks::Tier;
 use crate::blocks::{BlockCache, CacheOpenError};
 use crate::config::Settings;
 use crate::listing::{Listing, ListingCache};
 use granary_core::namespace::components;
+use granary_core::placement::owners;
 use granary_core::{BlockKey, BlockSize, ObjectId, Resolved};
-use granary_proto::{ApiError, Block, CacheApi, Entry, EntryKind, Info, ObjectRef};
+use granary_proto::membership::Membership;
+use granary_proto::quic::BlockClient;
+use granary_proto::{ApiError, Block, CacheApi, Entry, EntryKind, Info, NodeStats, ObjectRef};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Why a worker could not start.
@@ -21,8 +26,42 @@ pub enum StartError {
     Cache(#[from] CacheOpenError),
 }
 
+/// What a worker needs to take part in a cluster.
+pub struct Cluster {
+    pub membership: Membership,
+    pub peers: BlockClient,
+    pub replicas: usize,
+    pub peer_timeout: Duration,
+}
+
+/// Block reads served, by tier: (reads, bytes) for memory, disk, backend, peer.
+#[derive(Default)]
+struct Served([(AtomicU64, AtomicU64); 4]);
+
+impl Served {
+    fn record(&self, tier: Tier, bytes: usize) {
+        let i = match tier {
+            Tier::Memory => 0,
+            Tier::Disk => 1,
+            Tier::Backend => 2,
+            Tier::Peer => 3,
+        };
+        self.0[i].0.fetch_add(1, Ordering::Relaxed);
+        self.0[i].1.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    fn get(&self, i: usize) -> (u64, u64) {
+        (
+            self.0[i].0.load(Ordering::Relaxed),
+            self.0[i].1.load(Ordering::Relaxed),
+        )
+    }
+}
+
 pub struct Worker {
     settings: Settings,
+    cluster: Option<Cluster>,
+    served: Served,
     backends: Vec<Arc<Backend>>,
     listings: ListingCache,
     blocks: BlockCache,
@@ -43,6 +82,14 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 impl Worker {
     /// Builds the backends, checks that each answers, and opens the block cache.
     pub async fn start(settings: Settings) -> Result<Arc<Self>, StartError> {
+        Self::start_with(settings, None).await
+    }
+
+    /// Like [`Worker::start`], as a member of `cluster`.
+    pub async fn start_with(
+        settings: Settings,
+        cluster: Option<Cluster>,
+    ) -> Result<Arc<Self>, StartError> {
         let mut backends = Vec::new();
         for mount in settings.namespace.mounts() {
             backends.push(Arc::new(Backend::new(
@@ -63,6 +110,8 @@ impl Worker {
         Ok(Arc::new(Worker {
             listings: ListingCache::new(settings.metadata_ttl, 100_000),
             settings,
+            cluster,
+            served: Served::default(),
             backends,
             blocks,
             started_ns,
@@ -172,6 +221,7 @@ impl CacheApi for Worker {
             block_size: self.settings.cache.block_size,
             memory_capacity: self.settings.cache.memory.bytes(),
             disk_capacity: self.settings.cache.disk.bytes(),
+            stats: self.stats(),
         }
     }
 
@@ -223,11 +273,60 @@ impl CacheApi for Worker {
     }
 
     async fn read_block(&self, object: &ObjectRef, index: u64) -> Result<Block, ApiError> {
+        self.check_ref(object, index)?;
+        let key = BlockKey::new(object.id.fingerprint(), index);
+        if let Some(cluster) = &self.cluster {
+            let view = cluster.membership.view();
+            let owners = owners(key, &view.members, cluster.replicas);
+            if !owners.is_empty() && !owners.iter().any(|m| m.node_id == self.settings.node_id) {
+                if let Some((block, tier)) = self.blocks.get_cached(key).await {
+                    self.served.record(tier, block.data.len());
+                    return Ok(block);
+                }
+                for owner in owners {
+                    let peer = cluster.peers.read_block(
+                        owner.data_addr,
+                        &owner.node_id,
+                        object,
+                        index,
+                        cluster.peer_timeout,
+                    );
+                    match peer.await {
+                        Ok(block) => {
+                            self.served.record(Tier::Peer, block.data.len());
+                            metrics::counter!(granary_core::metrics::BLOCK_READS, "tier" => "peer")
+                                .increment(1);
+                            metrics::counter!(granary_core::metrics::BLOCK_READ_BYTES, "tier" => "peer").increment(block.data.len() as u64);
+                            return Ok(block);
+                        }
+                        Err(ApiError::Unavailable(e))
+                        | Err(ApiError::Corrupt(e))
+                        | Err(ApiError::Internal(e)) => {
+                            tracing::warn!(owner = %owner.node_id, error = %e, "owner did not serve the block; trying the next");
+                        }
+                        Err(definitive) => return Err(definitive),
+                    }
+                }
+                // No owner answered: read it ourselves rather than fail the reader.
+            }
+        }
+        self.read_block_local(object, index).await
+    }
+}
+
+impl Worker {
+    /// Serves a block from this worker's cache or backend, never forwarding (what owners do for
+    /// their peers, so that views that disagree for a moment cannot bounce a read around).
+    pub async fn read_block_local(
+        &self,
+        object: &ObjectRef,
+        index: u64,
+    ) -> Result<Block, ApiError> {
         let backend = self.check_ref(object, index)?;
         let bs: BlockSize = self.settings.cache.block_size;
         let key = BlockKey::new(object.id.fingerprint(), index);
         let range = bs.range(index, object.id.size);
-        let (block, _tier) = self
+        let (block, tier) = self
             .blocks
             .get_or_fetch(key, || {
                 let backend = backend.clone();
@@ -241,6 +340,53 @@ impl CacheApi for Worker {
                 }
             })
             .await?;
+        self.served.record(tier, block.data.len());
         Ok(block)
+    }
+
+    /// What this worker has served, its memory use and its view of the cluster.
+    pub fn stats(&self) -> NodeStats {
+        let (epoch, members) = match &self.cluster {
+            Some(c) => {
+                let v = c.membership.view();
+                (v.epoch, v.members.len() as u32)
+            }
+            None => (0, 1),
+        };
+        let [m, d, b, p] = [0, 1, 2, 3].map(|i| self.served.get(i));
+        NodeStats {
+            memory_used: self.blocks.memory_used(),
+            membership_epoch: epoch,
+            members,
+            reads_memory: m.0,
+            reads_disk: d.0,
+            reads_backend: b.0,
+            reads_peer: p.0,
+            bytes_memory: m.1,
+            bytes_disk: d.1,
+            bytes_backend: b.1,
+            bytes_peer: p.1,
+        }
+    }
+}
+
+/// A worker as its peers see it: block reads are served locally, never forwarded.
+pub struct LocalReads(pub Arc<Worker>);
+
+impl CacheApi for LocalReads {
+    fn info(&self) -> Info {
+        self.0.info()
+    }
+
+    async fn stat(&self, path: &str) -> Result<Entry, ApiError> {
+        self.0.stat(path).await
+    }
+
+    async fn list(&self, path: &str) -> Result<Arc<Vec<Entry>>, ApiError> {
+        self.0.list(path).await
+    }
+
+    async fn read_block(&self, object: &ObjectRef, index: u64) -> Result<Block, ApiError> {
+        self.0.read_block_local(object, index).await
     }
 }

@@ -2,10 +2,14 @@
 
 use crate::cmd_up::{current_gid, current_uid};
 use crate::runtime;
+use anyhow::Context;
 use clap::Args;
 use granary_core::{ByteSize, parse_duration};
 use granary_fuse_client::{FsConfig, GranaryFs};
 use granary_proto::client::GrpcCache;
+use granary_proto::cluster::ClusterClient;
+use granary_proto::membership::Membership;
+use granary_proto::tls::{TlsFiles, TlsIdentity};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,8 +18,22 @@ use std::time::Duration;
 #[derive(Args, Debug)]
 pub struct MountArgs {
     /// The worker to read from.
-    #[arg(long, value_name = "HOST:PORT")]
-    pub server: String,
+    #[arg(long, value_name = "HOST:PORT", required_unless_present = "etcd")]
+    pub server: Option<String>,
+    /// Read from the whole cluster registered in etcd: each block from the worker that owns it.
+    #[arg(
+        long,
+        value_name = "URL[,URL]",
+        value_delimiter = ',',
+        conflicts_with = "server"
+    )]
+    pub etcd: Vec<String>,
+    /// With --etcd: TLS material (ca.pem, NAME.pem, NAME.key) for the data plane.
+    #[arg(long, value_name = "DIR", requires = "etcd")]
+    pub tls_dir: Option<PathBuf>,
+    /// With --etcd: the name of this client's certificate in --tls-dir.
+    #[arg(long, value_name = "NAME", default_value = "client")]
+    pub tls_name: String,
     /// Where to mount (an existing, empty directory).
     #[arg(value_name = "DIR")]
     pub dir: PathBuf,
@@ -40,7 +58,6 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
     if let Some(addr) = args.metrics_addr {
         runtime::serve_metrics(addr).await?;
     }
-    let api = Arc::new(GrpcCache::connect(&args.server, Duration::from_secs(10)).await?);
     let config = FsConfig {
         attr_ttl,
         readahead_per_file: args.readahead.bytes(),
@@ -49,11 +66,26 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
         gid: current_gid(),
         ..FsConfig::default()
     };
-    let fs = Arc::new(GranaryFs::new(api, config));
-    let mounted = granary_fuse_client::mount(fs, &args.dir, &format!("granary:{}", args.server))?;
+    let mounted = match &args.server {
+        Some(server) => {
+            let api = Arc::new(GrpcCache::connect(server, Duration::from_secs(10)).await?);
+            let fs = Arc::new(GranaryFs::new(api, config));
+            granary_fuse_client::mount(fs, &args.dir, &format!("granary:{server}"))?
+        }
+        None => {
+            let tls_dir = args.tls_dir.as_ref().context("--etcd needs --tls-dir")?;
+            let tls = TlsIdentity::load(&TlsFiles::in_dir(tls_dir, &args.tls_name))?;
+            let membership = Membership::watch(&args.etcd).await?;
+            let api = Arc::new(
+                ClusterClient::connect(membership, &tls, 1, Duration::from_secs(2)).await?,
+            );
+            let fs = Arc::new(GranaryFs::new(api, config));
+            granary_fuse_client::mount(fs, &args.dir, "granary:cluster")?
+        }
+    };
     println!(
-        "granary: worker {} mounted at {}",
-        args.server,
+        "granary: {} mounted at {}",
+        args.server.as_deref().unwrap_or("cluster"),
         args.dir.display()
     );
     runtime::shutdown_signal().await;

@@ -3,9 +3,15 @@
 use crate::runtime;
 use anyhow::Context;
 use clap::Args;
-use granary_cache_server::{ConfigFile, Worker, grpc};
+use granary_cache_server::config::TlsSection;
+use granary_cache_server::worker::{Cluster, LocalReads};
+use granary_cache_server::{ConfigFile, Settings, Worker, grpc};
 use granary_core::ByteSize;
+use granary_proto::membership::{MemberInfo, Membership};
+use granary_proto::quic::{self, BlockClient};
+use granary_proto::tls::TlsIdentity;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 #[derive(Args, Debug)]
 pub struct ServerArgs {
@@ -33,6 +39,12 @@ pub struct ServerArgs {
     /// Overrides `metrics_addr`.
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_addr: Option<String>,
+    /// Join the cluster registered in etcd (overrides `cluster.etcd`; needs TLS).
+    #[arg(long, value_name = "URL[,URL]", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// TLS material: ca.pem, NODE_ID.pem and NODE_ID.key in DIR (overrides `[tls]`).
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
 }
 
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
@@ -55,6 +67,18 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     if let Some(v) = args.metrics_addr {
         file.metrics_addr = Some(v);
     }
+    if !args.etcd.is_empty() {
+        let mut cluster = file.cluster.take().unwrap_or_default();
+        cluster.etcd = args.etcd;
+        cluster.members.clear();
+        file.cluster = Some(cluster);
+    }
+    if let Some(dir) = args.tls_dir {
+        file.tls = Some(TlsSection {
+            dir: Some(dir),
+            ..TlsSection::default()
+        });
+    }
     let settings = file.settings()?;
     if args.check_config {
         println!(
@@ -71,7 +95,20 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     if let Some(addr) = settings.metrics_addr {
         runtime::serve_metrics(addr).await?;
     }
-    let worker = Worker::start(settings.clone()).await?;
+    let tls = settings.tls.as_ref().map(TlsIdentity::load).transpose()?;
+    let data_plane = match &tls {
+        Some(tls) => Some(quic::server_endpoint(settings.listen, tls)?),
+        None => None,
+    };
+    let cluster = match (&settings.cluster, &tls) {
+        (Some(_), Some(tls)) => Some(join_cluster(&settings, tls).await?),
+        _ => None,
+    };
+    let worker = Worker::start_with(settings.clone(), cluster).await?;
+    if let Some(endpoint) = data_plane {
+        let reads = Arc::new(LocalReads(worker.clone()));
+        tokio::spawn(quic::serve(endpoint, reads, runtime::shutdown_signal()));
+    }
     println!(
         "granary: worker {} serving on {}",
         settings.node_id, settings.listen
@@ -79,4 +116,43 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     grpc::serve(worker.clone(), listener, runtime::shutdown_signal()).await?;
     worker.close().await;
     Ok(())
+}
+
+async fn join_cluster(settings: &Settings, tls: &TlsIdentity) -> anyhow::Result<Cluster> {
+    let cluster = settings.cluster.as_ref().expect("cluster settings");
+    if settings.listen.ip().is_unspecified() {
+        anyhow::bail!(
+            "listen {} is not an address peers can reach: give the node's own IP",
+            settings.listen
+        );
+    }
+    let me = MemberInfo {
+        node_id: settings.node_id.clone(),
+        data_addr: settings.listen,
+        api_addr: settings.listen,
+        memory_capacity: settings.cache.memory.bytes(),
+        disk_capacity: settings.cache.disk.bytes(),
+    };
+    let membership = if cluster.etcd.is_empty() {
+        let members = cluster
+            .members
+            .iter()
+            .map(|(id, addr)| MemberInfo {
+                node_id: id.clone(),
+                data_addr: *addr,
+                api_addr: *addr,
+                memory_capacity: 0,
+                disk_capacity: 0,
+            })
+            .collect();
+        Membership::fixed(members)
+    } else {
+        Membership::join(&cluster.etcd, me, cluster.lease_ttl).await?
+    };
+    Ok(Cluster {
+        membership,
+        peers: BlockClient::new(tls)?,
+        replicas: cluster.replicas,
+        peer_timeout: cluster.peer_timeout,
+    })
 }

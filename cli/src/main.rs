@@ -1,6 +1,7 @@
 //! `granary`: the one binary. This crate is the composition root: it parses flags, loads
 //! settings, builds the components and wires them together; it decides nothing else.
 
+mod cmd_cluster;
 mod cmd_mount;
 mod cmd_server;
 mod cmd_up;
@@ -29,8 +30,12 @@ enum Command {
     Up(cmd_up::UpArgs),
     /// Run a cache worker serving its namespace to remote FUSE clients.
     Server(cmd_server::ServerArgs),
-    /// Mount a remote cache worker's namespace with FUSE.
+    /// Mount a remote worker's (or a whole cluster's) namespace with FUSE.
     Mount(cmd_mount::MountArgs),
+    /// Show the cluster's members, their cache use and hit ratios.
+    Status(cmd_cluster::StatusArgs),
+    /// Write a development CA and certificates for workers and clients.
+    Certs(cmd_cluster::CertsArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +45,8 @@ fn main() -> ExitCode {
         Command::Up(args) => runtime::block_on(cmd_up::run(args)),
         Command::Server(args) => runtime::block_on(cmd_server::run(args)),
         Command::Mount(args) => runtime::block_on(cmd_mount::run(args)),
+        Command::Status(args) => runtime::block_on(cmd_cluster::status(args)),
+        Command::Certs(args) => cmd_cluster::certs(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

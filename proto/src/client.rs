@@ -59,7 +59,25 @@ impl GrpcCache {
                 block_size,
                 memory_capacity: info.memory_capacity,
                 disk_capacity: info.disk_capacity,
+                stats: info.stats.map(Into::into).unwrap_or_default(),
             },
+        })
+    }
+
+    /// Asks the worker for its current info and stats.
+    pub async fn fresh_info(&self) -> Result<Info, ApiError> {
+        let info = self
+            .client
+            .clone()
+            .info(pb::InfoRequest {})
+            .await?
+            .into_inner();
+        Ok(Info {
+            node_id: info.node_id,
+            block_size: self.info.block_size,
+            memory_capacity: info.memory_capacity,
+            disk_capacity: info.disk_capacity,
+            stats: info.stats.map(Into::into).unwrap_or_default(),
         })
     }
 }

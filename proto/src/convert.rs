@@ -1,6 +1,6 @@
 //! Conversions between wire messages and API types, and the one ApiError <-> Status mapping.
 
-use crate::{ApiError, Entry, EntryKind, ObjectRef, pb};
+use crate::{ApiError, Entry, EntryKind, NodeStats, ObjectRef, pb};
 use granary_core::ObjectId;
 use tonic::{Code, Status};
 
@@ -76,6 +76,42 @@ impl TryFrom<pb::Entry> for Entry {
             mtime_ns: e.mtime_ns,
             object: e.object.map(Into::into),
         })
+    }
+}
+
+impl From<&NodeStats> for pb::NodeStats {
+    fn from(s: &NodeStats) -> Self {
+        pb::NodeStats {
+            memory_used: s.memory_used,
+            membership_epoch: s.membership_epoch,
+            members: s.members,
+            reads_memory: s.reads_memory,
+            reads_disk: s.reads_disk,
+            reads_backend: s.reads_backend,
+            reads_peer: s.reads_peer,
+            bytes_memory: s.bytes_memory,
+            bytes_disk: s.bytes_disk,
+            bytes_backend: s.bytes_backend,
+            bytes_peer: s.bytes_peer,
+        }
+    }
+}
+
+impl From<pb::NodeStats> for NodeStats {
+    fn from(s: pb::NodeStats) -> Self {
+        NodeStats {
+            memory_used: s.memory_used,
+            membership_epoch: s.membership_epoch,
+            members: s.members,
+            reads_memory: s.reads_memory,
+            reads_disk: s.reads_disk,
+            reads_backend: s.reads_backend,
+            reads_peer: s.reads_peer,
+            bytes_memory: s.bytes_memory,
+            bytes_disk: s.bytes_disk,
+            bytes_backend: s.bytes_backend,
+            bytes_peer: s.bytes_peer,
+        }
     }
 }
 

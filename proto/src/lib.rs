@@ -7,8 +7,10 @@
 //! through exactly one mapping each way ([`ApiError`] <-> `tonic::Status`).
 
 pub mod client;
+pub mod cluster;
 mod convert;
 pub mod frame;
+pub mod membership;
 pub mod quic;
 pub mod tls;
 
@@ -75,6 +77,32 @@ pub struct Info {
     pub block_size: BlockSize,
     pub memory_capacity: u64,
     pub disk_capacity: u64,
+    pub stats: NodeStats,
+}
+
+/// What a worker has served since it started: block reads (and bytes) by where they came from
+/// (`peer` = fetched from the owning worker), memory in use, and its membership view.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeStats {
+    pub memory_used: u64,
+    pub membership_epoch: u64,
+    pub members: u32,
+    pub reads_memory: u64,
+    pub reads_disk: u64,
+    pub reads_backend: u64,
+    pub reads_peer: u64,
+    pub bytes_memory: u64,
+    pub bytes_disk: u64,
+    pub bytes_backend: u64,
+    pub bytes_peer: u64,
+}
+
+impl NodeStats {
+    /// Block reads served from this worker's own cache, over all block reads.
+    pub fn hit_ratio(&self) -> Option<f64> {
+        let total = self.reads_memory + self.reads_disk + self.reads_backend + self.reads_peer;
+        (total > 0).then(|| (self.reads_memory + self.reads_disk) as f64 / total as f64)
+    }
 }
 
 /// Errors of the worker API, by what the caller should do about them.

@@ -135,7 +135,12 @@ async fn serve_connection<A: CacheApi>(conn: Connection, api: Arc<A>) {
 pub struct BlockClient {
     endpoint: Endpoint,
     connections: Arc<Mutex<HashMap<(SocketAddr, String), Connection>>>,
+    /// Peers that just failed: skipped without waiting until the instant given.
+    suspects: Arc<Mutex<HashMap<SocketAddr, std::time::Instant>>>,
 }
+
+/// How long a worker that failed a read is skipped before it is tried again.
+pub const SUSPECT_FOR: Duration = Duration::from_secs(3);
 
 impl std::fmt::Debug for BlockClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -158,6 +163,7 @@ impl BlockClient {
         Ok(BlockClient {
             endpoint,
             connections: Arc::new(Mutex::new(HashMap::new())),
+            suspects: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -227,11 +233,29 @@ impl BlockClient {
                 Err(e) => Err(ApiError::Corrupt(format!("{server_name}: {e}"))),
             }
         };
-        match tokio::time::timeout(timeout, attempt).await {
+        if let Some(until) = self.suspects.lock().expect("suspects").get(&addr)
+            && *until > std::time::Instant::now()
+        {
+            return Err(ApiError::Unavailable(format!(
+                "{server_name} at {addr} failed recently; skipped"
+            )));
+        }
+        let result = match tokio::time::timeout(timeout, attempt).await {
             Ok(result) => result,
             Err(_) => Err(ApiError::Unavailable(format!(
                 "{server_name} at {addr}: no answer within {timeout:?}"
             ))),
+        };
+        if let Err(ApiError::Unavailable(_)) = &result {
+            self.suspects
+                .lock()
+                .expect("suspects")
+                .insert(addr, std::time::Instant::now() + SUSPECT_FOR);
+            self.connections
+                .lock()
+                .expect("connections")
+                .remove(&(addr, server_name.to_string()));
         }
+        result
     }
 }

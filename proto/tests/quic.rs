@@ -20,6 +20,7 @@ impl CacheApi for Blocks {
             block_size: BlockSize::DEFAULT,
             memory_capacity: 0,
             disk_capacity: 0,
+            stats: Default::default(),
         }
     }
     async fn stat(&self, path: &str) -> Result<Entry, ApiError> {

@@ -1,0 +1,161 @@
+//! [`ClusterClient`]: the worker API of a whole cluster, for a FUSE client.
+//!
+//! Metadata (stat, list) goes over gRPC to any live worker. Each block is read over QUIC from
+//! the worker that owns it (rendezvous placement over the live members, the same function the
+//! workers use), so a block is fetched from the backend once for the whole cluster and cached
+//! where it belongs. When an owner does not answer within the peer timeout, the next owner is
+//! tried, then every other worker (which fetches from the backend itself): a worker crash costs
+//! a reader time, never an error and never wrong bytes.
+
+use crate::client::GrpcCache;
+use crate::membership::{MemberInfo, Membership};
+use crate::quic::BlockClient;
+use crate::tls::TlsIdentity;
+use crate::{ApiError, Block, CacheApi, Entry, Info, ObjectRef};
+use granary_core::BlockKey;
+use granary_core::placement::owners;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub struct ClusterClient {
+    membership: Membership,
+    blocks: BlockClient,
+    api: Mutex<HashMap<String, GrpcCache>>,
+    info: Info,
+    replicas: usize,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for ClusterClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterClient")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether another worker might answer where this one failed.
+fn worth_retrying(e: &ApiError) -> bool {
+    matches!(
+        e,
+        ApiError::Unavailable(_) | ApiError::Corrupt(_) | ApiError::Internal(_)
+    )
+}
+
+impl ClusterClient {
+    /// Connects to the cluster `membership` describes, with our TLS identity for the data plane.
+    pub async fn connect(
+        membership: Membership,
+        tls: &TlsIdentity,
+        replicas: usize,
+        timeout: Duration,
+    ) -> Result<Self, ApiError> {
+        let blocks = BlockClient::new(tls).map_err(|e| ApiError::Invalid(e.to_string()))?;
+        let view = membership.view();
+        let mut last = ApiError::Unavailable("the cluster has no live members".into());
+        for member in &view.members {
+            match GrpcCache::connect(&member.api_addr.to_string(), timeout).await {
+                Ok(api) => {
+                    let info = api.info();
+                    let client = ClusterClient {
+                        membership,
+                        blocks,
+                        api: Mutex::new(HashMap::from([(member.node_id.clone(), api)])),
+                        info,
+                        replicas: replicas.max(1),
+                        timeout,
+                    };
+                    return Ok(client);
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    async fn api_of(&self, member: &MemberInfo) -> Result<GrpcCache, ApiError> {
+        if let Some(api) = self.api.lock().expect("api map").get(&member.node_id) {
+            return Ok(api.clone());
+        }
+        let api = GrpcCache::connect(&member.api_addr.to_string(), self.timeout).await?;
+        self.api
+            .lock()
+            .expect("api map")
+            .insert(member.node_id.clone(), api.clone());
+        Ok(api)
+    }
+
+    /// Runs a metadata call on the live members in turn until one answers.
+    async fn any_member<T, F, Fut>(&self, call: F) -> Result<T, ApiError>
+    where
+        F: Fn(GrpcCache) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ApiError>>,
+    {
+        let view = self.membership.view();
+        let mut last = ApiError::Unavailable("the cluster has no live members".into());
+        for member in &view.members {
+            let result = match self.api_of(member).await {
+                Ok(api) => call(api).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Err(e) if worth_retrying(&e) => {
+                    self.api.lock().expect("api map").remove(&member.node_id);
+                    last = e;
+                }
+                other => return other,
+            }
+        }
+        Err(last)
+    }
+}
+
+impl CacheApi for ClusterClient {
+    fn info(&self) -> Info {
+        self.info.clone()
+    }
+
+    async fn stat(&self, path: &str) -> Result<Entry, ApiError> {
+        self.any_member(|api| async move { api.stat(path).await })
+            .await
+    }
+
+    async fn list(&self, path: &str) -> Result<Arc<Vec<Entry>>, ApiError> {
+        self.any_member(|api| async move { api.list(path).await })
+            .await
+    }
+
+    async fn read_block(&self, object: &ObjectRef, index: u64) -> Result<Block, ApiError> {
+        let view = self.membership.view();
+        let key = BlockKey::new(object.id.fingerprint(), index);
+        let preferred = owners(key, &view.members, self.replicas);
+        let mut order: Vec<&MemberInfo> = preferred.clone();
+        order.extend(
+            view.members
+                .iter()
+                .filter(|m| !preferred.iter().any(|p| p.node_id == m.node_id)),
+        );
+        let mut last = ApiError::Unavailable("the cluster has no live members".into());
+        for member in order {
+            match self
+                .blocks
+                .read_block(
+                    member.data_addr,
+                    &member.node_id,
+                    object,
+                    index,
+                    self.timeout,
+                )
+                .await
+            {
+                Err(e) if worth_retrying(&e) => {
+                    tracing::warn!(node = %member.node_id, error = %e, "block read failed; trying the next worker");
+                    last = e;
+                }
+                result => return result,
+            }
+        }
+        Err(last)
+    }
+}

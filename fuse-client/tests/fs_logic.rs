@@ -66,6 +66,7 @@ impl CacheApi for FakeWorker {
             block_size: BlockSize::new(BS).unwrap(),
             memory_capacity: 0,
             disk_capacity: 0,
+            stats: Default::default(),
         }
     }
 

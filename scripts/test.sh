@@ -9,7 +9,7 @@ scripts/services/all.sh install moto ceph gluster etcd
 
 state=$(mktemp -d /tmp/granary-test.XXXXXX)
 cleanup() {
-  scripts/services/all.sh stop "$state" moto ceph gluster etcd >/dev/null 2>  scripts/services/all.sh stop "$state" >/dev/null 2>&1 || true1 || true
+  scripts/services/all.sh stop "$state" moto ceph gluster etcd >/dev/null 2>&1 || true
   rm -rf "$state"
 }
 trap cleanup EXIT

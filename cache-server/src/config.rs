@@ -404,7 +404,7 @@ fn cluster_settings(c: &ClusterSection) -> Result<ClusterSettings, ConfigError> 
         replicas,
         peer_timeout: field(
             "cluster.peer_timeout",
-            c.peer_timeout.as_deref().unwrap_or("2s"),
+            c.peer_timeout.as_deref().unwrap_or("20s"),
             parse_duration,
         )?,
         lease_ttl: field(

@@ -77,7 +77,7 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
             let tls = TlsIdentity::load(&TlsFiles::in_dir(tls_dir, &args.tls_name))?;
             let membership = Membership::watch(&args.etcd).await?;
             let api = Arc::new(
-                ClusterClient::connect(membership, &tls, 1, Duration::from_secs(2)).await?,
+                ClusterClient::connect(membership, &tls, 1, Duration::from_secs(20)).await?,
             );
             let fs = Arc::new(GranaryFs::new(api, config));
             granary_fuse_client::mount(fs, &args.dir, "granary:cluster")?

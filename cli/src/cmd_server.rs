@@ -12,6 +12,7 @@ use granary_proto::quic::{self, BlockClient};
 use granary_proto::tls::TlsIdentity;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Args, Debug)]
 pub struct ServerArgs {
@@ -133,6 +134,28 @@ async fn join_cluster(settings: &Settings, tls: &TlsIdentity) -> anyhow::Result<
         memory_capacity: settings.cache.memory.bytes(),
         disk_capacity: settings.cache.disk.bytes(),
     };
+    let peers = BlockClient::new(tls)?;
+    if !cluster.etcd.is_empty() {
+        // Refuse to join a cluster whose members refuse our certificate.
+        let view = Membership::read(&cluster.etcd).await?;
+        for m in view
+            .members
+            .iter()
+            .filter(|m| m.node_id != settings.node_id)
+            .take(3)
+        {
+            if let Err(reason) = peers
+                .probe(m.data_addr, &m.node_id, Duration::from_secs(3))
+                .await
+            {
+                anyhow::bail!(
+                    "TLS refused between this worker and {} at {}: {reason} (check [tls]: the cluster CA, this node's certificate and key)",
+                    m.node_id,
+                    m.data_addr
+                );
+            }
+        }
+    }
     let membership = if cluster.etcd.is_empty() {
         let members = cluster
             .members
@@ -151,7 +174,7 @@ async fn join_cluster(settings: &Settings, tls: &TlsIdentity) -> anyhow::Result<
     };
     Ok(Cluster {
         membership,
-        peers: BlockClient::new(tls)?,
+        peers,
         replicas: cluster.replicas,
         peer_timeout: cluster.peer_timeout,
     })

@@ -30,8 +30,11 @@ fn transport() -> Arc<TransportConfig> {
     t.stream_receive_window(VarInt::from_u32(16 << 20));
     t.receive_window(VarInt::from_u32(128 << 20));
     t.send_window(128 << 20);
-    t.max_idle_timeout(Some(VarInt::from_u32(30_000).into()));
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    // A peer that stops answering (crashed, paused, partitioned) is declared gone after 3 s of
+    // silence; live peers keep the connection busy with a keep-alive every second. A block read
+    // waiting on a slow backend fetch at its owner is not silence.
+    t.max_idle_timeout(Some(VarInt::from_u32(3_000).into()));
+    t.keep_alive_interval(Some(Duration::from_secs(1)));
     Arc::new(t)
 }
 
@@ -189,6 +192,28 @@ impl BlockClient {
             .expect("connections")
             .insert(key, conn.clone());
         Ok(conn)
+    }
+
+    /// Completes a TLS handshake with the worker at `addr`: `Err` carries why it was refused.
+    /// `Ok(false)` when it did not answer within `timeout` (down, not refused).
+    pub async fn probe(
+        &self,
+        addr: SocketAddr,
+        server_name: &str,
+        timeout: Duration,
+    ) -> Result<bool, String> {
+        let connecting = self
+            .endpoint
+            .connect(addr, server_name)
+            .map_err(|e| e.to_string())?;
+        match tokio::time::timeout(timeout, connecting).await {
+            Ok(Ok(conn)) => {
+                conn.close(VarInt::from_u32(0), b"probe");
+                Ok(true)
+            }
+            Ok(Err(quinn::ConnectionError::TimedOut)) | Err(_) => Ok(false),
+            Ok(Err(e)) => Err(e.to_string()),
+        }
     }
 
     /// Reads block `index` of `object` from the worker at `addr` (named `server_name` in its

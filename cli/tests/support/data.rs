@@ -7,10 +7,15 @@ use std::path::Path;
 /// Fills `buf` with the bytes of stream `seed` starting at byte `offset` (xorshift64*, by
 /// 8-byte words: byte i of the stream depends only on seed and i).
 pub fn fill(seed: u64, offset: u64, buf: &mut [u8]) {
-    for (i, b) in buf.iter_mut().enumerate() {
-        let pos = offset + i as u64;
-        let word = mix(seed ^ (pos / 8).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        *b = (word >> ((pos % 8) * 8)) as u8;
+    let mut pos = offset;
+    let mut i = 0;
+    while i < buf.len() {
+        let word = mix(seed ^ (pos / 8).wrapping_mul(0x9E37_79B9_7F4A_7C15)).to_le_bytes();
+        let from = (pos % 8) as usize;
+        let n = (8 - from).min(buf.len() - i);
+        buf[i..i + n].copy_from_slice(&word[from..from + n]);
+        i += n;
+        pos += n as u64;
     }
 }
 

@@ -1,0 +1,413 @@
+//! A real cluster on 127.0.0.1: etcd, three `granary server` workers with mutual TLS, an S3
+//! server, and FUSE clients that read each block from the worker that owns it.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use support::backends::{S3Target, unique};
+use support::data::{Tree, content, write_local};
+use support::process::{Mount, granary, run_with_timeout, signal};
+use support::{free_port, http_get, metric};
+
+fn services_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../scripts/services")
+        .join(name)
+}
+
+/// An etcd of this test's own (so the test can pause it).
+struct OwnEtcd {
+    state: tempfile::TempDir,
+    url: String,
+}
+
+impl OwnEtcd {
+    fn start() -> OwnEtcd {
+        let state = tempfile::tempdir().unwrap();
+        let ok = Command::new("bash")
+            .arg(services_script("etcd.sh"))
+            .arg("start")
+            .arg(state.path())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "etcd.sh start");
+        let env = std::fs::read_to_string(state.path().join("etcd.env")).unwrap();
+        let url = env
+            .lines()
+            .find_map(|l| l.strip_prefix("export GRANARY_TEST_ETCD="))
+            .unwrap()
+            .trim_matches('"')
+            .to_string();
+        OwnEtcd { state, url }
+    }
+
+    fn pid(&self) -> u32 {
+        let pids = std::fs::read_dir(self.state.path().join("etcd")).unwrap();
+        for entry in pids {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "pid") {
+                return std::fs::read_to_string(path)
+                    .unwrap()
+                    .trim()
+                    .parse()
+                    .unwrap();
+            }
+        }
+        panic!("no etcd pid file");
+    }
+}
+
+impl Drop for OwnEtcd {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(services_script("etcd.sh"))
+            .arg("stop")
+            .arg(self.state.path())
+            .status();
+    }
+}
+
+struct Worker {
+    child: Option<Child>,
+    id: String,
+    config: PathBuf,
+    metrics: String,
+}
+
+impl Worker {
+    fn start(id: &str, config: &Path, metrics: &str) -> Worker {
+        let mut w = Worker {
+            child: None,
+            id: id.into(),
+            config: config.into(),
+            metrics: metrics.into(),
+        };
+        w.spawn();
+        w
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = granary(
+            &[
+                "server",
+                "--config",
+                self.config.to_str().unwrap(),
+                "--metrics-addr",
+                &self.metrics,
+            ],
+            &[],
+        );
+        cmd.env("GRANARY_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        self.child = Some(cmd.spawn().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(&self.metrics).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "worker {} did not start",
+                self.id
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill9(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    fn gets(&self) -> f64 {
+        metric(
+            &http_get(&self.metrics, "/metrics"),
+            "granary_backend_requests_total",
+            &[("op", "get")],
+        )
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), "INT");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn status(etcd: &str) -> serde_json::Value {
+    let out = run_with_timeout(
+        granary(&["status", "--etcd", etcd, "--json"], &[]),
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "status: {}", out.stderr);
+    serde_json::from_str(&out.stdout).unwrap()
+}
+
+fn wait_for_members(etcd: &str, n: usize) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let s = status(etcd);
+        let up = s["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["up"] == true)
+            .count();
+        if up == n && s["members"].as_array().unwrap().len() == n {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected {n} live members, got {s}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn mount_cluster(etcd: &str, tls: &Path, dir: &Path) -> Mount {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    Mount::spawn(
+        granary(
+            &[
+                "mount",
+                "--etcd",
+                etcd,
+                "--tls-dir",
+                tls.to_str().unwrap(),
+                dir.to_str().unwrap(),
+                "--metrics-addr",
+                &metrics,
+            ],
+            &[],
+        ),
+        dir,
+        metrics,
+    )
+}
+
+fn sha(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn drop_page_cache() {
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+}
+
+#[test]
+fn three_workers_spread_blocks_fetch_once_and_survive_a_crash_and_an_etcd_pause() {
+    // Ceph RGW: it serves ranged GETs of a large object without reading all of it.
+    let s3 = S3Target::rgw();
+    let etcd = OwnEtcd::start();
+    let work = tempfile::tempdir().unwrap();
+    let tls = work.path().join("tls");
+    let out = run_with_timeout(
+        granary(
+            &[
+                "certs",
+                "--out",
+                tls.to_str().unwrap(),
+                "w1",
+                "w2",
+                "w3",
+                "client",
+            ],
+            &[],
+        ),
+        Duration::from_secs(20),
+    );
+    assert!(out.status.success(), "{}", out.stderr);
+
+    // The dataset: a 512 MiB file and 1,000 small files.
+    let prefix = unique("cluster");
+    let mut tree = Tree::new();
+    tree.insert("big.bin".into(), 512 << 20);
+    for i in 0..1000 {
+        tree.insert(format!("small/f{i:04}"), 2000 + i * 7);
+    }
+    let local = work.path().join("local");
+    write_local(&local, &tree);
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(s3.upload(&prefix, &tree));
+
+    let mut workers: Vec<Worker> = (1..=3)
+        .map(|i| {
+            let id = format!("w{i}");
+            let config = work.path().join(format!("{id}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "node_id = \"{id}\"\nlisten = \"127.0.0.1:{port}\"\n[cache]\ndir = \"{dir}\"\nmemory = \"384MiB\"\ndisk = \"0\"\n\
+                     [s3]\nendpoint = \"{ep}\"\naccess_key_id = \"{ak}\"\nsecret_access_key = \"{sk}\"\n\
+                     [cluster]\netcd = [\"{etcd}\"]\nlease_ttl = \"4s\"\n[tls]\ndir = \"{tls}\"\n[[mount]]\npath = \"/data\"\nsource = \"{src}\"\n",
+                    port = free_port(),
+                    dir = work.path().join(format!("cache-{id}")).display(),
+                    ep = s3.endpoint,
+                    ak = s3.access_key,
+                    sk = s3.secret_key,
+                    etcd = etcd.url,
+                    tls = tls.display(),
+                    src = s3.uri(&prefix),
+                ),
+            )
+            .unwrap();
+            Worker::start(&id, &config, &format!("127.0.0.1:{}", free_port()))
+        })
+        .collect();
+    wait_for_members(&etcd.url, 3);
+
+    // Client A reads everything: right bytes, blocks spread over the three workers.
+    let mnt_a = work.path().join("mnt-a");
+    std::fs::create_dir(&mnt_a).unwrap();
+    let a = mount_cluster(&etcd.url, &tls, &mnt_a);
+    assert_eq!(
+        sha(&mnt_a.join("data/big.bin")),
+        sha(&local.join("big.bin"))
+    );
+    for i in (0..1000).step_by(1) {
+        let path = format!("small/f{i:04}");
+        assert!(
+            std::fs::read(mnt_a.join("data").join(&path)).unwrap() == content(&path, tree[&path]),
+            "{path}"
+        );
+    }
+    let s = status(&etcd.url);
+    for m in s["members"].as_array().unwrap() {
+        assert!(
+            m["reads"]["backend"].as_u64().unwrap() > 50,
+            "blocks are spread over every worker: {s}"
+        );
+    }
+    let gets: f64 = workers.iter().map(Worker::gets).sum();
+    assert_eq!(
+        gets,
+        128.0 + 1000.0,
+        "each block fetched from the backend exactly once"
+    );
+
+    // Client B, another mount: zero backend GETs.
+    let mnt_b = work.path().join("mnt-b");
+    std::fs::create_dir(&mnt_b).unwrap();
+    let b = mount_cluster(&etcd.url, &tls, &mnt_b);
+    assert_eq!(
+        sha(&mnt_b.join("data/big.bin")),
+        sha(&local.join("big.bin"))
+    );
+    for i in (0..1000).step_by(10) {
+        let path = format!("small/f{i:04}");
+        assert!(
+            std::fs::read(mnt_b.join("data").join(&path)).unwrap() == content(&path, tree[&path])
+        );
+    }
+    assert_eq!(
+        workers.iter().map(Worker::gets).sum::<f64>(),
+        gets,
+        "a second client costs no backend GET"
+    );
+
+    // kill -9 a worker in the middle of a read: the reader finishes with the right bytes.
+    drop_page_cache();
+    let reader = {
+        let path = mnt_b.join("data/big.bin");
+        std::thread::spawn(move || sha(&path))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    workers[1].kill9();
+    assert_eq!(
+        reader.join().unwrap(),
+        sha(&local.join("big.bin")),
+        "bytes after a worker crash"
+    );
+    wait_for_members(&etcd.url, 2);
+    workers[1].spawn();
+    wait_for_members(&etcd.url, 3);
+
+    // etcd paused for 10 s: cached data keeps reading; membership recovers after.
+    let etcd_pid = etcd.pid();
+    signal(etcd_pid, "STOP");
+    drop_page_cache();
+    let start = Instant::now();
+    assert_eq!(
+        sha(&mnt_a.join("data/big.bin")),
+        sha(&local.join("big.bin")),
+        "reads while etcd is down"
+    );
+    std::thread::sleep(Duration::from_secs(10).saturating_sub(start.elapsed()));
+    signal(etcd_pid, "CONT");
+    wait_for_members(&etcd.url, 3);
+
+    assert!(a.stop().success());
+    assert!(b.stop().success());
+    drop(workers);
+}
+
+#[test]
+fn a_worker_with_a_certificate_from_another_ca_cannot_join() {
+    let etcd = OwnEtcd::start();
+    let work = tempfile::tempdir().unwrap();
+    let (tls, rogue) = (work.path().join("tls"), work.path().join("rogue"));
+    for (dir, name) in [(&tls, "w1"), (&rogue, "w2")] {
+        let out = run_with_timeout(
+            granary(&["certs", "--out", dir.to_str().unwrap(), name], &[]),
+            Duration::from_secs(20),
+        );
+        assert!(out.status.success());
+    }
+    let source = work.path().join("src");
+    std::fs::create_dir(&source).unwrap();
+    let config = |id: &str, tls: &Path| {
+        let path = work.path().join(format!("{id}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "node_id = \"{id}\"\nlisten = \"127.0.0.1:{}\"\n[cache]\ndir = \"{}\"\ndisk = \"0\"\n[cluster]\netcd = [\"{}\"]\n[tls]\ndir = \"{}\"\n[[mount]]\npath = \"/\"\nsource = \"{}\"\n",
+                free_port(),
+                work.path().join(format!("cache-{id}")).display(),
+                etcd.url,
+                tls.display(),
+                source.display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let _w1 = Worker::start(
+        "w1",
+        &config("w1", &tls),
+        &format!("127.0.0.1:{}", free_port()),
+    );
+    wait_for_members(&etcd.url, 1);
+    let out = run_with_timeout(
+        granary(
+            &["server", "--config", config("w2", &rogue).to_str().unwrap()],
+            &[],
+        ),
+        Duration::from_secs(30),
+    );
+    assert!(
+        !out.status.success(),
+        "a worker with a foreign certificate joined"
+    );
+    assert!(
+        out.stderr.contains("TLS") || out.stderr.contains("certificate"),
+        "says why: {}",
+        out.stderr
+    );
+    let s = status(&etcd.url);
+    assert_eq!(s["members"].as_array().unwrap().len(), 1, "{s}");
+}

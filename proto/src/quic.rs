@@ -35,6 +35,11 @@ fn transport() -> Arc<TransportConfig> {
     // waiting on a slow backend fetch at its owner is not silence.
     t.max_idle_timeout(Some(VarInt::from_u32(3_000).into()));
     t.keep_alive_interval(Some(Duration::from_secs(1)));
+    // Per-packet work dominates QUIC's cost: let MTU discovery find jumbo paths (loopback,
+    // jumbo-frame networks) instead of stopping at 1452 bytes.
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(8952);
+    t.mtu_discovery_config(Some(mtu));
     Arc::new(t)
 }
 

@@ -6,6 +6,7 @@ use crate::config::{BackendSettings, S3Section};
 use bytes::Bytes;
 use granary_core::SourceUri;
 use granary_core::metrics as m;
+use granary_core::rate::TokenBucket;
 use granary_proto::ApiError;
 use object_store::aws::AmazonS3Builder;
 use object_store::path::{Path as StorePath, PathPart};
@@ -54,6 +55,7 @@ pub struct Backend {
     id: String,
     store: Store,
     limit: Semaphore,
+    rate: Option<std::sync::Mutex<TokenBucket>>,
 }
 
 impl std::fmt::Debug for Backend {
@@ -268,7 +270,27 @@ impl Backend {
             id: source.to_string(),
             store,
             limit: Semaphore::new(settings.max_concurrency),
+            rate: settings
+                .max_requests_per_second
+                .map(|r| std::sync::Mutex::new(TokenBucket::new(r, r))),
         })
+    }
+
+    /// Waits for a request slot: one of `max_concurrency`, and a token when rate-limited.
+    async fn admit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
+        if let Some(rate) = &self.rate {
+            loop {
+                let wait = match rate.lock().expect("rate lock").try_take(Instant::now()) {
+                    Ok(()) => break,
+                    Err(wait) => wait,
+                };
+                tokio::time::sleep(wait).await;
+            }
+        }
+        self.limit
+            .acquire()
+            .await
+            .map_err(|_| ApiError::Unavailable("backend closed".into()))
     }
 
     /// The identity of this backend inside object ids.
@@ -278,11 +300,7 @@ impl Backend {
 
     /// Lists one directory level under `key` (`""` = the backend's root).
     pub async fn list(&self, key: &str) -> Result<Vec<RawEntry>, ApiError> {
-        let _permit = self
-            .limit
-            .acquire()
-            .await
-            .map_err(|_| ApiError::Unavailable("backend closed".into()))?;
+        let _permit = self.admit().await?;
         let start = Instant::now();
         let result = match &self.store {
             Store::Object { store, prefix } => {
@@ -345,11 +363,7 @@ impl Backend {
         etag: Option<&str>,
         version: Option<&str>,
     ) -> Result<Bytes, ApiError> {
-        let _permit = self
-            .limit
-            .acquire()
-            .await
-            .map_err(|_| ApiError::Unavailable("backend closed".into()))?;
+        let _permit = self.admit().await?;
         let start = Instant::now();
         let result = match &self.store {
             Store::Object { store, prefix } => {

@@ -20,6 +20,7 @@
 //! [backend]
 //! request_timeout = "20s"
 //! max_concurrency = 64
+//! max_requests_per_second = 500
 //!
 //! [[mount]]
 //! path = "/imagenet"
@@ -118,6 +119,7 @@ pub struct BackendSection {
     pub connect_timeout: Option<String>,
     pub max_retries: Option<usize>,
     pub max_concurrency: Option<usize>,
+    pub max_requests_per_second: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -166,6 +168,8 @@ pub struct BackendSettings {
     pub connect_timeout: Duration,
     pub max_retries: usize,
     pub max_concurrency: usize,
+    /// Requests per second to each backend (bursts of one second's worth); `None` = unlimited.
+    pub max_requests_per_second: Option<f64>,
 }
 
 impl Default for BackendSettings {
@@ -175,6 +179,7 @@ impl Default for BackendSettings {
             connect_timeout: Duration::from_secs(3),
             max_retries: 3,
             max_concurrency: 64,
+            max_requests_per_second: None,
         }
     }
 }
@@ -310,6 +315,14 @@ impl ConfigFile {
                 ));
             }
             backend.max_concurrency = n;
+        }
+        if let Some(rate) = self.backend.max_requests_per_second {
+            if !(rate.is_finite() && rate > 0.0) {
+                return Err(ConfigError::Invalid(
+                    "backend.max_requests_per_second must be a positive number".into(),
+                ));
+            }
+            backend.max_requests_per_second = Some(rate);
         }
         if self.mounts.is_empty() {
             return Err(ConfigError::Invalid(

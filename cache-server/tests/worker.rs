@@ -131,3 +131,27 @@ async fn worker_answers_validates_and_fetches_each_block_once() {
     w.read_block(&object, 3).await.unwrap();
     assert_eq!(counter(m::BLOCK_READS, ("tier", "memory")) - hits_before, 1);
 }
+
+#[tokio::test]
+async fn backend_requests_are_rate_limited() {
+    use granary_cache_server::backend::Backend;
+    use granary_cache_server::config::{BackendSettings, S3Section};
+    let dir = tempfile::tempdir().unwrap();
+    let settings = BackendSettings {
+        max_requests_per_second: Some(20.0),
+        ..BackendSettings::default()
+    };
+    let source = format!("file://{}", dir.path().display()).parse().unwrap();
+    let backend = Backend::new(&source, &S3Section::default(), &settings).unwrap();
+    let start = std::time::Instant::now();
+    for _ in 0..40 {
+        backend.list("").await.unwrap();
+    }
+    // 20 in the first burst, then 20 more at 20 per second.
+    let elapsed = start.elapsed();
+    assert!(
+        elapsed >= std::time::Duration::from_millis(900),
+        "{elapsed:?}"
+    );
+    assert!(elapsed < std::time::Duration::from_secs(3), "{elapsed:?}");
+}

@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod namespace;
 pub mod object;
 pub mod placement;
+pub mod rate;
 pub mod readahead;
 pub mod units;
 pub mod uri;

@@ -22,7 +22,7 @@ set +a
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 set +e
-cargo test --workspace --locked "$@" 2>&1 | tee "$state/cargo-test.log"
+cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$state/cargo-test.log"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line for the whole run (cargo prints one summary per test binary).

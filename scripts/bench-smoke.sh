@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# CI smoke test of the benchmark harness (docs/BENCHMARKS.md): installs what it needs when
+# missing, then runs `granary-bench --smoke`: every installed system on every workload at tiny
+# sizes, one run. It fails unless every figure was measured with the right bytes and the chart
+# was drawn, or if anything is left mounted afterwards. Extra arguments go to granary-bench.
+#   s3fs, rclone       the peer FUSE tools measured beside Granary
+#   fonts-dejavu-core  the font the chart's labels are drawn in
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+need=()
+for pkg in s3fs rclone fonts-dejavu-core; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+status=0
+cargo run --release --locked -p granary-bench -- --smoke "$@" || status=$?
+# The bench unmounts and stops everything it started, however it ends; check.
+work=$(realpath -m "${CARGO_TARGET_DIR:-target}/bench-work")
+if grep -q " $work" /proc/mounts; then
+  echo "bench-smoke: still mounted under $work:" >&2
+  grep " $work" /proc/mounts >&2
+  status=1
+fi
+exit "$status"

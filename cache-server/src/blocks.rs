@@ -90,6 +90,10 @@ impl Tier {
     }
 }
 
+fn memory_shards(memory: u64, block: u64) -> usize {
+    (memory / (64 * block)).clamp(1, 16) as usize
+}
+
 pub struct BlockCache {
     cache: HybridCache<u128, CachedBlock>,
 }
@@ -117,6 +121,12 @@ impl BlockCache {
             .with_name("granary-blocks")
             .with_policy(HybridCachePolicy::WriteOnInsertion)
             .memory(settings.memory.bytes() as usize)
+            // foyer splits the memory tier into shards of equal capacity: keep at least 64 blocks
+            // per shard, or a small cache evicts blocks long before it is full.
+            .with_shards(memory_shards(
+                settings.memory.bytes(),
+                settings.block_size.get(),
+            ))
             .with_weighter(|_key: &u128, value: &CachedBlock| value.0.data.len() + 64)
             .storage();
         let cache = if settings.disk.bytes() == 0 {

@@ -5,7 +5,7 @@
 //! the blocks already requested ahead) is sequential: the window doubles, up to `max_blocks`
 //! ahead. Any other read is a seek: the window collapses to zero blocks ahead, so random reads
 //! cost exactly the blocks they touch. The kernel may deliver readahead requests slightly out of
-//! order (FUSE async reads), which the tolerance behind `last_end` absorbs.
+//! order (FUSE async reads), which a tolerance of one window behind `last_end` absorbs.
 //!
 //! The window bounds the memory one file may hold in flight (`max_blocks * block size`); the
 //! caller also holds a global byte budget and may start fewer blocks than planned.
@@ -40,8 +40,10 @@ impl Readahead {
     /// the read touches, then the window ahead, clipped to the object.
     pub fn on_read(&mut self, offset: u64, len: u64, bs: BlockSize, size: u64) -> Range<u64> {
         let needed = bs.indices(offset, len, size);
-        let behind = bs.get();
+        // Reads anywhere within the current window, behind or ahead of the furthest read, belong
+        // to the stream: the kernel sends a window's worth of async reads in any order.
         let ahead = (self.window + 1) * bs.get();
+        let behind = ahead;
         let sequential = offset.saturating_add(behind) >= self.last_end
             && offset <= self.last_end.saturating_add(ahead);
         if sequential {

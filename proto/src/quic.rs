@@ -124,7 +124,7 @@ async fn serve_connection<A: CacheApi>(conn: Connection, api: Arc<A>) {
             let sent = async {
                 send.write_all(&header).await?;
                 if let Some(body) = body {
-                    send.write_all(&body).await?;
+                    send.write_chunk(body).await?;
                 }
                 send.finish()?;
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
@@ -250,11 +250,30 @@ impl BlockClient {
                 .map_err(|e| ApiError::Unavailable(format!("{server_name}: {e}")))?;
             send.finish()
                 .map_err(|e| ApiError::Unavailable(format!("{server_name}: {e}")))?;
-            let bytes = recv
-                .read_to_end(frame::MAX_BODY + 64)
-                .await
-                .map_err(|e| ApiError::Unavailable(format!("{server_name}: {e}")))?;
-            let mut buf = BytesMut::from(&bytes[..]);
+            // Collect the response without an intermediate Vec: reserve the body once its
+            // length is known, refuse anything longer than a frame may be.
+            let mut buf = BytesMut::with_capacity(64 << 10);
+            let mut reserved = false;
+            loop {
+                match recv.read_chunk(usize::MAX, true).await {
+                    Ok(Some(chunk)) => {
+                        if buf.len() + chunk.bytes.len() > frame::MAX_BODY + 64 {
+                            return Err(ApiError::Corrupt(format!(
+                                "{server_name}: response longer than a frame"
+                            )));
+                        }
+                        buf.extend_from_slice(&chunk.bytes);
+                        if !reserved && buf.len() >= 9 {
+                            let len =
+                                u32::from_be_bytes(buf[5..9].try_into().expect("4 bytes")) as usize;
+                            buf.reserve(len.min(frame::MAX_BODY) + 13);
+                            reserved = true;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => return Err(ApiError::Unavailable(format!("{server_name}: {e}"))),
+                }
+            }
             match frame::decode_response(&mut buf) {
                 Ok(Some(result)) => result,
                 Ok(None) => Err(ApiError::Unavailable(format!(

@@ -24,6 +24,14 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 set +e
 cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$state/cargo-test.log"
 status=${PIPESTATUS[0]}
+# The benchmark harness's smoke run: every system (native, raw S3, Granary, s3fs, rclone)
+# produces a byte-checked figure on tiny sizes.
+if GRANARY_BENCH_DEBUG=1 scripts/bench-smoke.sh; then
+  echo "test result: ok. 1 passed; 0 failed (benchmark smoke)" | tee -a "$state/cargo-test.log"
+else
+  echo "test result: FAILED. 0 passed; 1 failed (benchmark smoke)" | tee -a "$state/cargo-test.log"
+  status=1
+fi
 set -e
 # One closing line for the whole run (cargo prints one summary per test binary).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "total: %d passed, %d failed\n", p, f }' "$state/cargo-test.log"

@@ -1,13 +1,13 @@
 //! The data every system reads: deterministic pseudo-random files (the same bytes on every run),
-//! written once to local disk (the native copy) and uploaded to the bucket under one prefix, each
-//! with its SHA-256 so that what a system returns can be checked.
+//! written once to local disk (the native copy) and uploaded to the bucket under one prefix. Any
+//! range of any file can be generated again ([`expected`]), so what a system returns, whole files
+//! or scattered reads alike, is checked byte for byte.
 
 use anyhow::Context;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -27,12 +27,11 @@ pub struct Shape {
 }
 
 /// One file of the dataset: its path relative to the dataset root (local directory, mount
-/// point, or bucket prefix alike), size and digest.
+/// point, or bucket prefix alike) and size.
 #[derive(Debug, Clone)]
 pub struct FileSpec {
     pub name: String,
     pub size: u64,
-    pub sha256: [u8; 32],
 }
 
 /// The dataset, present both under `native_root` and in the bucket under `prefix`.
@@ -40,9 +39,13 @@ pub struct FileSpec {
 pub struct Dataset {
     pub prefix: String,
     pub native_root: PathBuf,
-    pub large: Vec<FileSpec>,
+    pub large: FileSpec,
+    /// Sorted by name, all in [`SMALL_DIR`].
     pub small: Vec<FileSpec>,
 }
+
+/// The directory of the small files (the one the listing workload reads).
+pub const SMALL_DIR: &str = "small";
 
 impl Dataset {
     /// Generates the files, writes them under `native_root` and uploads them to `store`.
@@ -51,11 +54,11 @@ impl Dataset {
         native_root: &Path,
         store: &Arc<dyn ObjectStore>,
     ) -> anyhow::Result<Dataset> {
-        std::fs::create_dir_all(native_root.join("small"))?;
+        std::fs::create_dir_all(native_root.join(SMALL_DIR))?;
         let large = write_large("large.bin", shape.large_bytes, native_root, store).await?;
         let mut small: Vec<FileSpec> = futures::stream::iter(0..shape.small_count)
             .map(|i| {
-                let name = format!("small/{i:05}.bin");
+                let name = format!("{SMALL_DIR}/{i:05}.bin");
                 write_small(name, shape.small_bytes, native_root, store)
             })
             .buffer_unordered(UPLOADS)
@@ -65,7 +68,7 @@ impl Dataset {
         Ok(Dataset {
             prefix: PREFIX.to_string(),
             native_root: native_root.to_path_buf(),
-            large: vec![large],
+            large,
             small,
         })
     }
@@ -74,6 +77,20 @@ impl Dataset {
     pub fn key(&self, file: &FileSpec) -> ObjectPath {
         ObjectPath::from(format!("{}/{}", self.prefix, file.name))
     }
+
+    /// Total bytes of the small files.
+    pub fn small_bytes(&self) -> u64 {
+        self.small.iter().map(|f| f.size).sum()
+    }
+}
+
+/// Fills `buf` with the bytes of `file` from `offset`, a multiple of 8 (every read of the
+/// workloads starts at one).
+pub fn expected(file: &FileSpec, offset: u64, buf: &mut [u8]) {
+    debug_assert_eq!(offset % 8, 0, "unaligned check of {}", file.name);
+    let mut rng = Rng::for_file(&file.name);
+    rng.skip(offset / 8);
+    rng.fill(buf);
 }
 
 async fn write_large(
@@ -95,13 +112,11 @@ async fn write_large(
         .with_context(|| format!("cannot start uploading {key}"))?;
     let mut upload = WriteMultipart::new_with_chunk_size(upload, CHUNK);
     let mut generator = Rng::for_file(name);
-    let mut hasher = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
     let mut left = size;
     while left > 0 {
         let n = left.min(CHUNK as u64) as usize;
         generator.fill(&mut buf[..n]);
-        hasher.update(&buf[..n]);
         std::io::Write::write_all(&mut local, &buf[..n])?;
         upload.wait_for_capacity(UPLOADS).await?;
         upload.write(&buf[..n]);
@@ -115,7 +130,6 @@ async fn write_large(
     Ok(FileSpec {
         name: name.to_string(),
         size,
-        sha256: hasher.finalize().into(),
     })
 }
 
@@ -127,15 +141,18 @@ async fn write_small(
 ) -> anyhow::Result<FileSpec> {
     let mut data = vec![0u8; size as usize];
     Rng::for_file(&name).fill(&mut data);
-    let sha256 = Sha256::digest(&data).into();
     std::fs::write(root.join(&name), &data)?;
     let key = ObjectPath::from(format!("{PREFIX}/{name}"));
     store
         .put(&key, PutPayload::from(data))
         .await
         .with_context(|| format!("cannot upload {key}"))?;
-    Ok(FileSpec { name, size, sha256 })
+    Ok(FileSpec { name, size })
 }
+
+/// The splitmix64 increment: the state after `n` numbers is the seed plus `n` of these, so the
+/// generator can jump to any point of a file.
+const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
 
 /// splitmix64: fast, and the same numbers on every run and machine for the same seed.
 pub struct Rng(u64);
@@ -153,17 +170,43 @@ impl Rng {
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        self.0 = self.0.wrapping_add(GAMMA);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
     }
 
+    /// Skips `n` numbers (8 bytes of a file each).
+    fn skip(&mut self, n: u64) {
+        self.0 = self.0.wrapping_add(n.wrapping_mul(GAMMA));
+    }
+
+    /// Fills `buf`, 8 bytes (little-endian) per number.
     fn fill(&mut self, buf: &mut [u8]) {
         for chunk in buf.chunks_mut(8) {
             let word = self.next_u64().to_le_bytes();
             chunk.copy_from_slice(&word[..chunk.len()]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expected_matches_the_generated_file_at_any_aligned_offset() {
+        let file = FileSpec {
+            name: "large.bin".into(),
+            size: 4096,
+        };
+        let mut whole = vec![0u8; 4096];
+        Rng::for_file(&file.name).fill(&mut whole);
+        for (offset, len) in [(0, 4096), (8, 1), (1024, 100), (4088, 8)] {
+            let mut part = vec![0u8; len];
+            expected(&file, offset as u64, &mut part);
+            assert_eq!(part, whole[offset..offset + len], "offset {offset}");
         }
     }
 }

@@ -4,11 +4,12 @@
 //! It sets everything up itself on 127.0.0.1 (an S3 server, a generated dataset in the bucket and
 //! on local disk, one fresh mount per run) and tears it all down however it ends. Each figure is
 //! preceded by an untimed pass that checks every byte, then measured over several runs. Results:
-//! a table on stdout and JSON under `target/bench-results/`. See docs/BENCHMARKS.md.
+//! a table on stdout, JSON and a PNG chart under `target/bench-results/`. See docs/BENCHMARKS.md.
 
 mod cleanup;
 mod dataset;
 mod host;
+mod profile;
 mod progress;
 mod report;
 mod runner;
@@ -18,7 +19,8 @@ mod workloads;
 
 use anyhow::{Context, bail};
 use clap::{ArgGroup, Parser};
-use dataset::{Dataset, Shape};
+use dataset::Dataset;
+use profile::Profile;
 use progress::Progress;
 use report::{GranaryConfig, Report};
 use std::path::{Path, PathBuf};
@@ -32,19 +34,24 @@ const MIB: u64 = 1 << 20;
 #[derive(Parser, Debug)]
 #[command(
     about = "Benchmarks Granary's mount against native disk, the raw S3 backend and peer FUSE tools",
-    group(ArgGroup::new("profile").required(true).args(["quick", "full"]))
+    group(ArgGroup::new("profile").required(true).args(["smoke", "quick", "full"]))
 )]
 struct Args {
-    /// A few minutes: a 256 MiB file, 500 small files, 3 runs per figure.
+    /// For CI: an 8 MiB file, 20 small files, 1 run; fails unless every system produced every
+    /// figure with the right bytes.
+    #[arg(long)]
+    smoke: bool,
+    /// A 1 GiB file, 2,000 small files, 3 runs per figure.
     #[arg(long)]
     quick: bool,
-    /// A 1 GiB file, 2,000 small files, 5 runs per figure.
+    /// A 4 GiB file, 20,000 small files, 5 runs per figure.
     #[arg(long)]
     full: bool,
-    /// The S3 server holding the dataset.
-    #[arg(long, value_enum, default_value = "moto")]
-    s3: s3::Flavor,
-    /// Runs per figure [default: 3 with --quick, 5 with --full].
+    /// The S3 server holding the dataset [default: moto with --smoke, else ceph: moto reads the
+    /// whole object for every ranged GET, far too slow for a 1 GiB file].
+    #[arg(long, value_enum)]
+    s3: Option<s3::Flavor>,
+    /// Runs per figure [default: 1 with --smoke, 3 with --quick, 5 with --full].
     #[arg(long)]
     runs: Option<usize>,
     /// Systems to measure, comma-separated: native, backend, granary, s3fs, rclone
@@ -55,36 +62,31 @@ struct Args {
     #[arg(long, default_value = "512MiB", value_parser = parse_size)]
     memory_cache: u64,
     /// Granary's disk cache.
-    #[arg(long, default_value = "4GiB", value_parser = parse_size)]
+    #[arg(long, default_value = "8GiB", value_parser = parse_size)]
     disk_cache: u64,
     /// The granary binary to measure [default: build it now, target/release/granary].
     #[arg(long, value_name = "PATH")]
     granary_bin: Option<PathBuf>,
 }
 
-/// The dataset and the number of runs, from `--quick`/`--full` and `--runs`.
-struct Profile {
-    name: &'static str,
-    shape: Shape,
-    runs: usize,
-}
-
-impl Profile {
-    fn of(args: &Args) -> Profile {
-        let (name, large_bytes, small_count, runs) = if args.full {
-            ("full", 1 << 30, 2000, 5)
+impl Args {
+    fn s3(&self) -> s3::Flavor {
+        self.s3.unwrap_or(if self.smoke {
+            s3::Flavor::Moto
         } else {
-            ("quick", 256 << 20, 500, 3)
+            s3::Flavor::Ceph
+        })
+    }
+
+    fn profile(&self) -> Profile {
+        let name = if self.smoke {
+            profile::Name::Smoke
+        } else if self.full {
+            profile::Name::Full
+        } else {
+            profile::Name::Quick
         };
-        Profile {
-            name,
-            shape: Shape {
-                large_bytes,
-                small_count,
-                small_bytes: 128 << 10,
-            },
-            runs: args.runs.unwrap_or(runs).max(1),
-        }
+        Profile::new(name, self.runs)
     }
 }
 
@@ -137,11 +139,8 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         .enable_all()
         .build()?;
     rt.spawn(cleanup::on_signal());
-    let Profile {
-        name: profile,
-        shape,
-        runs,
-    } = Profile::of(args);
+    let profile = args.profile();
+    let shape = profile.shape;
     let names = system_names(&args.systems)?;
     host::drop_caches()?;
 
@@ -149,7 +148,8 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     let results_dir = target_dir().join("bench-results");
     let log_dir = results_dir.join("logs");
     let work = target_dir().join("bench-work");
-    let s3_script = root.join("scripts/services").join(args.s3.script());
+    let flavor = args.s3();
+    let s3_script = root.join("scripts/services").join(flavor.script());
     let s3_state = work.join("s3");
     let granary_bin = match &args.granary_bin {
         Some(bin) => std::fs::canonicalize(bin).with_context(|| format!("{}", bin.display()))?,
@@ -178,10 +178,11 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     let mut progress = Progress::new();
     progress.note(&format!(
         "starting {} (scripts/services/{})",
-        args.s3.name(),
-        args.s3.script()
+        flavor.name(),
+        flavor.script()
     ));
-    let server = s3::S3Server::start(args.s3, &s3_script, &s3_state)?;
+    let data_bytes = shape.large_bytes + shape.small_count as u64 * shape.small_bytes;
+    let server = s3::S3Server::start(flavor, &s3_script, &s3_state, data_bytes)?;
     let store = server.conn.store(16)?;
     progress.note(&format!(
         "dataset: writing and uploading a {} MiB file and {} files of {} KiB",
@@ -191,10 +192,14 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     ));
     let dataset = rt.block_on(Dataset::create(shape, &work.join("native"), &store))?;
 
+    // The epochs read the small files: twice the memory cache (except in --smoke, whose files
+    // fit in the smallest cache granary takes: 4 blocks of 4 MiB).
+    let epochs_memory_cache = (dataset.small_bytes() / 2).max(16 * MIB);
     let granary = Tool::Granary {
         bin: granary_bin.clone(),
         memory_cache: args.memory_cache,
         disk_cache: args.disk_cache,
+        epochs_memory_cache,
     };
     let mut systems: Vec<Box<dyn System>> = names
         .iter()
@@ -223,8 +228,11 @@ fn run(args: &Args) -> anyhow::Result<bool> {
             ))
         })
         .collect();
-    let passes_per_workload: usize = systems.iter().map(|s| s.conditions().len()).sum();
-    progress.expect(Workload::ALL.len() * passes_per_workload * (runs + 1));
+    let passes: usize = Workload::ALL
+        .iter()
+        .flat_map(|w| systems.iter().map(|s| w.conditions(s.kind()).len()))
+        .sum();
+    progress.expect(passes * (profile.runs + 1));
 
     let mut figures = Vec::new();
     for workload in Workload::ALL {
@@ -233,7 +241,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
                 system.as_mut(),
                 workload,
                 &dataset,
-                runs,
+                &profile,
                 &rt,
                 &mut progress,
             ));
@@ -246,15 +254,14 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         started_at: humantime::format_rfc3339_seconds(started).to_string(),
         finished_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         profile,
-        runs,
-        s3: args.s3,
+        s3: flavor,
         machine: host::Machine::describe(),
-        dataset: shape,
         granary: GranaryConfig {
             binary: granary_bin,
             git: git_describe(&root),
             memory_cache_bytes: args.memory_cache,
             disk_cache_bytes: args.disk_cache,
+            epochs_memory_cache_bytes: epochs_memory_cache,
         },
         figures,
         targets: Vec::new(),
@@ -266,13 +273,22 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         .chars()
         .filter(|c| c.is_ascii_alphanumeric())
         .collect();
-    let path = report.write_json(&results_dir, &stamp)?;
+    let json = report.write_json(&results_dir, &stamp)?;
+    let chart = results_dir.join(format!("{stamp}-{}.png", profile.label()));
+    let charted = report::chart::draw(&report, &chart).and_then(|()| {
+        std::fs::copy(&chart, results_dir.join("latest.png"))?;
+        Ok(())
+    });
     println!(
-        "\nResults: {} (and latest.json beside it); daemon logs in {}",
-        path.display(),
+        "\nResults: {} and {} (latest.json and latest.png beside them); daemon logs in {}",
+        json.display(),
+        chart.display(),
         log_dir.display()
     );
-    Ok(report.all_good())
+    if let Err(e) = &charted {
+        eprintln!("granary-bench: error: no chart: {e:#}");
+    }
+    Ok(report.all_good() && charted.is_ok())
 }
 
 const SYSTEMS: [&str; 5] = ["native", "backend", "granary", "s3fs", "rclone"];

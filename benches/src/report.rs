@@ -1,31 +1,109 @@
-//! What a run found: every sample, the summary of each figure (median and min-max over the
-//! runs, ratios to native and to the raw backend), the issue-2 targets, the table printed on
-//! stdout and the JSON written under `target/bench-results/`.
+//! What a run found: every sample, the summary of each figure (median and min-max over the runs,
+//! ratios to native and to the raw backend), the issue-6 targets ([`targets`]), the table printed
+//! on stdout ([`table`]), the chart ([`chart`]) and the JSON written under
+//! `target/bench-results/`.
 
-use crate::dataset::Shape;
+pub mod chart;
+mod table;
+mod targets;
+
 use crate::host::Machine;
+use crate::profile::Profile;
 use crate::s3::Flavor;
-use serde::Serialize;
+use crate::workloads::{Metric, Timed, Workload};
+use serde::{Serialize, Serializer};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+pub use targets::Target;
+
 const MB: f64 = 1e6;
 const MIB: u64 = 1 << 20;
+
+/// Granary's block reads by tier, from which a hit ratio is computed.
+const BLOCK_READS: &str = "granary_block_reads_total";
 
 /// One timed pass.
 #[derive(Debug, Serialize)]
 pub struct Sample {
     pub seconds: f64,
     pub bytes: u64,
-    pub files: u64,
+    /// Reads, files, stats or entries, depending on the workload.
+    pub ops: u64,
     pub mb_per_s: f64,
-    pub files_per_s: f64,
+    pub ops_per_s: f64,
+    /// Latency percentiles of the workloads that time each operation.
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
     /// CPU time the serving process spent during the pass.
     pub cpu_seconds: Option<f64>,
     /// The serving process's peak RSS since it started, read after the pass.
     pub peak_rss_bytes: Option<u64>,
     /// How the system's own counters moved during the pass.
     pub counters: BTreeMap<String, f64>,
+    /// Block reads served from Granary's cache (memory or disk) over all its block reads.
+    pub hit_ratio: Option<f64>,
+}
+
+impl Sample {
+    pub fn new(
+        pass: &Timed,
+        cpu_seconds: Option<f64>,
+        peak_rss_bytes: Option<u64>,
+        counters: BTreeMap<String, f64>,
+    ) -> Sample {
+        let o = &pass.outcome;
+        let mut latencies = o.latencies.clone();
+        latencies.sort_by(f64::total_cmp);
+        let percentile = |p: f64| {
+            let last = latencies.len().checked_sub(1)?;
+            Some(latencies[(p * last as f64).round() as usize] * 1e3)
+        };
+        Sample {
+            seconds: pass.seconds,
+            bytes: o.bytes,
+            ops: o.ops,
+            mb_per_s: o.bytes as f64 / MB / pass.seconds,
+            ops_per_s: o.ops as f64 / pass.seconds,
+            p50_ms: percentile(0.5),
+            p99_ms: percentile(0.99),
+            cpu_seconds,
+            peak_rss_bytes,
+            hit_ratio: hit_ratio(&counters),
+            counters,
+        }
+    }
+
+    /// The figure that sums up `metric`.
+    pub fn value(&self, metric: Metric) -> Option<f64> {
+        match metric {
+            Metric::MbPerS => Some(self.mb_per_s),
+            Metric::OpsPerS => Some(self.ops_per_s),
+            Metric::P50Ms => self.p50_ms,
+        }
+    }
+
+    /// The figure with its unit, for progress lines.
+    pub fn headline(&self, workload: Workload) -> String {
+        let value = self.value(workload.metric()).map_or("-".into(), number);
+        let hits = self
+            .hit_ratio
+            .map_or(String::new(), |h| format!(", hit ratio {h:.2}"));
+        format!("{value} {}{hits}", workload.unit())
+    }
+}
+
+/// Cache hits over all block reads, from the deltas of [`BLOCK_READS`] by tier.
+fn hit_ratio(counters: &BTreeMap<String, f64>) -> Option<f64> {
+    let reads = |tier: &str| {
+        counters
+            .get(&format!("{BLOCK_READS}{{tier=\"{tier}\"}}"))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let hits = reads("memory") + reads("disk");
+    let all = hits + reads("backend");
+    (all > 0.0).then(|| hits / all)
 }
 
 /// Median and range over the runs.
@@ -57,14 +135,22 @@ impl Stats {
     }
 }
 
+impl Serialize for Workload {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
 /// One figure: a workload read by a system in one condition, over several runs.
 #[derive(Debug, Serialize)]
 pub struct Figure {
-    pub workload: &'static str,
+    pub workload: Workload,
     pub system: String,
     pub condition: String,
-    pub counts_files: bool,
-    /// Whether an untimed pass in this condition returned exactly the dataset's bytes.
+    pub metric: Metric,
+    pub unit: &'static str,
+    /// Whether an untimed pass in this condition returned exactly the dataset's bytes (sizes and
+    /// names for the metadata workloads).
     pub verified: bool,
     pub error: Option<String>,
     pub samples: Vec<Sample>,
@@ -73,30 +159,31 @@ pub struct Figure {
 
 #[derive(Debug, Serialize)]
 pub struct Summary {
+    /// The workload's [`Metric`].
+    pub value: Stats,
     pub mb_per_s: Stats,
-    pub files_per_s: Stats,
+    pub ops_per_s: Stats,
+    pub p50_ms: Option<Stats>,
+    pub p99_ms: Option<Stats>,
+    pub hit_ratio: Option<Stats>,
     pub cpu_seconds: Option<Stats>,
     /// Highest peak RSS over the runs.
     pub peak_rss_bytes: Option<u64>,
-    /// Median MB/s over native's median: native cold for cold and direct reads, native from the
-    /// page cache for hot reads.
+    /// How much faster than native (above 1: faster): the median over native's median (the
+    /// inverse for a latency), native in the matching state (see [`native_condition`]).
     pub vs_native: Option<f64>,
-    /// Median MB/s over the raw backend's median (the direct backend GET rate).
+    /// The same against the raw backend (the direct backend rate).
     pub vs_backend: Option<f64>,
 }
 
 impl Figure {
-    pub fn new(
-        workload: &'static str,
-        counts_files: bool,
-        system: &str,
-        condition: String,
-    ) -> Self {
+    pub fn new(workload: Workload, system: &str, condition: String) -> Self {
         Figure {
             workload,
             system: system.to_string(),
             condition,
-            counts_files,
+            metric: workload.metric(),
+            unit: workload.unit(),
             verified: false,
             error: None,
             samples: Vec::new(),
@@ -104,17 +191,28 @@ impl Figure {
         }
     }
 
-    fn is(&self, system: &str, condition: &str) -> bool {
-        self.system == system && self.condition == condition
+    fn is(&self, workload: Workload, system: &str, condition: &str) -> bool {
+        self.workload == workload && self.system == system && self.condition == condition
+    }
+
+    fn values(&self) -> impl Iterator<Item = f64> + '_ {
+        self.samples.iter().filter_map(|s| s.value(self.metric))
+    }
+
+    /// Whether it was measured, with the right bytes and no error.
+    fn good(&self) -> bool {
+        self.verified && self.error.is_none() && !self.samples.is_empty()
     }
 }
 
-/// An issue-2 target and whether this run meets it.
-#[derive(Debug, Serialize)]
-pub struct Target {
-    pub name: String,
-    pub measured: String,
-    pub met: Option<bool>,
+/// The native condition a figure in `condition` is compared with: cold for cold and direct
+/// reads, the page cache for every hot read, the same epoch for an epoch.
+fn native_condition(condition: &str) -> &str {
+    match condition {
+        "cold" | "direct" => "cold",
+        c if c.starts_with("epoch-") => c,
+        _ => "hot-pagecache",
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -123,17 +221,17 @@ pub struct GranaryConfig {
     pub git: String,
     pub memory_cache_bytes: u64,
     pub disk_cache_bytes: u64,
+    /// The memory cache of the epochs workload (half the small files; no disk tier).
+    pub epochs_memory_cache_bytes: u64,
 }
 
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub started_at: String,
     pub finished_at: String,
-    pub profile: &'static str,
-    pub runs: usize,
+    pub profile: Profile,
     pub s3: Flavor,
     pub machine: Machine,
-    pub dataset: Shape,
     pub granary: GranaryConfig,
     pub figures: Vec<Figure>,
     pub targets: Vec<Target>,
@@ -142,287 +240,120 @@ pub struct Report {
 impl Report {
     /// Summarizes every figure and evaluates the targets.
     pub fn finish(&mut self) {
-        let medians: Vec<(usize, Option<f64>)> = self
-            .figures
-            .iter()
-            .enumerate()
-            .map(|(i, f)| {
-                (
-                    i,
-                    Stats::of(f.samples.iter().map(|s| s.mb_per_s)).map(|s| s.median),
-                )
-            })
-            .collect();
-        let median_of = |workload: &str, system: &str, condition: &str| {
-            medians.iter().find_map(|&(i, m)| {
-                let f = &self.figures[i];
-                (f.workload == workload && f.is(system, condition))
-                    .then_some(m)
-                    .flatten()
-            })
+        let median = |workload: Workload, system: &str, condition: &str| {
+            let f = self
+                .figures
+                .iter()
+                .find(|f| f.is(workload, system, condition))?;
+            Some(Stats::of(f.values())?.median)
         };
         let summaries: Vec<Option<Summary>> = self
             .figures
             .iter()
             .map(|f| {
-                let mb_per_s = Stats::of(f.samples.iter().map(|s| s.mb_per_s))?;
-                let native_condition = match f.condition.as_str() {
-                    "cold" | "direct" => "cold",
-                    _ => "hot-pagecache",
+                let value = Stats::of(f.values())?;
+                let speedup = |reference: f64| match f.metric {
+                    Metric::P50Ms => reference / value.median,
+                    _ => value.median / reference,
                 };
-                let native = median_of(f.workload, "native", native_condition);
-                let backend = median_of(f.workload, "backend", "direct");
+                let native = median(f.workload, "native", native_condition(&f.condition));
+                let backend = median(f.workload, "backend", "direct");
+                let stats =
+                    |get: fn(&Sample) -> Option<f64>| Stats::of(f.samples.iter().filter_map(get));
                 Some(Summary {
-                    mb_per_s,
-                    files_per_s: Stats::of(f.samples.iter().map(|s| s.files_per_s))?,
-                    cpu_seconds: Stats::of(f.samples.iter().filter_map(|s| s.cpu_seconds)),
+                    value,
+                    mb_per_s: stats(|s| Some(s.mb_per_s))?,
+                    ops_per_s: stats(|s| Some(s.ops_per_s))?,
+                    p50_ms: stats(|s| s.p50_ms),
+                    p99_ms: stats(|s| s.p99_ms),
+                    hit_ratio: stats(|s| s.hit_ratio),
+                    cpu_seconds: stats(|s| s.cpu_seconds),
                     peak_rss_bytes: f.samples.iter().filter_map(|s| s.peak_rss_bytes).max(),
-                    vs_native: native.map(|n| mb_per_s.median / n),
-                    vs_backend: backend.map(|b| mb_per_s.median / b),
+                    vs_native: native.map(speedup),
+                    vs_backend: backend.map(speedup),
                 })
             })
             .collect();
         for (f, s) in self.figures.iter_mut().zip(summaries) {
             f.summary = s;
         }
-        self.targets = self.evaluate_targets();
+        self.targets = targets::evaluate(self);
     }
 
-    fn summary(&self, workload: &str, system: &str, condition: &str) -> Option<&Summary> {
+    fn summary(&self, workload: Workload, system: &str, condition: &str) -> Option<&Summary> {
         self.figures
             .iter()
-            .find(|f| f.workload == workload && f.is(system, condition))
+            .find(|f| f.is(workload, system, condition))
             .and_then(|f| f.summary.as_ref())
-    }
-
-    fn evaluate_targets(&self) -> Vec<Target> {
-        if !self.figures.iter().any(|f| f.system == "granary") {
-            return Vec::new();
-        }
-        let seq = "large-sequential";
-        let ratio_target = |name: &str, condition: &str, ratio: Option<f64>, min: f64| {
-            let measured = match (self.summary(seq, "granary", condition), ratio) {
-                (Some(s), Some(r)) => {
-                    format!("{:.0}% ({} MB/s)", r * 100.0, mbps(s.mb_per_s.median))
-                }
-                _ => "not measured".into(),
-            };
-            Target {
-                name: name.to_string(),
-                measured,
-                met: ratio.map(|r| r >= min),
-            }
-        };
-        let vs_native = |condition: &str| {
-            self.summary(seq, "granary", condition)
-                .and_then(|s| s.vs_native)
-        };
-        let cold_vs_backend = self
-            .summary(seq, "granary", "cold")
-            .and_then(|s| s.vs_backend);
-        let peak = self
-            .figures
-            .iter()
-            .filter(|f| f.system == "granary")
-            .filter_map(|f| f.summary.as_ref()?.peak_rss_bytes)
-            .max();
-        let limit = self.granary.memory_cache_bytes + 256 * MIB;
-        vec![
-            ratio_target(
-                "hot sequential (hot-pagecache) >= 50% of native page-cache read",
-                "hot-pagecache",
-                vs_native("hot-pagecache"),
-                0.5,
-            ),
-            ratio_target(
-                "hot sequential (hot-granary-cache) >= 50% of native page-cache read",
-                "hot-granary-cache",
-                vs_native("hot-granary-cache"),
-                0.5,
-            ),
-            ratio_target(
-                "cold sequential >= 80% of the direct backend GET rate",
-                "cold",
-                cold_vs_backend,
-                0.8,
-            ),
-            Target {
-                name: format!("peak RSS <= memory cache + 256 MiB ({} MiB)", limit / MIB),
-                measured: peak.map_or("not measured".into(), |p| format!("{} MiB", p / MIB)),
-                met: peak.map(|p| p <= limit),
-            },
-        ]
     }
 
     /// Whether every figure was measured and returned the right bytes.
     pub fn all_good(&self) -> bool {
-        self.figures.iter().all(|f| f.verified && f.error.is_none())
+        self.figures.iter().all(Figure::good)
     }
 
-    /// The table and the targets, for a terminal.
+    /// The table, the targets and any problems, for a terminal.
     pub fn render(&self) -> String {
-        let mut rows = vec![
-            [
-                "workload",
-                "system",
-                "condition",
-                "MB/s",
-                "[min-max]",
-                "files/s",
-                "[min-max]",
-                "vs native",
-                "vs backend",
-                "peak RSS",
-                "CPU s",
-            ]
-            .map(String::from)
-            .to_vec(),
-        ];
-        let mut problems = Vec::new();
-        for f in &self.figures {
-            let mut row = vec![
-                f.workload.to_string(),
-                f.system.clone(),
-                f.condition.clone(),
-            ];
-            match &f.summary {
-                Some(s) => {
-                    let files = |x: f64| format!("{x:.0}");
-                    row.extend([
-                        mbps(s.mb_per_s.median),
-                        format!("[{}-{}]", mbps(s.mb_per_s.min), mbps(s.mb_per_s.max)),
-                        if f.counts_files {
-                            files(s.files_per_s.median)
-                        } else {
-                            "-".into()
-                        },
-                        if f.counts_files {
-                            format!(
-                                "[{}-{}]",
-                                files(s.files_per_s.min),
-                                files(s.files_per_s.max)
-                            )
-                        } else {
-                            String::new()
-                        },
-                        s.vs_native.map_or("-".into(), |r| format!("{r:.2}")),
-                        s.vs_backend.map_or("-".into(), |r| format!("{r:.2}")),
-                        s.peak_rss_bytes
-                            .map_or("-".into(), |b| format!("{} MiB", b / MIB)),
-                        s.cpu_seconds
-                            .map_or("-".into(), |c| format!("{:.2}", c.median)),
-                    ]);
-                }
-                None => row.push("not measured".into()),
-            }
-            let what = format!("{} / {} / {}", f.workload, f.system, f.condition);
-            if let Some(e) = &f.error {
-                problems.push(format!("{what}: {}", e.replace('\n', "\n      ")));
-            } else if !f.verified && !f.samples.is_empty() {
-                problems.push(format!("{what}: bytes not verified"));
-            }
-            rows.push(row);
-        }
-        let mut out = format!(
-            "granary-bench --{}: {} MiB file, {} files of {} KiB, S3 server {}, granary {} \
-             (memory cache {} MiB)\n\n",
-            self.profile,
-            self.dataset.large_bytes / MIB,
-            self.dataset.small_count,
-            self.dataset.small_bytes >> 10,
-            self.s3.name(),
-            self.granary.git,
-            self.granary.memory_cache_bytes / MIB,
-        );
-        out.push_str(&table(&rows));
-        out.push_str(&format!(
-            "\nMB = 10^6 bytes; median of {} runs per figure, [min-max]; every figure's bytes were \
-             checked (SHA-256) in an untimed pass{}.\n",
-            self.runs,
-            if problems.is_empty() {
-                ""
-            } else {
-                ", except as listed below"
-            }
-        ));
-        if self.s3 == Flavor::Moto {
-            out.push_str(
-                "Note: moto reads the whole object for every ranged GET, so large-sequential cold and \
-                 backend figures measure moto\n(bytes per request), not the clients: use --s3 ceph for \
-                 those.\n",
-            );
-        }
-        if !self.targets.is_empty() {
-            out.push_str("\nIssue-2 targets:\n");
-            for t in &self.targets {
-                let verdict = match t.met {
-                    Some(true) => "met",
-                    Some(false) => "NOT met",
-                    None => "unknown",
-                };
-                out.push_str(&format!("  {:<8} {}: {}\n", verdict, t.name, t.measured));
-            }
-        }
-        if !problems.is_empty() {
-            out.push_str("\nProblems:\n");
-            for p in problems {
-                out.push_str(&format!("  {p}\n"));
-            }
-        }
-        out
+        table::render(self)
     }
 
     /// Writes `<stamp>-<profile>.json` and `latest.json` into `dir`; returns the first.
     pub fn write_json(&self, dir: &Path, stamp: &str) -> anyhow::Result<PathBuf> {
         std::fs::create_dir_all(dir)?;
         let text = serde_json::to_string_pretty(self)?;
-        let path = dir.join(format!("{stamp}-{}.json", self.profile));
+        let path = dir.join(format!("{stamp}-{}.json", self.profile.label()));
         std::fs::write(&path, &text)?;
         std::fs::write(dir.join("latest.json"), &text)?;
         Ok(path)
     }
 }
 
-fn mbps(x: f64) -> String {
-    if x >= 100.0 {
-        format!("{x:.0}")
-    } else {
-        format!("{x:.1}")
+/// A figure with three significant digits or so: 12345, 123, 12.3, 1.23, 0.123.
+fn number(x: f64) -> String {
+    match x.abs() {
+        a if a >= 100.0 => format!("{x:.0}"),
+        a if a >= 10.0 => format!("{x:.1}"),
+        a if a >= 1.0 => format!("{x:.2}"),
+        _ => format!("{x:.3}"),
     }
 }
 
-/// Left-aligned text columns, numbers right-aligned.
-fn table(rows: &[Vec<String>]) -> String {
-    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let width: Vec<usize> = (0..cols)
-        .map(|c| {
-            rows.iter()
-                .filter_map(|r| r.get(c))
-                .map(|s| s.len())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    for row in rows {
-        let cells: Vec<String> = row
-            .iter()
-            .enumerate()
-            .map(|(c, s)| {
-                if c < 3 || c == 4 || c == 6 {
-                    format!("{s:<w$}", w = width[c])
-                } else {
-                    format!("{s:>w$}", w = width[c])
-                }
-            })
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hit_ratio_counts_memory_and_disk_over_all_block_reads() {
+        let counters: BTreeMap<String, f64> = [("memory", 30.0), ("disk", 10.0), ("backend", 60.0)]
+            .into_iter()
+            .map(|(tier, n)| (format!("{BLOCK_READS}{{tier=\"{tier}\"}}"), n))
             .collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
+        assert_eq!(hit_ratio(&counters), Some(0.4));
+        assert_eq!(hit_ratio(&BTreeMap::new()), None);
     }
-    out
-}
 
-/// MB/s of `bytes` read in `seconds`.
-pub fn rate(bytes: u64, seconds: f64) -> f64 {
-    bytes as f64 / MB / seconds
+    #[test]
+    fn percentiles_and_rates_of_a_pass() {
+        let timed = Timed {
+            outcome: crate::workloads::Outcome {
+                bytes: 4_000_000,
+                ops: 100,
+                latencies: (1..=100).rev().map(|ms| ms as f64 / 1e3).collect(),
+            },
+            seconds: 2.0,
+        };
+        let s = Sample::new(&timed, None, None, BTreeMap::new());
+        assert_eq!(s.mb_per_s, 2.0);
+        assert_eq!(s.ops_per_s, 50.0);
+        assert_eq!(s.p50_ms.map(f64::round), Some(51.0));
+        assert_eq!(s.p99_ms.map(f64::round), Some(99.0));
+    }
+
+    #[test]
+    fn median_of_even_and_odd_counts() {
+        let s = Stats::of([3.0, 1.0, 2.0]).unwrap();
+        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
+        assert_eq!(Stats::of([4.0, 1.0]).unwrap().median, 2.5);
+        assert!(Stats::of([]).is_none());
+    }
 }

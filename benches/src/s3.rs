@@ -68,8 +68,13 @@ pub struct S3Conn {
 
 impl S3Server {
     /// Installs the server if needed (`SCRIPT install`) and starts it (`SCRIPT start STATE_DIR`)
-    /// with its state (pids, logs, env file) in `state_dir`.
-    pub fn start(flavor: Flavor, script: &Path, state_dir: &Path) -> anyhow::Result<S3Server> {
+    /// with its state (pids, logs, env file) in `state_dir`, with room for `data_bytes`.
+    pub fn start(
+        flavor: Flavor,
+        script: &Path,
+        state_dir: &Path,
+        data_bytes: u64,
+    ) -> anyhow::Result<S3Server> {
         let stop = {
             let (script, state_dir) = (script.to_path_buf(), state_dir.to_path_buf());
             cleanup::register(format!("stop {}", flavor.name()), move || {
@@ -77,7 +82,13 @@ impl S3Server {
             })
         };
         run_command(&mut script_command(script, &["install"]))?;
-        run_command(script_command(script, &["start"]).arg(state_dir))?;
+        // Ceph's OSD keeps objects in memory, 4 GiB unless told otherwise.
+        let memstore = (data_bytes + (2 << 30)).max(4 << 30);
+        run_command(
+            script_command(script, &["start"])
+                .arg(state_dir)
+                .env("GRANARY_CEPH_MEMSTORE_BYTES", memstore.to_string()),
+        )?;
         let (file, prefix) = flavor.env_file();
         let env_file = state_dir.join(file);
         let text = std::fs::read_to_string(&env_file).with_context(|| {

@@ -3,12 +3,12 @@
 //! Granary, and s3fs-fuse and rclone when they are installed.
 //!
 //! A system is measured in runs. Each run starts a fresh instance (empty caches) and reads the
-//! workload once per [`Condition`] of the system, in order: cold first, then hot.
+//! workload once per [`Condition`] it is measured in, in order: cold first, then hot.
 
 use crate::cleanup::{self, Guard};
 use crate::host::{self, Daemon};
 use crate::s3::{REGION, S3Conn};
-use crate::workloads::Access;
+use crate::workloads::{Access, Workload};
 use anyhow::{Context, bail};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -32,6 +32,8 @@ pub enum Condition {
     HotDaemonCache,
     /// No cache exists (the raw backend).
     Direct,
+    /// Epoch N of a multi-epoch workload, each read with the page cache dropped first.
+    Epoch(u8),
 }
 
 impl Condition {
@@ -41,21 +43,35 @@ impl Condition {
             Condition::HotPageCache => "hot-pagecache".into(),
             Condition::HotDaemonCache => format!("hot-{system}-cache"),
             Condition::Direct => "direct".into(),
+            Condition::Epoch(n) => format!("epoch-{n}"),
         }
     }
 
     pub fn drops_page_cache(self) -> bool {
-        matches!(self, Condition::Cold | Condition::HotDaemonCache)
+        matches!(
+            self,
+            Condition::Cold | Condition::HotDaemonCache | Condition::Epoch(_)
+        )
     }
+}
+
+/// What a system is, which decides the workloads and conditions it is measured in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Native,
+    Backend,
+    Granary,
+    /// A peer FUSE tool.
+    Peer,
 }
 
 /// Something that serves the dataset and can be set up, read and torn down.
 pub trait System {
     fn name(&self) -> &str;
-    /// The conditions measured in each run, in the order they are read.
-    fn conditions(&self) -> &'static [Condition];
-    /// Starts a fresh instance (stopping the previous one): empty caches, nothing read yet.
-    fn start(&mut self) -> anyhow::Result<()>;
+    fn kind(&self) -> Kind;
+    /// Starts a fresh instance for `workload` (stopping the previous one): empty caches, nothing
+    /// read yet.
+    fn start(&mut self, workload: Workload) -> anyhow::Result<()>;
     /// How to read the dataset from the running instance.
     fn access(&self) -> Access;
     /// The serving process, whose CPU time and peak RSS are reported.
@@ -75,10 +91,10 @@ impl System for Native {
     fn name(&self) -> &str {
         "native"
     }
-    fn conditions(&self) -> &'static [Condition] {
-        &[Condition::Cold, Condition::HotPageCache]
+    fn kind(&self) -> Kind {
+        Kind::Native
     }
-    fn start(&mut self) -> anyhow::Result<()> {
+    fn start(&mut self, _: Workload) -> anyhow::Result<()> {
         Ok(())
     }
     fn access(&self) -> Access {
@@ -102,10 +118,10 @@ impl System for RawBackend {
     fn name(&self) -> &str {
         "backend"
     }
-    fn conditions(&self) -> &'static [Condition] {
-        &[Condition::Direct]
+    fn kind(&self) -> Kind {
+        Kind::Backend
     }
-    fn start(&mut self) -> anyhow::Result<()> {
+    fn start(&mut self, _: Workload) -> anyhow::Result<()> {
         Ok(())
     }
     fn access(&self) -> Access {
@@ -123,11 +139,13 @@ impl System for RawBackend {
 /// A FUSE client of the bucket.
 #[derive(Debug, Clone)]
 pub enum Tool {
-    /// `granary up`, with its cache sizes.
+    /// `granary up`, with its cache sizes; for [`Workload::Epochs`], `epochs_memory_cache` and
+    /// no disk tier.
     Granary {
         bin: PathBuf,
         memory_cache: u64,
         disk_cache: u64,
+        epochs_memory_cache: u64,
     },
     /// s3fs-fuse with its disk cache (`use_cache`).
     S3fs,
@@ -144,9 +162,15 @@ impl Tool {
         }
     }
 
-    /// The foreground command that mounts `s3://bucket/prefix` at `mnt`, caching in `cache`;
-    /// `dir` holds any config file it needs.
-    fn command(&self, s3: &S3Conn, prefix: &str, paths: &RunPaths) -> anyhow::Result<Command> {
+    /// The foreground command that mounts `s3://bucket/prefix` at `mnt` for `workload`, caching
+    /// in `cache`; `dir` holds any config file it needs.
+    fn command(
+        &self,
+        s3: &S3Conn,
+        prefix: &str,
+        paths: &RunPaths,
+        workload: Workload,
+    ) -> anyhow::Result<Command> {
         let RunPaths {
             dir,
             mnt,
@@ -158,7 +182,12 @@ impl Tool {
                 bin,
                 memory_cache,
                 disk_cache,
+                epochs_memory_cache,
             } => {
+                let (memory_cache, disk_cache) = match workload {
+                    Workload::Epochs => (epochs_memory_cache, &0),
+                    _ => (memory_cache, disk_cache),
+                };
                 let mut cmd = Command::new(bin);
                 cmd.arg("up")
                     .arg("--source")
@@ -264,15 +293,14 @@ impl System for Mount {
         self.tool.name()
     }
 
-    fn conditions(&self) -> &'static [Condition] {
-        &[
-            Condition::Cold,
-            Condition::HotPageCache,
-            Condition::HotDaemonCache,
-        ]
+    fn kind(&self) -> Kind {
+        match self.tool {
+            Tool::Granary { .. } => Kind::Granary,
+            Tool::S3fs | Tool::Rclone => Kind::Peer,
+        }
     }
 
-    fn start(&mut self) -> anyhow::Result<()> {
+    fn start(&mut self, workload: Workload) -> anyhow::Result<()> {
         self.stop();
         self.runs += 1;
         let dir = self.base.join(format!("run-{}", self.runs));
@@ -294,7 +322,9 @@ impl System for Mount {
                 host::unmount_all_under(&mnt)
             })
         };
-        let cmd = self.tool.command(&self.s3, &self.prefix, &paths)?;
+        let cmd = self
+            .tool
+            .command(&self.s3, &self.prefix, &paths, workload)?;
         let daemon = Daemon::spawn(self.tool.name(), cmd, &self.log)?;
         let live = Live {
             daemon,
@@ -352,11 +382,13 @@ impl System for Mount {
     }
 }
 
-/// Granary's counters that explain a figure: backend requests and bytes, and block reads by tier.
+/// Granary's counters that explain a figure: backend requests and bytes, block reads by tier,
+/// and the FUSE requests that reached the daemon.
 const COUNTERS: &[&str] = &[
     "granary_backend_requests_total",
     "granary_backend_bytes_total",
     "granary_block_reads_total",
+    "granary_fuse_ops_total",
 ];
 
 /// The [`COUNTERS`] series from a Prometheus text endpoint; empty if it cannot be read.

@@ -1,73 +1,215 @@
-//! The workloads (what is read, in which order, by how many readers) and one timed pass of a
-//! workload against a system's data: files under a directory (native disk or a mount), or the S3
-//! API itself. A checking pass also hashes every file and compares it with the dataset: a
-//! benchmark of wrong bytes is worthless.
+//! The workloads: what one pass reads, in which order and by how many readers ([`Job`]), which
+//! systems and cache conditions it is measured in, and which figure sums it up. How a job is
+//! read is in [`files`] (a directory: native disk or a mount) and [`objects`] (the S3 API).
 
-use crate::dataset::{Dataset, FileSpec, Rng};
-use anyhow::{Context, bail, ensure};
-use futures::{StreamExt, TryStreamExt};
-use object_store::{ObjectStore, ObjectStoreExt};
-use sha2::{Digest, Sha256};
-use std::io::Read;
-use std::path::{Path, PathBuf};
+mod files;
+mod objects;
+
+use crate::dataset::{self, Dataset, FileSpec, Rng, SMALL_DIR};
+use crate::profile::Profile;
+use crate::systems::{Condition, Kind};
+use anyhow::bail;
+use object_store::ObjectStore;
+use serde::Serialize;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 use tokio::runtime::Handle;
 
-/// Buffer of one `read(2)` from a file (what `dd bs=1M` does).
-const READ_BYTES: usize = 1 << 20;
-/// Range of one GET of the large file from the backend...
-const RANGE_BYTES: u64 = 8 << 20;
-/// ...and how many are in flight.
-const RANGES_IN_FLIGHT: usize = 8;
-/// Readers (threads, or GETs in flight) of the small-files workload.
-const SMALL_FILE_READERS: usize = 4;
+/// Size of one read of the random workloads (fio's `bs=256k`; offsets aligned to it).
+pub const RANDOM_BYTES: u64 = 256 << 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Workload {
-    /// The large file, start to end, by one reader.
-    LargeSequential,
-    /// Every small file, whole, in shuffled order, by [`SMALL_FILE_READERS`] readers.
+    /// The large file start to end, by one reader.
+    Sequential1,
+    /// The large file by four readers, each reading a quarter start to end.
+    Sequential4,
+    /// [`RANDOM_BYTES`] reads at random aligned offsets of the large file, one reader.
+    Random1,
+    /// The same with four readers.
+    Random4,
+    /// Every small file, whole, in shuffled order, by four readers (an ImageNet-like epoch).
     SmallFiles,
+    /// Open a file not read yet and read its first byte, one file after another.
+    FirstByte,
+    /// `stat` of every small file, one after another.
+    Stat,
+    /// A full listing of the small files' directory.
+    List,
+    /// Two epochs over the small files, each in its own shuffled order, four readers; Granary's
+    /// memory cache holds half of them and its disk tier is off, so its counters show how much of
+    /// the second epoch its eviction policy keeps.
+    Epochs,
+}
+
+/// The figure a workload is summed up by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    /// Bytes per second.
+    MbPerS,
+    /// Operations (reads, files, stats, entries) per second.
+    OpsPerS,
+    /// Median latency of one operation (lower is better).
+    P50Ms,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 2] = [Workload::LargeSequential, Workload::SmallFiles];
+    pub const ALL: [Workload; 9] = [
+        Workload::Sequential1,
+        Workload::Sequential4,
+        Workload::Random1,
+        Workload::Random4,
+        Workload::SmallFiles,
+        Workload::FirstByte,
+        Workload::Stat,
+        Workload::List,
+        Workload::Epochs,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
-            Workload::LargeSequential => "large-sequential",
+            Workload::Sequential1 => "sequential-1",
+            Workload::Sequential4 => "sequential-4",
+            Workload::Random1 => "random-1",
+            Workload::Random4 => "random-4",
             Workload::SmallFiles => "small-files",
+            Workload::FirstByte => "first-byte",
+            Workload::Stat => "stat",
+            Workload::List => "list",
+            Workload::Epochs => "epochs",
         }
     }
 
-    /// Whether files per second means something here (it does not for one file).
-    pub fn counts_files(self) -> bool {
-        self == Workload::SmallFiles
-    }
-
-    pub fn files(self, dataset: &Dataset) -> &[FileSpec] {
+    /// Concurrent readers.
+    pub fn readers(self) -> usize {
         match self {
-            Workload::LargeSequential => &dataset.large,
-            Workload::SmallFiles => &dataset.small,
-        }
-    }
-
-    /// The files in reading order for pass number `pass` (a different shuffle for each pass,
-    /// the same for every system).
-    fn order(self, dataset: &Dataset, pass: u64) -> Vec<&FileSpec> {
-        let mut files: Vec<&FileSpec> = self.files(dataset).iter().collect();
-        if self == Workload::SmallFiles {
-            // Fisher-Yates.
-            let mut rng = Rng::seeded(pass);
-            for i in (1..files.len()).rev() {
-                let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-                files.swap(i, j);
+            Workload::Sequential1
+            | Workload::Random1
+            | Workload::FirstByte
+            | Workload::Stat
+            | Workload::List => 1,
+            Workload::Sequential4 | Workload::Random4 | Workload::SmallFiles | Workload::Epochs => {
+                4
             }
         }
-        files
     }
+
+    pub fn metric(self) -> Metric {
+        match self {
+            Workload::Sequential1 | Workload::Sequential4 => Metric::MbPerS,
+            Workload::FirstByte => Metric::P50Ms,
+            _ => Metric::OpsPerS,
+        }
+    }
+
+    /// The unit of [`Workload::metric`].
+    pub fn unit(self) -> &'static str {
+        match self {
+            Workload::Sequential1 | Workload::Sequential4 => "MB/s",
+            Workload::Random1 | Workload::Random4 => "IOPS",
+            Workload::SmallFiles | Workload::Epochs => "files/s",
+            Workload::FirstByte => "ms p50",
+            Workload::Stat => "stats/s",
+            Workload::List => "entries/s",
+        }
+    }
+
+    /// The conditions a system of `kind` is measured in, in order; none: not measured.
+    pub fn conditions(self, kind: Kind) -> &'static [Condition] {
+        const EPOCHS: &[Condition] = &[Condition::Epoch(1), Condition::Epoch(2)];
+        match (self, kind) {
+            // The metadata workloads have no S3 API equivalent worth comparing; the epochs
+            // measure Granary's eviction policy (native disk is the reference).
+            (Workload::Stat | Workload::List | Workload::Epochs, Kind::Backend) => &[],
+            (Workload::Epochs, Kind::Native | Kind::Granary) => EPOCHS,
+            (Workload::Epochs, Kind::Peer) => &[],
+            (_, Kind::Backend) => &[Condition::Direct],
+            (_, Kind::Native) => &[Condition::Cold, Condition::HotPageCache],
+            (_, Kind::Granary | Kind::Peer) => &[
+                Condition::Cold,
+                Condition::HotPageCache,
+                Condition::HotDaemonCache,
+            ],
+        }
+    }
+
+    /// What one pass reads. `seed` picks the shuffles and offsets: the same for every system.
+    pub fn job<'a>(self, dataset: &'a Dataset, profile: &Profile, seed: u64) -> Job<'a> {
+        let readers = self.readers();
+        let mut rng = Rng::seeded(seed);
+        let large = &dataset.large;
+        match self {
+            Workload::Sequential1 | Workload::Sequential4 => Job::Sequential {
+                file: large,
+                readers,
+            },
+            Workload::Random1 | Workload::Random4 => {
+                let slots = (large.size / RANDOM_BYTES).max(1);
+                let offsets = (0..profile.random_reads)
+                    .map(|_| rng.next_u64() % slots * RANDOM_BYTES)
+                    .collect();
+                Job::Random {
+                    file: large,
+                    offsets,
+                    readers,
+                }
+            }
+            Workload::SmallFiles | Workload::Epochs => Job::WholeFiles {
+                files: shuffled(&dataset.small, &mut rng),
+                readers,
+            },
+            Workload::FirstByte => {
+                let mut files = shuffled(&dataset.small, &mut rng);
+                files.truncate(profile.first_byte_files);
+                Job::FirstBytes { files }
+            }
+            Workload::Stat => Job::Stat {
+                files: shuffled(&dataset.small, &mut rng),
+            },
+            Workload::List => Job::List {
+                dir: SMALL_DIR,
+                files: &dataset.small,
+            },
+        }
+    }
+}
+
+/// `files` in a random order (Fisher-Yates).
+fn shuffled<'a>(files: &'a [FileSpec], rng: &mut Rng) -> Vec<&'a FileSpec> {
+    let mut files: Vec<&FileSpec> = files.iter().collect();
+    for i in (1..files.len()).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        files.swap(i, j);
+    }
+    files
+}
+
+/// The reads of one pass, decided before it is timed.
+pub enum Job<'a> {
+    /// `file` in `readers` contiguous shares, each read start to end by its own reader.
+    Sequential { file: &'a FileSpec, readers: usize },
+    /// [`RANDOM_BYTES`] at each offset; the readers take the next offset until none is left.
+    Random {
+        file: &'a FileSpec,
+        offsets: Vec<u64>,
+        readers: usize,
+    },
+    /// Each file whole; the readers take the next file until none is left.
+    WholeFiles {
+        files: Vec<&'a FileSpec>,
+        readers: usize,
+    },
+    /// Open each file and read one byte, one after another.
+    FirstBytes { files: Vec<&'a FileSpec> },
+    /// The size of each file, one after another.
+    Stat { files: Vec<&'a FileSpec> },
+    /// The names in `dir`, which must be exactly `files`.
+    List {
+        dir: &'static str,
+        files: &'a [FileSpec],
+    },
 }
 
 /// How a system's data is read.
@@ -78,184 +220,118 @@ pub enum Access {
     Store(Arc<dyn ObjectStore>),
 }
 
-/// What one pass read, and how long it took.
-#[derive(Debug, Clone, Copy)]
-pub struct Pass {
+/// What a job read: bytes, operations (reads, files, stats or entries) and, where each
+/// operation is timed, their latencies in seconds.
+#[derive(Debug, Default)]
+pub struct Outcome {
     pub bytes: u64,
-    pub files: u64,
+    pub ops: u64,
+    pub latencies: Vec<f64>,
+}
+
+/// What a timed pass read, and how long it took.
+#[derive(Debug)]
+pub struct Timed {
+    pub outcome: Outcome,
     pub seconds: f64,
 }
 
-/// Reads the whole workload once through `access`. With `check`, also compares every file's
-/// SHA-256 with the dataset's (slower: never timed). Either way, a file of the wrong size fails.
+/// Reads `job` once through `access`. Every read checks its length, and every stat or listing
+/// its sizes or names; with `check`, every byte read is also compared with the dataset (slower:
+/// never timed).
 pub fn run_pass(
-    workload: Workload,
+    job: &Job,
     dataset: &Dataset,
     access: &Access,
-    pass: u64,
     check: bool,
     rt: &Handle,
-) -> anyhow::Result<Pass> {
-    let files = workload.order(dataset, pass);
+) -> anyhow::Result<Timed> {
     let start = Instant::now();
-    let bytes = match access {
-        Access::Files(root) => {
-            let readers = match workload {
-                Workload::LargeSequential => 1,
-                Workload::SmallFiles => SMALL_FILE_READERS,
-            };
-            read_files(root, &files, readers, check)?
-        }
-        Access::Store(store) => {
-            rt.block_on(get_objects(workload, dataset, store, &files, check))?
-        }
+    let outcome = match access {
+        Access::Files(root) => files::run(job, root, check)?,
+        Access::Store(store) => rt.block_on(objects::run(job, dataset, store, check))?,
     };
-    Ok(Pass {
-        bytes,
-        files: files.len() as u64,
+    Ok(Timed {
+        outcome,
         seconds: start.elapsed().as_secs_f64(),
     })
 }
 
-/// `readers` threads take the next file from `files` until none is left.
-fn read_files(
-    root: &Path,
-    files: &[&FileSpec],
-    readers: usize,
-    check: bool,
-) -> anyhow::Result<u64> {
-    let next = AtomicUsize::new(0);
-    let reader = || -> anyhow::Result<u64> {
-        let mut buf = vec![0u8; READ_BYTES];
-        let mut total = 0;
-        while let Some(file) = files.get(next.fetch_add(1, Ordering::Relaxed)) {
-            total += read_file(&root.join(&file.name), file, &mut buf, check)?;
-        }
-        Ok(total)
-    };
-    std::thread::scope(|s| {
-        let threads: Vec<_> = (0..readers).map(|_| s.spawn(reader)).collect();
-        threads
-            .into_iter()
-            .map(|t| t.join().expect("a reader thread panicked"))
-            .sum()
-    })
-}
-
-fn read_file(path: &Path, file: &FileSpec, buf: &mut [u8], check: bool) -> anyhow::Result<u64> {
-    let mut f =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut hasher = check.then(Sha256::new);
-    let mut total = 0u64;
-    loop {
-        let n = f
-            .read(buf)
-            .with_context(|| format!("cannot read {} at {total}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        if let Some(h) = hasher.as_mut() {
-            h.update(&buf[..n]);
-        }
-        total += n as u64;
-    }
-    verify(&path.display().to_string(), file, total, hasher)?;
-    Ok(total)
-}
-
-async fn get_objects(
-    workload: Workload,
-    dataset: &Dataset,
-    store: &Arc<dyn ObjectStore>,
-    files: &[&FileSpec],
-    check: bool,
-) -> anyhow::Result<u64> {
-    match workload {
-        Workload::LargeSequential => {
-            let mut total = 0;
-            for file in files {
-                total += get_in_ranges(dataset, store, file, check).await?;
-            }
-            Ok(total)
-        }
-        Workload::SmallFiles => {
-            futures::stream::iter(files)
-                .map(|file| get_whole(dataset, store, file, check))
-                .buffer_unordered(SMALL_FILE_READERS)
-                .try_fold(0, |total, n| async move { Ok(total + n) })
-                .await
-        }
-    }
-}
-
-/// The object in [`RANGE_BYTES`] ranged GETs, [`RANGES_IN_FLIGHT`] at a time, consumed in order.
-async fn get_in_ranges(
-    dataset: &Dataset,
-    store: &Arc<dyn ObjectStore>,
-    file: &FileSpec,
-    check: bool,
-) -> anyhow::Result<u64> {
-    let key = dataset.key(file);
-    let ranges = (0..file.size)
-        .step_by(RANGE_BYTES as usize)
-        .map(|start| start..(start + RANGE_BYTES).min(file.size));
-    let mut parts = futures::stream::iter(ranges)
-        .map(|range| store.get_range(&key, range))
-        .buffered(RANGES_IN_FLIGHT);
-    let mut hasher = check.then(Sha256::new);
-    let mut total = 0u64;
-    while let Some(part) = parts
-        .try_next()
-        .await
-        .with_context(|| format!("GET {key}"))?
-    {
-        if let Some(h) = hasher.as_mut() {
-            h.update(&part);
-        }
-        total += part.len() as u64;
-    }
-    verify(key.as_ref(), file, total, hasher)?;
-    Ok(total)
-}
-
-async fn get_whole(
-    dataset: &Dataset,
-    store: &Arc<dyn ObjectStore>,
-    file: &FileSpec,
-    check: bool,
-) -> anyhow::Result<u64> {
-    let key = dataset.key(file);
-    let data = async { store.get(&key).await?.bytes().await }
-        .await
-        .with_context(|| format!("GET {key}"))?;
-    verify(
-        key.as_ref(),
-        file,
-        data.len() as u64,
-        check.then(|| Sha256::new_with_prefix(&data)),
-    )?;
-    Ok(data.len() as u64)
-}
-
-fn verify(what: &str, file: &FileSpec, size: u64, hasher: Option<Sha256>) -> anyhow::Result<()> {
-    ensure!(
-        size == file.size,
-        "{what}: read {size} bytes, expected {}",
-        file.size
-    );
-    if let Some(h) = hasher {
-        let got: [u8; 32] = h.finalize().into();
-        if got != file.sha256 {
-            bail!(
-                "{what}: wrong bytes: SHA-256 {} instead of {}",
-                hex(&got),
-                hex(&file.sha256)
-            );
-        }
+/// Fails unless `data`, read from `what` at `offset`, is what the dataset holds there.
+fn verify(what: &str, file: &FileSpec, offset: u64, data: &[u8]) -> anyhow::Result<()> {
+    let mut want = vec![0u8; data.len()];
+    dataset::expected(file, offset, &mut want);
+    if let Some(i) = data.iter().zip(&want).position(|(a, b)| a != b) {
+        bail!(
+            "{what}: wrong bytes at offset {} (read {:#04x}, expected {:#04x})",
+            offset + i as u64,
+            data[i],
+            want[i]
+        );
     }
     Ok(())
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// The share of `size` bytes that reader `i` of `readers` reads: contiguous, starting at a
+/// multiple of `align`.
+fn share(size: u64, i: usize, readers: usize, align: u64) -> std::ops::Range<u64> {
+    let start = |i: usize| (size * i as u64 / readers as u64) / align * align;
+    start(i)..if i + 1 == readers { size } else { start(i + 1) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_cover_the_file_once_on_aligned_boundaries() {
+        for (size, readers, align) in [(1 << 30, 4, 1 << 20), (8 << 20, 4, 8 << 20), (10, 3, 1)] {
+            let shares: Vec<_> = (0..readers)
+                .map(|i| share(size, i, readers, align))
+                .collect();
+            assert_eq!(shares[0].start, 0);
+            assert_eq!(shares[readers - 1].end, size);
+            for pair in shares.windows(2) {
+                assert_eq!(pair[0].end, pair[1].start);
+                assert_eq!(pair[1].start % align, 0);
+            }
+        }
+    }
+
+    #[test]
+    fn a_shuffle_is_a_permutation_and_depends_on_the_seed() {
+        let files: Vec<FileSpec> = (0..100)
+            .map(|i| FileSpec {
+                name: format!("{SMALL_DIR}/{i:05}.bin"),
+                size: 1,
+            })
+            .collect();
+        let order = |seed| -> Vec<String> {
+            shuffled(&files, &mut Rng::seeded(seed))
+                .into_iter()
+                .map(|f| f.name.clone())
+                .collect()
+        };
+        let mut sorted = order(1);
+        sorted.sort();
+        assert_eq!(
+            sorted,
+            files.iter().map(|f| f.name.clone()).collect::<Vec<_>>()
+        );
+        assert_eq!(order(1), order(1));
+        assert_ne!(order(1), order(2));
+    }
+
+    #[test]
+    fn only_granary_and_native_read_the_epochs_and_the_backend_has_no_metadata() {
+        assert_eq!(Workload::Epochs.conditions(Kind::Granary).len(), 2);
+        assert_eq!(Workload::Epochs.conditions(Kind::Native).len(), 2);
+        assert!(Workload::Epochs.conditions(Kind::Peer).is_empty());
+        assert!(Workload::Stat.conditions(Kind::Backend).is_empty());
+        assert!(Workload::List.conditions(Kind::Backend).is_empty());
+        assert_eq!(
+            Workload::Random4.conditions(Kind::Backend),
+            [Condition::Direct]
+        );
+    }
 }

@@ -8,17 +8,7 @@
 #   fonts-dejavu-core  the font the chart's labels are drawn in
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/install-deps.sh
-need=()
-for pkg in s3fs rclone fonts-dejavu-core; do
-  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
-done
-if [ ${#need[@]} -gt 0 ]; then
-  echo "installing: ${need[*]}" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+scripts/install-deps.sh s3fs rclone fonts-dejavu-core
 
 status=0
 if [ "${GRANARY_BENCH_DEBUG:-}" = 1 ]; then

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Installs the system packages Granary needs to build and run on Debian 12 (idempotent).
+# Installs the system packages Granary needs to build and run on Debian 12 (idempotent), and
+# any further Debian packages named as arguments.
 #   fuse3             fusermount3, for unmounting (the kernel's FUSE is built in)
 #   protobuf-compiler protoc, for the gRPC code generated at build time
 set -euo pipefail
 need=()
-for pkg in fuse3 protobuf-compiler; do
+for pkg in fuse3 protobuf-compiler "$@"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

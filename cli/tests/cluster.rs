@@ -8,66 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use support::backends::{S3Target, unique};
 use support::data::{Tree, content, write_local};
-use support::process::{Mount, granary, run_with_timeout, signal};
+use support::own::OwnService;
+use support::process::{Mount, granary, interrupt_and_reap, run_with_timeout, signal};
 use support::{free_port, http_get, metric};
-
-fn services_script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../scripts/services")
-        .join(name)
-}
-
-/// An etcd of this test's own (so the test can pause it).
-struct OwnEtcd {
-    state: tempfile::TempDir,
-    url: String,
-}
-
-impl OwnEtcd {
-    fn start() -> OwnEtcd {
-        let state = tempfile::tempdir().unwrap();
-        let ok = Command::new("bash")
-            .arg(services_script("etcd.sh"))
-            .arg("start")
-            .arg(state.path())
-            .status()
-            .unwrap();
-        assert!(ok.success(), "etcd.sh start");
-        let env = std::fs::read_to_string(state.path().join("etcd.env")).unwrap();
-        let url = env
-            .lines()
-            .find_map(|l| l.strip_prefix("export GRANARY_TEST_ETCD="))
-            .unwrap()
-            .trim_matches('"')
-            .to_string();
-        OwnEtcd { state, url }
-    }
-
-    fn pid(&self) -> u32 {
-        let pids = std::fs::read_dir(self.state.path().join("etcd")).unwrap();
-        for entry in pids {
-            let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "pid") {
-                return std::fs::read_to_string(path)
-                    .unwrap()
-                    .trim()
-                    .parse()
-                    .unwrap();
-            }
-        }
-        panic!("no etcd pid file");
-    }
-}
-
-impl Drop for OwnEtcd {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(services_script("etcd.sh"))
-            .arg("stop")
-            .arg(self.state.path())
-            .status();
-    }
-}
 
 struct Worker {
     child: Option<Child>,
@@ -131,14 +74,8 @@ impl Worker {
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            signal(child.id(), "INT");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            interrupt_and_reap(child, Duration::from_secs(10));
         }
     }
 }
@@ -212,7 +149,8 @@ fn drop_page_cache() {
 fn three_workers_spread_blocks_fetch_once_and_survive_a_crash_and_an_etcd_pause() {
     // Ceph RGW: it serves ranged GETs of a large object without reading all of it.
     let s3 = S3Target::rgw();
-    let etcd = OwnEtcd::start();
+    let etcd = OwnService::start("etcd");
+    let etcd_url = etcd.get("GRANARY_TEST_ETCD");
     let work = tempfile::tempdir().unwrap();
     let tls = work.path().join("tls");
     let out = run_with_timeout(
@@ -260,7 +198,7 @@ fn three_workers_spread_blocks_fetch_once_and_survive_a_crash_and_an_etcd_pause(
                     ep = s3.endpoint,
                     ak = s3.access_key,
                     sk = s3.secret_key,
-                    etcd = etcd.url,
+                    etcd = etcd_url,
                     tls = tls.display(),
                     src = s3.uri(&prefix),
                 ),
@@ -269,12 +207,12 @@ fn three_workers_spread_blocks_fetch_once_and_survive_a_crash_and_an_etcd_pause(
             Worker::start(&id, &config, &format!("127.0.0.1:{}", free_port()))
         })
         .collect();
-    wait_for_members(&etcd.url, 3);
+    wait_for_members(&etcd_url, 3);
 
     // Client A reads everything: right bytes, blocks spread over the three workers.
     let mnt_a = work.path().join("mnt-a");
     std::fs::create_dir(&mnt_a).unwrap();
-    let a = mount_cluster(&etcd.url, &tls, &mnt_a);
+    let a = mount_cluster(&etcd_url, &tls, &mnt_a);
     assert_eq!(
         sha(&mnt_a.join("data/big.bin")),
         sha(&local.join("big.bin"))
@@ -286,7 +224,7 @@ fn three_workers_spread_blocks_fetch_once_and_survive_a_crash_and_an_etcd_pause(
             "{path}"
         );
     }
-    let s = status(&etcd.url);
+    let s = status(&etcd_url);
     for m in s["members"].as_array().unwrap() {
         assert!(
             m["reads"]["backend"].as_u64().unwrap() > 50,
@@ -303,7 +241,7 @@ fn three_workers_spread_blocks_fetch_once_and_survive_a_crash_and_an_etcd_pause(
     // Client B, another mount: zero backend GETs.
     let mnt_b = work.path().join("mnt-b");
     std::fs::create_dir(&mnt_b).unwrap();
-    let b = mount_cluster(&etcd.url, &tls, &mnt_b);
+    let b = mount_cluster(&etcd_url, &tls, &mnt_b);
     assert_eq!(
         sha(&mnt_b.join("data/big.bin")),
         sha(&local.join("big.bin"))
@@ -333,9 +271,9 @@ fn three_workers_spread_blocks_fetch_once_and_survive_a_crash_and_an_etcd_pause(
         sha(&local.join("big.bin")),
         "bytes after a worker crash"
     );
-    wait_for_members(&etcd.url, 2);
+    wait_for_members(&etcd_url, 2);
     workers[1].spawn();
-    wait_for_members(&etcd.url, 3);
+    wait_for_members(&etcd_url, 3);
 
     // etcd paused for 10 s: cached data keeps reading; membership recovers after.
     let etcd_pid = etcd.pid();
@@ -349,7 +287,7 @@ fn three_workers_spread_blocks_fetch_once_and_survive_a_crash_and_an_etcd_pause(
     );
     std::thread::sleep(Duration::from_secs(10).saturating_sub(start.elapsed()));
     signal(etcd_pid, "CONT");
-    wait_for_members(&etcd.url, 3);
+    wait_for_members(&etcd_url, 3);
 
     assert!(a.stop().success());
     assert!(b.stop().success());
@@ -358,7 +296,8 @@ fn three_workers_spread_blocks_fetch_once_and_survive_a_crash_and_an_etcd_pause(
 
 #[test]
 fn a_worker_with_a_certificate_from_another_ca_cannot_join() {
-    let etcd = OwnEtcd::start();
+    let etcd = OwnService::start("etcd");
+    let etcd_url = etcd.get("GRANARY_TEST_ETCD");
     let work = tempfile::tempdir().unwrap();
     let (tls, rogue) = (work.path().join("tls"), work.path().join("rogue"));
     for (dir, name) in [(&tls, "w1"), (&rogue, "w2")] {
@@ -378,7 +317,7 @@ fn a_worker_with_a_certificate_from_another_ca_cannot_join() {
                 "node_id = \"{id}\"\nlisten = \"127.0.0.1:{}\"\n[cache]\ndir = \"{}\"\ndisk = \"0\"\n[cluster]\netcd = [\"{}\"]\n[tls]\ndir = \"{}\"\n[[mount]]\npath = \"/\"\nsource = \"{}\"\n",
                 free_port(),
                 work.path().join(format!("cache-{id}")).display(),
-                etcd.url,
+                etcd_url,
                 tls.display(),
                 source.display()
             ),
@@ -391,7 +330,7 @@ fn a_worker_with_a_certificate_from_another_ca_cannot_join() {
         &config("w1", &tls),
         &format!("127.0.0.1:{}", free_port()),
     );
-    wait_for_members(&etcd.url, 1);
+    wait_for_members(&etcd_url, 1);
     let out = run_with_timeout(
         granary(
             &["server", "--config", config("w2", &rogue).to_str().unwrap()],
@@ -408,6 +347,6 @@ fn a_worker_with_a_certificate_from_another_ca_cannot_join() {
         "says why: {}",
         out.stderr
     );
-    let s = status(&etcd.url);
+    let s = status(&etcd_url);
     assert_eq!(s["members"].as_array().unwrap().len(), 1, "{s}");
 }

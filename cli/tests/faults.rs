@@ -4,66 +4,24 @@
 mod support;
 
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 use support::backends::{S3Target, unique};
 use support::data::{Tree, content, write_local};
 use support::metric;
+use support::own::OwnService;
 use support::process::{Mount, UpOptions};
 
-fn services_script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../scripts/services")
-        .join(name)
-}
-
 /// A moto server of this test's own, so the test can stop it.
-struct OwnMoto {
-    state: tempfile::TempDir,
-    target: S3Target,
-}
-
-impl OwnMoto {
-    fn start() -> OwnMoto {
-        let state = tempfile::tempdir().unwrap();
-        let status = Command::new("bash")
-            .arg(services_script("moto.sh"))
-            .arg("start")
-            .arg(state.path())
-            .status()
-            .unwrap();
-        assert!(status.success(), "moto.sh start");
-        let env = std::fs::read_to_string(state.path().join("moto.env")).unwrap();
-        let get = |name: &str| {
-            env.lines()
-                .find_map(|l| l.strip_prefix(&format!("export {name}=")))
-                .unwrap_or_else(|| panic!("{name} in moto.env"))
-                .trim_matches('"')
-                .to_string()
-        };
-        let target = S3Target {
-            endpoint: get("GRANARY_TEST_S3_ENDPOINT"),
-            access_key: get("GRANARY_TEST_S3_ACCESS_KEY"),
-            secret_key: get("GRANARY_TEST_S3_SECRET_KEY"),
-            bucket: get("GRANARY_TEST_S3_BUCKET"),
-        };
-        OwnMoto { state, target }
-    }
-
-    fn stop(&self) {
-        let _ = Command::new("bash")
-            .arg(services_script("moto.sh"))
-            .arg("stop")
-            .arg(self.state.path())
-            .status();
-    }
-}
-
-impl Drop for OwnMoto {
-    fn drop(&mut self) {
-        self.stop();
-    }
+fn own_moto() -> (OwnService, S3Target) {
+    let moto = OwnService::start("moto");
+    let target = S3Target {
+        endpoint: moto.get("GRANARY_TEST_S3_ENDPOINT"),
+        access_key: moto.get("GRANARY_TEST_S3_ACCESS_KEY"),
+        secret_key: moto.get("GRANARY_TEST_S3_SECRET_KEY"),
+        bucket: moto.get("GRANARY_TEST_S3_BUCKET"),
+    };
+    (moto, target)
 }
 
 fn drop_page_cache() {
@@ -76,20 +34,20 @@ fn read_all(path: &Path) -> std::io::Result<Vec<u8>> {
 
 #[test]
 fn backend_down_serves_cached_data_and_fails_uncached_reads_in_bounded_time() {
-    let moto = OwnMoto::start();
+    let (moto, target) = own_moto();
     let prefix = unique("down");
     let mut tree = Tree::new();
     tree.insert("warm/big.bin".into(), 20 << 20);
     tree.insert("warm/small.txt".into(), 1000);
     tree.insert("cold/big.bin".into(), 9 << 20);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(moto.target.upload(&prefix, &tree));
+    rt.block_on(target.upload(&prefix, &tree));
 
     let cache = tempfile::tempdir().unwrap();
     let mnt = tempfile::tempdir().unwrap();
     let mount = Mount::up(UpOptions {
-        source: moto.target.uri(&prefix),
-        envs: moto.target.env(),
+        source: target.uri(&prefix),
+        envs: target.env(),
         cache_dir: cache.path(),
         mount_dir: mnt.path(),
         extra: vec![

@@ -4,6 +4,7 @@
 
 pub mod backends;
 pub mod data;
+pub mod own;
 pub mod process;
 
 use std::io::{Read, Write};

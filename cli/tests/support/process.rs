@@ -187,6 +187,17 @@ impl Mount {
     }
 }
 
+/// SIGINT, a grace period to exit, then SIGKILL; always reaps the child.
+pub fn interrupt_and_reap(mut child: Child, grace: Duration) {
+    signal(child.id(), "INT");
+    let deadline = Instant::now() + grace;
+    while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 pub fn signal(pid: u32, sig: &str) {
     let status = Command::new("kill")
         .arg(format!("-{sig}"))
@@ -198,14 +209,8 @@ pub fn signal(pid: u32, sig: &str) {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            signal(child.id(), "INT");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            interrupt_and_reap(child, Duration::from_secs(10));
         }
         if is_mounted(&self.dir) {
             let _ = Command::new("umount").arg("-l").arg(&self.dir).status();

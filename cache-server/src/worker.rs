@@ -273,7 +273,7 @@ impl CacheApi for Worker {
     }
 
     async fn read_block(&self, object: &ObjectRef, index: u64) -> Result<Block, ApiError> {
-        self.check_ref(object, index)?;
+        let backend = self.check_ref(object, index)?;
         let key = BlockKey::new(object.id.fingerprint(), index);
         if let Some(cluster) = &self.cluster {
             let view = cluster.membership.view();
@@ -310,7 +310,7 @@ impl CacheApi for Worker {
                 // No owner answered: read it ourselves rather than fail the reader.
             }
         }
-        self.read_block_local(object, index).await
+        self.read_local(backend, object, key, index).await
     }
 }
 
@@ -323,8 +323,20 @@ impl Worker {
         index: u64,
     ) -> Result<Block, ApiError> {
         let backend = self.check_ref(object, index)?;
-        let bs: BlockSize = self.settings.cache.block_size;
         let key = BlockKey::new(object.id.fingerprint(), index);
+        self.read_local(backend, object, key, index).await
+    }
+
+    /// The block from this node's cache tiers or, on a miss, its backend. The caller has checked
+    /// the reference (`check_ref`) and computed its key.
+    async fn read_local(
+        &self,
+        backend: &Arc<Backend>,
+        object: &ObjectRef,
+        key: BlockKey,
+        index: u64,
+    ) -> Result<Block, ApiError> {
+        let bs: BlockSize = self.settings.cache.block_size;
         let range = bs.range(index, object.id.size);
         let (block, tier) = self
             .blocks

@@ -428,7 +428,8 @@ fn cluster_settings(c: &ClusterSection) -> Result<ClusterSettings, ConfigError> 
     })
 }
 
-fn default_node_id() -> String {
+/// A worker's node id when none is configured: this host's name.
+pub fn default_node_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .ok()

@@ -312,6 +312,21 @@ impl CacheApi for Worker {
         }
         self.read_local(backend, object, key, index).await
     }
+
+    async fn read_held_block(&self, object: &ObjectRef, index: u64) -> Result<Block, ApiError> {
+        self.check_ref(object, index)?;
+        let key = BlockKey::new(object.id.fingerprint(), index);
+        match self.blocks.get_cached(key).await {
+            Some((block, tier)) => {
+                self.served.record(tier, block.data.len());
+                Ok(block)
+            }
+            None => Err(ApiError::NotFound(format!(
+                "block {index} of {} is not held here",
+                object.id.key
+            ))),
+        }
+    }
 }
 
 impl Worker {
@@ -400,5 +415,9 @@ impl CacheApi for LocalReads {
 
     async fn read_block(&self, object: &ObjectRef, index: u64) -> Result<Block, ApiError> {
         self.0.read_block_local(object, index).await
+    }
+
+    async fn read_held_block(&self, object: &ObjectRef, index: u64) -> Result<Block, ApiError> {
+        self.0.read_held_block(object, index).await
     }
 }

@@ -34,6 +34,10 @@ pub struct MountArgs {
     /// With --etcd: the name of this client's certificate in --tls-dir.
     #[arg(long, value_name = "NAME", default_value = "client")]
     pub tls_name: String,
+    /// With --etcd: the node id of the worker on this machine, whose cached blocks are read from
+    /// it first [default: this host's name, when a worker of that id is a member].
+    #[arg(long, value_name = "ID", env = "GRANARY_NODE_ID", requires = "etcd")]
+    pub local_node: Option<String>,
     /// Where to mount (an existing, empty directory).
     #[arg(value_name = "DIR")]
     pub dir: PathBuf,
@@ -76,8 +80,21 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
             let tls_dir = args.tls_dir.as_ref().context("--etcd needs --tls-dir")?;
             let tls = TlsIdentity::load(&TlsFiles::in_dir(tls_dir, &args.tls_name))?;
             let membership = Membership::watch(&args.etcd).await?;
+            let local = args.local_node.clone().or_else(|| {
+                let host = granary_cache_server::config::default_node_id();
+                let view = membership.view();
+                view.members
+                    .iter()
+                    .any(|m| m.node_id == host)
+                    .then_some(host)
+            });
+            if let Some(local) = &local {
+                tracing::info!(node = %local, "reading blocks the local worker holds from it first");
+            }
             let api = Arc::new(
-                ClusterClient::connect(membership, &tls, 1, Duration::from_secs(20)).await?,
+                ClusterClient::connect(membership, &tls, 1, Duration::from_secs(20))
+                    .await?
+                    .with_local_node(local),
             );
             let fs = Arc::new(GranaryFs::new(api, config));
             granary_fuse_client::mount(fs, &args.dir, "granary:cluster")?

@@ -6,6 +6,10 @@
 //! where it belongs. When an owner does not answer within the peer timeout, the next owner is
 //! tried, then every other worker (which fetches from the backend itself): a worker crash costs
 //! a reader time, never an error and never wrong bytes.
+//!
+//! A client that runs beside a worker (`with_local_node`) reads what that worker holds from it:
+//! first among the owners when it is one, else with a held-only request (answered from its cache
+//! or refused at once, never fetched) before going to the owners.
 
 use crate::client::GrpcCache;
 use crate::membership::{MemberInfo, Membership};
@@ -25,6 +29,7 @@ pub struct ClusterClient {
     info: Info,
     replicas: usize,
     timeout: Duration,
+    local: Option<String>,
 }
 
 impl std::fmt::Debug for ClusterClient {
@@ -65,6 +70,7 @@ impl ClusterClient {
                         info,
                         replicas: replicas.max(1),
                         timeout,
+                        local: None,
                     };
                     return Ok(client);
                 }
@@ -72,6 +78,25 @@ impl ClusterClient {
             }
         }
         Err(last)
+    }
+
+    /// Reads blocks the worker `node_id` (the one on this machine) holds from it first.
+    pub fn with_local_node(mut self, node_id: Option<String>) -> Self {
+        self.local = node_id;
+        self
+    }
+
+    /// The local worker when it is a live member of `members` and not among `owners`.
+    fn local_non_owner<'a>(
+        &self,
+        members: &'a [MemberInfo],
+        owners: &[&MemberInfo],
+    ) -> Option<&'a MemberInfo> {
+        let local = self.local.as_deref()?;
+        if owners.iter().any(|m| m.node_id == local) {
+            return None;
+        }
+        members.iter().find(|m| m.node_id == local)
     }
 
     async fn api_of(&self, member: &MemberInfo) -> Result<GrpcCache, ApiError> {
@@ -129,7 +154,23 @@ impl CacheApi for ClusterClient {
     async fn read_block(&self, object: &ObjectRef, index: u64) -> Result<Block, ApiError> {
         let view = self.membership.view();
         let key = BlockKey::new(object.id.fingerprint(), index);
-        let preferred = owners(key, &view.members, self.replicas);
+        let mut preferred = owners(key, &view.members, self.replicas);
+        if let Some(local) = self.local_non_owner(&view.members, &preferred) {
+            let held = self.blocks.read_held_block(
+                local.data_addr,
+                &local.node_id,
+                object,
+                index,
+                self.timeout.min(Duration::from_secs(2)),
+            );
+            if let Ok(block) = held.await {
+                return Ok(block);
+            }
+        }
+        // Among the owners, the local worker first.
+        if let Some(local) = self.local.as_deref() {
+            preferred.sort_by_key(|m| m.node_id != local);
+        }
         let mut order: Vec<&MemberInfo> = preferred.clone();
         order.extend(
             view.members

@@ -4,7 +4,7 @@
 //! answers with a response frame and finishes the stream.
 //!
 //! ```text
-//! request:  "GRQ1" | kind u8 (1 = read block) | len u32 BE | protobuf ReadBlockRequest (len bytes)
+//! request:  "GRQ1" | kind u8 (1 = read block, 2 = read block only if held) | len u32 BE | protobuf ReadBlockRequest (len bytes)
 //! response: "GRS1" | status u8 (0 = ok, else an ApiError kind) | len u32 BE | crc32c u32 BE | body
 //!           body = the block's bytes when ok (crc32c covers them), else a UTF-8 message
 //! ```
@@ -26,6 +26,7 @@ pub const MAX_BODY: usize = granary_core::BlockSize::MAX as usize;
 const REQUEST_HEADER: usize = 9;
 const RESPONSE_HEADER: usize = 13;
 const KIND_READ_BLOCK: u8 = 1;
+const KIND_READ_HELD: u8 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
@@ -50,6 +51,9 @@ pub enum FrameError {
 pub struct ReadBlock {
     pub object: ObjectRef,
     pub index: u64,
+    /// Answer only from the server's own cache (`NotFound` when it does not hold the block),
+    /// never fetching it: how a client asks its local worker before going to the owner.
+    pub held_only: bool,
 }
 
 pub fn encode_request(req: &ReadBlock, out: &mut BytesMut) {
@@ -60,7 +64,11 @@ pub fn encode_request(req: &ReadBlock, out: &mut BytesMut) {
     let len = msg.encoded_len();
     out.reserve(REQUEST_HEADER + len);
     out.put_slice(REQUEST_MAGIC);
-    out.put_u8(KIND_READ_BLOCK);
+    out.put_u8(if req.held_only {
+        KIND_READ_HELD
+    } else {
+        KIND_READ_BLOCK
+    });
     out.put_u32(len as u32);
     msg.encode(out).expect("reserved");
 }
@@ -74,9 +82,11 @@ pub fn decode_request(buf: &mut BytesMut) -> Result<Option<ReadBlock>, FrameErro
     if &magic != REQUEST_MAGIC {
         return Err(FrameError::BadMagic(magic));
     }
-    if buf[4] != KIND_READ_BLOCK {
-        return Err(FrameError::UnknownKind(buf[4]));
-    }
+    let held_only = match buf[4] {
+        KIND_READ_BLOCK => false,
+        KIND_READ_HELD => true,
+        other => return Err(FrameError::UnknownKind(other)),
+    };
     let len = u32::from_be_bytes(buf[5..9].try_into().expect("4 bytes")) as usize;
     if len > MAX_REQUEST {
         return Err(FrameError::TooLong {
@@ -97,6 +107,7 @@ pub fn decode_request(buf: &mut BytesMut) -> Result<Option<ReadBlock>, FrameErro
     Ok(Some(ReadBlock {
         object: object.into(),
         index: msg.index,
+        held_only,
     }))
 }
 
@@ -225,23 +236,26 @@ mod tests {
 
     #[test]
     fn requests_round_trip_in_pieces() {
-        let req = ReadBlock {
-            object: object(),
-            index: 7,
-        };
-        let mut whole = BytesMut::new();
-        encode_request(&req, &mut whole);
-        let mut buf = BytesMut::new();
-        for (i, b) in whole.iter().enumerate() {
-            buf.put_u8(*b);
-            let got = decode_request(&mut buf).unwrap();
-            if i + 1 < whole.len() {
-                assert!(got.is_none());
-            } else {
-                assert_eq!(got, Some(req.clone()));
+        for held_only in [false, true] {
+            let req = ReadBlock {
+                object: object(),
+                index: 7,
+                held_only,
+            };
+            let mut whole = BytesMut::new();
+            encode_request(&req, &mut whole);
+            let mut buf = BytesMut::new();
+            for (i, b) in whole.iter().enumerate() {
+                buf.put_u8(*b);
+                let got = decode_request(&mut buf).unwrap();
+                if i + 1 < whole.len() {
+                    assert!(got.is_none());
+                } else {
+                    assert_eq!(got, Some(req.clone()));
+                }
             }
+            assert!(buf.is_empty());
         }
-        assert!(buf.is_empty());
     }
 
     #[test]

@@ -144,6 +144,17 @@ pub trait CacheApi: Send + Sync + 'static {
         object: &ObjectRef,
         index: u64,
     ) -> impl Future<Output = Result<Block, ApiError>> + Send;
+
+    /// Block `index` of `object` only when this node already holds it (`NotFound` otherwise),
+    /// never fetching it from anywhere. An API with no cache of its own holds nothing.
+    fn read_held_block(
+        &self,
+        object: &ObjectRef,
+        index: u64,
+    ) -> impl Future<Output = Result<Block, ApiError>> + Send {
+        let _ = (object, index);
+        std::future::ready(Err(ApiError::NotFound("no cache here".into())))
+    }
 }
 
 impl<T: CacheApi> CacheApi for Arc<T> {
@@ -165,5 +176,13 @@ impl<T: CacheApi> CacheApi for Arc<T> {
         index: u64,
     ) -> impl Future<Output = Result<Block, ApiError>> + Send {
         (**self).read_block(object, index)
+    }
+
+    fn read_held_block(
+        &self,
+        object: &ObjectRef,
+        index: u64,
+    ) -> impl Future<Output = Result<Block, ApiError>> + Send {
+        (**self).read_held_block(object, index)
     }
 }

@@ -118,7 +118,11 @@ async fn serve_connection<A: CacheApi>(conn: Connection, api: Arc<A>) {
                     return;
                 }
             };
-            let result = api.read_block(&req.object, req.index).await;
+            let result = if req.held_only {
+                api.read_held_block(&req.object, req.index).await
+            } else {
+                api.read_block(&req.object, req.index).await
+            };
             let mut header = BytesMut::new();
             let body = frame::encode_response_header(&result, &mut header);
             let sent = async {
@@ -231,6 +235,33 @@ impl BlockClient {
         index: u64,
         timeout: Duration,
     ) -> Result<Block, ApiError> {
+        self.request(addr, server_name, object, index, false, timeout)
+            .await
+    }
+
+    /// Block `index` of `object` if the worker at `addr` already holds it (`NotFound` when it
+    /// does not; it fetches nothing). Like [`BlockClient::read_block`] otherwise.
+    pub async fn read_held_block(
+        &self,
+        addr: SocketAddr,
+        server_name: &str,
+        object: &ObjectRef,
+        index: u64,
+        timeout: Duration,
+    ) -> Result<Block, ApiError> {
+        self.request(addr, server_name, object, index, true, timeout)
+            .await
+    }
+
+    async fn request(
+        &self,
+        addr: SocketAddr,
+        server_name: &str,
+        object: &ObjectRef,
+        index: u64,
+        held_only: bool,
+        timeout: Duration,
+    ) -> Result<Block, ApiError> {
         let attempt = async {
             let conn = self.connection(addr, server_name).await?;
             let (mut send, mut recv) = conn
@@ -242,6 +273,7 @@ impl BlockClient {
                 &ReadBlock {
                     object: object.clone(),
                     index,
+                    held_only,
                 },
                 &mut request,
             );

@@ -1,7 +1,7 @@
 //! The worker's gRPC service: any [`CacheApi`] served over tonic, with the API's one error mapping.
 
 use granary_core::metrics as m;
-use granary_proto::{ApiError, CacheApi, MAX_MESSAGE_BYTES, pb};
+use granary_proto::{ApiError, CacheApi, MAX_MESSAGE_BYTES, ObjectRef, pb};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,6 +40,17 @@ impl<A: CacheApi> pb::cache_server::Cache for CacheService<A> {
             memory_capacity: info.memory_capacity,
             disk_capacity: info.disk_capacity,
             stats: Some((&info.stats).into()),
+        }))
+    }
+
+    async fn local_copy(
+        &self,
+        req: Request<pb::ObjectRef>,
+    ) -> Result<Response<pb::LocalCopyReply>, Status> {
+        let object = ObjectRef::from(req.into_inner());
+        let path = self.api.local_copy(&object).await?;
+        Ok(Response::new(pb::LocalCopyReply {
+            path: path.map(|p| p.to_string_lossy().into_owned()),
         }))
     }
 

@@ -108,6 +108,15 @@ impl CacheApi for GrpcCache {
         Ok(Arc::new(entries))
     }
 
+    async fn local_copy(&self, object: &ObjectRef) -> Result<Option<std::path::PathBuf>, ApiError> {
+        let reply = self
+            .client
+            .clone()
+            .local_copy(pb::ObjectRef::from(object))
+            .await?;
+        Ok(reply.into_inner().path.map(Into::into))
+    }
+
     async fn read_block(&self, object: &ObjectRef, index: u64) -> Result<Block, ApiError> {
         let req = pb::ReadBlockRequest {
             object: Some(object.into()),

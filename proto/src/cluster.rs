@@ -1,6 +1,6 @@
 //! [`ClusterClient`]: the worker API of a whole cluster, for a FUSE client.
 //!
-//! Metadata (stat, list) goes over gRPC to any live worker. Each block is read over QUIC from
+//! Metadata (stat, list) goes over gRPC to any live worker (the local one first). Each block is read over QUIC from
 //! the worker that owns it (rendezvous placement over the live members, the same function the
 //! workers use), so a block is fetched from the backend once for the whole cluster and cached
 //! where it belongs. When an owner does not answer within the peer timeout, the next owner is
@@ -118,8 +118,12 @@ impl ClusterClient {
         Fut: std::future::Future<Output = Result<T, ApiError>>,
     {
         let view = self.membership.view();
+        let mut members: Vec<&MemberInfo> = view.members.iter().collect();
+        if let Some(local) = self.local.as_deref() {
+            members.sort_by_key(|m| m.node_id != local);
+        }
         let mut last = ApiError::Unavailable("the cluster has no live members".into());
-        for member in &view.members {
+        for member in members {
             let result = match self.api_of(member).await {
                 Ok(api) => call(api).await,
                 Err(e) => Err(e),
@@ -149,6 +153,18 @@ impl CacheApi for ClusterClient {
     async fn list(&self, path: &str) -> Result<Arc<Vec<Entry>>, ApiError> {
         self.any_member(|api| async move { api.list(path).await })
             .await
+    }
+
+    async fn local_copy(&self, object: &ObjectRef) -> Result<Option<std::path::PathBuf>, ApiError> {
+        let view = self.membership.view();
+        let Some(local) = self
+            .local
+            .as_deref()
+            .and_then(|id| view.members.iter().find(|m| m.node_id == id))
+        else {
+            return Ok(None);
+        };
+        self.api_of(local).await?.local_copy(object).await
     }
 
     async fn read_block(&self, object: &ObjectRef, index: u64) -> Result<Block, ApiError> {

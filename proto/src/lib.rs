@@ -155,6 +155,17 @@ pub trait CacheApi: Send + Sync + 'static {
         let _ = (object, index);
         std::future::ready(Err(ApiError::NotFound("no cache here".into())))
     }
+
+    /// A path on this machine holding a verified whole copy of exactly this version of
+    /// `object` (a pinned dataset's file), which a client on the same machine may open itself
+    /// instead of reading blocks. `None` when there is none.
+    fn local_copy(
+        &self,
+        object: &ObjectRef,
+    ) -> impl Future<Output = Result<Option<std::path::PathBuf>, ApiError>> + Send {
+        let _ = object;
+        std::future::ready(Ok(None))
+    }
 }
 
 impl<T: CacheApi> CacheApi for Arc<T> {
@@ -184,5 +195,12 @@ impl<T: CacheApi> CacheApi for Arc<T> {
         index: u64,
     ) -> impl Future<Output = Result<Block, ApiError>> + Send {
         (**self).read_held_block(object, index)
+    }
+
+    fn local_copy(
+        &self,
+        object: &ObjectRef,
+    ) -> impl Future<Output = Result<Option<std::path::PathBuf>, ApiError>> + Send {
+        (**self).local_copy(object)
     }
 }

@@ -52,6 +52,33 @@ pub struct ConfigFile {
     pub mounts: Vec<MountSection>,
     pub cluster: Option<ClusterSection>,
     pub tls: Option<TlsSection>,
+    #[serde(default)]
+    pub datasets: DatasetsSection,
+    #[serde(default, rename = "tenant")]
+    pub tenants: Vec<TenantSection>,
+}
+
+/// The dataset store (pinned datasets, kept whole on local disk apart from the block cache) and
+/// who may pin.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetsSection {
+    /// Bytes of pinned data this node may hold [default: 16GiB].
+    pub capacity: Option<String>,
+    /// Files loaded at once by this node [default: 4].
+    pub load_concurrency: Option<usize>,
+    /// The bearer token that may see and change every tenant's pins.
+    pub admin_token: Option<String>,
+}
+
+/// A tenant of the dataset API: its bearer token and the bytes it may pin across the cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSection {
+    pub name: String,
+    pub token: String,
+    /// Bytes the tenant may pin (counting every replica) [default: unlimited].
+    pub quota: Option<String>,
 }
 
 /// Joining a cluster: through etcd, or a static member list.
@@ -142,6 +169,7 @@ pub struct Settings {
     pub namespace: Namespace,
     pub cluster: Option<ClusterSettings>,
     pub tls: Option<TlsFiles>,
+    pub datasets: DatasetSettings,
 }
 
 /// Validated cluster settings.
@@ -152,6 +180,41 @@ pub struct ClusterSettings {
     pub replicas: usize,
     pub peer_timeout: Duration,
     pub lease_ttl: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatasetSettings {
+    pub capacity: ByteSize,
+    pub load_concurrency: usize,
+    pub admin_token: Option<String>,
+    pub tenants: Vec<Tenant>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant {
+    pub name: String,
+    pub token: String,
+    pub quota: Option<u64>,
+}
+
+impl DatasetSettings {
+    pub const DEFAULT_CAPACITY: ByteSize = ByteSize::gib(16);
+
+    /// Whether the dataset API needs no token (no admin token and no tenants configured).
+    pub fn open(&self) -> bool {
+        self.admin_token.is_none() && self.tenants.is_empty()
+    }
+}
+
+impl Default for DatasetSettings {
+    fn default() -> Self {
+        DatasetSettings {
+            capacity: Self::DEFAULT_CAPACITY,
+            load_concurrency: 4,
+            admin_token: None,
+            tenants: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -355,7 +418,9 @@ impl ConfigFile {
                 "[cluster] needs [tls] (dir, or ca/cert/key): the data plane between workers is always mutual TLS".into(),
             ));
         }
+        let datasets = self.dataset_settings()?;
         Ok(Settings {
+            datasets,
             node_id,
             listen,
             metrics_addr,
@@ -367,6 +432,62 @@ impl ConfigFile {
             cluster,
             tls,
         })
+    }
+}
+
+impl ConfigFile {
+    fn dataset_settings(&self) -> Result<DatasetSettings, ConfigError> {
+        let d = &self.datasets;
+        let mut out = DatasetSettings::default();
+        if let Some(c) = &d.capacity {
+            out.capacity = field("datasets.capacity", c, |s| s.parse::<ByteSize>())?;
+        }
+        if let Some(n) = d.load_concurrency {
+            if n == 0 || n > 256 {
+                return Err(ConfigError::Invalid(
+                    "datasets.load_concurrency must be 1-256".into(),
+                ));
+            }
+            out.load_concurrency = n;
+        }
+        let check_token = |what: &str, t: &str| {
+            if t.len() < 16 || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                Err(ConfigError::Invalid(format!(
+                    "{what}: a token must be at least 16 characters without spaces"
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        if let Some(t) = &d.admin_token {
+            check_token("datasets.admin_token", t)?;
+            out.admin_token = Some(t.clone());
+        }
+        for t in &self.tenants {
+            granary_core::dataset::check_name(&t.name)
+                .map_err(|e| ConfigError::Invalid(format!("tenant name: {e}")))?;
+            check_token(&format!("tenant {:?} token", t.name), &t.token)?;
+            if out.tenants.iter().any(|o| o.name == t.name || o.token == t.token)
+                || out.admin_token.as_deref() == Some(t.token.as_str())
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "tenant {:?}: names and tokens must be unique",
+                    t.name
+                )));
+            }
+            let quota = t
+                .quota
+                .as_deref()
+                .map(|q| field(&format!("tenant {:?} quota", t.name), q, |s| s.parse::<ByteSize>()))
+                .transpose()?
+                .map(|b| b.bytes());
+            out.tenants.push(Tenant {
+                name: t.name.clone(),
+                token: t.token.clone(),
+                quota,
+            });
+        }
+        Ok(out)
     }
 }
 

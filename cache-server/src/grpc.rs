@@ -13,7 +13,7 @@ pub struct CacheService<A> {
     api: Arc<A>,
 }
 
-fn record<T>(method: &'static str, result: &Result<T, ApiError>) {
+pub(crate) fn record<T>(method: &'static str, result: &Result<T, ApiError>) {
     let code = match result {
         Ok(_) => "ok",
         Err(ApiError::NotFound(_)) => "not_found",
@@ -23,6 +23,8 @@ fn record<T>(method: &'static str, result: &Result<T, ApiError>) {
         Err(ApiError::Invalid(_)) => "invalid",
         Err(ApiError::Corrupt(_)) => "corrupt",
         Err(ApiError::Internal(_)) => "internal",
+        Err(ApiError::Denied(_)) => "denied",
+        Err(ApiError::Exhausted(_)) => "exhausted",
     };
     metrics::counter!(m::RPC_REQUESTS, "method" => method, "code" => code).increment(1);
 }

@@ -7,8 +7,11 @@
 pub mod backend;
 pub mod blocks;
 pub mod config;
+pub mod dataset_api;
+pub mod datasets;
 pub mod grpc;
 pub mod listing;
+pub mod registry;
 pub mod worker;
 
 pub use config::{ConfigFile, Settings};

@@ -6,6 +6,8 @@ use crate::backend::{Backend, BackendError};
 use crate::blocks::Tier;
 use crate::blocks::{BlockCache, CacheOpenError};
 use crate::config::Settings;
+use crate::datasets::{Datasets, Source};
+use crate::registry::Registry;
 use crate::listing::{Listing, ListingCache};
 use granary_core::namespace::components;
 use granary_core::placement::owners;
@@ -24,6 +26,8 @@ pub enum StartError {
     Backend(#[from] BackendError),
     #[error(transparent)]
     Cache(#[from] CacheOpenError),
+    #[error("dataset store: {0}")]
+    Datasets(ApiError),
 }
 
 /// What a worker needs to take part in a cluster.
@@ -59,13 +63,14 @@ impl Served {
 }
 
 pub struct Worker {
-    settings: Settings,
-    cluster: Option<Cluster>,
+    pub(crate) settings: Settings,
+    pub(crate) cluster: Option<Cluster>,
     served: Served,
-    backends: Vec<Arc<Backend>>,
+    pub(crate) backends: Vec<Arc<Backend>>,
     listings: ListingCache,
     blocks: BlockCache,
-    started_ns: i64,
+    pub(crate) datasets: Arc<Datasets>,
+    pub(crate) started_ns: i64,
 }
 
 impl std::fmt::Debug for Worker {
@@ -102,6 +107,25 @@ impl Worker {
         for result in futures::future::join_all(probes).await {
             result?;
         }
+        let root = settings.cache.dir.join("datasets");
+        let registry = match settings.cluster.as_ref().filter(|c| !c.etcd.is_empty()) {
+            Some(c) => Registry::etcd(&c.etcd).await,
+            None => Registry::local(root.join("pins")),
+        }
+        .map_err(StartError::Datasets)?;
+        let datasets = Arc::new(
+            Datasets::open(
+                settings.node_id.clone(),
+                root,
+                settings.cache.block_size,
+                settings.datasets.clone(),
+                registry,
+            )
+            .map_err(StartError::Datasets)?,
+        );
+        if let Err(e) = datasets.refresh().await {
+            tracing::warn!(error = %e, "cannot read the pins yet; the dataset loop keeps trying");
+        }
         let blocks = BlockCache::open(&settings.cache).await?;
         let started_ns = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -114,6 +138,7 @@ impl Worker {
             served: Served::default(),
             backends,
             blocks,
+            datasets,
             started_ns,
         }))
     }
@@ -226,6 +251,9 @@ impl CacheApi for Worker {
     }
 
     async fn stat(&self, path: &str) -> Result<Entry, ApiError> {
+        if let Some(entry) = crate::dataset_api::pinned_stat(self, path) {
+            return entry;
+        }
         let resolved = self
             .settings
             .namespace
@@ -248,6 +276,9 @@ impl CacheApi for Worker {
     }
 
     async fn list(&self, path: &str) -> Result<Arc<Vec<Entry>>, ApiError> {
+        if let Some(entries) = crate::dataset_api::pinned_list(self, path) {
+            return entries;
+        }
         let resolved = self
             .settings
             .namespace
@@ -315,6 +346,12 @@ impl CacheApi for Worker {
 
     async fn read_held_block(&self, object: &ObjectRef, index: u64) -> Result<Block, ApiError> {
         self.check_ref(object, index)?;
+        if let Some(file) = self.datasets.held(object)
+            && let Some(data) = self.datasets.read_block(&file, index).await
+        {
+            self.served.record(Tier::Disk, data.len());
+            return Ok(Block::new(data));
+        }
         let key = BlockKey::new(object.id.fingerprint(), index);
         match self.blocks.get_cached(key).await {
             Some((block, tier)) => {
@@ -326,6 +363,13 @@ impl CacheApi for Worker {
                 object.id.key
             ))),
         }
+    }
+
+    async fn local_copy(
+        &self,
+        object: &ObjectRef,
+    ) -> Result<Option<std::path::PathBuf>, ApiError> {
+        Ok(self.datasets.held(object).map(|f| f.path))
     }
 }
 
@@ -351,6 +395,16 @@ impl Worker {
         key: BlockKey,
         index: u64,
     ) -> Result<Block, ApiError> {
+        // A pinned file: from this node's dataset store, else from a node that holds it.
+        if let Some(file) = self.datasets.held(object)
+            && let Some(data) = self.datasets.read_block(&file, index).await
+        {
+            self.served.record(Tier::Disk, data.len());
+            return Ok(Block::new(data));
+        }
+        if let Some(block) = self.read_from_dataset_holders(object, index).await {
+            return Ok(block);
+        }
         let bs: BlockSize = self.settings.cache.block_size;
         let range = bs.range(index, object.id.size);
         let (block, tier) = self
@@ -369,6 +423,38 @@ impl Worker {
             .await?;
         self.served.record(tier, block.data.len());
         Ok(block)
+    }
+
+    /// Block `index` of a pinned file from a node whose dataset store holds it, when this node
+    /// does not.
+    async fn read_from_dataset_holders(&self, object: &ObjectRef, index: u64) -> Option<Block> {
+        let cluster = self.cluster.as_ref()?;
+        let holders = self.datasets.holders_of(object);
+        if holders.is_empty() || holders.contains(&self.settings.node_id) {
+            return None;
+        }
+        let view = cluster.membership.view();
+        for holder in holders {
+            let Some(member) = view.members.iter().find(|m| m.node_id == holder) else {
+                continue;
+            };
+            let read = cluster.peers.read_held_block(
+                member.data_addr,
+                &member.node_id,
+                object,
+                index,
+                cluster.peer_timeout,
+            );
+            if let Ok(block) = read.await {
+                self.served.record(Tier::Peer, block.data.len());
+                return Some(block);
+            }
+        }
+        None
+    }
+
+    pub fn datasets(&self) -> &Arc<Datasets> {
+        &self.datasets
     }
 
     /// What this worker has served, its memory use and its view of the cluster.
@@ -419,5 +505,65 @@ impl CacheApi for LocalReads {
 
     async fn read_held_block(&self, object: &ObjectRef, index: u64) -> Result<Block, ApiError> {
         self.0.read_held_block(object, index).await
+    }
+}
+
+impl Source for Worker {
+    async fn backend_range(
+        &self,
+        object: &ObjectRef,
+        range: std::ops::Range<u64>,
+    ) -> Result<bytes::Bytes, ApiError> {
+        let backend = self.check_ref(object, 0)?;
+        backend
+            .get_range(
+                &object.id.key,
+                range,
+                object.id.etag.as_deref(),
+                object.id.version.as_deref(),
+            )
+            .await
+    }
+
+    async fn peer_held_block(
+        &self,
+        node: &str,
+        object: &ObjectRef,
+        index: u64,
+    ) -> Result<bytes::Bytes, ApiError> {
+        let cluster = self
+            .cluster
+            .as_ref()
+            .ok_or_else(|| ApiError::Unavailable("no cluster".into()))?;
+        let view = cluster.membership.view();
+        let member = view
+            .members
+            .iter()
+            .find(|m| m.node_id == node)
+            .ok_or_else(|| ApiError::Unavailable(format!("{node} is not a live member")))?;
+        let block = cluster
+            .peers
+            .read_held_block(
+                member.data_addr,
+                &member.node_id,
+                object,
+                index,
+                cluster.peer_timeout,
+            )
+            .await?;
+        Ok(block.data)
+    }
+
+    fn members(&self) -> Vec<String> {
+        match &self.cluster {
+            Some(c) => c
+                .membership
+                .view()
+                .members
+                .iter()
+                .map(|m| m.node_id.clone())
+                .collect(),
+            None => vec![self.settings.node_id.clone()],
+        }
     }
 }

@@ -6,6 +6,7 @@
 //! plain unit and property tests, without a runtime, a network or a kernel.
 
 pub mod block;
+pub mod dataset;
 pub mod metrics;
 pub mod namespace;
 pub mod object;

@@ -125,6 +125,8 @@ impl From<ApiError> for Status {
             ApiError::Invalid(m) => Status::invalid_argument(m),
             ApiError::Corrupt(m) => Status::data_loss(m),
             ApiError::Internal(m) => Status::internal(m),
+            ApiError::Denied(m) => Status::permission_denied(m),
+            ApiError::Exhausted(m) => Status::resource_exhausted(m),
         }
     }
 }
@@ -138,10 +140,11 @@ impl From<Status> for ApiError {
             Code::Aborted => ApiError::Stale(m),
             Code::InvalidArgument => ApiError::Invalid(m),
             Code::DataLoss => ApiError::Corrupt(m),
+            Code::PermissionDenied | Code::Unauthenticated => ApiError::Denied(m),
+            Code::ResourceExhausted => ApiError::Exhausted(m),
             Code::Unavailable
             | Code::DeadlineExceeded
-            | Code::Cancelled
-            | Code::ResourceExhausted => ApiError::Unavailable(format!("{m} ({:?})", s.code())),
+            | Code::Cancelled => ApiError::Unavailable(format!("{m} ({:?})", s.code())),
             other => ApiError::Internal(format!("{m} ({other:?})")),
         }
     }

@@ -120,6 +120,8 @@ fn status_of(e: &ApiError) -> u8 {
         ApiError::Invalid(_) => 5,
         ApiError::Corrupt(_) => 6,
         ApiError::Internal(_) => 7,
+        ApiError::Denied(_) => 8,
+        ApiError::Exhausted(_) => 9,
     }
 }
 
@@ -132,6 +134,8 @@ fn error_of(status: u8, message: String) -> Result<ApiError, FrameError> {
         5 => ApiError::Invalid(message),
         6 => ApiError::Corrupt(message),
         7 => ApiError::Internal(message),
+        8 => ApiError::Denied(message),
+        9 => ApiError::Exhausted(message),
         other => return Err(FrameError::UnknownStatus(other)),
     })
 }

@@ -126,6 +126,12 @@ pub enum ApiError {
     Corrupt(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The caller's token is missing or wrong, or it may not touch this resource.
+    #[error("permission denied: {0}")]
+    Denied(String),
+    /// Over a quota or a capacity.
+    #[error("refused: {0}")]
+    Exhausted(String),
 }
 
 /// What a FUSE client needs from a cache worker.

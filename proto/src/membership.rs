@@ -147,7 +147,8 @@ fn etcd_error(endpoints: &[String], e: etcd_client::Error) -> MembershipError {
     }
 }
 
-async fn connect(endpoints: &[String]) -> Result<Client, MembershipError> {
+/// A client of the etcd cluster at `endpoints`, with bounded connect and request timeouts.
+pub async fn connect(endpoints: &[String]) -> Result<Client, MembershipError> {
     let options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(3))
         .with_timeout(Duration::from_secs(5))

@@ -1,0 +1,522 @@
+//! The dataset control API of a worker: pin, load, unpin, status, list, verify, with bearer
+//! token authentication per tenant, quotas and capacity checks; and the namespace view of pinned
+//! datasets (stat and list inside a pin are answered from its frozen manifest).
+
+use crate::config::DatasetSettings;
+use crate::datasets::Source;
+use crate::registry::Pin;
+use crate::worker::Worker;
+use granary_core::dataset::{
+    LoadState, Manifest, ManifestFile, NodeProgress, check_name, check_tenant_quota, overall, percent,
+    share,
+};
+use granary_core::namespace::components;
+use granary_core::{ByteSize, ObjectId, Resolved};
+use granary_proto::{ApiError, CacheApi, Entry, EntryKind, ObjectRef};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Who is calling: the admin (sees and changes every pin) or one tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    Admin,
+    Tenant(String),
+}
+
+impl Caller {
+    fn may_touch(&self, pin: &Pin) -> bool {
+        match self {
+            Caller::Admin => true,
+            Caller::Tenant(t) => *t == pin.tenant,
+        }
+    }
+}
+
+/// Maps a bearer token to a caller. With no tokens configured the API is open (everyone is
+/// admin): fine for one node on a laptop, logged loudly at startup.
+pub fn authenticate(settings: &DatasetSettings, token: Option<&str>) -> Result<Caller, ApiError> {
+    if settings.open() {
+        return Ok(Caller::Admin);
+    }
+    let token = token.ok_or_else(|| {
+        ApiError::Denied(
+            "no token: pass --token (or set GRANARY_TOKEN) with a tenant's or the admin's token"
+                .into(),
+        )
+    })?;
+    if settings.admin_token.as_deref() == Some(token) {
+        return Ok(Caller::Admin);
+    }
+    settings
+        .tenants
+        .iter()
+        .find(|t| t.token == token)
+        .map(|t| Caller::Tenant(t.name.clone()))
+        .ok_or_else(|| ApiError::Denied("the token matches no tenant".into()))
+}
+
+/// What `pin` asks for.
+#[derive(Debug, Clone, Default)]
+pub struct PinRequest {
+    pub name: String,
+    pub path: String,
+    pub tenant: Option<String>,
+    pub ttl: Option<Duration>,
+    pub nodes: Vec<String>,
+    pub replicas: usize,
+}
+
+/// A dataset's state as `status` and `list` report it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetStatus {
+    pub name: String,
+    pub tenant: String,
+    pub path: String,
+    pub files: u64,
+    pub bytes: u64,
+    pub replicas: u64,
+    pub nodes: Vec<String>,
+    pub expires_at: Option<u64>,
+    pub created_at: u64,
+    pub load: bool,
+    pub state: LoadState,
+    /// Bytes present and verified on the node set / bytes the set must hold (every replica).
+    pub percent: f64,
+    pub bytes_ready: u64,
+    pub bytes_total: u64,
+    pub verify_seq: u64,
+    pub node_progress: Vec<NodeProgress>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn normalize(path: &str) -> Result<String, ApiError> {
+    let parts = components(path).ok_or_else(|| {
+        ApiError::Invalid(format!(
+            "invalid path {path:?}: give an absolute namespace path like /data/imagenet"
+        ))
+    })?;
+    Ok(format!("/{}", parts.join("/")))
+}
+
+/// The pin whose root contains `path` (the longest root wins), with `path`'s part below it.
+fn pin_of<'a>(pins: &'a [Pin], path: &str) -> Option<(&'a Pin, String)> {
+    pins.iter()
+        .filter_map(|p| {
+            let root = p.manifest.root.trim_end_matches('/');
+            if path == root {
+                Some((p, String::new()))
+            } else {
+                path.strip_prefix(root)
+                    .and_then(|r| r.strip_prefix('/'))
+                    .map(|rel| (p, rel.to_string()))
+            }
+        })
+        .max_by_key(|(p, _)| p.manifest.root.len())
+}
+
+fn file_entry(worker: &Worker, pin: &Pin, f: &ManifestFile) -> Entry {
+    Entry {
+        name: f.path.rsplit('/').next().unwrap_or(&f.path).to_string(),
+        kind: EntryKind::File,
+        size: f.size,
+        mtime_ns: f.mtime_ns,
+        object: Some(ObjectRef {
+            mount: pin.mount,
+            id: ObjectId {
+                backend: worker.backends[pin.mount as usize].id().to_string(),
+                key: pin.key_of(&f.path),
+                size: f.size,
+                etag: f.etag.clone(),
+                version: f.version.clone(),
+                mtime_ns: f.mtime_ns,
+            },
+        }),
+    }
+}
+
+fn dir_entry(worker: &Worker, name: &str) -> Entry {
+    Entry {
+        name: name.to_string(),
+        kind: EntryKind::Dir,
+        size: 0,
+        mtime_ns: worker.started_ns,
+        object: None,
+    }
+}
+
+/// `stat` inside a pinned dataset, from its manifest; `None` outside every pin.
+pub(crate) fn pinned_stat(worker: &Worker, path: &str) -> Option<Result<Entry, ApiError>> {
+    let path = normalize(path).ok()?;
+    let pins = worker.datasets.pins();
+    let (pin, rel) = pin_of(&pins, &path)?;
+    let name = path.rsplit('/').next().unwrap_or("");
+    if rel.is_empty() {
+        return Some(Ok(dir_entry(worker, name)));
+    }
+    if let Some(f) = pin.manifest.file(&rel) {
+        return Some(Ok(file_entry(worker, pin, f)));
+    }
+    let prefix = format!("{rel}/");
+    if pin.manifest.files.iter().any(|f| f.path.starts_with(&prefix)) {
+        return Some(Ok(dir_entry(worker, name)));
+    }
+    Some(Err(ApiError::NotFound(format!(
+        "{path} (not in dataset {:?} as pinned)",
+        pin.name
+    ))))
+}
+
+/// `list` inside a pinned dataset, from its manifest; `None` outside every pin.
+pub(crate) fn pinned_list(worker: &Worker, path: &str) -> Option<Result<Arc<Vec<Entry>>, ApiError>> {
+    let path = normalize(path).ok()?;
+    let pins = worker.datasets.pins();
+    let (pin, rel) = pin_of(&pins, &path)?;
+    if pin.manifest.file(&rel).is_some() {
+        return Some(Err(ApiError::NotADirectory(path)));
+    }
+    let prefix = if rel.is_empty() { String::new() } else { format!("{rel}/") };
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut found = rel.is_empty();
+    for f in pin.manifest.files.iter().filter(|f| f.path.starts_with(&prefix)) {
+        found = true;
+        let below = &f.path[prefix.len()..];
+        match below.split_once('/') {
+            None => entries.push(file_entry(worker, pin, f)),
+            Some((dir, _)) => {
+                if entries.last().is_none_or(|e| e.name != dir) {
+                    entries.push(dir_entry(worker, dir));
+                }
+            }
+        }
+    }
+    if !found {
+        return Some(Err(ApiError::NotFound(path)));
+    }
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    entries.dedup_by(|a, b| a.name == b.name);
+    Some(Ok(Arc::new(entries)))
+}
+
+impl Worker {
+    pub fn authenticate(&self, token: Option<&str>) -> Result<Caller, ApiError> {
+        authenticate(&self.settings.datasets, token)
+    }
+
+    fn live_members(&self) -> Vec<String> {
+        Source::members(self)
+    }
+
+    async fn fresh_pins(&self) -> Result<Arc<Vec<Pin>>, ApiError> {
+        self.datasets.refresh().await
+    }
+
+    async fn find_pin(&self, caller: &Caller, name: &str) -> Result<Pin, ApiError> {
+        check_name(name).map_err(ApiError::Invalid)?;
+        let pins = self.fresh_pins().await?;
+        let pin = pins
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| ApiError::NotFound(format!("no dataset named {name:?} is pinned")))?;
+        if !caller.may_touch(pin) {
+            // Do not reveal other tenants' datasets.
+            return Err(ApiError::NotFound(format!("no dataset named {name:?} is pinned")));
+        }
+        Ok(pin.clone())
+    }
+
+    /// Checks a node set: live members, no repeats, enough for the replicas, room on each.
+    fn check_nodes(&self, pins: &[Pin], pin: &Pin) -> Result<(), ApiError> {
+        let live = self.live_members();
+        for (i, node) in pin.nodes.iter().enumerate() {
+            if !live.contains(node) {
+                return Err(ApiError::Invalid(format!(
+                    "node {node:?} is not a live member (members: {})",
+                    live.join(",")
+                )));
+            }
+            if pin.nodes[..i].contains(node) {
+                return Err(ApiError::Invalid(format!("node {node:?} is listed twice")));
+            }
+        }
+        if !pin.nodes.is_empty() && pin.replicas > pin.nodes.len() {
+            return Err(ApiError::Invalid(format!(
+                "{} replicas need at least as many nodes; {} given",
+                pin.replicas,
+                pin.nodes.len()
+            )));
+        }
+        let capacity = self.settings.datasets.capacity.bytes();
+        for node in &pin.nodes {
+            let wanted = share(&pin.manifest, &pin.nodes, pin.replicas, node).1;
+            let used = self.datasets.committed(pins, node, &pin.name);
+            let free = capacity.saturating_sub(used);
+            if wanted > free {
+                return Err(ApiError::Exhausted(
+                    granary_core::dataset::QuotaError::Node {
+                        node: node.clone(),
+                        wanted,
+                        free,
+                    }
+                    .to_string(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Walks the namespace under `path`, listing every file (the manifest).
+    async fn walk(&self, path: &str) -> Result<Vec<ManifestFile>, ApiError> {
+        let mut files = Vec::new();
+        let mut dirs = vec![String::new()];
+        while let Some(rel) = dirs.pop() {
+            let dir = if rel.is_empty() { path.to_string() } else { format!("{path}/{rel}") };
+            for e in self.list(&dir).await?.iter() {
+                let child = if rel.is_empty() { e.name.clone() } else { format!("{rel}/{}", e.name) };
+                match (&e.kind, &e.object) {
+                    (EntryKind::Dir, _) => dirs.push(child),
+                    (EntryKind::File, Some(o)) => files.push(ManifestFile {
+                        path: child,
+                        size: o.id.size,
+                        etag: o.id.etag.clone(),
+                        version: o.id.version.clone(),
+                        mtime_ns: o.id.mtime_ns,
+                    }),
+                    (EntryKind::File, None) => {}
+                }
+                if files.len() > 200_000 {
+                    return Err(ApiError::Invalid(format!(
+                        "{path} holds over 200,000 files: pin a smaller subtree"
+                    )));
+                }
+            }
+        }
+        Ok(files)
+    }
+
+    pub async fn pin_dataset(&self, caller: &Caller, req: PinRequest) -> Result<DatasetStatus, ApiError> {
+        check_name(&req.name).map_err(ApiError::Invalid)?;
+        let path = normalize(&req.path)?;
+        let tenant = match (caller, &req.tenant) {
+            (Caller::Admin, Some(t)) => t.clone(),
+            (Caller::Admin, None) => "default".to_string(),
+            (Caller::Tenant(me), Some(t)) if t != me => {
+                return Err(ApiError::Denied(format!(
+                    "tenant {me:?} cannot pin for tenant {t:?}"
+                )));
+            }
+            (Caller::Tenant(me), _) => me.clone(),
+        };
+        check_name(&tenant).map_err(|e| ApiError::Invalid(format!("tenant: {e}")))?;
+        let quota = self
+            .settings
+            .datasets
+            .tenants
+            .iter()
+            .find(|t| t.name == tenant)
+            .and_then(|t| t.quota);
+        if !self.settings.datasets.open()
+            && !self.settings.datasets.tenants.iter().any(|t| t.name == tenant)
+        {
+            return Err(ApiError::Invalid(format!("unknown tenant {tenant:?}")));
+        }
+        let replicas = req.replicas.max(1);
+        let (mount, root_key) = match self
+            .settings
+            .namespace
+            .resolve(&path)
+            .map_err(|e| ApiError::Invalid(e.to_string()))?
+        {
+            Resolved::Mount { mount, key, .. } => (mount as u32, key),
+            Resolved::Synthetic { .. } => {
+                return Err(ApiError::Invalid(format!(
+                    "{path} spans several mounts: pin a directory inside one mount"
+                )));
+            }
+            Resolved::NotFound => return Err(ApiError::NotFound(path)),
+        };
+        let pins = self.fresh_pins().await?;
+        if pins.iter().any(|p| p.name == req.name) {
+            return Err(ApiError::Invalid(format!("dataset {:?} is already pinned", req.name)));
+        }
+        match self.stat(&path).await?.kind {
+            EntryKind::Dir => {}
+            EntryKind::File => {
+                return Err(ApiError::Invalid(format!(
+                    "{path} is a file: a dataset is a directory"
+                )));
+            }
+        }
+        let files = self.walk(&path).await?;
+        let manifest = Manifest::new(path.clone(), files);
+        let used: u64 = pins
+            .iter()
+            .filter(|p| p.tenant == tenant)
+            .map(|p| p.bytes() * p.replicas as u64)
+            .sum();
+        check_tenant_quota(&tenant, used, manifest.bytes(), replicas, quota)
+            .map_err(|e| ApiError::Exhausted(e.to_string()))?;
+        let now = now_secs();
+        let pin = Pin {
+            name: req.name.clone(),
+            tenant,
+            nodes: req.nodes.clone(),
+            replicas,
+            expires_at: req.ttl.map(|t| now + t.as_secs().max(1)),
+            created_at: now,
+            load: false,
+            verify_seq: 0,
+            mount,
+            root_key,
+            backend: self.backends[mount as usize].id().to_string(),
+            manifest,
+        };
+        self.check_nodes(&pins, &pin)?;
+        self.datasets.registry.create(&pin).await?;
+        self.datasets.refresh().await?;
+        tracing::info!(dataset = %pin.name, tenant = %pin.tenant, files = pin.manifest.files.len(), bytes = pin.bytes(), "pinned");
+        self.status_of(&pin).await
+    }
+
+    pub async fn load_dataset(&self, caller: &Caller, name: &str, nodes: Vec<String>) -> Result<DatasetStatus, ApiError> {
+        let mut pin = self.find_pin(caller, name).await?;
+        if !nodes.is_empty() {
+            pin.nodes = nodes;
+        } else if pin.nodes.is_empty() {
+            let mut live = self.live_members();
+            live.sort();
+            pin.nodes = live;
+        }
+        if pin.replicas > pin.nodes.len() {
+            return Err(ApiError::Invalid(format!(
+                "dataset {name:?} wants {} replicas but the node set has {} nodes",
+                pin.replicas,
+                pin.nodes.len()
+            )));
+        }
+        let pins = self.fresh_pins().await?;
+        self.check_nodes(&pins, &pin)?;
+        pin.load = true;
+        self.datasets.registry.update(&pin).await?;
+        self.datasets.refresh().await?;
+        tracing::info!(dataset = %name, nodes = %pin.nodes.join(","), "load requested");
+        self.status_of(&pin).await
+    }
+
+    pub async fn unpin_dataset(&self, caller: &Caller, name: &str) -> Result<(), ApiError> {
+        let pin = self.find_pin(caller, name).await?;
+        self.datasets.registry.remove(&pin.name).await?;
+        self.datasets.refresh().await?;
+        tracing::info!(dataset = %name, "unpinned");
+        Ok(())
+    }
+
+    /// Asks every holding node to re-check its files; returns the request's sequence number
+    /// (each node's progress reports `verified_seq` once it has carried it out).
+    pub async fn verify_dataset(&self, caller: &Caller, name: &str) -> Result<u64, ApiError> {
+        let mut pin = self.find_pin(caller, name).await?;
+        pin.verify_seq += 1;
+        self.datasets.registry.update(&pin).await?;
+        Ok(pin.verify_seq)
+    }
+
+    pub async fn dataset_status(&self, caller: &Caller, name: &str) -> Result<DatasetStatus, ApiError> {
+        let pin = self.find_pin(caller, name).await?;
+        self.status_of(&pin).await
+    }
+
+    pub async fn list_datasets(&self, caller: &Caller) -> Result<Vec<DatasetStatus>, ApiError> {
+        let pins = self.fresh_pins().await?;
+        let mut out = Vec::new();
+        for pin in pins.iter().filter(|p| caller.may_touch(p)) {
+            out.push(self.status_of(pin).await?);
+        }
+        Ok(out)
+    }
+
+    async fn status_of(&self, pin: &Pin) -> Result<DatasetStatus, ApiError> {
+        let mut reports = self.datasets.registry.progress(&pin.name).await?;
+        // Reports of a node set that has since changed do not count.
+        reports.retain(|r| pin.nodes.contains(&r.node));
+        for r in &mut reports {
+            let want = share(&pin.manifest, &pin.nodes, pin.replicas, &r.node);
+            if (r.files_total, r.bytes_total) != want {
+                // Written for an older node set or manifest: nothing of it counts yet.
+                r.state = LoadState::Pending;
+                r.bytes_ready = 0;
+                r.files_ready = 0;
+                r.files_total = want.0;
+                r.bytes_total = want.1;
+            }
+        }
+        let expected: Vec<(u64, u64)> = pin
+            .nodes
+            .iter()
+            .map(|n| share(&pin.manifest, &pin.nodes, pin.replicas, n))
+            .collect();
+        let (mut state, ready, total) = overall(&pin.nodes, &reports, &expected);
+        if !pin.load || pin.nodes.is_empty() {
+            state = LoadState::Pending;
+        }
+        Ok(DatasetStatus {
+            name: pin.name.clone(),
+            tenant: pin.tenant.clone(),
+            path: pin.manifest.root.clone(),
+            files: pin.manifest.files.len() as u64,
+            bytes: pin.bytes(),
+            replicas: pin.replicas as u64,
+            nodes: pin.nodes.clone(),
+            expires_at: pin.expires_at,
+            created_at: pin.created_at,
+            load: pin.load,
+            state,
+            percent: if pin.load { percent(ready, total) } else { 0.0 },
+            bytes_ready: ready,
+            bytes_total: total,
+            verify_seq: pin.verify_seq,
+            node_progress: reports,
+        })
+    }
+}
+
+impl std::fmt::Display for DatasetStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{}  tenant {}  {}  {} files, {}  x{}  {:?}  {:.2}%",
+            self.name,
+            self.tenant,
+            self.path,
+            self.files,
+            ByteSize(self.bytes),
+            self.replicas,
+            self.state,
+            self.percent
+        )?;
+        for p in &self.node_progress {
+            let eta = p
+                .eta_secs()
+                .map(|s| format!("  eta {s}s"))
+                .unwrap_or_default();
+            writeln!(
+                f,
+                "  {:<16} {:<8} {:>7.2}%  {}/{} files  {}/{}  {}/s{eta}{}",
+                p.node,
+                format!("{:?}", p.state).to_lowercase(),
+                p.percent(),
+                p.files_ready,
+                p.files_total,
+                ByteSize(p.bytes_ready),
+                ByteSize(p.bytes_total),
+                ByteSize(p.rate as u64),
+                if p.reason.is_empty() { String::new() } else { format!("  ({})", p.reason) }
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,688 @@
+//! The dataset store: pinned datasets' files kept whole on this node's disk, apart from the
+//! evictable block cache, and the loader that fills it.
+//!
+//! Layout under `<cache dir>/datasets/`:
+//!
+//! ```text
+//! pins/<name>.json          pins, when the worker has no etcd (else they live in etcd)
+//! <name>/files/<path>       a loaded file, exactly the manifest's version, whole
+//! <name>/index.jsonl        one line per loaded (or dropped) file: size, version, block CRCs
+//! ```
+//!
+//! A file enters the index only after all its bytes are written, synced and their CRC32C
+//! recorded, so after a crash or restart the index names exactly the files that are complete;
+//! anything else under `files/` is a leftover and is loaded again. Every block served from the
+//! store is checked against its CRC; a damaged file is dropped and loaded again.
+//!
+//! Each worker runs [`Datasets::run`]: once a second it reads the pins, drops what is no longer
+//! pinned here, lapses expired pins, loads its share of every pin being loaded (each file on
+//! `replicas` nodes of the pin's set by rendezvous hashing of its path; the first holder fetches
+//! it from the backend in block-size ranged GETs, the others copy it from that holder over QUIC),
+//! carries out verification requests, and reports its progress to the registry.
+
+use crate::config::DatasetSettings;
+use crate::registry::{Pin, Registry};
+use bytes::Bytes;
+use granary_core::BlockSize;
+use granary_core::dataset::{LoadState, ManifestFile, NodeProgress, holders, share};
+use granary_core::object::checksum;
+use granary_proto::ApiError;
+use granary_proto::ObjectRef;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// One loaded file, as the index records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredFile {
+    pub path: String,
+    pub size: u64,
+    pub etag: Option<String>,
+    pub version: Option<String>,
+    /// CRC32C of each block (the cache's block size) of the file.
+    pub crcs: Vec<u32>,
+    /// A tombstone: the file was dropped (damaged or unpinned).
+    #[serde(default)]
+    pub dropped: bool,
+}
+
+impl StoredFile {
+    fn matches(&self, f: &ManifestFile) -> bool {
+        self.size == f.size && self.etag == f.etag && self.version == f.version
+    }
+}
+
+/// A loaded file, found by the object it is a copy of.
+#[derive(Debug, Clone)]
+pub struct HeldFile {
+    pub dataset: String,
+    pub path: PathBuf,
+    pub size: u64,
+    pub etag: Option<String>,
+    pub version: Option<String>,
+    pub crcs: Arc<Vec<u32>>,
+}
+
+/// How this node fetches what it loads: from the backend, or from a peer that holds it.
+pub trait Source: Send + Sync + 'static {
+    /// `range` of `object` from its backend (one GET).
+    fn backend_range(
+        &self,
+        object: &ObjectRef,
+        range: std::ops::Range<u64>,
+    ) -> impl Future<Output = Result<Bytes, ApiError>> + Send;
+
+    /// Block `index` of `object` from `node`, only if it holds it.
+    fn peer_held_block(
+        &self,
+        node: &str,
+        object: &ObjectRef,
+        index: u64,
+    ) -> impl Future<Output = Result<Bytes, ApiError>> + Send;
+
+    /// Live members' node ids (this node alone without a cluster).
+    fn members(&self) -> Vec<String>;
+}
+
+pub struct Datasets {
+    node_id: String,
+    root: PathBuf,
+    block_size: BlockSize,
+    pub settings: DatasetSettings,
+    pub registry: Registry,
+    pins: RwLock<Arc<Vec<Pin>>>,
+    /// Loaded files by (mount, backend key).
+    held: RwLock<HashMap<(u32, String), HeldFile>>,
+    /// Per dataset: loaded files by path.
+    indexes: Mutex<HashMap<String, HashMap<String, StoredFile>>>,
+    loading: Mutex<HashSet<String>>,
+    verified: Mutex<HashMap<String, u64>>,
+    repaired: Mutex<HashMap<String, u64>>,
+    failures: Mutex<HashMap<String, String>>,
+    /// Bytes loaded per dataset since this process started, for the rate.
+    loaded_bytes: Mutex<HashMap<String, (Instant, u64, f64)>>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn internal(what: impl std::fmt::Display, e: impl std::fmt::Display) -> ApiError {
+    ApiError::Internal(format!("{what}: {e}"))
+}
+
+impl Datasets {
+    /// Opens the store under `root`, reading every dataset's index (what was loaded before a
+    /// restart is served at once).
+    pub fn open(
+        node_id: String,
+        root: PathBuf,
+        block_size: BlockSize,
+        settings: DatasetSettings,
+        registry: Registry,
+    ) -> Result<Self, ApiError> {
+        std::fs::create_dir_all(&root).map_err(|e| internal(root.display(), e))?;
+        let mut indexes = HashMap::new();
+        for entry in std::fs::read_dir(&root).map_err(|e| internal(root.display(), e))? {
+            let entry = entry.map_err(|e| internal(root.display(), e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let index = entry.path().join("index.jsonl");
+            if name == "pins" || !index.exists() {
+                continue;
+            }
+            indexes.insert(name, read_index(&index)?);
+        }
+        Ok(Datasets {
+            node_id,
+            root,
+            block_size,
+            settings,
+            registry,
+            pins: RwLock::new(Arc::new(Vec::new())),
+            held: RwLock::new(HashMap::new()),
+            indexes: Mutex::new(indexes),
+            loading: Mutex::new(HashSet::new()),
+            verified: Mutex::new(HashMap::new()),
+            repaired: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
+            loaded_bytes: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// The pins as last read from the registry.
+    pub fn pins(&self) -> Arc<Vec<Pin>> {
+        self.pins.read().expect("pins").clone()
+    }
+
+    /// Reads the pins from the registry now and rebuilds what this node serves from them.
+    pub async fn refresh(&self) -> Result<Arc<Vec<Pin>>, ApiError> {
+        let pins = Arc::new(self.registry.pins().await?);
+        *self.pins.write().expect("pins") = pins.clone();
+        self.rebuild_held();
+        Ok(pins)
+    }
+
+    fn rebuild_held(&self) {
+        let pins = self.pins();
+        let indexes = self.indexes.lock().expect("indexes");
+        let mut held = HashMap::new();
+        for pin in pins.iter() {
+            let Some(index) = indexes.get(&pin.name) else {
+                continue;
+            };
+            for f in &pin.manifest.files {
+                if let Some(stored) = index.get(&f.path).filter(|s| s.matches(f)) {
+                    held.insert(
+                        (pin.mount, pin.key_of(&f.path)),
+                        HeldFile {
+                            dataset: pin.name.clone(),
+                            path: self.file_path(&pin.name, &f.path),
+                            size: f.size,
+                            etag: f.etag.clone(),
+                            version: f.version.clone(),
+                            crcs: Arc::new(stored.crcs.clone()),
+                        },
+                    );
+                }
+            }
+        }
+        *self.held.write().expect("held") = held;
+    }
+
+    fn file_path(&self, dataset: &str, path: &str) -> PathBuf {
+        self.root.join(dataset).join("files").join(path)
+    }
+
+    /// The loaded copy of exactly this version of `object`, if this node has one.
+    pub fn held(&self, object: &ObjectRef) -> Option<HeldFile> {
+        let held = self.held.read().expect("held");
+        let file = held.get(&(object.mount, object.id.key.clone()))?;
+        (file.size == object.id.size && file.etag == object.id.etag && file.version == object.id.version)
+            .then(|| file.clone())
+    }
+
+    /// The pin whose manifest lists `object`, with the nodes that hold that file.
+    pub fn holders_of(&self, object: &ObjectRef) -> Vec<String> {
+        let pins = self.pins();
+        for pin in pins.iter().filter(|p| p.mount == object.mount && p.load) {
+            let prefix = if pin.root_key.is_empty() {
+                String::new()
+            } else {
+                format!("{}/", pin.root_key.trim_end_matches('/'))
+            };
+            if let Some(rel) = object.id.key.strip_prefix(&prefix)
+                && let Some(f) = pin.manifest.file(rel)
+                && f.etag == object.id.etag
+                && f.size == object.id.size
+            {
+                return holders(rel, &pin.nodes, pin.replicas)
+                    .into_iter()
+                    .cloned()
+                    .collect();
+            }
+        }
+        Vec::new()
+    }
+
+    /// Block `index` of a held file, checked against its CRC. A damaged block drops the file
+    /// (it is loaded again) and answers `None`.
+    pub async fn read_block(&self, file: &HeldFile, index: u64) -> Option<Bytes> {
+        let range = self.block_size.range(index, file.size);
+        let expected = *file.crcs.get(index as usize)?;
+        let path = file.path.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let f = std::fs::File::open(&path)?;
+            let mut buf = vec![0u8; (range.end - range.start) as usize];
+            f.read_exact_at(&mut buf, range.start)?;
+            Ok::<_, std::io::Error>(buf)
+        })
+        .await
+        .ok()?;
+        match read {
+            Ok(buf) if checksum(&buf) == expected => Some(Bytes::from(buf)),
+            Ok(_) => {
+                tracing::error!(dataset = %file.dataset, path = %file.path.display(), block = index, "a loaded file failed its checksum; dropping it to load it again");
+                metrics::counter!(granary_core::metrics::BLOCK_CHECKSUM_FAILURES).increment(1);
+                self.drop_file(&file.dataset, &file.path);
+                None
+            }
+            Err(e) => {
+                tracing::warn!(path = %file.path.display(), error = %e, "cannot read a loaded file");
+                self.drop_file(&file.dataset, &file.path);
+                None
+            }
+        }
+    }
+
+    fn drop_file(&self, dataset: &str, path: &Path) {
+        let files = self.root.join(dataset).join("files");
+        let Ok(rel) = path.strip_prefix(&files) else {
+            return;
+        };
+        let rel = rel.to_string_lossy().into_owned();
+        if let Err(e) = self.record(dataset, tombstone(&rel)) {
+            tracing::warn!(dataset, error = %e, "cannot record a dropped file");
+        }
+        let _ = std::fs::remove_file(path);
+        self.rebuild_held();
+    }
+
+    /// Appends `entry` to the dataset's index (synced) and applies it in memory.
+    fn record(&self, dataset: &str, entry: StoredFile) -> Result<(), ApiError> {
+        let path = self.root.join(dataset).join("index.jsonl");
+        let mut line = serde_json::to_vec(&entry).expect("index entries serialize");
+        line.push(b'\n');
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| internal(path.display(), e))?;
+        f.write_all(&line)
+            .and_then(|()| f.sync_data())
+            .map_err(|e| internal(path.display(), e))?;
+        let mut indexes = self.indexes.lock().expect("indexes");
+        let index = indexes.entry(dataset.to_string()).or_default();
+        if entry.dropped {
+            index.remove(&entry.path);
+        } else {
+            index.insert(entry.path.clone(), entry);
+        }
+        Ok(())
+    }
+
+    /// Bytes of `pin` this node holds, verified: (files, bytes).
+    fn present(&self, pin: &Pin) -> (u64, u64) {
+        let indexes = self.indexes.lock().expect("indexes");
+        let Some(index) = indexes.get(&pin.name) else {
+            return (0, 0);
+        };
+        pin.manifest
+            .files
+            .iter()
+            .filter(|f| holders(&f.path, &pin.nodes, pin.replicas).iter().any(|n| **n == self.node_id))
+            .filter(|f| index.get(&f.path).is_some_and(|s| s.matches(f)))
+            .fold((0, 0), |(n, b), f| (n + 1, b + f.size))
+    }
+
+    /// Bytes this node's store holds or is to hold for all pins but `except`.
+    pub fn committed(&self, pins: &[Pin], node: &str, except: &str) -> u64 {
+        pins.iter()
+            .filter(|p| p.name != except && p.nodes.iter().any(|n| n == node))
+            .map(|p| share(&p.manifest, &p.nodes, p.replicas, node).1)
+            .sum()
+    }
+
+    /// This node's report on `pin`.
+    pub fn progress(&self, pin: &Pin) -> NodeProgress {
+        let (files_total, bytes_total) = share(&pin.manifest, &pin.nodes, pin.replicas, &self.node_id);
+        let (files_ready, bytes_ready) = self.present(pin);
+        let failure = self.failures.lock().expect("failures").get(&pin.name).cloned();
+        let loading = self.loading.lock().expect("loading").contains(&pin.name);
+        let state = if !pin.load {
+            LoadState::Pending
+        } else if bytes_ready >= bytes_total && files_ready >= files_total {
+            LoadState::Ready
+        } else if failure.is_some() && !loading {
+            LoadState::Failed
+        } else {
+            LoadState::Loading
+        };
+        metrics::gauge!(granary_core::metrics::DATASET_READY_BYTES, "dataset" => pin.name.clone())
+            .set(bytes_ready as f64);
+        metrics::gauge!(granary_core::metrics::DATASET_WANTED_BYTES, "dataset" => pin.name.clone())
+            .set(bytes_total as f64);
+        let rate = self
+            .loaded_bytes
+            .lock()
+            .expect("rates")
+            .get(&pin.name)
+            .map_or(0.0, |r| r.2);
+        NodeProgress {
+            node: self.node_id.clone(),
+            state,
+            files_total,
+            files_ready,
+            bytes_total,
+            bytes_ready,
+            rate: if state == LoadState::Loading { rate } else { 0.0 },
+            reason: if state == LoadState::Ready { String::new() } else { failure.unwrap_or_default() },
+            updated: now_secs(),
+            verified_seq: self.verified.lock().expect("verified").get(&pin.name).copied().unwrap_or(0),
+            repaired: self.repaired.lock().expect("repaired").get(&pin.name).copied().unwrap_or(0),
+        }
+    }
+
+    /// Re-reads every file this node holds of `pin` and drops those whose bytes do not match
+    /// their checksums. Returns how many were dropped.
+    pub async fn verify(&self, pin: &Pin) -> u64 {
+        let stored: Vec<StoredFile> = self
+            .indexes
+            .lock()
+            .expect("indexes")
+            .get(&pin.name)
+            .map(|i| i.values().cloned().collect())
+            .unwrap_or_default();
+        let mut bad = 0;
+        for file in stored {
+            let path = self.file_path(&pin.name, &file.path);
+            let bs = self.block_size;
+            let check = file.clone();
+            let ok = tokio::task::spawn_blocking(move || verify_file(&path, &check, bs))
+                .await
+                .unwrap_or(false);
+            if !ok {
+                tracing::error!(dataset = %pin.name, path = %file.path, "verification found a damaged file; dropping it to load it again");
+                self.drop_file(&pin.name, &self.file_path(&pin.name, &file.path));
+                bad += 1;
+            }
+        }
+        *self.repaired.lock().expect("repaired").entry(pin.name.clone()).or_default() += bad;
+        bad
+    }
+
+    /// The reconcile loop (see the module docs); runs until the process ends.
+    pub async fn run<S: Source>(self: Arc<Self>, source: Arc<S>) {
+        let mut last_report: HashMap<String, (NodeProgress, Instant)> = HashMap::new();
+        loop {
+            if let Err(e) = self.reconcile(&source, &mut last_report).await {
+                tracing::warn!(error = %e, "dataset reconcile failed; retrying");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    async fn reconcile<S: Source>(
+        self: &Arc<Self>,
+        source: &Arc<S>,
+        last_report: &mut HashMap<String, (NodeProgress, Instant)>,
+    ) -> Result<(), ApiError> {
+        let pins = self.refresh().await?;
+        let now = now_secs();
+        for pin in pins.iter().filter(|p| p.expired(now)) {
+            tracing::info!(dataset = %pin.name, tenant = %pin.tenant, "pin expired; unpinning");
+            self.registry.remove(&pin.name).await?;
+        }
+        // Drop what is no longer pinned here.
+        let mine: HashSet<&str> = pins
+            .iter()
+            .filter(|p| !p.expired(now) && p.nodes.iter().any(|n| *n == self.node_id))
+            .map(|p| p.name.as_str())
+            .collect();
+        let stale: Vec<String> = self
+            .indexes
+            .lock()
+            .expect("indexes")
+            .keys()
+            .filter(|n| !mine.contains(n.as_str()))
+            .cloned()
+            .collect();
+        for name in stale {
+            if self.loading.lock().expect("loading").contains(&name) {
+                continue;
+            }
+            tracing::info!(dataset = %name, "not pinned on this node any more; freeing its files");
+            self.indexes.lock().expect("indexes").remove(&name);
+            let dir = self.root.join(&name);
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+            last_report.remove(&name);
+        }
+        self.rebuild_held();
+        for pin in pins.iter().filter(|p| !p.expired(now) && mine.contains(p.name.as_str())) {
+            let seen = self.verified.lock().expect("verified").get(&pin.name).copied();
+            if seen.unwrap_or(0) < pin.verify_seq {
+                self.verify(pin).await;
+                self.verified.lock().expect("verified").insert(pin.name.clone(), pin.verify_seq);
+            }
+            if pin.load && !self.loading.lock().expect("loading").contains(&pin.name) {
+                let (want_files, want_bytes) = share(&pin.manifest, &pin.nodes, pin.replicas, &self.node_id);
+                if self.present(pin) != (want_files, want_bytes) {
+                    self.loading.lock().expect("loading").insert(pin.name.clone());
+                    let (me, pin, source) = (self.clone(), pin.clone(), source.clone());
+                    tokio::spawn(async move {
+                        me.load(&pin, &source).await;
+                        me.loading.lock().expect("loading").remove(&pin.name);
+                    });
+                }
+            }
+            let report = self.progress(pin);
+            let due = match last_report.get(&pin.name) {
+                Some((prev, at)) => prev_differs(prev, &report) || at.elapsed() > Duration::from_secs(10),
+                None => true,
+            };
+            if due {
+                self.registry.report(&pin.name, &report).await?;
+                last_report.insert(pin.name.clone(), (report, Instant::now()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads this node's missing files of `pin`.
+    async fn load<S: Source>(self: &Arc<Self>, pin: &Pin, source: &Arc<S>) {
+        use futures::StreamExt;
+        let missing: Vec<(ManifestFile, Vec<String>)> = {
+            let indexes = self.indexes.lock().expect("indexes");
+            let index = indexes.get(&pin.name);
+            pin.manifest
+                .files
+                .iter()
+                .filter(|f| !index.and_then(|i| i.get(&f.path)).is_some_and(|s| s.matches(f)))
+                .filter_map(|f| {
+                    let h: Vec<String> = holders(&f.path, &pin.nodes, pin.replicas).into_iter().cloned().collect();
+                    h.iter().any(|n| *n == self.node_id).then(|| (f.clone(), h))
+                })
+                .collect()
+        };
+        if missing.is_empty() {
+            return;
+        }
+        tracing::info!(dataset = %pin.name, files = missing.len(), "loading");
+        self.failures.lock().expect("failures").remove(&pin.name);
+        let dir = self.root.join(&pin.name).join("files");
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            self.fail(&pin.name, format!("cannot create {}: {e}", dir.display()));
+            return;
+        }
+        // Files this node fetches from the backend first, copies from peers after.
+        let (mut primary, replica): (Vec<_>, Vec<_>) =
+            missing.into_iter().partition(|(_, h)| h[0] == self.node_id);
+        primary.extend(replica);
+        futures::stream::iter(primary)
+            .for_each_concurrent(self.settings.load_concurrency, |(file, holders)| async move {
+                let mut attempt = 0;
+                loop {
+                    attempt += 1;
+                    match self.load_file(pin, &file, &holders, source).await {
+                        Ok(()) => break,
+                        Err(e) if attempt < 3 && !matches!(e, ApiError::Stale(_) | ApiError::NotFound(_)) => {
+                            tracing::warn!(dataset = %pin.name, path = %file.path, error = %e, "load failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
+                        }
+                        Err(e) => {
+                            self.fail(&pin.name, format!("{}: {e}", file.path));
+                            break;
+                        }
+                    }
+                }
+            })
+            .await;
+        self.rebuild_held();
+    }
+
+    fn fail(&self, dataset: &str, reason: String) {
+        tracing::error!(dataset, %reason, "load failed");
+        self.failures.lock().expect("failures").insert(dataset.into(), reason);
+    }
+
+    async fn load_file<S: Source>(
+        &self,
+        pin: &Pin,
+        file: &ManifestFile,
+        holders: &[String],
+        source: &Arc<S>,
+    ) -> Result<(), ApiError> {
+        let object = ObjectRef {
+            mount: pin.mount,
+            id: granary_core::ObjectId {
+                backend: pin.backend.clone(),
+                key: pin.key_of(&file.path),
+                size: file.size,
+                etag: file.etag.clone(),
+                version: file.version.clone(),
+                mtime_ns: file.mtime_ns,
+            },
+        };
+        let target = self.file_path(&pin.name, &file.path);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| internal(parent.display(), e))?;
+        }
+        let tmp = target.with_file_name(format!(
+            ".{}.loading",
+            target.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+        ));
+        let out = std::fs::File::create(&tmp).map_err(|e| internal(tmp.display(), e))?;
+        let count = self.block_size.count(file.size);
+        // From the first holder when it is another node and alive; else from the backend.
+        let copy_from = holders
+            .first()
+            .filter(|h| **h != self.node_id && source.members().contains(h))
+            .cloned();
+        let mut crcs = Vec::with_capacity(count as usize);
+        let mut waited = Duration::ZERO;
+        let mut index = 0;
+        while index < count {
+            let range = self.block_size.range(index, file.size);
+            let data = match &copy_from {
+                Some(peer) => match source.peer_held_block(peer, &object, index).await {
+                    Ok(data) => data,
+                    // The first holder has not loaded it yet: wait for it rather than fetch
+                    // the bytes from the backend a second time.
+                    Err(ApiError::NotFound(_)) if waited < Duration::from_secs(600) => {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        waited += Duration::from_secs(1);
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::info!(peer, error = %e, path = %file.path, "copy from the first holder failed; reading the backend");
+                        source.backend_range(&object, range.clone()).await?
+                    }
+                },
+                None => source.backend_range(&object, range.clone()).await?,
+            };
+            if data.len() as u64 != range.end - range.start {
+                return Err(ApiError::Corrupt(format!(
+                    "{}: block {index} has {} bytes, expected {}",
+                    file.path,
+                    data.len(),
+                    range.end - range.start
+                )));
+            }
+            crcs.push(checksum(&data));
+            out.write_all_at(&data, range.start)
+                .map_err(|e| internal(tmp.display(), e))?;
+            self.count_loaded(&pin.name, data.len() as u64);
+            index += 1;
+        }
+        out.set_len(file.size)
+            .and_then(|()| out.sync_all())
+            .map_err(|e| internal(tmp.display(), e))?;
+        drop(out);
+        std::fs::rename(&tmp, &target).map_err(|e| internal(target.display(), e))?;
+        metrics::counter!(granary_core::metrics::DATASET_LOADED_BYTES).increment(file.size);
+        self.record(
+            &pin.name,
+            StoredFile {
+                path: file.path.clone(),
+                size: file.size,
+                etag: file.etag.clone(),
+                version: file.version.clone(),
+                crcs,
+                dropped: false,
+            },
+        )
+    }
+
+    fn count_loaded(&self, dataset: &str, bytes: u64) {
+        let mut rates = self.loaded_bytes.lock().expect("rates");
+        let (since, n, rate) = rates
+            .entry(dataset.to_string())
+            .or_insert((Instant::now(), 0, 0.0));
+        *n += bytes;
+        let elapsed = since.elapsed().as_secs_f64();
+        if elapsed >= 1.0 {
+            let now = *n as f64 / elapsed;
+            *rate = if *rate == 0.0 { now } else { 0.5 * *rate + 0.5 * now };
+            *since = Instant::now();
+            *n = 0;
+        }
+    }
+}
+
+fn prev_differs(a: &NodeProgress, b: &NodeProgress) -> bool {
+    a.state != b.state
+        || a.bytes_ready != b.bytes_ready
+        || a.files_ready != b.files_ready
+        || a.bytes_total != b.bytes_total
+        || a.verified_seq != b.verified_seq
+        || a.reason != b.reason
+}
+
+fn tombstone(path: &str) -> StoredFile {
+    StoredFile {
+        path: path.into(),
+        size: 0,
+        etag: None,
+        version: None,
+        crcs: Vec::new(),
+        dropped: true,
+    }
+}
+
+fn read_index(path: &Path) -> Result<HashMap<String, StoredFile>, ApiError> {
+    let text = std::fs::read_to_string(path).map_err(|e| internal(path.display(), e))?;
+    let mut index = HashMap::new();
+    for line in text.lines() {
+        // A torn last line (a crash mid-append) names a file that was never complete.
+        let Ok(entry) = serde_json::from_str::<StoredFile>(line) else {
+            continue;
+        };
+        if entry.dropped {
+            index.remove(&entry.path);
+        } else {
+            index.insert(entry.path.clone(), entry);
+        }
+    }
+    Ok(index)
+}
+
+fn verify_file(path: &Path, stored: &StoredFile, bs: BlockSize) -> bool {
+    let Ok(f) = std::fs::File::open(path) else {
+        return false;
+    };
+    if f.metadata().map(|m| m.len()).ok() != Some(stored.size) {
+        return false;
+    }
+    let count = bs.count(stored.size);
+    if stored.crcs.len() as u64 != count {
+        return false;
+    }
+    let mut buf = Vec::new();
+    for i in 0..count {
+        let range = bs.range(i, stored.size);
+        buf.resize((range.end - range.start) as usize, 0);
+        if f.read_exact_at(&mut buf, range.start).is_err() || checksum(&buf) != stored.crcs[i as usize] {
+            return false;
+        }
+    }
+    true
+}

@@ -1,0 +1,366 @@
+//! Datasets: a named subtree of the namespace, frozen in a manifest at pin time and loaded whole
+//! onto a set of nodes. This module holds the pure parts: names, the manifest, which node holds
+//! which file (rendezvous striping), readiness arithmetic and quota checks.
+
+use crate::object::BlockKey;
+use crate::placement::owners;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Longest dataset name accepted.
+pub const MAX_NAME: usize = 63;
+
+/// Checks a dataset name: 1-63 of `a-z 0-9 . _ -`, starting with a letter or digit (so it is
+/// safe as a directory name, an etcd key and a Kubernetes annotation value).
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid dataset name {name:?}: use 1-{MAX_NAME} of a-z 0-9 . _ -, starting with a letter or digit"
+        ))
+    }
+}
+
+/// One file of a dataset, as the backend described it at pin time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestFile {
+    /// Path below the dataset's root, `/`-separated, no leading `/`.
+    pub path: String,
+    pub size: u64,
+    pub etag: Option<String>,
+    pub version: Option<String>,
+    pub mtime_ns: i64,
+}
+
+/// The frozen listing of a dataset: every file under its root when it was pinned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The namespace path of the dataset's root directory (`/mount/prefix`).
+    pub root: String,
+    /// Sorted by path.
+    pub files: Vec<ManifestFile>,
+}
+
+impl Manifest {
+    pub fn new(root: String, mut files: Vec<ManifestFile>) -> Self {
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        Manifest { root, files }
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+
+    pub fn file(&self, path: &str) -> Option<&ManifestFile> {
+        self.files
+            .binary_search_by(|f| f.path.as_str().cmp(path))
+            .ok()
+            .map(|i| &self.files[i])
+    }
+
+    /// The path of `file` in the namespace.
+    pub fn namespace_path(&self, file: &ManifestFile) -> String {
+        format!("{}/{}", self.root.trim_end_matches('/'), file.path)
+    }
+
+    /// The namespace paths of the directories of the dataset (its root included), each with
+    /// the names of its direct children, for answering listings from the manifest.
+    pub fn directories(&self) -> BTreeMap<String, Vec<(String, bool)>> {
+        let root = self.root.trim_end_matches('/').to_string();
+        let mut dirs: BTreeMap<String, Vec<(String, bool)>> = BTreeMap::new();
+        dirs.entry(if root.is_empty() { "/".into() } else { root.clone() })
+            .or_default();
+        for file in &self.files {
+            let mut parent = root.clone();
+            let parts: Vec<&str> = file.path.split('/').collect();
+            for (i, part) in parts.iter().enumerate() {
+                let is_file = i + 1 == parts.len();
+                let key = if parent.is_empty() {
+                    "/".to_string()
+                } else {
+                    parent.clone()
+                };
+                let children = dirs.entry(key).or_default();
+                if !children.iter().any(|(n, _)| n == part) {
+                    children.push((part.to_string(), !is_file));
+                }
+                parent = format!("{parent}/{part}");
+                if !is_file {
+                    dirs.entry(parent.clone()).or_default();
+                }
+            }
+        }
+        for children in dirs.values_mut() {
+            children.sort();
+        }
+        dirs
+    }
+}
+
+/// The nodes of `nodes` that hold `path` (rendezvous hashing of the path over the set, `replicas`
+/// of them): each file whole on `replicas` nodes, files spread evenly, and a node joining or
+/// leaving the set moves only its own share.
+pub fn holders<'a>(path: &str, nodes: &'a [String], replicas: usize) -> Vec<&'a String> {
+    let digest = xxhash_rust::xxh3::xxh3_128(path.as_bytes());
+    owners(BlockKey(digest), nodes, replicas.max(1))
+}
+
+/// How much of a dataset one node must hold: (files, bytes).
+pub fn share(manifest: &Manifest, nodes: &[String], replicas: usize, node: &str) -> (u64, u64) {
+    manifest
+        .files
+        .iter()
+        .filter(|f| holders(&f.path, nodes, replicas).iter().any(|n| *n == node))
+        .fold((0, 0), |(n, b), f| (n + 1, b + f.size))
+}
+
+/// Where a node stands in loading its share of a dataset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoadState {
+    /// Pinned, not asked to load (or not started yet).
+    Pending,
+    Loading,
+    /// Every byte of the node's share is present and verified.
+    Ready,
+    Failed,
+}
+
+/// One node's report on its share of a dataset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeProgress {
+    pub node: String,
+    pub state: LoadState,
+    pub files_total: u64,
+    pub files_ready: u64,
+    pub bytes_total: u64,
+    pub bytes_ready: u64,
+    /// Bytes per second over the last few seconds of loading.
+    pub rate: f64,
+    /// Why the node failed or is waiting (empty otherwise).
+    pub reason: String,
+    /// Unix seconds of the report.
+    pub updated: u64,
+    /// The last verification request (`Pin::verify_seq`) this node has carried out.
+    #[serde(default)]
+    pub verified_seq: u64,
+    /// Files found damaged and dropped (to be loaded again) by verifications so far.
+    #[serde(default)]
+    pub repaired: u64,
+}
+
+impl NodeProgress {
+    pub fn percent(&self) -> f64 {
+        percent(self.bytes_ready, self.bytes_total)
+    }
+
+    /// Seconds left at the current rate, when it is loading.
+    pub fn eta_secs(&self) -> Option<u64> {
+        (self.state == LoadState::Loading && self.rate > 0.0)
+            .then(|| ((self.bytes_total - self.bytes_ready.min(self.bytes_total)) as f64 / self.rate) as u64)
+    }
+}
+
+/// `ready` of `total` as a percentage; 100 only when every byte is there (an empty share is
+/// complete). Rounded down to 0.01 so that 99.999% never shows as 100%.
+pub fn percent(ready: u64, total: u64) -> f64 {
+    if total == 0 || ready >= total {
+        return if ready >= total { 100.0 } else { 0.0 };
+    }
+    ((ready as u128 * 10_000 / total as u128) as f64 / 100.0).min(99.99)
+}
+
+/// A dataset's readiness over the nodes it is to be loaded on: the overall state is `Ready` only
+/// when every node of the set reports `Ready`; missing reports count as pending with nothing
+/// present.
+pub fn overall(nodes: &[String], reports: &[NodeProgress], expected: &[(u64, u64)]) -> (LoadState, u64, u64) {
+    let mut state = LoadState::Ready;
+    let (mut ready, mut total) = (0u64, 0u64);
+    for (i, node) in nodes.iter().enumerate() {
+        let (_, want) = expected.get(i).copied().unwrap_or((0, 0));
+        total += want;
+        match reports.iter().find(|r| &r.node == node) {
+            Some(r) => {
+                ready += r.bytes_ready.min(want);
+                state = worse(state, r.state);
+            }
+            None => state = worse(state, LoadState::Pending),
+        }
+    }
+    if state == LoadState::Ready && ready < total {
+        state = LoadState::Loading;
+    }
+    (state, ready, total)
+}
+
+fn worse(a: LoadState, b: LoadState) -> LoadState {
+    let rank = |s| match s {
+        LoadState::Ready => 0,
+        LoadState::Loading => 1,
+        LoadState::Pending => 2,
+        LoadState::Failed => 3,
+    };
+    if rank(b) > rank(a) { b } else { a }
+}
+
+/// Why a pin is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QuotaError {
+    #[error(
+        "tenant {tenant:?} would pin {wanted} bytes with {used} already pinned, over its quota of {quota} bytes"
+    )]
+    Tenant {
+        tenant: String,
+        used: u64,
+        wanted: u64,
+        quota: u64,
+    },
+    #[error(
+        "node {node:?} would hold {wanted} bytes of this dataset but has {free} bytes free in its dataset store"
+    )]
+    Node { node: String, wanted: u64, free: u64 },
+}
+
+/// Checks a new pin of `bytes` (each byte stored `replicas` times) by `tenant` against its quota.
+pub fn check_tenant_quota(
+    tenant: &str,
+    used: u64,
+    bytes: u64,
+    replicas: usize,
+    quota: Option<u64>,
+) -> Result<(), QuotaError> {
+    let wanted = bytes.saturating_mul(replicas.max(1) as u64);
+    match quota {
+        Some(quota) if used.saturating_add(wanted) > quota => Err(QuotaError::Tenant {
+            tenant: tenant.into(),
+            used,
+            wanted,
+            quota,
+        }),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn file(path: &str, size: u64) -> ManifestFile {
+        ManifestFile {
+            path: path.into(),
+            size,
+            etag: None,
+            version: None,
+            mtime_ns: 0,
+        }
+    }
+
+    #[test]
+    fn names() {
+        for ok in ["a", "imagenet-1k", "v1.2_x", "0abc"] {
+            assert!(check_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-a", ".a", "A", "a/b", "a b", &"x".repeat(64), "é"] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn manifest_directories() {
+        let m = Manifest::new(
+            "/data/set".into(),
+            vec![file("b/c.bin", 1), file("a.txt", 2), file("b/d/e", 3)],
+        );
+        assert_eq!(m.bytes(), 6);
+        assert_eq!(m.file("b/c.bin").unwrap().size, 1);
+        assert!(m.file("b").is_none());
+        let dirs = m.directories();
+        assert_eq!(
+            dirs["/data/set"],
+            vec![("a.txt".into(), false), ("b".into(), true)]
+        );
+        assert_eq!(
+            dirs["/data/set/b"],
+            vec![("c.bin".into(), false), ("d".into(), true)]
+        );
+        assert_eq!(dirs["/data/set/b/d"], vec![("e".into(), false)]);
+        assert_eq!(m.namespace_path(&m.files[0]), "/data/set/a.txt");
+    }
+
+    #[test]
+    fn percent_is_100_only_when_complete() {
+        assert_eq!(percent(0, 0), 100.0);
+        assert_eq!(percent(10, 10), 100.0);
+        assert_eq!(percent(999_999, 1_000_000), 99.99);
+        assert_eq!(percent(5, 10), 50.0);
+        assert_eq!(percent(0, 10), 0.0);
+    }
+
+    #[test]
+    fn overall_needs_every_node() {
+        let nodes = vec!["a".to_string(), "b".to_string()];
+        let report = |node: &str, state, ready| NodeProgress {
+            node: node.into(),
+            state,
+            files_total: 1,
+            files_ready: 0,
+            bytes_total: 10,
+            bytes_ready: ready,
+            rate: 0.0,
+            reason: String::new(),
+            updated: 0,
+            verified_seq: 0,
+            repaired: 0,
+        };
+        let expected = [(1, 10), (1, 10)];
+        let r = [report("a", LoadState::Ready, 10)];
+        assert_eq!(overall(&nodes, &r, &expected), (LoadState::Pending, 10, 20));
+        let r = [report("a", LoadState::Ready, 10), report("b", LoadState::Loading, 4)];
+        assert_eq!(overall(&nodes, &r, &expected), (LoadState::Loading, 14, 20));
+        let r = [report("a", LoadState::Ready, 10), report("b", LoadState::Ready, 10)];
+        assert_eq!(overall(&nodes, &r, &expected), (LoadState::Ready, 20, 20));
+    }
+
+    #[test]
+    fn quotas() {
+        assert!(check_tenant_quota("t", 0, 10, 2, Some(20)).is_ok());
+        assert!(check_tenant_quota("t", 1, 10, 2, Some(20)).is_err());
+        assert!(check_tenant_quota("t", u64::MAX, 10, 2, None).is_ok());
+    }
+
+    proptest! {
+        /// Each file is held by exactly `replicas` distinct nodes of the set, and the shares of
+        /// all nodes add up to the manifest times the replicas.
+        #[test]
+        fn striping_covers_every_byte(
+            sizes in proptest::collection::vec(0u64..1000, 1..60),
+            n in 1usize..6,
+            replicas in 1usize..4,
+        ) {
+            let files = sizes.iter().enumerate().map(|(i, s)| file(&format!("f{i}"), *s)).collect();
+            let m = Manifest::new("/d".into(), files);
+            let nodes: Vec<String> = (0..n).map(|i| format!("n{i}")).collect();
+            let r = replicas.min(n);
+            for f in &m.files {
+                let h = holders(&f.path, &nodes, replicas);
+                prop_assert_eq!(h.len(), r);
+                let mut ids: Vec<&String> = h.clone();
+                ids.dedup();
+                prop_assert_eq!(ids.len(), r);
+            }
+            let total: u64 = nodes.iter().map(|node| share(&m, &nodes, replicas, node).1).sum();
+            prop_assert_eq!(total, m.bytes() * r as u64);
+        }
+    }
+}

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Key prefix of the dataset in the bucket.
-const PREFIX: &str = "bench";
+pub const PREFIX: &str = "bench";
 /// Generation, write and multipart upload unit for the large file.
 const CHUNK: usize = 8 << 20;
 /// Uploads in flight.
@@ -82,6 +82,24 @@ impl Dataset {
     pub fn small_bytes(&self) -> u64 {
         self.small.iter().map(|f| f.size).sum()
     }
+}
+
+/// Large files of `size` bytes named `names` (relative to [`PREFIX`]), generated like the
+/// dataset's large file, written under `native_root` and uploaded to `store`, one after another.
+pub async fn create_files(
+    names: &[String],
+    size: u64,
+    native_root: &Path,
+    store: &Arc<dyn ObjectStore>,
+) -> anyhow::Result<Vec<FileSpec>> {
+    let mut files = Vec::with_capacity(names.len());
+    for name in names {
+        if let Some(parent) = Path::new(name).parent() {
+            std::fs::create_dir_all(native_root.join(parent))?;
+        }
+        files.push(write_large(name, size, native_root, store).await?);
+    }
+    Ok(files)
 }
 
 /// Fills `buf` with the bytes of `file` from `offset`, a multiple of 8 (every read of the

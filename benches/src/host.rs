@@ -9,7 +9,7 @@ use nix::unistd::Pid;
 use serde::Serialize;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -285,6 +285,44 @@ pub fn drop_caches() -> anyhow::Result<()> {
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_local_addr() -> anyhow::Result<SocketAddr> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// `n` distinct ports on 127.0.0.1 that were free a moment ago for both TCP and UDP (a Granary
+/// worker serves gRPC over TCP and QUIC over UDP on the same port number).
+pub fn free_local_addrs(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n * 20 {
+        if held.len() == n {
+            break;
+        }
+        let tcp = TcpListener::bind("127.0.0.1:0")?;
+        let addr = tcp.local_addr()?;
+        if let Ok(udp) = UdpSocket::bind(addr) {
+            held.push((tcp, udp, addr));
+        }
+    }
+    if held.len() < n {
+        bail!("cannot find {n} free ports on 127.0.0.1 for both TCP and UDP");
+    }
+    Ok(held.into_iter().map(|(_, _, addr)| addr).collect())
+}
+
+/// CPU time of the whole machine so far, in clock ticks: (busy, total). Busy is everything but
+/// idle and I/O wait; the share of busy ticks between two readings is how loaded every core was.
+pub fn cpu_ticks() -> anyhow::Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .context("no cpu line in /proc/stat")?
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice, already in user/nice]
+    let total: u64 = fields.iter().take(8).sum();
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    Ok((total - idle, total))
 }
 
 /// `cmd` if it is on PATH.

@@ -5,8 +5,12 @@
 //! on local disk, one fresh mount per run) and tears it all down however it ends. Each figure is
 //! preceded by an untimed pass that checks every byte, then measured over several runs. Results:
 //! a table on stdout, JSON and a PNG chart under `target/bench-results/`. See docs/BENCHMARKS.md.
+//!
+//! `--cluster` measures a Granary cluster instead ([`cluster`]): 1, 2 and 3 workers, each with
+//! its own client reading its own file, all at once.
 
 mod cleanup;
+mod cluster;
 mod dataset;
 mod host;
 mod profile;
@@ -58,10 +62,17 @@ struct Args {
     /// [default: all of them whose tools are installed].
     #[arg(long, value_delimiter = ',')]
     systems: Vec<String>,
-    /// Granary's memory cache.
-    #[arg(long, default_value = "512MiB", value_parser = parse_size)]
-    memory_cache: u64,
-    /// Granary's disk cache.
+    /// Instead of the workloads, the cluster benchmark: 1, 2 and 3 `granary server` workers
+    /// (etcd, mutual TLS), each with its own `granary mount --etcd` client reading its own large
+    /// file at the same time; aggregate MB/s cold and hot, backend GETs per block.
+    #[arg(long, conflicts_with = "systems")]
+    cluster: bool,
+    /// Granary's memory cache [default: 512MiB; with --cluster, per worker, 1.5 times one
+    /// reader's file (1536MiB with --quick), so that a worker's share of the files stays in
+    /// memory].
+    #[arg(long, value_parser = parse_size)]
+    memory_cache: Option<u64>,
+    /// Granary's disk cache (per worker with --cluster).
     #[arg(long, default_value = "8GiB", value_parser = parse_size)]
     disk_cache: u64,
     /// The granary binary to measure [default: build it now, target/release/granary].
@@ -141,7 +152,11 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     rt.spawn(cleanup::on_signal());
     let profile = args.profile();
     let shape = profile.shape;
-    let names = system_names(&args.systems)?;
+    let names = if args.cluster {
+        Vec::new()
+    } else {
+        system_names(&args.systems)?
+    };
     host::drop_caches()?;
 
     let root = workspace_root();
@@ -181,9 +196,32 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         flavor.name(),
         flavor.script()
     ));
-    let data_bytes = shape.large_bytes + shape.small_count as u64 * shape.small_bytes;
+    let data_bytes = if args.cluster {
+        cluster::data_bytes(&profile)
+    } else {
+        shape.large_bytes + shape.small_count as u64 * shape.small_bytes
+    };
     let server = s3::S3Server::start(flavor, &s3_script, &s3_state, data_bytes)?;
     let store = server.conn.store(16)?;
+    if args.cluster {
+        return cluster::run(cluster::Setup {
+            started,
+            rt: &rt,
+            profile,
+            flavor,
+            s3: &server.conn,
+            store: &store,
+            work: &work,
+            log_dir: &log_dir,
+            results_dir: &results_dir,
+            granary_bin: &granary_bin,
+            git: git_describe(&root),
+            memory_cache: args.memory_cache,
+            disk_cache: args.disk_cache,
+            progress,
+        });
+    }
+    let memory_cache = args.memory_cache.unwrap_or(512 * MIB);
     progress.note(&format!(
         "dataset: writing and uploading a {} MiB file and {} files of {} KiB",
         shape.large_bytes / MIB,
@@ -197,7 +235,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     let epochs_memory_cache = (dataset.small_bytes() / 2).max(16 * MIB);
     let granary = Tool::Granary {
         bin: granary_bin.clone(),
-        memory_cache: args.memory_cache,
+        memory_cache,
         disk_cache: args.disk_cache,
         epochs_memory_cache,
     };
@@ -259,7 +297,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         granary: GranaryConfig {
             binary: granary_bin,
             git: git_describe(&root),
-            memory_cache_bytes: args.memory_cache,
+            memory_cache_bytes: memory_cache,
             disk_cache_bytes: args.disk_cache,
             epochs_memory_cache_bytes: epochs_memory_cache,
         },

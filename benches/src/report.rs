@@ -15,6 +15,7 @@ use serde::{Serialize, Serializer};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+pub use table::aligned;
 pub use targets::Target;
 
 const MB: f64 = 1e6;
@@ -115,7 +116,7 @@ pub struct Stats {
 }
 
 impl Stats {
-    fn of(values: impl IntoIterator<Item = f64>) -> Option<Stats> {
+    pub fn of(values: impl IntoIterator<Item = f64>) -> Option<Stats> {
         let mut v: Vec<f64> = values.into_iter().collect();
         if v.is_empty() {
             return None;
@@ -309,7 +310,7 @@ impl Report {
 }
 
 /// A figure with three significant digits or so: 12345, 123, 12.3, 1.23, 0.123.
-fn number(x: f64) -> String {
+pub fn number(x: f64) -> String {
     match x.abs() {
         a if a >= 100.0 => format!("{x:.0}"),
         a if a >= 10.0 => format!("{x:.1}"),

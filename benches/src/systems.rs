@@ -393,19 +393,28 @@ const COUNTERS: &[&str] = &[
 
 /// The [`COUNTERS`] series from a Prometheus text endpoint; empty if it cannot be read.
 fn scrape_counters(addr: SocketAddr) -> BTreeMap<String, f64> {
+    scrape(addr, COUNTERS)
+}
+
+/// The series of the metrics named `names` (series name with labels → value) from a Prometheus
+/// text endpoint; empty if it cannot be read.
+pub fn scrape(addr: SocketAddr, names: &[&str]) -> BTreeMap<String, f64> {
     let text = http_get(addr, "/metrics").unwrap_or_else(|e| {
         eprintln!("granary-bench: cannot scrape http://{addr}/metrics: {e:#}");
         String::new()
     });
     text.lines()
-        .filter(|l| COUNTERS.iter().any(|c| l.starts_with(c)))
         .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(series, _)| {
+            let name = series.split_once('{').map_or(*series, |(name, _)| name);
+            names.contains(&name)
+        })
         .filter_map(|(series, value)| Some((series.to_string(), value.parse().ok()?)))
         .collect()
 }
 
 /// The body of a plain HTTP/1.0 GET.
-fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(conn, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;

@@ -5,6 +5,8 @@
 mod files;
 mod objects;
 
+pub use files::read_whole;
+
 use crate::dataset::{self, Dataset, FileSpec, Rng, SMALL_DIR};
 use crate::profile::Profile;
 use crate::systems::{Condition, Kind};

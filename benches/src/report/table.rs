@@ -82,7 +82,7 @@ pub fn render(report: &Report) -> String {
         report.granary.disk_cache_bytes / MIB,
         report.granary.epochs_memory_cache_bytes / MIB,
     );
-    out.push_str(&table(&rows));
+    out.push_str(&aligned(&rows, &LEFT));
     out.push_str(&format!(
         "\nvalue: median of {} runs [min-max]; MB = 10^6 bytes; vs native / vs backend: how many \
          times faster (for first-byte: lower latency)\nthan native in the same state and than the \
@@ -122,8 +122,8 @@ pub fn render(report: &Report) -> String {
     out
 }
 
-/// Text columns aligned left, numbers right.
-fn table(rows: &[Vec<String>]) -> String {
+/// `rows` as columns: those in `left` (text) aligned left, the others (numbers) right.
+pub fn aligned(rows: &[Vec<String>], left: &[usize]) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let width: Vec<usize> = (0..cols)
         .map(|c| {
@@ -140,7 +140,7 @@ fn table(rows: &[Vec<String>]) -> String {
             .iter()
             .enumerate()
             .map(|(c, s)| {
-                if LEFT.contains(&c) {
+                if left.contains(&c) {
                     format!("{s:<w$}", w = width[c])
                 } else {
                     format!("{s:>w$}", w = width[c])

@@ -136,6 +136,13 @@ pub fn run(job: &Job, root: &Path, check: bool) -> anyhow::Result<Outcome> {
     }
 }
 
+/// Reads `file` whole from `path`, start to end, as one reader of `sequential-1` does; with
+/// `check`, compares every byte with the dataset. Returns the bytes read.
+pub fn read_whole(path: &Path, file: &FileSpec, check: bool) -> anyhow::Result<u64> {
+    let f = open(path)?;
+    read_range(&f, path, file, 0..file.size, check)
+}
+
 fn open(path: &Path) -> anyhow::Result<File> {
     File::open(path).with_context(|| format!("cannot open {}", path.display()))
 }

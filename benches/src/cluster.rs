@@ -1,0 +1,339 @@
+//! `--cluster`: the cluster benchmark (issue 3) on 127.0.0.1. For N = 1, 2, 3 workers: a fresh
+//! cluster ([`instance`]: its own etcd, N `granary server` workers with empty caches, N `granary
+//! mount --etcd` clients) and N readers, reader i reading its own file (a distinct object of the
+//! profile's large-file size) start to end through client i, all at the same time. Each client
+//! reads every block from the worker that owns it, so the N files' blocks spread over all N
+//! workers. Passes of one run, each with the page cache dropped first:
+//!
+//! - `cold`: the workers have just started, so every block comes from the backend, once;
+//! - `hot`: the same reads again, served from the workers' caches;
+//! - in the first run of each N only, an untimed `check` pass that compares every byte read with
+//!   the dataset.
+//!
+//! Around each pass it reads every worker's and client's counters (backend GETs, block reads by
+//! tier), CPU time and peak RSS, and the machine's CPU load. Runs interleave the sizes (run 1:
+//! N = 1, 2, 3, then run 2...) so that drift on a shared machine spreads over every N. The report
+//! ([`report`]): a table on stdout, JSON under `target/bench-results/`.
+
+mod instance;
+mod report;
+
+use crate::dataset::{self, FileSpec};
+use crate::host;
+use crate::profile::Profile;
+use crate::progress::Progress;
+use crate::s3::{Flavor, S3Conn};
+use anyhow::{Context, bail};
+use instance::{Instance, Spec};
+use object_store::ObjectStore;
+use report::{ClusterReport, GranaryConfig, Pass, ReaderResult, RunResult, SizeResult};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Barrier};
+use std::time::{Instant, SystemTime};
+use tokio::runtime::Runtime;
+
+/// Cluster sizes, in the order each run measures them.
+const SIZES: [usize; 3] = [1, 2, 3];
+/// The cache block (written into the workers' config, so blocks read are counted right).
+const BLOCK_BYTES: u64 = 4 << 20;
+const MIB: u64 = 1 << 20;
+
+/// The bytes the S3 server must hold: one file per reader of the largest cluster.
+pub fn data_bytes(profile: &Profile) -> u64 {
+    max_size() as u64 * profile.shape.large_bytes
+}
+
+fn max_size() -> usize {
+    SIZES.into_iter().max().unwrap_or(1)
+}
+
+/// What the cluster mode gets from the common setup (main.rs).
+pub struct Setup<'a> {
+    pub started: SystemTime,
+    pub rt: &'a Runtime,
+    pub profile: Profile,
+    pub flavor: Flavor,
+    pub s3: &'a S3Conn,
+    pub store: &'a Arc<dyn ObjectStore>,
+    /// The benchmark's work directory (removed at the end).
+    pub work: &'a Path,
+    pub log_dir: &'a Path,
+    pub results_dir: &'a Path,
+    pub granary_bin: &'a Path,
+    pub git: String,
+    /// Per worker; `None`: one and a half files (at least 4 blocks).
+    pub memory_cache: Option<u64>,
+    /// Per worker.
+    pub disk_cache: u64,
+    pub progress: Progress,
+}
+
+/// Runs the cluster benchmark; `Ok(false)` when it ran but a figure is missing or a byte was
+/// wrong.
+pub fn run(setup: Setup) -> anyhow::Result<bool> {
+    let Setup {
+        started,
+        rt,
+        profile,
+        flavor,
+        s3,
+        store,
+        work,
+        log_dir,
+        results_dir,
+        granary_bin,
+        git,
+        memory_cache,
+        disk_cache,
+        mut progress,
+    } = setup;
+    let file_bytes = profile.shape.large_bytes;
+    // Each worker owns about one file's worth of blocks whatever N is (N files over N workers).
+    let memory_cache = memory_cache.unwrap_or((file_bytes + file_bytes / 2).max(4 * BLOCK_BYTES));
+
+    let names: Vec<String> = (1..=max_size())
+        .map(|i| format!("cluster/reader-{i}.bin"))
+        .collect();
+    progress.note(&format!(
+        "dataset: writing and uploading {} files of {} MiB",
+        names.len(),
+        file_bytes / MIB
+    ));
+    let files = rt.block_on(dataset::create_files(
+        &names,
+        file_bytes,
+        &work.join("native"),
+        store,
+    ))?;
+
+    let base = work.join("cluster");
+    std::fs::create_dir_all(&base)?;
+    let spec = Spec {
+        bin: granary_bin.to_path_buf(),
+        etcd: etcd_binary()?,
+        config: write_worker_config(&base, s3)?,
+        tls: dev_certs(granary_bin, &base.join("tls"))?,
+        s3: s3.clone(),
+        memory_cache,
+        disk_cache,
+    };
+
+    let runs = profile.runs;
+    progress.expect(runs * SIZES.len() * 2 + SIZES.len());
+    let mut sizes: Vec<SizeResult> = SIZES.into_iter().map(SizeResult::new).collect();
+    for run in 1..=runs {
+        for size in sizes.iter_mut().filter(|s| s.error.is_none()) {
+            let n = size.workers;
+            let check = run == 1;
+            match one_run(
+                &spec,
+                n,
+                run,
+                runs,
+                check,
+                &files[..n],
+                &base,
+                log_dir,
+                &mut progress,
+            ) {
+                Ok(result) => size.runs.push(result),
+                Err(e) => {
+                    let e = format!("run {run}: {e:#}");
+                    progress.note(&format!("cluster N={n} FAILED: {e}"));
+                    size.error = Some(e);
+                }
+            }
+        }
+    }
+    progress.note("tearing down");
+
+    let mut report = ClusterReport {
+        mode: "cluster",
+        started_at: humantime::format_rfc3339_seconds(started).to_string(),
+        finished_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        profile: profile.name,
+        runs,
+        file_bytes,
+        block_bytes: BLOCK_BYTES,
+        s3: flavor,
+        machine: host::Machine::describe(),
+        granary: GranaryConfig {
+            binary: granary_bin.to_path_buf(),
+            git,
+            memory_cache_bytes: memory_cache,
+            disk_cache_bytes: disk_cache,
+        },
+        sizes,
+        target: None,
+    };
+    report.finish();
+    print!("{}", report.render());
+    let stamp: String = report
+        .started_at
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    let json = report.write_json(results_dir, &stamp, profile.label())?;
+    println!(
+        "\nResults: {} (and cluster-latest.json beside it); logs in {}",
+        json.display(),
+        log_dir.display()
+    );
+    Ok(report.all_good())
+}
+
+/// One run of a cluster of `n`: start it, the cold and hot passes (and the check pass), peak
+/// RSS, stop it.
+#[allow(clippy::too_many_arguments)]
+fn one_run(
+    spec: &Spec,
+    n: usize,
+    run: usize,
+    runs: usize,
+    check: bool,
+    files: &[FileSpec],
+    base: &Path,
+    log_dir: &Path,
+    progress: &mut Progress,
+) -> anyhow::Result<RunResult> {
+    let label = format!("n{n}-run{run}");
+    let cluster = Instance::start(spec, n, &base.join(&label), log_dir, &label)?;
+    let reads: Vec<(PathBuf, &FileSpec)> = cluster
+        .clients
+        .iter()
+        .zip(files)
+        .map(|(c, f)| (c.mnt.join("data").join(&f.name), f))
+        .collect();
+    let blocks: u64 = files.iter().map(|f| f.size.div_ceil(BLOCK_BYTES)).sum();
+    let mut pass = |what: &str, check: bool| -> anyhow::Result<Pass> {
+        let result = one_pass(&cluster, &reads, blocks, check);
+        let message = format!("cluster N={n} {what} run {run}/{runs}");
+        let mut fields = json!({
+            "mode": "cluster", "workers": n, "pass": what, "run": run, "check": check,
+        });
+        match &result {
+            Ok(p) => {
+                fields["mb_per_s"] = json!(p.mb_per_s);
+                fields["gets_per_block"] = json!(p.gets_per_block);
+                fields["cpu_busy"] = json!(p.machine_cpu_busy);
+                progress.pass(
+                    &format!(
+                        "{message}: {:.0} MB/s aggregate, {:.2} backend GETs per block, CPU {:.0}% busy{}",
+                        p.mb_per_s,
+                        p.gets_per_block,
+                        p.machine_cpu_busy * 100.0,
+                        if check { ", bytes verified" } else { "" }
+                    ),
+                    fields,
+                );
+            }
+            Err(e) => progress.pass(&format!("{message}: FAILED: {e:#}"), fields),
+        }
+        result
+    };
+    let cold = pass("cold", false)?;
+    let hot = pass("hot", false)?;
+    let checked = if check {
+        Some(pass("check", true)?)
+    } else {
+        None
+    };
+    let end = cluster.read()?;
+    let rss =
+        |nodes: &[instance::NodeReading]| nodes.iter().map(|r| r.stats.peak_rss_bytes).collect();
+    Ok(RunResult {
+        run,
+        cold,
+        hot,
+        check: checked,
+        worker_peak_rss_bytes: rss(&end.workers),
+        client_peak_rss_bytes: rss(&end.clients),
+    })
+}
+
+/// Drops the page cache, then every reader reads its file whole through its own client, all
+/// starting together; the cluster is read before and after. With `check`, every byte is
+/// compared with the dataset.
+fn one_pass(
+    cluster: &Instance,
+    reads: &[(PathBuf, &FileSpec)],
+    blocks: u64,
+    check: bool,
+) -> anyhow::Result<Pass> {
+    host::drop_caches()?;
+    cluster.check_running()?;
+    let before = cluster.read()?;
+    let start = Barrier::new(reads.len() + 1);
+    let (wall, readers) = std::thread::scope(|s| {
+        let threads: Vec<_> = reads
+            .iter()
+            .map(|(path, file)| {
+                let start = &start;
+                s.spawn(move || {
+                    start.wait();
+                    let t = Instant::now();
+                    let bytes = crate::workloads::read_whole(path, file, check)?;
+                    let seconds = t.elapsed().as_secs_f64();
+                    Ok::<_, anyhow::Error>(ReaderResult::new(&file.name, bytes, seconds))
+                })
+            })
+            .collect();
+        start.wait();
+        let t = Instant::now();
+        let readers: Vec<anyhow::Result<ReaderResult>> = threads
+            .into_iter()
+            .map(|t| t.join().expect("a reader thread panicked"))
+            .collect();
+        (t.elapsed().as_secs_f64(), readers)
+    });
+    let readers = readers.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    let after = cluster.read()?;
+    cluster.check_running()?;
+    Ok(Pass::new(readers, wall, blocks, &before, &after))
+}
+
+/// The `etcd` binary, installed with `scripts/services/etcd.sh install` (Debian's etcd-server)
+/// when missing.
+fn etcd_binary() -> anyhow::Result<PathBuf> {
+    if let Some(etcd) = host::which("etcd") {
+        return Ok(etcd);
+    }
+    let script = crate::workspace_root().join("scripts/services/etcd.sh");
+    host::run_command(Command::new("bash").arg(&script).arg("install"))?;
+    host::which("etcd").context("scripts/services/etcd.sh install did not put etcd on PATH")
+}
+
+/// `granary certs`: a development CA and certificates for every worker (`w1`...) and the
+/// clients (`client`), in `dir`.
+fn dev_certs(granary: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
+    let mut cmd = Command::new(granary);
+    cmd.arg("certs").arg("--out").arg(dir);
+    cmd.args((1..=max_size()).map(|i| format!("w{i}")));
+    cmd.arg("client");
+    host::run_command(&mut cmd)?;
+    if !dir.join("ca.pem").is_file() {
+        bail!("granary certs wrote no {}", dir.join("ca.pem").display());
+    }
+    Ok(dir.to_path_buf())
+}
+
+/// The config every worker shares: the bucket's dataset mounted at `/data`, the block size.
+/// Node id, addresses, etcd, TLS and caches come as flags; S3 credentials from `AWS_*`.
+fn write_worker_config(dir: &Path, s3: &S3Conn) -> anyhow::Result<PathBuf> {
+    let path = dir.join("worker.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "# granary-bench --cluster: what every worker shares; the rest comes as flags.\n\
+             [cache]\nblock_size = \"{}MiB\"\n\n\
+             [[mount]]\npath = \"/data\"\nsource = \"s3://{}/{}\"\n",
+            BLOCK_BYTES / MIB,
+            s3.bucket,
+            dataset::PREFIX
+        ),
+    )
+    .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}

@@ -1,0 +1,278 @@
+//! One Granary cluster on 127.0.0.1: its own etcd (own data directory and ports), N `granary
+//! server` workers over the bucket (each with its own cache directory, ports and log) and N
+//! `granary mount --etcd` clients. Everything is stopped when the [`Instance`] is dropped, clients
+//! first (their mounts undone), then workers, then etcd, then its directory is removed; on an error
+//! or Ctrl-C the cleanup guards do the same.
+
+use crate::cleanup::{self, Guard};
+use crate::host::{self, Daemon, ProcStats};
+use crate::s3::S3Conn;
+use crate::systems::{http_get, scrape};
+use anyhow::{Context, bail};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// How long etcd, a worker, the membership or a mount get to come up.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The counters read from every worker and client around each pass.
+const COUNTERS: &[&str] = &[
+    "granary_backend_requests_total",
+    "granary_backend_bytes_total",
+    "granary_block_reads_total",
+    "granary_block_read_bytes_total",
+    "granary_fuse_ops_total",
+    "granary_fuse_read_bytes_total",
+];
+
+/// What every cluster is made of.
+pub struct Spec {
+    /// The `granary` binary.
+    pub bin: PathBuf,
+    /// The `etcd` binary.
+    pub etcd: PathBuf,
+    /// The workers' shared config file (the mount of the bucket, the block size).
+    pub config: PathBuf,
+    /// What `granary certs` wrote: `ca.pem`, `wI.pem`/`wI.key` for each worker, `client.*`.
+    pub tls: PathBuf,
+    pub s3: S3Conn,
+    /// Per worker.
+    pub memory_cache: u64,
+    /// Per worker.
+    pub disk_cache: u64,
+}
+
+/// A granary process with a metrics endpoint.
+pub struct Node {
+    pub name: String,
+    daemon: Daemon,
+    metrics: SocketAddr,
+}
+
+/// A client: its mount point (dropped in order: the daemon unmounts, then the fallback unmount).
+pub struct Client {
+    pub node: Node,
+    pub mnt: PathBuf,
+    _unmount: Guard,
+}
+
+/// What a process had done at one moment: its CPU time and peak RSS, and its counters.
+pub struct NodeReading {
+    pub stats: ProcStats,
+    pub counters: BTreeMap<String, f64>,
+}
+
+/// The cluster at one moment.
+pub struct Reading {
+    /// The whole machine's (busy, total) CPU ticks.
+    pub cpu_ticks: (u64, u64),
+    pub workers: Vec<NodeReading>,
+    pub clients: Vec<NodeReading>,
+}
+
+/// A running cluster. Fields drop in declaration order.
+pub struct Instance {
+    pub clients: Vec<Client>,
+    pub workers: Vec<Node>,
+    _etcd: Daemon,
+    _remove: Guard,
+}
+
+impl Instance {
+    /// Starts etcd, `n` workers (once all are members) and `n` clients, everything under `dir`;
+    /// logs go to `log_dir/cluster-<label>-<process>.log`.
+    pub fn start(
+        spec: &Spec,
+        n: usize,
+        dir: &Path,
+        log_dir: &Path,
+        label: &str,
+    ) -> anyhow::Result<Instance> {
+        host::remove_tree(dir);
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let remove = {
+            let dir = dir.to_path_buf();
+            cleanup::register(format!("remove {}", dir.display()), move || {
+                host::remove_tree(&dir)
+            })
+        };
+        let log = |name: &str| log_dir.join(format!("cluster-{label}-{name}.log"));
+        let mut ports = host::free_local_addrs(2 + 3 * n)?.into_iter();
+        let mut port = || ports.next().expect("enough ports were reserved");
+
+        let (client_addr, peer_addr) = (port(), port());
+        let (client_url, peer_url) = (
+            format!("http://{client_addr}"),
+            format!("http://{peer_addr}"),
+        );
+        let mut cmd = Command::new(&spec.etcd);
+        cmd.args(["--name", "bench"])
+            .arg("--data-dir")
+            .arg(dir.join("etcd"))
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("bench={peer_url}")])
+            .args(["--initial-cluster-state", "new"]);
+        let etcd = Daemon::spawn("etcd", cmd, &log("etcd"))?;
+        etcd.wait_until("etcd's /health", START_TIMEOUT, || {
+            http_get(client_addr, "/health").is_ok_and(|body| body.contains("true"))
+        })?;
+
+        let mut workers = Vec::with_capacity(n);
+        for i in 1..=n {
+            let name = format!("w{i}");
+            let (listen, metrics) = (port(), port());
+            let mut cmd = Command::new(&spec.bin);
+            cmd.arg("server")
+                .arg("--config")
+                .arg(&spec.config)
+                .args(["--node-id", &name])
+                .args(["--listen", &listen.to_string()])
+                .args(["--etcd", &client_url])
+                .arg("--tls-dir")
+                .arg(&spec.tls)
+                .arg("--cache-dir")
+                .arg(dir.join(format!("cache-{name}")))
+                .args(["--memory-cache", &spec.memory_cache.to_string()])
+                .args(["--disk-cache", &spec.disk_cache.to_string()])
+                .args(["--metrics-addr", &metrics.to_string()])
+                .envs(spec.s3.aws_env());
+            let daemon = Daemon::spawn(&format!("worker {name}"), cmd, &log(&name))?;
+            workers.push(Node {
+                name,
+                daemon,
+                metrics,
+            });
+        }
+        for w in &workers {
+            // The CLI contract: this line on stdout once the worker serves.
+            w.daemon.wait_until("'serving on'", START_TIMEOUT, || {
+                w.daemon.log_text().contains("serving on")
+            })?;
+        }
+        wait_for_members(spec, &client_url, &workers)?;
+
+        let mut clients = Vec::with_capacity(n);
+        for i in 1..=n {
+            let name = format!("c{i}");
+            let mnt = dir.join(format!("mnt-{name}"));
+            std::fs::create_dir_all(&mnt)?;
+            let unmount = {
+                let mnt = mnt.clone();
+                cleanup::register(format!("unmount {}", mnt.display()), move || {
+                    host::unmount_all_under(&mnt)
+                })
+            };
+            let metrics = port();
+            let mut cmd = Command::new(&spec.bin);
+            cmd.arg("mount")
+                .args(["--etcd", &client_url])
+                .arg("--tls-dir")
+                .arg(&spec.tls)
+                .args(["--tls-name", "client"])
+                .args(["--metrics-addr", &metrics.to_string()])
+                .arg(&mnt);
+            let daemon = Daemon::spawn(&format!("client {name}"), cmd, &log(&name))?;
+            let client = Client {
+                node: Node {
+                    name,
+                    daemon,
+                    metrics,
+                },
+                mnt,
+                _unmount: unmount,
+            };
+            let line = format!("mounted at {}", client.mnt.display());
+            client
+                .node
+                .daemon
+                .wait_until(&format!("'{line}'"), START_TIMEOUT, || {
+                    client.node.daemon.log_text().contains(&line)
+                })?;
+            if !host::is_mounted(&client.mnt) {
+                bail!("granary mount said '{line}' but nothing is mounted there");
+            }
+            clients.push(client);
+        }
+        Ok(Instance {
+            clients,
+            workers,
+            _etcd: etcd,
+            _remove: remove,
+        })
+    }
+
+    /// Fails (with the end of its log) if any worker or client has exited.
+    pub fn check_running(&self) -> anyhow::Result<()> {
+        for node in self.nodes() {
+            node.daemon.check_running()?;
+        }
+        Ok(())
+    }
+
+    fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.workers
+            .iter()
+            .chain(self.clients.iter().map(|c| &c.node))
+    }
+
+    /// Every process's CPU time, peak RSS and counters, and the machine's CPU ticks.
+    pub fn read(&self) -> anyhow::Result<Reading> {
+        let read = |node: &Node| -> anyhow::Result<NodeReading> {
+            Ok(NodeReading {
+                stats: ProcStats::read(node.daemon.pid())
+                    .with_context(|| format!("cannot read /proc of {}", node.name))?,
+                counters: scrape(node.metrics, COUNTERS),
+            })
+        };
+        Ok(Reading {
+            cpu_ticks: host::cpu_ticks()?,
+            workers: self.workers.iter().map(read).collect::<Result<_, _>>()?,
+            clients: self
+                .clients
+                .iter()
+                .map(|c| read(&c.node))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+/// Waits until `granary status` lists exactly the `workers`, all up.
+fn wait_for_members(spec: &Spec, etcd_url: &str, workers: &[Node]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        let out = host::run_command(
+            Command::new(&spec.bin)
+                .args(["status", "--etcd", etcd_url, "--json"])
+                .env("GRANARY_LOG", "warn"),
+        );
+        let last = match out {
+            Ok(text) => {
+                let status: serde_json::Value = serde_json::from_str(&text)
+                    .with_context(|| format!("granary status --json printed {text:?}"))?;
+                let members = status["members"].as_array().cloned().unwrap_or_default();
+                let up = members.iter().filter(|m| m["up"] == true).count();
+                if members.len() == workers.len() && up == workers.len() {
+                    return Ok(());
+                }
+                text
+            }
+            Err(e) => format!("{e:#}"),
+        };
+        for w in workers {
+            w.daemon.check_running()?;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "timed out after {START_TIMEOUT:?} waiting for {} live members; last status: {last}",
+                workers.len()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

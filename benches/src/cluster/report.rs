@@ -1,0 +1,548 @@
+//! What the cluster benchmark found: for each cluster size, every run's passes with the counters
+//! that explain them; the summary of each size (median and range over the runs, ratio to one
+//! worker, backend GETs per block, blocks by tier, CPU load, peak RSS), the table printed on
+//! stdout and the JSON written under `target/bench-results/`.
+
+use super::instance::{NodeReading, Reading};
+use crate::host::Machine;
+use crate::profile::Name;
+use crate::report::{Stats, aligned, number};
+use crate::s3::Flavor;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+const MB: f64 = 1e6;
+const MIB: u64 = 1 << 20;
+
+const BACKEND_REQUESTS: &str = "granary_backend_requests_total";
+const BACKEND_BYTES: &str = "granary_backend_bytes_total";
+const BLOCK_READS: &str = "granary_block_reads_total";
+
+/// One reader's share of a pass.
+#[derive(Debug, Serialize)]
+pub struct ReaderResult {
+    pub file: String,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub mb_per_s: f64,
+}
+
+impl ReaderResult {
+    pub fn new(file: &str, bytes: u64, seconds: f64) -> ReaderResult {
+        ReaderResult {
+            file: file.to_string(),
+            bytes,
+            seconds,
+            mb_per_s: bytes as f64 / MB / seconds,
+        }
+    }
+}
+
+/// Block reads the workers served, by tier (summed over the workers).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Tiers {
+    pub memory: f64,
+    pub disk: f64,
+    pub peer: f64,
+    pub backend: f64,
+}
+
+impl Tiers {
+    fn of(workers: &[BTreeMap<String, f64>]) -> Tiers {
+        let tier = |t: &str| sum(workers, BLOCK_READS, &[("tier", t)]);
+        Tiers {
+            memory: tier("memory"),
+            disk: tier("disk"),
+            peer: tier("peer"),
+            backend: tier("backend"),
+        }
+    }
+
+    /// The median of each tier over `all`.
+    fn median(all: &[Tiers]) -> Option<Tiers> {
+        let m = |get: fn(&Tiers) -> f64| Stats::of(all.iter().map(get)).map(|s| s.median);
+        Some(Tiers {
+            memory: m(|t| t.memory)?,
+            disk: m(|t| t.disk)?,
+            peer: m(|t| t.peer)?,
+            backend: m(|t| t.backend)?,
+        })
+    }
+
+    /// `memory/disk/peer/backend`.
+    fn render(&self) -> String {
+        [self.memory, self.disk, self.peer, self.backend]
+            .map(|x| {
+                if x.fract() == 0.0 {
+                    format!("{x:.0}")
+                } else {
+                    format!("{x:.1}")
+                }
+            })
+            .join("/")
+    }
+}
+
+/// One pass: every reader reading its file through its own client, all at once.
+#[derive(Debug, Serialize)]
+pub struct Pass {
+    /// From the moment every reader was let go until the last one finished.
+    pub seconds: f64,
+    pub bytes: u64,
+    /// Aggregate: all readers' bytes over `seconds`.
+    pub mb_per_s: f64,
+    pub readers: Vec<ReaderResult>,
+    /// Cache blocks in the files read.
+    pub blocks: u64,
+    /// Successful backend GETs, all workers together.
+    pub backend_gets: f64,
+    pub backend_get_errors: f64,
+    pub backend_bytes: f64,
+    /// `backend_gets` over `blocks`.
+    pub gets_per_block: f64,
+    /// Block reads the workers served, by tier.
+    pub block_reads: Tiers,
+    /// CPU time the workers (all together) and the clients spent during the pass.
+    pub worker_cpu_seconds: f64,
+    pub client_cpu_seconds: f64,
+    /// The share of the machine's CPU time (all cores) that was not idle during the pass.
+    pub machine_cpu_busy: f64,
+    /// Each worker's counters that moved (w1, w2...), and each client's.
+    pub workers: Vec<BTreeMap<String, f64>>,
+    pub clients: Vec<BTreeMap<String, f64>>,
+}
+
+impl Pass {
+    pub fn new(
+        readers: Vec<ReaderResult>,
+        seconds: f64,
+        blocks: u64,
+        before: &Reading,
+        after: &Reading,
+    ) -> Pass {
+        let workers = deltas(&before.workers, &after.workers);
+        let clients = deltas(&before.clients, &after.clients);
+        let cpu = |b: &[NodeReading], a: &[NodeReading]| -> f64 {
+            a.iter()
+                .zip(b)
+                .map(|(a, b)| a.stats.cpu_seconds - b.stats.cpu_seconds)
+                .sum()
+        };
+        let busy = after.cpu_ticks.0.saturating_sub(before.cpu_ticks.0);
+        let total = after.cpu_ticks.1.saturating_sub(before.cpu_ticks.1);
+        let bytes = readers.iter().map(|r| r.bytes).sum();
+        let backend_gets = sum(
+            &workers,
+            BACKEND_REQUESTS,
+            &[("op", "get"), ("outcome", "ok")],
+        );
+        Pass {
+            seconds,
+            bytes,
+            mb_per_s: bytes as f64 / MB / seconds,
+            readers,
+            blocks,
+            backend_gets,
+            backend_get_errors: sum(
+                &workers,
+                BACKEND_REQUESTS,
+                &[("op", "get"), ("outcome", "error")],
+            ),
+            backend_bytes: sum(&workers, BACKEND_BYTES, &[]),
+            gets_per_block: backend_gets / blocks.max(1) as f64,
+            block_reads: Tiers::of(&workers),
+            worker_cpu_seconds: cpu(&before.workers, &after.workers),
+            client_cpu_seconds: cpu(&before.clients, &after.clients),
+            machine_cpu_busy: if total == 0 {
+                0.0
+            } else {
+                busy as f64 / total as f64
+            },
+            workers,
+            clients,
+        }
+    }
+}
+
+/// How each process's counters moved (those that did).
+fn deltas(before: &[NodeReading], after: &[NodeReading]) -> Vec<BTreeMap<String, f64>> {
+    after
+        .iter()
+        .zip(before)
+        .map(|(a, b)| {
+            a.counters
+                .iter()
+                .map(|(k, v)| (k.clone(), v - b.counters.get(k).copied().unwrap_or(0.0)))
+                .filter(|(_, d)| *d != 0.0)
+                .collect()
+        })
+        .collect()
+}
+
+/// The sum over `maps` of the series of metric `name` that carry every label in `labels`.
+fn sum(maps: &[BTreeMap<String, f64>], name: &str, labels: &[(&str, &str)]) -> f64 {
+    maps.iter()
+        .flat_map(|m| m.iter())
+        .filter(|(series, _)| {
+            let (metric, rest) = series.split_once('{').unwrap_or((series.as_str(), ""));
+            metric == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+        })
+        // Not `sum()`: the sum of no f64 is -0.0.
+        .fold(0.0, |total, (_, v)| total + v)
+}
+
+/// One run of one cluster size.
+#[derive(Debug, Serialize)]
+pub struct RunResult {
+    pub run: usize,
+    pub cold: Pass,
+    pub hot: Pass,
+    /// The untimed pass that compared every byte (first run only).
+    pub check: Option<Pass>,
+    /// VmHWM of each worker and client at the end of the run.
+    pub worker_peak_rss_bytes: Vec<u64>,
+    pub client_peak_rss_bytes: Vec<u64>,
+}
+
+/// One cluster size over all runs.
+#[derive(Debug, Serialize)]
+pub struct SizeResult {
+    pub workers: usize,
+    pub runs: Vec<RunResult>,
+    /// What ended this size's runs early.
+    pub error: Option<String>,
+    pub summary: Option<SizeSummary>,
+}
+
+impl SizeResult {
+    pub fn new(workers: usize) -> SizeResult {
+        SizeResult {
+            workers,
+            runs: Vec::new(),
+            error: None,
+            summary: None,
+        }
+    }
+
+    /// Whether every byte of one pass was checked.
+    fn verified(&self) -> bool {
+        self.runs.iter().any(|r| r.check.is_some())
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct SizeSummary {
+    pub cold_mb_per_s: Stats,
+    pub hot_mb_per_s: Stats,
+    /// The median over the median with one worker (N means perfect scaling).
+    pub cold_vs_one: Option<f64>,
+    pub hot_vs_one: Option<f64>,
+    /// Backend GETs per block in the cold pass.
+    pub gets_per_block: Stats,
+    /// The most backend GETs of any hot pass (0 when the caches kept every block).
+    pub hot_backend_gets_max: f64,
+    /// Median over the runs, tier by tier.
+    pub cold_block_reads: Tiers,
+    pub hot_block_reads: Tiers,
+    pub cold_cpu_busy: Stats,
+    pub hot_cpu_busy: Stats,
+    /// Highest over the runs and processes.
+    pub worker_peak_rss_bytes: u64,
+    pub client_peak_rss_bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct GranaryConfig {
+    pub binary: PathBuf,
+    pub git: String,
+    /// Per worker.
+    pub memory_cache_bytes: u64,
+    pub disk_cache_bytes: u64,
+}
+
+/// The issue-3 target.
+#[derive(Debug, Serialize)]
+pub struct Target {
+    pub name: &'static str,
+    pub measured: String,
+    pub met: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ClusterReport {
+    pub mode: &'static str,
+    pub started_at: String,
+    pub finished_at: String,
+    pub profile: Name,
+    pub runs: usize,
+    /// The size of each reader's file.
+    pub file_bytes: u64,
+    pub block_bytes: u64,
+    pub s3: Flavor,
+    pub machine: Machine,
+    pub granary: GranaryConfig,
+    pub sizes: Vec<SizeResult>,
+    pub target: Option<Target>,
+}
+
+impl ClusterReport {
+    /// Summarizes every size and judges the target.
+    pub fn finish(&mut self) {
+        for size in &mut self.sizes {
+            size.summary = summarize(&size.runs);
+        }
+        let one = self
+            .sizes
+            .iter()
+            .find(|s| s.workers == 1)
+            .and_then(|s| s.summary.as_ref())
+            .map(|s| (s.cold_mb_per_s.median, s.hot_mb_per_s.median));
+        for summary in self.sizes.iter_mut().filter_map(|s| s.summary.as_mut()) {
+            summary.cold_vs_one = one.map(|(cold, _)| summary.cold_mb_per_s.median / cold);
+            summary.hot_vs_one = one.map(|(_, hot)| summary.hot_mb_per_s.median / hot);
+        }
+        self.target = self.judge();
+    }
+
+    /// Exactly one backend GET per block in every cold pass, none in any hot pass.
+    fn judge(&self) -> Option<Target> {
+        let passes: Vec<(usize, &RunResult)> = self
+            .sizes
+            .iter()
+            .flat_map(|s| s.runs.iter().map(move |r| (s.workers, r)))
+            .collect();
+        if passes.is_empty() {
+            return None;
+        }
+        let off: Vec<String> = passes
+            .iter()
+            .filter(|(_, r)| {
+                r.cold.backend_gets != r.cold.blocks as f64 || r.hot.backend_gets > 0.0
+            })
+            .map(|(n, r)| {
+                format!(
+                    "N={n} run {}: {} GETs for {} blocks cold, {} hot",
+                    r.run, r.cold.backend_gets, r.cold.blocks, r.hot.backend_gets
+                )
+            })
+            .collect();
+        let measured = if off.is_empty() {
+            format!(
+                "1.00 in every cold pass ({} passes), 0 GETs in every hot pass",
+                passes.len()
+            )
+        } else {
+            off.join("; ")
+        };
+        Some(Target {
+            name: "exactly 1 backend GET per block across the cluster",
+            measured,
+            met: Some(off.is_empty()),
+        })
+    }
+
+    /// Whether every size ran every run with no error and its bytes checked.
+    pub fn all_good(&self) -> bool {
+        self.sizes
+            .iter()
+            .all(|s| s.error.is_none() && s.runs.len() == self.runs && s.verified())
+    }
+
+    /// The table, the target and any problems, for a terminal.
+    pub fn render(&self) -> String {
+        let header = [
+            "workers",
+            "cold MB/s",
+            "[min-max]",
+            "hot MB/s",
+            "[min-max]",
+            "cold vs 1",
+            "hot vs 1",
+            "GETs/block",
+            "hot GETs",
+            "cold tiers m/d/p/b",
+            "hot tiers m/d/p/b",
+            "CPU busy cold/hot",
+            "peak RSS worker",
+            "peak RSS client",
+        ];
+        let mut rows = vec![header.map(String::from).to_vec()];
+        let mut problems = Vec::new();
+        for size in &self.sizes {
+            let mut row = vec![size.workers.to_string()];
+            match &size.summary {
+                Some(s) => {
+                    let range = |st: &Stats| format!("[{}-{}]", number(st.min), number(st.max));
+                    let ratio = |r: Option<f64>| r.map_or("-".into(), |r| format!("{r:.2}"));
+                    row.extend([
+                        number(s.cold_mb_per_s.median),
+                        range(&s.cold_mb_per_s),
+                        number(s.hot_mb_per_s.median),
+                        range(&s.hot_mb_per_s),
+                        ratio(s.cold_vs_one),
+                        ratio(s.hot_vs_one),
+                        if s.gets_per_block.min == s.gets_per_block.max {
+                            format!("{:.2}", s.gets_per_block.median)
+                        } else {
+                            format!(
+                                "{:.2} [{:.2}-{:.2}]",
+                                s.gets_per_block.median, s.gets_per_block.min, s.gets_per_block.max
+                            )
+                        },
+                        format!("{:.0}", s.hot_backend_gets_max),
+                        s.cold_block_reads.render(),
+                        s.hot_block_reads.render(),
+                        format!(
+                            "{:.0}%/{:.0}%",
+                            s.cold_cpu_busy.median * 100.0,
+                            s.hot_cpu_busy.median * 100.0
+                        ),
+                        format!("{} MiB", s.worker_peak_rss_bytes / MIB),
+                        format!("{} MiB", s.client_peak_rss_bytes / MIB),
+                    ]);
+                }
+                None => row.push("not measured".into()),
+            }
+            rows.push(row);
+            let what = format!("N={}", size.workers);
+            if let Some(e) = &size.error {
+                problems.push(format!("{what}: {}", e.replace('\n', "\n      ")));
+            } else if !size.verified() {
+                problems.push(format!("{what}: bytes not verified"));
+            }
+        }
+        let mut out = format!(
+            "granary-bench --cluster --{}: per worker count N, N clients each reading its own {} MiB \
+             file at once; S3 server {}, granary {}\n(per worker: memory cache {} MiB, disk cache {} \
+             MiB, {} MiB blocks), {} CPU cores for everything\n\n",
+            self.profile_label(),
+            self.file_bytes / MIB,
+            self.s3.name(),
+            self.granary.git,
+            self.granary.memory_cache_bytes / MIB,
+            self.granary.disk_cache_bytes / MIB,
+            self.block_bytes / MIB,
+            self.machine.nproc,
+        );
+        out.push_str(&aligned(&rows, &[2, 4]));
+        out.push_str(&format!(
+            "\nMB/s: all readers' bytes over the time from their common start until the last one \
+             finished (10^6 bytes), median of {} run(s) [min-max];\nvs 1: over the median with one \
+             worker (N would be perfect scaling). cold: fresh workers, page cache dropped; hot: \
+             page cache\ndropped, served by the workers' caches. GETs/block: backend GETs of all \
+             workers in the cold pass over the blocks read; hot GETs:\nthe most in any hot pass. \
+             tiers: block reads the workers served from memory/disk/peer/backend (median per \
+             pass).\nCPU busy: the machine's non-idle CPU share during the pass (S3 server, etcd, \
+             workers, clients and readers share it).\nEvery byte was checked against the dataset \
+             in an untimed pass of the first run{}.\n",
+            self.runs,
+            if problems.is_empty() {
+                ""
+            } else {
+                ", except as listed below"
+            }
+        ));
+        if let Some(t) = &self.target {
+            let verdict = match t.met {
+                Some(true) => "met",
+                Some(false) => "NOT met",
+                None => "unknown",
+            };
+            out.push_str(&format!(
+                "\nIssue-3 target:\n  {verdict:<8} {}: {}\n",
+                t.name, t.measured
+            ));
+        }
+        if !problems.is_empty() {
+            out.push_str("\nProblems:\n");
+            for p in problems {
+                out.push_str(&format!("  {p}\n"));
+            }
+        }
+        out
+    }
+
+    fn profile_label(&self) -> &'static str {
+        match self.profile {
+            Name::Smoke => "smoke",
+            Name::Quick => "quick",
+            Name::Full => "full",
+        }
+    }
+
+    /// Writes `<stamp>-cluster-<profile>.json` and `cluster-latest.json` into `dir`; returns the
+    /// first.
+    pub fn write_json(&self, dir: &Path, stamp: &str, profile: &str) -> anyhow::Result<PathBuf> {
+        std::fs::create_dir_all(dir)?;
+        let text = serde_json::to_string_pretty(self)?;
+        let path = dir.join(format!("{stamp}-cluster-{profile}.json"));
+        std::fs::write(&path, &text)?;
+        std::fs::write(dir.join("cluster-latest.json"), &text)?;
+        Ok(path)
+    }
+}
+
+fn summarize(runs: &[RunResult]) -> Option<SizeSummary> {
+    let stats = |get: fn(&RunResult) -> f64| Stats::of(runs.iter().map(get));
+    let max_rss = |get: fn(&RunResult) -> &Vec<u64>| {
+        runs.iter()
+            .flat_map(|r| get(r).iter().copied())
+            .max()
+            .unwrap_or(0)
+    };
+    let cold_tiers: Vec<Tiers> = runs.iter().map(|r| r.cold.block_reads).collect();
+    let hot_tiers: Vec<Tiers> = runs.iter().map(|r| r.hot.block_reads).collect();
+    Some(SizeSummary {
+        cold_mb_per_s: stats(|r| r.cold.mb_per_s)?,
+        hot_mb_per_s: stats(|r| r.hot.mb_per_s)?,
+        cold_vs_one: None,
+        hot_vs_one: None,
+        gets_per_block: stats(|r| r.cold.gets_per_block)?,
+        hot_backend_gets_max: runs.iter().map(|r| r.hot.backend_gets).fold(0.0, f64::max),
+        cold_block_reads: Tiers::median(&cold_tiers)?,
+        hot_block_reads: Tiers::median(&hot_tiers)?,
+        cold_cpu_busy: stats(|r| r.cold.machine_cpu_busy)?,
+        hot_cpu_busy: stats(|r| r.hot.machine_cpu_busy)?,
+        worker_peak_rss_bytes: max_rss(|r| &r.worker_peak_rss_bytes),
+        client_peak_rss_bytes: max_rss(|r| &r.client_peak_rss_bytes),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_the_series_of_a_metric_with_the_labels_asked_for() {
+        let worker = |gets: f64, errors: f64| -> BTreeMap<String, f64> {
+            [
+                (
+                    format!("{BACKEND_REQUESTS}{{op=\"get\",outcome=\"ok\"}}"),
+                    gets,
+                ),
+                (
+                    format!("{BACKEND_REQUESTS}{{op=\"get\",outcome=\"error\"}}"),
+                    errors,
+                ),
+                (
+                    format!("{BACKEND_REQUESTS}{{op=\"list\",outcome=\"ok\"}}"),
+                    7.0,
+                ),
+                (format!("{BACKEND_REQUESTS}_other{{op=\"get\"}}"), 100.0),
+            ]
+            .into_iter()
+            .collect()
+        };
+        let workers = [worker(100.0, 1.0), worker(156.0, 0.0)];
+        let ok = [("op", "get"), ("outcome", "ok")];
+        assert_eq!(sum(&workers, BACKEND_REQUESTS, &ok), 256.0);
+        assert_eq!(sum(&workers, BACKEND_REQUESTS, &[("op", "get")]), 257.0);
+        assert_eq!(sum(&workers, BACKEND_REQUESTS, &[]), 271.0);
+        let none = sum(&workers, BLOCK_READS, &[]);
+        assert!(none == 0.0 && none.is_sign_positive(), "{none}");
+    }
+}

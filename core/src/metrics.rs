@@ -22,12 +22,22 @@ pub const FUSE_OPS: &str = "granary_fuse_ops_total";
 pub const FUSE_OP_SECONDS: &str = "granary_fuse_op_seconds";
 /// Bytes returned to FUSE readers. Counter, bytes.
 pub const FUSE_READ_BYTES: &str = "granary_fuse_read_bytes_total";
+/// Opens answered with kernel passthrough to a local copy (its reads never reach Granary).
+/// Counter, opens.
+pub const FUSE_PASSTHROUGH_OPENS: &str = "granary_fuse_passthrough_opens_total";
 /// Bytes currently held by readahead across all open files. Gauge, bytes.
 pub const READAHEAD_BYTES: &str = "granary_readahead_bytes";
 /// Configured capacity of a cache tier, by `tier` (`memory`, `disk`). Gauge, bytes.
 pub const CACHE_CAPACITY_BYTES: &str = "granary_cache_capacity_bytes";
 /// gRPC requests served by the worker, by `method` and `code`. Counter.
 pub const RPC_REQUESTS: &str = "granary_rpc_requests_total";
+
+/// Bytes of pinned datasets written to this node's dataset store by loads. Counter, bytes.
+pub const DATASET_LOADED_BYTES: &str = "granary_dataset_loaded_bytes_total";
+/// Bytes of a dataset this node holds, verified, by `dataset`. Gauge, bytes.
+pub const DATASET_READY_BYTES: &str = "granary_dataset_ready_bytes";
+/// Bytes of a dataset this node is to hold, by `dataset`. Gauge, bytes.
+pub const DATASET_WANTED_BYTES: &str = "granary_dataset_wanted_bytes";
 
 /// Every name above, for tests and docs.
 pub const ALL: &[&str] = &[
@@ -41,7 +51,11 @@ pub const ALL: &[&str] = &[
     FUSE_OPS,
     FUSE_OP_SECONDS,
     FUSE_READ_BYTES,
+    FUSE_PASSTHROUGH_OPENS,
     READAHEAD_BYTES,
     CACHE_CAPACITY_BYTES,
     RPC_REQUESTS,
+    DATASET_LOADED_BYTES,
+    DATASET_READY_BYTES,
+    DATASET_WANTED_BYTES,
 ];

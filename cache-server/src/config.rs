@@ -467,7 +467,10 @@ impl ConfigFile {
             granary_core::dataset::check_name(&t.name)
                 .map_err(|e| ConfigError::Invalid(format!("tenant name: {e}")))?;
             check_token(&format!("tenant {:?} token", t.name), &t.token)?;
-            if out.tenants.iter().any(|o| o.name == t.name || o.token == t.token)
+            if out
+                .tenants
+                .iter()
+                .any(|o| o.name == t.name || o.token == t.token)
                 || out.admin_token.as_deref() == Some(t.token.as_str())
             {
                 return Err(ConfigError::Invalid(format!(
@@ -478,7 +481,11 @@ impl ConfigFile {
             let quota = t
                 .quota
                 .as_deref()
-                .map(|q| field(&format!("tenant {:?} quota", t.name), q, |s| s.parse::<ByteSize>()))
+                .map(|q| {
+                    field(&format!("tenant {:?} quota", t.name), q, |s| {
+                        s.parse::<ByteSize>()
+                    })
+                })
                 .transpose()?
                 .map(|b| b.bytes());
             out.tenants.push(Tenant {

@@ -7,8 +7,8 @@ use crate::datasets::Source;
 use crate::registry::Pin;
 use crate::worker::Worker;
 use granary_core::dataset::{
-    LoadState, Manifest, ManifestFile, NodeProgress, check_name, check_tenant_quota, overall, percent,
-    share,
+    LoadState, Manifest, ManifestFile, NodeProgress, check_name, check_tenant_quota, overall,
+    percent, share,
 };
 use granary_core::namespace::components;
 use granary_core::{ByteSize, ObjectId, Resolved};
@@ -163,7 +163,12 @@ pub(crate) fn pinned_stat(worker: &Worker, path: &str) -> Option<Result<Entry, A
         return Some(Ok(file_entry(worker, pin, f)));
     }
     let prefix = format!("{rel}/");
-    if pin.manifest.files.iter().any(|f| f.path.starts_with(&prefix)) {
+    if pin
+        .manifest
+        .files
+        .iter()
+        .any(|f| f.path.starts_with(&prefix))
+    {
         return Some(Ok(dir_entry(worker, name)));
     }
     Some(Err(ApiError::NotFound(format!(
@@ -173,17 +178,29 @@ pub(crate) fn pinned_stat(worker: &Worker, path: &str) -> Option<Result<Entry, A
 }
 
 /// `list` inside a pinned dataset, from its manifest; `None` outside every pin.
-pub(crate) fn pinned_list(worker: &Worker, path: &str) -> Option<Result<Arc<Vec<Entry>>, ApiError>> {
+pub(crate) fn pinned_list(
+    worker: &Worker,
+    path: &str,
+) -> Option<Result<Arc<Vec<Entry>>, ApiError>> {
     let path = normalize(path).ok()?;
     let pins = worker.datasets.pins();
     let (pin, rel) = pin_of(&pins, &path)?;
     if pin.manifest.file(&rel).is_some() {
         return Some(Err(ApiError::NotADirectory(path)));
     }
-    let prefix = if rel.is_empty() { String::new() } else { format!("{rel}/") };
+    let prefix = if rel.is_empty() {
+        String::new()
+    } else {
+        format!("{rel}/")
+    };
     let mut entries: Vec<Entry> = Vec::new();
     let mut found = rel.is_empty();
-    for f in pin.manifest.files.iter().filter(|f| f.path.starts_with(&prefix)) {
+    for f in pin
+        .manifest
+        .files
+        .iter()
+        .filter(|f| f.path.starts_with(&prefix))
+    {
         found = true;
         let below = &f.path[prefix.len()..];
         match below.split_once('/') {
@@ -225,7 +242,9 @@ impl Worker {
             .ok_or_else(|| ApiError::NotFound(format!("no dataset named {name:?} is pinned")))?;
         if !caller.may_touch(pin) {
             // Do not reveal other tenants' datasets.
-            return Err(ApiError::NotFound(format!("no dataset named {name:?} is pinned")));
+            return Err(ApiError::NotFound(format!(
+                "no dataset named {name:?} is pinned"
+            )));
         }
         Ok(pin.clone())
     }
@@ -275,9 +294,17 @@ impl Worker {
         let mut files = Vec::new();
         let mut dirs = vec![String::new()];
         while let Some(rel) = dirs.pop() {
-            let dir = if rel.is_empty() { path.to_string() } else { format!("{path}/{rel}") };
+            let dir = if rel.is_empty() {
+                path.to_string()
+            } else {
+                format!("{path}/{rel}")
+            };
             for e in self.list(&dir).await?.iter() {
-                let child = if rel.is_empty() { e.name.clone() } else { format!("{rel}/{}", e.name) };
+                let child = if rel.is_empty() {
+                    e.name.clone()
+                } else {
+                    format!("{rel}/{}", e.name)
+                };
                 match (&e.kind, &e.object) {
                     (EntryKind::Dir, _) => dirs.push(child),
                     (EntryKind::File, Some(o)) => files.push(ManifestFile {
@@ -299,7 +326,11 @@ impl Worker {
         Ok(files)
     }
 
-    pub async fn pin_dataset(&self, caller: &Caller, req: PinRequest) -> Result<DatasetStatus, ApiError> {
+    pub async fn pin_dataset(
+        &self,
+        caller: &Caller,
+        req: PinRequest,
+    ) -> Result<DatasetStatus, ApiError> {
         check_name(&req.name).map_err(ApiError::Invalid)?;
         let path = normalize(&req.path)?;
         let tenant = match (caller, &req.tenant) {
@@ -321,7 +352,12 @@ impl Worker {
             .find(|t| t.name == tenant)
             .and_then(|t| t.quota);
         if !self.settings.datasets.open()
-            && !self.settings.datasets.tenants.iter().any(|t| t.name == tenant)
+            && !self
+                .settings
+                .datasets
+                .tenants
+                .iter()
+                .any(|t| t.name == tenant)
         {
             return Err(ApiError::Invalid(format!("unknown tenant {tenant:?}")));
         }
@@ -342,7 +378,10 @@ impl Worker {
         };
         let pins = self.fresh_pins().await?;
         if pins.iter().any(|p| p.name == req.name) {
-            return Err(ApiError::Invalid(format!("dataset {:?} is already pinned", req.name)));
+            return Err(ApiError::Invalid(format!(
+                "dataset {:?} is already pinned",
+                req.name
+            )));
         }
         match self.stat(&path).await?.kind {
             EntryKind::Dir => {}
@@ -383,7 +422,12 @@ impl Worker {
         self.status_of(&pin).await
     }
 
-    pub async fn load_dataset(&self, caller: &Caller, name: &str, nodes: Vec<String>) -> Result<DatasetStatus, ApiError> {
+    pub async fn load_dataset(
+        &self,
+        caller: &Caller,
+        name: &str,
+        nodes: Vec<String>,
+    ) -> Result<DatasetStatus, ApiError> {
         let mut pin = self.find_pin(caller, name).await?;
         if !nodes.is_empty() {
             pin.nodes = nodes;
@@ -425,7 +469,11 @@ impl Worker {
         Ok(pin.verify_seq)
     }
 
-    pub async fn dataset_status(&self, caller: &Caller, name: &str) -> Result<DatasetStatus, ApiError> {
+    pub async fn dataset_status(
+        &self,
+        caller: &Caller,
+        name: &str,
+    ) -> Result<DatasetStatus, ApiError> {
         let pin = self.find_pin(caller, name).await?;
         self.status_of(&pin).await
     }
@@ -514,7 +562,11 @@ impl std::fmt::Display for DatasetStatus {
                 ByteSize(p.bytes_ready),
                 ByteSize(p.bytes_total),
                 ByteSize(p.rate as u64),
-                if p.reason.is_empty() { String::new() } else { format!("  ({})", p.reason) }
+                if p.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!("  ({})", p.reason)
+                }
             )?;
         }
         Ok(())

@@ -207,7 +207,9 @@ impl Datasets {
     pub fn held(&self, object: &ObjectRef) -> Option<HeldFile> {
         let held = self.held.read().expect("held");
         let file = held.get(&(object.mount, object.id.key.clone()))?;
-        (file.size == object.id.size && file.etag == object.id.etag && file.version == object.id.version)
+        (file.size == object.id.size
+            && file.etag == object.id.etag
+            && file.version == object.id.version)
             .then(|| file.clone())
     }
 
@@ -309,7 +311,11 @@ impl Datasets {
         pin.manifest
             .files
             .iter()
-            .filter(|f| holders(&f.path, &pin.nodes, pin.replicas).iter().any(|n| **n == self.node_id))
+            .filter(|f| {
+                holders(&f.path, &pin.nodes, pin.replicas)
+                    .iter()
+                    .any(|n| **n == self.node_id)
+            })
             .filter(|f| index.get(&f.path).is_some_and(|s| s.matches(f)))
             .fold((0, 0), |(n, b), f| (n + 1, b + f.size))
     }
@@ -324,9 +330,15 @@ impl Datasets {
 
     /// This node's report on `pin`.
     pub fn progress(&self, pin: &Pin) -> NodeProgress {
-        let (files_total, bytes_total) = share(&pin.manifest, &pin.nodes, pin.replicas, &self.node_id);
+        let (files_total, bytes_total) =
+            share(&pin.manifest, &pin.nodes, pin.replicas, &self.node_id);
         let (files_ready, bytes_ready) = self.present(pin);
-        let failure = self.failures.lock().expect("failures").get(&pin.name).cloned();
+        let failure = self
+            .failures
+            .lock()
+            .expect("failures")
+            .get(&pin.name)
+            .cloned();
         let loading = self.loading.lock().expect("loading").contains(&pin.name);
         let state = if !pin.load {
             LoadState::Pending
@@ -354,11 +366,31 @@ impl Datasets {
             files_ready,
             bytes_total,
             bytes_ready,
-            rate: if state == LoadState::Loading { rate } else { 0.0 },
-            reason: if state == LoadState::Ready { String::new() } else { failure.unwrap_or_default() },
+            rate: if state == LoadState::Loading {
+                rate
+            } else {
+                0.0
+            },
+            reason: if state == LoadState::Ready {
+                String::new()
+            } else {
+                failure.unwrap_or_default()
+            },
             updated: now_secs(),
-            verified_seq: self.verified.lock().expect("verified").get(&pin.name).copied().unwrap_or(0),
-            repaired: self.repaired.lock().expect("repaired").get(&pin.name).copied().unwrap_or(0),
+            verified_seq: self
+                .verified
+                .lock()
+                .expect("verified")
+                .get(&pin.name)
+                .copied()
+                .unwrap_or(0),
+            repaired: self
+                .repaired
+                .lock()
+                .expect("repaired")
+                .get(&pin.name)
+                .copied()
+                .unwrap_or(0),
         }
     }
 
@@ -386,7 +418,12 @@ impl Datasets {
                 bad += 1;
             }
         }
-        *self.repaired.lock().expect("repaired").entry(pin.name.clone()).or_default() += bad;
+        *self
+            .repaired
+            .lock()
+            .expect("repaired")
+            .entry(pin.name.clone())
+            .or_default() += bad;
         bad
     }
 
@@ -437,16 +474,31 @@ impl Datasets {
             last_report.remove(&name);
         }
         self.rebuild_held();
-        for pin in pins.iter().filter(|p| !p.expired(now) && mine.contains(p.name.as_str())) {
-            let seen = self.verified.lock().expect("verified").get(&pin.name).copied();
+        for pin in pins
+            .iter()
+            .filter(|p| !p.expired(now) && mine.contains(p.name.as_str()))
+        {
+            let seen = self
+                .verified
+                .lock()
+                .expect("verified")
+                .get(&pin.name)
+                .copied();
             if seen.unwrap_or(0) < pin.verify_seq {
                 self.verify(pin).await;
-                self.verified.lock().expect("verified").insert(pin.name.clone(), pin.verify_seq);
+                self.verified
+                    .lock()
+                    .expect("verified")
+                    .insert(pin.name.clone(), pin.verify_seq);
             }
             if pin.load && !self.loading.lock().expect("loading").contains(&pin.name) {
-                let (want_files, want_bytes) = share(&pin.manifest, &pin.nodes, pin.replicas, &self.node_id);
+                let (want_files, want_bytes) =
+                    share(&pin.manifest, &pin.nodes, pin.replicas, &self.node_id);
                 if self.present(pin) != (want_files, want_bytes) {
-                    self.loading.lock().expect("loading").insert(pin.name.clone());
+                    self.loading
+                        .lock()
+                        .expect("loading")
+                        .insert(pin.name.clone());
                     let (me, pin, source) = (self.clone(), pin.clone(), source.clone());
                     tokio::spawn(async move {
                         me.load(&pin, &source).await;
@@ -456,7 +508,9 @@ impl Datasets {
             }
             let report = self.progress(pin);
             let due = match last_report.get(&pin.name) {
-                Some((prev, at)) => prev_differs(prev, &report) || at.elapsed() > Duration::from_secs(10),
+                Some((prev, at)) => {
+                    prev_differs(prev, &report) || at.elapsed() > Duration::from_secs(10)
+                }
                 None => true,
             };
             if due {
@@ -476,9 +530,16 @@ impl Datasets {
             pin.manifest
                 .files
                 .iter()
-                .filter(|f| !index.and_then(|i| i.get(&f.path)).is_some_and(|s| s.matches(f)))
+                .filter(|f| {
+                    !index
+                        .and_then(|i| i.get(&f.path))
+                        .is_some_and(|s| s.matches(f))
+                })
                 .filter_map(|f| {
-                    let h: Vec<String> = holders(&f.path, &pin.nodes, pin.replicas).into_iter().cloned().collect();
+                    let h: Vec<String> = holders(&f.path, &pin.nodes, pin.replicas)
+                        .into_iter()
+                        .cloned()
+                        .collect();
                     h.iter().any(|n| *n == self.node_id).then(|| (f.clone(), h))
                 })
                 .collect()
@@ -521,7 +582,10 @@ impl Datasets {
 
     fn fail(&self, dataset: &str, reason: String) {
         tracing::error!(dataset, %reason, "load failed");
-        self.failures.lock().expect("failures").insert(dataset.into(), reason);
+        self.failures
+            .lock()
+            .expect("failures")
+            .insert(dataset.into(), reason);
     }
 
     async fn load_file<S: Source>(
@@ -548,7 +612,10 @@ impl Datasets {
         }
         let tmp = target.with_file_name(format!(
             ".{}.loading",
-            target.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+            target
+                .file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
         ));
         let out = std::fs::File::create(&tmp).map_err(|e| internal(tmp.display(), e))?;
         let count = self.block_size.count(file.size);
@@ -621,7 +688,11 @@ impl Datasets {
         let elapsed = since.elapsed().as_secs_f64();
         if elapsed >= 1.0 {
             let now = *n as f64 / elapsed;
-            *rate = if *rate == 0.0 { now } else { 0.5 * *rate + 0.5 * now };
+            *rate = if *rate == 0.0 {
+                now
+            } else {
+                0.5 * *rate + 0.5 * now
+            };
             *since = Instant::now();
             *n = 0;
         }
@@ -680,7 +751,9 @@ fn verify_file(path: &Path, stored: &StoredFile, bs: BlockSize) -> bool {
     for i in 0..count {
         let range = bs.range(i, stored.size);
         buf.resize((range.end - range.start) as usize, 0);
-        if f.read_exact_at(&mut buf, range.start).is_err() || checksum(&buf) != stored.crcs[i as usize] {
+        if f.read_exact_at(&mut buf, range.start).is_err()
+            || checksum(&buf) != stored.crcs[i as usize]
+        {
             return false;
         }
     }

@@ -112,3 +112,27 @@ pub async fn serve<A: CacheApi>(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
 }
+
+/// Serves a worker's whole API on `listener`: the cache service and the dataset control service.
+pub async fn serve_worker(
+    worker: Arc<crate::Worker>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let cache = pb::cache_server::CacheServer::new(CacheService {
+        api: worker.clone(),
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let datasets =
+        pb::datasets_server::DatasetsServer::new(crate::dataset_grpc::DatasetService { worker })
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(32 << 20))
+        .add_service(cache)
+        .add_service(datasets)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}

@@ -8,6 +8,7 @@ pub mod backend;
 pub mod blocks;
 pub mod config;
 pub mod dataset_api;
+pub mod dataset_grpc;
 pub mod datasets;
 pub mod grpc;
 pub mod listing;

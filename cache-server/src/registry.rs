@@ -157,7 +157,11 @@ impl Registry {
                     .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
                     .and_then([TxnOp::put(key, json, None)]);
                 let resp = client.lock().await.txn(txn).await.map_err(etcd)?;
-                if resp.succeeded() { Ok(()) } else { Err(exists()) }
+                if resp.succeeded() {
+                    Ok(())
+                } else {
+                    Err(exists())
+                }
             }
             Registry::Local { dir, .. } => {
                 let path = dir.join(format!("{}.json", pin.name));
@@ -207,7 +211,10 @@ impl Registry {
                 Ok(())
             }
             Registry::Local { dir, progress } => {
-                progress.lock().expect("progress").retain(|(n, _), _| n != name);
+                progress
+                    .lock()
+                    .expect("progress")
+                    .retain(|(n, _), _| n != name);
                 match tokio::fs::remove_file(dir.join(format!("{name}.json"))).await {
                     Ok(()) => Ok(()),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

@@ -7,8 +7,8 @@ use crate::blocks::Tier;
 use crate::blocks::{BlockCache, CacheOpenError};
 use crate::config::Settings;
 use crate::datasets::{Datasets, Source};
-use crate::registry::Registry;
 use crate::listing::{Listing, ListingCache};
+use crate::registry::Registry;
 use granary_core::namespace::components;
 use granary_core::placement::owners;
 use granary_core::{BlockKey, BlockSize, ObjectId, Resolved};
@@ -365,10 +365,7 @@ impl CacheApi for Worker {
         }
     }
 
-    async fn local_copy(
-        &self,
-        object: &ObjectRef,
-    ) -> Result<Option<std::path::PathBuf>, ApiError> {
+    async fn local_copy(&self, object: &ObjectRef) -> Result<Option<std::path::PathBuf>, ApiError> {
         Ok(self.datasets.held(object).map(|f| f.path))
     }
 }

@@ -106,6 +106,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         _ => None,
     };
     let worker = Worker::start_with(settings.clone(), cluster).await?;
+    if settings.datasets.open() {
+        tracing::warn!(
+            "no [[tenant]] and no datasets.admin_token configured: anyone who reaches this worker's API may pin and unpin datasets"
+        );
+    }
+    tokio::spawn(worker.datasets().clone().run(worker.clone()));
     if let Some(endpoint) = data_plane {
         let reads = Arc::new(LocalReads(worker.clone()));
         tokio::spawn(quic::serve(endpoint, reads, runtime::shutdown_signal()));
@@ -114,7 +120,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         "granary: worker {} serving on {}",
         settings.node_id, settings.listen
     );
-    grpc::serve(worker.clone(), listener, runtime::shutdown_signal()).await?;
+    grpc::serve_worker(worker.clone(), listener, runtime::shutdown_signal()).await?;
     worker.close().await;
     Ok(())
 }

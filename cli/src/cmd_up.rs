@@ -81,6 +81,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         runtime::serve_metrics(addr).await?;
     }
     let worker = Worker::start(settings.clone()).await?;
+    tokio::spawn(worker.datasets().clone().run(worker.clone()));
     let fs_config = FsConfig {
         attr_ttl: settings.metadata_ttl,
         readahead_per_file: args.readahead.bytes(),
@@ -108,7 +109,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     match grpc_listener {
         Some(listener) => {
             tracing::info!(addr = ?args.listen, "serving the worker API");
-            grpc::serve(worker.clone(), listener, runtime::shutdown_signal()).await?;
+            grpc::serve_worker(worker.clone(), listener, runtime::shutdown_signal()).await?;
         }
         None => runtime::shutdown_signal().await,
     }

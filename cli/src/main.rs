@@ -2,6 +2,7 @@
 //! settings, builds the components and wires them together; it decides nothing else.
 
 mod cmd_cluster;
+mod cmd_dataset;
 mod cmd_mount;
 mod cmd_server;
 mod cmd_up;
@@ -36,6 +37,8 @@ enum Command {
     Status(cmd_cluster::StatusArgs),
     /// Write a development CA and certificates for workers and clients.
     Certs(cmd_cluster::CertsArgs),
+    /// Pin, load, watch and release datasets.
+    Dataset(cmd_dataset::DatasetArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
         Command::Mount(args) => runtime::block_on(cmd_mount::run(args)),
         Command::Status(args) => runtime::block_on(cmd_cluster::status(args)),
         Command::Certs(args) => cmd_cluster::certs(args),
+        Command::Dataset(args) => runtime::block_on(cmd_dataset::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

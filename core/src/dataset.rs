@@ -78,8 +78,12 @@ impl Manifest {
     pub fn directories(&self) -> BTreeMap<String, Vec<(String, bool)>> {
         let root = self.root.trim_end_matches('/').to_string();
         let mut dirs: BTreeMap<String, Vec<(String, bool)>> = BTreeMap::new();
-        dirs.entry(if root.is_empty() { "/".into() } else { root.clone() })
-            .or_default();
+        dirs.entry(if root.is_empty() {
+            "/".into()
+        } else {
+            root.clone()
+        })
+        .or_default();
         for file in &self.files {
             let mut parent = root.clone();
             let parts: Vec<&str> = file.path.split('/').collect();
@@ -166,8 +170,9 @@ impl NodeProgress {
 
     /// Seconds left at the current rate, when it is loading.
     pub fn eta_secs(&self) -> Option<u64> {
-        (self.state == LoadState::Loading && self.rate > 0.0)
-            .then(|| ((self.bytes_total - self.bytes_ready.min(self.bytes_total)) as f64 / self.rate) as u64)
+        (self.state == LoadState::Loading && self.rate > 0.0).then(|| {
+            ((self.bytes_total - self.bytes_ready.min(self.bytes_total)) as f64 / self.rate) as u64
+        })
     }
 }
 
@@ -183,7 +188,11 @@ pub fn percent(ready: u64, total: u64) -> f64 {
 /// A dataset's readiness over the nodes it is to be loaded on: the overall state is `Ready` only
 /// when every node of the set reports `Ready`; missing reports count as pending with nothing
 /// present.
-pub fn overall(nodes: &[String], reports: &[NodeProgress], expected: &[(u64, u64)]) -> (LoadState, u64, u64) {
+pub fn overall(
+    nodes: &[String],
+    reports: &[NodeProgress],
+    expected: &[(u64, u64)],
+) -> (LoadState, u64, u64) {
     let mut state = LoadState::Ready;
     let (mut ready, mut total) = (0u64, 0u64);
     for (i, node) in nodes.iter().enumerate() {
@@ -228,7 +237,11 @@ pub enum QuotaError {
     #[error(
         "node {node:?} would hold {wanted} bytes of this dataset but has {free} bytes free in its dataset store"
     )]
-    Node { node: String, wanted: u64, free: u64 },
+    Node {
+        node: String,
+        wanted: u64,
+        free: u64,
+    },
 }
 
 /// Checks a new pin of `bytes` (each byte stored `replicas` times) by `tenant` against its quota.
@@ -326,9 +339,15 @@ mod tests {
         let expected = [(1, 10), (1, 10)];
         let r = [report("a", LoadState::Ready, 10)];
         assert_eq!(overall(&nodes, &r, &expected), (LoadState::Pending, 10, 20));
-        let r = [report("a", LoadState::Ready, 10), report("b", LoadState::Loading, 4)];
+        let r = [
+            report("a", LoadState::Ready, 10),
+            report("b", LoadState::Loading, 4),
+        ];
         assert_eq!(overall(&nodes, &r, &expected), (LoadState::Loading, 14, 20));
-        let r = [report("a", LoadState::Ready, 10), report("b", LoadState::Ready, 10)];
+        let r = [
+            report("a", LoadState::Ready, 10),
+            report("b", LoadState::Ready, 10),
+        ];
         assert_eq!(overall(&nodes, &r, &expected), (LoadState::Ready, 20, 20));
     }
 

@@ -142,9 +142,9 @@ impl From<Status> for ApiError {
             Code::DataLoss => ApiError::Corrupt(m),
             Code::PermissionDenied | Code::Unauthenticated => ApiError::Denied(m),
             Code::ResourceExhausted => ApiError::Exhausted(m),
-            Code::Unavailable
-            | Code::DeadlineExceeded
-            | Code::Cancelled => ApiError::Unavailable(format!("{m} ({:?})", s.code())),
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
+                ApiError::Unavailable(format!("{m} ({:?})", s.code()))
+            }
             other => ApiError::Internal(format!("{m} ({other:?})")),
         }
     }

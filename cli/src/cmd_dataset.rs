@@ -1,0 +1,350 @@
+//! `granary dataset ...`: pin, load, watch and release datasets through any worker's API.
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use granary_cache_server::dataset_api::{DatasetStatus, PinRequest};
+use granary_cache_server::dataset_grpc::DatasetClient;
+use granary_core::dataset::{LoadState, NodeProgress};
+use granary_core::{ByteSize, parse_duration};
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+#[derive(Args, Debug)]
+pub struct DatasetArgs {
+    /// A worker's API address (any worker of the cluster).
+    #[arg(
+        long,
+        global = true,
+        value_name = "HOST:PORT",
+        env = "GRANARY_SERVER",
+        default_value = "127.0.0.1:7070"
+    )]
+    pub server: String,
+    /// The bearer token of a tenant or of the admin (from the workers' config).
+    #[arg(
+        long,
+        global = true,
+        value_name = "TOKEN",
+        env = "GRANARY_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+    #[command(subcommand)]
+    pub command: DatasetCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DatasetCommand {
+    /// Pin a directory of the namespace as a dataset: its manifest (every file's size and
+    /// version) is frozen now; listings and opens inside it no longer ask the backend.
+    Pin {
+        name: String,
+        /// The dataset's root directory in the namespace, e.g. /data/imagenet.
+        #[arg(long, value_name = "PATH")]
+        path: String,
+        /// The owning tenant [default: the token's tenant; `default` for the admin].
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Unpin automatically after this long (e.g. 12h).
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<String>,
+        /// The nodes to load it onto later (node ids, comma-separated).
+        #[arg(long, value_delimiter = ',', value_name = "NODE[,NODE]")]
+        nodes: Vec<String>,
+        /// Copies of each file across the node set.
+        #[arg(long, default_value_t = 1)]
+        replicas: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load a pinned dataset onto its nodes (or the nodes given): each file whole on local disk.
+    Load {
+        name: String,
+        #[arg(long, value_delimiter = ',', value_name = "NODE[,NODE]")]
+        nodes: Vec<String>,
+        /// Wait until every byte is on the node set and verified, showing progress.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up (non-zero exit) after this long.
+        #[arg(long, value_name = "DURATION", default_value = "1h")]
+        timeout: String,
+    },
+    /// A dataset's readiness: per node, files and bytes present and verified, rate and ETA.
+    Status {
+        name: String,
+        #[arg(long)]
+        json: bool,
+        /// Re-check every loaded file's checksums first (damaged files are loaded again).
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Every dataset the token may see.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Release a dataset: its files leave the nodes' dataset stores.
+    Unpin { name: String },
+    /// Exit 0 once the dataset is ready on a node (for init containers and the scheduler hook),
+    /// non-zero on timeout.
+    Wait {
+        name: String,
+        /// The node to wait for [default: every node of the dataset's set].
+        #[arg(long, value_name = "NODE")]
+        node: Option<String>,
+        /// Ready enough at this percentage of the node's share.
+        #[arg(long, value_name = "P", default_value_t = 100.0)]
+        min_percent: f64,
+        #[arg(long, value_name = "DURATION", default_value = "1h")]
+        timeout: String,
+    },
+}
+
+pub async fn run(args: DatasetArgs) -> anyhow::Result<()> {
+    // Check what can be checked before touching the cluster.
+    match &args.command {
+        DatasetCommand::Pin {
+            name,
+            ttl,
+            replicas,
+            ..
+        } => {
+            granary_core::dataset::check_name(name).map_err(anyhow::Error::msg)?;
+            if let Some(ttl) = ttl {
+                parse_duration(ttl).context("--ttl")?;
+            }
+            if *replicas == 0 {
+                bail!("--replicas must be at least 1");
+            }
+        }
+        DatasetCommand::Load { name, timeout, .. } => {
+            granary_core::dataset::check_name(name).map_err(anyhow::Error::msg)?;
+            parse_duration(timeout).context("--timeout")?;
+        }
+        DatasetCommand::Wait {
+            name,
+            timeout,
+            min_percent,
+            ..
+        } => {
+            granary_core::dataset::check_name(name).map_err(anyhow::Error::msg)?;
+            parse_duration(timeout).context("--timeout")?;
+            if !(0.0..=100.0).contains(min_percent) {
+                bail!("--min-percent must be between 0 and 100");
+            }
+        }
+        DatasetCommand::Status { name, .. } | DatasetCommand::Unpin { name } => {
+            granary_core::dataset::check_name(name).map_err(anyhow::Error::msg)?;
+        }
+        DatasetCommand::List { .. } => {}
+    }
+    let client = DatasetClient::connect(&args.server, args.token.as_deref()).await?;
+    match args.command {
+        DatasetCommand::Pin {
+            name,
+            path,
+            tenant,
+            ttl,
+            nodes,
+            replicas,
+            json,
+        } => {
+            let request = PinRequest {
+                name,
+                path,
+                tenant,
+                ttl: ttl.as_deref().map(parse_duration).transpose()?,
+                nodes,
+                replicas,
+            };
+            let status = client.pin(&request).await?;
+            print_status(&status, json);
+        }
+        DatasetCommand::Load {
+            name,
+            nodes,
+            wait,
+            timeout,
+        } => {
+            let status = client.load(&name, nodes).await?;
+            if wait {
+                watch(&client, &name, None, 100.0, parse_duration(&timeout)?).await?;
+            } else {
+                print!("{status}");
+            }
+        }
+        DatasetCommand::Status { name, json, verify } => {
+            if verify {
+                let seq = client.verify(&name).await?;
+                let deadline = Instant::now() + Duration::from_secs(600);
+                loop {
+                    let s = client.status(&name).await?;
+                    let done = s.nodes.iter().all(|n| {
+                        s.node_progress
+                            .iter()
+                            .any(|p| &p.node == n && p.verified_seq >= seq)
+                    });
+                    if done {
+                        break;
+                    }
+                    if Instant::now() > deadline {
+                        bail!("the nodes did not finish verifying {name} within 10 minutes");
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+            print_status(&client.status(&name).await?, json);
+        }
+        DatasetCommand::List { json } => {
+            let all = client.list().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else if all.is_empty() {
+                println!("no datasets pinned");
+            } else {
+                for s in &all {
+                    print!("{s}");
+                }
+            }
+        }
+        DatasetCommand::Unpin { name } => {
+            client.unpin(&name).await?;
+            println!("granary: unpinned {name}");
+        }
+        DatasetCommand::Wait {
+            name,
+            node,
+            min_percent,
+            timeout,
+        } => {
+            watch(
+                &client,
+                &name,
+                node.as_deref(),
+                min_percent,
+                parse_duration(&timeout)?,
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+fn print_status(s: &DatasetStatus, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(s).expect("status serializes")
+        );
+    } else {
+        print!("{s}");
+    }
+}
+
+/// The part of a dataset that `node` (or the whole set) must hold: (state, percent, ready,
+/// total, rate).
+fn readiness(
+    s: &DatasetStatus,
+    node: Option<&str>,
+) -> anyhow::Result<(LoadState, f64, u64, u64, f64)> {
+    match node {
+        None => {
+            let rate = s.node_progress.iter().fold(0.0, |a, p| a + p.rate);
+            Ok((s.state, s.percent, s.bytes_ready, s.bytes_total, rate))
+        }
+        Some(node) => {
+            if !s.nodes.iter().any(|n| n == node) {
+                bail!(
+                    "node {node:?} is not in dataset {}'s node set ({})",
+                    s.name,
+                    if s.nodes.is_empty() {
+                        "not loaded yet".to_string()
+                    } else {
+                        s.nodes.join(",")
+                    }
+                );
+            }
+            let p: Option<&NodeProgress> = s.node_progress.iter().find(|p| p.node == node);
+            Ok(match p {
+                Some(p) if s.load => (p.state, p.percent(), p.bytes_ready, p.bytes_total, p.rate),
+                _ => (LoadState::Pending, 0.0, 0, 0, 0.0),
+            })
+        }
+    }
+}
+
+/// Polls the status until ready (exit 0), failed or past the timeout (an error), showing
+/// progress: a bar on a terminal, JSON lines otherwise.
+async fn watch(
+    client: &DatasetClient,
+    name: &str,
+    node: Option<&str>,
+    min_percent: f64,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let tty = std::io::stderr().is_terminal();
+    let start = Instant::now();
+    let mut last_line = Instant::now() - Duration::from_secs(10);
+    loop {
+        let s = client.status(name).await?;
+        let (state, percent, ready, total, rate) = readiness(&s, node)?;
+        let done = state == LoadState::Ready || (min_percent < 100.0 && percent >= min_percent);
+        let eta = (rate > 0.0 && !done).then(|| (total.saturating_sub(ready) as f64 / rate) as u64);
+        if tty {
+            let width = 30;
+            let filled = ((percent / 100.0) * width as f64) as usize;
+            eprint!(
+                "\r{name} [{}{}] {percent:6.2}%  {}/{}  {}/s  {}   ",
+                "#".repeat(filled.min(width)),
+                " ".repeat(width - filled.min(width)),
+                ByteSize(ready),
+                ByteSize(total),
+                ByteSize(rate as u64),
+                eta.map(|e| format!("eta {e}s")).unwrap_or_default()
+            );
+            let _ = std::io::stderr().flush();
+        } else if done || last_line.elapsed() >= Duration::from_secs(1) {
+            last_line = Instant::now();
+            eprintln!(
+                "{}",
+                serde_json::json!({
+                    "dataset": name,
+                    "node": node,
+                    "state": state,
+                    "percent": percent,
+                    "bytes_ready": ready,
+                    "bytes_total": total,
+                    "bytes_per_second": rate,
+                    "eta_seconds": eta,
+                    "elapsed_seconds": start.elapsed().as_secs_f64(),
+                })
+            );
+        }
+        if done {
+            if tty {
+                eprintln!();
+            }
+            println!("granary: {name} ready ({percent:.2}%)");
+            return Ok(());
+        }
+        if state == LoadState::Failed {
+            let reasons: Vec<String> = s
+                .node_progress
+                .iter()
+                .filter(|p| !p.reason.is_empty())
+                .map(|p| format!("{}: {}", p.node, p.reason))
+                .collect();
+            bail!("loading {name} failed: {}", reasons.join("; "));
+        }
+        if start.elapsed() >= timeout {
+            if tty {
+                eprintln!();
+            }
+            bail!(
+                "{name} not ready after {timeout:?}: {percent:.2}% ({:?})",
+                state
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

@@ -617,16 +617,31 @@ impl Datasets {
                 .map(|n| n.to_string_lossy())
                 .unwrap_or_default()
         ));
-        let out = std::fs::File::create(&tmp).map_err(|e| internal(tmp.display(), e))?;
         let count = self.block_size.count(file.size);
+        // A load cut short (a crash, a restart) resumes after the blocks it had written: the
+        // `.crcs` journal beside the partial file names each written block's CRC.
+        let journal_path = tmp.with_extension("loading.crcs");
+        let identity = serde_json::json!({
+            "size": file.size, "etag": file.etag, "version": file.version,
+            "block_size": self.block_size.get(),
+        })
+        .to_string();
+        let (out, mut crcs) = resume(&tmp, &journal_path, &identity, self.block_size, file.size)
+            .map_err(|e| internal(tmp.display(), e))?;
+        let mut journal = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&journal_path)
+            .map_err(|e| internal(journal_path.display(), e))?;
+        if !crcs.is_empty() {
+            tracing::info!(dataset = %pin.name, path = %file.path, blocks = crcs.len(), "resuming a partial load");
+        }
         // From the first holder when it is another node and alive; else from the backend.
         let copy_from = holders
             .first()
             .filter(|h| **h != self.node_id && source.members().contains(h))
             .cloned();
-        let mut crcs = Vec::with_capacity(count as usize);
         let mut waited = Duration::ZERO;
-        let mut index = 0;
+        let mut index = crcs.len() as u64;
         while index < count {
             let range = self.block_size.range(index, file.size);
             let data = match &copy_from {
@@ -654,9 +669,13 @@ impl Datasets {
                     range.end - range.start
                 )));
             }
-            crcs.push(checksum(&data));
+            let crc = checksum(&data);
             out.write_all_at(&data, range.start)
                 .map_err(|e| internal(tmp.display(), e))?;
+            journal
+                .write_all(format!("{crc:08x}\n").as_bytes())
+                .map_err(|e| internal(journal_path.display(), e))?;
+            crcs.push(crc);
             self.count_loaded(&pin.name, data.len() as u64);
             index += 1;
         }
@@ -665,6 +684,7 @@ impl Datasets {
             .map_err(|e| internal(tmp.display(), e))?;
         drop(out);
         std::fs::rename(&tmp, &target).map_err(|e| internal(target.display(), e))?;
+        let _ = std::fs::remove_file(&journal_path);
         metrics::counter!(granary_core::metrics::DATASET_LOADED_BYTES).increment(file.size);
         self.record(
             &pin.name,
@@ -734,6 +754,54 @@ fn read_index(path: &Path) -> Result<HashMap<String, StoredFile>, ApiError> {
         }
     }
     Ok(index)
+}
+
+/// Opens the partial file `tmp` for writing and returns the CRCs of its blocks already written
+/// and intact (per the journal, whose first line must be `identity`), resetting both when they
+/// belong to another version or cannot be trusted.
+fn resume(
+    tmp: &Path,
+    journal: &Path,
+    identity: &str,
+    bs: BlockSize,
+    size: u64,
+) -> std::io::Result<(std::fs::File, Vec<u32>)> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(tmp)?;
+    let mut crcs = Vec::new();
+    if let Ok(text) = std::fs::read_to_string(journal) {
+        let mut lines = text.lines();
+        if lines.next() == Some(identity) {
+            let mut buf = Vec::new();
+            for (i, line) in lines.enumerate() {
+                let Ok(crc) = u32::from_str_radix(line, 16) else {
+                    break;
+                };
+                let range = bs.range(i as u64, size);
+                if range.start >= size {
+                    break;
+                }
+                buf.resize((range.end - range.start) as usize, 0);
+                if out.read_exact_at(&mut buf, range.start).is_err() || checksum(&buf) != crc {
+                    break;
+                }
+                crcs.push(crc);
+            }
+        }
+    }
+    let mut text = format!("{identity}\n");
+    for crc in &crcs {
+        text.push_str(&format!("{crc:08x}\n"));
+    }
+    std::fs::write(journal, text)?;
+    if crcs.is_empty() {
+        out.set_len(0)?;
+    }
+    Ok((out, crcs))
 }
 
 fn verify_file(path: &Path, stored: &StoredFile, bs: BlockSize) -> bool {

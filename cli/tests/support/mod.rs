@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod backends;
+pub mod cluster;
 pub mod data;
 pub mod own;
 pub mod process;

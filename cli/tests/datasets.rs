@@ -47,7 +47,12 @@ fn refused(out: Finished, what: &str, says: &str) {
         "{what} should say {says:?}: {}",
         out.stderr
     );
-    assert_eq!(out.stderr.trim().lines().count(), 1, "one line: {}", out.stderr);
+    assert_eq!(
+        out.stderr.trim().lines().count(),
+        1,
+        "one line: {}",
+        out.stderr
+    );
 }
 
 fn status(api: &str, token: &str, name: &str) -> Value {
@@ -89,7 +94,10 @@ fn stored(cache: &Path, name: &str) -> BTreeMap<String, u64> {
 
 /// Blocks of `name` a worker has written to disk: complete files plus partial loads' journals.
 fn blocks_on_disk(cache: &Path, name: &str) -> u64 {
-    let complete: u64 = stored(cache, name).values().map(|s| s.div_ceil(BLOCK)).sum();
+    let complete: u64 = stored(cache, name)
+        .values()
+        .map(|s| s.div_ceil(BLOCK))
+        .sum();
     let mut partial = 0;
     let mut dirs = vec![cache.join("datasets").join(name).join("files")];
     while let Some(dir) = dirs.pop() {
@@ -127,7 +135,15 @@ fn pin_load_through_a_crash_exact_readiness_quotas_ttl_passthrough_repair_restar
     ok(
         run_with_timeout(
             granary(
-                &["certs", "--out", tls.to_str().unwrap(), "w1", "w2", "w3", "client"],
+                &[
+                    "certs",
+                    "--out",
+                    tls.to_str().unwrap(),
+                    "w1",
+                    "w2",
+                    "w3",
+                    "client",
+                ],
                 &[],
             ),
             Duration::from_secs(20),
@@ -202,12 +218,20 @@ fn pin_load_through_a_crash_exact_readiness_quotas_ttl_passthrough_repair_restar
         "no token",
     );
     refused(
-        dataset(api, Some("wrong-token-0123456789"), &["pin", "ds", "--path", "/data/ds"]),
+        dataset(
+            api,
+            Some("wrong-token-0123456789"),
+            &["pin", "ds", "--path", "/data/ds"],
+        ),
         "wrong token",
         "matches no tenant",
     );
     refused(
-        dataset(api, Some(TEAM_A), &["pin", "Bad Name", "--path", "/data/ds"]),
+        dataset(
+            api,
+            Some(TEAM_A),
+            &["pin", "Bad Name", "--path", "/data/ds"],
+        ),
         "bad name",
         "invalid dataset name",
     );
@@ -217,12 +241,20 @@ fn pin_load_through_a_crash_exact_readiness_quotas_ttl_passthrough_repair_restar
         "not found",
     );
     refused(
-        dataset(api, Some(TEAM_A), &["pin", "ds", "--path", "/data/ds", "--ttl", "soon"]),
+        dataset(
+            api,
+            Some(TEAM_A),
+            &["pin", "ds", "--path", "/data/ds", "--ttl", "soon"],
+        ),
         "bad ttl",
         "--ttl",
     );
     refused(
-        dataset(api, Some(TEAM_A), &["pin", "ds", "--path", "/data/ds", "--nodes", "w1,w9"]),
+        dataset(
+            api,
+            Some(TEAM_A),
+            &["pin", "ds", "--path", "/data/ds", "--nodes", "w1,w9"],
+        ),
         "unknown node",
         "not a live member",
     );
@@ -232,23 +264,38 @@ fn pin_load_through_a_crash_exact_readiness_quotas_ttl_passthrough_repair_restar
         "quota",
     );
     refused(
-        dataset(api, Some(TEAM_A), &["pin", "ds", "--path", "/data/ds", "--tenant", "tiny"]),
+        dataset(
+            api,
+            Some(TEAM_A),
+            &["pin", "ds", "--path", "/data/ds", "--tenant", "tiny"],
+        ),
         "pin for another tenant",
         "cannot pin for tenant",
     );
     let list = ok(dataset(api, Some(ADMIN), &["list", "--json"]), "list");
-    assert_eq!(serde_json::from_str::<Value>(&list).unwrap(), Value::Array(vec![]));
+    assert_eq!(
+        serde_json::from_str::<Value>(&list).unwrap(),
+        Value::Array(vec![])
+    );
 
     // Pin onto w1 and w2; nothing is loaded yet, so `wait` times out.
     ok(
-        dataset(api, Some(TEAM_A), &["pin", "ds", "--path", "/data/ds", "--nodes", "w1,w2"]),
+        dataset(
+            api,
+            Some(TEAM_A),
+            &["pin", "ds", "--path", "/data/ds", "--nodes", "w1,w2"],
+        ),
         "pin",
     );
     let s = status(api, TEAM_A, "ds");
     assert_eq!(s["files"], 501);
     assert_eq!(s["state"], "pending");
     refused(
-        dataset(api, Some(TEAM_A), &["wait", "ds", "--node", "w1", "--timeout", "2s"]),
+        dataset(
+            api,
+            Some(TEAM_A),
+            &["wait", "ds", "--node", "w1", "--timeout", "2s"],
+        ),
         "wait before load",
         "not ready",
     );
@@ -260,9 +307,11 @@ fn pin_load_through_a_crash_exact_readiness_quotas_ttl_passthrough_repair_restar
 
     // Load; kill -9 w2 in the middle of it; restart it; the load completes.
     ok(dataset(api, Some(TEAM_A), &["load", "ds"]), "load");
-    wait_until("w2 to load some of its share", Duration::from_secs(120), || {
-        blocks_on_disk(&caches[1], "ds") >= 20
-    });
+    wait_until(
+        "w2 to load some of its share",
+        Duration::from_secs(120),
+        || blocks_on_disk(&caches[1], "ds") >= 20,
+    );
     let mid = status(api, TEAM_A, "ds");
     assert!(mid["percent"].as_f64().unwrap() < 100.0, "{mid}");
     workers[1].kill9();
@@ -284,23 +333,38 @@ fn pin_load_through_a_crash_exact_readiness_quotas_ttl_passthrough_repair_restar
         stored(&caches[2], "ds"),
     );
     assert!(on3.is_empty(), "w3 is not in the node set");
-    assert!(!on1.is_empty() && !on2.is_empty(), "files striped over both");
+    assert!(
+        !on1.is_empty() && !on2.is_empty(),
+        "files striped over both"
+    );
     for (path, size) in &ds_files {
         let rel = path.strip_prefix("ds/").unwrap();
-        let holder = if on1.contains_key(rel) { &caches[0] } else { &caches[1] };
-        assert!(on1.contains_key(rel) || on2.contains_key(rel), "{rel} on no node");
+        let holder = if on1.contains_key(rel) {
+            &caches[0]
+        } else {
+            &caches[1]
+        };
+        assert!(
+            on1.contains_key(rel) || on2.contains_key(rel),
+            "{rel} on no node"
+        );
         let file = holder.join("datasets/ds/files").join(rel);
         assert_eq!(std::fs::metadata(&file).unwrap().len(), *size);
     }
     assert_eq!(
-        sha(&caches[0].join("datasets/ds/files/big.bin")).max(sha(&caches[1].join("datasets/ds/files/big.bin"))),
+        sha(&caches[0].join("datasets/ds/files/big.bin"))
+            .max(sha(&caches[1].join("datasets/ds/files/big.bin"))),
         sha(&local.join("ds/big.bin"))
     );
     // Backend GETs: w1 fetched each of its blocks once; w2, after its restart, fetched
     // exactly the blocks it had not written before the crash.
     let blocks = |m: &BTreeMap<String, u64>| m.values().map(|s| s.div_ceil(BLOCK)).sum::<u64>();
     assert_eq!(blocks(&on1) + blocks(&on2), ds_blocks);
-    assert_eq!(workers[0].gets(), blocks(&on1) as f64, "w1: one GET per block");
+    assert_eq!(
+        workers[0].gets(),
+        blocks(&on1) as f64,
+        "w1: one GET per block"
+    );
     assert_eq!(
         workers[1].gets(),
         (blocks(&on2) - w2_done_at_crash) as f64,
@@ -310,11 +374,17 @@ fn pin_load_through_a_crash_exact_readiness_quotas_ttl_passthrough_repair_restar
 
     // A pin with a TTL lapses by itself.
     ok(
-        dataset(api, Some(ADMIN), &["pin", "short", "--path", "/data/ds/small", "--ttl", "2s"]),
+        dataset(
+            api,
+            Some(ADMIN),
+            &["pin", "short", "--path", "/data/ds/small", "--ttl", "2s"],
+        ),
         "pin with ttl",
     );
     wait_until("the TTL to unpin", Duration::from_secs(20), || {
-        !dataset(api, Some(ADMIN), &["status", "short"]).status.success()
+        !dataset(api, Some(ADMIN), &["status", "short"])
+            .status
+            .success()
     });
 
     // Passthrough: a client beside w1 opens w1's files from its disk; the kernel serves the
@@ -344,7 +414,9 @@ fn pin_load_through_a_crash_exact_readiness_quotas_ttl_passthrough_repair_restar
     let gets_before: f64 = workers.iter().map(Worker::gets).sum();
     for rel in on2.keys().take(50) {
         let path = format!("ds/{rel}");
-        assert!(std::fs::read(mnt.join("data").join(&path)).unwrap() == content(&path, tree[&path]));
+        assert!(
+            std::fs::read(mnt.join("data").join(&path)).unwrap() == content(&path, tree[&path])
+        );
     }
     assert_eq!(workers.iter().map(Worker::gets).sum::<f64>(), gets_before);
 
@@ -369,7 +441,10 @@ fn pin_load_through_a_crash_exact_readiness_quotas_ttl_passthrough_repair_restar
         "verify",
     );
     let v: Value = serde_json::from_str(&out).unwrap();
-    assert!(node(&v, "w1").unwrap()["repaired"].as_u64().unwrap() >= 1, "{v}");
+    assert!(
+        node(&v, "w1").unwrap()["repaired"].as_u64().unwrap() >= 1,
+        "{v}"
+    );
     ok(
         dataset(api, Some(TEAM_A), &["wait", "ds", "--timeout", "60s"]),
         "wait after repair",
@@ -390,7 +465,9 @@ fn pin_load_through_a_crash_exact_readiness_quotas_ttl_passthrough_repair_restar
     let client = mount_cluster_with(&etcd_url, &tls, &mnt2, &["--local-node", "w3"]);
     for rel in on1.keys().take(50) {
         let path = format!("ds/{rel}");
-        assert!(std::fs::read(mnt2.join("data").join(&path)).unwrap() == content(&path, tree[&path]));
+        assert!(
+            std::fs::read(mnt2.join("data").join(&path)).unwrap() == content(&path, tree[&path])
+        );
     }
     assert_eq!(workers[0].gets(), 0.0, "no refetch after the restart");
     let _ = http_get(&workers[0].metrics, "/metrics");

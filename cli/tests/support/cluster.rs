@@ -160,4 +160,3 @@ pub fn sha(path: &Path) -> String {
 pub fn drop_page_cache() {
     std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
 }
-

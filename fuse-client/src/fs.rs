@@ -6,14 +6,24 @@
 //! stay stable. A file handle pins the object version seen at open: reads serve exactly that
 //! version or fail, never a mix. The kernel may keep a file's page cache across opens
 //! (FOPEN_KEEP_CACHE) only while the object version is unchanged.
+//!
+//! Passthrough: when the worker on this machine holds a verified whole copy of exactly the
+//! version an open sees ([`CacheApi::local_copy`]), [`GranaryFs::open_passthrough`] hands that
+//! file to the kernel (through the adapter's `register` callback) and the kernel reads it
+//! directly; no read request reaches this process. The kernel allows one backing file per inode
+//! and never mixes passthrough and ordinary opens of one inode, so each inode here is in one io
+//! mode at a time until its last handle is released.
 
 use crate::inodes::{InodeTable, ROOT, child_path};
 use crate::prefetch::{Budget, FileReader};
 use bytes::Bytes;
 use granary_core::BlockSize;
 use granary_proto::{ApiError, CacheApi, Entry, EntryKind};
+use std::any::Any;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::fs::File;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,6 +40,10 @@ pub struct FsConfig {
     pub read_timeout: Duration,
     pub uid: u32,
     pub gid: u32,
+    /// Let the kernel read files the local worker holds whole (a pinned dataset's files) straight
+    /// from the worker's copy (FUSE passthrough). Only meaningful when the API's worker runs on
+    /// this machine: the paths it returns are local paths.
+    pub passthrough: bool,
 }
 
 impl Default for FsConfig {
@@ -41,6 +55,7 @@ impl Default for FsConfig {
             read_timeout: Duration::from_secs(25),
             uid: 0,
             gid: 0,
+            passthrough: true,
         }
     }
 }
@@ -129,12 +144,99 @@ pub struct DirItem {
     pub attr: Attr,
 }
 
+/// A local file registered with the kernel for passthrough, as the adapter made it (a
+/// `fuser::BackingId`). Held while any open handle of its inode uses it; dropping the last
+/// reference unregisters it.
+pub type Backing = Arc<dyn Any + Send + Sync>;
+
+/// How the kernel serves an open file's reads.
+#[derive(Clone)]
+pub enum OpenIo {
+    /// Reads come to this process ([`GranaryFs::read`]).
+    Userspace,
+    /// The kernel reads this registered local copy itself.
+    Passthrough(Backing),
+}
+
+impl std::fmt::Debug for OpenIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenIo::Userspace => f.write_str("Userspace"),
+            OpenIo::Passthrough(_) => f.write_str("Passthrough"),
+        }
+    }
+}
+
 /// The answer to open.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Opened {
     pub fh: u64,
-    /// The object is the version the kernel last cached: keep its pages.
+    /// The object is the version the kernel last cached: keep its pages (userspace opens only).
     pub keep_cache: bool,
+    pub io: OpenIo,
+}
+
+impl Opened {
+    pub fn is_passthrough(&self) -> bool {
+        matches!(self.io, OpenIo::Passthrough(_))
+    }
+}
+
+/// The io mode of an inode with open handles. The kernel fails an open (EIO) that mixes modes
+/// on one inode, or that names a second backing file for it.
+enum InodeIo {
+    /// `opens` handles read through this process.
+    Userspace { opens: u64 },
+    /// `opens` handles read `backing`, the local copy of the version with `fingerprint`.
+    Passthrough {
+        fingerprint: u128,
+        backing: Backing,
+        opens: u64,
+    },
+}
+
+impl InodeIo {
+    fn opens(&mut self) -> &mut u64 {
+        match self {
+            InodeIo::Userspace { opens } | InodeIo::Passthrough { opens, .. } => opens,
+        }
+    }
+}
+
+struct OpenFile {
+    ino: u64,
+    reader: Arc<FileReader>,
+}
+
+/// Why a local copy was not used.
+#[derive(Debug)]
+enum Unusable {
+    NotARegularFile,
+    WrongSize(u64),
+    Io(std::io::Error),
+}
+
+impl std::fmt::Display for Unusable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unusable::NotARegularFile => f.write_str("not a regular file"),
+            Unusable::WrongSize(n) => write!(f, "it has {n} bytes"),
+            Unusable::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Opens a local copy read-only and checks that it is a regular file of `size` bytes.
+fn open_local_copy(path: &Path, size: u64) -> Result<File, Unusable> {
+    let file = File::open(path).map_err(Unusable::Io)?;
+    let meta = file.metadata().map_err(Unusable::Io)?;
+    if !meta.is_file() {
+        return Err(Unusable::NotARegularFile);
+    }
+    if meta.len() != size {
+        return Err(Unusable::WrongSize(meta.len()));
+    }
+    Ok(file)
 }
 
 struct DirHandle {
@@ -150,10 +252,14 @@ pub struct GranaryFs<A> {
     max_ahead_blocks: u64,
     budget: Budget,
     inodes: Mutex<InodeTable>,
-    files: Mutex<HashMap<u64, Arc<FileReader>>>,
+    files: Mutex<HashMap<u64, OpenFile>>,
     dirs: Mutex<HashMap<u64, DirHandle>>,
     /// Per inode, the object fingerprint the kernel's page cache holds.
     cached_versions: Mutex<HashMap<u64, u128>>,
+    /// Per inode with open handles, how the kernel reads it.
+    io_modes: Mutex<HashMap<u64, InodeIo>>,
+    /// Passthrough is wanted and neither the kernel nor our privileges refused it (yet).
+    passthrough: AtomicBool,
     next_fh: AtomicU64,
 }
 
@@ -187,6 +293,8 @@ impl<A: CacheApi> GranaryFs<A> {
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             cached_versions: Mutex::new(HashMap::new()),
+            io_modes: Mutex::new(HashMap::new()),
+            passthrough: AtomicBool::new(config.passthrough),
             next_fh: AtomicU64::new(1),
             config,
         }
@@ -203,6 +311,22 @@ impl<A: CacheApi> GranaryFs<A> {
     /// Bytes currently held by readahead.
     pub fn readahead_bytes(&self) -> u64 {
         self.budget.used_bytes()
+    }
+
+    /// Whether new opens may still use passthrough.
+    pub fn passthrough_enabled(&self) -> bool {
+        self.passthrough.load(Ordering::Relaxed)
+    }
+
+    /// Stops using passthrough for new opens (the kernel or our privileges refused it), saying
+    /// why once. Handles already open through passthrough keep their backing file.
+    pub fn disable_passthrough(&self, why: &str) {
+        if self.passthrough.swap(false, Ordering::Relaxed) {
+            tracing::warn!(
+                reason = why,
+                "FUSE passthrough unavailable: files held locally are read through userspace"
+            );
+        }
     }
 
     fn attr(&self, ino: u64, entry: &Entry) -> Attr {
@@ -272,13 +396,59 @@ impl<A: CacheApi> GranaryFs<A> {
         Ok(self.attr(ino, &entry))
     }
 
-    /// Opens a file for reading; `write` = the open asked for write access.
+    /// Opens a file for reading through this process; `write` = the open asked for write access.
+    /// (An inode already open through passthrough is opened the same way, as the kernel requires.)
     pub async fn open(&self, ino: u64, write: bool) -> Result<Opened, FsError> {
+        self.open_inner(ino, write, None::<fn(&File) -> std::io::Result<Backing>>)
+            .await
+    }
+
+    /// Opens a file for reading, through passthrough when the worker holds a usable local copy
+    /// of exactly this version: `register` hands the opened copy to the kernel. Falls back to
+    /// reading through this process when there is no copy, the copy does not match, or the
+    /// kernel refuses it; fails only as [`GranaryFs::open`] does, or with `Stale` when the
+    /// object changed while another handle reads the old version through passthrough (the
+    /// kernel allows one backing file per inode and no ordinary opens beside it).
+    pub async fn open_passthrough(
+        &self,
+        ino: u64,
+        write: bool,
+        register: impl FnOnce(&File) -> std::io::Result<Backing>,
+    ) -> Result<Opened, FsError> {
+        self.open_inner(ino, write, Some(register)).await
+    }
+
+    async fn open_inner(
+        &self,
+        ino: u64,
+        write: bool,
+        register: Option<impl FnOnce(&File) -> std::io::Result<Backing>>,
+    ) -> Result<Opened, FsError> {
         if write {
             return Err(FsError::ReadOnly);
         }
-        let path = self.path_of(ino)?;
-        let entry = self.api.stat(&path).await?;
+        let (path, known) = {
+            let inodes = self.inodes.lock().expect("inode lock");
+            let inode = inodes.get(ino).ok_or(FsError::NotFound)?;
+            (inode.path.clone(), inode.entry.object.clone())
+        };
+        // Ask for a local copy of the version the inode last showed while the stat runs, when
+        // this open could use one (an inode already open in either mode stays in that mode).
+        let ask = match known {
+            Some(known) if register.is_some() && self.passthrough_enabled() => {
+                let idle = !self.io_modes.lock().expect("io lock").contains_key(&ino);
+                idle.then_some(known)
+            }
+            _ => None,
+        };
+        let (entry, copy) = match &ask {
+            Some(known) => {
+                let (entry, copy) =
+                    futures::join!(self.api.stat(&path), self.api.local_copy(known));
+                (entry?, Some(copy))
+            }
+            None => (self.api.stat(&path).await?, None),
+        };
         self.inodes
             .lock()
             .expect("inode lock")
@@ -291,9 +461,23 @@ impl<A: CacheApi> GranaryFs<A> {
             }
         };
         let fingerprint = object.id.fingerprint();
-        let keep_cache = {
-            let mut versions = self.cached_versions.lock().expect("versions lock");
-            versions.insert(ino, fingerprint) == Some(fingerprint)
+        // A copy is only good for the version it was asked for; a changed version reads through
+        // userspace this time (never a second local_copy call per open).
+        let copy = match (ask, copy) {
+            (Some(asked), Some(copy)) if asked == object => {
+                self.usable_copy(&path, entry.size, copy)
+            }
+            _ => None,
+        };
+        let io = self.choose_io(ino, &path, fingerprint, copy, register)?;
+        let keep_cache = match io {
+            // The kernel's page cache of the inode is not used (nor filled) by passthrough reads;
+            // leave its record alone so that the next userspace open decides correctly.
+            OpenIo::Passthrough(_) => false,
+            OpenIo::Userspace => {
+                let mut versions = self.cached_versions.lock().expect("versions lock");
+                versions.insert(ino, fingerprint) == Some(fingerprint)
+            }
         };
         let reader = FileReader::new(
             object,
@@ -302,11 +486,99 @@ impl<A: CacheApi> GranaryFs<A> {
             self.budget.clone(),
         );
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.files
-            .lock()
-            .expect("files lock")
-            .insert(fh, Arc::new(reader));
-        Ok(Opened { fh, keep_cache })
+        self.files.lock().expect("files lock").insert(
+            fh,
+            OpenFile {
+                ino,
+                reader: Arc::new(reader),
+            },
+        );
+        Ok(Opened { fh, keep_cache, io })
+    }
+
+    /// The local copy the worker named, opened and checked, if it is usable.
+    fn usable_copy(
+        &self,
+        path: &str,
+        size: u64,
+        answer: Result<Option<std::path::PathBuf>, ApiError>,
+    ) -> Option<File> {
+        match answer {
+            Ok(None) => None,
+            Err(e) => {
+                tracing::debug!(%path, error = %e, "no local copy (worker did not answer); reading through userspace");
+                None
+            }
+            // A local open and fstat: cheap enough to do on the runtime thread.
+            Ok(Some(local)) => match open_local_copy(&local, size) {
+                Ok(file) => Some(file),
+                Err(why) => {
+                    tracing::warn!(
+                        %path,
+                        local = %local.display(),
+                        expected_bytes = size,
+                        problem = %why,
+                        "the worker's local copy is not usable; reading through userspace"
+                    );
+                    None
+                }
+            },
+        }
+    }
+
+    /// Decides the io mode of a new handle of `ino` and counts it, registering `copy` with the
+    /// kernel if it is the inode's first passthrough handle.
+    fn choose_io(
+        &self,
+        ino: u64,
+        path: &str,
+        fingerprint: u128,
+        copy: Option<File>,
+        register: Option<impl FnOnce(&File) -> std::io::Result<Backing>>,
+    ) -> Result<OpenIo, FsError> {
+        let mut modes = self.io_modes.lock().expect("io lock");
+        match modes.get_mut(&ino) {
+            Some(InodeIo::Passthrough {
+                fingerprint: f,
+                backing,
+                opens,
+            }) => {
+                if *f != fingerprint {
+                    return Err(FsError::Stale(format!(
+                        "{path} changed while open through passthrough; it can be opened again once those handles are closed"
+                    )));
+                }
+                *opens += 1;
+                return Ok(OpenIo::Passthrough(backing.clone()));
+            }
+            Some(InodeIo::Userspace { opens }) => {
+                *opens += 1;
+                return Ok(OpenIo::Userspace);
+            }
+            None => {}
+        }
+        if let (Some(file), Some(register)) = (copy, register)
+            && self.passthrough_enabled()
+        {
+            match register(&file) {
+                Ok(backing) => {
+                    modes.insert(
+                        ino,
+                        InodeIo::Passthrough {
+                            fingerprint,
+                            backing: backing.clone(),
+                            opens: 1,
+                        },
+                    );
+                    return Ok(OpenIo::Passthrough(backing));
+                }
+                Err(e) => {
+                    self.disable_passthrough(&format!("registering a backing file failed: {e}"))
+                }
+            }
+        }
+        modes.insert(ino, InodeIo::Userspace { opens: 1 });
+        Ok(OpenIo::Userspace)
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Bytes, FsError> {
@@ -315,7 +587,7 @@ impl<A: CacheApi> GranaryFs<A> {
             .lock()
             .expect("files lock")
             .get(&fh)
-            .cloned()
+            .map(|f| f.reader.clone())
             .ok_or(FsError::BadHandle)?;
         match tokio::time::timeout(
             self.config.read_timeout,
@@ -332,8 +604,31 @@ impl<A: CacheApi> GranaryFs<A> {
         }
     }
 
+    /// Closes a file handle; the inode's last handle ends its io mode (and unregisters its
+    /// passthrough backing file).
     pub fn release(&self, fh: u64) {
-        self.files.lock().expect("files lock").remove(&fh);
+        let Some(file) = self.files.lock().expect("files lock").remove(&fh) else {
+            return;
+        };
+        let ended = {
+            let mut modes = self.io_modes.lock().expect("io lock");
+            let last = modes.get_mut(&file.ino).is_some_and(|mode| {
+                let opens = mode.opens();
+                *opens -= 1;
+                *opens == 0
+            });
+            if last { modes.remove(&file.ino) } else { None }
+        };
+        // Unregistering the backing file (an ioctl) happens outside the lock.
+        drop(ended);
+    }
+
+    /// Number of open handles of `ino` reading through passthrough.
+    pub fn passthrough_handles(&self, ino: u64) -> u64 {
+        match self.io_modes.lock().expect("io lock").get(&ino) {
+            Some(InodeIo::Passthrough { opens, .. }) => *opens,
+            _ => 0,
+        }
     }
 
     /// Opens a directory: its listing is taken now and served from this handle.

@@ -1,12 +1,13 @@
 //! The fuser adapter: each kernel request opens a span, runs the [`GranaryFs`] call on the tokio
 //! runtime, maps the error to an errno, replies, and records the op's latency and outcome.
-//! Nothing here decides anything about the filesystem.
+//! Nothing here decides anything about the filesystem; the one kernel-specific step it adds is
+//! registering a local copy as a passthrough backing file when [`GranaryFs`] asks for it.
 
-use crate::fs::{Attr, FsError, GranaryFs};
+use crate::fs::{Attr, Backing, FsError, GranaryFs, OpenIo};
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use granary_core::metrics as m;
 use granary_proto::{CacheApi, EntryKind};
@@ -93,6 +94,19 @@ impl<A: CacheApi> Filesystem for FuseAdapter<A> {
             .set_max_readahead(1 << 20)
             .or_else(|max| config.set_max_readahead(max));
         let _ = config.set_max_background(64);
+        if self.fs.passthrough_enabled() {
+            // Depth 1: backing files (the worker's dataset store) must sit on an ordinary
+            // filesystem, not on a stacked one such as overlayfs (the kernel refuses those with
+            // ELOOP, and we fall back), while this mount can still be a layer under overlayfs.
+            match config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
+                Ok(()) => {
+                    let _ = config.set_max_stack_depth(1);
+                }
+                Err(_) => self
+                    .fs
+                    .disable_passthrough("the kernel does not offer FUSE passthrough"),
+            }
+        }
         Ok(())
     }
 
@@ -134,17 +148,30 @@ impl<A: CacheApi> Filesystem for FuseAdapter<A> {
         let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
         self.rt.spawn(async move {
             let start = Instant::now();
-            let result = fs.open(ino.0, write).await;
+            let register =
+                |file: &std::fs::File| reply.open_backing(file).map(|id| Arc::new(id) as Backing);
+            let result = fs.open_passthrough(ino.0, write, register).await;
             record("open", start, result.as_ref().map(|_| ()));
             match result {
-                Ok(opened) => {
-                    let flags = if opened.keep_cache {
-                        FopenFlags::FOPEN_KEEP_CACHE
-                    } else {
-                        FopenFlags::empty()
-                    };
-                    reply.opened(FileHandle(opened.fh), flags)
-                }
+                Ok(opened) => match &opened.io {
+                    OpenIo::Passthrough(backing) => {
+                        let id = backing
+                            .downcast_ref::<BackingId>()
+                            .expect("backing files are registered by this adapter");
+                        metrics::counter!(m::FUSE_PASSTHROUGH_OPENS).increment(1);
+                        // No FOPEN_KEEP_CACHE: the kernel fails a passthrough open with flags
+                        // other than direct-io ones, and the inode's page cache is not used.
+                        reply.opened_passthrough(FileHandle(opened.fh), FopenFlags::empty(), id)
+                    }
+                    OpenIo::Userspace => {
+                        let flags = if opened.keep_cache {
+                            FopenFlags::FOPEN_KEEP_CACHE
+                        } else {
+                            FopenFlags::empty()
+                        };
+                        reply.opened(FileHandle(opened.fh), flags)
+                    }
+                },
                 Err(e) => reply.error(errno(&e)),
             }
         });

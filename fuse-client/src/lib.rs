@@ -1,8 +1,9 @@
 //! Granary's FUSE client: a read-only POSIX view of a cache worker's namespace.
 //!
 //! [`fs::GranaryFs`] holds the filesystem logic over any [`granary_proto::CacheApi`] (a worker in
-//! the same process, or one reached over gRPC); [`fuse::FuseAdapter`] is the thin fuser layer;
-//! [`mount`] checks the mount point and mounts.
+//! the same process, or one reached over gRPC), including when to let the kernel read a file
+//! the local worker holds whole (FUSE passthrough); [`fuse::FuseAdapter`] is the thin fuser
+//! layer; [`mount`] checks the mount point and mounts.
 
 pub mod fs;
 pub mod fuse;

@@ -3,20 +3,25 @@
 
 use bytes::Bytes;
 use granary_core::{BlockSize, ObjectId};
-use granary_fuse_client::fs::{FsConfig, FsError, GranaryFs};
+use granary_fuse_client::fs::{Backing, FsConfig, FsError, GranaryFs, OpenIo};
 use granary_proto::{ApiError, Block, CacheApi, Entry, EntryKind, Info, ObjectRef};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 const BS: u64 = 64 << 10;
 
-/// Files by path; every block read is counted.
+/// Files by path; every block read is counted. `local` answers `local_copy` by object key and
+/// ETag, as the worker promises: a copy of exactly that version (an `Err` stands for a worker
+/// that does not answer).
 #[derive(Default)]
 struct FakeWorker {
     files: Mutex<BTreeMap<String, (Vec<u8>, String)>>,
     block_reads: AtomicU64,
+    local: Mutex<HashMap<String, Result<PathBuf, ApiError>>>,
+    local_copy_calls: AtomicU64,
 }
 
 impl FakeWorker {
@@ -107,6 +112,20 @@ impl CacheApi for FakeWorker {
             return Err(ApiError::NotFound(path.into()));
         }
         Ok(Arc::new(out.into_values().collect()))
+    }
+
+    async fn local_copy(&self, object: &ObjectRef) -> Result<Option<PathBuf>, ApiError> {
+        self.local_copy_calls.fetch_add(1, Ordering::SeqCst);
+        let version = format!(
+            "{}@{}",
+            object.id.key,
+            object.id.etag.as_deref().unwrap_or("")
+        );
+        match self.local.lock().unwrap().get(&version) {
+            None => Ok(None),
+            Some(Ok(path)) => Ok(Some(path.clone())),
+            Some(Err(e)) => Err(e.clone()),
+        }
     }
 
     async fn read_block(&self, object: &ObjectRef, index: u64) -> Result<Block, ApiError> {
@@ -300,4 +319,334 @@ async fn versions_pin_opens_and_steer_the_page_cache() {
     let third = fs.open(ino, false).await.unwrap();
     assert!(!third.keep_cache, "new version: drop the page cache");
     assert_eq!(fs.read(third.fh, 0, 4).await.unwrap()[..], data(4, 6)[..]);
+}
+
+/// A directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("granary-fs-logic-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Stands in for the kernel: counts registrations and hands out backings it can watch.
+#[derive(Default)]
+struct FakeKernel {
+    registered: AtomicU64,
+    refuse: bool,
+    last: Mutex<Option<Weak<dyn std::any::Any + Send + Sync>>>,
+}
+
+impl FakeKernel {
+    fn register(&self) -> impl FnOnce(&std::fs::File) -> std::io::Result<Backing> + '_ {
+        move |file| {
+            if self.refuse {
+                return Err(std::io::Error::from_raw_os_error(libc::EPERM));
+            }
+            self.registered.fetch_add(1, Ordering::SeqCst);
+            let backing: Backing = Arc::new(file.metadata()?.len());
+            *self.last.lock().unwrap() = Some(Arc::downgrade(&backing));
+            Ok(backing)
+        }
+    }
+
+    /// Whether the last backing handed out is still held by the filesystem.
+    fn last_alive(&self) -> bool {
+        self.last
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|w| w.upgrade().is_some())
+    }
+}
+
+fn same_backing(a: &OpenIo, b: &OpenIo) -> bool {
+    match (a, b) {
+        (OpenIo::Passthrough(a), OpenIo::Passthrough(b)) => Arc::ptr_eq(a, b),
+        _ => false,
+    }
+}
+
+#[tokio::test]
+async fn a_matching_local_copy_is_passed_to_the_kernel_once_per_inode() {
+    let dir = TempDir::new("match");
+    let w = Arc::new(FakeWorker::default());
+    let bytes = data(3 * BS as usize + 5, 7);
+    w.put("/held.bin", bytes.clone(), "e");
+    std::fs::write(dir.0.join("held.bin"), &bytes).unwrap();
+    w.local
+        .lock()
+        .unwrap()
+        .insert("held.bin@e".into(), Ok(dir.0.join("held.bin")));
+    let fs = fs(w.clone(), FsConfig::default());
+    let kernel = FakeKernel::default();
+    let ino = fs.lookup(1, "held.bin").await.unwrap().ino;
+
+    let first = fs
+        .open_passthrough(ino, false, kernel.register())
+        .await
+        .unwrap();
+    assert!(first.is_passthrough());
+    assert!(!first.keep_cache);
+    assert_eq!(w.local_copy_calls.load(Ordering::SeqCst), 1);
+    // A second open of the inode reuses its backing file without asking the worker again.
+    let second = fs
+        .open_passthrough(ino, false, kernel.register())
+        .await
+        .unwrap();
+    assert!(same_backing(&first.io, &second.io));
+    assert_eq!(kernel.registered.load(Ordering::SeqCst), 1);
+    assert_eq!(w.local_copy_calls.load(Ordering::SeqCst), 1);
+    assert_eq!(fs.passthrough_handles(ino), 2);
+    // A plain open of an inode in passthrough must be passthrough too (the kernel insists).
+    let plain = fs.open(ino, false).await.unwrap();
+    assert!(same_backing(&first.io, &plain.io));
+    // The handles still read correctly should the kernel ever ask.
+    assert_eq!(fs.read(first.fh, 0, 10).await.unwrap()[..], bytes[..10]);
+    drop((first.io, second.io, plain.io));
+    fs.release(first.fh);
+    fs.release(second.fh);
+    assert!(kernel.last_alive(), "held until the inode's last release");
+    fs.release(plain.fh);
+    assert_eq!(fs.passthrough_handles(ino), 0);
+    assert!(
+        !kernel.last_alive(),
+        "the last release drops the backing file"
+    );
+}
+
+#[tokio::test]
+async fn no_copy_a_wrong_copy_or_a_silent_worker_read_through_userspace() {
+    let dir = TempDir::new("fallback");
+    let w = Arc::new(FakeWorker::default());
+    let bytes = data(2 * BS as usize, 8);
+    for name in [
+        "none.bin",
+        "short.bin",
+        "dir.bin",
+        "missing.bin",
+        "down.bin",
+    ] {
+        w.put(&format!("/{name}"), bytes.clone(), "e");
+    }
+    std::fs::write(dir.0.join("short.bin"), &bytes[..100]).unwrap();
+    std::fs::create_dir(dir.0.join("dir.bin")).unwrap();
+    {
+        let mut local = w.local.lock().unwrap();
+        local.insert("short.bin@e".into(), Ok(dir.0.join("short.bin")));
+        local.insert("dir.bin@e".into(), Ok(dir.0.join("dir.bin")));
+        local.insert("missing.bin@e".into(), Ok(dir.0.join("missing.bin")));
+        local.insert(
+            "down.bin@e".into(),
+            Err(ApiError::Unavailable("worker gone".into())),
+        );
+    }
+    let fs = fs(w.clone(), FsConfig::default());
+    let kernel = FakeKernel::default();
+    for name in [
+        "none.bin",
+        "short.bin",
+        "dir.bin",
+        "missing.bin",
+        "down.bin",
+    ] {
+        let ino = fs.lookup(1, name).await.unwrap().ino;
+        let opened = fs
+            .open_passthrough(ino, false, kernel.register())
+            .await
+            .unwrap();
+        assert!(!opened.is_passthrough(), "{name}");
+        assert_eq!(
+            fs.read(opened.fh, BS - 3, 6).await.unwrap()[..],
+            bytes[BS as usize - 3..BS as usize + 3],
+            "{name}"
+        );
+        fs.release(opened.fh);
+    }
+    assert_eq!(kernel.registered.load(Ordering::SeqCst), 0);
+    assert!(
+        fs.passthrough_enabled(),
+        "a bad copy does not turn passthrough off"
+    );
+}
+
+#[tokio::test]
+async fn a_refusing_kernel_turns_passthrough_off_without_failing_opens() {
+    let dir = TempDir::new("refuse");
+    let w = Arc::new(FakeWorker::default());
+    let bytes = data(BS as usize, 9);
+    for name in ["a.bin", "b.bin"] {
+        w.put(&format!("/{name}"), bytes.clone(), "e");
+        std::fs::write(dir.0.join(name), &bytes).unwrap();
+        w.local
+            .lock()
+            .unwrap()
+            .insert(format!("{name}@e"), Ok(dir.0.join(name)));
+    }
+    let fs = fs(w.clone(), FsConfig::default());
+    let kernel = FakeKernel {
+        refuse: true,
+        ..FakeKernel::default()
+    };
+    let a = fs.lookup(1, "a.bin").await.unwrap().ino;
+    let opened = fs
+        .open_passthrough(a, false, kernel.register())
+        .await
+        .unwrap();
+    assert!(!opened.is_passthrough());
+    assert_eq!(fs.read(opened.fh, 0, 8).await.unwrap()[..], bytes[..8]);
+    assert!(!fs.passthrough_enabled());
+    let calls = w.local_copy_calls.load(Ordering::SeqCst);
+    let b = fs.lookup(1, "b.bin").await.unwrap().ino;
+    let opened = fs
+        .open_passthrough(b, false, kernel.register())
+        .await
+        .unwrap();
+    assert!(!opened.is_passthrough());
+    assert_eq!(
+        w.local_copy_calls.load(Ordering::SeqCst),
+        calls,
+        "once refused, the worker is not asked any more"
+    );
+}
+
+#[tokio::test]
+async fn passthrough_off_in_the_config_never_asks_the_worker() {
+    let dir = TempDir::new("off");
+    let w = Arc::new(FakeWorker::default());
+    let bytes = data(BS as usize, 10);
+    w.put("/a.bin", bytes.clone(), "e");
+    std::fs::write(dir.0.join("a.bin"), &bytes).unwrap();
+    w.local
+        .lock()
+        .unwrap()
+        .insert("a.bin@e".into(), Ok(dir.0.join("a.bin")));
+    let fs = fs(
+        w.clone(),
+        FsConfig {
+            passthrough: false,
+            ..FsConfig::default()
+        },
+    );
+    let kernel = FakeKernel::default();
+    let ino = fs.lookup(1, "a.bin").await.unwrap().ino;
+    let opened = fs
+        .open_passthrough(ino, false, kernel.register())
+        .await
+        .unwrap();
+    assert!(!opened.is_passthrough());
+    assert_eq!(w.local_copy_calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn an_inode_keeps_one_io_mode_while_open() {
+    let dir = TempDir::new("modes");
+    let w = Arc::new(FakeWorker::default());
+    let v1 = data(2 * BS as usize, 11);
+    w.put("/f.bin", v1.clone(), "v1");
+    let fs = fs(
+        w.clone(),
+        FsConfig {
+            attr_ttl: Duration::ZERO,
+            ..FsConfig::default()
+        },
+    );
+    let kernel = FakeKernel::default();
+    let ino = fs.lookup(1, "f.bin").await.unwrap().ino;
+
+    // Open through userspace first; a local copy appearing meanwhile is not used (the kernel
+    // would fail a passthrough open beside an ordinary one) and the worker is not even asked.
+    let userspace = fs
+        .open_passthrough(ino, false, kernel.register())
+        .await
+        .unwrap();
+    assert!(!userspace.is_passthrough());
+    std::fs::write(dir.0.join("f.bin"), &v1).unwrap();
+    w.local
+        .lock()
+        .unwrap()
+        .insert("f.bin@v1".into(), Ok(dir.0.join("f.bin")));
+    let calls = w.local_copy_calls.load(Ordering::SeqCst);
+    let second = fs
+        .open_passthrough(ino, false, kernel.register())
+        .await
+        .unwrap();
+    assert!(!second.is_passthrough());
+    assert_eq!(w.local_copy_calls.load(Ordering::SeqCst), calls);
+    fs.release(userspace.fh);
+    fs.release(second.fh);
+
+    // Once closed, the next open uses the copy.
+    let pt = fs
+        .open_passthrough(ino, false, kernel.register())
+        .await
+        .unwrap();
+    assert!(pt.is_passthrough());
+
+    // The object changes while open through passthrough: the kernel allows no second backing
+    // file and no ordinary open beside it, so a new open is stale until the old one closes.
+    let v2 = data(2 * BS as usize, 12);
+    w.put("/f.bin", v2.clone(), "v2");
+    assert!(matches!(
+        fs.open_passthrough(ino, false, kernel.register()).await,
+        Err(FsError::Stale(_))
+    ));
+    assert!(matches!(fs.open(ino, false).await, Err(FsError::Stale(_))));
+    drop(pt.io);
+    fs.release(pt.fh);
+    // The worker's copy is of v1: v2 is read through userspace, whole.
+    let fresh = fs
+        .open_passthrough(ino, false, kernel.register())
+        .await
+        .unwrap();
+    assert!(!fresh.is_passthrough());
+    assert_eq!(fs.read(fresh.fh, 0, 16).await.unwrap()[..], v2[..16]);
+}
+
+#[tokio::test]
+async fn a_copy_for_the_version_last_seen_is_not_used_for_a_newer_one() {
+    let dir = TempDir::new("newer");
+    let w = Arc::new(FakeWorker::default());
+    let v1 = data(BS as usize, 13);
+    w.put("/f.bin", v1.clone(), "v1");
+    std::fs::write(dir.0.join("f.bin"), &v1).unwrap();
+    w.local
+        .lock()
+        .unwrap()
+        .insert("f.bin@v1".into(), Ok(dir.0.join("f.bin")));
+    let fs = fs(
+        w.clone(),
+        FsConfig {
+            attr_ttl: Duration::ZERO,
+            ..FsConfig::default()
+        },
+    );
+    let kernel = FakeKernel::default();
+    let ino = fs.lookup(1, "f.bin").await.unwrap().ino;
+    // Same size, new version: the worker was asked about v1 (what the inode showed), which
+    // says nothing about v2, so this open reads v2 through userspace.
+    let v2 = data(BS as usize, 14);
+    w.put("/f.bin", v2.clone(), "v2");
+    let opened = fs
+        .open_passthrough(ino, false, kernel.register())
+        .await
+        .unwrap();
+    assert!(!opened.is_passthrough());
+    assert_eq!(
+        w.local_copy_calls.load(Ordering::SeqCst),
+        1,
+        "one call per open at most"
+    );
+    assert_eq!(fs.read(opened.fh, 0, 16).await.unwrap()[..], v2[..16]);
 }

@@ -56,6 +56,8 @@ pub struct Setup<'a> {
     pub profile: Profile,
     pub flavor: Flavor,
     pub s3: &'a S3Conn,
+    /// The S3 server's state directory (its pid files).
+    pub s3_state: &'a Path,
     pub store: &'a Arc<dyn ObjectStore>,
     /// The benchmark's work directory (removed at the end).
     pub work: &'a Path,
@@ -79,6 +81,7 @@ pub fn run(setup: Setup) -> anyhow::Result<bool> {
         profile,
         flavor,
         s3,
+        s3_state,
         store,
         work,
         log_dir,
@@ -116,6 +119,7 @@ pub fn run(setup: Setup) -> anyhow::Result<bool> {
         config: write_worker_config(&base, s3)?,
         tls: dev_certs(granary_bin, &base.join("tls"))?,
         s3: s3.clone(),
+        s3_pids: host::pids_under(s3_state),
         memory_cache,
         disk_cache,
     };

@@ -307,9 +307,9 @@ pub fn free_local_addrs(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
     Ok(held.into_iter().map(|(_, _, addr)| addr).collect())
 }
 
-/// CPU time of the whole machine so far, in clock ticks: (busy, total). Busy is everything but
-/// idle and I/O wait; the share of busy ticks between two readings is how loaded every core was.
-pub fn cpu_ticks() -> anyhow::Result<(u64, u64)> {
+/// CPU time of the whole machine so far, all cores together, in seconds: (busy, total). Busy is
+/// everything but idle and I/O wait.
+pub fn machine_cpu_seconds() -> anyhow::Result<(f64, f64)> {
     let stat = std::fs::read_to_string("/proc/stat")?;
     let fields: Vec<u64> = stat
         .lines()
@@ -322,7 +322,25 @@ pub fn cpu_ticks() -> anyhow::Result<(u64, u64)> {
     // user nice system idle iowait irq softirq steal [guest guest_nice, already in user/nice]
     let total: u64 = fields.iter().take(8).sum();
     let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
-    Ok((total - idle, total))
+    Ok(((total - idle) as f64 / USER_HZ, total as f64 / USER_HZ))
+}
+
+/// The pids recorded in the `*.pid` files under `dir` (as `scripts/services/*.sh` write them).
+pub fn pids_under(dir: &Path) -> Vec<u32> {
+    let mut pids = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return pids;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            pids.extend(pids_under(&path));
+        } else if path.extension().is_some_and(|e| e == "pid") {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            pids.extend(text.trim().parse::<u32>().ok());
+        }
+    }
+    pids
 }
 
 /// `cmd` if it is on PATH.

@@ -210,6 +210,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
             profile,
             flavor,
             s3: &server.conn,
+            s3_state: &s3_state,
             store: &store,
             work: &work,
             log_dir: &log_dir,

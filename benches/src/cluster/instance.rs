@@ -39,6 +39,8 @@ pub struct Spec {
     /// What `granary certs` wrote: `ca.pem`, `wI.pem`/`wI.key` for each worker, `client.*`.
     pub tls: PathBuf,
     pub s3: S3Conn,
+    /// The S3 server's processes, whose CPU time is read around each pass.
+    pub s3_pids: Vec<u32>,
     /// Per worker.
     pub memory_cache: u64,
     /// Per worker.
@@ -65,19 +67,24 @@ pub struct NodeReading {
     pub counters: BTreeMap<String, f64>,
 }
 
-/// The cluster at one moment.
+/// The cluster and the machine at one moment.
 pub struct Reading {
-    /// The whole machine's (busy, total) CPU ticks.
-    pub cpu_ticks: (u64, u64),
+    /// The whole machine's CPU time so far: (busy, total) seconds.
+    pub machine_cpu: (f64, f64),
     pub workers: Vec<NodeReading>,
     pub clients: Vec<NodeReading>,
+    /// CPU time so far of etcd, of the S3 server's processes and of this process (the readers).
+    pub etcd_cpu: f64,
+    pub s3_cpu: f64,
+    pub bench_cpu: f64,
 }
 
 /// A running cluster. Fields drop in declaration order.
 pub struct Instance {
     pub clients: Vec<Client>,
     pub workers: Vec<Node>,
-    _etcd: Daemon,
+    etcd: Daemon,
+    s3_pids: Vec<u32>,
     _remove: Guard,
 }
 
@@ -202,7 +209,8 @@ impl Instance {
         Ok(Instance {
             clients,
             workers,
-            _etcd: etcd,
+            etcd,
+            s3_pids: spec.s3_pids.clone(),
             _remove: remove,
         })
     }
@@ -221,8 +229,9 @@ impl Instance {
             .chain(self.clients.iter().map(|c| &c.node))
     }
 
-    /// Every process's CPU time, peak RSS and counters, and the machine's CPU ticks.
+    /// Every process's CPU time, peak RSS and counters, and the machine's CPU time.
     pub fn read(&self) -> anyhow::Result<Reading> {
+        let cpu = |pid: u32| ProcStats::read(pid).map_or(0.0, |s| s.cpu_seconds);
         let read = |node: &Node| -> anyhow::Result<NodeReading> {
             Ok(NodeReading {
                 stats: ProcStats::read(node.daemon.pid())
@@ -231,7 +240,10 @@ impl Instance {
             })
         };
         Ok(Reading {
-            cpu_ticks: host::cpu_ticks()?,
+            machine_cpu: host::machine_cpu_seconds()?,
+            etcd_cpu: cpu(self.etcd.pid()),
+            s3_cpu: self.s3_pids.iter().map(|&pid| cpu(pid)).sum(),
+            bench_cpu: cpu(std::process::id()),
             workers: self.workers.iter().map(read).collect::<Result<_, _>>()?,
             clients: self
                 .clients

@@ -103,11 +103,21 @@ pub struct Pass {
     pub gets_per_block: f64,
     /// Block reads the workers served, by tier.
     pub block_reads: Tiers,
-    /// CPU time the workers (all together) and the clients spent during the pass.
+    /// CPU time spent during the pass by the workers (all together), the clients, etcd, the S3
+    /// server and the benchmark itself (the readers).
     pub worker_cpu_seconds: f64,
     pub client_cpu_seconds: f64,
-    /// The share of the machine's CPU time (all cores) that was not idle during the pass.
+    pub etcd_cpu_seconds: f64,
+    pub s3_cpu_seconds: f64,
+    pub reader_cpu_seconds: f64,
+    /// The machine's busy CPU time during the pass (all cores), and what of it none of the above
+    /// spent: other processes (a build next to the benchmark), the kernel's own threads.
+    pub machine_busy_seconds: f64,
+    pub other_cpu_seconds: f64,
+    /// The share of the machine's CPU time (all cores) that was not idle during the pass, and
+    /// the share that other processes took.
     pub machine_cpu_busy: f64,
+    pub other_cpu_share: f64,
     /// Each worker's counters that moved (w1, w2...), and each client's.
     pub workers: Vec<BTreeMap<String, f64>>,
     pub clients: Vec<BTreeMap<String, f64>>,
@@ -129,8 +139,18 @@ impl Pass {
                 .map(|(a, b)| a.stats.cpu_seconds - b.stats.cpu_seconds)
                 .sum()
         };
-        let busy = after.cpu_ticks.0.saturating_sub(before.cpu_ticks.0);
-        let total = after.cpu_ticks.1.saturating_sub(before.cpu_ticks.1);
+        let busy = after.machine_cpu.0 - before.machine_cpu.0;
+        let total = after.machine_cpu.1 - before.machine_cpu.1;
+        let worker_cpu_seconds = cpu(&before.workers, &after.workers);
+        let client_cpu_seconds = cpu(&before.clients, &after.clients);
+        let etcd_cpu_seconds = after.etcd_cpu - before.etcd_cpu;
+        let s3_cpu_seconds = after.s3_cpu - before.s3_cpu;
+        let reader_cpu_seconds = after.bench_cpu - before.bench_cpu;
+        let ours = worker_cpu_seconds
+            + client_cpu_seconds
+            + etcd_cpu_seconds
+            + s3_cpu_seconds
+            + reader_cpu_seconds;
         let bytes = readers.iter().map(|r| r.bytes).sum();
         let backend_gets = sum(
             &workers,
@@ -152,17 +172,23 @@ impl Pass {
             backend_bytes: sum(&workers, BACKEND_BYTES, &[]),
             gets_per_block: backend_gets / blocks.max(1) as f64,
             block_reads: Tiers::of(&workers),
-            worker_cpu_seconds: cpu(&before.workers, &after.workers),
-            client_cpu_seconds: cpu(&before.clients, &after.clients),
-            machine_cpu_busy: if total == 0 {
-                0.0
-            } else {
-                busy as f64 / total as f64
-            },
+            worker_cpu_seconds,
+            client_cpu_seconds,
+            etcd_cpu_seconds,
+            s3_cpu_seconds,
+            reader_cpu_seconds,
+            machine_busy_seconds: busy,
+            other_cpu_seconds: (busy - ours).max(0.0),
+            machine_cpu_busy: share(busy, total),
+            other_cpu_share: share((busy - ours).max(0.0), total),
             workers,
             clients,
         }
     }
+}
+
+fn share(part: f64, total: f64) -> f64 {
+    if total > 0.0 { part / total } else { 0.0 }
 }
 
 /// How each process's counters moved (those that did).
@@ -250,6 +276,9 @@ pub struct SizeSummary {
     pub hot_block_reads: Tiers,
     pub cold_cpu_busy: Stats,
     pub hot_cpu_busy: Stats,
+    /// The share of the machine's CPU that other processes took.
+    pub cold_other_cpu: Stats,
+    pub hot_other_cpu: Stats,
     /// Highest over the runs and processes.
     pub worker_peak_rss_bytes: u64,
     pub client_peak_rss_bytes: u64,
@@ -367,6 +396,7 @@ impl ClusterReport {
             "cold tiers m/d/p/b",
             "hot tiers m/d/p/b",
             "CPU busy cold/hot",
+            "others' CPU",
             "peak RSS worker",
             "peak RSS client",
         ];
@@ -400,6 +430,11 @@ impl ClusterReport {
                             "{:.0}%/{:.0}%",
                             s.cold_cpu_busy.median * 100.0,
                             s.hot_cpu_busy.median * 100.0
+                        ),
+                        format!(
+                            "{:.0}%/{:.0}%",
+                            s.cold_other_cpu.median * 100.0,
+                            s.hot_other_cpu.median * 100.0
                         ),
                         format!("{} MiB", s.worker_peak_rss_bytes / MIB),
                         format!("{} MiB", s.client_peak_rss_bytes / MIB),
@@ -437,7 +472,8 @@ impl ClusterReport {
              workers in the cold pass over the blocks read; hot GETs:\nthe most in any hot pass. \
              tiers: block reads the workers served from memory/disk/peer/backend (median per \
              pass).\nCPU busy: the machine's non-idle CPU share during the pass (S3 server, etcd, \
-             workers, clients and readers share it).\nEvery byte was checked against the dataset \
+             workers, clients and readers share it); others' CPU: the\nshare of the machine's CPU \
+             taken by processes that are not part of the benchmark (another build, kernel threads).\nEvery byte was checked against the dataset \
              in an untimed pass of the first run{}.\n",
             self.runs,
             if problems.is_empty() {
@@ -507,6 +543,8 @@ fn summarize(runs: &[RunResult]) -> Option<SizeSummary> {
         hot_block_reads: Tiers::median(&hot_tiers)?,
         cold_cpu_busy: stats(|r| r.cold.machine_cpu_busy)?,
         hot_cpu_busy: stats(|r| r.hot.machine_cpu_busy)?,
+        cold_other_cpu: stats(|r| r.cold.other_cpu_share)?,
+        hot_other_cpu: stats(|r| r.hot.other_cpu_share)?,
         worker_peak_rss_bytes: max_rss(|r| &r.worker_peak_rss_bytes),
         client_peak_rss_bytes: max_rss(|r| &r.client_peak_rss_bytes),
     })

@@ -335,7 +335,8 @@ impl Worker {
         let path = normalize(&req.path)?;
         let tenant = match (caller, &req.tenant) {
             (Caller::Admin, Some(t)) => t.clone(),
-            (Caller::Admin, None) => "default".to_string(),
+            (Caller::Admin, None) if self.settings.datasets.open() => "default".to_string(),
+            (Caller::Admin, None) => "admin".to_string(),
             (Caller::Tenant(me), Some(t)) if t != me => {
                 return Err(ApiError::Denied(format!(
                     "tenant {me:?} cannot pin for tenant {t:?}"
@@ -351,7 +352,9 @@ impl Worker {
             .iter()
             .find(|t| t.name == tenant)
             .and_then(|t| t.quota);
+        // The admin's own pins (no --tenant) belong to "admin", outside every quota.
         if !self.settings.datasets.open()
+            && req.tenant.is_some()
             && !self
                 .settings
                 .datasets

@@ -49,6 +49,16 @@ impl<A: CacheApi> pb::cache_server::Cache for CacheService<A> {
         &self,
         req: Request<pb::ObjectRef>,
     ) -> Result<Response<pb::LocalCopyReply>, Status> {
+        // A path means something only on this machine: answer callers on it alone (the
+        // connection's two ends share an address), never a client elsewhere that might hold
+        // another file at the same path.
+        let same_host = match (req.remote_addr(), req.local_addr()) {
+            (Some(remote), Some(local)) => remote.ip() == local.ip() || remote.ip().is_loopback(),
+            _ => false,
+        };
+        if !same_host {
+            return Ok(Response::new(pb::LocalCopyReply { path: None }));
+        }
         let object = ObjectRef::from(req.into_inner());
         let path = self.api.local_copy(&object).await?;
         Ok(Response::new(pb::LocalCopyReply {

@@ -42,7 +42,8 @@ pub enum DatasetCommand {
         /// The dataset's root directory in the namespace, e.g. /data/imagenet.
         #[arg(long, value_name = "PATH")]
         path: String,
-        /// The owning tenant [default: the token's tenant; `default` for the admin].
+        /// The owning tenant [default: the token's tenant; `admin` for the admin token, `default`
+        /// when the API has no tokens].
         #[arg(long)]
         tenant: Option<String>,
         /// Unpin automatically after this long (e.g. 12h).

@@ -53,6 +53,10 @@ pub struct MountArgs {
     /// Readahead across all open files.
     #[arg(long, value_name = "SIZE", default_value = "128MiB")]
     pub readahead_total: ByteSize,
+    /// Never open local copies of pinned files with kernel FUSE passthrough (read them through
+    /// the daemon instead).
+    #[arg(long)]
+    pub no_passthrough: bool,
 }
 
 pub async fn run(args: MountArgs) -> anyhow::Result<()> {
@@ -66,6 +70,7 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
         attr_ttl,
         readahead_per_file: args.readahead.bytes(),
         readahead_total: args.readahead_total.bytes(),
+        passthrough: !args.no_passthrough,
         uid: current_uid(),
         gid: current_gid(),
         ..FsConfig::default()

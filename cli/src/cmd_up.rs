@@ -46,6 +46,10 @@ pub struct UpArgs {
     /// Readahead across all open files.
     #[arg(long, value_name = "SIZE", default_value = "128MiB")]
     pub readahead_total: ByteSize,
+    /// Never open local copies of pinned files with kernel FUSE passthrough (read them through
+    /// the daemon instead).
+    #[arg(long)]
+    pub no_passthrough: bool,
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -86,6 +90,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         attr_ttl: settings.metadata_ttl,
         readahead_per_file: args.readahead.bytes(),
         readahead_total: args.readahead_total.bytes(),
+        passthrough: !args.no_passthrough,
         uid: current_uid(),
         gid: current_gid(),
         ..FsConfig::default()

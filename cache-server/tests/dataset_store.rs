@@ -259,3 +259,107 @@ async fn a_cut_load_resumes_without_refetching_and_a_restart_serves_at_once() {
     assert!(!dir.path().join("ds").exists());
     run.abort();
 }
+
+/// The second holder of a file copies it from the first (here: straight from the first node's
+/// store, as its QUIC held-only answer would), so the backend serves each byte once.
+struct Replica {
+    backend: FakeBackend,
+    first: Arc<Datasets>,
+}
+
+impl Source for Replica {
+    async fn backend_range(
+        &self,
+        object: &ObjectRef,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes, ApiError> {
+        self.backend.backend_range(object, range).await
+    }
+
+    async fn peer_held_block(
+        &self,
+        node: &str,
+        o: &ObjectRef,
+        index: u64,
+    ) -> Result<Bytes, ApiError> {
+        assert_eq!(node, "n1");
+        let held = self
+            .first
+            .held(o)
+            .ok_or_else(|| ApiError::NotFound("not held yet".into()))?;
+        self.first
+            .read_block(&held, index)
+            .await
+            .ok_or_else(|| ApiError::Corrupt("bad block".into()))
+    }
+
+    fn members(&self) -> Vec<String> {
+        vec!["n1".into(), "n2".into()]
+    }
+}
+
+#[tokio::test]
+async fn a_second_replica_copies_from_the_first_holder() {
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut pin = pin();
+    pin.nodes = vec!["n1".into(), "n2".into()];
+    pin.replicas = 2;
+    // Both nodes see the pin (one shared registry directory stands in for etcd).
+    let shared = d1.path().join("shared-pins");
+    let open_node = |id: &str, dir: &Path| {
+        Arc::new(
+            Datasets::open(
+                id.into(),
+                dir.to_path_buf(),
+                BlockSize::new(BS).unwrap(),
+                DatasetSettings::default(),
+                Registry::local(shared.clone()).unwrap(),
+            )
+            .unwrap(),
+        )
+    };
+    let (n1, n2) = (open_node("n1", d1.path()), open_node("n2", d2.path()));
+    n1.registry.create(&pin).await.unwrap();
+    // Each file's first holder (rendezvous over the set) fetches it; the other copies it.
+    let first_of = |path: &str| granary_core::dataset::holders(path, &pin.nodes, 2)[0].clone();
+    let b1 = Arc::new(Replica {
+        backend: FakeBackend::default(),
+        first: n2.clone(),
+    });
+    let b2 = Arc::new(Replica {
+        backend: FakeBackend::default(),
+        first: n1.clone(),
+    });
+    let r1 = tokio::spawn(n1.clone().run(b1.clone()));
+    let r2 = tokio::spawn(n2.clone().run(b2.clone()));
+    until_ready(&n1, &pin).await;
+    until_ready(&n2, &pin).await;
+    r1.abort();
+    r2.abort();
+    let fetched = |b: &Replica| b.backend.total.load(Ordering::SeqCst);
+    let blocks_first_on = |node: &str| -> u64 {
+        pin.manifest
+            .files
+            .iter()
+            .filter(|f| first_of(&f.path) == node)
+            .map(|f| f.size.div_ceil(BS))
+            .sum()
+    };
+    assert_eq!(fetched(&b1), blocks_first_on("n1"));
+    assert_eq!(fetched(&b2), blocks_first_on("n2"));
+    assert_eq!(
+        fetched(&b1) + fetched(&b2),
+        41 + 1,
+        "each block from the backend once"
+    );
+    for path in ["a/big", "small"] {
+        let o = object(&pin, path);
+        for n in [&n1, &n2] {
+            let held = n.held(&o).expect("both hold every file");
+            assert_eq!(
+                std::fs::read(&held.path).unwrap(),
+                content(&o.id.key, 0..o.id.size)
+            );
+        }
+    }
+}

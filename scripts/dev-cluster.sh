@@ -45,5 +45,7 @@ cat <<MSG
 
 Mount it:  mkdir -p $dir/mnt && $bin mount --etcd $GRANARY_TEST_ETCD --tls-dir $dir/tls $dir/mnt
 Status:    $bin status --etcd $GRANARY_TEST_ETCD [--json]
+Datasets:  $bin dataset --server 127.0.0.1:17071 pin sample --path /data --nodes w1,w2
+           $bin dataset --server 127.0.0.1:17071 load sample --wait
 Stop:      scripts/dev-cluster.sh stop
 MSG

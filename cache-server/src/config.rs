@@ -650,6 +650,35 @@ mod tests {
                 "overlap",
             ),
             (format!("node_id = \"a b\"\n{mount}"), "node_id"),
+            (
+                format!("[datasets]\nadmin_token = \"short\"\n{mount}"),
+                "at least 16 characters",
+            ),
+            (
+                format!("[datasets]\ncapacity = \"huge\"\n{mount}"),
+                "datasets.capacity",
+            ),
+            (
+                format!("[datasets]\nload_concurrency = 0\n{mount}"),
+                "load_concurrency",
+            ),
+            (
+                format!(
+                    "[[tenant]]\nname = \"a\"\ntoken = \"0123456789abcdef\"\n\
+                     [[tenant]]\nname = \"b\"\ntoken = \"0123456789abcdef\"\n{mount}"
+                ),
+                "unique",
+            ),
+            (
+                format!("[[tenant]]\nname = \"Bad\"\ntoken = \"0123456789abcdef\"\n{mount}"),
+                "tenant name",
+            ),
+            (
+                format!(
+                    "[[tenant]]\nname = \"a\"\ntoken = \"0123456789abcdef\"\nquota = \"x\"\n{mount}"
+                ),
+                "quota",
+            ),
         ];
         for (text, needle) in cases {
             let err = parse(&text).unwrap_err().to_string();

@@ -231,3 +231,42 @@ fn example_configs_in_deploy_are_valid() {
     }
     assert!(checked > 0, "no example configs in {}", dir.display());
 }
+
+#[test]
+fn bad_dataset_commands() {
+    let port = support::free_port().to_string();
+    let server = format!("127.0.0.1:{port}");
+    let base = ["dataset", "--server", server.as_str()];
+    let with = |extra: &[&'static str]| -> Vec<String> {
+        base.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    for (args, needle) in [
+        (
+            with(&["pin", "Bad", "--path", "/x"]),
+            "invalid dataset name",
+        ),
+        (
+            with(&["pin", "ok", "--path", "/x", "--ttl", "soon"]),
+            "--ttl",
+        ),
+        (
+            with(&["pin", "ok", "--path", "/x", "--replicas", "0"]),
+            "--replicas",
+        ),
+        (
+            with(&["wait", "ok", "--min-percent", "150"]),
+            "--min-percent",
+        ),
+        (with(&["wait", "ok", "--timeout", "forever"]), "--timeout"),
+        (with(&["status", "ok"]), "cannot reach the worker"),
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        fails(&args, &[], None, needle);
+    }
+    fails(
+        &["dataset", "--server", "not an address", "list"],
+        &[],
+        None,
+        "server address",
+    );
+}

@@ -7,6 +7,7 @@
 
 pub mod block;
 pub mod dataset;
+pub mod gang;
 pub mod metrics;
 pub mod namespace;
 pub mod object;

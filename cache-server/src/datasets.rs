@@ -166,7 +166,12 @@ impl Datasets {
 
     /// Reads the pins from the registry now and rebuilds what this node serves from them.
     pub async fn refresh(&self) -> Result<Arc<Vec<Pin>>, ApiError> {
-        let pins = Arc::new(self.registry.pins().await?);
+        let pins = self.registry.pins().await?;
+        let current = self.pins();
+        if *current == pins {
+            return Ok(current);
+        }
+        let pins = Arc::new(pins);
         *self.pins.write().expect("pins") = pins.clone();
         self.rebuild_held();
         Ok(pins)
@@ -472,8 +477,8 @@ impl Datasets {
             let dir = self.root.join(&name);
             let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
             last_report.remove(&name);
+            self.rebuild_held();
         }
-        self.rebuild_held();
         for pin in pins
             .iter()
             .filter(|p| !p.expired(now) && mine.contains(p.name.as_str()))
@@ -693,10 +698,23 @@ impl Datasets {
                 size: file.size,
                 etag: file.etag.clone(),
                 version: file.version.clone(),
-                crcs,
+                crcs: crcs.clone(),
                 dropped: false,
             },
-        )
+        )?;
+        // Served (and copyable by other holders) from now on.
+        self.held.write().expect("held").insert(
+            (pin.mount, object.id.key.clone()),
+            HeldFile {
+                dataset: pin.name.clone(),
+                path: target,
+                size: file.size,
+                etag: file.etag.clone(),
+                version: file.version.clone(),
+                crcs: Arc::new(crcs),
+            },
+        );
+        Ok(())
     }
 
     fn count_loaded(&self, dataset: &str, bytes: u64) {

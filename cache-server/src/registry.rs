@@ -60,7 +60,12 @@ impl Pin {
 }
 
 pub enum Registry {
-    Etcd(Box<tokio::sync::Mutex<etcd_client::Client>>),
+    Etcd {
+        client: Box<tokio::sync::Mutex<etcd_client::Client>>,
+        /// The pins last read, with the (key, mod revision) list they were read at: a cheap
+        /// keys-only read tells whether anything changed before the manifests are fetched.
+        cached: Mutex<Option<(Vec<(Vec<u8>, i64)>, Vec<Pin>)>>,
+    },
     /// Pins as files `<dir>/<name>.json`; progress in memory (one node).
     Local {
         dir: PathBuf,
@@ -81,7 +86,10 @@ impl Registry {
         let client = granary_proto::membership::connect(endpoints)
             .await
             .map_err(|e| ApiError::Unavailable(e.to_string()))?;
-        Ok(Registry::Etcd(Box::new(tokio::sync::Mutex::new(client))))
+        Ok(Registry::Etcd {
+            client: Box::new(tokio::sync::Mutex::new(client)),
+            cached: Mutex::new(None),
+        })
     }
 
     pub fn local(dir: PathBuf) -> Result<Self, ApiError> {
@@ -94,14 +102,39 @@ impl Registry {
 
     pub async fn pins(&self) -> Result<Vec<Pin>, ApiError> {
         match self {
-            Registry::Etcd(client) => {
-                let resp = client
-                    .lock()
+            Registry::Etcd { client, cached } => {
+                let mut client = client.lock().await;
+                let keys = client
+                    .get(
+                        PINS,
+                        Some(
+                            etcd_client::GetOptions::new()
+                                .with_prefix()
+                                .with_keys_only(),
+                        ),
+                    )
                     .await
+                    .map_err(etcd)?;
+                let stamp: Vec<(Vec<u8>, i64)> = keys
+                    .kvs()
+                    .iter()
+                    .map(|kv| (kv.key().to_vec(), kv.mod_revision()))
+                    .collect();
+                if let Some((at, pins)) = cached.lock().expect("pins cache").as_ref()
+                    && *at == stamp
+                {
+                    return Ok(pins.clone());
+                }
+                let resp = client
                     .get(PINS, Some(etcd_client::GetOptions::new().with_prefix()))
                     .await
                     .map_err(etcd)?;
-                Ok(resp
+                let stamp = resp
+                    .kvs()
+                    .iter()
+                    .map(|kv| (kv.key().to_vec(), kv.mod_revision()))
+                    .collect();
+                let pins: Vec<Pin> = resp
                     .kvs()
                     .iter()
                     .filter_map(|kv| match serde_json::from_slice::<Pin>(kv.value()) {
@@ -111,7 +144,9 @@ impl Registry {
                             None
                         }
                     })
-                    .collect())
+                    .collect();
+                *cached.lock().expect("pins cache") = Some((stamp, pins.clone()));
+                Ok(pins)
             }
             Registry::Local { dir, .. } => {
                 let dir = dir.clone();
@@ -150,7 +185,7 @@ impl Registry {
         }
         let exists = || ApiError::Invalid(format!("dataset {:?} is already pinned", pin.name));
         match self {
-            Registry::Etcd(client) => {
+            Registry::Etcd { client, .. } => {
                 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
                 let key = format!("{PINS}{}", pin.name);
                 let txn = Txn::new()
@@ -177,7 +212,7 @@ impl Registry {
     pub async fn update(&self, pin: &Pin) -> Result<(), ApiError> {
         let json = serde_json::to_vec(pin).expect("pins serialize");
         match self {
-            Registry::Etcd(client) => {
+            Registry::Etcd { client, .. } => {
                 client
                     .lock()
                     .await
@@ -195,7 +230,7 @@ impl Registry {
     /// Removes a pin and its progress reports.
     pub async fn remove(&self, name: &str) -> Result<(), ApiError> {
         match self {
-            Registry::Etcd(client) => {
+            Registry::Etcd { client, .. } => {
                 let mut client = client.lock().await;
                 client
                     .delete(format!("{PINS}{name}"), None)
@@ -226,7 +261,7 @@ impl Registry {
 
     pub async fn report(&self, name: &str, progress: &NodeProgress) -> Result<(), ApiError> {
         match self {
-            Registry::Etcd(client) => {
+            Registry::Etcd { client, .. } => {
                 let json = serde_json::to_vec(progress).expect("progress serializes");
                 client
                     .lock()
@@ -247,7 +282,7 @@ impl Registry {
 
     pub async fn progress(&self, name: &str) -> Result<Vec<NodeProgress>, ApiError> {
         match self {
-            Registry::Etcd(client) => {
+            Registry::Etcd { client, .. } => {
                 let resp = client
                     .lock()
                     .await

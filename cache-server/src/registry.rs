@@ -59,12 +59,15 @@ impl Pin {
     }
 }
 
+/// Each pin key with its last modification revision.
+type Stamp = Vec<(Vec<u8>, i64)>;
+
 pub enum Registry {
     Etcd {
         client: Box<tokio::sync::Mutex<etcd_client::Client>>,
         /// The pins last read, with the (key, mod revision) list they were read at: a cheap
         /// keys-only read tells whether anything changed before the manifests are fetched.
-        cached: Mutex<Option<(Vec<(Vec<u8>, i64)>, Vec<Pin>)>>,
+        cached: Mutex<Option<(Stamp, Vec<Pin>)>>,
     },
     /// Pins as files `<dir>/<name>.json`; progress in memory (one node).
     Local {
@@ -115,7 +118,7 @@ impl Registry {
                     )
                     .await
                     .map_err(etcd)?;
-                let stamp: Vec<(Vec<u8>, i64)> = keys
+                let stamp: Stamp = keys
                     .kvs()
                     .iter()
                     .map(|kv| (kv.key().to_vec(), kv.mod_revision()))

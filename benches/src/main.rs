@@ -161,7 +161,8 @@ fn run(args: &Args) -> anyhow::Result<bool> {
 
     let root = workspace_root();
     let results_dir = target_dir().join("bench-results");
-    let log_dir = results_dir.join("logs");
+    // Each mode its own log directory: one run does not wipe the other's logs.
+    let log_dir = results_dir.join(if args.cluster { "logs-cluster" } else { "logs" });
     let work = target_dir().join("bench-work");
     let flavor = args.s3();
     let s3_script = root.join("scripts/services").join(flavor.script());

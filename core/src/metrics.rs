@@ -39,6 +39,18 @@ pub const DATASET_READY_BYTES: &str = "granary_dataset_ready_bytes";
 /// Bytes of a dataset this node is to hold, by `dataset`. Gauge, bytes.
 pub const DATASET_WANTED_BYTES: &str = "granary_dataset_wanted_bytes";
 
+/// Scheduler hook requests, by `verb` (`filter`, `prioritize`, `bind`, `preempt`) and
+/// `outcome` (`ok`, `error`: the verb's Error field was set, `bad_request`: HTTP 400). Counter.
+pub const SCHEDULER_REQUESTS: &str = "granary_scheduler_requests_total";
+/// Scheduler hook request latency, by `verb`. Histogram, seconds.
+pub const SCHEDULER_REQUEST_SECONDS: &str = "granary_scheduler_request_seconds";
+/// Gangs the scheduler hook tracks, by `state` (`waiting-for-members`, `unschedulable`,
+/// `warming`, `ready`, `bound`). Gauge.
+pub const SCHEDULER_GANGS: &str = "granary_scheduler_gangs";
+/// Time from a gang's last member appearing to its release for binding (placed and data
+/// ready). Histogram, seconds.
+pub const SCHEDULER_GANG_WAIT_SECONDS: &str = "granary_scheduler_gang_wait_seconds";
+
 /// Every name above, for tests and docs.
 pub const ALL: &[&str] = &[
     BLOCK_READS,
@@ -58,4 +70,8 @@ pub const ALL: &[&str] = &[
     DATASET_LOADED_BYTES,
     DATASET_READY_BYTES,
     DATASET_WANTED_BYTES,
+    SCHEDULER_REQUESTS,
+    SCHEDULER_REQUEST_SECONDS,
+    SCHEDULER_GANGS,
+    SCHEDULER_GANG_WAIT_SECONDS,
 ];

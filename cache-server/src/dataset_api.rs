@@ -252,6 +252,14 @@ impl Worker {
     /// Checks a node set: live members, no repeats, enough for the replicas, room on each.
     fn check_nodes(&self, pins: &[Pin], pin: &Pin) -> Result<(), ApiError> {
         let live = self.live_members();
+        if !self.datasets.registry.shared()
+            && let Some(other) = pin.nodes.iter().find(|n| **n != self.settings.node_id)
+        {
+            return Err(ApiError::Invalid(format!(
+                "node {other:?}: without etcd, pins live on this worker's disk alone, so a dataset can be loaded only onto this node ({})",
+                self.settings.node_id
+            )));
+        }
         for (i, node) in pin.nodes.iter().enumerate() {
             if !live.contains(node) {
                 return Err(ApiError::Invalid(format!(
@@ -434,6 +442,8 @@ impl Worker {
         let mut pin = self.find_pin(caller, name).await?;
         if !nodes.is_empty() {
             pin.nodes = nodes;
+        } else if pin.nodes.is_empty() && !self.datasets.registry.shared() {
+            pin.nodes = vec![self.settings.node_id.clone()];
         } else if pin.nodes.is_empty() {
             let mut live = self.live_members();
             live.sort();

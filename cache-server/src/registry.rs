@@ -95,6 +95,11 @@ impl Registry {
         })
     }
 
+    /// Whether every worker sees the same pins (etcd), or only this one (files on its disk).
+    pub fn shared(&self) -> bool {
+        matches!(self, Registry::Etcd { .. })
+    }
+
     pub fn local(dir: PathBuf) -> Result<Self, ApiError> {
         std::fs::create_dir_all(&dir).map_err(|e| io(&dir.display().to_string(), e))?;
         Ok(Registry::Local {

@@ -5,16 +5,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
-scripts/services/all.sh install moto ceph gluster etcd
+scripts/services/all.sh install moto ceph gluster etcd kube
 
 state=$(mktemp -d /tmp/granary-test.XXXXXX)
 cleanup() {
-  scripts/services/all.sh stop "$state" moto ceph gluster etcd >/dev/null 2>&1 || true
+  scripts/services/all.sh stop "$state" moto ceph gluster etcd kube >/dev/null 2>&1 || true
   rm -rf "$state"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-scripts/services/all.sh start "$state" moto ceph gluster etcd
+scripts/services/all.sh start "$state" moto ceph gluster etcd kube
 set -a
 . "$state/services.env"
 set +a

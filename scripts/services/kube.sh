@@ -83,7 +83,7 @@ start() {
     --token-auth-file="$D/tokens.csv" --authorization-mode=AlwaysAllow \
     --service-account-issuer=https://kubernetes.default.svc \
     --service-account-key-file="$D/sa.pub" --service-account-signing-key-file="$D/sa.key" \
-    --service-cluster-ip-range=10.96.0.0/16 --disable-admission-plugins=ServiceAccount
+    --service-cluster-ip-range=10.96.0.0/16 --disable-admission-plugins=ServiceAccount --allow-privileged=true
 
   cat >"$D/kubeconfig" <<EOF
 apiVersion: v1

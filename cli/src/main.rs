@@ -4,6 +4,7 @@
 mod cmd_cluster;
 mod cmd_dataset;
 mod cmd_mount;
+mod cmd_scheduler;
 mod cmd_server;
 mod cmd_up;
 mod runtime;
@@ -39,6 +40,9 @@ enum Command {
     Certs(cmd_cluster::CertsArgs),
     /// Pin, load, watch and release datasets.
     Dataset(cmd_dataset::DatasetArgs),
+    /// Run the kube-scheduler extender: gangs placed whole near their data, bound only when
+    /// GPUs and data are ready.
+    Scheduler(cmd_scheduler::SchedulerArgs),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +55,7 @@ fn main() -> ExitCode {
         Command::Status(args) => runtime::block_on(cmd_cluster::status(args)),
         Command::Certs(args) => cmd_cluster::certs(args),
         Command::Dataset(args) => runtime::block_on(cmd_dataset::run(args)),
+        Command::Scheduler(args) => runtime::block_on(cmd_scheduler::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -201,11 +201,17 @@ impl HookState {
         }
     }
 
-    /// Drops every pod and node (a watch restarted from a fresh list).
-    pub fn clear_cluster(&mut self) {
-        self.pods.clear();
-        self.used.clear();
-        self.nodes.clear();
+    /// Keeps only the pods in `keys` (a watch restarted from a fresh list).
+    pub fn retain_pods(&mut self, keys: &std::collections::HashSet<String>) {
+        let gone: Vec<String> = self
+            .pods
+            .keys()
+            .filter(|k| !keys.contains(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            self.remove_pod(&k);
+        }
     }
 
     pub fn set_pod_group(&mut self, namespace: &str, name: &str, min_member: Option<usize>) {

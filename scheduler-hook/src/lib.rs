@@ -16,6 +16,7 @@ pub mod driver;
 pub mod extender;
 pub mod hook;
 pub mod http;
+pub mod kube;
 pub mod pod;
 
 pub use driver::{ClusterApi, Hook};

@@ -1,0 +1,183 @@
+//! `granary scheduler`: the kube-scheduler extender (docs/SCHEDULING.md). Wires the hook
+//! (`granary-scheduler-hook`) to the Kubernetes API and to the cache cluster's Datasets API.
+
+use anyhow::Context;
+use clap::Args;
+use granary_cache_server::dataset_api::DatasetStatus;
+use granary_cache_server::dataset_grpc::DatasetClient;
+use granary_core::dataset::LoadState;
+use granary_core::{ByteSize, parse_duration};
+use granary_scheduler_hook::data::{BoxFuture, DataSource, DatasetView, NodeBytes};
+use granary_scheduler_hook::kube::{KubeCluster, client, spawn_watches};
+use granary_scheduler_hook::{Hook, HookConfig};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Args, Debug)]
+pub struct SchedulerArgs {
+    /// Address the extender serves on (POST /filter, /prioritize, /bind, /preempt; GET /gangs,
+    /// /healthz). Point the KubeSchedulerConfiguration's extender urlPrefix at it.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8888")]
+    pub listen: SocketAddr,
+    /// Kubeconfig to reach the API server [default: in-cluster service account, else
+    /// $KUBECONFIG or ~/.kube/config].
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// A cache worker's API address (any worker of the cluster): dataset readiness and loads.
+    #[arg(long, value_name = "HOST:PORT", env = "GRANARY_SERVER")]
+    pub cache_server: String,
+    /// Bearer token for the Datasets API (a tenant's, or the admin's).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "GRANARY_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+    /// How long a gang released for binding (placed, data ready) keeps its reserved GPUs while
+    /// its members bind; members not bound by then release the whole reservation.
+    #[arg(long, value_name = "DURATION", default_value = "5m")]
+    pub reservation_ttl: String,
+    /// Node label whose value is the topology domain a gang should stay within.
+    #[arg(
+        long,
+        value_name = "LABEL",
+        default_value = "topology.kubernetes.io/zone"
+    )]
+    pub topology_key: String,
+    /// Largest extender request body accepted (larger ones get HTTP 400).
+    #[arg(long, value_name = "SIZE", default_value = "32MiB")]
+    pub max_body: ByteSize,
+    /// Serve Prometheus metrics on this address (/metrics).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// The cache cluster's Datasets API as the hook's data source.
+struct CacheData {
+    client: DatasetClient,
+}
+
+fn state_name(s: LoadState) -> &'static str {
+    match s {
+        LoadState::Pending => "pending",
+        LoadState::Loading => "loading",
+        LoadState::Ready => "ready",
+        LoadState::Failed => "failed",
+    }
+}
+
+fn view(s: DatasetStatus) -> DatasetView {
+    DatasetView {
+        name: s.name,
+        nodes: s.nodes,
+        load: s.load,
+        per_node: s
+            .node_progress
+            .into_iter()
+            .map(|p| {
+                (
+                    p.node,
+                    NodeBytes {
+                        ready: p.bytes_ready,
+                        total: p.bytes_total,
+                        state: state_name(p.state).into(),
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+impl DataSource for CacheData {
+    fn status<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<DatasetView, String>> {
+        Box::pin(async move {
+            self.client
+                .status(name)
+                .await
+                .map(view)
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn load<'a>(
+        &'a self,
+        name: &'a str,
+        nodes: Vec<String>,
+    ) -> BoxFuture<'a, Result<DatasetView, String>> {
+        Box::pin(async move {
+            self.client
+                .load(name, nodes)
+                .await
+                .map(view)
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+pub async fn run(args: SchedulerArgs) -> anyhow::Result<()> {
+    let reservation_ttl = parse_duration(&args.reservation_ttl).context("--reservation-ttl")?;
+    anyhow::ensure!(
+        !args.topology_key.trim().is_empty(),
+        "--topology-key must not be empty"
+    );
+    let max_body = usize::try_from(args.max_body.0)
+        .ok()
+        .filter(|&n| n >= 1024)
+        .context("--max-body must be at least 1KiB")?;
+    if let Some(addr) = args.metrics_addr {
+        crate::runtime::serve_metrics(addr).await?;
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let data = DatasetClient::connect(&args.cache_server, args.token.as_deref())
+        .await
+        .with_context(|| format!("cache server {}", args.cache_server))?;
+    let kube = client(args.kubeconfig.as_deref())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    kube.apiserver_version()
+        .await
+        .context("cannot reach the Kubernetes API server")?;
+    let config = HookConfig {
+        reservation_ttl,
+        topology_key: args.topology_key,
+        ..HookConfig::default()
+    };
+    let hook = Hook::new(
+        config,
+        Arc::new(CacheData { client: data }),
+        Arc::new(KubeCluster {
+            client: kube.clone(),
+        }),
+    );
+    spawn_watches(kube, hook.clone());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let ticker = {
+        let mut rx = stop_rx.clone();
+        tokio::spawn(hook.clone().run(Duration::from_millis(500), async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }))
+    };
+    tracing::info!(listen = %args.listen, cache_server = %args.cache_server, "scheduler hook serving");
+    let router = granary_scheduler_hook::http::router(hook, max_body);
+    let mut rx = stop_rx;
+    let server = tokio::spawn(granary_scheduler_hook::http::serve(
+        listener,
+        router,
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        },
+    ));
+    crate::runtime::shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    let _ = ticker.await;
+    server
+        .await
+        .context("the HTTP server task")?
+        .context("the HTTP server")?;
+    Ok(())
+}

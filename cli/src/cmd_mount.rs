@@ -57,6 +57,9 @@ pub struct MountArgs {
     /// the daemon instead).
     #[arg(long)]
     pub no_passthrough: bool,
+    /// The job or pod this mount serves: a label of its data-stall metric (keep it low-cardinality).
+    #[arg(long, value_name = "NAME", env = "GRANARY_JOB", default_value = "")]
+    pub job: String,
 }
 
 pub async fn run(args: MountArgs) -> anyhow::Result<()> {
@@ -71,6 +74,7 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
         readahead_per_file: args.readahead.bytes(),
         readahead_total: args.readahead_total.bytes(),
         passthrough: !args.no_passthrough,
+        job: args.job.clone(),
         uid: current_uid(),
         gid: current_gid(),
         ..FsConfig::default()

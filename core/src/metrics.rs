@@ -25,6 +25,10 @@ pub const FUSE_READ_BYTES: &str = "granary_fuse_read_bytes_total";
 /// Opens answered with kernel passthrough to a local copy (its reads never reach Granary).
 /// Counter, opens.
 pub const FUSE_PASSTHROUGH_OPENS: &str = "granary_fuse_passthrough_opens_total";
+/// Reads that waited for blocks not fetched yet, and how long (data stall; the sum is the total
+/// stall time), by `dataset` (the namespace's top directory) and `job` (the mount's `--job`).
+/// Histogram, seconds.
+pub const FUSE_STALL_SECONDS: &str = "granary_fuse_stall_seconds";
 /// Bytes currently held by readahead across all open files. Gauge, bytes.
 pub const READAHEAD_BYTES: &str = "granary_readahead_bytes";
 /// Configured capacity of a cache tier, by `tier` (`memory`, `disk`). Gauge, bytes.
@@ -64,6 +68,7 @@ pub const ALL: &[&str] = &[
     FUSE_OP_SECONDS,
     FUSE_READ_BYTES,
     FUSE_PASSTHROUGH_OPENS,
+    FUSE_STALL_SECONDS,
     READAHEAD_BYTES,
     CACHE_CAPACITY_BYTES,
     RPC_REQUESTS,

@@ -44,6 +44,8 @@ pub struct FsConfig {
     /// from the worker's copy (FUSE passthrough). Only meaningful when the API's worker runs on
     /// this machine: the paths it returns are local paths.
     pub passthrough: bool,
+    /// The job (or pod) this mount serves, a label of its data-stall metric ("" = none).
+    pub job: String,
 }
 
 impl Default for FsConfig {
@@ -56,6 +58,7 @@ impl Default for FsConfig {
             uid: 0,
             gid: 0,
             passthrough: true,
+            job: String::new(),
         }
     }
 }
@@ -479,11 +482,24 @@ impl<A: CacheApi> GranaryFs<A> {
                 versions.insert(ino, fingerprint) == Some(fingerprint)
             }
         };
+        // Stall time by the namespace's top directory (a mount point: low cardinality) and job.
+        let top = path
+            .trim_start_matches('/')
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let stall = metrics::histogram!(
+            granary_core::metrics::FUSE_STALL_SECONDS,
+            "dataset" => top,
+            "job" => self.config.job.clone()
+        );
         let reader = FileReader::new(
             object,
             self.block_size,
             self.max_ahead_blocks,
             self.budget.clone(),
+            stall,
         );
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.files.lock().expect("files lock").insert(

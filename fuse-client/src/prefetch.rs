@@ -63,6 +63,8 @@ pub struct FileReader {
     object: ObjectRef,
     block_size: BlockSize,
     budget: Budget,
+    /// Seconds readers of this file spent waiting for blocks not yet fetched.
+    stall: metrics::Histogram,
     state: Mutex<State>,
 }
 
@@ -77,11 +79,13 @@ impl FileReader {
         block_size: BlockSize,
         max_ahead_blocks: u64,
         budget: Budget,
+        stall: metrics::Histogram,
     ) -> Self {
         FileReader {
             object,
             block_size,
             budget,
+            stall,
             state: Mutex::new(State {
                 readahead: Readahead::new(max_ahead_blocks),
                 blocks: BTreeMap::new(),
@@ -156,8 +160,15 @@ impl FileReader {
         };
         let mut parts = Vec::with_capacity(waits.len());
         let mut failure = None;
+        let mut stalled = std::time::Duration::ZERO;
         for (index, wait) in waits {
-            match wait.await {
+            let ready = wait.peek().is_some();
+            let started = std::time::Instant::now();
+            let result = wait.await;
+            if !ready {
+                stalled += started.elapsed();
+            }
+            match result {
                 Ok(data) => parts.push(data),
                 Err(e) => {
                     self.state
@@ -170,6 +181,9 @@ impl FileReader {
             }
         }
         self.budget.publish();
+        if !stalled.is_zero() {
+            self.stall.record(stalled.as_secs_f64());
+        }
         if let Some(e) = failure {
             return Err(e);
         }

@@ -32,8 +32,12 @@ pub struct DatasetView {
 }
 
 impl DatasetView {
-    /// Bytes of the dataset present on `node`.
+    /// Bytes of the dataset present on `node`, when it is in the pin's node set (a node that
+    /// left the set is freeing its files).
     pub fn bytes_on(&self, node: &str) -> u64 {
+        if !self.nodes.iter().any(|n| n == node) {
+            return 0;
+        }
         self.per_node.get(node).map_or(0, |n| n.ready)
     }
 
@@ -123,6 +127,12 @@ mod tests {
         assert_eq!(v.percent_on(&nodes), Some(75.0));
         assert_eq!(v.bytes_on("b"), 100);
         assert_eq!(v.bytes_on("c"), 0);
+        let left = view(
+            &["a"],
+            true,
+            &[("a", 1, 1, "ready"), ("b", 100, 100, "ready")],
+        );
+        assert_eq!(left.bytes_on("b"), 0, "b left the set");
         assert_eq!(v.percent_on(&["a".to_string()]), None);
         let not_loading = view(&["a", "b"], false, &[]);
         assert_eq!(not_loading.percent_on(&nodes), None);

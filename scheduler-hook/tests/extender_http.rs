@@ -526,6 +526,7 @@ async fn plain_dataset_pods_score_by_bytes_and_preempt_passes_through() {
         ("b".to_string(), (800, 1000)),
         ("c".to_string(), (200, 1000)),
     ]);
+    *s.data.nodes.lock().unwrap() = vec!["b".into(), "c".into()];
     let p = pod("reader", 1, json!({"granary.io/dataset": "ds"}));
     let (code, r) = post(
         &s.addr,

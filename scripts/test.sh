@@ -4,7 +4,8 @@
 # and stops the backends again, whatever happens. Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/install-deps.sh
+# prometheus: promtool, for the rule and dashboard checks (cli/tests/deploy.rs).
+scripts/install-deps.sh prometheus
 scripts/services/all.sh install moto ceph gluster etcd kube
 
 state=$(mktemp -d /tmp/granary-test.XXXXXX)

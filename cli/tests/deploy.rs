@@ -108,3 +108,125 @@ fn manifests_pass_server_side_dry_run() {
     assert!(!ok, "a broken DaemonSet passed:\n{text}");
     assert!(text.contains("hostNetwork"), "{text}");
 }
+
+fn promtool(args: &[&str]) -> (bool, String) {
+    let out = Command::new("promtool")
+        .args(args)
+        .output()
+        .expect("promtool is installed (scripts/install-deps.sh installs prometheus)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Metric names in a PromQL expression: `granary_...` and `granary:...` tokens.
+fn names_in(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let bytes = expr.as_bytes();
+    let mut i = 0;
+    while let Some(at) = expr[i..].find("granary") {
+        let start = i + at;
+        let mut end = start;
+        while end < bytes.len()
+            && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_' || bytes[end] == b':')
+        {
+            end += 1;
+        }
+        let before_ok =
+            start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let name = &expr[start..end];
+        // Label values such as job="granary-workers" are not metric names.
+        let in_quotes = expr[..start].matches('"').count() % 2 == 1;
+        if before_ok && !in_quotes && (name.starts_with("granary_") || name.starts_with("granary:"))
+        {
+            out.push(name.to_string());
+        }
+        i = end.max(start + 1);
+    }
+    out
+}
+
+/// Whether `name` is a metric the binaries export (histograms also as _bucket/_sum/_count) or a
+/// recording rule of `rules`.
+fn known(name: &str, rules: &[String]) -> bool {
+    let base = ["_bucket", "_sum", "_count"]
+        .iter()
+        .find_map(|s| name.strip_suffix(s))
+        .unwrap_or(name);
+    granary_core::metrics::ALL.contains(&name)
+        || granary_core::metrics::ALL.contains(&base)
+        || rules.iter().any(|r| r == name)
+}
+
+#[test]
+fn prometheus_rules_and_the_grafana_dashboard_parse_and_name_real_metrics() {
+    let rules_file = deploy().join("prometheus/rules.yml");
+    let (ok, text) = promtool(&["check", "rules", rules_file.to_str().unwrap()]);
+    assert!(ok, "promtool check rules:\n{text}");
+    let (ok, text) = promtool(&[
+        "check",
+        "config",
+        deploy().join("prometheus/prometheus.yml").to_str().unwrap(),
+    ]);
+    assert!(ok, "promtool check config:\n{text}");
+
+    let rules_text = std::fs::read_to_string(&rules_file).unwrap();
+    let recorded: Vec<String> = rules_text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- record: "))
+        .map(|s| s.trim().to_string())
+        .collect();
+    assert!(recorded.len() >= 5, "{recorded:?}");
+    for name in names_in(&rules_text) {
+        assert!(
+            known(&name, &recorded),
+            "rules.yml names {name:?}, which nothing exports"
+        );
+    }
+
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(deploy().join("grafana/granary.json")).unwrap(),
+    )
+    .unwrap();
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter())
+        .map(|t| t["expr"].as_str().unwrap().to_string())
+        .collect();
+    assert!(exprs.len() >= 12, "{exprs:?}");
+    // Every expression parses: promtool checks them as recording rules.
+    let dir = tempfile::tempdir().unwrap();
+    let mut file = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, e) in exprs.iter().enumerate() {
+        file.push_str(&format!(
+            "      - record: dashboard:expr{i}\n        expr: {}\n",
+            serde_json::to_string(e).unwrap()
+        ));
+        for name in names_in(e) {
+            assert!(
+                known(&name, &recorded),
+                "the dashboard names {name:?}, which nothing exports"
+            );
+        }
+    }
+    let path = dir.path().join("dashboard-rules.yml");
+    std::fs::write(&path, file).unwrap();
+    let (ok, text) = promtool(&["check", "rules", path.to_str().unwrap()]);
+    assert!(ok, "a dashboard expression does not parse:\n{text}");
+    // And a broken one would be caught.
+    std::fs::write(
+        &path,
+        "groups:\n  - name: x\n    rules:\n      - record: x:y\n        expr: \"sum(rate(granary_block_reads_total[5m])\"\n",
+    )
+    .unwrap();
+    assert!(!promtool(&["check", "rules", path.to_str().unwrap()]).0);
+    assert_eq!(
+        names_in("sum(up{job=\"granary-workers\"})"),
+        Vec::<String>::new()
+    );
+}

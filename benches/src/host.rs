@@ -307,22 +307,51 @@ pub fn free_local_addrs(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
     Ok(held.into_iter().map(|(_, _, addr)| addr).collect())
 }
 
-/// CPU time of the whole machine so far, all cores together, in seconds: (busy, total). Busy is
-/// everything but idle and I/O wait.
-pub fn machine_cpu_seconds() -> anyhow::Result<(f64, f64)> {
-    let stat = std::fs::read_to_string("/proc/stat")?;
-    let fields: Vec<u64> = stat
-        .lines()
-        .next()
-        .and_then(|l| l.strip_prefix("cpu "))
-        .context("no cpu line in /proc/stat")?
-        .split_whitespace()
-        .map(str::parse)
-        .collect::<Result<_, _>>()?;
-    // user nice system idle iowait irq softirq steal [guest guest_nice, already in user/nice]
-    let total: u64 = fields.iter().take(8).sum();
-    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
-    Ok(((total - idle) as f64 / USER_HZ, total as f64 / USER_HZ))
+/// CPU time of the whole machine so far, all cores together, in seconds.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MachineCpu {
+    /// Everything but idle, I/O wait and steal.
+    pub busy: f64,
+    /// Of `busy`: interrupts and softirqs (loopback networking, mostly). With tick-based
+    /// accounting (this kernel's), also charged to the process that was running.
+    pub irq: f64,
+    /// Time the hypervisor gave to someone else.
+    pub steal: f64,
+    /// Everything, steal included.
+    pub total: f64,
+}
+
+impl MachineCpu {
+    pub fn read() -> anyhow::Result<MachineCpu> {
+        let stat = std::fs::read_to_string("/proc/stat")?;
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("cpu "))
+            .context("no cpu line in /proc/stat")?
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()?;
+        // user nice system idle iowait irq softirq steal [guest guest_nice: inside user, nice]
+        let field = |i: usize| fields.get(i).copied().unwrap_or(0) as f64 / USER_HZ;
+        let total: f64 = (0..8).map(field).sum();
+        Ok(MachineCpu {
+            busy: total - field(3) - field(4) - field(7),
+            irq: field(5) + field(6),
+            steal: field(7),
+            total,
+        })
+    }
+
+    /// What was spent between `earlier` and this reading.
+    pub fn since(&self, earlier: &MachineCpu) -> MachineCpu {
+        MachineCpu {
+            busy: self.busy - earlier.busy,
+            irq: self.irq - earlier.irq,
+            steal: self.steal - earlier.steal,
+            total: self.total - earlier.total,
+        }
+    }
 }
 
 /// The pids recorded in the `*.pid` files under `dir` (as `scripts/services/*.sh` write them).

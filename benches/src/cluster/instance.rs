@@ -5,7 +5,7 @@
 //! or Ctrl-C the cleanup guards do the same.
 
 use crate::cleanup::{self, Guard};
-use crate::host::{self, Daemon, ProcStats};
+use crate::host::{self, Daemon, MachineCpu, ProcStats};
 use crate::s3::S3Conn;
 use crate::systems::{http_get, scrape};
 use anyhow::{Context, bail};
@@ -69,8 +69,8 @@ pub struct NodeReading {
 
 /// The cluster and the machine at one moment.
 pub struct Reading {
-    /// The whole machine's CPU time so far: (busy, total) seconds.
-    pub machine_cpu: (f64, f64),
+    /// The whole machine's CPU time so far.
+    pub machine_cpu: MachineCpu,
     pub workers: Vec<NodeReading>,
     pub clients: Vec<NodeReading>,
     /// CPU time so far of etcd, of the S3 server's processes and of this process (the readers).
@@ -240,7 +240,7 @@ impl Instance {
             })
         };
         Ok(Reading {
-            machine_cpu: host::machine_cpu_seconds()?,
+            machine_cpu: MachineCpu::read()?,
             etcd_cpu: cpu(self.etcd.pid()),
             s3_cpu: self.s3_pids.iter().map(|&pid| cpu(pid)).sum(),
             bench_cpu: cpu(std::process::id()),

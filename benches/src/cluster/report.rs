@@ -110,10 +110,17 @@ pub struct Pass {
     pub etcd_cpu_seconds: f64,
     pub s3_cpu_seconds: f64,
     pub reader_cpu_seconds: f64,
-    /// The machine's busy CPU time during the pass (all cores), and what of it none of the above
-    /// spent: other processes (a build next to the benchmark), the kernel's own threads.
+    /// The machine's busy CPU time during the pass (all cores); of it, interrupts and softirqs
+    /// (also in the time of the process they interrupted); time stolen by the hypervisor (not
+    /// busy); and the busy time none of the above processes spent: other processes (a build
+    /// next to the benchmark), the kernel's own threads.
     pub machine_busy_seconds: f64,
+    pub machine_irq_seconds: f64,
+    pub machine_steal_seconds: f64,
     pub other_cpu_seconds: f64,
+    /// What the benchmark's processes (workers, clients, etcd, S3 server, readers) spent per GB
+    /// read: unlike MB/s, it does not depend on what else the machine runs.
+    pub cpu_seconds_per_gb: f64,
     /// The share of the machine's CPU time (all cores) that was not idle during the pass, and
     /// the share that other processes took.
     pub machine_cpu_busy: f64,
@@ -139,8 +146,8 @@ impl Pass {
                 .map(|(a, b)| a.stats.cpu_seconds - b.stats.cpu_seconds)
                 .sum()
         };
-        let busy = after.machine_cpu.0 - before.machine_cpu.0;
-        let total = after.machine_cpu.1 - before.machine_cpu.1;
+        let machine = after.machine_cpu.since(&before.machine_cpu);
+        let (busy, total) = (machine.busy, machine.total);
         let worker_cpu_seconds = cpu(&before.workers, &after.workers);
         let client_cpu_seconds = cpu(&before.clients, &after.clients);
         let etcd_cpu_seconds = after.etcd_cpu - before.etcd_cpu;
@@ -178,7 +185,10 @@ impl Pass {
             s3_cpu_seconds,
             reader_cpu_seconds,
             machine_busy_seconds: busy,
+            machine_irq_seconds: machine.irq,
+            machine_steal_seconds: machine.steal,
             other_cpu_seconds: (busy - ours).max(0.0),
+            cpu_seconds_per_gb: ours / (bytes as f64 / 1e9).max(f64::MIN_POSITIVE),
             machine_cpu_busy: share(busy, total),
             other_cpu_share: share((busy - ours).max(0.0), total),
             workers,
@@ -279,6 +289,9 @@ pub struct SizeSummary {
     /// The share of the machine's CPU that other processes took.
     pub cold_other_cpu: Stats,
     pub hot_other_cpu: Stats,
+    /// CPU seconds of the benchmark's processes per GB read.
+    pub cold_cpu_seconds_per_gb: Stats,
+    pub hot_cpu_seconds_per_gb: Stats,
     /// Highest over the runs and processes.
     pub worker_peak_rss_bytes: u64,
     pub client_peak_rss_bytes: u64,
@@ -397,6 +410,7 @@ impl ClusterReport {
             "hot tiers m/d/p/b",
             "CPU busy cold/hot",
             "others' CPU",
+            "CPU s/GB",
             "peak RSS worker",
             "peak RSS client",
         ];
@@ -436,6 +450,10 @@ impl ClusterReport {
                             s.cold_other_cpu.median * 100.0,
                             s.hot_other_cpu.median * 100.0
                         ),
+                        format!(
+                            "{:.1}/{:.1}",
+                            s.cold_cpu_seconds_per_gb.median, s.hot_cpu_seconds_per_gb.median
+                        ),
                         format!("{} MiB", s.worker_peak_rss_bytes / MIB),
                         format!("{} MiB", s.client_peak_rss_bytes / MIB),
                     ]);
@@ -473,7 +491,9 @@ impl ClusterReport {
              tiers: block reads the workers served from memory/disk/peer/backend (median per \
              pass).\nCPU busy: the machine's non-idle CPU share during the pass (S3 server, etcd, \
              workers, clients and readers share it); others' CPU: the\nshare of the machine's CPU \
-             taken by processes that are not part of the benchmark (another build, kernel threads).\nEvery byte was checked against the dataset \
+             taken by processes that are not part of the benchmark (another build, kernel threads); CPU \
+             s/GB: CPU seconds the\nbenchmark's processes spent per GB read, cold/hot (the \
+             machine's ceiling is its core count over this).\nEvery byte was checked against the dataset \
              in an untimed pass of the first run{}.\n",
             self.runs,
             if problems.is_empty() {
@@ -545,6 +565,8 @@ fn summarize(runs: &[RunResult]) -> Option<SizeSummary> {
         hot_cpu_busy: stats(|r| r.hot.machine_cpu_busy)?,
         cold_other_cpu: stats(|r| r.cold.other_cpu_share)?,
         hot_other_cpu: stats(|r| r.hot.other_cpu_share)?,
+        cold_cpu_seconds_per_gb: stats(|r| r.cold.cpu_seconds_per_gb)?,
+        hot_cpu_seconds_per_gb: stats(|r| r.hot.cpu_seconds_per_gb)?,
         worker_peak_rss_bytes: max_rss(|r| &r.worker_peak_rss_bytes),
         client_peak_rss_bytes: max_rss(|r| &r.client_peak_rss_bytes),
     })

@@ -432,7 +432,7 @@ fn pin_load_through_a_crash_exact_readiness_quotas_ttl_passthrough_repair_restar
     // Those cold reads waited for the backend: the client's data-stall time shows it, labelled
     // by the namespace directory and the job.
     let m = client.metrics();
-    let stall = [("dataset", "data"), ("job", "train-1")];
+    let stall = [("dataset", "data"), ("training_job", "train-1")];
     assert!(
         metric(&m, "granary_fuse_stall_seconds_count", &stall) > 0.0,
         "stalled reads"

@@ -26,7 +26,7 @@ pub const FUSE_READ_BYTES: &str = "granary_fuse_read_bytes_total";
 /// Counter, opens.
 pub const FUSE_PASSTHROUGH_OPENS: &str = "granary_fuse_passthrough_opens_total";
 /// Reads that waited for blocks not fetched yet, and how long (data stall; the sum is the total
-/// stall time), by `dataset` (the namespace's top directory) and `job` (the mount's `--job`).
+/// stall time), by `dataset` (the namespace's top directory) and `training_job` (the mount's `--job`).
 /// Histogram, seconds.
 pub const FUSE_STALL_SECONDS: &str = "granary_fuse_stall_seconds";
 /// Bytes currently held by readahead across all open files. Gauge, bytes.

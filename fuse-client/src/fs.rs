@@ -492,7 +492,7 @@ impl<A: CacheApi> GranaryFs<A> {
         let stall = metrics::histogram!(
             granary_core::metrics::FUSE_STALL_SECONDS,
             "dataset" => top,
-            "job" => self.config.job.clone()
+            "training_job" => self.config.job.clone()
         );
         let reader = FileReader::new(
             object,

@@ -66,6 +66,8 @@ fn manifests_pass_server_side_dry_run() {
         "kind: ConfigMap",
         "kind: Secret",
         "kind: Service",
+        "kind: Deployment",
+        "kind: ClusterRole",
         "mountPropagation: Bidirectional",
     ] {
         assert!(rendered.contains(kind), "rendered manifests lack {kind:?}");

@@ -4,8 +4,9 @@
 # and stops the backends again, whatever happens. Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# prometheus: promtool, for the rule and dashboard checks (cli/tests/deploy.rs).
-scripts/install-deps.sh prometheus
+# prometheus: promtool and the server (cli/tests/deploy.rs, observability.rs); chromium: the
+# dashboard page test (cli/tests/dashboard.rs).
+scripts/install-deps.sh prometheus chromium
 scripts/services/all.sh install moto ceph gluster etcd kube
 
 state=$(mktemp -d /tmp/granary-test.XXXXXX)

@@ -450,6 +450,11 @@ impl Worker {
         None
     }
 
+    /// The cluster's membership as this worker sees it (`None` outside a cluster).
+    pub fn membership(&self) -> Option<Arc<granary_proto::membership::View>> {
+        self.cluster.as_ref().map(|c| c.membership.view())
+    }
+
     pub fn datasets(&self) -> &Arc<Datasets> {
         &self.datasets
     }

@@ -70,34 +70,12 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     };
     let mut nodes = Vec::new();
     for m in &members {
-        let info = match GrpcCache::connect(&m.api_addr.to_string(), Duration::from_secs(3)).await {
-            Ok(api) => api.fresh_info().await.ok(),
-            Err(_) => None,
-        };
-        nodes.push((m, info));
+        nodes.push((m, member_info(m).await));
     }
     if args.json {
-        let nodes: Vec<_> = nodes
-            .iter()
-            .map(|(m, info)| match info {
-                Some(i) => json!({
-                    "node_id": i.node_id, "addr": m.api_addr.to_string(), "up": true,
-                    "memory_capacity": i.memory_capacity, "memory_used": i.stats.memory_used,
-                    "disk_capacity": i.disk_capacity, "membership_epoch": i.stats.membership_epoch,
-                    "reads": { "memory": i.stats.reads_memory, "disk": i.stats.reads_disk,
-                               "backend": i.stats.reads_backend, "peer": i.stats.reads_peer },
-                    "bytes": { "memory": i.stats.bytes_memory, "disk": i.stats.bytes_disk,
-                               "backend": i.stats.bytes_backend, "peer": i.stats.bytes_peer },
-                    "hit_ratio": i.stats.hit_ratio(),
-                }),
-                None => {
-                    json!({ "node_id": m.node_id, "addr": m.api_addr.to_string(), "up": false })
-                }
-            })
-            .collect();
         println!(
             "{}",
-            serde_json::to_string_pretty(&json!({ "epoch": epoch, "members": nodes }))?
+            serde_json::to_string_pretty(&status_json(epoch, &nodes))?
         );
         return Ok(());
     }
@@ -130,6 +108,38 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A member's fresh counters over its gRPC API (`None` when it does not answer in 3 s).
+pub async fn member_info(m: &MemberInfo) -> Option<granary_proto::Info> {
+    match GrpcCache::connect(&m.api_addr.to_string(), Duration::from_secs(3)).await {
+        Ok(api) => api.fresh_info().await.ok(),
+        Err(_) => None,
+    }
+}
+
+/// What `granary status --json` prints (and the dashboard shows): the epoch and every member.
+pub fn status_json(
+    epoch: u64,
+    nodes: &[(&MemberInfo, Option<granary_proto::Info>)],
+) -> serde_json::Value {
+    let nodes: Vec<_> = nodes
+        .iter()
+        .map(|(m, info)| match info {
+            Some(i) => json!({
+                "node_id": i.node_id, "addr": m.api_addr.to_string(), "up": true,
+                "memory_capacity": i.memory_capacity, "memory_used": i.stats.memory_used,
+                "disk_capacity": i.disk_capacity, "membership_epoch": i.stats.membership_epoch,
+                "reads": { "memory": i.stats.reads_memory, "disk": i.stats.reads_disk,
+                           "backend": i.stats.reads_backend, "peer": i.stats.reads_peer },
+                "bytes": { "memory": i.stats.bytes_memory, "disk": i.stats.bytes_disk,
+                           "backend": i.stats.bytes_backend, "peer": i.stats.bytes_peer },
+                "hit_ratio": i.stats.hit_ratio(),
+            }),
+            None => json!({ "node_id": m.node_id, "addr": m.api_addr.to_string(), "up": false }),
+        })
+        .collect();
+    json!({ "epoch": epoch, "members": nodes })
 }
 
 fn addr_string(addr: std::net::SocketAddr) -> String {

@@ -46,6 +46,10 @@ pub struct ServerArgs {
     /// TLS material: ca.pem, NODE_ID.pem and NODE_ID.key in DIR (overrides `[tls]`).
     #[arg(long, value_name = "DIR")]
     pub tls_dir: Option<PathBuf>,
+    /// The scheduler hook (`granary scheduler`), whose gangs the dashboard at `/` of the
+    /// metrics address shows.
+    #[arg(long, value_name = "http://HOST:PORT")]
+    pub scheduler_url: Option<String>,
 }
 
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
@@ -93,9 +97,15 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let listener = grpc::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
-    if let Some(addr) = settings.metrics_addr {
-        runtime::serve_metrics(addr).await?;
+    if let Some(url) = &args.scheduler_url
+        && !url.starts_with("http://")
+    {
+        anyhow::bail!("--scheduler-url {url:?}: give http://HOST:PORT");
     }
+    let metrics = match settings.metrics_addr {
+        Some(addr) => Some(runtime::metrics_endpoint(addr).await?),
+        None => None,
+    };
     let tls = settings.tls.as_ref().map(TlsIdentity::load).transpose()?;
     let data_plane = match &tls {
         Some(tls) => Some(quic::server_endpoint(settings.listen, tls)?),
@@ -112,6 +122,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         );
     }
     tokio::spawn(worker.datasets().clone().run(worker.clone()));
+    if let Some(metrics) = metrics {
+        metrics.serve(crate::dashboard::router(
+            worker.clone(),
+            args.scheduler_url.clone(),
+        ));
+    }
     if let Some(endpoint) = data_plane {
         let reads = Arc::new(LocalReads(worker.clone()));
         tokio::spawn(quic::serve(endpoint, reads, runtime::shutdown_signal()));

@@ -7,6 +7,7 @@ mod cmd_mount;
 mod cmd_scheduler;
 mod cmd_server;
 mod cmd_up;
+mod dashboard;
 mod runtime;
 
 use clap::{Parser, Subcommand};

@@ -40,9 +40,16 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Installs the Prometheus recorder and serves `/metrics` on `addr` (bound now, so a bad or busy
-/// address fails before anything else starts).
-pub async fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
+/// The metrics endpoint: bound and its recorder installed at once (so a bad or busy address fails
+/// before anything else starts, and no metric emitted during startup is lost), served once
+/// `serve` is called with any extra routes (a worker's dashboard).
+pub struct MetricsEndpoint {
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    addr: SocketAddr,
+}
+
+pub async fn metrics_endpoint(addr: SocketAddr) -> anyhow::Result<MetricsEndpoint> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen for metrics on {addr}"))?;
@@ -62,19 +69,38 @@ pub async fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
             upkeep.run_upkeep();
         }
     });
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let handle = handle.clone();
-            async move { handle.render() }
-        }),
-    );
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "metrics endpoint stopped");
-        }
-    });
-    tracing::info!(%addr, "metrics at http://{addr}/metrics");
+    Ok(MetricsEndpoint {
+        listener,
+        handle,
+        addr,
+    })
+}
+
+impl MetricsEndpoint {
+    /// Serves `/metrics` and the routes of `extra`.
+    pub fn serve(self, extra: axum::Router) {
+        let handle = self.handle;
+        let app = extra.route(
+            "/metrics",
+            axum::routing::get(move || {
+                let handle = handle.clone();
+                async move { handle.render() }
+            }),
+        );
+        let listener = self.listener;
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "metrics endpoint stopped");
+            }
+        });
+        let addr = self.addr;
+        tracing::info!(%addr, "metrics at http://{addr}/metrics");
+    }
+}
+
+/// Installs the Prometheus recorder and serves `/metrics` on `addr`.
+pub async fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
+    metrics_endpoint(addr).await?.serve(axum::Router::new());
     Ok(())
 }
 

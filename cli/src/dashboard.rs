@@ -1,0 +1,199 @@
+//! The built-in dashboard of a worker, at `/` of its metrics port: a self-contained page (no
+//! external assets) polling `/api/overview`, which gathers the members and their cache use (as
+//! `granary status --json`), the cluster hit ratio over the last minutes, every dataset with its
+//! readiness per node, and the scheduler hook's gangs when `--scheduler-url` is given.
+
+use crate::cmd_cluster::{member_info, status_json};
+use granary_cache_server::Worker;
+use granary_cache_server::dataset_api::Caller;
+use granary_proto::membership::MemberInfo;
+use serde_json::{Value, json};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const PAGE: &str = include_str!("dashboard.html");
+/// Samples of the hit ratio kept: 5 minutes at one per 2 seconds.
+const HISTORY: usize = 150;
+const EVERY: Duration = Duration::from_secs(2);
+
+struct State {
+    worker: Arc<Worker>,
+    scheduler: Option<String>,
+    /// (unix seconds, hit ratio over the interval ending then; None when nothing was read).
+    history: Mutex<VecDeque<(u64, Option<f64>)>>,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+pub fn router(worker: Arc<Worker>, scheduler: Option<String>) -> axum::Router {
+    let state = Arc::new(State {
+        worker,
+        scheduler,
+        history: Mutex::new(VecDeque::with_capacity(HISTORY)),
+    });
+    tokio::spawn(sample(state.clone()));
+    let overview = state.clone();
+    axum::Router::new()
+        .route(
+            "/",
+            axum::routing::get(|| async {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8")],
+                    PAGE,
+                )
+            }),
+        )
+        .route(
+            "/api/overview",
+            axum::routing::get(move || {
+                let state = overview.clone();
+                async move {
+                    (
+                        [(axum::http::header::CONTENT_TYPE, "application/json")],
+                        gather(&state).await.to_string(),
+                    )
+                }
+            }),
+        )
+}
+
+/// The members to show: the cluster as this worker sees it, or this worker alone.
+fn members(worker: &Worker) -> (u64, Vec<MemberInfo>) {
+    match worker.membership() {
+        Some(view) => (view.epoch, view.members.clone()),
+        None => {
+            let s = worker.settings();
+            (
+                0,
+                vec![MemberInfo {
+                    node_id: s.node_id.clone(),
+                    data_addr: s.listen,
+                    api_addr: s.listen,
+                    memory_capacity: s.cache.memory.bytes(),
+                    disk_capacity: s.cache.disk.bytes(),
+                }],
+            )
+        }
+    }
+}
+
+async fn cluster_status(worker: &Worker) -> Value {
+    let (epoch, members) = members(worker);
+    let mut nodes = Vec::new();
+    for m in &members {
+        nodes.push((m, member_info(m).await));
+    }
+    status_json(epoch, &nodes)
+}
+
+/// Cache hits and all reads at the blocks' owners, summed over the members.
+fn totals(status: &Value) -> (u64, u64) {
+    status["members"]
+        .as_array()
+        .map(|ms| {
+            ms.iter().fold((0, 0), |(h, a), m| {
+                let r = &m["reads"];
+                let get = |t: &str| r[t].as_u64().unwrap_or(0);
+                let hits = get("memory") + get("disk");
+                (h + hits, a + hits + get("backend"))
+            })
+        })
+        .unwrap_or((0, 0))
+}
+
+async fn sample(state: Arc<State>) {
+    let mut last: Option<(u64, u64)> = None;
+    loop {
+        let (hits, all) = totals(&cluster_status(&state.worker).await);
+        // Counters restart with a worker: a drop starts a new baseline.
+        let ratio = match last {
+            Some((h0, a0)) if all >= a0 && hits >= h0 && all > a0 => {
+                Some((hits - h0) as f64 / (all - a0) as f64)
+            }
+            _ => None,
+        };
+        last = Some((hits, all));
+        {
+            let mut history = state.history.lock().expect("history");
+            if history.len() == HISTORY {
+                history.pop_front();
+            }
+            history.push_back((now(), ratio));
+        }
+        tokio::time::sleep(EVERY).await;
+    }
+}
+
+async fn gangs(url: &str) -> Value {
+    match http_get_json(url, "/gangs").await {
+        Ok(v) => v,
+        Err(e) => json!({ "error": e }),
+    }
+}
+
+/// A plain HTTP/1.0 GET of `base` + `path` (the hook serves plain HTTP on the cluster network).
+async fn http_get_json(base: &str, path: &str) -> Result<Value, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hostport = base
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{base}: only http:// is supported"))?
+        .trim_end_matches('/');
+    let fetch = async {
+        let mut stream = tokio::net::TcpStream::connect(hostport)
+            .await
+            .map_err(|e| format!("{hostport}: {e}"))?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n").as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut body = Vec::new();
+        stream
+            .take(16 << 20)
+            .read_to_end(&mut body)
+            .await
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&body);
+        let (head, body) = text.split_once("\r\n\r\n").ok_or("not HTTP")?;
+        if !head.contains(" 200 ") {
+            return Err(head.lines().next().unwrap_or("").to_string());
+        }
+        serde_json::from_str(body).map_err(|e| e.to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(3), fetch)
+        .await
+        .map_err(|_| format!("{hostport}: no answer in 3s"))?
+}
+
+async fn gather(state: &State) -> Value {
+    let status = cluster_status(&state.worker).await;
+    let datasets = match state.worker.list_datasets(&Caller::Admin).await {
+        Ok(list) => serde_json::to_value(list).unwrap_or(Value::Null),
+        Err(e) => json!({ "error": e.to_string() }),
+    };
+    let history: Vec<Value> = state
+        .history
+        .lock()
+        .expect("history")
+        .iter()
+        .map(|(t, r)| json!({ "t": t, "hit_ratio": r }))
+        .collect();
+    let (hits, all) = totals(&status);
+    let gangs = match &state.scheduler {
+        Some(url) => gangs(url).await,
+        None => Value::Null,
+    };
+    json!({
+        "node": state.worker.settings().node_id,
+        "updated": now(),
+        "cluster": status,
+        "hit_ratio": (all > 0).then(|| hits as f64 / all as f64),
+        "history": history,
+        "datasets": datasets,
+        "gangs": gangs,
+    })
+}

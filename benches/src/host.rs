@@ -219,6 +219,39 @@ impl ProcStats {
     }
 }
 
+/// An exclusive lock on a file, held until dropped (the kernel drops it if we die): one benchmark
+/// at a time per work directory, since a starting run stops the S3 server and removes the mounts
+/// it finds there.
+pub struct RunLock {
+    _file: File,
+}
+
+impl RunLock {
+    /// Takes the lock on `path` (created if missing) and writes our pid into it, or fails at once
+    /// naming the pid that holds it.
+    pub fn acquire(path: &Path) -> anyhow::Result<RunLock> {
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        if let Err(e) = file.try_lock() {
+            let holder = std::fs::read_to_string(path).unwrap_or_default();
+            bail!(
+                "another granary-bench (pid {}) is using the work directory ({}: {e}); wait for it \
+                 to end",
+                holder.trim(),
+                path.display()
+            );
+        }
+        file.set_len(0)?;
+        writeln!(file, "{}", std::process::id())?;
+        Ok(RunLock { _file: file })
+    }
+}
+
 /// Whether something is mounted exactly at `dir`.
 pub fn is_mounted(dir: &Path) -> bool {
     mounts_under(dir).iter().any(|m| m == dir)

@@ -172,6 +172,8 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         None => build_granary(&root)?,
     };
 
+    // One run at a time: what follows stops the S3 server and the mounts another run would use.
+    let _lock = host::RunLock::acquire(&target_dir().join("bench-work.lock"))?;
     // Whatever a killed earlier run left behind, then a clean slate, removed again at the end.
     for flavor in <s3::Flavor as clap::ValueEnum>::value_variants() {
         s3::stop_server(

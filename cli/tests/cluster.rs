@@ -6,7 +6,10 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use support::backends::{S3Target, unique};
-use support::cluster::{Worker, drop_page_cache, mount_cluster, sha, status, wait_for_members};
+use support::cluster::{
+    Spec, Worker, dev_certs, drop_page_cache, mount_cluster, sha, start_workers, status,
+    wait_for_members,
+};
 use support::data::{Tree, content, write_local};
 use support::free_port;
 use support::own::OwnService;
@@ -19,23 +22,7 @@ fn three_workers_spread_blocks_fetch_once_and_survive_a_crash_and_an_etcd_pause(
     let etcd = OwnService::start("etcd");
     let etcd_url = etcd.get("GRANARY_TEST_ETCD");
     let work = tempfile::tempdir().unwrap();
-    let tls = work.path().join("tls");
-    let out = run_with_timeout(
-        granary(
-            &[
-                "certs",
-                "--out",
-                tls.to_str().unwrap(),
-                "w1",
-                "w2",
-                "w3",
-                "client",
-            ],
-            &[],
-        ),
-        Duration::from_secs(20),
-    );
-    assert!(out.status.success(), "{}", out.stderr);
+    let tls = dev_certs(work.path(), 3);
 
     // The dataset: a 512 MiB file and 1,000 small files.
     let prefix = unique("cluster");
@@ -50,30 +37,15 @@ fn three_workers_spread_blocks_fetch_once_and_survive_a_crash_and_an_etcd_pause(
         .unwrap()
         .block_on(s3.upload(&prefix, &tree));
 
-    let mut workers: Vec<Worker> = (1..=3)
-        .map(|i| {
-            let id = format!("w{i}");
-            let config = work.path().join(format!("{id}.toml"));
-            std::fs::write(
-                &config,
-                format!(
-                    "node_id = \"{id}\"\nlisten = \"127.0.0.1:{port}\"\n[cache]\ndir = \"{dir}\"\nmemory = \"384MiB\"\ndisk = \"0\"\n\
-                     [s3]\nendpoint = \"{ep}\"\naccess_key_id = \"{ak}\"\nsecret_access_key = \"{sk}\"\n\
-                     [cluster]\netcd = [\"{etcd}\"]\nlease_ttl = \"4s\"\n[tls]\ndir = \"{tls}\"\n[[mount]]\npath = \"/data\"\nsource = \"{src}\"\n",
-                    port = free_port(),
-                    dir = work.path().join(format!("cache-{id}")).display(),
-                    ep = s3.endpoint,
-                    ak = s3.access_key,
-                    sk = s3.secret_key,
-                    etcd = etcd_url,
-                    tls = tls.display(),
-                    src = s3.uri(&prefix),
-                ),
-            )
-            .unwrap();
-            Worker::start(&id, &config, &format!("127.0.0.1:{}", free_port()))
-        })
-        .collect();
+    let spec = Spec {
+        s3: &s3,
+        prefix: &prefix,
+        etcd: &etcd_url,
+        tls: &tls,
+        memory: "384MiB",
+        extra: "",
+    };
+    let mut workers = start_workers(work.path(), 3, &spec).workers;
     wait_for_members(&etcd_url, 3);
 
     // Client A reads everything: right bytes, blocks spread over the three workers.

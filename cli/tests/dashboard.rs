@@ -10,9 +10,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 use support::backends::{S3Target, unique};
-use support::cluster::{Worker, drop_page_cache, mount_cluster, status, wait_for_members};
+use support::cluster::{
+    Spec, Started, dev_certs, drop_page_cache, mount_cluster, start_workers, status,
+    wait_for_members,
+};
 use support::data::{Tree, content};
-use support::free_port;
 use support::own::OwnService;
 use support::process::{granary, run_with_timeout};
 
@@ -65,23 +67,7 @@ fn the_dashboard_shows_what_status_says() {
     let etcd = OwnService::start("etcd");
     let etcd_url = etcd.get("GRANARY_TEST_ETCD");
     let work = tempfile::tempdir().unwrap();
-    let tls = work.path().join("tls");
-    let out = run_with_timeout(
-        granary(
-            &[
-                "certs",
-                "--out",
-                tls.to_str().unwrap(),
-                "w1",
-                "w2",
-                "w3",
-                "client",
-            ],
-            &[],
-        ),
-        Duration::from_secs(20),
-    );
-    assert!(out.status.success(), "{}", out.stderr);
+    let tls = dev_certs(work.path(), 3);
     let prefix = unique("dashboard");
     let mut tree = Tree::new();
     for i in 0..12 {
@@ -94,35 +80,20 @@ fn the_dashboard_shows_what_status_says() {
         .unwrap()
         .block_on(s3.upload(&prefix, &tree));
 
-    let api_port = free_port();
-    let mut metrics = Vec::new();
-    let workers: Vec<Worker> = (1..=3)
-        .map(|i| {
-            let id = format!("w{i}");
-            let port = if i == 1 { api_port } else { free_port() };
-            let config = work.path().join(format!("{id}.toml"));
-            std::fs::write(
-                &config,
-                format!(
-                    "node_id = \"{id}\"\nlisten = \"127.0.0.1:{port}\"\n\
-                     [cache]\ndir = \"{dir}\"\nmemory = \"64MiB\"\ndisk = \"0\"\n\
-                     [s3]\nendpoint = \"{ep}\"\naccess_key_id = \"{ak}\"\nsecret_access_key = \"{sk}\"\n\
-                     [cluster]\netcd = [\"{etcd_url}\"]\nlease_ttl = \"4s\"\n[tls]\ndir = \"{tls}\"\n\
-                     [[mount]]\npath = \"/data\"\nsource = \"{src}\"\n",
-                    dir = work.path().join(format!("cache-{id}")).display(),
-                    ep = s3.endpoint,
-                    ak = s3.access_key,
-                    sk = s3.secret_key,
-                    tls = tls.display(),
-                    src = s3.uri(&prefix),
-                ),
-            )
-            .unwrap();
-            let m = format!("127.0.0.1:{}", free_port());
-            metrics.push(m.clone());
-            Worker::start(&id, &config, &m)
-        })
-        .collect();
+    let spec = Spec {
+        s3: &s3,
+        prefix: &prefix,
+        etcd: &etcd_url,
+        tls: &tls,
+        memory: "64MiB",
+        extra: "",
+    };
+    let Started {
+        workers,
+        api: apis,
+        metrics,
+        ..
+    } = start_workers(work.path(), 3, &spec);
     wait_for_members(&etcd_url, 3);
 
     // A workload (every file read cold, then again from the caches) and a loaded dataset.
@@ -136,7 +107,7 @@ fn the_dashboard_shows_what_status_says() {
         }
     }
     assert!(client.stop().success());
-    let api = format!("127.0.0.1:{api_port}");
+    let api = apis[0].clone();
     for args in [
         vec!["pin", "train", "--path", "/data/set", "--nodes", "w2,w3"],
         vec!["load", "train", "--wait", "--timeout", "60s"],

@@ -7,14 +7,17 @@ mod support;
 
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 use support::backends::{S3Target, unique};
-use support::cluster::{Worker, drop_page_cache, mount_cluster_with, sha, wait_for_members};
+use support::cluster::{
+    Spec, Started, Worker, dev_certs, drop_page_cache, mount_cluster_with, sha, start_workers,
+    wait_for_members,
+};
 use support::data::{Tree, content, write_local};
 use support::own::OwnService;
 use support::process::{Finished, granary, run_with_timeout};
-use support::{free_port, http_get, metric};
+use support::{http_get, metric};
 
 const BLOCK: u64 = 4 << 20;
 const ADMIN: &str = "admin-token-0123456789";
@@ -129,25 +132,7 @@ fn pin_load_through_a_crash_exact_readiness_quotas_ttl_passthrough_repair_restar
     let etcd = OwnService::start("etcd");
     let etcd_url = etcd.get("GRANARY_TEST_ETCD");
     let work = tempfile::tempdir().unwrap();
-    let tls = work.path().join("tls");
-    ok(
-        run_with_timeout(
-            granary(
-                &[
-                    "certs",
-                    "--out",
-                    tls.to_str().unwrap(),
-                    "w1",
-                    "w2",
-                    "w3",
-                    "client",
-                ],
-                &[],
-            ),
-            Duration::from_secs(20),
-        ),
-        "certs",
-    );
+    let tls = dev_certs(work.path(), 3);
 
     // The dataset: 500 small files and a 256 MiB file; beside it, unpinned data.
     let prefix = unique("datasets");
@@ -171,43 +156,28 @@ fn pin_load_through_a_crash_exact_readiness_quotas_ttl_passthrough_repair_restar
         .collect();
     let ds_blocks: u64 = ds_files.iter().map(|(_, s)| s.div_ceil(BLOCK)).sum();
 
-    let caches: Vec<PathBuf> = (1..=3)
-        .map(|i| work.path().join(format!("cache-w{i}")))
-        .collect();
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let mut workers: Vec<Worker> = (1..=3)
-        .map(|i| {
-            let id = format!("w{i}");
-            let config = work.path().join(format!("{id}.toml"));
-            std::fs::write(
-                &config,
-                format!(
-                    "node_id = \"{id}\"\nlisten = \"127.0.0.1:{port}\"\n\
-                     [cache]\ndir = \"{dir}\"\nmemory = \"64MiB\"\ndisk = \"0\"\n\
-                     [s3]\nendpoint = \"{ep}\"\naccess_key_id = \"{ak}\"\nsecret_access_key = \"{sk}\"\n\
-                     [backend]\nmax_requests_per_second = 25\n\
-                     [cluster]\netcd = [\"{etcd}\"]\nlease_ttl = \"4s\"\n[tls]\ndir = \"{tls}\"\n\
-                     [datasets]\ncapacity = \"1GiB\"\nadmin_token = \"{ADMIN}\"\n\
-                     [[tenant]]\nname = \"team-a\"\ntoken = \"{TEAM_A}\"\nquota = \"2GiB\"\n\
-                     [[tenant]]\nname = \"tiny\"\ntoken = \"{TINY}\"\nquota = \"1MiB\"\n\
-                     [[mount]]\npath = \"/data\"\nsource = \"{src}\"\n",
-                    port = ports[i - 1],
-                    dir = caches[i - 1].display(),
-                    ep = s3.endpoint,
-                    ak = s3.access_key,
-                    sk = s3.secret_key,
-                    etcd = etcd_url,
-                    tls = tls.display(),
-                    src = s3.uri(&prefix),
-                ),
-            )
-            .unwrap();
-            Worker::start(&id, &config, &format!("127.0.0.1:{}", free_port()))
-        })
-        .collect();
+    let extra = format!(
+        "[backend]\nmax_requests_per_second = 25\n\
+         [datasets]\ncapacity = \"1GiB\"\nadmin_token = \"{ADMIN}\"\n\
+         [[tenant]]\nname = \"team-a\"\ntoken = \"{TEAM_A}\"\nquota = \"2GiB\"\n\
+         [[tenant]]\nname = \"tiny\"\ntoken = \"{TINY}\"\nquota = \"1MiB\"\n"
+    );
+    let spec = Spec {
+        s3: &s3,
+        prefix: &prefix,
+        etcd: &etcd_url,
+        tls: &tls,
+        memory: "64MiB",
+        extra: &extra,
+    };
+    let Started {
+        mut workers,
+        api: apis,
+        caches,
+        ..
+    } = start_workers(work.path(), 3, &spec);
     wait_for_members(&etcd_url, 3);
-    let api = format!("127.0.0.1:{}", ports[0]);
-    let api = api.as_str();
+    let api = apis[0].as_str();
 
     // Bad requests: a clear error each, nothing pinned.
     refused(

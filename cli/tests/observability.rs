@@ -9,7 +9,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use support::backends::{S3Target, unique};
-use support::cluster::{Worker, drop_page_cache, mount_cluster_with, wait_for_members};
+use support::cluster::{
+    Spec, Started, dev_certs, drop_page_cache, mount_cluster_with, start_workers, wait_for_members,
+};
 use support::data::{Tree, content};
 use support::own::OwnService;
 use support::process::{granary, interrupt_and_reap, run_with_timeout};
@@ -55,23 +57,7 @@ fn prometheus_sees_the_hit_ratio_and_cached_bytes_the_workload_implies() {
     let etcd = OwnService::start("etcd");
     let etcd_url = etcd.get("GRANARY_TEST_ETCD");
     let work = tempfile::tempdir().unwrap();
-    let tls = work.path().join("tls");
-    let out = run_with_timeout(
-        granary(
-            &[
-                "certs",
-                "--out",
-                tls.to_str().unwrap(),
-                "w1",
-                "w2",
-                "w3",
-                "client",
-            ],
-            &[],
-        ),
-        Duration::from_secs(20),
-    );
-    assert!(out.status.success(), "{}", out.stderr);
+    let tls = dev_certs(work.path(), 3);
 
     // 24 files of one block each to read; a pinned dataset of 10 files beside them.
     let prefix = unique("observability");
@@ -91,35 +77,20 @@ fn prometheus_sees_the_hit_ratio_and_cached_bytes_the_workload_implies() {
         .map(|(_, s)| s)
         .sum();
 
-    let api_port = free_port();
-    let mut metrics = Vec::new();
-    let workers: Vec<Worker> = (1..=3)
-        .map(|i| {
-            let id = format!("w{i}");
-            let config = work.path().join(format!("{id}.toml"));
-            let port = if i == 1 { api_port } else { free_port() };
-            std::fs::write(
-                &config,
-                format!(
-                    "node_id = \"{id}\"\nlisten = \"127.0.0.1:{port}\"\n\
-                     [cache]\ndir = \"{dir}\"\nmemory = \"64MiB\"\ndisk = \"0\"\n\
-                     [s3]\nendpoint = \"{ep}\"\naccess_key_id = \"{ak}\"\nsecret_access_key = \"{sk}\"\n\
-                     [cluster]\netcd = [\"{etcd_url}\"]\nlease_ttl = \"4s\"\n[tls]\ndir = \"{tls}\"\n\
-                     [[mount]]\npath = \"/data\"\nsource = \"{src}\"\n",
-                    dir = work.path().join(format!("cache-{id}")).display(),
-                    ep = s3.endpoint,
-                    ak = s3.access_key,
-                    sk = s3.secret_key,
-                    tls = tls.display(),
-                    src = s3.uri(&prefix),
-                ),
-            )
-            .unwrap();
-            let m = format!("127.0.0.1:{}", free_port());
-            metrics.push(m.clone());
-            Worker::start(&id, &config, &m)
-        })
-        .collect();
+    let spec = Spec {
+        s3: &s3,
+        prefix: &prefix,
+        etcd: &etcd_url,
+        tls: &tls,
+        memory: "64MiB",
+        extra: "",
+    };
+    let Started {
+        workers,
+        api: apis,
+        metrics,
+        ..
+    } = start_workers(work.path(), 3, &spec);
     wait_for_members(&etcd_url, 3);
     let mnt = work.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
@@ -181,7 +152,7 @@ fn prometheus_sees_the_hit_ratio_and_cached_bytes_the_workload_implies() {
         }
     }
     // A pinned dataset loaded onto w1 and w2.
-    let api = format!("127.0.0.1:{api_port}");
+    let api = apis[0].clone();
     let pin = run_with_timeout(
         granary(
             &[

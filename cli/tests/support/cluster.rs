@@ -160,3 +160,84 @@ pub fn sha(path: &Path) -> String {
 pub fn drop_page_cache() {
     std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
 }
+
+/// `granary certs` for workers w1..wN and a client, in `work/tls`.
+pub fn dev_certs(work: &Path, workers: usize) -> PathBuf {
+    let tls = work.join("tls");
+    let mut args = vec![
+        "certs".to_string(),
+        "--out".into(),
+        tls.display().to_string(),
+    ];
+    args.extend((1..=workers).map(|i| format!("w{i}")));
+    args.push("client".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_with_timeout(granary(&args, &[]), Duration::from_secs(20));
+    assert!(out.status.success(), "certs: {}", out.stderr);
+    tls
+}
+
+/// What the workers of a test cluster share.
+pub struct Spec<'a> {
+    pub s3: &'a super::backends::S3Target,
+    /// The bucket prefix mounted at /data.
+    pub prefix: &'a str,
+    pub etcd: &'a str,
+    pub tls: &'a Path,
+    pub memory: &'a str,
+    /// More TOML, appended to each worker's config (whole sections).
+    pub extra: &'a str,
+}
+
+/// Workers w1..wN, started, with their API and metrics addresses and cache directories.
+pub struct Started {
+    pub workers: Vec<Worker>,
+    pub api: Vec<String>,
+    pub metrics: Vec<String>,
+    pub caches: Vec<PathBuf>,
+}
+
+/// Starts `n` workers over `spec` (configs, caches and logs under `work`); returns once each
+/// serves its metrics (`wait_for_members` waits for the membership).
+pub fn start_workers(work: &Path, n: usize, spec: &Spec) -> Started {
+    let mut started = Started {
+        workers: Vec::new(),
+        api: Vec::new(),
+        metrics: Vec::new(),
+        caches: Vec::new(),
+    };
+    for i in 1..=n {
+        let id = format!("w{i}");
+        let (api, metrics) = (
+            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{}", free_port()),
+        );
+        let cache = work.join(format!("cache-{id}"));
+        let config = work.join(format!("{id}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "node_id = \"{id}\"\nlisten = \"{api}\"\n\
+                 [cache]\ndir = \"{dir}\"\nmemory = \"{memory}\"\ndisk = \"0\"\n\
+                 [s3]\nendpoint = \"{ep}\"\naccess_key_id = \"{ak}\"\nsecret_access_key = \"{sk}\"\n\
+                 [cluster]\netcd = [\"{etcd}\"]\nlease_ttl = \"4s\"\n[tls]\ndir = \"{tls}\"\n\
+                 [[mount]]\npath = \"/data\"\nsource = \"{src}\"\n{extra}",
+                dir = cache.display(),
+                memory = spec.memory,
+                ep = spec.s3.endpoint,
+                ak = spec.s3.access_key,
+                sk = spec.s3.secret_key,
+                etcd = spec.etcd,
+                tls = spec.tls.display(),
+                src = spec.s3.uri(spec.prefix),
+                extra = spec.extra,
+            ),
+        )
+        .unwrap();
+        started.workers.push(Worker::start(&id, &config, &metrics));
+        started.api.push(api);
+        started.metrics.push(metrics);
+        started.caches.push(cache);
+    }
+    started
+}

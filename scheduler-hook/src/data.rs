@@ -41,6 +41,14 @@ impl DatasetView {
         self.per_node.get(node).map_or(0, |n| n.ready)
     }
 
+    /// Bytes present per node of the pin's node set (for scoring many nodes at once).
+    pub fn holdings(&self) -> std::collections::HashMap<&str, u64> {
+        self.nodes
+            .iter()
+            .map(|n| (n.as_str(), self.per_node.get(n).map_or(0, |b| b.ready)))
+            .collect()
+    }
+
     /// Whether the pin is being loaded onto exactly `nodes`.
     pub fn loading_onto(&self, nodes: &[String]) -> bool {
         let mut a = self.nodes.clone();

@@ -397,7 +397,11 @@ impl HookState {
         let Some((view, _)) = pod.dataset.as_ref().and_then(|d| self.datasets.get(d)) else {
             return names.iter().map(zero).collect();
         };
-        let bytes: Vec<u64> = names.iter().map(|n| view.bytes_on(n)).collect();
+        let held = view.holdings();
+        let bytes: Vec<u64> = names
+            .iter()
+            .map(|n| held.get(n).copied().unwrap_or(0))
+            .collect();
         let max = bytes.iter().copied().max().unwrap_or(0);
         names
             .iter()
@@ -612,7 +616,8 @@ impl HookState {
                 .dataset
                 .as_ref()
                 .and_then(|d| self.datasets.get(d))
-                .map(|(v, _)| v);
+                .map(|(v, _)| v.holdings())
+                .unwrap_or_default();
             let mut nodes: Vec<NodeState> = self
                 .nodes
                 .iter()
@@ -620,7 +625,7 @@ impl HookState {
                     name: name.clone(),
                     free_gpus: self.free_gpus(name, info.gpus, &reserved),
                     domain: info.domain.clone(),
-                    dataset_bytes: view.map_or(0, |v| v.bytes_on(name)),
+                    dataset_bytes: view.get(name.as_str()).copied().unwrap_or(0),
                 })
                 .collect();
             nodes.sort_by(|a, b| a.name.cmp(&b.name));

@@ -9,7 +9,7 @@
 use crate::driver::Hook;
 use crate::extender::{
     BadRequest, Candidates, ExtenderArgs, ExtenderBindingArgs, ExtenderBindingResult,
-    ExtenderFilterResult, HostPriority, NodeListOut, node_gpus,
+    ExtenderFilterResult, HostPriority, NodeListOut,
 };
 use crate::pod::{Intent, intent};
 use axum::Router;
@@ -126,10 +126,7 @@ async fn filter(State(app): State<App>, headers: HeaderMap, body: Body) -> Respo
     let names = candidates.names();
     let gpus: Vec<Option<u32>> = match &candidates {
         Candidates::Names(_) => Vec::new(),
-        Candidates::Objects(o) => o
-            .iter()
-            .map(|(_, n, _)| node_gpus(n).ok().flatten())
-            .collect(),
+        Candidates::Objects(o) => o.iter().map(|(_, gpus, _)| *gpus).collect(),
     };
     let answer = app
         .hook
@@ -343,6 +340,11 @@ pub async fn serve(
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    // Answers go out at once (no Nagle delay behind the scheduler's delayed ACKs).
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run several service scripts at once:
 #   all.sh install [names...] | all.sh start STATE_DIR [names...] | all.sh stop STATE_DIR [names...]
-# Default names: moto ceph gluster (also: etcd). start writes STATE_DIR/services.env (all env files joined).
+# Default names: moto ceph gluster (also: etcd, kube). start writes STATE_DIR/services.env (all env files joined).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cmd=${1:-}; shift || true

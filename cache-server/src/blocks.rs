@@ -61,6 +61,7 @@ impl Code for CachedBlock {
         Ok(CachedBlock(Block {
             data: Bytes::from(data),
             crc32c,
+            origin: granary_proto::Origin::Unknown,
         }))
     }
 
@@ -80,6 +81,17 @@ pub enum Tier {
 }
 
 impl Tier {
+    /// What a client is told about where its block came from (a peer's block keeps the
+    /// origin the peer reported).
+    pub fn origin(self) -> Option<granary_proto::Origin> {
+        match self {
+            Tier::Memory => Some(granary_proto::Origin::Memory),
+            Tier::Disk => Some(granary_proto::Origin::Disk),
+            Tier::Backend => Some(granary_proto::Origin::Backend),
+            Tier::Peer => None,
+        }
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Tier::Memory => "memory",

@@ -96,6 +96,7 @@ impl<A: CacheApi> pb::cache_server::Cache for CacheService<A> {
         Ok(Response::new(pb::BlockData {
             data: block.data,
             crc32c: block.crc32c,
+            origin: block.origin.code() as u32,
         }))
     }
 }

@@ -311,8 +311,7 @@ impl CacheApi for Worker {
             let owners = owners(key, &view.members, cluster.replicas);
             if !owners.is_empty() && !owners.iter().any(|m| m.node_id == self.settings.node_id) {
                 if let Some((block, tier)) = self.blocks.get_cached(key).await {
-                    self.served.record(tier, block.data.len());
-                    return Ok(block);
+                    return Ok(self.serve(block, tier));
                 }
                 for owner in owners {
                     let peer = cluster.peers.read_block(
@@ -324,7 +323,7 @@ impl CacheApi for Worker {
                     );
                     match peer.await {
                         Ok(block) => {
-                            self.served.record(Tier::Peer, block.data.len());
+                            let block = self.serve(block, Tier::Peer);
                             metrics::counter!(granary_core::metrics::BLOCK_READS, "tier" => "peer")
                                 .increment(1);
                             metrics::counter!(granary_core::metrics::BLOCK_READ_BYTES, "tier" => "peer").increment(block.data.len() as u64);
@@ -349,15 +348,11 @@ impl CacheApi for Worker {
         if let Some(file) = self.datasets.held(object)
             && let Some(data) = self.datasets.read_block(&file, index).await
         {
-            self.served.record(Tier::Disk, data.len());
-            return Ok(Block::new(data));
+            return Ok(self.serve(Block::new(data), Tier::Disk));
         }
         let key = BlockKey::new(object.id.fingerprint(), index);
         match self.blocks.get_cached(key).await {
-            Some((block, tier)) => {
-                self.served.record(tier, block.data.len());
-                Ok(block)
-            }
+            Some((block, tier)) => Ok(self.serve(block, tier)),
             None => Err(ApiError::NotFound(format!(
                 "block {index} of {} is not held here",
                 object.id.key
@@ -396,8 +391,7 @@ impl Worker {
         if let Some(file) = self.datasets.held(object)
             && let Some(data) = self.datasets.read_block(&file, index).await
         {
-            self.served.record(Tier::Disk, data.len());
-            return Ok(Block::new(data));
+            return Ok(self.serve(Block::new(data), Tier::Disk));
         }
         if let Some(block) = self.read_from_dataset_holders(object, index).await {
             return Ok(block);
@@ -418,8 +412,17 @@ impl Worker {
                 }
             })
             .await?;
+        Ok(self.serve(block, tier))
+    }
+
+    /// Counts a block served from `tier` and tells the client where it came from (a peer's
+    /// block keeps the origin the peer reported).
+    fn serve(&self, block: Block, tier: Tier) -> Block {
         self.served.record(tier, block.data.len());
-        Ok(block)
+        match tier.origin() {
+            Some(origin) => block.with_origin(origin),
+            None => block,
+        }
     }
 
     /// Block `index` of a pinned file from a node whose dataset store holds it, when this node
@@ -443,8 +446,7 @@ impl Worker {
                 cluster.peer_timeout,
             );
             if let Ok(block) = read.await {
-                self.served.record(Tier::Peer, block.data.len());
-                return Some(block);
+                return Some(self.serve(block, Tier::Peer));
             }
         }
         None

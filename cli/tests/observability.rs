@@ -220,6 +220,23 @@ fn prometheus_sees_the_hit_ratio_and_cached_bytes_the_workload_implies() {
         ),
         Some(1.0)
     );
+    // The mount's own view: half its blocks came from a worker's cache, and the backend bytes
+    // it cost are exactly one pass over the files.
+    let read_bytes: u64 = tree
+        .iter()
+        .filter(|(p, _)| p.starts_with("read/"))
+        .map(|(_, s)| s)
+        .sum();
+    wait_for("the client's counters", Duration::from_secs(30), || {
+        query(
+            &prom_addr,
+            "sum(granary_fuse_blocks_total{origin=~\"memory|disk\",training_job=\"resnet\"}) / sum(granary_fuse_blocks_total{training_job=\"resnet\"})",
+        ) == Some(0.5)
+            && query(
+                &prom_addr,
+                "sum(granary_fuse_block_bytes_total{origin=\"backend\",training_job=\"resnet\"})",
+            ) == Some(read_bytes as f64)
+    });
     // The client's data stall, by job.
     assert!(
         query(

@@ -29,6 +29,12 @@ pub const FUSE_PASSTHROUGH_OPENS: &str = "granary_fuse_passthrough_opens_total";
 /// stall time), by `dataset` (the namespace's top directory) and `training_job` (the mount's `--job`).
 /// Histogram, seconds.
 pub const FUSE_STALL_SECONDS: &str = "granary_fuse_stall_seconds";
+/// Blocks a FUSE client fetched for its readers, by `origin` (where the worker found each:
+/// `memory`, `disk`, `backend`, `unknown`), `dataset` and `training_job` (as the stall metric).
+/// Counter, blocks.
+pub const FUSE_BLOCKS: &str = "granary_fuse_blocks_total";
+/// Bytes of those blocks, by the same labels. Counter, bytes.
+pub const FUSE_BLOCK_BYTES: &str = "granary_fuse_block_bytes_total";
 /// Bytes currently held by readahead across all open files. Gauge, bytes.
 pub const READAHEAD_BYTES: &str = "granary_readahead_bytes";
 /// Configured capacity of a cache tier, by `tier` (`memory`, `disk`). Gauge, bytes.
@@ -69,6 +75,8 @@ pub const ALL: &[&str] = &[
     FUSE_READ_BYTES,
     FUSE_PASSTHROUGH_OPENS,
     FUSE_STALL_SECONDS,
+    FUSE_BLOCKS,
+    FUSE_BLOCK_BYTES,
     READAHEAD_BYTES,
     CACHE_CAPACITY_BYTES,
     RPC_REQUESTS,

@@ -15,7 +15,7 @@
 //! mode at a time until its last handle is released.
 
 use crate::inodes::{InodeTable, ROOT, child_path};
-use crate::prefetch::{Budget, FileReader};
+use crate::prefetch::{Budget, FileReader, ReadLabels};
 use bytes::Bytes;
 use granary_core::BlockSize;
 use granary_proto::{ApiError, CacheApi, Entry, EntryKind};
@@ -489,17 +489,16 @@ impl<A: CacheApi> GranaryFs<A> {
             .next()
             .unwrap_or_default()
             .to_string();
-        let stall = metrics::histogram!(
-            granary_core::metrics::FUSE_STALL_SECONDS,
-            "dataset" => top,
-            "training_job" => self.config.job.clone()
-        );
+        let labels = Arc::new(ReadLabels {
+            dataset: top,
+            job: self.config.job.clone(),
+        });
         let reader = FileReader::new(
             object,
             self.block_size,
             self.max_ahead_blocks,
             self.budget.clone(),
-            stall,
+            labels,
         );
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.files.lock().expect("files lock").insert(

@@ -59,12 +59,41 @@ struct Inflight {
     _permit: Option<OwnedSemaphorePermit>,
 }
 
+/// The labels of a mount's read metrics: the namespace's top directory (`dataset`) and the
+/// mount's `--job` (`training_job`); both low-cardinality.
+#[derive(Debug, Clone, Default)]
+pub struct ReadLabels {
+    pub dataset: String,
+    pub job: String,
+}
+
+impl ReadLabels {
+    /// Reads that waited for blocks not fetched yet, and how long.
+    fn stall(&self) -> metrics::Histogram {
+        metrics::histogram!(
+            granary_core::metrics::FUSE_STALL_SECONDS,
+            "dataset" => self.dataset.clone(),
+            "training_job" => self.job.clone()
+        )
+    }
+
+    /// A block fetched for a reader, by where its worker found it.
+    fn fetched(&self, origin: granary_proto::Origin, bytes: usize) {
+        let labels = [
+            ("origin", origin.label().to_string()),
+            ("dataset", self.dataset.clone()),
+            ("training_job", self.job.clone()),
+        ];
+        metrics::counter!(granary_core::metrics::FUSE_BLOCKS, &labels).increment(1);
+        metrics::counter!(granary_core::metrics::FUSE_BLOCK_BYTES, &labels).increment(bytes as u64);
+    }
+}
+
 pub struct FileReader {
     object: ObjectRef,
     block_size: BlockSize,
     budget: Budget,
-    /// Seconds readers of this file spent waiting for blocks not yet fetched.
-    stall: metrics::Histogram,
+    labels: Arc<ReadLabels>,
     state: Mutex<State>,
 }
 
@@ -79,13 +108,13 @@ impl FileReader {
         block_size: BlockSize,
         max_ahead_blocks: u64,
         budget: Budget,
-        stall: metrics::Histogram,
+        labels: Arc<ReadLabels>,
     ) -> Self {
         FileReader {
             object,
             block_size,
             budget,
-            stall,
+            labels,
             state: Mutex::new(State {
                 readahead: Readahead::new(max_ahead_blocks),
                 blocks: BTreeMap::new(),
@@ -100,8 +129,12 @@ impl FileReader {
     fn fetch<A: CacheApi>(&self, api: &Arc<A>, index: u64) -> BlockFuture {
         let api = api.clone();
         let object = self.object.clone();
-        let task =
-            tokio::spawn(async move { api.read_block(&object, index).await.map(|b| b.data) });
+        let labels = self.labels.clone();
+        let task = tokio::spawn(async move {
+            let block = api.read_block(&object, index).await?;
+            labels.fetched(block.origin, block.data.len());
+            Ok(block.data)
+        });
         async move {
             match task.await {
                 Ok(result) => result,
@@ -182,7 +215,7 @@ impl FileReader {
         }
         self.budget.publish();
         if !stalled.is_zero() {
-            self.stall.record(stalled.as_secs_f64());
+            self.labels.stall().record(stalled.as_secs_f64());
         }
         if let Some(e) = failure {
             return Err(e);

@@ -126,6 +126,7 @@ impl CacheApi for GrpcCache {
         let block = Block {
             data: resp.data,
             crc32c: resp.crc32c,
+            origin: crate::Origin::from_code(resp.origin.min(255) as u8),
         };
         if !block.verify() {
             return Err(ApiError::Corrupt(format!(

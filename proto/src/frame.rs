@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! request:  "GRQ1" | kind u8 (1 = read block, 2 = read block only if held) | len u32 BE | protobuf ReadBlockRequest (len bytes)
-//! response: "GRS1" | status u8 (0 = ok, else an ApiError kind) | len u32 BE | crc32c u32 BE | body
+//! response: "GRS2" | status u8 (0 = ok, else an ApiError kind) | origin u8 (where the worker
+//!           found the block: 0 unknown, 1 memory, 2 disk, 3 backend) | len u32 BE | crc32c u32 BE | body
 //!           body = the block's bytes when ok (crc32c covers them), else a UTF-8 message
 //! ```
 //!
@@ -18,13 +19,15 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message;
 
 pub const REQUEST_MAGIC: &[u8; 4] = b"GRQ1";
-pub const RESPONSE_MAGIC: &[u8; 4] = b"GRS1";
+pub const RESPONSE_MAGIC: &[u8; 4] = b"GRS2";
 /// Largest request payload accepted (an object reference is a few hundred bytes).
 pub const MAX_REQUEST: usize = 64 << 10;
 /// Largest response body accepted: the largest block.
 pub const MAX_BODY: usize = granary_core::BlockSize::MAX as usize;
 const REQUEST_HEADER: usize = 9;
-const RESPONSE_HEADER: usize = 13;
+pub const RESPONSE_HEADER: usize = 14;
+/// The highest status code (`ApiError` kinds 1-9).
+const MAX_STATUS: u8 = 9;
 const KIND_READ_BLOCK: u8 = 1;
 const KIND_READ_HELD: u8 = 2;
 
@@ -149,6 +152,7 @@ pub fn encode_response_header(
     match result {
         Ok(block) => {
             out.put_u8(0);
+            out.put_u8(block.origin.code());
             out.put_u32(block.data.len() as u32);
             out.put_u32(block.crc32c);
             Some(block.data.clone())
@@ -157,12 +161,19 @@ pub fn encode_response_header(
             let message = e.to_string();
             let message = &message.as_bytes()[..message.len().min(MAX_REQUEST)];
             out.put_u8(status_of(e));
+            out.put_u8(0);
             out.put_u32(message.len() as u32);
             out.put_u32(0);
             out.put_slice(message);
             None
         }
     }
+}
+
+/// The body length a response announces, once `buf` holds its header.
+pub fn response_body_len(buf: &[u8]) -> Option<usize> {
+    (buf.len() >= RESPONSE_HEADER)
+        .then(|| u32::from_be_bytes(buf[6..10].try_into().expect("4 bytes")) as usize)
 }
 
 /// Decodes one response from the front of `buf`, verifying a block's checksum.
@@ -175,13 +186,14 @@ pub fn decode_response(buf: &mut BytesMut) -> Result<Option<Result<Block, ApiErr
         return Err(FrameError::BadMagic(magic));
     }
     let status = buf[4];
-    let len = u32::from_be_bytes(buf[5..9].try_into().expect("4 bytes")) as usize;
-    let crc = u32::from_be_bytes(buf[9..13].try_into().expect("4 bytes"));
+    let origin = crate::Origin::from_code(buf[5]);
+    let len = u32::from_be_bytes(buf[6..10].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_be_bytes(buf[10..14].try_into().expect("4 bytes"));
     let limit = if status == 0 { MAX_BODY } else { MAX_REQUEST };
     if len > limit {
         return Err(FrameError::TooLong { len, limit });
     }
-    if status > 7 {
+    if status > MAX_STATUS {
         return Err(FrameError::UnknownStatus(status));
     }
     if buf.len() < RESPONSE_HEADER + len {
@@ -197,6 +209,7 @@ pub fn decode_response(buf: &mut BytesMut) -> Result<Option<Result<Block, ApiErr
     let block = Block {
         data: body,
         crc32c: crc,
+        origin,
     };
     if !block.verify() {
         return Err(FrameError::Checksum {
@@ -270,6 +283,13 @@ mod tests {
         buf.put_slice(&body);
         let got = decode_response(&mut buf).unwrap().unwrap().unwrap();
         assert_eq!(got.data, block.data);
+        // Where the worker found it travels with it.
+        let mut buf = BytesMut::new();
+        let from_disk = block.clone().with_origin(crate::Origin::Disk);
+        let body = encode_response_header(&Ok(from_disk), &mut buf).unwrap();
+        buf.put_slice(&body);
+        let got = decode_response(&mut buf).unwrap().unwrap().unwrap();
+        assert_eq!(got.origin, crate::Origin::Disk);
 
         let mut bad = BytesMut::new();
         let body = encode_response_header(&Ok(block), &mut bad).unwrap();
@@ -298,7 +318,7 @@ mod tests {
             decode_request(&mut huge),
             Err(FrameError::TooLong { .. })
         ));
-        let mut huge = BytesMut::from(&b"GRS1\x00\xff\xff\xff\xff\0\0\0\0"[..]);
+        let mut huge = BytesMut::from(&b"GRS2\x00\x01\xff\xff\xff\xff\0\0\0\0"[..]);
         assert!(matches!(
             decode_response(&mut huge),
             Err(FrameError::TooLong { .. })

@@ -57,12 +57,65 @@ pub struct Entry {
 pub struct Block {
     pub data: Bytes,
     pub crc32c: u32,
+    /// Where the worker that holds the block found it (for clients' hit-ratio metrics).
+    pub origin: Origin,
+}
+
+/// Where a worker found a block it served: a cache hit (memory, disk: the dataset store counts
+/// as disk) or a miss fetched from the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Origin {
+    #[default]
+    Unknown,
+    Memory,
+    Disk,
+    Backend,
+}
+
+impl Origin {
+    pub fn code(self) -> u8 {
+        match self {
+            Origin::Unknown => 0,
+            Origin::Memory => 1,
+            Origin::Disk => 2,
+            Origin::Backend => 3,
+        }
+    }
+
+    /// Unknown codes (a newer worker) read as `Unknown`.
+    pub fn from_code(code: u8) -> Origin {
+        match code {
+            1 => Origin::Memory,
+            2 => Origin::Disk,
+            3 => Origin::Backend,
+            _ => Origin::Unknown,
+        }
+    }
+
+    /// The metric label: `memory`, `disk`, `backend` or `unknown`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Origin::Unknown => "unknown",
+            Origin::Memory => "memory",
+            Origin::Disk => "disk",
+            Origin::Backend => "backend",
+        }
+    }
 }
 
 impl Block {
     pub fn new(data: Bytes) -> Self {
         let crc32c = granary_core::object::checksum(&data);
-        Block { data, crc32c }
+        Block {
+            data,
+            crc32c,
+            origin: Origin::Unknown,
+        }
+    }
+
+    pub fn with_origin(mut self, origin: Origin) -> Self {
+        self.origin = origin;
+        self
     }
 
     pub fn verify(&self) -> bool {

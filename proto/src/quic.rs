@@ -295,10 +295,8 @@ impl BlockClient {
                             )));
                         }
                         buf.extend_from_slice(&chunk.bytes);
-                        if !reserved && buf.len() >= 9 {
-                            let len =
-                                u32::from_be_bytes(buf[5..9].try_into().expect("4 bytes")) as usize;
-                            buf.reserve(len.min(frame::MAX_BODY) + 13);
+                        if !reserved && let Some(len) = frame::response_body_len(&buf) {
+                            buf.reserve(len.min(frame::MAX_BODY) + frame::RESPONSE_HEADER);
                             reserved = true;
                         }
                     }

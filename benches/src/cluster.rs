@@ -104,12 +104,7 @@ pub fn run(setup: Setup) -> anyhow::Result<bool> {
         names.len(),
         file_bytes / MIB
     ));
-    let files = rt.block_on(dataset::create_files(
-        &names,
-        file_bytes,
-        &work.join("native"),
-        store,
-    ))?;
+    let files = rt.block_on(dataset::upload_files(&names, file_bytes, store))?;
 
     let base = work.join("cluster");
     std::fs::create_dir_all(&base)?;

@@ -55,7 +55,7 @@ impl Dataset {
         store: &Arc<dyn ObjectStore>,
     ) -> anyhow::Result<Dataset> {
         std::fs::create_dir_all(native_root.join(SMALL_DIR))?;
-        let large = write_large("large.bin", shape.large_bytes, native_root, store).await?;
+        let large = write_large("large.bin", shape.large_bytes, Some(native_root), store).await?;
         let mut small: Vec<FileSpec> = futures::stream::iter(0..shape.small_count)
             .map(|i| {
                 let name = format!("{SMALL_DIR}/{i:05}.bin");
@@ -97,7 +97,20 @@ pub async fn create_files(
         if let Some(parent) = Path::new(name).parent() {
             std::fs::create_dir_all(native_root.join(parent))?;
         }
-        files.push(write_large(name, size, native_root, store).await?);
+        files.push(write_large(name, size, Some(native_root), store).await?);
+    }
+    Ok(files)
+}
+
+/// The same files uploaded only, with no local copy (readers check bytes with [`expected`]).
+pub async fn upload_files(
+    names: &[String],
+    size: u64,
+    store: &Arc<dyn ObjectStore>,
+) -> anyhow::Result<Vec<FileSpec>> {
+    let mut files = Vec::with_capacity(names.len());
+    for name in names {
+        files.push(write_large(name, size, None, store).await?);
     }
     Ok(files)
 }
@@ -111,18 +124,22 @@ pub fn expected(file: &FileSpec, offset: u64, buf: &mut [u8]) {
     rng.fill(buf);
 }
 
+/// Generates `name` and uploads it; with a `root`, also writes it there (the native copy).
 async fn write_large(
     name: &str,
     size: u64,
-    root: &Path,
+    root: Option<&Path>,
     store: &Arc<dyn ObjectStore>,
 ) -> anyhow::Result<FileSpec> {
-    let path = root.join(name);
-    let mut local = std::io::BufWriter::with_capacity(
-        CHUNK,
-        std::fs::File::create(&path)
-            .with_context(|| format!("cannot create {}", path.display()))?,
-    );
+    let mut local = match root {
+        Some(root) => {
+            let path = root.join(name);
+            let file = std::fs::File::create(&path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            Some(std::io::BufWriter::with_capacity(CHUNK, file))
+        }
+        None => None,
+    };
     let key = ObjectPath::from(format!("{PREFIX}/{name}"));
     let upload = store
         .put_multipart(&key)
@@ -135,12 +152,16 @@ async fn write_large(
     while left > 0 {
         let n = left.min(CHUNK as u64) as usize;
         generator.fill(&mut buf[..n]);
-        std::io::Write::write_all(&mut local, &buf[..n])?;
+        if let Some(local) = &mut local {
+            std::io::Write::write_all(local, &buf[..n])?;
+        }
         upload.wait_for_capacity(UPLOADS).await?;
         upload.write(&buf[..n]);
         left -= n as u64;
     }
-    local.into_inner()?.sync_all()?;
+    if let Some(local) = local {
+        local.into_inner()?.sync_all()?;
+    }
     upload
         .finish()
         .await

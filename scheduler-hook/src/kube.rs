@@ -270,12 +270,16 @@ pub fn pod_group_kinds() -> [ApiResource; 2] {
     ]
 }
 
-/// Watches one PodGroup kind, if its CRD exists (checked once; absent kinds are skipped).
+/// Watches one PodGroup kind once its CRD exists (looked for every minute until then).
 pub async fn watch_pod_groups(client: kube::Client, hook: Arc<Hook>, kind: ApiResource) {
     let api: Api<DynamicObject> = Api::all_with(client, &kind);
-    if let Err(e) = api.list(&ListParams::default().limit(1)).await {
-        tracing::info!(group = %kind.group, error = %err(e), "no PodGroups of this kind; gangs of it need granary.io/gang-size");
-        return;
+    let mut told = false;
+    while let Err(e) = api.list(&ListParams::default().limit(1)).await {
+        if !told {
+            tracing::info!(group = %kind.group, error = %err(e), "no PodGroups of this kind (yet); gangs of it need granary.io/gang-size");
+            told = true;
+        }
+        tokio::time::sleep(Duration::from_secs(60)).await;
     }
     let mut stream = watcher(api, watcher::Config::default()).boxed();
     while let Some(event) = stream.next().await {

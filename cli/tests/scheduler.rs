@@ -448,11 +448,18 @@ fn gangs_bind_whole_near_ready_data_through_a_real_kube_scheduler() {
 
     // 1. A plain pod with the dataset lands on a node holding its bytes; pods with neither a
     //    dataset nor a gang pass through (one with a GPU, bound by the hook; one without).
-    k.add_pod("reader", "plain", 1, json!({"granary.io/dataset": "train"}));
+    for i in 0..3 {
+        k.add_pod(
+            &format!("reader-{i}"),
+            "plain",
+            1,
+            json!({"granary.io/dataset": "train"}),
+        );
+    }
     k.add_pod("gpu-only", "plain", 1, json!({}));
     k.add_pod("cpu-only", "plain", 0, json!({}));
     let started = Instant::now();
-    while k.bound("plain").len() < 3 {
+    while k.bound("plain").len() < 5 {
         assert!(
             started.elapsed() < Duration::from_secs(60),
             "plain pods not bound: {:?}{}",
@@ -462,12 +469,48 @@ fn gangs_bind_whole_near_ready_data_through_a_real_kube_scheduler() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let plain = k.bound("plain");
-    assert!(
-        ["w2", "w3"].contains(&plain["reader"].as_str()),
-        "the dataset pod went to {} (its bytes are on w2, w3)",
-        plain["reader"]
+    for i in 0..3 {
+        let node = &plain[&format!("reader-{i}")];
+        assert!(
+            ["w2", "w3"].contains(&node.as_str()),
+            "dataset pod reader-{i} went to {node} (its bytes are on w2, w3)"
+        );
+    }
+    // The scores behind it: bytes of the dataset on each node, relative to the most.
+    let probe = json!({"Pod": {"metadata": {"name": "probe", "namespace": "default",
+        "annotations": {"granary.io/dataset": "train"}}},
+        "NodeNames": ["w1", "w2", "w3", "w4"]});
+    let (code, text) = raw_request(
+        &hook_addr,
+        "/prioritize",
+        probe.to_string().as_bytes(),
+        None,
     );
-    eprintln!("plain pods bound: {plain:?}");
+    assert_eq!(code, 200, "{text}");
+    let scores: Vec<Value> = serde_json::from_str(&text).unwrap();
+    let score = |n: &str| {
+        scores.iter().find(|h| h["Host"] == n).unwrap()["Score"]
+            .as_i64()
+            .unwrap()
+    };
+    let status = dataset_status(&api, "train");
+    let held = |n: &str| {
+        status["node_progress"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["node"] == n)
+            .map_or(0, |p| p["bytes_ready"].as_u64().unwrap())
+    };
+    let most = held("w2").max(held("w3"));
+    for n in ["w1", "w2", "w3", "w4"] {
+        assert_eq!(
+            score(n) as u64,
+            (held(n) * 10).div_ceil(most),
+            "{n}: scores {text}, status {status}"
+        );
+    }
+    eprintln!("plain pods bound: {plain:?}; dataset scores {text}");
     k.delete_phase("plain");
 
     // 2. Move the whole dataset onto w3, then a gang of 4 x 2 GPUs: planned on w3 (all the
@@ -665,7 +708,7 @@ fn gangs_bind_whole_near_ready_data_through_a_real_kube_scheduler() {
             &metrics,
             "granary_scheduler_requests_total",
             &[("verb", "bind"), ("outcome", "ok")]
-        ) >= 11.0,
+        ) >= 14.0,
         "{metrics}"
     );
 }

@@ -386,9 +386,11 @@ impl Gang {
 
     /// Adds or updates a member (an unbound pod of the gang).
     pub fn upsert_member(&mut self, member: Member, now: Millis) {
+        let is_new = !self.members.contains_key(&member.pod);
         let changed = self.members.get(&member.pod) != Some(&member);
-        if changed && self.plan.is_some() && self.phase != GangPhase::Bound {
-            // A new member, or a member's request changed under the plan: plan again.
+        if changed && self.plan.is_some() && (self.phase != GangPhase::Bound || is_new) {
+            // A new member (a replacement pod of a bound gang too), or a member's request
+            // changed under the plan: plan again (the unbound members; bound ones stay).
             self.drop_plan();
         }
         self.members.insert(member.pod.clone(), member);
@@ -776,6 +778,37 @@ mod tests {
         assert_eq!(g.bound_at, Some(70));
         assert!(g.reservations().is_empty());
         assert_eq!(g.tick(5000, 1000), None, "a bound gang never expires");
+    }
+
+    #[test]
+    fn a_replacement_pod_of_a_bound_gang_is_planned() {
+        let mut g = Gang::new(spec(2, false), 0);
+        for m in members(2, 2) {
+            g.upsert_member(m, 0);
+        }
+        g.planned(plan_gang(&g.unbound_members(), &four_nodes()), 0, 1000);
+        g.member_bound("ns/p0", "w1", 1);
+        g.member_bound("ns/p1", "w1", 2);
+        assert_eq!(g.phase, GangPhase::Bound);
+        // The same members seen again change nothing.
+        for m in members(2, 2) {
+            g.upsert_member(m, 3);
+        }
+        assert_eq!(g.phase, GangPhase::Bound);
+        // p1 fails and its controller makes p2.
+        g.remove_member("ns/p1");
+        assert_eq!(g.phase, GangPhase::Bound);
+        g.upsert_member(
+            Member {
+                pod: "ns/p2".into(),
+                gpus: 2,
+            },
+            4,
+        );
+        assert!(g.needs_plan());
+        assert_eq!(g.unbound_members().len(), 1);
+        g.planned(plan_gang(&g.unbound_members(), &four_nodes()), 5, 1000);
+        assert!(matches!(g.verdict("ns/p2"), Verdict::Node(_)));
     }
 
     #[test]

@@ -55,7 +55,9 @@ impl Dataset {
         store: &Arc<dyn ObjectStore>,
     ) -> anyhow::Result<Dataset> {
         std::fs::create_dir_all(native_root.join(SMALL_DIR))?;
-        let large = write_large("large.bin", shape.large_bytes, Some(native_root), store).await?;
+        let large = create_files(&["large.bin".into()], shape.large_bytes, native_root, store)
+            .await?
+            .remove(0);
         let mut small: Vec<FileSpec> = futures::stream::iter(0..shape.small_count)
             .map(|i| {
                 let name = format!("{SMALL_DIR}/{i:05}.bin");

@@ -2,8 +2,9 @@
 # CI smoke test of the benchmark harness (docs/BENCHMARKS.md): installs what it needs when
 # missing, then runs `granary-bench --smoke`: every installed system on every workload at tiny
 # sizes, one run; then `granary-bench --cluster --smoke`: 1, 2 and 3 workers with their clients
-# (~15 s). It fails unless every figure was measured with the right bytes and the chart was
-# drawn, or if anything is left mounted afterwards. Extra arguments go to the first run.
+# (~15 s); then `granary-bench --pinned --smoke`: a pinned dataset loaded and read through
+# passthrough (~10 s). It fails unless every figure was measured with the right bytes and the
+# chart was drawn, or if anything is left mounted afterwards. Extra arguments go to the first run.
 # GRANARY_BENCH_DEBUG=1 measures the debug build (what CI does: the smoke checks figures, not speed).
 #   s3fs, rclone       the peer FUSE tools measured beside Granary
 #   fonts-dejavu-core  the font the chart's labels are drawn in
@@ -21,6 +22,7 @@ else
 fi
 "${bench[@]}" --smoke "$@" || status=$?
 "${bench[@]}" --cluster --smoke || status=$?
+"${bench[@]}" --pinned --smoke || status=$?
 # The bench unmounts and stops everything it started, however it ends; check.
 work=$(realpath -m "${CARGO_TARGET_DIR:-target}/bench-work")
 if grep -q " $work" /proc/mounts; then

@@ -8,11 +8,15 @@
 //!
 //! `--cluster` measures a Granary cluster instead ([`cluster`]): 1, 2 and 3 workers, each with
 //! its own client reading its own file, all at once.
+//!
+//! `--pinned` measures a pinned dataset instead ([`pinned`]): its load onto one node and reads of
+//! it through the mount (kernel FUSE passthrough) against native disk.
 
 mod cleanup;
 mod cluster;
 mod dataset;
 mod host;
+mod pinned;
 mod profile;
 mod progress;
 mod report;
@@ -67,6 +71,11 @@ struct Args {
     /// file at the same time; aggregate MB/s cold and hot, backend GETs per block.
     #[arg(long, conflicts_with = "systems")]
     cluster: bool,
+    /// Instead of the workloads, the pinned-dataset benchmark: pin and load a dataset (the large
+    /// file and the small files) onto one `granary up` node, timed against raw parallel GETs, then
+    /// read it through the mount (kernel FUSE passthrough) and natively, cold and hot.
+    #[arg(long, conflicts_with_all = ["systems", "cluster"])]
+    pinned: bool,
     /// Granary's memory cache [default: 512MiB; with --cluster, per worker, 1.5 times one
     /// reader's file (1536MiB with --quick), so that a worker's share of the files stays in
     /// memory].
@@ -152,7 +161,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     rt.spawn(cleanup::on_signal());
     let profile = args.profile();
     let shape = profile.shape;
-    let names = if args.cluster {
+    let names = if args.cluster || args.pinned {
         Vec::new()
     } else {
         system_names(&args.systems)?
@@ -162,7 +171,13 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     let root = workspace_root();
     let results_dir = target_dir().join("bench-results");
     // Each mode its own log directory: one run does not wipe the other's logs.
-    let log_dir = results_dir.join(if args.cluster { "logs-cluster" } else { "logs" });
+    let log_dir = results_dir.join(if args.cluster {
+        "logs-cluster"
+    } else if args.pinned {
+        "logs-pinned"
+    } else {
+        "logs"
+    });
     let work = target_dir().join("bench-work");
     let flavor = args.s3();
     let s3_script = root.join("scripts/services").join(flavor.script());
@@ -215,6 +230,23 @@ fn run(args: &Args) -> anyhow::Result<bool> {
             s3: &server.conn,
             s3_state: &s3_state,
             store: &store,
+            work: &work,
+            log_dir: &log_dir,
+            results_dir: &results_dir,
+            granary_bin: &granary_bin,
+            git: git_describe(&root),
+            memory_cache: args.memory_cache,
+            disk_cache: args.disk_cache,
+            progress,
+        });
+    }
+    if args.pinned {
+        return pinned::run(pinned::Setup {
+            started,
+            rt: &rt,
+            profile,
+            flavor,
+            s3: &server.conn,
             work: &work,
             log_dir: &log_dir,
             results_dir: &results_dir,

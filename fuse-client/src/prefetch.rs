@@ -89,11 +89,16 @@ impl ReadLabels {
     }
 }
 
+/// Blocks kept behind the current read for stragglers.
+const KEEP_BEHIND: u64 = 1;
+
 pub struct FileReader {
     object: ObjectRef,
     block_size: BlockSize,
     budget: Budget,
     labels: Arc<ReadLabels>,
+    /// The readahead window's largest size, in blocks.
+    max_ahead: u64,
     state: Mutex<State>,
 }
 
@@ -115,6 +120,7 @@ impl FileReader {
             block_size,
             budget,
             labels,
+            max_ahead: max_ahead_blocks,
             state: Mutex::new(State {
                 readahead: Readahead::new(max_ahead_blocks),
                 blocks: BTreeMap::new(),
@@ -161,7 +167,13 @@ impl FileReader {
         let waits: Vec<(u64, BlockFuture)> = {
             let mut state = self.state.lock().expect("reader lock");
             let plan = state.readahead.on_read(offset, len, bs, size);
-            state.blocks.retain(|i, _| plan.contains(i));
+            // Keep what the stream may still read: the block just behind the plan (the kernel's
+            // parallel requests arrive out of order across a block boundary) and the whole
+            // window ahead (a straggler's plan ends before the blocks already in flight for
+            // later reads). Dropping either made the next read fetch it again.
+            let keep = plan.start.saturating_sub(KEEP_BEHIND)
+                ..plan.start + (needed.end - needed.start) + self.max_ahead + 1;
+            state.blocks.retain(|i, _| keep.contains(i));
             for index in plan {
                 if state.blocks.contains_key(&index) {
                     continue;

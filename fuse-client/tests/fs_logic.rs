@@ -255,6 +255,44 @@ async fn random_reads_fetch_only_what_they_touch_and_sequential_reads_read_ahead
 }
 
 #[tokio::test]
+async fn out_of_order_requests_across_a_block_boundary_fetch_each_block_once() {
+    let w = Arc::new(FakeWorker::default());
+    w.put("/f", data(16 * BS as usize, 6), "e");
+    let fs = fs(
+        w.clone(),
+        FsConfig {
+            readahead_per_file: 4 * BS,
+            ..FsConfig::default()
+        },
+    );
+    let ino = fs.lookup(1, "f").await.unwrap().ino;
+    let fh = fs.open(ino, false).await.unwrap().fh;
+    // The kernel's requests, a quarter block each, with the last quarter of every block
+    // arriving after the first quarter of the next.
+    let q = BS / 4;
+    let mut order = Vec::new();
+    for b in 0..8u64 {
+        order.extend([b * BS, b * BS + q, b * BS + 2 * q]);
+        if b > 0 {
+            order.push((b - 1) * BS + 3 * q);
+        }
+    }
+    for offset in order {
+        let got = fs.read(fh, offset, q as u32).await.unwrap();
+        assert_eq!(
+            got[..],
+            data(16 * BS as usize, 6)[offset as usize..(offset + q) as usize]
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let fetched = w.block_reads.load(Ordering::SeqCst);
+    assert!(
+        fetched <= 8 + 4,
+        "each block once (plus at most the readahead window): {fetched}"
+    );
+}
+
+#[tokio::test]
 async fn readahead_memory_is_bounded_in_total() {
     let w = Arc::new(FakeWorker::default());
     for i in 0..20 {

@@ -152,7 +152,9 @@ pub async fn connect(endpoints: &[String]) -> Result<Client, MembershipError> {
     let options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(3))
         .with_timeout(Duration::from_secs(5))
-        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(3));
+        // etcd refuses HTTP/2 pings more often than every 5 s (--grpc-keepalive-min-time) with
+        // GOAWAY "too many pings": a client pinging every 2 s lost its watch every few seconds.
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
     let connect = Client::connect(endpoints, Some(options));
     match tokio::time::timeout(Duration::from_secs(10), connect).await {
         Ok(Ok(client)) => Ok(client),

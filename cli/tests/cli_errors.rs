@@ -119,8 +119,18 @@ fn no_permission_on_dev_fuse() {
         Command::new("chmod").arg("0777").arg(dir).status().unwrap();
     }
     let args = up("/tmp", mnt.path(), cache.path(), &[]);
-    let mut cmd = Command::new("setpriv");
-    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+    // The machine's /dev/fuse may be world-writable (udev's default rule makes it 0666): run as
+    // nobody in a private mount namespace where /dev/fuse is a 0600 node of our own, so the test
+    // does not depend on (or change) the host's permissions.
+    let node = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(
+            "d=$1; shift; mknod -m 600 \"$d/fuse\" c 10 229 && mount --bind \"$d/fuse\" /dev/fuse \
+             && exec setpriv --reuid=65534 --regid=65534 --clear-groups -- \"$@\"",
+        )
+        .arg("sh")
+        .arg(node.path())
         .arg(support::process::granary_bin())
         .args(&args)
         .env("GRANARY_LOG", "warn");

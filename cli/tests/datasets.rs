@@ -8,7 +8,7 @@ mod support;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use support::backends::{S3Target, unique};
 use support::cluster::{
     Spec, Started, Worker, dev_certs, drop_page_cache, mount_cluster_with, sha, start_workers,
@@ -17,7 +17,7 @@ use support::cluster::{
 use support::data::{Tree, content, write_local};
 use support::own::OwnService;
 use support::process::{Finished, granary, run_with_timeout};
-use support::{http_get, metric};
+use support::{http_get, metric, wait_until};
 
 const BLOCK: u64 = 4 << 20;
 const ADMIN: &str = "admin-token-0123456789";
@@ -116,14 +116,6 @@ fn blocks_on_disk(cache: &Path, name: &str) -> u64 {
         }
     }
     complete + partial
-}
-
-fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 #[test]

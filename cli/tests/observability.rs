@@ -7,7 +7,7 @@ mod support;
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use support::backends::{S3Target, unique};
 use support::cluster::{
     Spec, Started, dev_certs, drop_page_cache, mount_cluster_with, start_workers, wait_for_members,
@@ -15,7 +15,7 @@ use support::cluster::{
 use support::data::{Tree, content};
 use support::own::OwnService;
 use support::process::{granary, interrupt_and_reap, run_with_timeout};
-use support::{free_port, http_get};
+use support::{free_port, http_get, wait_until};
 
 struct Prometheus(Option<Child>);
 
@@ -41,14 +41,6 @@ fn query(addr: &str, expr: &str) -> Option<f64> {
     assert_eq!(v["status"], "success", "{expr}: {body}");
     let result = v["data"]["result"].as_array()?.first()?.clone();
     result["value"][1].as_str()?.parse().ok()
-}
-
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }
 
 #[test]
@@ -133,7 +125,7 @@ fn prometheus_sees_the_hit_ratio_and_cached_bytes_the_workload_implies() {
             .spawn()
             .expect("prometheus is installed (scripts/install-deps.sh installs it)"),
     ));
-    wait_for(
+    wait_until(
         "prometheus to scrape every target",
         Duration::from_secs(60),
         || {
@@ -202,7 +194,7 @@ fn prometheus_sees_the_hit_ratio_and_cached_bytes_the_workload_implies() {
         direct.1,
         "the workload reads every block once cold, once hot"
     );
-    wait_for(
+    wait_until(
         "prometheus to see the workload",
         Duration::from_secs(30),
         || {
@@ -227,7 +219,7 @@ fn prometheus_sees_the_hit_ratio_and_cached_bytes_the_workload_implies() {
         .filter(|(p, _)| p.starts_with("read/"))
         .map(|(_, s)| s)
         .sum();
-    wait_for("the client's counters", Duration::from_secs(30), || {
+    wait_until("the client's counters", Duration::from_secs(30), || {
         query(
             &prom_addr,
             "sum(granary_fuse_blocks_total{origin=~\"memory|disk\",training_job=\"resnet\"}) / sum(granary_fuse_blocks_total{training_job=\"resnet\"})",

@@ -20,7 +20,7 @@ use support::cluster::{Worker, wait_for_members};
 use support::data::Tree;
 use support::own::OwnService;
 use support::process::{Finished, granary, granary_bin, interrupt_and_reap, run_with_timeout};
-use support::{free_port, http_get};
+use support::{free_port, http_get, wait_until};
 
 const ADMIN: &str = "admin-token-0123456789";
 const GIB: u64 = 1 << 30;
@@ -56,14 +56,6 @@ impl Drop for Process {
         if let Some(c) = self.child.take() {
             interrupt_and_reap(c, Duration::from_secs(10));
         }
-    }
-}
-
-fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

@@ -68,3 +68,15 @@ pub fn is_mounted(dir: &std::path::Path) -> bool {
         .lines()
         .any(|l| l.split(' ').nth(4) == Some(dir.as_str()))
 }
+
+/// Polls `f` until it holds; fails the test naming `what` after `limit`.
+pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -155,10 +155,6 @@ impl Datasets {
         })
     }
 
-    pub fn node_id(&self) -> &str {
-        &self.node_id
-    }
-
     /// The pins as last read from the registry.
     pub fn pins(&self) -> Arc<Vec<Pin>> {
         self.pins.read().expect("pins").clone()

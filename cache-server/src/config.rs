@@ -65,7 +65,7 @@ pub struct ConfigFile {
 pub struct DatasetsSection {
     /// Bytes of pinned data this node may hold [default: 16GiB].
     pub capacity: Option<String>,
-    /// Files loaded at once by this node [default: 4].
+    /// Block reads in flight per dataset load on this node [default: 16].
     pub load_concurrency: Option<usize>,
     /// The bearer token that may see and change every tenant's pins.
     pub admin_token: Option<String>,
@@ -210,7 +210,7 @@ impl Default for DatasetSettings {
     fn default() -> Self {
         DatasetSettings {
             capacity: Self::DEFAULT_CAPACITY,
-            load_concurrency: 4,
+            load_concurrency: 16,
             admin_token: None,
             tenants: Vec::new(),
         }

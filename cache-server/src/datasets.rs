@@ -6,19 +6,29 @@
 //! ```text
 //! pins/<name>.json          pins, when the worker has no etcd (else they live in etcd)
 //! <name>/files/<path>       a loaded file, exactly the manifest's version, whole
+//! <name>/files/.<file>.loading         a file being loaded (blocks land in any order)
+//! <name>/files/.<file>.loading.crcs    its journal: the version, then `<block> <crc>` per block written
 //! <name>/index.jsonl        one line per loaded (or dropped) file: size, version, block CRCs
 //! ```
 //!
-//! A file enters the index only after all its bytes are written, synced and their CRC32C
-//! recorded, so after a crash or restart the index names exactly the files that are complete;
-//! anything else under `files/` is a leftover and is loaded again. Every block served from the
+//! A file enters the index only after all its bytes are written, renamed into place and synced
+//! (one `syncfs` and one index append + sync for every batch of files that completed meanwhile,
+//! not two syncs per file), so after a crash or restart the index names exactly the files that
+//! are complete; anything else under `files/` is a leftover and is loaded again, resuming after
+//! the blocks its journal names (each re-checked against its CRC). Every block served from the
 //! store is checked against its CRC; a damaged file is dropped and loaded again.
 //!
-//! Each worker runs [`Datasets::run`]: once a second it reads the pins, drops what is no longer
+//! Each worker runs [`Datasets::run`]: every second, and at once when a pin changes (an etcd
+//! watch, or this worker's own API) or a load ends, it reads the pins, drops what is no longer
 //! pinned here, lapses expired pins, loads its share of every pin being loaded (each file on
 //! `replicas` nodes of the pin's set by rendezvous hashing of its path; the first holder fetches
 //! it from the backend in block-size ranged GETs, the others copy it from that holder over QUIC),
 //! carries out verification requests, and reports its progress to the registry.
+//!
+//! A load keeps `load_concurrency` block reads in flight across the dataset's files (the blocks
+//! of a large file are fetched in parallel; small files many at a time); each block is
+//! checksummed and written at its offset on a blocking thread. A file that keeps failing is
+//! retried with exponential backoff (2 s doubling to 5 min), its reason shown in `status`.
 
 use crate::config::DatasetSettings;
 use crate::registry::{Pin, Registry};
@@ -35,6 +45,13 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{Notify, Semaphore, mpsc};
+
+/// Files committed to the index with one sync, at most.
+const COMMIT_BATCH: usize = 256;
+/// The first retry of a file that failed waits this long; each failure after doubles it.
+const RETRY_FIRST: Duration = Duration::from_secs(2);
+const RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// One loaded file, as the index records it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -95,8 +112,8 @@ pub struct Datasets {
     pub settings: DatasetSettings,
     pub registry: Registry,
     pins: RwLock<Arc<Vec<Pin>>>,
-    /// Loaded files by (mount, backend key).
-    held: RwLock<HashMap<(u32, String), HeldFile>>,
+    /// Loaded files by mount, then backend key.
+    held: RwLock<HashMap<u32, HashMap<String, Arc<HeldFile>>>>,
     /// Per dataset: loaded files by path.
     indexes: Mutex<HashMap<String, HashMap<String, StoredFile>>>,
     loading: Mutex<HashSet<String>>,
@@ -105,6 +122,10 @@ pub struct Datasets {
     failures: Mutex<HashMap<String, String>>,
     /// Bytes loaded per dataset since this process started, for the rate.
     loaded_bytes: Mutex<HashMap<String, (Instant, u64, f64)>>,
+    /// Files that failed to load, by dataset and path.
+    backoff: Mutex<HashMap<String, HashMap<String, Retry>>>,
+    /// Wakes the reconcile loop before its next tick.
+    wake: Notify,
 }
 
 fn now_secs() -> u64 {
@@ -152,7 +173,14 @@ impl Datasets {
             repaired: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
             loaded_bytes: Mutex::new(HashMap::new()),
+            backoff: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
         })
+    }
+
+    /// Has the reconcile loop run now rather than at its next tick (a pin changed).
+    pub fn wake(&self) {
+        self.wake.notify_one();
     }
 
     /// The pins as last read from the registry.
@@ -170,29 +198,30 @@ impl Datasets {
         let pins = Arc::new(pins);
         *self.pins.write().expect("pins") = pins.clone();
         self.rebuild_held();
+        self.wake();
         Ok(pins)
     }
 
     fn rebuild_held(&self) {
         let pins = self.pins();
         let indexes = self.indexes.lock().expect("indexes");
-        let mut held = HashMap::new();
+        let mut held: HashMap<u32, HashMap<String, Arc<HeldFile>>> = HashMap::new();
         for pin in pins.iter() {
             let Some(index) = indexes.get(&pin.name) else {
                 continue;
             };
             for f in &pin.manifest.files {
                 if let Some(stored) = index.get(&f.path).filter(|s| s.matches(f)) {
-                    held.insert(
-                        (pin.mount, pin.key_of(&f.path)),
-                        HeldFile {
+                    held.entry(pin.mount).or_default().insert(
+                        pin.key_of(&f.path),
+                        Arc::new(HeldFile {
                             dataset: pin.name.clone(),
                             path: self.file_path(&pin.name, &f.path),
                             size: f.size,
                             etag: f.etag.clone(),
                             version: f.version.clone(),
                             crcs: Arc::new(stored.crcs.clone()),
-                        },
+                        }),
                     );
                 }
             }
@@ -205,9 +234,9 @@ impl Datasets {
     }
 
     /// The loaded copy of exactly this version of `object`, if this node has one.
-    pub fn held(&self, object: &ObjectRef) -> Option<HeldFile> {
+    pub fn held(&self, object: &ObjectRef) -> Option<Arc<HeldFile>> {
         let held = self.held.read().expect("held");
-        let file = held.get(&(object.mount, object.id.key.clone()))?;
+        let file = held.get(&object.mount)?.get(object.id.key.as_str())?;
         (file.size == object.id.size
             && file.etag == object.id.etag
             && file.version == object.id.version)
@@ -273,34 +302,31 @@ impl Datasets {
             return;
         };
         let rel = rel.to_string_lossy().into_owned();
-        if let Err(e) = self.record(dataset, tombstone(&rel)) {
+        if let Err(e) = self.record(dataset, vec![tombstone(&rel)]) {
             tracing::warn!(dataset, error = %e, "cannot record a dropped file");
         }
         let _ = std::fs::remove_file(path);
         self.rebuild_held();
     }
 
-    /// Appends `entry` to the dataset's index (synced) and applies it in memory.
-    fn record(&self, dataset: &str, entry: StoredFile) -> Result<(), ApiError> {
-        let path = self.root.join(dataset).join("index.jsonl");
-        let mut line = serde_json::to_vec(&entry).expect("index entries serialize");
-        line.push(b'\n');
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| internal(path.display(), e))?;
-        f.write_all(&line)
-            .and_then(|()| f.sync_data())
-            .map_err(|e| internal(path.display(), e))?;
+    /// Appends `entries` to the dataset's index (one write, synced) and applies them in memory.
+    fn record(&self, dataset: &str, entries: Vec<StoredFile>) -> Result<(), ApiError> {
+        append_index(&self.root.join(dataset).join("index.jsonl"), &entries)?;
+        self.apply(dataset, entries);
+        Ok(())
+    }
+
+    /// Applies index entries already on disk to the in-memory index.
+    fn apply(&self, dataset: &str, entries: Vec<StoredFile>) {
         let mut indexes = self.indexes.lock().expect("indexes");
         let index = indexes.entry(dataset.to_string()).or_default();
-        if entry.dropped {
-            index.remove(&entry.path);
-        } else {
-            index.insert(entry.path.clone(), entry);
+        for entry in entries {
+            if entry.dropped {
+                index.remove(&entry.path);
+            } else {
+                index.insert(entry.path.clone(), entry);
+            }
         }
-        Ok(())
     }
 
     /// Bytes of `pin` this node holds, verified: (files, bytes).
@@ -430,12 +456,19 @@ impl Datasets {
 
     /// The reconcile loop (see the module docs); runs until the process ends.
     pub async fn run<S: Source>(self: Arc<Self>, source: Arc<S>) {
+        if self.registry.shared() {
+            let me = self.clone();
+            tokio::spawn(async move { me.registry.watch_pins(|| me.wake()).await });
+        }
         let mut last_report: HashMap<String, (NodeProgress, Instant)> = HashMap::new();
         loop {
             if let Err(e) = self.reconcile(&source, &mut last_report).await {
                 tracing::warn!(error = %e, "dataset reconcile failed; retrying");
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = self.wake.notified() => {}
+            }
         }
     }
 
@@ -450,13 +483,14 @@ impl Datasets {
             tracing::info!(dataset = %pin.name, tenant = %pin.tenant, "pin expired; unpinning");
             self.registry.remove(&pin.name).await?;
         }
-        // Drop what is no longer pinned here.
+        // Drop what is no longer pinned here: indexed datasets, and dataset directories of loads
+        // that never completed a file.
         let mine: HashSet<&str> = pins
             .iter()
             .filter(|p| !p.expired(now) && p.nodes.iter().any(|n| *n == self.node_id))
             .map(|p| p.name.as_str())
             .collect();
-        let stale: Vec<String> = self
+        let mut stale: HashSet<String> = self
             .indexes
             .lock()
             .expect("indexes")
@@ -464,12 +498,23 @@ impl Datasets {
             .filter(|n| !mine.contains(n.as_str()))
             .cloned()
             .collect();
+        if let Ok(entries) = std::fs::read_dir(&self.root) {
+            stale.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.path().join("files").is_dir())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n != "pins" && !mine.contains(n.as_str())),
+            );
+        }
         for name in stale {
             if self.loading.lock().expect("loading").contains(&name) {
                 continue;
             }
             tracing::info!(dataset = %name, "not pinned on this node any more; freeing its files");
             self.indexes.lock().expect("indexes").remove(&name);
+            self.backoff.lock().expect("backoff").remove(&name);
+            self.failures.lock().expect("failures").remove(&name);
             let dir = self.root.join(&name);
             let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
             last_report.remove(&name);
@@ -504,6 +549,8 @@ impl Datasets {
                     tokio::spawn(async move {
                         me.load(&pin, &source).await;
                         me.loading.lock().expect("loading").remove(&pin.name);
+                        // Report the outcome now, not at the next tick.
+                        me.wake();
                     });
                 }
             }
@@ -522,12 +569,15 @@ impl Datasets {
         Ok(())
     }
 
-    /// Loads this node's missing files of `pin`.
+    /// Loads this node's missing files of `pin`, but for those waiting out a retry backoff.
     async fn load<S: Source>(self: &Arc<Self>, pin: &Pin, source: &Arc<S>) {
         use futures::StreamExt;
+        let now = Instant::now();
         let missing: Vec<(ManifestFile, Vec<String>)> = {
             let indexes = self.indexes.lock().expect("indexes");
             let index = indexes.get(&pin.name);
+            let backoff = self.backoff.lock().expect("backoff");
+            let waiting = backoff.get(&pin.name);
             pin.manifest
                 .files
                 .iter()
@@ -535,6 +585,11 @@ impl Datasets {
                     !index
                         .and_then(|i| i.get(&f.path))
                         .is_some_and(|s| s.matches(f))
+                })
+                .filter(|f| {
+                    waiting
+                        .and_then(|w| w.get(&f.path))
+                        .is_none_or(|r| r.at <= now)
                 })
                 .filter_map(|f| {
                     let h: Vec<String> = holders(&f.path, &pin.nodes, pin.replicas)
@@ -549,7 +604,6 @@ impl Datasets {
             return;
         }
         tracing::info!(dataset = %pin.name, files = missing.len(), "loading");
-        self.failures.lock().expect("failures").remove(&pin.name);
         let dir = self.root.join(&pin.name).join("files");
         if let Err(e) = std::fs::create_dir_all(&dir) {
             self.fail(&pin.name, format!("cannot create {}: {e}", dir.display()));
@@ -559,26 +613,38 @@ impl Datasets {
         let (mut primary, replica): (Vec<_>, Vec<_>) =
             missing.into_iter().partition(|(_, h)| h[0] == self.node_id);
         primary.extend(replica);
-        futures::stream::iter(primary)
-            .for_each_concurrent(self.settings.load_concurrency, |(file, holders)| async move {
-                let mut attempt = 0;
-                loop {
-                    attempt += 1;
-                    match self.load_file(pin, &file, &holders, source).await {
-                        Ok(()) => break,
-                        Err(e) if attempt < 3 && !matches!(e, ApiError::Stale(_) | ApiError::NotFound(_)) => {
-                            tracing::warn!(dataset = %pin.name, path = %file.path, error = %e, "load failed; retrying");
-                            tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
-                        }
-                        Err(e) => {
-                            self.fail(&pin.name, format!("{}: {e}", file.path));
-                            break;
+        let in_flight = self.settings.load_concurrency;
+        let reads = Semaphore::new(in_flight);
+        let (done_tx, done_rx) = mpsc::channel::<Completed>(COMMIT_BATCH);
+        let fetch = async {
+            futures::stream::iter(primary)
+                .for_each_concurrent(in_flight, |(file, holders)| {
+                    let (done, reads) = (done_tx.clone(), &reads);
+                    async move {
+                        let mut attempt = 0;
+                        let result = loop {
+                            attempt += 1;
+                            match self.load_file(pin, &file, &holders, source, reads).await {
+                                Err(e) if attempt < 3 && retryable(&e) => {
+                                    tracing::warn!(dataset = %pin.name, path = %file.path, error = %e, "load failed; retrying");
+                                    tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
+                                }
+                                other => break other,
+                            }
+                        };
+                        match result {
+                            Ok(completed) => {
+                                let _ = done.send(completed).await;
+                            }
+                            Err(e) => self.file_failed(&pin.name, &file.path, &e),
                         }
                     }
-                }
-            })
-            .await;
-        self.rebuild_held();
+                })
+                .await;
+            drop(done_tx);
+        };
+        futures::join!(fetch, self.commit_loop(&pin.name, done_rx));
+        self.settle_failures(&pin.name);
     }
 
     fn fail(&self, dataset: &str, reason: String) {
@@ -589,13 +655,59 @@ impl Datasets {
             .insert(dataset.into(), reason);
     }
 
+    /// Puts a file that failed to load into backoff: it is tried again 2 s later, then 4, 8, ...
+    /// up to 5 minutes.
+    fn file_failed(&self, dataset: &str, path: &str, error: &ApiError) {
+        let mut backoff = self.backoff.lock().expect("backoff");
+        let retry = backoff
+            .entry(dataset.to_string())
+            .or_default()
+            .entry(path.to_string())
+            .or_insert(Retry {
+                failures: 0,
+                at: Instant::now(),
+                reason: String::new(),
+            });
+        retry.failures += 1;
+        let wait = RETRY_FIRST
+            .saturating_mul(1 << (retry.failures - 1).min(16))
+            .min(RETRY_MAX);
+        retry.at = Instant::now() + wait;
+        retry.reason = error.to_string();
+        tracing::error!(dataset, path, error = %error, failures = retry.failures, retry_in = ?wait, "cannot load a file");
+    }
+
+    /// Sets the dataset's failure reason from the files in backoff (or clears it).
+    fn settle_failures(&self, dataset: &str) {
+        let backoff = self.backoff.lock().expect("backoff");
+        let reason = backoff.get(dataset).and_then(|files| {
+            let (path, first) = files.iter().min_by_key(|(_, r)| r.at)?;
+            Some(format!(
+                "{} file(s) failed to load; {path}: {} (failed {} time(s), next try in {} s)",
+                files.len(),
+                first.reason,
+                first.failures,
+                first.at.saturating_duration_since(Instant::now()).as_secs()
+            ))
+        });
+        let mut failures = self.failures.lock().expect("failures");
+        match reason {
+            Some(reason) => failures.insert(dataset.to_string(), reason),
+            None => failures.remove(dataset),
+        };
+    }
+
+    /// Fetches every block of `file` the partial copy lacks (all of them, the first time), at
+    /// most `reads` at once across the load, and renames the whole file into place.
     async fn load_file<S: Source>(
         &self,
         pin: &Pin,
         file: &ManifestFile,
         holders: &[String],
         source: &Arc<S>,
-    ) -> Result<(), ApiError> {
+        reads: &Semaphore,
+    ) -> Result<Completed, ApiError> {
+        use futures::{StreamExt, TryStreamExt};
         let object = ObjectRef {
             mount: pin.mount,
             id: granary_core::ObjectId {
@@ -608,9 +720,6 @@ impl Datasets {
             },
         };
         let target = self.file_path(&pin.name, &file.path);
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| internal(parent.display(), e))?;
-        }
         let tmp = target.with_file_name(format!(
             ".{}.loading",
             target
@@ -618,98 +727,194 @@ impl Datasets {
                 .map(|n| n.to_string_lossy())
                 .unwrap_or_default()
         ));
-        let count = self.block_size.count(file.size);
         // A load cut short (a crash, a restart) resumes after the blocks it had written: the
-        // `.crcs` journal beside the partial file names each written block's CRC.
+        // `.crcs` journal beside the partial file names each written block and its CRC.
         let journal_path = tmp.with_extension("loading.crcs");
         let identity = serde_json::json!({
             "size": file.size, "etag": file.etag, "version": file.version,
-            "block_size": self.block_size.get(),
+            "block_size": self.block_size.get(), "journal": 2,
         })
         .to_string();
-        let (out, mut crcs) = resume(&tmp, &journal_path, &identity, self.block_size, file.size)
-            .map_err(|e| internal(tmp.display(), e))?;
-        let mut journal = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&journal_path)
-            .map_err(|e| internal(journal_path.display(), e))?;
-        if !crcs.is_empty() {
-            tracing::info!(dataset = %pin.name, path = %file.path, blocks = crcs.len(), "resuming a partial load");
+        let (bs, size) = (self.block_size, file.size);
+        let partial = Partial {
+            tmp: tmp.clone(),
+            journal: journal_path.clone(),
+        };
+        let (out, journal, mut crcs) =
+            blocking(move || partial.resume(&identity, bs, size)).await?;
+        let resumed = crcs.iter().flatten().count();
+        if resumed > 0 {
+            tracing::info!(dataset = %pin.name, path = %file.path, blocks = resumed, "resuming a partial load");
         }
         // From the first holder when it is another node and alive; else from the backend.
         let copy_from = holders
             .first()
             .filter(|h| **h != self.node_id && source.members().contains(h))
             .cloned();
-        let mut waited = Duration::ZERO;
-        let mut index = crcs.len() as u64;
-        while index < count {
-            let range = self.block_size.range(index, file.size);
-            let data = match &copy_from {
-                Some(peer) => match source.peer_held_block(peer, &object, index).await {
-                    Ok(data) => data,
-                    // The first holder has not loaded it yet: wait for it rather than fetch
-                    // the bytes from the backend a second time.
-                    Err(ApiError::NotFound(_)) if waited < Duration::from_secs(600) => {
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        waited += Duration::from_secs(1);
-                        continue;
-                    }
-                    Err(e) => {
-                        tracing::info!(peer, error = %e, path = %file.path, "copy from the first holder failed; reading the backend");
-                        source.backend_range(&object, range.clone()).await?
-                    }
-                },
-                None => source.backend_range(&object, range.clone()).await?,
-            };
-            if data.len() as u64 != range.end - range.start {
-                return Err(ApiError::Corrupt(format!(
-                    "{}: block {index} has {} bytes, expected {}",
-                    file.path,
-                    data.len(),
-                    range.end - range.start
-                )));
-            }
-            let crc = checksum(&data);
-            out.write_all_at(&data, range.start)
-                .map_err(|e| internal(tmp.display(), e))?;
-            journal
-                .write_all(format!("{crc:08x}\n").as_bytes())
-                .map_err(|e| internal(journal_path.display(), e))?;
-            crcs.push(crc);
-            self.count_loaded(&pin.name, data.len() as u64);
-            index += 1;
+        let (out, journal) = (Arc::new(out), Arc::new(Mutex::new(journal)));
+        let todo: Vec<u64> = (0..crcs.len() as u64)
+            .filter(|i| crcs[*i as usize].is_none())
+            .collect();
+        let written: Vec<(u64, u32)> = futures::stream::iter(todo)
+            .map(|index| {
+                let block = BlockLoad {
+                    object: &object,
+                    index,
+                    copy_from: copy_from.as_deref(),
+                    out: &out,
+                    journal: &journal,
+                };
+                self.load_block(&pin.name, block, source.as_ref(), reads)
+            })
+            .buffer_unordered(self.settings.load_concurrency)
+            .try_collect()
+            .await?;
+        for (index, crc) in written {
+            crcs[index as usize] = Some(crc);
         }
-        out.set_len(file.size)
-            .and_then(|()| out.sync_all())
-            .map_err(|e| internal(tmp.display(), e))?;
-        drop(out);
-        std::fs::rename(&tmp, &target).map_err(|e| internal(target.display(), e))?;
-        let _ = std::fs::remove_file(&journal_path);
-        metrics::counter!(granary_core::metrics::DATASET_LOADED_BYTES).increment(file.size);
-        self.record(
-            &pin.name,
-            StoredFile {
+        let crcs: Vec<u32> = crcs
+            .into_iter()
+            .collect::<Option<_>>()
+            .ok_or_else(|| ApiError::Internal(format!("{}: a block was not loaded", file.path)))?;
+        let placed = target.clone();
+        blocking(move || {
+            out.set_len(size)
+                .and_then(|()| std::fs::rename(&tmp, &placed))
+                .map_err(|e| internal(tmp.display(), e))?;
+            let _ = std::fs::remove_file(&journal_path);
+            Ok(())
+        })
+        .await?;
+        let crcs = Arc::new(crcs);
+        Ok(Completed {
+            entry: StoredFile {
                 path: file.path.clone(),
                 size: file.size,
                 etag: file.etag.clone(),
                 version: file.version.clone(),
-                crcs: crcs.clone(),
+                crcs: crcs.to_vec(),
                 dropped: false,
             },
-        )?;
-        // Served (and copyable by other holders) from now on.
-        self.held.write().expect("held").insert(
-            (pin.mount, object.id.key.clone()),
-            HeldFile {
+            mount: pin.mount,
+            key: object.id.key,
+            held: Arc::new(HeldFile {
                 dataset: pin.name.clone(),
                 path: target,
                 size: file.size,
                 etag: file.etag.clone(),
                 version: file.version.clone(),
-                crcs: Arc::new(crcs),
-            },
-        );
+                crcs,
+            }),
+        })
+    }
+
+    /// Fetches one block (holding a permit of `reads` from before the request until the bytes
+    /// are written), writes it at its offset and journals its CRC: `(index, crc)`.
+    async fn load_block<S: Source>(
+        &self,
+        dataset: &str,
+        block: BlockLoad<'_>,
+        source: &S,
+        reads: &Semaphore,
+    ) -> Result<(u64, u32), ApiError> {
+        let BlockLoad {
+            object,
+            index,
+            copy_from,
+            out,
+            journal,
+        } = block;
+        let range = self.block_size.range(index, object.id.size);
+        let mut waited = Duration::ZERO;
+        let (data, permit) = loop {
+            let permit = reads
+                .acquire()
+                .await
+                .expect("the semaphore is never closed");
+            let data = match copy_from {
+                Some(peer) => match source.peer_held_block(peer, object, index).await {
+                    Ok(data) => data,
+                    // The first holder has not loaded it yet: wait for it rather than fetch
+                    // the bytes from the backend a second time.
+                    Err(ApiError::NotFound(_)) if waited < Duration::from_secs(600) => {
+                        drop(permit);
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        waited += Duration::from_secs(1);
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::info!(peer, error = %e, key = %object.id.key, "copy from the first holder failed; reading the backend");
+                        source.backend_range(object, range.clone()).await?
+                    }
+                },
+                None => source.backend_range(object, range.clone()).await?,
+            };
+            break (data, permit);
+        };
+        if data.len() as u64 != range.end - range.start {
+            return Err(ApiError::Corrupt(format!(
+                "{}: block {index} has {} bytes, expected {}",
+                object.id.key,
+                data.len(),
+                range.end - range.start
+            )));
+        }
+        let len = data.len() as u64;
+        let (out, journal) = (out.clone(), journal.clone());
+        let crc = blocking(move || {
+            let crc = checksum(&data);
+            out.write_all_at(&data, range.start)
+                .map_err(|e| internal("writing a loaded block", e))?;
+            journal
+                .lock()
+                .expect("journal")
+                .write_all(format!("{index} {crc:08x}\n").as_bytes())
+                .map_err(|e| internal("writing a load journal", e))?;
+            Ok(crc)
+        })
+        .await?;
+        drop(permit);
+        self.count_loaded(dataset, len);
+        Ok((index, crc))
+    }
+
+    /// Commits loaded files to the index as they complete, in batches of what completed while
+    /// the previous batch was syncing.
+    async fn commit_loop(&self, dataset: &str, mut done: mpsc::Receiver<Completed>) {
+        let mut batch = Vec::new();
+        while done.recv_many(&mut batch, COMMIT_BATCH).await > 0 {
+            if let Err(e) = self.commit(dataset, std::mem::take(&mut batch)).await {
+                self.fail(dataset, format!("cannot record loaded files: {e}"));
+            }
+        }
+    }
+
+    /// Makes `files` (written and renamed into place) durable with one `syncfs`, names them in
+    /// the index with one synced append, and serves them from now on.
+    async fn commit(&self, dataset: &str, files: Vec<Completed>) -> Result<(), ApiError> {
+        let dir = self.root.join(dataset);
+        let index = dir.join("index.jsonl");
+        let entries: Vec<StoredFile> = files.iter().map(|c| c.entry.clone()).collect();
+        let applied = entries.clone();
+        blocking(move || {
+            let d = std::fs::File::open(&dir).map_err(|e| internal(dir.display(), e))?;
+            rustix::fs::syncfs(&d).map_err(|e| internal(format!("syncfs {}", dir.display()), e))?;
+            append_index(&index, &entries)
+        })
+        .await?;
+        self.apply(dataset, applied);
+        let bytes: u64 = files.iter().map(|c| c.entry.size).sum();
+        metrics::counter!(granary_core::metrics::DATASET_LOADED_BYTES).increment(bytes);
+        if let Some(waiting) = self.backoff.lock().expect("backoff").get_mut(dataset) {
+            for c in &files {
+                waiting.remove(&c.entry.path);
+            }
+        }
+        // Served (and copyable by other holders) from now on.
+        let mut held = self.held.write().expect("held");
+        for c in files {
+            held.entry(c.mount).or_default().insert(c.key, c.held);
+        }
         Ok(())
     }
 
@@ -731,6 +936,44 @@ impl Datasets {
             *n = 0;
         }
     }
+}
+
+/// A file whose bytes are all written and renamed into place, to be committed to the index.
+struct Completed {
+    entry: StoredFile,
+    mount: u32,
+    key: String,
+    held: Arc<HeldFile>,
+}
+
+/// One block of a file being loaded, and where it goes.
+struct BlockLoad<'a> {
+    object: &'a ObjectRef,
+    index: u64,
+    copy_from: Option<&'a str>,
+    out: &'a Arc<std::fs::File>,
+    journal: &'a Arc<Mutex<std::fs::File>>,
+}
+
+/// A file that failed to load: failures in a row, when to try again, and why.
+struct Retry {
+    failures: u32,
+    at: Instant,
+    reason: String,
+}
+
+/// Errors worth trying again at once (the object's version is gone or the bytes are wrong: not).
+fn retryable(e: &ApiError) -> bool {
+    !matches!(e, ApiError::Stale(_) | ApiError::NotFound(_))
+}
+
+/// Runs blocking file work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(format!("a blocking task failed: {e}")))?
 }
 
 fn prev_differs(a: &NodeProgress, b: &NodeProgress) -> bool {
@@ -770,74 +1013,107 @@ fn read_index(path: &Path) -> Result<HashMap<String, StoredFile>, ApiError> {
     Ok(index)
 }
 
-/// Opens the partial file `tmp` for writing and returns the CRCs of its blocks already written
-/// and intact (per the journal, whose first line must be `identity`), resetting both when they
-/// belong to another version or cannot be trusted.
-fn resume(
-    tmp: &Path,
-    journal: &Path,
-    identity: &str,
-    bs: BlockSize,
-    size: u64,
-) -> std::io::Result<(std::fs::File, Vec<u32>)> {
-    let out = std::fs::OpenOptions::new()
+/// Appends `entries` to the index file at `path` in one write and syncs it.
+fn append_index(path: &Path, entries: &[StoredFile]) -> Result<(), ApiError> {
+    let mut lines = Vec::new();
+    for entry in entries {
+        serde_json::to_writer(&mut lines, entry).expect("index entries serialize");
+        lines.push(b'\n');
+    }
+    let mut f = std::fs::OpenOptions::new()
         .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(tmp)?;
-    let mut crcs = Vec::new();
-    if let Ok(text) = std::fs::read_to_string(journal) {
-        let mut lines = text.lines();
-        if lines.next() == Some(identity) {
-            let mut buf = Vec::new();
-            for (i, line) in lines.enumerate() {
-                let Ok(crc) = u32::from_str_radix(line, 16) else {
-                    break;
-                };
-                let range = bs.range(i as u64, size);
-                if range.start >= size {
-                    break;
+        .append(true)
+        .open(path)
+        .map_err(|e| internal(path.display(), e))?;
+    f.write_all(&lines)
+        .and_then(|()| f.sync_data())
+        .map_err(|e| internal(path.display(), e))
+}
+
+/// A partial file being loaded and its journal.
+struct Partial {
+    tmp: PathBuf,
+    journal: PathBuf,
+}
+
+impl Partial {
+    /// Opens the partial file for writing, and its journal for appending, and returns the CRC of
+    /// each block (`None`: still to fetch): those the journal names (after its first line,
+    /// which must be `identity`) whose bytes in the file still match. A journal of another
+    /// version, or none, starts the file over.
+    fn resume(
+        &self,
+        identity: &str,
+        bs: BlockSize,
+        size: u64,
+    ) -> Result<(std::fs::File, std::fs::File, Vec<Option<u32>>), ApiError> {
+        let io = |e| internal(self.tmp.display(), e);
+        if let Some(parent) = self.tmp.parent() {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&self.tmp)
+            .map_err(io)?;
+        let mut crcs = vec![None; bs.count(size) as usize];
+        let mut text = format!("{identity}\n");
+        if let Ok(journal) = std::fs::read_to_string(&self.journal) {
+            let mut lines = journal.lines();
+            if lines.next() == Some(identity) {
+                let mut buf = Vec::new();
+                for line in lines {
+                    let Some((index, crc)) = line.split_once(' ').and_then(|(i, c)| {
+                        Some((i.parse::<u64>().ok()?, u32::from_str_radix(c, 16).ok()?))
+                    }) else {
+                        break; // a torn last line
+                    };
+                    if (index as usize) < crcs.len()
+                        && block_intact(&out, bs, size, index, crc, &mut buf)
+                    {
+                        crcs[index as usize] = Some(crc);
+                        text.push_str(&format!("{index} {crc:08x}\n"));
+                    }
                 }
-                buf.resize((range.end - range.start) as usize, 0);
-                if out.read_exact_at(&mut buf, range.start).is_err() || checksum(&buf) != crc {
-                    break;
-                }
-                crcs.push(crc);
             }
         }
+        if crcs.iter().all(Option::is_none) {
+            out.set_len(0).map_err(io)?;
+        }
+        std::fs::write(&self.journal, text).map_err(|e| internal(self.journal.display(), e))?;
+        let journal = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.journal)
+            .map_err(|e| internal(self.journal.display(), e))?;
+        Ok((out, journal, crcs))
     }
-    let mut text = format!("{identity}\n");
-    for crc in &crcs {
-        text.push_str(&format!("{crc:08x}\n"));
-    }
-    std::fs::write(journal, text)?;
-    if crcs.is_empty() {
-        out.set_len(0)?;
-    }
-    Ok((out, crcs))
+}
+
+/// Whether block `index` of `f`, a file of `size` bytes, reads back with CRC `crc` (`buf` is
+/// scratch space).
+fn block_intact(
+    f: &std::fs::File,
+    bs: BlockSize,
+    size: u64,
+    index: u64,
+    crc: u32,
+    buf: &mut Vec<u8>,
+) -> bool {
+    let range = bs.range(index, size);
+    buf.resize((range.end - range.start) as usize, 0);
+    f.read_exact_at(buf, range.start).is_ok() && checksum(buf) == crc
 }
 
 fn verify_file(path: &Path, stored: &StoredFile, bs: BlockSize) -> bool {
     let Ok(f) = std::fs::File::open(path) else {
         return false;
     };
-    if f.metadata().map(|m| m.len()).ok() != Some(stored.size) {
-        return false;
-    }
-    let count = bs.count(stored.size);
-    if stored.crcs.len() as u64 != count {
-        return false;
-    }
     let mut buf = Vec::new();
-    for i in 0..count {
-        let range = bs.range(i, stored.size);
-        buf.resize((range.end - range.start) as usize, 0);
-        if f.read_exact_at(&mut buf, range.start).is_err()
-            || checksum(&buf) != stored.crcs[i as usize]
-        {
-            return false;
-        }
-    }
-    true
+    f.metadata().map(|m| m.len()).ok() == Some(stored.size)
+        && stored.crcs.len() as u64 == bs.count(stored.size)
+        && (0..)
+            .zip(&stored.crcs)
+            .all(|(i, crc)| block_intact(&f, bs, stored.size, i, *crc, &mut buf))
 }

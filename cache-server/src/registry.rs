@@ -179,6 +179,34 @@ impl Registry {
         }
     }
 
+    /// Calls `changed` whenever a pin is created, changed or removed, until the process ends
+    /// (etcd; a local registry's pins change only through this worker, which says so itself).
+    /// Reconnects after errors.
+    pub async fn watch_pins(&self, changed: impl Fn()) {
+        let Registry::Etcd { client, .. } = self else {
+            return;
+        };
+        loop {
+            let mut c = client.lock().await.clone();
+            match c
+                .watch(PINS, Some(etcd_client::WatchOptions::new().with_prefix()))
+                .await
+            {
+                Ok(mut stream) => {
+                    // Whatever happened while the watch was down.
+                    changed();
+                    while let Ok(Some(resp)) = stream.message().await {
+                        if !resp.events().is_empty() {
+                            changed();
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot watch the pins; retrying"),
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    }
+
     /// Stores a new pin; fails with `Invalid` when one of that name exists.
     pub async fn create(&self, pin: &Pin) -> Result<(), ApiError> {
         let json = serde_json::to_vec(pin).expect("pins serialize");

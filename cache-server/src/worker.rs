@@ -361,7 +361,7 @@ impl CacheApi for Worker {
     }
 
     async fn local_copy(&self, object: &ObjectRef) -> Result<Option<std::path::PathBuf>, ApiError> {
-        Ok(self.datasets.held(object).map(|f| f.path))
+        Ok(self.datasets.held(object).map(|f| f.path.clone()))
     }
 }
 

@@ -105,8 +105,12 @@ fn pin() -> Pin {
 }
 
 fn open(dir: &Path) -> Arc<Datasets> {
+    open_with(dir, 1)
+}
+
+fn open_with(dir: &Path, load_concurrency: usize) -> Arc<Datasets> {
     let settings = DatasetSettings {
-        load_concurrency: 1,
+        load_concurrency,
         ..DatasetSettings::default()
     };
     let registry = Registry::local(dir.join("pins")).unwrap();
@@ -258,6 +262,70 @@ async fn a_cut_load_resumes_without_refetching_and_a_restart_serves_at_once() {
     }
     assert!(!dir.path().join("ds").exists());
     run.abort();
+}
+
+#[tokio::test]
+async fn a_load_with_many_reads_in_flight_resumes_after_the_blocks_it_wrote_in_any_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let pin = pin();
+    {
+        let store = open_with(dir.path(), 8);
+        store.registry.create(&pin).await.unwrap();
+        let first = Arc::new(FakeBackend {
+            stall_after: Some(17),
+            ..FakeBackend::default()
+        });
+        let run = tokio::spawn(store.clone().run(first.clone()));
+        for _ in 0..100 {
+            if first.total.load(Ordering::SeqCst) >= 17 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        run.abort();
+        let _ = run.await;
+        assert_eq!(first.total.load(Ordering::SeqCst), 17);
+        assert_ne!(store.progress(&pin).state, LoadState::Ready);
+    }
+    let store = open_with(dir.path(), 8);
+    let second = Arc::new(FakeBackend::default());
+    let run = tokio::spawn(store.clone().run(second.clone()));
+    until_ready(&store, &pin).await;
+    run.abort();
+    assert_eq!(
+        second.total.load(Ordering::SeqCst),
+        41 + 1 - 17,
+        "only the blocks not written before the cut: {:?}",
+        second.gets.lock().unwrap()
+    );
+    for path in ["a/big", "small", "empty"] {
+        let o = object(&pin, path);
+        let held = store.held(&o).expect("held");
+        assert_eq!(
+            std::fs::read(&held.path).unwrap(),
+            content(&o.id.key, 0..o.id.size)
+        );
+    }
+    // Nothing is left of the partial files and their journals.
+    let leftovers: Vec<_> = walk(&dir.path().join("ds/files"))
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(".loading"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }
 
 /// The second holder of a file copies it from the first (here: straight from the first node's

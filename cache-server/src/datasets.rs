@@ -11,12 +11,17 @@
 //! <name>/index.jsonl        one line per loaded (or dropped) file: size, version, block CRCs
 //! ```
 //!
-//! A file enters the index only after all its bytes are written, renamed into place and synced
-//! (one `syncfs` and one index append + sync for every batch of files that completed meanwhile,
-//! not two syncs per file), so after a crash or restart the index names exactly the files that
-//! are complete; anything else under `files/` is a leftover and is loaded again, resuming after
-//! the blocks its journal names (each re-checked against its CRC). Every block served from the
-//! store is checked against its CRC; a damaged file is dropped and loaded again.
+//! A file enters the index only after all its bytes are written and it is renamed into place;
+//! files that complete together are appended in one write. The index is made durable behind
+//! the loads, not in their way: every couple of seconds a dataset with new lines gets one
+//! `syncfs` of the store's filesystem and then a checkpoint line `{"durable_bytes": N}`, synced,
+//! saying that every line in the index's first N bytes names a file whose bytes were on disk.
+//! When the store is opened again, lines past the last checkpoint (what completed in the seconds
+//! before a crash) are believed only after their files are re-read against their CRCs. So after
+//! a crash or restart the index names exactly the files that are complete; anything else under
+//! `files/` is a leftover and is loaded again, resuming after the blocks its journal names (each
+//! re-checked against its CRC). Every block served from the store is checked against its CRC; a
+//! damaged file is dropped and loaded again.
 //!
 //! Each worker runs [`Datasets::run`]: every second, and at once when a pin changes (an etcd
 //! watch, or this worker's own API) or a load ends, it reads the pins, drops what is no longer
@@ -47,8 +52,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, Semaphore, mpsc};
 
-/// Files committed to the index with one sync, at most.
+/// Files committed to the index with one write, at most.
 const COMMIT_BATCH: usize = 256;
+/// How often datasets with new index lines are synced and checkpointed.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
 /// The first retry of a file that failed waits this long; each failure after doubles it.
 const RETRY_FIRST: Duration = Duration::from_secs(2);
 const RETRY_MAX: Duration = Duration::from_secs(300);
@@ -126,6 +133,15 @@ pub struct Datasets {
     backoff: Mutex<HashMap<String, HashMap<String, Retry>>>,
     /// Wakes the reconcile loop before its next tick.
     wake: Notify,
+    /// Datasets with index lines not yet covered by a checkpoint.
+    unsynced: Mutex<HashSet<String>>,
+}
+
+/// The index line saying that each line in the index's first `durable_bytes` bytes names a
+/// file whose bytes, and the rename that put it in place, were on disk when it was written.
+#[derive(Debug, Serialize, Deserialize)]
+struct Checkpoint {
+    durable_bytes: u64,
 }
 
 fn now_secs() -> u64 {
@@ -150,6 +166,7 @@ impl Datasets {
     ) -> Result<Self, ApiError> {
         std::fs::create_dir_all(&root).map_err(|e| internal(root.display(), e))?;
         let mut indexes = HashMap::new();
+        let mut unsynced = HashSet::new();
         for entry in std::fs::read_dir(&root).map_err(|e| internal(root.display(), e))? {
             let entry = entry.map_err(|e| internal(root.display(), e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -157,7 +174,11 @@ impl Datasets {
             if name == "pins" || !index.exists() {
                 continue;
             }
-            indexes.insert(name, read_index(&index)?);
+            let (files, checked) = read_index(&index, &entry.path().join("files"), block_size)?;
+            if checked > 0 {
+                unsynced.insert(name.clone());
+            }
+            indexes.insert(name, files);
         }
         Ok(Datasets {
             node_id,
@@ -175,6 +196,7 @@ impl Datasets {
             loaded_bytes: Mutex::new(HashMap::new()),
             backoff: Mutex::new(HashMap::new()),
             wake: Notify::new(),
+            unsynced: Mutex::new(unsynced),
         })
     }
 
@@ -311,7 +333,7 @@ impl Datasets {
 
     /// Appends `entries` to the dataset's index (one write, synced) and applies them in memory.
     fn record(&self, dataset: &str, entries: Vec<StoredFile>) -> Result<(), ApiError> {
-        append_index(&self.root.join(dataset).join("index.jsonl"), &entries)?;
+        append_index(&self.root.join(dataset).join("index.jsonl"), &entries, true)?;
         self.apply(dataset, entries);
         Ok(())
     }
@@ -460,6 +482,7 @@ impl Datasets {
             let me = self.clone();
             tokio::spawn(async move { me.registry.watch_pins(|| me.wake()).await });
         }
+        tokio::spawn(self.clone().checkpoints());
         let mut last_report: HashMap<String, (NodeProgress, Instant)> = HashMap::new();
         loop {
             if let Err(e) = self.reconcile(&source, &mut last_report).await {
@@ -889,19 +912,17 @@ impl Datasets {
         }
     }
 
-    /// Makes `files` (written and renamed into place) durable with one `syncfs`, names them in
-    /// the index with one synced append, and serves them from now on.
+    /// Names `files` (written and renamed into place) in the index with one append, and serves
+    /// them from now on; the next checkpoint makes them durable.
     async fn commit(&self, dataset: &str, files: Vec<Completed>) -> Result<(), ApiError> {
-        let dir = self.root.join(dataset);
-        let index = dir.join("index.jsonl");
+        let index = self.root.join(dataset).join("index.jsonl");
         let entries: Vec<StoredFile> = files.iter().map(|c| c.entry.clone()).collect();
         let applied = entries.clone();
-        blocking(move || {
-            let d = std::fs::File::open(&dir).map_err(|e| internal(dir.display(), e))?;
-            rustix::fs::syncfs(&d).map_err(|e| internal(format!("syncfs {}", dir.display()), e))?;
-            append_index(&index, &entries)
-        })
-        .await?;
+        blocking(move || append_index(&index, &entries, false)).await?;
+        self.unsynced
+            .lock()
+            .expect("unsynced")
+            .insert(dataset.to_string());
         self.apply(dataset, applied);
         let bytes: u64 = files.iter().map(|c| c.entry.size).sum();
         metrics::counter!(granary_core::metrics::DATASET_LOADED_BYTES).increment(bytes);
@@ -916,6 +937,22 @@ impl Datasets {
             held.entry(c.mount).or_default().insert(c.key, c.held);
         }
         Ok(())
+    }
+
+    /// Every [`CHECKPOINT_EVERY`], makes the index lines of each dataset that has new ones
+    /// durable: notes the index's length, syncs the filesystem, appends a [`Checkpoint`].
+    async fn checkpoints(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(CHECKPOINT_EVERY).await;
+            let due = std::mem::take(&mut *self.unsynced.lock().expect("unsynced"));
+            for dataset in due {
+                let dir = self.root.join(&dataset);
+                if let Err(e) = blocking(move || checkpoint(&dir)).await {
+                    // Gone with an unpin, or a disk error (the next commit tries again).
+                    tracing::debug!(%dataset, error = %e, "cannot checkpoint the dataset index");
+                }
+            }
+        }
     }
 
     fn count_loaded(&self, dataset: &str, bytes: u64) {
@@ -996,38 +1033,75 @@ fn tombstone(path: &str) -> StoredFile {
     }
 }
 
-fn read_index(path: &Path) -> Result<HashMap<String, StoredFile>, ApiError> {
+/// Reads a dataset's index: the files it names, and how many of them were past the last
+/// checkpoint and had to be re-read against their CRCs (those that failed are left out).
+fn read_index(
+    path: &Path,
+    files: &Path,
+    bs: BlockSize,
+) -> Result<(HashMap<String, StoredFile>, usize), ApiError> {
     let text = std::fs::read_to_string(path).map_err(|e| internal(path.display(), e))?;
-    let mut index = HashMap::new();
-    for line in text.lines() {
-        // A torn last line (a crash mid-append) names a file that was never complete.
-        let Ok(entry) = serde_json::from_str::<StoredFile>(line) else {
-            continue;
-        };
-        if entry.dropped {
-            index.remove(&entry.path);
-        } else {
-            index.insert(entry.path.clone(), entry);
+    // Each file with the offset just past its line.
+    let mut index: HashMap<String, (StoredFile, u64)> = HashMap::new();
+    let (mut offset, mut durable) = (0, 0);
+    for line in text.split_inclusive('\n') {
+        offset += line.len() as u64;
+        if let Ok(entry) = serde_json::from_str::<StoredFile>(line) {
+            if entry.dropped {
+                index.remove(&entry.path);
+            } else {
+                index.insert(entry.path.clone(), (entry, offset));
+            }
+        } else if let Ok(c) = serde_json::from_str::<Checkpoint>(line) {
+            durable = durable.max(c.durable_bytes);
         }
+        // Anything else is a torn last line (a crash mid-append).
     }
-    Ok(index)
+    let mut checked = 0;
+    let index = index
+        .into_iter()
+        .filter(|(name, (entry, end))| {
+            if *end <= durable {
+                return true;
+            }
+            checked += 1;
+            let intact = verify_file(&files.join(name), entry, bs);
+            if !intact {
+                tracing::warn!(index = %path.display(), file = %name, "a file loaded just before a crash is not intact; loading it again");
+            }
+            intact
+        })
+        .map(|(name, (entry, _))| (name, entry))
+        .collect();
+    Ok((index, checked))
 }
 
-/// Appends `entries` to the index file at `path` in one write and syncs it.
-fn append_index(path: &Path, entries: &[StoredFile]) -> Result<(), ApiError> {
-    let mut lines = Vec::new();
-    for entry in entries {
-        serde_json::to_writer(&mut lines, entry).expect("index entries serialize");
-        lines.push(b'\n');
+/// Appends `lines` to the index file at `path` in one write, synced when `sync`.
+fn append_index<T: Serialize>(path: &Path, lines: &[T], sync: bool) -> Result<(), ApiError> {
+    let mut text = Vec::new();
+    for line in lines {
+        serde_json::to_writer(&mut text, line).expect("index lines serialize");
+        text.push(b'\n');
     }
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
         .map_err(|e| internal(path.display(), e))?;
-    f.write_all(&lines)
-        .and_then(|()| f.sync_data())
+    f.write_all(&text)
+        .and_then(|()| if sync { f.sync_data() } else { Ok(()) })
         .map_err(|e| internal(path.display(), e))
+}
+
+/// Makes the lines of the index in dataset directory `dir` durable (see [`Checkpoint`]).
+fn checkpoint(dir: &Path) -> Result<(), ApiError> {
+    let index = dir.join("index.jsonl");
+    let durable_bytes = std::fs::metadata(&index)
+        .map_err(|e| internal(index.display(), e))?
+        .len();
+    let d = std::fs::File::open(dir).map_err(|e| internal(dir.display(), e))?;
+    rustix::fs::syncfs(&d).map_err(|e| internal(format!("syncfs {}", dir.display()), e))?;
+    append_index(&index, &[Checkpoint { durable_bytes }], true)
 }
 
 /// A partial file being loaded and its journal.

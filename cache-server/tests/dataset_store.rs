@@ -32,6 +32,9 @@ struct FakeBackend {
     gets: Mutex<HashMap<(String, u64), u64>>,
     total: AtomicU64,
     stall_after: Option<u64>,
+    /// GETs of keys ending so answer NotFound (a file gone from the backend), counted apart.
+    missing: Mutex<Option<String>>,
+    refused: AtomicU64,
 }
 
 impl Source for FakeBackend {
@@ -44,6 +47,12 @@ impl Source for FakeBackend {
             && self.total.load(Ordering::SeqCst) >= n
         {
             std::future::pending::<()>().await;
+        }
+        if let Some(suffix) = self.missing.lock().unwrap().as_deref()
+            && object.id.key.ends_with(suffix)
+        {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            return Err(ApiError::NotFound(object.id.key.clone()));
         }
         self.total.fetch_add(1, Ordering::SeqCst);
         *self
@@ -313,6 +322,107 @@ async fn a_load_with_many_reads_in_flight_resumes_after_the_blocks_it_wrote_in_a
         .filter(|p| p.to_string_lossy().contains(".loading"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[tokio::test]
+async fn a_file_that_keeps_failing_is_retried_with_backoff_and_named_in_the_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let pin = pin();
+    let store = open_with(dir.path(), 4);
+    store.registry.create(&pin).await.unwrap();
+    let backend = Arc::new(FakeBackend::default());
+    *backend.missing.lock().unwrap() = Some("/small".into());
+    let run = tokio::spawn(store.clone().run(backend.clone()));
+    let mut failed = None;
+    for _ in 0..100 {
+        store.refresh().await.unwrap();
+        let p = store.progress(&pin);
+        if p.state == LoadState::Failed {
+            failed = Some(p);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let failed = failed.expect("the node reports the failure");
+    assert!(failed.reason.contains("small"), "{}", failed.reason);
+    assert_eq!(failed.files_ready, 2, "the other files loaded");
+    // NotFound is not retried at once, and the reconcile loop's ticks do not retry it either
+    // before its backoff (2 s) is over.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(backend.refused.load(Ordering::SeqCst), 1);
+    // The object is back: the next try loads it.
+    *backend.missing.lock().unwrap() = None;
+    until_ready(&store, &pin).await;
+    run.abort();
+    assert_eq!(store.progress(&pin).reason, "");
+    assert_eq!(backend.total.load(Ordering::SeqCst), 41 + 1);
+}
+
+#[tokio::test]
+async fn files_completed_after_the_last_checkpoint_are_rechecked_when_the_store_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let pin = pin();
+    let store = open_with(dir.path(), 4);
+    store.registry.create(&pin).await.unwrap();
+    let run = tokio::spawn(store.clone().run(Arc::new(FakeBackend::default())));
+    until_ready(&store, &pin).await;
+    // The index gets its checkpoint a couple of seconds after the load.
+    let index = dir.path().join("ds/index.jsonl");
+    for _ in 0..100 {
+        if std::fs::read_to_string(&index)
+            .unwrap()
+            .contains("durable_bytes")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    run.abort();
+    let _ = run.await;
+    let text = std::fs::read_to_string(&index).unwrap();
+    let last = text.lines().last().unwrap();
+    let durable: serde_json::Value = serde_json::from_str(last).unwrap();
+    assert_eq!(
+        durable["durable_bytes"].as_u64(),
+        Some((text.len() - last.len() - 1) as u64),
+        "the checkpoint covers every line before it: {text}"
+    );
+    drop(store);
+
+    // A crash just after two files were committed, before their checkpoint: "small" made it to
+    // the disk, "a/big" did not (zeros where its bytes were).
+    let big = dir.path().join("ds/files/a/big");
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("\"a/big\"") || l.contains("\"small\""))
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&index)
+        .unwrap();
+    use std::io::Write;
+    for l in &lines {
+        writeln!(f, "{l}").unwrap();
+    }
+    drop(f);
+    std::fs::write(&big, vec![0u8; (40 * BS + 123) as usize]).unwrap();
+    let store = open_with(dir.path(), 4);
+    store.refresh().await.unwrap();
+    assert!(store.held(&object(&pin, "small")).is_some(), "intact: kept");
+    assert!(
+        store.held(&object(&pin, "a/big")).is_none(),
+        "not intact: never served, loaded again"
+    );
+    let backend = Arc::new(FakeBackend::default());
+    let run = tokio::spawn(store.clone().run(backend.clone()));
+    until_ready(&store, &pin).await;
+    run.abort();
+    assert_eq!(backend.total.load(Ordering::SeqCst), 41);
+    assert_eq!(
+        std::fs::read(&big).unwrap(),
+        content(&pin.key_of("a/big"), 0..40 * BS + 123)
+    );
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {

@@ -642,19 +642,21 @@ impl Datasets {
             missing.into_iter().partition(|(_, h)| h[0] == self.node_id);
         primary.extend(replica);
         let in_flight = self.settings.load_concurrency;
-        let reads = Semaphore::new(in_flight);
-        // Aligned buffers for direct writes: at most one per read in flight, freed with the load.
-        let buffers = Arc::new(Mutex::new(Vec::new()));
+        let limits = LoadLimits {
+            reads: Semaphore::new(in_flight),
+            unwritten: Semaphore::new(2 * in_flight),
+            buffers: Arc::new(Mutex::new(Vec::new())),
+        };
         let (done_tx, done_rx) = mpsc::channel::<Completed>(COMMIT_BATCH);
         let fetch = async {
             futures::stream::iter(primary)
                 .for_each_concurrent(in_flight, |(file, holders)| {
-                    let (done, reads, buffers) = (done_tx.clone(), &reads, &buffers);
+                    let (done, limits) = (done_tx.clone(), &limits);
                     async move {
                         let mut attempt = 0;
                         let result = loop {
                             attempt += 1;
-                            let loaded = self.load_file(pin, &file, &holders, source, reads, buffers);
+                            let loaded = self.load_file(pin, &file, &holders, source, limits);
                             match loaded.await {
                                 Err(e) if attempt < 3 && retryable(&e) => {
                                     tracing::warn!(dataset = %pin.name, path = %file.path, error = %e, "load failed; retrying");
@@ -736,8 +738,7 @@ impl Datasets {
         file: &ManifestFile,
         holders: &[String],
         source: &Arc<S>,
-        reads: &Semaphore,
-        buffers: &Arc<Mutex<Vec<Vec<u8>>>>,
+        limits: &LoadLimits,
     ) -> Result<Completed, ApiError> {
         use futures::{StreamExt, TryStreamExt};
         let object = ObjectRef {
@@ -760,19 +761,20 @@ impl Datasets {
                 .unwrap_or_default()
         ));
         // A load cut short (a crash, a restart) resumes after the blocks it had written: the
-        // `.crcs` journal beside the partial file names each written block and its CRC.
-        let journal_path = tmp.with_extension("loading.crcs");
+        // `.crcs` journal beside the partial file names each written block and its CRC. (A file
+        // of one block has nothing to resume: no journal.)
+        let (bs, size) = (self.block_size, file.size);
+        let journal_path = (bs.count(size) > 1).then(|| tmp.with_extension("loading.crcs"));
         let identity = serde_json::json!({
             "size": file.size, "etag": file.etag, "version": file.version,
             "block_size": self.block_size.get(), "journal": 2,
         })
         .to_string();
-        let (bs, size) = (self.block_size, file.size);
         let partial = Partial {
             tmp: tmp.clone(),
             journal: journal_path.clone(),
         };
-        let buffers = buffers.clone();
+        let buffers = limits.buffers.clone();
         let (out, journal, mut crcs) = blocking(move || {
             let (out, journal, crcs) = partial.resume(&identity, bs, size)?;
             Ok((BlockWriter::new(out, &partial.tmp, buffers), journal, crcs))
@@ -787,7 +789,7 @@ impl Datasets {
             .first()
             .filter(|h| **h != self.node_id && source.members().contains(h))
             .cloned();
-        let (out, journal) = (Arc::new(out), Arc::new(Mutex::new(journal)));
+        let (out, journal) = (Arc::new(out), journal.map(|j| Arc::new(Mutex::new(j))));
         let todo: Vec<u64> = (0..crcs.len() as u64)
             .filter(|i| crcs[*i as usize].is_none())
             .collect();
@@ -798,9 +800,9 @@ impl Datasets {
                     index,
                     copy_from: copy_from.as_deref(),
                     out: &out,
-                    journal: &journal,
+                    journal: journal.as_ref(),
                 };
-                self.load_block(&pin.name, block, source.as_ref(), reads)
+                self.load_block(&pin.name, block, source.as_ref(), limits)
             })
             .buffer_unordered(self.settings.load_concurrency)
             .try_collect()
@@ -817,7 +819,9 @@ impl Datasets {
             out.set_len(size)
                 .and_then(|()| std::fs::rename(&tmp, &placed))
                 .map_err(|e| internal(tmp.display(), e))?;
-            let _ = std::fs::remove_file(&journal_path);
+            if let Some(journal) = journal_path {
+                let _ = std::fs::remove_file(journal);
+            }
             Ok(())
         })
         .await?;
@@ -844,14 +848,14 @@ impl Datasets {
         })
     }
 
-    /// Fetches one block (holding a permit of `reads` from before the request until the bytes
-    /// are written), writes it at its offset and journals its CRC: `(index, crc)`.
+    /// Fetches one block (within the load's limits on reads in flight and on blocks not yet
+    /// written), writes it at its offset and journals its CRC: `(index, crc)`.
     async fn load_block<S: Source>(
         &self,
         dataset: &str,
         block: BlockLoad<'_>,
         source: &S,
-        reads: &Semaphore,
+        limits: &LoadLimits,
     ) -> Result<(u64, u32), ApiError> {
         let BlockLoad {
             object,
@@ -862,8 +866,14 @@ impl Datasets {
         } = block;
         let range = self.block_size.range(index, object.id.size);
         let mut waited = Duration::ZERO;
-        let (data, permit) = loop {
-            let permit = reads
+        let (data, unwritten) = loop {
+            let unwritten = limits
+                .unwritten
+                .acquire()
+                .await
+                .expect("the semaphore is never closed");
+            let permit = limits
+                .reads
                 .acquire()
                 .await
                 .expect("the semaphore is never closed");
@@ -873,7 +883,7 @@ impl Datasets {
                     // The first holder has not loaded it yet: wait for it rather than fetch
                     // the bytes from the backend a second time.
                     Err(ApiError::NotFound(_)) if waited < Duration::from_secs(600) => {
-                        drop(permit);
+                        drop((permit, unwritten));
                         tokio::time::sleep(Duration::from_secs(1)).await;
                         waited += Duration::from_secs(1);
                         continue;
@@ -885,7 +895,7 @@ impl Datasets {
                 },
                 None => source.backend_range(object, range.clone()).await?,
             };
-            break (data, permit);
+            break (data, unwritten);
         };
         if data.len() as u64 != range.end - range.start {
             return Err(ApiError::Corrupt(format!(
@@ -896,20 +906,22 @@ impl Datasets {
             )));
         }
         let len = data.len() as u64;
-        let (out, journal) = (out.clone(), journal.clone());
+        let (out, journal) = (out.clone(), journal.cloned());
         let crc = blocking(move || {
             let crc = checksum(&data);
             out.write_at(&data, range.start)
                 .map_err(|e| internal("writing a loaded block", e))?;
-            journal
-                .lock()
-                .expect("journal")
-                .write_all(format!("{index} {crc:08x}\n").as_bytes())
-                .map_err(|e| internal("writing a load journal", e))?;
+            if let Some(journal) = journal {
+                journal
+                    .lock()
+                    .expect("journal")
+                    .write_all(format!("{index} {crc:08x}\n").as_bytes())
+                    .map_err(|e| internal("writing a load journal", e))?;
+            }
             Ok(crc)
         })
         .await?;
-        drop(permit);
+        drop(unwritten);
         self.count_loaded(dataset, len);
         Ok((index, crc))
     }
@@ -1002,7 +1014,17 @@ struct BlockLoad<'a> {
     index: u64,
     copy_from: Option<&'a str>,
     out: &'a Arc<BlockWriter>,
-    journal: &'a Arc<Mutex<std::fs::File>>,
+    journal: Option<&'a Arc<Mutex<std::fs::File>>>,
+}
+
+/// What the files of one load share.
+struct LoadLimits {
+    /// Block reads (backend GETs, copies from peers) in flight.
+    reads: Semaphore,
+    /// Blocks fetched or being fetched and not yet written: the load's memory bound.
+    unwritten: Semaphore,
+    /// Aligned buffers for direct writes, reused (at most one per unwritten block).
+    buffers: Arc<Mutex<Vec<Vec<u8>>>>,
 }
 
 /// Writes the blocks of a file being loaded: through `O_DIRECT` from aligned buffers when the
@@ -1175,10 +1197,14 @@ fn checkpoint(dir: &Path) -> Result<(), ApiError> {
     append_index(&index, &[Checkpoint { durable_bytes }], true)
 }
 
-/// A partial file being loaded and its journal.
+/// The partial file (open to read and write), its journal (open to append) and the CRC of each
+/// block already written.
+type Resumed = (std::fs::File, Option<std::fs::File>, Vec<Option<u32>>);
+
+/// A partial file being loaded and its journal (none for a file of one block).
 struct Partial {
     tmp: PathBuf,
-    journal: PathBuf,
+    journal: Option<PathBuf>,
 }
 
 impl Partial {
@@ -1191,21 +1217,24 @@ impl Partial {
         identity: &str,
         bs: BlockSize,
         size: u64,
-    ) -> Result<(std::fs::File, std::fs::File, Vec<Option<u32>>), ApiError> {
+    ) -> Result<Resumed, ApiError> {
         let io = |e| internal(self.tmp.display(), e);
         if let Some(parent) = self.tmp.parent() {
             std::fs::create_dir_all(parent).map_err(io)?;
         }
         let out = std::fs::OpenOptions::new()
             .create(true)
-            .truncate(false)
+            .truncate(self.journal.is_none())
             .read(true)
             .write(true)
             .open(&self.tmp)
             .map_err(io)?;
         let mut crcs = vec![None; bs.count(size) as usize];
+        let Some(journal_path) = &self.journal else {
+            return Ok((out, None, crcs));
+        };
         let mut text = format!("{identity}\n");
-        if let Ok(journal) = std::fs::read_to_string(&self.journal) {
+        if let Ok(journal) = std::fs::read_to_string(journal_path) {
             let mut lines = journal.lines();
             if lines.next() == Some(identity) {
                 let mut buf = Vec::new();
@@ -1227,12 +1256,12 @@ impl Partial {
         if crcs.iter().all(Option::is_none) {
             out.set_len(0).map_err(io)?;
         }
-        std::fs::write(&self.journal, text).map_err(|e| internal(self.journal.display(), e))?;
+        std::fs::write(journal_path, text).map_err(|e| internal(journal_path.display(), e))?;
         let journal = std::fs::OpenOptions::new()
             .append(true)
-            .open(&self.journal)
-            .map_err(|e| internal(self.journal.display(), e))?;
-        Ok((out, journal, crcs))
+            .open(journal_path)
+            .map_err(|e| internal(journal_path.display(), e))?;
+        Ok((out, Some(journal), crcs))
     }
 }
 
@@ -1286,11 +1315,16 @@ mod tests {
         // Out of order, the last block short; the buffers are reused.
         for i in [2, 0, 3, 1] {
             let range = i * block..((i + 1) * block).min(data.len());
-            writer.write_at(&data[range.clone()], range.start as u64).unwrap();
+            writer
+                .write_at(&data[range.clone()], range.start as u64)
+                .unwrap();
         }
         writer.set_len(data.len() as u64).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), data);
-        assert!(writer.buffers.lock().unwrap().len() <= 1, "one buffer, reused");
+        assert!(
+            writer.buffers.lock().unwrap().len() <= 1,
+            "one buffer, reused"
+        );
         if direct {
             assert_eq!(writer.buffers.lock().unwrap().len(), 1);
         }

@@ -62,6 +62,8 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
 /// The first retry of a file that failed waits this long; each failure after doubles it.
 const RETRY_FIRST: Duration = Duration::from_secs(2);
 const RETRY_MAX: Duration = Duration::from_secs(300);
+/// Files a load works on at once, per block read it may have in flight.
+const FILES_PER_READ: usize = 4;
 /// Offsets, lengths and buffer addresses of direct writes are multiples of this.
 const DIRECT_ALIGN: usize = 4096;
 
@@ -650,7 +652,9 @@ impl Datasets {
         let (done_tx, done_rx) = mpsc::channel::<Completed>(COMMIT_BATCH);
         let fetch = async {
             futures::stream::iter(primary)
-                .for_each_concurrent(in_flight, |(file, holders)| {
+                // More files than reads in flight: a small file's opens, writes and rename
+                // overlap other files' GETs.
+                .for_each_concurrent(FILES_PER_READ * in_flight, |(file, holders)| {
                     let (done, limits) = (done_tx.clone(), &limits);
                     async move {
                         let mut attempt = 0;
@@ -1212,12 +1216,7 @@ impl Partial {
     /// each block (`None`: still to fetch): those the journal names (after its first line,
     /// which must be `identity`) whose bytes in the file still match. A journal of another
     /// version, or none, starts the file over.
-    fn resume(
-        &self,
-        identity: &str,
-        bs: BlockSize,
-        size: u64,
-    ) -> Result<Resumed, ApiError> {
+    fn resume(&self, identity: &str, bs: BlockSize, size: u64) -> Result<Resumed, ApiError> {
         let io = |e| internal(self.tmp.display(), e);
         if let Some(parent) = self.tmp.parent() {
             std::fs::create_dir_all(parent).map_err(io)?;

@@ -8,7 +8,7 @@ use crate::cleanup::{self, Guard};
 use crate::host::{self, Daemon, ProcStats};
 use crate::s3::S3Conn;
 use crate::systems::scrape;
-use anyhow::{Context, bail};
+use anyhow::{Context, bail, ensure};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -21,10 +21,11 @@ use std::time::{Duration, Instant};
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a load may take before the benchmark gives up.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(1800);
-/// How often the load is watched: the metrics endpoint (cheap)...
-const METRICS_EVERY: Duration = Duration::from_millis(25);
-/// ...and `granary dataset status --json` (a process and a gRPC call each).
-const STATUS_EVERY: Duration = Duration::from_millis(100);
+/// How often the load is watched: the metrics endpoint and whether `load --wait` exited...
+const METRICS_EVERY: Duration = Duration::from_millis(50);
+/// ...and `granary dataset status --json` (a process and a gRPC call each: on 2 cores, polling
+/// it every 100 ms took CPU from the load it was timing), to fail early.
+const STATUS_EVERY: Duration = Duration::from_secs(2);
 
 pub const BACKEND_REQUESTS: &str = "granary_backend_requests_total";
 pub const BACKEND_BYTES: &str = "granary_backend_bytes_total";
@@ -199,8 +200,9 @@ impl Node {
             .with_context(|| format!("granary dataset status --json printed {text:?}"))
     }
 
-    /// `granary dataset load NAME --wait`, timed from the call until `status --json` says the
-    /// dataset is ready at 100%; the metrics endpoint is sampled meanwhile to time the transfer.
+    /// `granary dataset load NAME --wait`, timed from the call until it exits saying the dataset
+    /// is ready (checked with `status --json`: ready at 100%); the metrics endpoint is sampled
+    /// meanwhile to time the transfer.
     pub fn load(&self, name: &str, bytes: u64, large_bytes: u64) -> anyhow::Result<LoadResult> {
         let before = self.counters();
         let cpu_before = self.stats()?.cpu_seconds;
@@ -227,7 +229,10 @@ impl Node {
         let (mut timeline, mut last_loaded): (Vec<[f64; 3]>, f64) = (Vec::new(), 0.0);
         let mut last_status = start - STATUS_EVERY;
         let mut polls = 0;
-        let ready = loop {
+        let (ready, exit) = loop {
+            if let Some(exit) = child.try_wait()? {
+                break (start.elapsed().as_secs_f64(), exit);
+            }
             let now = self.counters();
             let at = start.elapsed().as_secs_f64();
             if first_get.is_none() && delta(&now, BACKEND_REQUESTS, &gets) > 0.0 {
@@ -252,10 +257,6 @@ impl Node {
                 polls += 1;
                 let status = self.status(name)?;
                 let state = status["state"].as_str().unwrap_or_default();
-                let percent = status["percent"].as_f64().unwrap_or(0.0);
-                if state == "ready" && percent >= 100.0 {
-                    break start.elapsed().as_secs_f64();
-                }
                 if state == "failed" {
                     bail!("loading {name} failed: {status}");
                 }
@@ -268,25 +269,19 @@ impl Node {
         };
         let after = self.counters();
         let cpu = self.stats()?.cpu_seconds - cpu_before;
-        // `load --wait` polls every 500 ms: it says ready a little after we saw it.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(status) = child.try_wait()? {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                bail!("granary dataset load --wait did not exit 30 s after the dataset was ready");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
         let lines = progress.join().unwrap_or_default();
-        if !status.success() {
+        if !exit.success() {
             bail!(
-                "granary dataset load --wait failed ({status}):\n{}",
+                "granary dataset load --wait failed ({exit}):\n{}",
                 lines.join("\n")
             );
         }
+        polls += 1;
+        let status = self.status(name)?;
+        ensure!(
+            status["state"] == "ready" && status["percent"].as_f64() == Some(100.0),
+            "granary dataset load --wait exited but the dataset is not ready at 100%: {status}"
+        );
         let progress: Vec<serde_json::Value> = lines
             .iter()
             .filter_map(|l| serde_json::from_str(l).ok())

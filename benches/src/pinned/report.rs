@@ -285,7 +285,7 @@ impl PinnedReport {
         });
         let load = Stats::of(self.runs.iter().map(|r| r.load.mb_per_s));
         rows.push(Row::new(
-            "load: `load` call until `status` says ready, 100%".into(),
+            "load: `load --wait` until it exits, ready 100%".into(),
             "MB/s",
             load,
             reference.clone(),
@@ -458,8 +458,8 @@ impl PinnedReport {
             "\nMedian of {} run(s) [min-max]; each run a fresh node and an empty dataset store. MB/s: 10^6 bytes/s. \
              cold: page cache, dentries\nand inodes dropped first; hot: right after an untimed read of \
              the same files. The shuffled order is new each run, the same\nfor granary and native. \
-             load: dataset bytes over the time from `granary dataset load` until `status --json` first \
-             said ready\nat 100% (the worker notices a load request and reports progress once a second); \
+             load: dataset bytes over the time from starting `granary dataset load --wait` until it \
+             exited,\nthe dataset ready at 100% (checked with `status --json`); \
              transfer: from the load's first backend GET\nuntil its last file was written. raw GETs: \
              every object of the dataset with object_store, {} MiB ranged GETs of the large file,\none \
              GET per small file; the reference is the concurrency that did best.\n",

@@ -78,10 +78,13 @@ fn stored(cache: &Path, name: &str) -> BTreeMap<String, u64> {
         return out;
     };
     for line in text.lines() {
+        // (Checkpoint lines, `{"durable_bytes": N}`, name no file.)
         let Ok(v) = serde_json::from_str::<Value>(line) else {
             continue;
         };
-        let path = v["path"].as_str().unwrap().to_string();
+        let Some(path) = v["path"].as_str().map(str::to_string) else {
+            continue;
+        };
         if v["dropped"] == true {
             out.remove(&path);
         } else {

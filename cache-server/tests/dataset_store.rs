@@ -161,6 +161,26 @@ async fn until_ready(store: &Arc<Datasets>, pin: &Pin) {
     panic!("not ready: {:?}", store.progress(pin));
 }
 
+/// Runs the store's loop over a backend that stalls for ever after `gets` GETs (a worker that
+/// dies mid-load), until then and a little longer (what was fetched is written), and stops it.
+async fn load_until_cut(store: &Arc<Datasets>, gets: u64) -> Arc<FakeBackend> {
+    let backend = Arc::new(FakeBackend {
+        stall_after: Some(gets),
+        ..FakeBackend::default()
+    });
+    let run = tokio::spawn(store.clone().run(backend.clone()));
+    for _ in 0..100 {
+        if backend.total.load(Ordering::SeqCst) >= gets {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    run.abort();
+    let _ = run.await;
+    backend
+}
+
 #[tokio::test]
 async fn a_cut_load_resumes_without_refetching_and_a_restart_serves_at_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -173,20 +193,7 @@ async fn a_cut_load_resumes_without_refetching_and_a_restart_serves_at_once() {
             "names are unique"
         );
         // Dies after 17 GETs: in the middle of a/big (41 blocks).
-        let first = Arc::new(FakeBackend {
-            stall_after: Some(17),
-            ..FakeBackend::default()
-        });
-        let run = tokio::spawn(store.clone().run(first.clone()));
-        for _ in 0..100 {
-            if first.total.load(Ordering::SeqCst) >= 17 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        run.abort();
-        let _ = run.await;
+        load_until_cut(&store, 17).await;
         let p = store.progress(&pin);
         assert_ne!(p.state, LoadState::Ready);
         assert!(p.percent() < 100.0);
@@ -280,20 +287,7 @@ async fn a_load_with_many_reads_in_flight_resumes_after_the_blocks_it_wrote_in_a
     {
         let store = open_with(dir.path(), 8);
         store.registry.create(&pin).await.unwrap();
-        let first = Arc::new(FakeBackend {
-            stall_after: Some(17),
-            ..FakeBackend::default()
-        });
-        let run = tokio::spawn(store.clone().run(first.clone()));
-        for _ in 0..100 {
-            if first.total.load(Ordering::SeqCst) >= 17 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        run.abort();
-        let _ = run.await;
+        let first = load_until_cut(&store, 17).await;
         assert_eq!(first.total.load(Ordering::SeqCst), 17);
         assert_ne!(store.progress(&pin).state, LoadState::Ready);
     }

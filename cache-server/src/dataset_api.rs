@@ -137,6 +137,8 @@ fn file_entry(worker: &Worker, pin: &Pin, f: &ManifestFile) -> Entry {
                 mtime_ns: f.mtime_ns,
             },
         }),
+        // The pin's manifest is frozen: this version holds while the pin lasts.
+        pinned: true,
     }
 }
 
@@ -147,6 +149,7 @@ fn dir_entry(worker: &Worker, name: &str) -> Entry {
         size: 0,
         mtime_ns: worker.started_ns,
         object: None,
+        pinned: true,
     }
 }
 

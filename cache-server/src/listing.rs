@@ -121,6 +121,7 @@ mod tests {
             size: 0,
             mtime_ns: 0,
             object: None,
+            pinned: false,
         }
     }
 

@@ -158,6 +158,7 @@ impl Worker {
             size: 0,
             mtime_ns: self.started_ns,
             object: None,
+            pinned: false,
         }
     }
 
@@ -189,6 +190,7 @@ impl Worker {
                         mount: mount as u32,
                         id,
                     }),
+                    pinned: false,
                 }
             })
             .collect();

@@ -13,16 +13,26 @@
 //! directly; no read request reaches this process. The kernel allows one backing file per inode
 //! and never mixes passthrough and ordinary opens of one inode, so each inode here is in one io
 //! mode at a time until its last handle is released.
+//!
+//! Pinned files: an entry the worker answered from a pinned dataset's frozen manifest
+//! ([`Entry::pinned`]) cannot change version while the pin lasts, so within the attribute TTL an
+//! open of it trusts the entry it has instead of asking the worker (outside pins every open asks:
+//! close-to-open consistency). The local copy the worker named for that version is remembered
+//! (and opened again only if it is still the same file), and its kernel registration is kept for
+//! a while after the last close ([`crate::backings`]), so the second open of a hot pinned file
+//! needs no call to the worker and no system call: [`GranaryFs::open_now`] answers it on the
+//! FUSE thread.
 
-use crate::inodes::{InodeTable, ROOT, child_path};
+use crate::backings::{IdleBackings, Kept};
+use crate::inodes::{FileIdentity, InodeTable, LocalCopy, ROOT, child_path};
 use crate::prefetch::{Budget, FileReader, ReadLabels};
 use bytes::Bytes;
 use granary_core::BlockSize;
-use granary_proto::{ApiError, CacheApi, Entry, EntryKind};
+use granary_proto::{ApiError, CacheApi, Entry, EntryKind, ObjectRef};
 use std::any::Any;
 use std::collections::HashMap;
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -46,6 +56,9 @@ pub struct FsConfig {
     pub passthrough: bool,
     /// The job (or pod) this mount serves, a label of its data-stall metric ("" = none).
     pub job: String,
+    /// Passthrough registrations of pinned files kept after their last close (for at most
+    /// `attr_ttl`), so that reopening a hot file costs no system call; 0 = none.
+    pub kept_backings: usize,
 }
 
 impl Default for FsConfig {
@@ -59,6 +72,7 @@ impl Default for FsConfig {
             gid: 0,
             passthrough: true,
             job: String::new(),
+            kept_backings: 4096,
         }
     }
 }
@@ -190,13 +204,54 @@ impl Opened {
 enum InodeIo {
     /// `opens` handles read through this process.
     Userspace { opens: u64 },
-    /// `opens` handles read `backing`, the local copy of the version with `fingerprint`.
+    /// `opens` handles read `backing`, the local copy of the version with `fingerprint`; `keep`:
+    /// a pinned version, whose registration outlives the last close for a while.
     Passthrough {
         fingerprint: u128,
         backing: Backing,
         opens: u64,
+        keep: bool,
     },
 }
+
+/// How the kernel reads inodes: the modes of those with open handles, and the registrations
+/// kept for pinned ones without.
+struct IoState {
+    modes: HashMap<u64, InodeIo>,
+    idle: IdleBackings<Backing>,
+}
+
+/// What an open knows about its inode before asking the worker anything.
+struct OpenSnapshot {
+    path: String,
+    entry: Entry,
+    /// A pinned entry seen within the attribute TTL: its version holds, no stat needed.
+    trusted: bool,
+    local: Option<LocalCopy>,
+}
+
+/// What passthrough needs for an open, before anything is opened.
+enum Need {
+    /// Nothing: the inode is open already (its mode stays), or this open cannot use passthrough.
+    Nothing,
+    /// A registration of this version is kept: check that its file is still the one named.
+    KeptStillValid,
+    /// A local copy to open and register.
+    Copy,
+}
+
+/// What an open's io mode is chosen from.
+struct Source {
+    fingerprint: u128,
+    pinned: bool,
+    /// The local copy the worker named (or the remembered one), opened and checked.
+    copy: Option<File>,
+    /// The kept registration of this version may be used (its file was checked).
+    reuse_kept: bool,
+}
+
+/// Most distinct label sets kept for read metrics (one per top directory).
+const MAX_LABEL_SETS: usize = 256;
 
 impl InodeIo {
     fn opens(&mut self) -> &mut u64 {
@@ -229,17 +284,32 @@ impl std::fmt::Display for Unusable {
     }
 }
 
-/// Opens a local copy read-only and checks that it is a regular file of `size` bytes.
-fn open_local_copy(path: &Path, size: u64) -> Result<File, Unusable> {
+/// Opens a local copy read-only and checks that it is a regular file of `size` bytes; returns
+/// it with its identity.
+fn open_local_copy(path: &Path, size: u64) -> Result<(File, FileIdentity), Unusable> {
     let file = File::open(path).map_err(Unusable::Io)?;
     let meta = file.metadata().map_err(Unusable::Io)?;
+    Ok((file, checked(&meta, size)?))
+}
+
+/// The identity of a local copy if it is a regular file of `size` bytes.
+fn checked(meta: &std::fs::Metadata, size: u64) -> Result<FileIdentity, Unusable> {
     if !meta.is_file() {
         return Err(Unusable::NotARegularFile);
     }
     if meta.len() != size {
         return Err(Unusable::WrongSize(meta.len()));
     }
-    Ok(file)
+    Ok(FileIdentity::of(meta))
+}
+
+/// The object of a file entry, or why an open of it fails.
+fn file_object<'a>(path: &str, entry: &'a Entry) -> Result<&'a ObjectRef, FsError> {
+    match (entry.kind, &entry.object) {
+        (EntryKind::File, Some(object)) => Ok(object),
+        (EntryKind::Dir, _) => Err(FsError::IsADirectory),
+        (EntryKind::File, None) => Err(FsError::Io(format!("{path}: file without an object"))),
+    }
 }
 
 struct DirHandle {
@@ -259,8 +329,10 @@ pub struct GranaryFs<A> {
     dirs: Mutex<HashMap<u64, DirHandle>>,
     /// Per inode, the object fingerprint the kernel's page cache holds.
     cached_versions: Mutex<HashMap<u64, u128>>,
-    /// Per inode with open handles, how the kernel reads it.
-    io_modes: Mutex<HashMap<u64, InodeIo>>,
+    /// How the kernel reads each inode.
+    io: Mutex<IoState>,
+    /// Read metric labels by top directory.
+    labels: Mutex<HashMap<String, Arc<ReadLabels>>>,
     /// Passthrough is wanted and neither the kernel nor our privileges refused it (yet).
     passthrough: AtomicBool,
     next_fh: AtomicU64,
@@ -286,6 +358,7 @@ impl<A: CacheApi> GranaryFs<A> {
             size: 0,
             mtime_ns: mounted_ns,
             object: None,
+            pinned: false,
         };
         GranaryFs {
             max_ahead_blocks: (config.readahead_per_file / block_size.get()).max(1),
@@ -296,7 +369,11 @@ impl<A: CacheApi> GranaryFs<A> {
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             cached_versions: Mutex::new(HashMap::new()),
-            io_modes: Mutex::new(HashMap::new()),
+            io: Mutex::new(IoState {
+                modes: HashMap::new(),
+                idle: IdleBackings::new(config.kept_backings, config.attr_ttl),
+            }),
+            labels: Mutex::new(HashMap::new()),
             passthrough: AtomicBool::new(config.passthrough),
             next_fh: AtomicU64::new(1),
             config,
@@ -374,23 +451,28 @@ impl<A: CacheApi> GranaryFs<A> {
     }
 
     pub fn forget(&self, ino: u64, n: u64) {
-        self.inodes.lock().expect("inode lock").forget(ino, n);
+        let gone = self.inodes.lock().expect("inode lock").forget(ino, n);
+        if gone {
+            let kept = self.io.lock().expect("io lock").idle.remove(ino);
+            // Unregistering (an ioctl) outside the lock.
+            drop(kept);
+        }
+    }
+
+    /// Attributes of `ino` when they are fresh enough to answer without the worker.
+    pub fn getattr_now(&self, ino: u64) -> Option<Attr> {
+        let inodes = self.inodes.lock().expect("inode lock");
+        let inode = inodes.get(ino)?;
+        (ino == ROOT || inode.seen.elapsed() < self.config.attr_ttl)
+            .then(|| self.attr(ino, &inode.entry))
     }
 
     /// Attributes of `ino`, refreshed from the worker once older than the TTL.
     pub async fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
-        let (path, entry, fresh) = {
-            let inodes = self.inodes.lock().expect("inode lock");
-            let inode = inodes.get(ino).ok_or(FsError::NotFound)?;
-            (
-                inode.path.clone(),
-                inode.entry.clone(),
-                inode.seen.elapsed() < self.config.attr_ttl,
-            )
-        };
-        if fresh || ino == ROOT {
-            return Ok(self.attr(ino, &entry));
+        if let Some(attr) = self.getattr_now(ino) {
+            return Ok(attr);
         }
+        let path = self.path_of(ino)?;
         let entry = self.api.stat(&path).await?;
         self.inodes
             .lock()
@@ -421,58 +503,186 @@ impl<A: CacheApi> GranaryFs<A> {
         self.open_inner(ino, write, Some(register)).await
     }
 
+    /// [`GranaryFs::open_passthrough`] without waiting, when the open needs no call to the
+    /// worker: a pinned file whose entry was seen within the attribute TTL, and, for
+    /// passthrough, a kept registration or a remembered local copy of its version (or an inode
+    /// already open). `None`: the worker must be asked (`register` was not called).
+    pub fn open_now(
+        &self,
+        ino: u64,
+        write: bool,
+        register: impl FnOnce(&File) -> std::io::Result<Backing>,
+    ) -> Option<Result<Opened, FsError>> {
+        self.open_known(ino, write, &mut Some(register))
+    }
+
+    fn snapshot(&self, ino: u64) -> Result<OpenSnapshot, FsError> {
+        let inodes = self.inodes.lock().expect("inode lock");
+        let inode = inodes.get(ino).ok_or(FsError::NotFound)?;
+        Ok(OpenSnapshot {
+            path: inode.path.clone(),
+            entry: inode.entry.clone(),
+            trusted: inode.entry.pinned && inode.seen.elapsed() < self.config.attr_ttl,
+            local: inode.local.clone(),
+        })
+    }
+
+    /// What an open of `ino` (version `fingerprint`) needs for passthrough.
+    fn passthrough_need(&self, ino: u64, fingerprint: u128, register: bool) -> Need {
+        if !register || !self.passthrough_enabled() {
+            return Need::Nothing;
+        }
+        let io = self.io.lock().expect("io lock");
+        if io.modes.contains_key(&ino) {
+            Need::Nothing
+        } else if io.idle.holds(ino, fingerprint, Instant::now()) {
+            Need::KeptStillValid
+        } else {
+            Need::Copy
+        }
+    }
+
+    /// The open of a trusted (pinned, fresh) entry from what is known, or `None`.
+    fn open_known<R: FnOnce(&File) -> std::io::Result<Backing>>(
+        &self,
+        ino: u64,
+        write: bool,
+        register: &mut Option<R>,
+    ) -> Option<Result<Opened, FsError>> {
+        if write {
+            return Some(Err(FsError::ReadOnly));
+        }
+        let snap = match self.snapshot(ino) {
+            Ok(snap) => snap,
+            Err(e) => return Some(Err(e)),
+        };
+        if !snap.trusted {
+            return None;
+        }
+        let (fingerprint, size) = match file_object(&snap.path, &snap.entry) {
+            Ok(object) => (object.id.fingerprint(), snap.entry.size),
+            Err(e) => return Some(Err(e)),
+        };
+        // A kept registration or the remembered copy is used only while the copy's path still
+        // leads to the very file the worker named (it drops or replaces files when a dataset is
+        // unpinned or repaired); anything else asks the worker again.
+        let need = self.passthrough_need(ino, fingerprint, register.is_some());
+        let remembered = || snap.local.as_ref().filter(|c| c.fingerprint == fingerprint);
+        let still_there = |local: &LocalCopy, file: Result<FileIdentity, Unusable>| {
+            if file.as_ref().is_ok_and(|f| *f == local.file) {
+                return true;
+            }
+            tracing::debug!(path = %snap.path, local = %local.path.display(), "the remembered local copy changed or went; asking the worker");
+            self.inodes
+                .lock()
+                .expect("inode lock")
+                .forget_copy(ino, fingerprint);
+            false
+        };
+        let (copy, reuse_kept) = match need {
+            Need::Nothing => (None, false),
+            Need::KeptStillValid => {
+                let local = remembered()?;
+                let identity = std::fs::metadata(&local.path)
+                    .map_err(Unusable::Io)
+                    .and_then(|meta| checked(&meta, size));
+                if !still_there(local, identity) {
+                    return None;
+                }
+                (None, true)
+            }
+            Need::Copy => {
+                let local = remembered()?;
+                match open_local_copy(&local.path, size) {
+                    Ok((file, identity)) if still_there(local, Ok(identity)) => (Some(file), false),
+                    Ok(_) => return None,
+                    Err(e) => {
+                        still_there(local, Err(e));
+                        return None;
+                    }
+                }
+            }
+        };
+        Some(self.finish_open(
+            ino,
+            &snap.path,
+            &snap.entry,
+            copy,
+            reuse_kept,
+            register.take(),
+        ))
+    }
+
     async fn open_inner(
         &self,
         ino: u64,
         write: bool,
         register: Option<impl FnOnce(&File) -> std::io::Result<Backing>>,
     ) -> Result<Opened, FsError> {
-        if write {
-            return Err(FsError::ReadOnly);
+        let mut register = register;
+        if let Some(opened) = self.open_known(ino, write, &mut register) {
+            return opened;
         }
-        let (path, known) = {
-            let inodes = self.inodes.lock().expect("inode lock");
-            let inode = inodes.get(ino).ok_or(FsError::NotFound)?;
-            (inode.path.clone(), inode.entry.object.clone())
-        };
+        let snap = self.snapshot(ino)?;
         // Ask for a local copy of the version the inode last showed while the stat runs, when
         // this open could use one (an inode already open in either mode stays in that mode).
-        let ask = match known {
+        let ask = match &snap.entry.object {
             Some(known) if register.is_some() && self.passthrough_enabled() => {
-                let idle = !self.io_modes.lock().expect("io lock").contains_key(&ino);
-                idle.then_some(known)
+                let idle = !self.io.lock().expect("io lock").modes.contains_key(&ino);
+                idle.then(|| known.clone())
             }
             _ => None,
         };
-        let (entry, copy) = match &ask {
-            Some(known) => {
+        // A trusted entry (pinned, fresh) needs no stat: its version cannot have changed.
+        let (entry, copy) = match (&ask, snap.trusted) {
+            (Some(known), true) => (snap.entry, Some(self.api.local_copy(known).await)),
+            (Some(known), false) => {
                 let (entry, copy) =
-                    futures::join!(self.api.stat(&path), self.api.local_copy(known));
+                    futures::join!(self.api.stat(&snap.path), self.api.local_copy(known));
                 (entry?, Some(copy))
             }
-            None => (self.api.stat(&path).await?, None),
+            (None, true) => (snap.entry, None),
+            (None, false) => (self.api.stat(&snap.path).await?, None),
         };
-        self.inodes
-            .lock()
-            .expect("inode lock")
-            .refresh(ino, entry.clone(), Instant::now());
-        let object = match (entry.kind, entry.object) {
-            (EntryKind::File, Some(object)) => object,
-            (EntryKind::Dir, _) => return Err(FsError::IsADirectory),
-            (EntryKind::File, None) => {
-                return Err(FsError::Io(format!("{path}: file without an object")));
-            }
-        };
-        let fingerprint = object.id.fingerprint();
+        if !snap.trusted {
+            self.inodes
+                .lock()
+                .expect("inode lock")
+                .refresh(ino, entry.clone(), Instant::now());
+        }
+        let object = file_object(&snap.path, &entry)?;
         // A copy is only good for the version it was asked for; a changed version reads through
         // userspace this time (never a second local_copy call per open).
         let copy = match (ask, copy) {
-            (Some(asked), Some(copy)) if asked == object => {
-                self.usable_copy(&path, entry.size, copy)
+            (Some(asked), Some(copy)) if asked == *object => {
+                self.usable_copy(ino, &snap.path, &entry, copy)
             }
             _ => None,
         };
-        let io = self.choose_io(ino, &path, fingerprint, copy, register)?;
+        // Whatever was kept for this inode is not reused: the worker has just been asked.
+        self.finish_open(ino, &snap.path, &entry, copy, false, register)
+    }
+
+    /// The rest of an open once the entry (and a local copy, or a checked kept registration) is
+    /// known: the io mode, the page cache decision and the handle.
+    fn finish_open(
+        &self,
+        ino: u64,
+        path: &str,
+        entry: &Entry,
+        copy: Option<File>,
+        reuse_kept: bool,
+        register: Option<impl FnOnce(&File) -> std::io::Result<Backing>>,
+    ) -> Result<Opened, FsError> {
+        let object = file_object(path, entry)?;
+        let fingerprint = object.id.fingerprint();
+        let source = Source {
+            fingerprint,
+            pinned: entry.pinned,
+            copy,
+            reuse_kept,
+        };
+        let io = self.choose_io(ino, path, source, register)?;
         let keep_cache = match io {
             // The kernel's page cache of the inode is not used (nor filled) by passthrough reads;
             // leave its record alone so that the next userspace open decides correctly.
@@ -482,23 +692,12 @@ impl<A: CacheApi> GranaryFs<A> {
                 versions.insert(ino, fingerprint) == Some(fingerprint)
             }
         };
-        // Stall time by the namespace's top directory (a mount point: low cardinality) and job.
-        let top = path
-            .trim_start_matches('/')
-            .split('/')
-            .next()
-            .unwrap_or_default()
-            .to_string();
-        let labels = Arc::new(ReadLabels {
-            dataset: top,
-            job: self.config.job.clone(),
-        });
         let reader = FileReader::new(
-            object,
+            object.clone(),
             self.block_size,
             self.max_ahead_blocks,
             self.budget.clone(),
-            labels,
+            self.labels_for(path),
         );
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.files.lock().expect("files lock").insert(
@@ -511,12 +710,36 @@ impl<A: CacheApi> GranaryFs<A> {
         Ok(Opened { fh, keep_cache, io })
     }
 
-    /// The local copy the worker named, opened and checked, if it is usable.
+    /// Stall time by the namespace's top directory (a mount point: low cardinality) and job;
+    /// one shared label set per top directory.
+    fn labels_for(&self, path: &str) -> Arc<ReadLabels> {
+        let top = path
+            .trim_start_matches('/')
+            .split('/')
+            .next()
+            .unwrap_or_default();
+        let mut labels = self.labels.lock().expect("labels lock");
+        if let Some(found) = labels.get(top) {
+            return found.clone();
+        }
+        let made = Arc::new(ReadLabels {
+            dataset: top.to_string(),
+            job: self.config.job.clone(),
+        });
+        if labels.len() < MAX_LABEL_SETS {
+            labels.insert(top.to_string(), made.clone());
+        }
+        made
+    }
+
+    /// The local copy the worker named, opened and checked, if it is usable; remembered for the
+    /// next opens when the entry is pinned.
     fn usable_copy(
         &self,
+        ino: u64,
         path: &str,
-        size: u64,
-        answer: Result<Option<std::path::PathBuf>, ApiError>,
+        entry: &Entry,
+        answer: Result<Option<PathBuf>, ApiError>,
     ) -> Option<File> {
         match answer {
             Ok(None) => None,
@@ -525,13 +748,28 @@ impl<A: CacheApi> GranaryFs<A> {
                 None
             }
             // A local open and fstat: cheap enough to do on the runtime thread.
-            Ok(Some(local)) => match open_local_copy(&local, size) {
-                Ok(file) => Some(file),
+            Ok(Some(local)) => match open_local_copy(&local, entry.size) {
+                Ok((file, identity)) => {
+                    if entry.pinned
+                        && let Some(object) = &entry.object
+                    {
+                        let copy = LocalCopy {
+                            fingerprint: object.id.fingerprint(),
+                            path: local,
+                            file: identity,
+                        };
+                        self.inodes
+                            .lock()
+                            .expect("inode lock")
+                            .remember_copy(ino, copy);
+                    }
+                    Some(file)
+                }
                 Err(why) => {
                     tracing::warn!(
                         %path,
                         local = %local.display(),
-                        expected_bytes = size,
+                        expected_bytes = entry.size,
                         problem = %why,
                         "the worker's local copy is not usable; reading through userspace"
                     );
@@ -541,22 +779,29 @@ impl<A: CacheApi> GranaryFs<A> {
         }
     }
 
-    /// Decides the io mode of a new handle of `ino` and counts it, registering `copy` with the
-    /// kernel if it is the inode's first passthrough handle.
+    /// Decides the io mode of a new handle of `ino` and counts it: an inode already open keeps
+    /// its mode; else the kept registration of this (pinned) version if it was checked, else the
+    /// copy registered with the kernel, else userspace.
     fn choose_io(
         &self,
         ino: u64,
         path: &str,
-        fingerprint: u128,
-        copy: Option<File>,
+        source: Source,
         register: Option<impl FnOnce(&File) -> std::io::Result<Backing>>,
     ) -> Result<OpenIo, FsError> {
-        let mut modes = self.io_modes.lock().expect("io lock");
-        match modes.get_mut(&ino) {
+        let Source {
+            fingerprint,
+            pinned,
+            copy,
+            reuse_kept,
+        } = source;
+        let mut io = self.io.lock().expect("io lock");
+        match io.modes.get_mut(&ino) {
             Some(InodeIo::Passthrough {
                 fingerprint: f,
                 backing,
                 opens,
+                ..
             }) => {
                 if *f != fingerprint {
                     return Err(FsError::Stale(format!(
@@ -572,28 +817,55 @@ impl<A: CacheApi> GranaryFs<A> {
             }
             None => {}
         }
-        if let (Some(file), Some(register)) = (copy, register)
-            && self.passthrough_enabled()
-        {
-            match register(&file) {
-                Ok(backing) => {
-                    modes.insert(
+        let passthrough = register.is_some() && self.passthrough_enabled();
+        let mut unused = None;
+        if passthrough {
+            match io.idle.take(ino, fingerprint, Instant::now()) {
+                Kept::Reusable(backing) if pinned && reuse_kept => {
+                    io.modes.insert(
                         ino,
                         InodeIo::Passthrough {
                             fingerprint,
                             backing: backing.clone(),
                             opens: 1,
+                            keep: true,
                         },
                     );
                     return Ok(OpenIo::Passthrough(backing));
+                }
+                Kept::Reusable(backing) | Kept::Unusable(backing) => unused = Some(backing),
+                Kept::None => {}
+            }
+        }
+        let mut chosen = OpenIo::Userspace;
+        if let (Some(file), Some(register)) = (copy, register)
+            && passthrough
+        {
+            match register(&file) {
+                Ok(backing) => {
+                    io.modes.insert(
+                        ino,
+                        InodeIo::Passthrough {
+                            fingerprint,
+                            backing: backing.clone(),
+                            opens: 1,
+                            keep: pinned,
+                        },
+                    );
+                    chosen = OpenIo::Passthrough(backing);
                 }
                 Err(e) => {
                     self.disable_passthrough(&format!("registering a backing file failed: {e}"))
                 }
             }
         }
-        modes.insert(ino, InodeIo::Userspace { opens: 1 });
-        Ok(OpenIo::Userspace)
+        if let OpenIo::Userspace = chosen {
+            io.modes.insert(ino, InodeIo::Userspace { opens: 1 });
+        }
+        drop(io);
+        // A kept registration of another version is unregistered (an ioctl) outside the lock.
+        drop(unused);
+        Ok(chosen)
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Bytes, FsError> {
@@ -619,28 +891,53 @@ impl<A: CacheApi> GranaryFs<A> {
         }
     }
 
-    /// Closes a file handle; the inode's last handle ends its io mode (and unregisters its
-    /// passthrough backing file).
+    /// Closes a file handle; the inode's last handle ends its io mode. Its passthrough backing
+    /// file is unregistered then, or, for a pinned version, kept for a while for the next open.
     pub fn release(&self, fh: u64) {
         let Some(file) = self.files.lock().expect("files lock").remove(&fh) else {
             return;
         };
-        let ended = {
-            let mut modes = self.io_modes.lock().expect("io lock");
-            let last = modes.get_mut(&file.ino).is_some_and(|mode| {
+        let now = Instant::now();
+        let unregister = {
+            let mut io = self.io.lock().expect("io lock");
+            let last = io.modes.get_mut(&file.ino).is_some_and(|mode| {
                 let opens = mode.opens();
                 *opens -= 1;
                 *opens == 0
             });
-            if last { modes.remove(&file.ino) } else { None }
+            let mut unregister = io.idle.expire(now);
+            if last {
+                match io.modes.remove(&file.ino) {
+                    Some(InodeIo::Passthrough {
+                        fingerprint,
+                        backing,
+                        keep: true,
+                        ..
+                    }) => unregister.extend(io.idle.keep(file.ino, fingerprint, backing, now)),
+                    Some(InodeIo::Passthrough { backing, .. }) => unregister.push(backing),
+                    _ => {}
+                }
+            }
+            unregister
         };
-        // Unregistering the backing file (an ioctl) happens outside the lock.
-        drop(ended);
+        // Unregistering backing files (an ioctl each) happens outside the lock.
+        drop(unregister);
     }
 
+    /// Unregisters kept backing files older than the attribute TTL (also done on every
+    /// release; call it now and then so that an idle mount lets go of them too).
+    pub fn expire_kept_backings(&self) {
+        let expired = self.io.lock().expect("io lock").idle.expire(Instant::now());
+        drop(expired);
+    }
+
+    /// Number of passthrough registrations kept for inodes without open handles.
+    pub fn kept_backings(&self) -> usize {
+        self.io.lock().expect("io lock").idle.len()
+    }
     /// Number of open handles of `ino` reading through passthrough.
     pub fn passthrough_handles(&self, ino: u64) -> u64 {
-        match self.io_modes.lock().expect("io lock").get(&ino) {
+        match self.io.lock().expect("io lock").modes.get(&ino) {
             Some(InodeIo::Passthrough { opens, .. }) => *opens,
             _ => 0,
         }
@@ -695,6 +992,7 @@ impl<A: CacheApi> GranaryFs<A> {
             size: 0,
             mtime_ns: 0,
             object: None,
+            pinned: false,
         };
         let total = entries.len() as u64 + 2;
         for off in offset..total {

@@ -2,8 +2,13 @@
 //! runtime, maps the error to an errno, replies, and records the op's latency and outcome.
 //! Nothing here decides anything about the filesystem; the one kernel-specific step it adds is
 //! registering a local copy as a passthrough backing file when [`GranaryFs`] asks for it.
+//!
+//! An open or getattr that [`GranaryFs`] can answer without the worker (`open_now`,
+//! `getattr_now`: a hot pinned file, fresh attributes) is answered on the FUSE thread itself:
+//! handing it to the runtime (a wakeup and a context switch each way) costs more than the
+//! answer.
 
-use crate::fs::{Attr, Backing, FsError, GranaryFs, OpenIo};
+use crate::fs::{Attr, Backing, FsError, GranaryFs, OpenIo, Opened};
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
@@ -73,6 +78,33 @@ fn file_attr(a: &Attr) -> FileAttr {
     }
 }
 
+/// Replies to an open with its outcome, and records it.
+fn reply_open(reply: ReplyOpen, start: Instant, result: Result<Opened, FsError>) {
+    record("open", start, result.as_ref().map(|_| ()));
+    match result {
+        Ok(opened) => match &opened.io {
+            OpenIo::Passthrough(backing) => {
+                let id = backing
+                    .downcast_ref::<BackingId>()
+                    .expect("backing files are registered by this adapter");
+                metrics::counter!(m::FUSE_PASSTHROUGH_OPENS).increment(1);
+                // No FOPEN_KEEP_CACHE: the kernel fails a passthrough open with flags other
+                // than direct-io ones, and the inode's page cache is not used.
+                reply.opened_passthrough(FileHandle(opened.fh), FopenFlags::empty(), id)
+            }
+            OpenIo::Userspace => {
+                let flags = if opened.keep_cache {
+                    FopenFlags::FOPEN_KEEP_CACHE
+                } else {
+                    FopenFlags::empty()
+                };
+                reply.opened(FileHandle(opened.fh), flags)
+            }
+        },
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
 fn kind(k: EntryKind) -> FileType {
     match k {
         EntryKind::Dir => FileType::Directory,
@@ -130,8 +162,13 @@ impl<A: CacheApi> Filesystem for FuseAdapter<A> {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let fs = self.fs.clone();
         let ttl = self.ttl;
+        if let Some(attr) = self.fs.getattr_now(ino.0) {
+            record("getattr", Instant::now(), Ok(()));
+            reply.attr(&ttl, &file_attr(&attr));
+            return;
+        }
+        let fs = self.fs.clone();
         self.rt.spawn(async move {
             let start = Instant::now();
             let result = fs.getattr(ino.0).await;
@@ -144,36 +181,20 @@ impl<A: CacheApi> Filesystem for FuseAdapter<A> {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let fs = self.fs.clone();
+        let start = Instant::now();
         let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+        let register =
+            |file: &std::fs::File| reply.open_backing(file).map(|id| Arc::new(id) as Backing);
+        if let Some(result) = self.fs.open_now(ino.0, write, register) {
+            reply_open(reply, start, result);
+            return;
+        }
+        let fs = self.fs.clone();
         self.rt.spawn(async move {
-            let start = Instant::now();
             let register =
                 |file: &std::fs::File| reply.open_backing(file).map(|id| Arc::new(id) as Backing);
             let result = fs.open_passthrough(ino.0, write, register).await;
-            record("open", start, result.as_ref().map(|_| ()));
-            match result {
-                Ok(opened) => match &opened.io {
-                    OpenIo::Passthrough(backing) => {
-                        let id = backing
-                            .downcast_ref::<BackingId>()
-                            .expect("backing files are registered by this adapter");
-                        metrics::counter!(m::FUSE_PASSTHROUGH_OPENS).increment(1);
-                        // No FOPEN_KEEP_CACHE: the kernel fails a passthrough open with flags
-                        // other than direct-io ones, and the inode's page cache is not used.
-                        reply.opened_passthrough(FileHandle(opened.fh), FopenFlags::empty(), id)
-                    }
-                    OpenIo::Userspace => {
-                        let flags = if opened.keep_cache {
-                            FopenFlags::FOPEN_KEEP_CACHE
-                        } else {
-                            FopenFlags::empty()
-                        };
-                        reply.opened(FileHandle(opened.fh), flags)
-                    }
-                },
-                Err(e) => reply.error(errno(&e)),
-            }
+            reply_open(reply, start, result);
         });
     }
 
@@ -301,7 +322,9 @@ impl<A: CacheApi> Filesystem for FuseAdapter<A> {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // Nothing to flush on a read-only mount: ENOSYS tells the kernel to stop sending FLUSH
+        // (a round trip to this process on every close(2)) for the rest of the mount's life.
+        reply.error(Errno::ENOSYS);
     }
 
     fn getxattr(

@@ -3,20 +3,66 @@
 //! The kernel refers to files by inode number; it takes a reference for every entry we return
 //! from lookup or readdirplus and gives them back with forget. An inode lives while the kernel
 //! holds references to it (the root always lives). Each inode remembers the last entry seen
-//! for its path, which answers getattr and is refreshed after the attribute TTL.
+//! for its path, which answers getattr and is refreshed after the attribute TTL, and, for a
+//! pinned file, the local copy the worker named for that version.
 
 use granary_proto::Entry;
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::Instant;
 
 pub const ROOT: u64 = 1;
+
+/// A verified whole copy of one version of a pinned file on this machine, as the worker named
+/// it, and which file it was when first opened: the next open of the same version opens it
+/// again without asking the worker, and only if it is still that file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalCopy {
+    /// The object version's fingerprint.
+    pub fingerprint: u128,
+    pub path: PathBuf,
+    pub file: FileIdentity,
+}
+
+/// Which file a path led to: device, inode number and change time (a file replaced at the same
+/// path, or changed in place, differs in one of them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileIdentity {
+    pub dev: u64,
+    pub ino: u64,
+    pub ctime_ns: i128,
+}
+
+impl FileIdentity {
+    pub fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        FileIdentity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            ctime_ns: meta.ctime() as i128 * 1_000_000_000 + meta.ctime_nsec() as i128,
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct Inode {
     pub path: String,
     pub entry: Entry,
     pub seen: Instant,
+    /// The local copy last used for this inode's (pinned) version, if any.
+    pub local: Option<LocalCopy>,
     lookups: u64,
+}
+
+impl Inode {
+    /// Takes a newer entry; a local copy remembered for another version is forgotten.
+    fn update(&mut self, entry: Entry, now: Instant) {
+        if entry.object != self.entry.object {
+            self.local = None;
+        }
+        self.entry = entry;
+        self.seen = now;
+    }
 }
 
 #[derive(Debug)]
@@ -44,6 +90,7 @@ impl InodeTable {
                 path: "/".into(),
                 entry: root,
                 seen: now,
+                local: None,
                 lookups: 1,
             },
         );
@@ -68,8 +115,7 @@ impl InodeTable {
     pub fn upsert(&mut self, path: &str, entry: Entry, refs: u64, now: Instant) -> u64 {
         if let Some(&ino) = self.by_path.get(path) {
             let inode = self.by_ino.get_mut(&ino).expect("inode tables agree");
-            inode.entry = entry;
-            inode.seen = now;
+            inode.update(entry, now);
             inode.lookups += refs;
             return ino;
         }
@@ -81,6 +127,7 @@ impl InodeTable {
                 path: path.to_string(),
                 entry,
                 seen: now,
+                local: None,
                 lookups: refs,
             },
         );
@@ -91,25 +138,42 @@ impl InodeTable {
     /// Refreshes the entry of a known inode.
     pub fn refresh(&mut self, ino: u64, entry: Entry, now: Instant) {
         if let Some(inode) = self.by_ino.get_mut(&ino) {
-            inode.entry = entry;
-            inode.seen = now;
+            inode.update(entry, now);
         }
     }
 
-    /// Drops `n` kernel references; forgets the inode when none are left.
-    pub fn forget(&mut self, ino: u64, n: u64) {
+    /// Remembers the local copy of `ino`'s current version (`copy.fingerprint`'s).
+    pub fn remember_copy(&mut self, ino: u64, copy: LocalCopy) {
+        if let Some(inode) = self.by_ino.get_mut(&ino) {
+            inode.local = Some(copy);
+        }
+    }
+
+    /// Forgets the local copy remembered for `ino` if it is of version `fingerprint`.
+    pub fn forget_copy(&mut self, ino: u64, fingerprint: u128) {
+        if let Some(inode) = self.by_ino.get_mut(&ino)
+            && inode.local.as_ref().map(|c| c.fingerprint) == Some(fingerprint)
+        {
+            inode.local = None;
+        }
+    }
+
+    /// Drops `n` kernel references; forgets the inode when none are left (and says so).
+    pub fn forget(&mut self, ino: u64, n: u64) -> bool {
         if ino == ROOT {
-            return;
+            return false;
         }
         let Some(inode) = self.by_ino.get_mut(&ino) else {
-            return;
+            return false;
         };
         inode.lookups = inode.lookups.saturating_sub(n);
         if inode.lookups == 0 {
             let path = inode.path.clone();
             self.by_ino.remove(&ino);
             self.by_path.remove(&path);
+            return true;
         }
+        false
     }
 
     pub fn len(&self) -> usize {
@@ -133,6 +197,7 @@ mod tests {
             size: 0,
             mtime_ns: 0,
             object: None,
+            pinned: false,
         }
     }
 
@@ -153,5 +218,54 @@ mod tests {
         assert!(t.get(ROOT).is_some());
         assert_eq!(child_path("/", "x"), "/x");
         assert_eq!(child_path("/x", "y z"), "/x/y z");
+    }
+
+    #[test]
+    fn a_remembered_copy_lasts_while_the_version_does() {
+        use granary_core::ObjectId;
+        use granary_proto::ObjectRef;
+        let file = |etag: &str| Entry {
+            object: Some(ObjectRef {
+                mount: 0,
+                id: ObjectId {
+                    backend: "b".into(),
+                    key: "f".into(),
+                    size: 1,
+                    etag: Some(etag.into()),
+                    version: None,
+                    mtime_ns: 0,
+                },
+            }),
+            kind: EntryKind::File,
+            size: 1,
+            pinned: true,
+            ..dir("f")
+        };
+        let copy = LocalCopy {
+            fingerprint: 7,
+            path: "/store/f".into(),
+            file: FileIdentity {
+                dev: 1,
+                ino: 2,
+                ctime_ns: 3,
+            },
+        };
+        let now = Instant::now();
+        let mut t = InodeTable::new(dir(""), now);
+        let f = t.upsert("/f", file("v1"), 1, now);
+        t.remember_copy(f, copy.clone());
+        t.refresh(f, file("v1"), now);
+        t.upsert("/f", file("v1"), 1, now);
+        assert_eq!(t.get(f).unwrap().local, Some(copy.clone()), "same version");
+        t.forget_copy(f, 8);
+        assert!(t.get(f).unwrap().local.is_some(), "another version's");
+        t.forget_copy(f, 7);
+        assert!(t.get(f).unwrap().local.is_none());
+        t.remember_copy(f, copy);
+        t.refresh(f, file("v2"), now);
+        assert!(
+            t.get(f).unwrap().local.is_none(),
+            "a new version forgets it"
+        );
     }
 }

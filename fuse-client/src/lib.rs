@@ -5,6 +5,7 @@
 //! the local worker holds whole (FUSE passthrough); [`fuse::FuseAdapter`] is the thin fuser
 //! layer; [`mount`] checks the mount point and mounts.
 
+pub mod backings;
 pub mod fs;
 pub mod fuse;
 pub mod inodes;

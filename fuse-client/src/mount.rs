@@ -5,7 +5,8 @@ use crate::fuse::FuseAdapter;
 use fuser::{BackgroundSession, Config, MountOption, SessionACL};
 use granary_proto::CacheApi;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
@@ -144,6 +145,20 @@ impl Drop for Mounted {
     }
 }
 
+/// Lets go of kept passthrough registrations past the attribute TTL, once a second, also while
+/// nothing is opened or closed; ends with the filesystem.
+async fn expire_kept_backings<A: CacheApi>(fs: Weak<GranaryFs<A>>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(fs) = fs.upgrade() else {
+            return;
+        };
+        fs.expire_kept_backings();
+    }
+}
+
 /// Checks the mount point and the FUSE device, then mounts `fs` read-only at `dir`.
 pub fn mount<A: CacheApi>(
     fs: Arc<GranaryFs<A>>,
@@ -173,6 +188,9 @@ pub fn mount<A: CacheApi>(
     }
     config.n_threads = Some(2);
     config.clone_fd = true;
+    if fs.config().kept_backings > 0 && !fs.config().attr_ttl.is_zero() {
+        tokio::spawn(expire_kept_backings(Arc::downgrade(&fs)));
+    }
     let adapter = FuseAdapter::new(fs, tokio::runtime::Handle::current());
     let session =
         fuser::spawn_mount(adapter, dir, &config).map_err(|e| MountError::Mount(dir.into(), e))?;

@@ -5,7 +5,7 @@ use bytes::Bytes;
 use granary_core::{BlockSize, ObjectId};
 use granary_fuse_client::fs::{Backing, FsConfig, FsError, GranaryFs, OpenIo};
 use granary_proto::{ApiError, Block, CacheApi, Entry, EntryKind, Info, ObjectRef};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -13,15 +13,18 @@ use std::time::Duration;
 
 const BS: u64 = 64 << 10;
 
-/// Files by path; every block read is counted. `local` answers `local_copy` by object key and
-/// ETag, as the worker promises: a copy of exactly that version (an `Err` stands for a worker
-/// that does not answer).
+/// Files by path; every block read, stat and local_copy call is counted. `local` answers
+/// `local_copy` by object key and ETag, as the worker promises: a copy of exactly that version
+/// (an `Err` stands for a worker that does not answer). Paths in `pinned` are answered as a
+/// pinned dataset's (`Entry::pinned`).
 #[derive(Default)]
 struct FakeWorker {
     files: Mutex<BTreeMap<String, (Vec<u8>, String)>>,
     block_reads: AtomicU64,
     local: Mutex<HashMap<String, Result<PathBuf, ApiError>>>,
     local_copy_calls: AtomicU64,
+    stat_calls: AtomicU64,
+    pinned: Mutex<HashSet<String>>,
 }
 
 impl FakeWorker {
@@ -32,8 +35,25 @@ impl FakeWorker {
             .insert(path.to_string(), (data, etag.to_string()));
     }
 
+    fn pin(&self, path: &str) {
+        self.pinned.lock().unwrap().insert(path.to_string());
+    }
+
+    fn unpin(&self, path: &str) {
+        self.pinned.lock().unwrap().remove(path);
+    }
+
+    /// stat and local_copy calls so far.
+    fn calls(&self) -> (u64, u64) {
+        (
+            self.stat_calls.load(Ordering::SeqCst),
+            self.local_copy_calls.load(Ordering::SeqCst),
+        )
+    }
+
     fn entry(&self, path: &str, data: &[u8], etag: &str) -> Entry {
         let name = path.rsplit('/').next().unwrap().to_string();
+        let pinned = self.pinned.lock().unwrap().contains(path);
         Entry {
             name,
             kind: EntryKind::File,
@@ -50,6 +70,7 @@ impl FakeWorker {
                     mtime_ns: 0,
                 },
             }),
+            pinned,
         }
     }
 
@@ -60,6 +81,7 @@ impl FakeWorker {
             size: 0,
             mtime_ns: 0,
             object: None,
+            pinned: false,
         }
     }
 }
@@ -76,6 +98,7 @@ impl CacheApi for FakeWorker {
     }
 
     async fn stat(&self, path: &str) -> Result<Entry, ApiError> {
+        self.stat_calls.fetch_add(1, Ordering::SeqCst);
         let files = self.files.lock().unwrap();
         if let Some((data, etag)) = files.get(path) {
             return Ok(self.entry(path, data, etag));
@@ -687,4 +710,370 @@ async fn a_copy_for_the_version_last_seen_is_not_used_for_a_newer_one() {
         "one call per open at most"
     );
     assert_eq!(fs.read(opened.fh, 0, 16).await.unwrap()[..], v2[..16]);
+}
+
+/// A pinned file `name` of `len` bytes, held locally at `dir/name`, looked up.
+async fn pinned_file(
+    fs: &GranaryFs<FakeWorker>,
+    w: &FakeWorker,
+    dir: &TempDir,
+    name: &str,
+    len: usize,
+) -> (u64, Vec<u8>) {
+    let bytes = data(len, len as u8);
+    let path = format!("/{name}");
+    w.put(&path, bytes.clone(), "p1");
+    w.pin(&path);
+    std::fs::write(dir.0.join(name), &bytes).unwrap();
+    w.local
+        .lock()
+        .unwrap()
+        .insert(format!("{name}@p1"), Ok(dir.0.join(name)));
+    (fs.lookup(1, name).await.unwrap().ino, bytes)
+}
+
+#[tokio::test]
+async fn a_pinned_file_opens_again_without_asking_the_worker() {
+    let dir = TempDir::new("pinned");
+    let w = Arc::new(FakeWorker::default());
+    let fs = fs(w.clone(), FsConfig::default());
+    let kernel = FakeKernel::default();
+    let (ino, bytes) = pinned_file(&fs, &w, &dir, "p.bin", BS as usize + 3).await;
+    let looked_up = w.calls();
+
+    // First open: the entry is fresh and pinned (no stat), the worker names the copy.
+    assert!(
+        fs.open_now(ino, false, kernel.register()).is_none(),
+        "nothing known about a local copy yet"
+    );
+    let first = fs
+        .open_passthrough(ino, false, kernel.register())
+        .await
+        .unwrap();
+    assert!(first.is_passthrough());
+    assert_eq!(
+        w.calls(),
+        (looked_up.0, looked_up.1 + 1),
+        "one local_copy, no stat"
+    );
+    assert_eq!(fs.read(first.fh, 0, 10).await.unwrap()[..], bytes[..10]);
+    drop(first.io);
+    fs.release(first.fh);
+    assert_eq!(fs.kept_backings(), 1, "the registration outlives the close");
+    assert!(kernel.last_alive());
+
+    // Again and again: no call to the worker, no new registration, answered without waiting.
+    let calls = w.calls();
+    for _ in 0..3 {
+        let again = fs
+            .open_now(ino, false, kernel.register())
+            .expect("known")
+            .unwrap();
+        assert!(again.is_passthrough());
+        assert_eq!(fs.kept_backings(), 0, "in use, not kept");
+        drop(again.io);
+        fs.release(again.fh);
+    }
+    let again = fs
+        .open_passthrough(ino, false, kernel.register())
+        .await
+        .unwrap();
+    assert!(again.is_passthrough());
+    drop(again.io);
+    fs.release(again.fh);
+    assert_eq!(w.calls(), calls, "0 calls to the worker");
+    assert_eq!(kernel.registered.load(Ordering::SeqCst), 1);
+
+    // The kernel forgets the inode: its kept registration goes with it.
+    fs.forget(ino, 1);
+    assert_eq!(fs.kept_backings(), 0);
+    assert!(!kernel.last_alive());
+}
+
+#[tokio::test]
+async fn without_kept_registrations_a_pinned_file_reopens_its_remembered_copy() {
+    let dir = TempDir::new("remembered");
+    let w = Arc::new(FakeWorker::default());
+    let fs = fs(
+        w.clone(),
+        FsConfig {
+            kept_backings: 0,
+            ..FsConfig::default()
+        },
+    );
+    let kernel = FakeKernel::default();
+    let (ino, _) = pinned_file(&fs, &w, &dir, "r.bin", 1000).await;
+    let first = fs
+        .open_passthrough(ino, false, kernel.register())
+        .await
+        .unwrap();
+    assert!(first.is_passthrough());
+    drop(first.io);
+    fs.release(first.fh);
+    assert_eq!(fs.kept_backings(), 0);
+    assert!(!kernel.last_alive(), "unregistered at the last close");
+    let calls = w.calls();
+    let second = fs
+        .open_now(ino, false, kernel.register())
+        .expect("the copy is remembered")
+        .unwrap();
+    assert!(second.is_passthrough());
+    assert_eq!(w.calls(), calls, "0 calls to the worker");
+    assert_eq!(
+        kernel.registered.load(Ordering::SeqCst),
+        2,
+        "registered again"
+    );
+}
+
+#[tokio::test]
+async fn a_remembered_copy_that_vanished_or_changed_is_asked_for_again() {
+    let dir = TempDir::new("vanished");
+    let w = Arc::new(FakeWorker::default());
+    let fs = fs(
+        w.clone(),
+        FsConfig {
+            kept_backings: 0,
+            ..FsConfig::default()
+        },
+    );
+    let kernel = FakeKernel::default();
+    let (ino, bytes) = pinned_file(&fs, &w, &dir, "v.bin", 2 * BS as usize).await;
+    let open_close = |expect_passthrough: bool| {
+        let fs = &fs;
+        let kernel = &kernel;
+        async move {
+            let opened = fs
+                .open_passthrough(ino, false, kernel.register())
+                .await
+                .unwrap();
+            assert_eq!(opened.is_passthrough(), expect_passthrough);
+            fs.release(opened.fh);
+        }
+    };
+    open_close(true).await;
+    let (stats, copies) = w.calls();
+
+    // The copy is gone (the dataset was dropped): the worker is asked, says none, and the
+    // file reads through userspace, right.
+    std::fs::remove_file(dir.0.join("v.bin")).unwrap();
+    w.local.lock().unwrap().clear();
+    assert!(fs.open_now(ino, false, kernel.register()).is_none());
+    let opened = fs
+        .open_passthrough(ino, false, kernel.register())
+        .await
+        .unwrap();
+    assert!(!opened.is_passthrough());
+    assert_eq!(w.calls(), (stats, copies + 1));
+    assert_eq!(
+        fs.read(opened.fh, BS - 2, 4).await.unwrap()[..],
+        bytes[BS as usize - 2..BS as usize + 2]
+    );
+    fs.release(opened.fh);
+
+    // The worker loads it again elsewhere: asked again, used, remembered.
+    let elsewhere = dir.0.join("v2.bin");
+    std::fs::write(&elsewhere, &bytes).unwrap();
+    w.local
+        .lock()
+        .unwrap()
+        .insert("v.bin@p1".into(), Ok(elsewhere.clone()));
+    open_close(true).await;
+    assert_eq!(w.calls(), (stats, copies + 2));
+    open_close(true).await;
+    assert_eq!(w.calls(), (stats, copies + 2), "remembered");
+
+    // Replaced under the same path by another file (same size, renamed over it as the dataset
+    // store does): not the file the worker vouched for, so the worker is asked again first.
+    std::fs::write(dir.0.join("v2.tmp"), &bytes).unwrap();
+    std::fs::rename(dir.0.join("v2.tmp"), &elsewhere).unwrap();
+    open_close(true).await;
+    assert_eq!(w.calls(), (stats, copies + 3));
+    // A copy of the wrong size at the remembered path is never used.
+    std::fs::write(&elsewhere, &bytes[..10]).unwrap();
+    open_close(false).await;
+    assert_eq!(w.calls(), (stats, copies + 4));
+}
+
+#[tokio::test]
+async fn an_unpinned_file_asks_the_worker_on_every_open() {
+    let dir = TempDir::new("unpinned");
+    let w = Arc::new(FakeWorker::default());
+    let bytes = data(1000, 3);
+    w.put("/u.bin", bytes.clone(), "e");
+    std::fs::write(dir.0.join("u.bin"), &bytes).unwrap();
+    w.local
+        .lock()
+        .unwrap()
+        .insert("u.bin@e".into(), Ok(dir.0.join("u.bin")));
+    let fs = fs(w.clone(), FsConfig::default());
+    let kernel = FakeKernel::default();
+    let ino = fs.lookup(1, "u.bin").await.unwrap().ino;
+    for round in 1..=3 {
+        let (stats, copies) = w.calls();
+        assert!(fs.open_now(ino, false, kernel.register()).is_none());
+        let opened = fs
+            .open_passthrough(ino, false, kernel.register())
+            .await
+            .unwrap();
+        assert!(opened.is_passthrough());
+        assert_eq!(
+            w.calls(),
+            (stats + 1, copies + 1),
+            "round {round}: a stat per open"
+        );
+        drop(opened.io);
+        fs.release(opened.fh);
+        assert_eq!(fs.kept_backings(), 0, "nothing kept for an unpinned file");
+        assert!(!kernel.last_alive());
+    }
+    // Also through userspace (plain opens): a stat per open.
+    let stats = w.calls().0;
+    let opened = fs.open(ino, false).await.unwrap();
+    assert!(fs.open_now(ino, false, kernel.register()).is_none());
+    fs.release(opened.fh);
+    assert_eq!(w.calls().0, stats + 1);
+}
+
+#[tokio::test]
+async fn a_pinned_entry_is_trusted_for_the_attribute_ttl_only() {
+    let dir = TempDir::new("ttl");
+    let w = Arc::new(FakeWorker::default());
+    let ttl = Duration::from_millis(300);
+    let fs = fs(
+        w.clone(),
+        FsConfig {
+            attr_ttl: ttl,
+            ..FsConfig::default()
+        },
+    );
+    let kernel = FakeKernel::default();
+    let (ino, _) = pinned_file(&fs, &w, &dir, "t.bin", 1000).await;
+    let opened = fs
+        .open_passthrough(ino, false, kernel.register())
+        .await
+        .unwrap();
+    drop(opened.io);
+    fs.release(opened.fh);
+    assert_eq!(fs.kept_backings(), 1);
+    tokio::time::sleep(ttl + Duration::from_millis(50)).await;
+
+    // Past the TTL the kept registration expires (an idle mount lets go of it too)...
+    fs.expire_kept_backings();
+    assert_eq!(fs.kept_backings(), 0);
+    assert!(!kernel.last_alive());
+    // ...and the entry is stat'ed again: unpinned meanwhile, so it is not trusted any more.
+    w.unpin("/t.bin");
+    let (stats, _) = w.calls();
+    assert!(fs.open_now(ino, false, kernel.register()).is_none());
+    let opened = fs
+        .open_passthrough(ino, false, kernel.register())
+        .await
+        .unwrap();
+    assert_eq!(w.calls().0, stats + 1);
+    drop(opened.io);
+    fs.release(opened.fh);
+    assert_eq!(fs.kept_backings(), 0, "unpinned: not kept");
+    let opened = fs
+        .open_passthrough(ino, false, kernel.register())
+        .await
+        .unwrap();
+    assert_eq!(w.calls().0, stats + 2, "unpinned: a stat per open");
+    fs.release(opened.fh);
+
+    // With no TTL nothing is trusted, pinned or not.
+    let fs0 = GranaryFs::new(
+        w.clone(),
+        FsConfig {
+            attr_ttl: Duration::ZERO,
+            ..FsConfig::default()
+        },
+    );
+    w.pin("/t.bin");
+    let ino = fs0.lookup(1, "t.bin").await.unwrap().ino;
+    let stats = w.calls().0;
+    for _ in 0..2 {
+        let opened = fs0
+            .open_passthrough(ino, false, kernel.register())
+            .await
+            .unwrap();
+        fs0.release(opened.fh);
+    }
+    assert_eq!(w.calls().0, stats + 2);
+    assert_eq!(fs0.kept_backings(), 0);
+}
+
+#[tokio::test]
+async fn a_kept_registration_never_serves_another_version() {
+    let dir = TempDir::new("kept-version");
+    let w = Arc::new(FakeWorker::default());
+    let fs = fs(w.clone(), FsConfig::default());
+    let kernel = FakeKernel::default();
+    let (ino, _) = pinned_file(&fs, &w, &dir, "k.bin", 1000).await;
+    let opened = fs
+        .open_passthrough(ino, false, kernel.register())
+        .await
+        .unwrap();
+    drop(opened.io);
+    fs.release(opened.fh);
+    assert_eq!(fs.kept_backings(), 1);
+
+    // Pinned again at a new version (same size) with no copy here yet; a lookup shows it.
+    let v2 = data(1000, 99);
+    w.put("/k.bin", v2.clone(), "p2");
+    assert_eq!(fs.lookup(1, "k.bin").await.unwrap().ino, ino);
+    let opened = fs
+        .open_passthrough(ino, false, kernel.register())
+        .await
+        .unwrap();
+    assert!(!opened.is_passthrough(), "v1's copy is not v2");
+    assert!(!kernel.last_alive(), "v1's registration is dropped");
+    assert_eq!(fs.kept_backings(), 0);
+    assert_eq!(fs.read(opened.fh, 0, 8).await.unwrap()[..], v2[..8]);
+    fs.release(opened.fh);
+}
+
+#[tokio::test]
+async fn a_kept_registration_goes_once_its_copy_is_dropped_or_replaced() {
+    let dir = TempDir::new("kept-dropped");
+    let w = Arc::new(FakeWorker::default());
+    let fs = fs(w.clone(), FsConfig::default());
+    let kernel = FakeKernel::default();
+    let (ino, bytes) = pinned_file(&fs, &w, &dir, "d.bin", 3000).await;
+    let open_close = |expect_passthrough: bool| {
+        let fs = &fs;
+        let kernel = &kernel;
+        async move {
+            let opened = fs
+                .open_passthrough(ino, false, kernel.register())
+                .await
+                .unwrap();
+            assert_eq!(opened.is_passthrough(), expect_passthrough);
+            drop(opened.io);
+            fs.release(opened.fh);
+        }
+    };
+    open_close(true).await;
+    assert_eq!(fs.kept_backings(), 1);
+
+    // The worker repairs the copy (a new file renamed over it): asked again, registered again.
+    let copies = w.calls().1;
+    std::fs::write(dir.0.join("d.tmp"), &bytes).unwrap();
+    std::fs::rename(dir.0.join("d.tmp"), dir.0.join("d.bin")).unwrap();
+    assert!(fs.open_now(ino, false, kernel.register()).is_none());
+    open_close(true).await;
+    assert_eq!(w.calls().1, copies + 1);
+    assert_eq!(kernel.registered.load(Ordering::SeqCst), 2);
+    assert_eq!(fs.kept_backings(), 1);
+
+    // The dataset is unpinned and its files freed: the kept registration is not used for the
+    // next open (the worker is asked, has none: userspace) and is let go.
+    std::fs::remove_file(dir.0.join("d.bin")).unwrap();
+    w.local.lock().unwrap().clear();
+    assert!(fs.open_now(ino, false, kernel.register()).is_none());
+    assert!(kernel.last_alive());
+    open_close(false).await;
+    assert_eq!(w.calls().1, copies + 2);
+    assert!(!kernel.last_alive());
+    assert_eq!(fs.kept_backings(), 0);
 }

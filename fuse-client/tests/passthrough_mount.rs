@@ -82,6 +82,8 @@ struct Source {
     etag: String,
     /// What `local_copy` answers for this file's version.
     local: Option<PathBuf>,
+    /// Answered as a pinned dataset's file.
+    pinned: bool,
 }
 
 #[derive(Default)]
@@ -89,6 +91,8 @@ struct FileWorker {
     files: Mutex<BTreeMap<String, Source>>,
     /// Block reads by object key.
     block_reads: Mutex<HashMap<String, u64>>,
+    /// stat and local_copy calls.
+    calls: AtomicU64,
 }
 
 impl FileWorker {
@@ -101,8 +105,17 @@ impl FileWorker {
                 size,
                 etag: "v1".into(),
                 local: local.map(Path::to_path_buf),
+                pinned: false,
             },
         );
+    }
+
+    fn pin(&self, name: &str) {
+        self.files.lock().unwrap().get_mut(name).unwrap().pinned = true;
+    }
+
+    fn calls(&self) -> u64 {
+        self.calls.load(Ordering::SeqCst)
     }
 
     /// The object gets a new version (same bytes) and the worker a new answer for it.
@@ -140,6 +153,7 @@ impl FileWorker {
                     mtime_ns: 0,
                 },
             }),
+            pinned: source.pinned,
         }
     }
 }
@@ -156,6 +170,7 @@ impl CacheApi for FileWorker {
     }
 
     async fn stat(&self, path: &str) -> Result<Entry, ApiError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
         if path == "/" {
             return Ok(Entry {
                 name: String::new(),
@@ -163,6 +178,7 @@ impl CacheApi for FileWorker {
                 size: 0,
                 mtime_ns: 0,
                 object: None,
+                pinned: false,
             });
         }
         let name = path.trim_start_matches('/');
@@ -209,6 +225,7 @@ impl CacheApi for FileWorker {
     }
 
     async fn local_copy(&self, object: &ObjectRef) -> Result<Option<PathBuf>, ApiError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
         let files = self.files.lock().unwrap();
         Ok(files
             .get(&object.id.key)
@@ -502,6 +519,64 @@ async fn an_inode_open_in_one_mode_is_opened_again_in_that_mode() {
         "v2 has no copy: read through userspace"
     );
     assert_eq!(passthrough_opens(), opens);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_pinned_file_reopens_without_asking_the_worker() {
+    let _serial = serial().await;
+    counters();
+    let src = TempDir::new("pinned-src");
+    let mnt = TempDir::new("pinned-mnt");
+    let held = src.path().join("held.bin");
+    write_pattern(&held, (1 << 20) + 17, 9);
+    let worker = Arc::new(FileWorker::default());
+    worker.add("held.bin", &held, Some(&held));
+    worker.pin("held.bin");
+    let (fs, _guard) = mount_over(worker.clone(), FsConfig::default(), mnt.path());
+    let through = mnt.path().join("held.bin");
+
+    // The first open asks the worker where the copy is; the last close keeps its registration.
+    assert_eq!(sha256(&through), sha256(&held));
+    let ino = std::fs::metadata(&through).unwrap().ino();
+    released(&fs, ino).await;
+    assert_eq!(fs.kept_backings(), 1);
+
+    // Then: every open passes the kept registration to the kernel again (the kernel takes a
+    // registered backing file for an inode whose last file was closed), no call to the worker,
+    // no read request, right bytes; close(2) succeeds (flush: ENOSYS, never sent again).
+    let (calls, reads, opens) = (worker.calls(), fuse_reads(), passthrough_opens());
+    // os.close raises if close(2) fails.
+    let script = "import hashlib, os, sys\n\
+                  want = hashlib.sha256(open(sys.argv[2], 'rb').read()).hexdigest()\n\
+                  for _ in range(20):\n\
+                  \x20   fd = os.open(sys.argv[1], os.O_RDONLY)\n\
+                  \x20   data = b''\n\
+                  \x20   while chunk := os.read(fd, 1 << 20): data += chunk\n\
+                  \x20   os.close(fd)\n\
+                  \x20   assert hashlib.sha256(data).hexdigest() == want\n\
+                  print('ok')";
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .arg(&through)
+        .arg(&held)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "20 opens of the pinned file: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(passthrough_opens() - opens, 20);
+    assert_eq!(fuse_reads(), reads);
+    assert_eq!(worker.calls(), calls, "no call to the worker");
+    released(&fs, ino).await;
+    assert_eq!(fs.kept_backings(), 1);
+    assert_eq!(
+        sha256_mmap(&through),
+        sha256(&held),
+        "mmap of the pinned file"
+    );
+    assert_eq!(fuse_reads(), reads);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -45,6 +45,7 @@ impl From<&Entry> for pb::Entry {
             size: e.size,
             mtime_ns: e.mtime_ns,
             object: e.object.as_ref().map(Into::into),
+            pinned: e.pinned,
         }
     }
 }
@@ -75,6 +76,7 @@ impl TryFrom<pb::Entry> for Entry {
             size: e.size,
             mtime_ns: e.mtime_ns,
             object: e.object.map(Into::into),
+            pinned: e.pinned,
         })
     }
 }
@@ -189,8 +191,17 @@ mod tests {
                     mtime_ns: 5,
                 },
             }),
+            pinned: true,
         };
         assert_eq!(Entry::try_from(pb::Entry::from(&e)).unwrap(), e);
+        let unpinned = Entry {
+            pinned: false,
+            ..e.clone()
+        };
+        assert_eq!(
+            Entry::try_from(pb::Entry::from(&unpinned)).unwrap(),
+            unpinned
+        );
         let mut bad = pb::Entry::from(&e);
         bad.kind = 17;
         assert!(Entry::try_from(bad).is_err());

@@ -50,6 +50,10 @@ pub struct Entry {
     pub mtime_ns: i64,
     /// Present for files.
     pub object: Option<ObjectRef>,
+    /// Answered from a pinned dataset's frozen manifest: this version cannot change while the
+    /// pin lasts, so a client may trust the entry for its attribute TTL without asking again on
+    /// each open (outside pins a client asks on every open: close-to-open consistency).
+    pub pinned: bool,
 }
 
 /// A block's bytes and the CRC32C computed when it was fetched from the backend.

@@ -416,6 +416,57 @@ impl Backend {
         Ok(data)
     }
 
+    /// Like [`Backend::get_range`], but hands the bytes to `sink` piece by piece as they arrive
+    /// instead of gathering them into one buffer (for a caller that puts them somewhere itself).
+    pub async fn get_range_to(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        etag: Option<&str>,
+        version: Option<&str>,
+        sink: &mut (dyn FnMut(&[u8]) + Send),
+    ) -> Result<(), ApiError> {
+        use futures::StreamExt;
+        let Store::Object { store, prefix } = &self.store else {
+            sink(&self.get_range(key, range, etag, version).await?);
+            return Ok(());
+        };
+        let _permit = self.admit().await?;
+        let start = Instant::now();
+        let path = store_path(prefix.as_ref(), key);
+        let options = GetOptions {
+            if_match: etag.map(str::to_string),
+            version: version.map(str::to_string),
+            range: Some(GetRange::Bounded(range.clone())),
+            ..GetOptions::default()
+        };
+        let expected = range.end - range.start;
+        let mut got = 0u64;
+        let result = async {
+            let mut stream = store.get_opts(&path, options).await?.into_stream();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk?;
+                // Never more than asked for, whatever the server sends.
+                let take = chunk.len().min((expected - got) as usize);
+                sink(&chunk[..take]);
+                got += chunk.len() as u64;
+            }
+            Ok(())
+        }
+        .await
+        .map_err(|e| store_error("get", &self.id, key, e));
+        record("get", start, result.is_ok());
+        result?;
+        metrics::counter!(m::BACKEND_BYTES).increment(got);
+        if got != expected {
+            return Err(ApiError::Stale(format!(
+                "get {}/{key}: asked {expected} bytes at {}, got {got}: {STALE}",
+                self.id, range.start
+            )));
+        }
+        Ok(())
+    }
+
     /// Checks, within `timeout`, that the source exists and answers with these credentials.
     pub async fn probe(&self, timeout: Duration) -> Result<(), BackendError> {
         let unreachable = |message: String| BackendError::Unreachable {

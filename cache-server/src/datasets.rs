@@ -43,7 +43,7 @@ use crate::registry::{Pin, Registry};
 use bytes::Bytes;
 use granary_core::BlockSize;
 use granary_core::dataset::{LoadState, ManifestFile, NodeProgress, holders, share};
-use granary_core::object::checksum;
+use granary_core::object::{checksum, checksum_append};
 use granary_proto::ApiError;
 use granary_proto::ObjectRef;
 use serde::{Deserialize, Serialize};
@@ -106,6 +106,21 @@ pub trait Source: Send + Sync + 'static {
         object: &ObjectRef,
         range: std::ops::Range<u64>,
     ) -> impl Future<Output = Result<Bytes, ApiError>> + Send;
+
+    /// Like [`Source::backend_range`], handing the bytes to `sink` piece by piece as they
+    /// arrive (the loader puts them straight into an aligned buffer, without gathering each
+    /// block into a buffer of its own first).
+    fn backend_range_to(
+        &self,
+        object: &ObjectRef,
+        range: std::ops::Range<u64>,
+        sink: &mut (dyn FnMut(&[u8]) + Send),
+    ) -> impl Future<Output = Result<(), ApiError>> + Send {
+        async move {
+            sink(&self.backend_range(object, range).await?);
+            Ok(())
+        }
+    }
 
     /// Block `index` of `object` from `node`, only if it holds it.
     fn peer_held_block(
@@ -870,7 +885,7 @@ impl Datasets {
         } = block;
         let range = self.block_size.range(index, object.id.size);
         let mut waited = Duration::ZERO;
-        let (data, unwritten) = loop {
+        let (fetched, unwritten) = loop {
             let unwritten = limits
                 .unwritten
                 .acquire()
@@ -881,9 +896,9 @@ impl Datasets {
                 .acquire()
                 .await
                 .expect("the semaphore is never closed");
-            let data = match copy_from {
+            let fetched = match copy_from {
                 Some(peer) => match source.peer_held_block(peer, object, index).await {
-                    Ok(data) => data,
+                    Ok(data) => Fetched::Bytes(data),
                     // The first holder has not loaded it yet: wait for it rather than fetch
                     // the bytes from the backend a second time.
                     Err(ApiError::NotFound(_)) if waited < Duration::from_secs(600) => {
@@ -894,27 +909,37 @@ impl Datasets {
                     }
                     Err(e) => {
                         tracing::info!(peer, error = %e, key = %object.id.key, "copy from the first holder failed; reading the backend");
-                        source.backend_range(object, range.clone()).await?
+                        from_backend(source, object, range.clone(), &limits.buffers).await?
                     }
                 },
-                None => source.backend_range(object, range.clone()).await?,
+                None => from_backend(source, object, range.clone(), &limits.buffers).await?,
             };
-            break (data, unwritten);
+            break (fetched, unwritten);
         };
-        if data.len() as u64 != range.end - range.start {
+        let len = range.end - range.start;
+        if let Fetched::Bytes(data) = &fetched
+            && data.len() as u64 != len
+        {
             return Err(ApiError::Corrupt(format!(
-                "{}: block {index} has {} bytes, expected {}",
+                "{}: block {index} has {} bytes, expected {len}",
                 object.id.key,
                 data.len(),
-                range.end - range.start
             )));
         }
-        let len = data.len() as u64;
         let (out, journal) = (out.clone(), journal.cloned());
         let crc = blocking(move || {
-            let crc = checksum(&data);
-            out.write_at(&data, range.start)
-                .map_err(|e| internal("writing a loaded block", e))?;
+            let crc = match fetched {
+                Fetched::Bytes(data) => {
+                    out.write_at(&data, range.start)
+                        .map_err(|e| internal("writing a loaded block", e))?;
+                    checksum(&data)
+                }
+                Fetched::Buffer { buf, crc } => {
+                    out.write_buffer(&buf, range.start)
+                        .map_err(|e| internal("writing a loaded block", e))?;
+                    crc
+                }
+            };
             if let Some(journal) = journal {
                 journal
                     .lock()
@@ -1021,6 +1046,88 @@ struct BlockLoad<'a> {
     journal: Option<&'a Arc<Mutex<std::fs::File>>>,
 }
 
+/// A block fetched for loading: as a peer sent it, or read from the backend straight into an
+/// aligned buffer (with its CRC, computed as it arrived).
+enum Fetched {
+    Bytes(Bytes),
+    Buffer { buf: AlignedBuf, crc: u32 },
+}
+
+/// Range `range` of `object` from the backend, into an aligned buffer from `pool`.
+async fn from_backend<S: Source>(
+    source: &S,
+    object: &ObjectRef,
+    range: std::ops::Range<u64>,
+    pool: &Arc<Mutex<Vec<Vec<u8>>>>,
+) -> Result<Fetched, ApiError> {
+    let mut buf = AlignedBuf::take(pool, (range.end - range.start) as usize);
+    let (mut crc, mut at) = (0, 0);
+    let region = buf.data_mut();
+    let mut sink = |chunk: &[u8]| {
+        // (More than the range is never stored, whatever arrives.)
+        let end = (at + chunk.len()).min(region.len());
+        region[at..end].copy_from_slice(&chunk[..end - at]);
+        crc = checksum_append(crc, &chunk[..end - at]);
+        at = end;
+    };
+    source.backend_range_to(object, range, &mut sink).await?;
+    if at != buf.data().len() {
+        return Err(ApiError::Stale(format!(
+            "{}: got {at} bytes of a {}-byte range",
+            object.id.key,
+            buf.data().len()
+        )));
+    }
+    Ok(Fetched::Buffer { buf, crc })
+}
+
+/// A buffer whose data starts at a [`DIRECT_ALIGN`] boundary and is followed by zeros up to the
+/// next one, taken from a pool and given back to it when dropped.
+struct AlignedBuf {
+    vec: Vec<u8>,
+    start: usize,
+    len: usize,
+    pool: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+impl AlignedBuf {
+    fn take(pool: &Arc<Mutex<Vec<Vec<u8>>>>, len: usize) -> Self {
+        let mut vec = pool.lock().expect("buffers").pop().unwrap_or_default();
+        let padded = len.next_multiple_of(DIRECT_ALIGN);
+        if vec.len() < padded + DIRECT_ALIGN {
+            vec.resize(padded + DIRECT_ALIGN, 0);
+        }
+        let start = vec.as_ptr().align_offset(DIRECT_ALIGN);
+        vec[start + len..start + padded].fill(0);
+        AlignedBuf {
+            vec,
+            start,
+            len,
+            pool: pool.clone(),
+        }
+    }
+
+    fn data(&self) -> &[u8] {
+        &self.vec[self.start..self.start + self.len]
+    }
+
+    fn data_mut(&mut self) -> &mut [u8] {
+        &mut self.vec[self.start..self.start + self.len]
+    }
+
+    /// The data and the zeros after it, to the alignment.
+    fn padded(&self) -> &[u8] {
+        &self.vec[self.start..self.start + self.len.next_multiple_of(DIRECT_ALIGN)]
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let vec = std::mem::take(&mut self.vec);
+        self.pool.lock().expect("buffers").push(vec);
+    }
+}
+
 /// What the files of one load share.
 struct LoadLimits {
     /// Block reads (backend GETs, copies from peers) in flight.
@@ -1055,33 +1162,26 @@ impl BlockWriter {
     }
 
     fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        if self.direct.is_none() {
+            return self.buffered.write_all_at(data, offset);
+        }
+        let mut buf = AlignedBuf::take(&self.buffers, data.len());
+        buf.data_mut().copy_from_slice(data);
+        self.write_buffer(&buf, offset)
+    }
+
+    fn write_buffer(&self, buf: &AlignedBuf, offset: u64) -> std::io::Result<()> {
         if let Some(direct) = &self.direct
             && offset.is_multiple_of(DIRECT_ALIGN as u64)
         {
-            let mut buf = self
-                .buffers
-                .lock()
-                .expect("buffers")
-                .pop()
-                .unwrap_or_default();
             // Past the end of the data, zeros up to the alignment (cut off by the final set_len).
-            let padded = data.len().next_multiple_of(DIRECT_ALIGN);
-            if buf.len() < padded + DIRECT_ALIGN {
-                buf.resize(padded + DIRECT_ALIGN, 0);
-            }
-            let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
-            let aligned = &mut buf[start..start + padded];
-            aligned[..data.len()].copy_from_slice(data);
-            aligned[data.len()..].fill(0);
-            let written = direct.write_all_at(aligned, offset);
-            self.buffers.lock().expect("buffers").push(buf);
-            match written {
+            match direct.write_all_at(buf.padded(), offset) {
                 // The filesystem takes O_DIRECT opens but not these writes: the page cache.
                 Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {}
                 other => return other,
             }
         }
-        self.buffered.write_all_at(data, offset)
+        self.buffered.write_all_at(buf.data(), offset)
     }
 
     fn set_len(&self, size: u64) -> std::io::Result<()> {

@@ -531,6 +531,24 @@ impl Source for Worker {
             .await
     }
 
+    async fn backend_range_to(
+        &self,
+        object: &ObjectRef,
+        range: std::ops::Range<u64>,
+        sink: &mut (dyn FnMut(&[u8]) + Send),
+    ) -> Result<(), ApiError> {
+        let backend = self.check_ref(object, 0)?;
+        backend
+            .get_range_to(
+                &object.id.key,
+                range,
+                object.id.etag.as_deref(),
+                object.id.version.as_deref(),
+                sink,
+            )
+            .await
+    }
+
     async fn peer_held_block(
         &self,
         node: &str,

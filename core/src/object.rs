@@ -58,6 +58,12 @@ pub fn checksum(data: &[u8]) -> u32 {
     crc32c::crc32c(data)
 }
 
+/// The [`checksum`] of some bytes followed by `data`, from the checksum `crc` of those bytes
+/// (0 for none): a block's checksum computed piece by piece as it arrives.
+pub fn checksum_append(crc: u32, data: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc, data)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -409,7 +409,8 @@ impl Datasets {
             .lock()
             .expect("failures")
             .get(&pin.name)
-            .cloned();
+            .cloned()
+            .or_else(|| self.backoff_reason(&pin.name));
         let loading = self.loading.lock().expect("loading").contains(&pin.name);
         let state = if !pin.load {
             LoadState::Pending
@@ -649,6 +650,8 @@ impl Datasets {
             return;
         }
         tracing::info!(dataset = %pin.name, files = missing.len(), "loading");
+        // A failure of the whole load (not of a file: those are in backoff) is tried again now.
+        self.failures.lock().expect("failures").remove(&pin.name);
         let dir = self.root.join(&pin.name).join("files");
         if let Err(e) = std::fs::create_dir_all(&dir) {
             self.fail(&pin.name, format!("cannot create {}: {e}", dir.display()));
@@ -696,7 +699,6 @@ impl Datasets {
             drop(done_tx);
         };
         futures::join!(fetch, self.commit_loop(&pin.name, done_rx));
-        self.settle_failures(&pin.name);
     }
 
     fn fail(&self, dataset: &str, reason: String) {
@@ -729,10 +731,10 @@ impl Datasets {
         tracing::error!(dataset, path, error = %error, failures = retry.failures, retry_in = ?wait, "cannot load a file");
     }
 
-    /// Sets the dataset's failure reason from the files in backoff (or clears it).
-    fn settle_failures(&self, dataset: &str) {
+    /// Why files of the dataset are waiting to be loaded again, if any are.
+    fn backoff_reason(&self, dataset: &str) -> Option<String> {
         let backoff = self.backoff.lock().expect("backoff");
-        let reason = backoff.get(dataset).and_then(|files| {
+        backoff.get(dataset).and_then(|files| {
             let (path, first) = files.iter().min_by_key(|(_, r)| r.at)?;
             Some(format!(
                 "{} file(s) failed to load; {path}: {} (failed {} time(s), next try in {} s)",
@@ -741,12 +743,7 @@ impl Datasets {
                 first.failures,
                 first.at.saturating_duration_since(Instant::now()).as_secs()
             ))
-        });
-        let mut failures = self.failures.lock().expect("failures");
-        match reason {
-            Some(reason) => failures.insert(dataset.to_string(), reason),
-            None => failures.remove(dataset),
-        };
+        })
     }
 
     /// Fetches every block of `file` the partial copy lacks (all of them, the first time), at

@@ -756,7 +756,6 @@ impl Datasets {
         source: &Arc<S>,
         limits: &LoadLimits,
     ) -> Result<Completed, ApiError> {
-        use futures::{StreamExt, TryStreamExt};
         let object = ObjectRef {
             mount: pin.mount,
             id: granary_core::ObjectId {
@@ -776,71 +775,24 @@ impl Datasets {
                 .map(|n| n.to_string_lossy())
                 .unwrap_or_default()
         ));
-        // A load cut short (a crash, a restart) resumes after the blocks it had written: the
-        // `.crcs` journal beside the partial file names each written block and its CRC. (A file
-        // of one block has nothing to resume: no journal.)
-        let (bs, size) = (self.block_size, file.size);
-        let journal_path = (bs.count(size) > 1).then(|| tmp.with_extension("loading.crcs"));
-        let identity = serde_json::json!({
-            "size": file.size, "etag": file.etag, "version": file.version,
-            "block_size": self.block_size.get(), "journal": 2,
-        })
-        .to_string();
-        let partial = Partial {
-            tmp: tmp.clone(),
-            journal: journal_path.clone(),
-        };
-        let buffers = limits.buffers.clone();
-        let (out, journal, mut crcs) = blocking(move || {
-            let (out, journal, crcs) = partial.resume(&identity, bs, size)?;
-            Ok((BlockWriter::new(out, &partial.tmp, buffers), journal, crcs))
-        })
-        .await?;
-        let resumed = crcs.iter().flatten().count();
-        if resumed > 0 {
-            tracing::info!(dataset = %pin.name, path = %file.path, blocks = resumed, "resuming a partial load");
-        }
         // From the first holder when it is another node and alive; else from the backend.
         let copy_from = holders
             .first()
             .filter(|h| **h != self.node_id && source.members().contains(h))
             .cloned();
-        let (out, journal) = (Arc::new(out), journal.map(|j| Arc::new(Mutex::new(j))));
-        let todo: Vec<u64> = (0..crcs.len() as u64)
-            .filter(|i| crcs[*i as usize].is_none())
-            .collect();
-        let written: Vec<(u64, u32)> = futures::stream::iter(todo)
-            .map(|index| {
-                let block = BlockLoad {
-                    object: &object,
-                    index,
-                    copy_from: copy_from.as_deref(),
-                    out: &out,
-                    journal: journal.as_ref(),
-                };
-                self.load_block(&pin.name, block, source.as_ref(), limits)
-            })
-            .buffer_unordered(self.settings.load_concurrency)
-            .try_collect()
-            .await?;
-        for (index, crc) in written {
-            crcs[index as usize] = Some(crc);
-        }
-        let crcs: Vec<u32> = crcs
-            .into_iter()
-            .collect::<Option<_>>()
-            .ok_or_else(|| ApiError::Internal(format!("{}: a block was not loaded", file.path)))?;
-        let placed = target.clone();
-        blocking(move || {
-            out.set_len(size)
-                .and_then(|()| std::fs::rename(&tmp, &placed))
-                .map_err(|e| internal(tmp.display(), e))?;
-            if let Some(journal) = journal_path {
-                let _ = std::fs::remove_file(journal);
-            }
-            Ok(())
-        })
-        .await?;
+        let load = FileLoad {
+            object: &object,
+            copy_from: copy_from.as_deref(),
+            tmp,
+            target: target.clone(),
+        };
+        let crcs = if self.block_size.count(file.size) <= 1 {
+            self.load_small(&pin.name, load, source.as_ref(), limits)
+                .await?
+        } else {
+            self.load_blocks(&pin.name, &file.path, load, source.as_ref(), limits)
+                .await?
+        };
         let crcs = Arc::new(crcs);
         Ok(Completed {
             entry: StoredFile {
@@ -864,22 +816,146 @@ impl Datasets {
         })
     }
 
-    /// Fetches one block (within the load's limits on reads in flight and on blocks not yet
-    /// written), writes it at its offset and journals its CRC: `(index, crc)`.
-    async fn load_block<S: Source>(
+    /// Loads a file of one block or none: nothing to resume, so no journal; the block is fetched,
+    /// then the file created, written and renamed into place in one go on a blocking thread
+    /// (each hand-off to a blocking thread is two context switches, which cost more than the
+    /// work for a small file). Returns the block CRCs.
+    async fn load_small<S: Source>(
         &self,
         dataset: &str,
-        block: BlockLoad<'_>,
+        file: FileLoad<'_>,
         source: &S,
         limits: &LoadLimits,
-    ) -> Result<(u64, u32), ApiError> {
-        let BlockLoad {
+    ) -> Result<Vec<u32>, ApiError> {
+        let FileLoad {
             object,
-            index,
             copy_from,
-            out,
-            journal,
-        } = block;
+            tmp,
+            target,
+        } = file;
+        let size = object.id.size;
+        let (fetched, permit) = match size {
+            0 => (None, None),
+            _ => {
+                let (f, p) = self
+                    .fetch_block(object, 0, copy_from, source, limits)
+                    .await?;
+                (Some(f), Some(p))
+            }
+        };
+        let buffers = limits.buffers.clone();
+        let crc = blocking(move || {
+            let io = |e| internal(tmp.display(), e);
+            if let Some(parent) = tmp.parent() {
+                std::fs::create_dir_all(parent).map_err(io)?;
+            }
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .open(&tmp)
+                .map_err(io)?;
+            let out = BlockWriter::new(file, &tmp, buffers);
+            let crc = fetched.map(|f| f.write(&out, 0)).transpose().map_err(io)?;
+            out.set_len(size)
+                .and_then(|()| std::fs::rename(&tmp, &target))
+                .map_err(io)?;
+            Ok(crc)
+        })
+        .await?;
+        drop(permit);
+        self.count_loaded(dataset, size);
+        Ok(crc.into_iter().collect())
+    }
+
+    /// Loads a file of several blocks into its partial copy, resuming after the blocks its
+    /// journal names, `load_concurrency` blocks at once at most, and renames it into place.
+    /// Returns the block CRCs.
+    async fn load_blocks<S: Source>(
+        &self,
+        dataset: &str,
+        path: &str,
+        file: FileLoad<'_>,
+        source: &S,
+        limits: &LoadLimits,
+    ) -> Result<Vec<u32>, ApiError> {
+        use futures::{StreamExt, TryStreamExt};
+        let FileLoad {
+            object,
+            copy_from,
+            tmp,
+            target,
+        } = file;
+        // A load cut short (a crash, a restart) resumes after the blocks it had written: the
+        // `.crcs` journal beside the partial file names each written block and its CRC.
+        let (bs, size) = (self.block_size, object.id.size);
+        let journal_path = tmp.with_extension("loading.crcs");
+        let identity = serde_json::json!({
+            "size": size, "etag": object.id.etag, "version": object.id.version,
+            "block_size": bs.get(), "journal": 2,
+        })
+        .to_string();
+        let partial = Partial {
+            tmp: tmp.clone(),
+            journal: journal_path.clone(),
+        };
+        let buffers = limits.buffers.clone();
+        let (out, journal, mut crcs) = blocking(move || {
+            let (out, journal, crcs) = partial.resume(&identity, bs, size)?;
+            Ok((BlockWriter::new(out, &partial.tmp, buffers), journal, crcs))
+        })
+        .await?;
+        let resumed = crcs.iter().flatten().count();
+        if resumed > 0 {
+            tracing::info!(dataset, path, blocks = resumed, "resuming a partial load");
+        }
+        let (out, journal) = (Arc::new(out), Arc::new(Mutex::new(journal)));
+        let todo: Vec<u64> = (0..crcs.len() as u64)
+            .filter(|i| crcs[*i as usize].is_none())
+            .collect();
+        let written: Vec<(u64, u32)> = futures::stream::iter(todo)
+            .map(|index| {
+                let block = BlockLoad {
+                    object,
+                    index,
+                    copy_from,
+                    out: &out,
+                    journal: &journal,
+                };
+                self.load_block(dataset, block, source, limits)
+            })
+            .buffer_unordered(self.settings.load_concurrency)
+            .try_collect()
+            .await?;
+        for (index, crc) in written {
+            crcs[index as usize] = Some(crc);
+        }
+        let crcs: Vec<u32> = crcs
+            .into_iter()
+            .collect::<Option<_>>()
+            .ok_or_else(|| ApiError::Internal(format!("{path}: a block was not loaded")))?;
+        blocking(move || {
+            out.set_len(size)
+                .and_then(|()| std::fs::rename(&tmp, &target))
+                .map_err(|e| internal(tmp.display(), e))?;
+            let _ = std::fs::remove_file(journal_path);
+            Ok(())
+        })
+        .await?;
+        Ok(crcs)
+    }
+
+    /// Fetches block `index` of `object` (from the first holder `copy_from`, waiting for it to
+    /// have it, else from the backend), within the load's limits on reads in flight and on
+    /// blocks not yet written: the block, and the permit to hold until it is written.
+    async fn fetch_block<'l, S: Source>(
+        &self,
+        object: &ObjectRef,
+        index: u64,
+        copy_from: Option<&str>,
+        source: &S,
+        limits: &'l LoadLimits,
+    ) -> Result<(Fetched, tokio::sync::SemaphorePermit<'l>), ApiError> {
         let range = self.block_size.range(index, object.id.size);
         let mut waited = Duration::ZERO;
         let (fetched, unwritten) = loop {
@@ -923,27 +999,40 @@ impl Datasets {
                 data.len(),
             )));
         }
-        let (out, journal) = (out.clone(), journal.cloned());
+        Ok((fetched, unwritten))
+    }
+
+    /// Fetches one block ([`Datasets::fetch_block`]), writes it at its offset and journals its
+    /// CRC: `(index, crc)`.
+    async fn load_block<S: Source>(
+        &self,
+        dataset: &str,
+        block: BlockLoad<'_>,
+        source: &S,
+        limits: &LoadLimits,
+    ) -> Result<(u64, u32), ApiError> {
+        let BlockLoad {
+            object,
+            index,
+            copy_from,
+            out,
+            journal,
+        } = block;
+        let (fetched, unwritten) = self
+            .fetch_block(object, index, copy_from, source, limits)
+            .await?;
+        let offset = self.block_size.range(index, object.id.size).start;
+        let len = self.block_size.range(index, object.id.size).end - offset;
+        let (out, journal) = (out.clone(), journal.clone());
         let crc = blocking(move || {
-            let crc = match fetched {
-                Fetched::Bytes(data) => {
-                    out.write_at(&data, range.start)
-                        .map_err(|e| internal("writing a loaded block", e))?;
-                    checksum(&data)
-                }
-                Fetched::Buffer { buf, crc } => {
-                    out.write_buffer(&buf, range.start)
-                        .map_err(|e| internal("writing a loaded block", e))?;
-                    crc
-                }
-            };
-            if let Some(journal) = journal {
-                journal
-                    .lock()
-                    .expect("journal")
-                    .write_all(format!("{index} {crc:08x}\n").as_bytes())
-                    .map_err(|e| internal("writing a load journal", e))?;
-            }
+            let crc = fetched
+                .write(&out, offset)
+                .map_err(|e| internal("writing a loaded block", e))?;
+            journal
+                .lock()
+                .expect("journal")
+                .write_all(format!("{index} {crc:08x}\n").as_bytes())
+                .map_err(|e| internal("writing a load journal", e))?;
             Ok(crc)
         })
         .await?;
@@ -1040,7 +1129,7 @@ struct BlockLoad<'a> {
     index: u64,
     copy_from: Option<&'a str>,
     out: &'a Arc<BlockWriter>,
-    journal: Option<&'a Arc<Mutex<std::fs::File>>>,
+    journal: &'a Arc<Mutex<std::fs::File>>,
 }
 
 /// A block fetched for loading: as a peer sent it, or read from the backend straight into an
@@ -1048,6 +1137,31 @@ struct BlockLoad<'a> {
 enum Fetched {
     Bytes(Bytes),
     Buffer { buf: AlignedBuf, crc: u32 },
+}
+
+impl Fetched {
+    /// Writes the block at `offset` of `out`; returns its CRC.
+    fn write(self, out: &BlockWriter, offset: u64) -> std::io::Result<u32> {
+        match self {
+            Fetched::Bytes(data) => {
+                out.write_at(&data, offset)?;
+                Ok(checksum(&data))
+            }
+            Fetched::Buffer { buf, crc } => {
+                out.write_buffer(&buf, offset)?;
+                Ok(crc)
+            }
+        }
+    }
+}
+
+/// A file to load: its object, where to copy it from, its partial copy and where it goes when
+/// complete.
+struct FileLoad<'a> {
+    object: &'a ObjectRef,
+    copy_from: Option<&'a str>,
+    tmp: PathBuf,
+    target: PathBuf,
 }
 
 /// Range `range` of `object` from the backend, into an aligned buffer from `pool`.
@@ -1300,12 +1414,12 @@ fn checkpoint(dir: &Path) -> Result<(), ApiError> {
 
 /// The partial file (open to read and write), its journal (open to append) and the CRC of each
 /// block already written.
-type Resumed = (std::fs::File, Option<std::fs::File>, Vec<Option<u32>>);
+type Resumed = (std::fs::File, std::fs::File, Vec<Option<u32>>);
 
-/// A partial file being loaded and its journal (none for a file of one block).
+/// A partial file being loaded and its journal.
 struct Partial {
     tmp: PathBuf,
-    journal: Option<PathBuf>,
+    journal: PathBuf,
 }
 
 impl Partial {
@@ -1320,15 +1434,13 @@ impl Partial {
         }
         let out = std::fs::OpenOptions::new()
             .create(true)
-            .truncate(self.journal.is_none())
+            .truncate(false)
             .read(true)
             .write(true)
             .open(&self.tmp)
             .map_err(io)?;
         let mut crcs = vec![None; bs.count(size) as usize];
-        let Some(journal_path) = &self.journal else {
-            return Ok((out, None, crcs));
-        };
+        let journal_path = &self.journal;
         let mut text = format!("{identity}\n");
         if let Ok(journal) = std::fs::read_to_string(journal_path) {
             let mut lines = journal.lines();
@@ -1357,7 +1469,7 @@ impl Partial {
             .append(true)
             .open(journal_path)
             .map_err(|e| internal(journal_path.display(), e))?;
-        Ok((out, Some(journal), crcs))
+        Ok((out, journal, crcs))
     }
 }
 

@@ -268,6 +268,11 @@ impl Node {
             std::thread::sleep(METRICS_EVERY);
         };
         let after = self.counters();
+        // `load --wait` may exit before a sample saw the last bytes counted: then the transfer
+        // ended at the latest when it exited.
+        if transferred.is_none() && delta(&after, LOADED_BYTES, &[]) >= bytes as f64 {
+            transferred = Some(ready);
+        }
         let cpu = self.stats()?.cpu_seconds - cpu_before;
         let lines = progress.join().unwrap_or_default();
         if !exit.success() {

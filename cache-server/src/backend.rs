@@ -447,7 +447,7 @@ impl Backend {
             while let Some(chunk) = stream.next().await {
                 let chunk = chunk?;
                 // Never more than asked for, whatever the server sends.
-                let take = chunk.len().min((expected - got) as usize);
+                let take = chunk.len().min(expected.saturating_sub(got) as usize);
                 sink(&chunk[..take]);
                 got += chunk.len() as u64;
             }

@@ -124,6 +124,16 @@ fn s3_store(
     Ok(Arc::new(store))
 }
 
+/// A GET of `range` of exactly the object version named by `etag`/`version`.
+fn exact_range(range: Range<u64>, etag: Option<&str>, version: Option<&str>) -> GetOptions {
+    GetOptions {
+        if_match: etag.map(str::to_string),
+        version: version.map(str::to_string),
+        range: Some(GetRange::Bounded(range)),
+        ..GetOptions::default()
+    }
+}
+
 fn store_error(op: &str, id: &str, key: &str, e: object_store::Error) -> ApiError {
     use object_store::Error as E;
     let what = format!("{op} {id}/{key}");
@@ -368,12 +378,7 @@ impl Backend {
         let result = match &self.store {
             Store::Object { store, prefix } => {
                 let path = store_path(prefix.as_ref(), key);
-                let options = GetOptions {
-                    if_match: etag.map(str::to_string),
-                    version: version.map(str::to_string),
-                    range: Some(GetRange::Bounded(range.clone())),
-                    ..GetOptions::default()
-                };
+                let options = exact_range(range.clone(), etag, version);
                 let got = match store.get_opts(&path, options).await {
                     Ok(r) => r.bytes().await,
                     Err(e) => Err(e),
@@ -403,17 +408,22 @@ impl Backend {
         };
         record("get", start, result.is_ok());
         let data = result?;
-        metrics::counter!(m::BACKEND_BYTES).increment(data.len() as u64);
+        self.received(key, &range, data.len() as u64)?;
+        Ok(data)
+    }
+
+    /// Counts `got` bytes received for `range` of `key`; fewer or more than asked means the
+    /// object is not the version asked for.
+    fn received(&self, key: &str, range: &Range<u64>, got: u64) -> Result<(), ApiError> {
+        metrics::counter!(m::BACKEND_BYTES).increment(got);
         let expected = range.end - range.start;
-        if data.len() as u64 != expected {
+        if got != expected {
             return Err(ApiError::Stale(format!(
-                "get {}/{key}: asked {expected} bytes at {}, got {}: {STALE}",
-                self.id,
-                range.start,
-                data.len()
+                "get {}/{key}: asked {expected} bytes at {}, got {got}: {STALE}",
+                self.id, range.start
             )));
         }
-        Ok(data)
+        Ok(())
     }
 
     /// Like [`Backend::get_range`], but hands the bytes to `sink` piece by piece as they arrive
@@ -434,12 +444,7 @@ impl Backend {
         let _permit = self.admit().await?;
         let start = Instant::now();
         let path = store_path(prefix.as_ref(), key);
-        let options = GetOptions {
-            if_match: etag.map(str::to_string),
-            version: version.map(str::to_string),
-            range: Some(GetRange::Bounded(range.clone())),
-            ..GetOptions::default()
-        };
+        let options = exact_range(range.clone(), etag, version);
         let expected = range.end - range.start;
         let mut got = 0u64;
         let result = async {
@@ -457,14 +462,7 @@ impl Backend {
         .map_err(|e| store_error("get", &self.id, key, e));
         record("get", start, result.is_ok());
         result?;
-        metrics::counter!(m::BACKEND_BYTES).increment(got);
-        if got != expected {
-            return Err(ApiError::Stale(format!(
-                "get {}/{key}: asked {expected} bytes at {}, got {got}: {STALE}",
-                self.id, range.start
-            )));
-        }
-        Ok(())
+        self.received(key, &range, got)
     }
 
     /// Checks, within `timeout`, that the source exists and answers with these credentials.

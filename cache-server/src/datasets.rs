@@ -100,27 +100,14 @@ pub struct HeldFile {
 
 /// How this node fetches what it loads: from the backend, or from a peer that holds it.
 pub trait Source: Send + Sync + 'static {
-    /// `range` of `object` from its backend (one GET).
-    fn backend_range(
-        &self,
-        object: &ObjectRef,
-        range: std::ops::Range<u64>,
-    ) -> impl Future<Output = Result<Bytes, ApiError>> + Send;
-
-    /// Like [`Source::backend_range`], handing the bytes to `sink` piece by piece as they
-    /// arrive (the loader puts them straight into an aligned buffer, without gathering each
-    /// block into a buffer of its own first).
+    /// `range` of `object` from its backend (one GET), handed to `sink` piece by piece as it
+    /// arrives (the loader puts it straight into an aligned buffer).
     fn backend_range_to(
         &self,
         object: &ObjectRef,
         range: std::ops::Range<u64>,
         sink: &mut (dyn FnMut(&[u8]) + Send),
-    ) -> impl Future<Output = Result<(), ApiError>> + Send {
-        async move {
-            sink(&self.backend_range(object, range).await?);
-            Ok(())
-        }
-    }
+    ) -> impl Future<Output = Result<(), ApiError>> + Send;
 
     /// Block `index` of `object` from `node`, only if it holds it.
     fn peer_held_block(

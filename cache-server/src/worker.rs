@@ -515,22 +515,6 @@ impl CacheApi for LocalReads {
 }
 
 impl Source for Worker {
-    async fn backend_range(
-        &self,
-        object: &ObjectRef,
-        range: std::ops::Range<u64>,
-    ) -> Result<bytes::Bytes, ApiError> {
-        let backend = self.check_ref(object, 0)?;
-        backend
-            .get_range(
-                &object.id.key,
-                range,
-                object.id.etag.as_deref(),
-                object.id.version.as_deref(),
-            )
-            .await
-    }
-
     async fn backend_range_to(
         &self,
         object: &ObjectRef,

@@ -37,8 +37,8 @@ struct FakeBackend {
     refused: AtomicU64,
 }
 
-impl Source for FakeBackend {
-    async fn backend_range(
+impl FakeBackend {
+    async fn get(
         &self,
         object: &ObjectRef,
         range: std::ops::Range<u64>,
@@ -62,6 +62,18 @@ impl Source for FakeBackend {
             .entry((object.id.key.clone(), range.start / BS))
             .or_default() += 1;
         Ok(content(&object.id.key, range))
+    }
+}
+
+impl Source for FakeBackend {
+    async fn backend_range_to(
+        &self,
+        object: &ObjectRef,
+        range: std::ops::Range<u64>,
+        sink: &mut (dyn FnMut(&[u8]) + Send),
+    ) -> Result<(), ApiError> {
+        sink(&self.get(object, range).await?);
+        Ok(())
     }
 
     async fn peer_held_block(&self, node: &str, _: &ObjectRef, _: u64) -> Result<Bytes, ApiError> {
@@ -440,12 +452,13 @@ struct Replica {
 }
 
 impl Source for Replica {
-    async fn backend_range(
+    async fn backend_range_to(
         &self,
         object: &ObjectRef,
         range: std::ops::Range<u64>,
-    ) -> Result<Bytes, ApiError> {
-        self.backend.backend_range(object, range).await
+        sink: &mut (dyn FnMut(&[u8]) + Send),
+    ) -> Result<(), ApiError> {
+        self.backend.backend_range_to(object, range, sink).await
     }
 
     async fn peer_held_block(

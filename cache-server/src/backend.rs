@@ -497,7 +497,9 @@ fn describe_probe_error(e: &object_store::Error) -> String {
         "the bucket does not exist"
     } else if text.contains("InvalidAccessKeyId")
         || text.contains("SignatureDoesNotMatch")
-        || text.contains("403")
+        // An HTTP status, not any "403" (a request's duration, "384.403695ms", has one).
+        || text.contains("403 Forbidden")
+        || text.contains("status 403")
     {
         "access denied (check the credentials)"
     } else if text.contains("onnect")
@@ -515,4 +517,30 @@ fn record(op: &'static str, start: Instant, ok: bool) {
     metrics::histogram!(m::BACKEND_REQUEST_SECONDS, "op" => op)
         .record(start.elapsed().as_secs_f64());
     metrics::counter!(m::BACKEND_REQUESTS, "op" => op, "outcome" => if ok { "ok" } else { "error" }).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn probe_error(text: &str) -> String {
+        describe_probe_error(&object_store::Error::Generic {
+            store: "S3",
+            source: text.into(),
+        })
+    }
+
+    #[test]
+    fn probe_errors_are_named_by_their_cause_not_by_digits_in_a_duration() {
+        // Seen in CI: a refused connection whose retry time happened to contain "403".
+        let refused = "Error performing list request: Error performing GET \
+            http://127.0.0.1:32901/granary-test?delimiter=%2F&list-type=2 in 384.403695ms, after 3 \
+            retries, max_retries: 3, retry_timeout: 20s  - HTTP error: error sending request";
+        assert!(probe_error(refused).starts_with("cannot connect to the endpoint"));
+        let forbidden = "Error performing list request: Received redirect without LOCATION, \
+            Client error with status 403 Forbidden: <Error><Code>AccessDenied</Code></Error>";
+        assert!(probe_error(forbidden).starts_with("access denied"));
+        assert!(probe_error("<Code>SignatureDoesNotMatch</Code>").starts_with("access denied"));
+        assert!(probe_error("<Code>NoSuchBucket</Code>").starts_with("the bucket does not exist"));
+    }
 }

@@ -308,6 +308,46 @@ pub fn remove_tree(dir: &Path) {
     }
 }
 
+/// Frees the disk space of the files under `dir` (each truncated to 0 bytes) but keeps them:
+/// a later [`remove_tree`] deletes them. On ext4 without a journal (as on the machines this
+/// benchmark was written on), creating files within a minute or more of deleting thousands makes
+/// each creation skip the recently deleted inodes one by one (`recently_deleted` in ext4's inode
+/// allocator), so deleting one run's thousands of files would slow the next run's load.
+pub fn empty_tree(dir: &Path) {
+    unmount_all_under(dir);
+    if !mounts_under(dir).is_empty() {
+        eprintln!(
+            "granary-bench: {} is still mounted; leaving it",
+            dir.display()
+        );
+        return;
+    }
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => stack.push(entry.path()),
+                Ok(t) if t.is_file() => {
+                    let truncated = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(entry.path())
+                        .and_then(|f| f.set_len(0));
+                    if let Err(e) = truncated {
+                        eprintln!(
+                            "granary-bench: cannot empty {}: {e}",
+                            entry.path().display()
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
 /// Writes back dirty pages, then drops the page cache, dentries and inodes (needs root).
 pub fn drop_caches() -> anyhow::Result<()> {
     run_command(&mut Command::new("sync"))?;

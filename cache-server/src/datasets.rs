@@ -51,7 +51,8 @@ use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, Semaphore, mpsc};
 
@@ -833,18 +834,19 @@ impl Datasets {
         let buffers = limits.buffers.clone();
         let crc = blocking(move || {
             let io = |e| internal(tmp.display(), e);
-            if let Some(parent) = tmp.parent() {
-                std::fs::create_dir_all(parent).map_err(io)?;
+            // Its directory is there but for a file's first in its directory: one open.
+            let out = match BlockWriter::create(&tmp, buffers.clone()) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    if let Some(parent) = tmp.parent() {
+                        std::fs::create_dir_all(parent).map_err(io)?;
+                    }
+                    BlockWriter::create(&tmp, buffers)
+                }
+                other => other,
             }
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true)
-                .open(&tmp)
-                .map_err(io)?;
-            let out = BlockWriter::new(file, &tmp, buffers);
+            .map_err(io)?;
             let crc = fetched.map(|f| f.write(&out, 0)).transpose().map_err(io)?;
-            out.set_len(size)
+            out.finish(size)
                 .and_then(|()| std::fs::rename(&tmp, &target))
                 .map_err(io)?;
             Ok(crc)
@@ -889,7 +891,7 @@ impl Datasets {
         let buffers = limits.buffers.clone();
         let (out, journal, mut crcs) = blocking(move || {
             let (out, journal, crcs) = partial.resume(&identity, bs, size)?;
-            Ok((BlockWriter::new(out, &partial.tmp, buffers), journal, crcs))
+            Ok((BlockWriter::resume(out, &partial.tmp, buffers), journal, crcs))
         })
         .await?;
         let resumed = crcs.iter().flatten().count();
@@ -922,7 +924,7 @@ impl Datasets {
             .collect::<Option<_>>()
             .ok_or_else(|| ApiError::Internal(format!("{path}: a block was not loaded")))?;
         blocking(move || {
-            out.set_len(size)
+            out.finish(size)
                 .and_then(|()| std::fs::rename(&tmp, &target))
                 .map_err(|e| internal(tmp.display(), e))?;
             let _ = std::fs::remove_file(journal_path);
@@ -1239,29 +1241,75 @@ struct LoadLimits {
 /// Writes the blocks of a file being loaded: through `O_DIRECT` from aligned buffers when the
 /// filesystem takes it (see the module docs), else through the page cache.
 struct BlockWriter {
-    buffered: std::fs::File,
+    path: PathBuf,
+    /// Open with `O_DIRECT`, where the filesystem allows it.
     direct: Option<std::fs::File>,
+    /// Through the page cache: for what cannot go direct; opened when first needed.
+    buffered: OnceLock<std::fs::File>,
+    /// Whether the file may extend past its size (padded direct writes, or an earlier
+    /// attempt's): then [`BlockWriter::finish`] cuts it.
+    padded: AtomicBool,
     /// Aligned buffers to reuse (shared by the load's files).
     buffers: Arc<Mutex<Vec<Vec<u8>>>>,
 }
 
 impl BlockWriter {
-    fn new(buffered: std::fs::File, path: &Path, buffers: Arc<Mutex<Vec<Vec<u8>>>>) -> Self {
+    /// Creates (or empties) `path` for the blocks of a new file, with one open: `O_DIRECT`
+    /// unless the filesystem refuses it.
+    fn create(path: &Path, buffers: Arc<Mutex<Vec<Vec<u8>>>>) -> std::io::Result<Self> {
+        let mut options = std::fs::OpenOptions::new();
+        options.create(true).truncate(true).write(true);
+        let direct = options
+            .clone()
+            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+            .open(path);
+        let (direct, buffered) = match direct {
+            Ok(f) => (Some(f), OnceLock::new()),
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                (None, OnceLock::from(options.open(path)?))
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(BlockWriter {
+            path: path.to_path_buf(),
+            direct,
+            buffered,
+            padded: AtomicBool::new(false),
+            buffers,
+        })
+    }
+
+    /// Writes the missing blocks of `buffered`, a partial file at `path` being resumed.
+    fn resume(
+        buffered: std::fs::File,
+        path: &Path,
+        buffers: Arc<Mutex<Vec<Vec<u8>>>>,
+    ) -> Self {
         let direct = std::fs::OpenOptions::new()
             .write(true)
             .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
             .open(path)
             .ok();
         BlockWriter {
-            buffered,
+            path: path.to_path_buf(),
             direct,
+            buffered: OnceLock::from(buffered),
+            padded: AtomicBool::new(true),
             buffers,
         }
     }
 
+    fn buffered(&self) -> std::io::Result<&std::fs::File> {
+        if let Some(f) = self.buffered.get() {
+            return Ok(f);
+        }
+        let f = std::fs::OpenOptions::new().write(true).open(&self.path)?;
+        Ok(self.buffered.get_or_init(|| f))
+    }
+
     fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
         if self.direct.is_none() {
-            return self.buffered.write_all_at(data, offset);
+            return self.buffered()?.write_all_at(data, offset);
         }
         let mut buf = AlignedBuf::take(&self.buffers, data.len());
         buf.data_mut().copy_from_slice(data);
@@ -1272,18 +1320,32 @@ impl BlockWriter {
         if let Some(direct) = &self.direct
             && offset.is_multiple_of(DIRECT_ALIGN as u64)
         {
-            // Past the end of the data, zeros up to the alignment (cut off by the final set_len).
-            match direct.write_all_at(buf.padded(), offset) {
+            // Past the end of the data, zeros up to the alignment (cut off by `finish`).
+            let padded = buf.padded();
+            match direct.write_all_at(padded, offset) {
                 // The filesystem takes O_DIRECT opens but not these writes: the page cache.
                 Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {}
-                other => return other,
+                Ok(()) => {
+                    if padded.len() > buf.data().len() {
+                        self.padded.store(true, Ordering::Relaxed);
+                    }
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
             }
         }
-        self.buffered.write_all_at(buf.data(), offset)
+        self.buffered()?.write_all_at(buf.data(), offset)
     }
 
-    fn set_len(&self, size: u64) -> std::io::Result<()> {
-        self.buffered.set_len(size)
+    /// Ends the file at `size` bytes (every block written): cuts the padding, if any.
+    fn finish(&self, size: u64) -> std::io::Result<()> {
+        if !self.padded.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        match &self.direct {
+            Some(f) => f.set_len(size),
+            None => self.buffered()?.set_len(size),
+        }
     }
 }
 
@@ -1495,14 +1557,7 @@ mod tests {
     fn direct_writes_of_any_length_read_back_exactly() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        let writer = BlockWriter::new(file, &path, Arc::new(Mutex::new(Vec::new())));
+        let writer = BlockWriter::create(&path, Arc::new(Mutex::new(Vec::new()))).unwrap();
         // On this filesystem (ext4 under the test's temp dir) writes go around the page cache.
         let direct = writer.direct.is_some();
         let block = 64 << 10;
@@ -1514,7 +1569,7 @@ mod tests {
                 .write_at(&data[range.clone()], range.start as u64)
                 .unwrap();
         }
-        writer.set_len(data.len() as u64).unwrap();
+        writer.finish(data.len() as u64).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), data);
         assert!(
             writer.buffers.lock().unwrap().len() <= 1,
@@ -1522,6 +1577,22 @@ mod tests {
         );
         if direct {
             assert_eq!(writer.buffers.lock().unwrap().len(), 1);
+        }
+    }
+
+    #[test]
+    fn a_rewritten_file_ends_at_its_size_with_or_without_padding() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let pool = Arc::new(Mutex::new(Vec::new()));
+        // A longer file from an earlier attempt is emptied by create.
+        std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
+        for len in [128 << 10, (128 << 10) + 5, 10] {
+            let data: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+            let writer = BlockWriter::create(&path, pool.clone()).unwrap();
+            writer.write_at(&data, 0).unwrap();
+            writer.finish(len as u64).unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), data, "{len} bytes");
         }
     }
 }

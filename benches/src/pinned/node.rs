@@ -60,7 +60,7 @@ pub struct Spec<'a> {
 pub struct Node {
     daemon: Daemon,
     _unmount: Guard,
-    _remove: Guard,
+    _empty: Guard,
     bin: PathBuf,
     pub mnt: PathBuf,
     pub cache: PathBuf,
@@ -108,13 +108,14 @@ pub struct LoadResult {
 
 impl Node {
     /// Starts `granary up` over `spec.source`, everything under `dir`, logging to `log`; returns
-    /// once the mount is up.
+    /// once the mount is up. When the node stops, its files are emptied, not deleted
+    /// ([`host::empty_tree`]): the benchmark's work directory goes at its end.
     pub fn start(spec: &Spec, dir: &Path, log: &Path) -> anyhow::Result<Node> {
         host::remove_tree(dir);
-        let remove = {
+        let empty = {
             let dir = dir.to_path_buf();
-            cleanup::register(format!("remove {}", dir.display()), move || {
-                host::remove_tree(&dir)
+            cleanup::register(format!("empty {}", dir.display()), move || {
+                host::empty_tree(&dir)
             })
         };
         let (mnt, cache) = (dir.join("mnt"), dir.join("cache"));
@@ -152,7 +153,7 @@ impl Node {
         Ok(Node {
             daemon,
             _unmount: unmount,
-            _remove: remove,
+            _empty: empty,
             bin: spec.bin.to_path_buf(),
             mnt,
             cache,

@@ -17,6 +17,10 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// Files in one pin, at most. Every worker keeps each pin's manifest in memory (about 200 bytes
+/// a file); etcd holds it compressed, in chunks.
+pub const MAX_PIN_FILES: usize = 2_000_000;
+
 /// Who is calling: the admin (sees and changes every pin) or one tenant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
@@ -327,9 +331,9 @@ impl Worker {
                     }),
                     (EntryKind::File, None) => {}
                 }
-                if files.len() > 200_000 {
+                if files.len() > MAX_PIN_FILES {
                     return Err(ApiError::Invalid(format!(
-                        "{path} holds over 200,000 files: pin a smaller subtree"
+                        "{path} holds over {MAX_PIN_FILES} files: pin a smaller subtree"
                     )));
                 }
             }

@@ -145,6 +145,58 @@ pub struct Datasets {
     wake: Notify,
     /// Datasets with index lines not yet covered by a checkpoint.
     unsynced: Mutex<HashSet<String>>,
+    /// This node's share of each pin, by name.
+    shares: Mutex<HashMap<String, Arc<Share>>>,
+}
+
+/// The files of a pin one node holds (by rendezvous hashing of their paths over the pin's
+/// nodes): computed once per manifest and node set, not on every tick, as a manifest can list
+/// millions of files.
+struct Share {
+    manifest: Arc<Vec<ManifestFile>>,
+    nodes: Vec<String>,
+    replicas: usize,
+    /// Positions in the manifest.
+    files: Vec<usize>,
+    bytes: u64,
+}
+
+impl Share {
+    fn of(pin: &Pin, node: &str) -> Share {
+        let mut files = Vec::new();
+        let mut bytes = 0;
+        for (i, f) in pin.manifest.files.iter().enumerate() {
+            if holders(&f.path, &pin.nodes, pin.replicas)
+                .iter()
+                .any(|n| *n == node)
+            {
+                files.push(i);
+                bytes += f.size;
+            }
+        }
+        Share {
+            manifest: pin.manifest.files.clone(),
+            nodes: pin.nodes.clone(),
+            replicas: pin.replicas,
+            files,
+            bytes,
+        }
+    }
+
+    fn is_of(&self, pin: &Pin) -> bool {
+        Arc::ptr_eq(&self.manifest, &pin.manifest.files)
+            && self.nodes == pin.nodes
+            && self.replicas == pin.replicas
+    }
+
+    /// (files, bytes).
+    fn totals(&self) -> (u64, u64) {
+        (self.files.len() as u64, self.bytes)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &ManifestFile> {
+        self.files.iter().map(|i| &self.manifest[*i])
+    }
 }
 
 /// The index line saying that each line in the index's first `durable_bytes` bytes names a
@@ -198,6 +250,7 @@ impl Datasets {
             registry,
             pins: RwLock::new(Arc::new(Vec::new())),
             held: RwLock::new(HashMap::new()),
+            shares: Mutex::new(HashMap::new()),
             indexes: Mutex::new(indexes),
             loading: Mutex::new(HashSet::new()),
             verified: Mutex::new(HashMap::new()),
@@ -229,6 +282,10 @@ impl Datasets {
         }
         let pins = Arc::new(pins);
         *self.pins.write().expect("pins") = pins.clone();
+        self.shares
+            .lock()
+            .expect("shares")
+            .retain(|name, _| pins.iter().any(|p| p.name == *name));
         self.rebuild_held();
         self.wake();
         Ok(pins)
@@ -242,7 +299,7 @@ impl Datasets {
             let Some(index) = indexes.get(&pin.name) else {
                 continue;
             };
-            for f in &pin.manifest.files {
+            for f in pin.manifest.files.iter() {
                 if let Some(stored) = index.get(&f.path).filter(|s| s.matches(f)) {
                     held.entry(pin.mount).or_default().insert(
                         pin.key_of(&f.path),
@@ -361,20 +418,30 @@ impl Datasets {
         }
     }
 
+    /// This node's share of `pin`.
+    fn share(&self, pin: &Pin) -> Arc<Share> {
+        if let Some(share) = self.shares.lock().expect("shares").get(&pin.name)
+            && share.is_of(pin)
+        {
+            return share.clone();
+        }
+        let share = Arc::new(Share::of(pin, &self.node_id));
+        self.shares
+            .lock()
+            .expect("shares")
+            .insert(pin.name.clone(), share.clone());
+        share
+    }
+
     /// Bytes of `pin` this node holds, verified: (files, bytes).
     fn present(&self, pin: &Pin) -> (u64, u64) {
+        let share = self.share(pin);
         let indexes = self.indexes.lock().expect("indexes");
         let Some(index) = indexes.get(&pin.name) else {
             return (0, 0);
         };
-        pin.manifest
-            .files
+        share
             .iter()
-            .filter(|f| {
-                holders(&f.path, &pin.nodes, pin.replicas)
-                    .iter()
-                    .any(|n| **n == self.node_id)
-            })
             .filter(|f| index.get(&f.path).is_some_and(|s| s.matches(f)))
             .fold((0, 0), |(n, b), f| (n + 1, b + f.size))
     }
@@ -389,8 +456,7 @@ impl Datasets {
 
     /// This node's report on `pin`.
     pub fn progress(&self, pin: &Pin) -> NodeProgress {
-        let (files_total, bytes_total) =
-            share(&pin.manifest, &pin.nodes, pin.replicas, &self.node_id);
+        let (files_total, bytes_total) = self.share(pin).totals();
         let (files_ready, bytes_ready) = self.present(pin);
         let failure = self
             .failures
@@ -571,22 +637,19 @@ impl Datasets {
                     .expect("verified")
                     .insert(pin.name.clone(), pin.verify_seq);
             }
-            if pin.load && !self.loading.lock().expect("loading").contains(&pin.name) {
-                let (want_files, want_bytes) =
-                    share(&pin.manifest, &pin.nodes, pin.replicas, &self.node_id);
-                if self.present(pin) != (want_files, want_bytes) {
-                    self.loading
-                        .lock()
-                        .expect("loading")
-                        .insert(pin.name.clone());
-                    let (me, pin, source) = (self.clone(), pin.clone(), source.clone());
-                    tokio::spawn(async move {
-                        me.load(&pin, &source).await;
-                        me.loading.lock().expect("loading").remove(&pin.name);
-                        // Report the outcome now, not at the next tick.
-                        me.wake();
-                    });
-                }
+            let idle = !self.loading.lock().expect("loading").contains(&pin.name);
+            if pin.load && idle && self.present(pin) != self.share(pin).totals() {
+                self.loading
+                    .lock()
+                    .expect("loading")
+                    .insert(pin.name.clone());
+                let (me, pin, source) = (self.clone(), pin.clone(), source.clone());
+                tokio::spawn(async move {
+                    me.load(&pin, &source).await;
+                    me.loading.lock().expect("loading").remove(&pin.name);
+                    // Report the outcome now, not at the next tick.
+                    me.wake();
+                });
             }
             let report = self.progress(pin);
             let due = match last_report.get(&pin.name) {
@@ -891,7 +954,11 @@ impl Datasets {
         let buffers = limits.buffers.clone();
         let (out, journal, mut crcs) = blocking(move || {
             let (out, journal, crcs) = partial.resume(&identity, bs, size)?;
-            Ok((BlockWriter::resume(out, &partial.tmp, buffers), journal, crcs))
+            Ok((
+                BlockWriter::resume(out, &partial.tmp, buffers),
+                journal,
+                crcs,
+            ))
         })
         .await?;
         let resumed = crcs.iter().flatten().count();
@@ -1280,11 +1347,7 @@ impl BlockWriter {
     }
 
     /// Writes the missing blocks of `buffered`, a partial file at `path` being resumed.
-    fn resume(
-        buffered: std::fs::File,
-        path: &Path,
-        buffers: Arc<Mutex<Vec<Vec<u8>>>>,
-    ) -> Self {
+    fn resume(buffered: std::fs::File, path: &Path, buffers: Arc<Mutex<Vec<Vec<u8>>>>) -> Self {
         let direct = std::fs::OpenOptions::new()
             .write(true)
             .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)

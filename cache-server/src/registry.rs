@@ -1,21 +1,34 @@
 //! Where pins and load progress live: etcd for a cluster (every worker sees every pin), or files
 //! in the dataset store for a worker without etcd.
 //!
-//! etcd keys: `/granary/pins/<name>` holds a [`Pin`] as JSON (manifest included; created with a
-//! transaction so two pins of one name cannot race), `/granary/progress/<name>/<node>` holds a
-//! [`NodeProgress`].
+//! etcd keys: `/granary/pins/<name>` holds a [`Pin`] as JSON without its manifest's file list
+//! (created with a transaction so two pins of one name cannot race), which is in
+//! `/granary/manifests/<name>/<id>/<i>`: zstd-compressed JSON chunks of at most 1 MiB of JSON
+//! each (etcd refuses values over 1.5 MiB), written once before the pin and never changed.
+//! `/granary/progress/<name>/<node>` holds a [`NodeProgress`].
+//!
+//! Workers read the pins every second: both registries keep what they last read and fetch or
+//! parse a manifest again only when its pin changed, so a pin of a million files costs its
+//! manifest once, not once a second.
 
-use granary_core::dataset::{Manifest, NodeProgress};
+use granary_core::dataset::{Manifest, ManifestFile, NodeProgress};
 use granary_proto::ApiError;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const PINS: &str = "/granary/pins/";
 const PROGRESS: &str = "/granary/progress/";
-/// etcd refuses values over 1.5 MiB by default; keep manifests well under it.
-pub const MAX_PIN_JSON: usize = 1 << 20;
+const MANIFESTS: &str = "/granary/manifests/";
+/// JSON bytes of manifest files per etcd value, at most (compressed, it stays under etcd's
+/// 1.5 MiB limit whatever the paths).
+const CHUNK_JSON: usize = 1 << 20;
+/// Manifest chunks left by a pin that was never created (its worker died between writing them
+/// and the pin) are removed once they are this old.
+const ORPHAN_AGE: Duration = Duration::from_secs(600);
 
 /// A pinned dataset.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,17 +75,67 @@ impl Pin {
 /// Each pin key with its last modification revision.
 type Stamp = Vec<(Vec<u8>, i64)>;
 
+/// Each pin file with its modification time, length and inode number.
+type FileStamp = Vec<(PathBuf, SystemTime, u64, u64)>;
+
+/// A pin as etcd holds it: without its manifest's files when they are in chunks.
+#[derive(Serialize, Deserialize)]
+struct StoredPin {
+    #[serde(flatten)]
+    pin: Pin,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    chunks: Option<Chunks>,
+}
+
+/// Where a pin's manifest files are: `/granary/manifests/<name>/<id>/<i>` for i < `count`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+struct Chunks {
+    /// `<unix nanoseconds>-<random>`, hex: unique to one pin creation.
+    id: String,
+    count: usize,
+    files: usize,
+    bytes: u64,
+}
+
+impl Chunks {
+    fn prefix(name: &str, id: &str) -> String {
+        format!("{MANIFESTS}{name}/{id}/")
+    }
+
+    fn key(name: &str, id: &str, i: usize) -> String {
+        format!("{}{i:08}", Chunks::prefix(name, id))
+    }
+
+    /// When the chunks were written (from the id).
+    fn written_at(id: &str) -> Option<SystemTime> {
+        let nanos = u64::from_str_radix(id.split('-').next()?, 16).ok()?;
+        Some(UNIX_EPOCH + Duration::from_nanos(nanos))
+    }
+}
+
+/// What an etcd registry last read.
+#[derive(Default)]
+pub struct EtcdCache {
+    /// The pins, with the (key, mod revision) list they were read at: a cheap keys-only read
+    /// tells whether anything changed before the pins are fetched.
+    pins: Option<(Stamp, Vec<Pin>)>,
+    /// Manifest files by pin name and chunk id: fetched once per pin.
+    manifests: HashMap<(String, String), Arc<Vec<ManifestFile>>>,
+    /// When orphaned manifest chunks were last looked for.
+    swept: Option<Instant>,
+}
+
 pub enum Registry {
     Etcd {
         client: Box<tokio::sync::Mutex<etcd_client::Client>>,
-        /// The pins last read, with the (key, mod revision) list they were read at: a cheap
-        /// keys-only read tells whether anything changed before the manifests are fetched.
-        cached: Mutex<Option<(Stamp, Vec<Pin>)>>,
+        cached: Mutex<EtcdCache>,
     },
     /// Pins as files `<dir>/<name>.json`; progress in memory (one node).
     Local {
         dir: PathBuf,
         progress: Mutex<BTreeMap<(String, String), NodeProgress>>,
+        /// The pins last read, and the files' stamps they were read at.
+        cached: Mutex<Option<(FileStamp, Vec<Pin>)>>,
     },
 }
 
@@ -91,7 +154,7 @@ impl Registry {
             .map_err(|e| ApiError::Unavailable(e.to_string()))?;
         Ok(Registry::Etcd {
             client: Box::new(tokio::sync::Mutex::new(client)),
-            cached: Mutex::new(None),
+            cached: Mutex::new(EtcdCache::default()),
         })
     }
 
@@ -105,6 +168,7 @@ impl Registry {
         Ok(Registry::Local {
             dir,
             progress: Mutex::new(BTreeMap::new()),
+            cached: Mutex::new(None),
         })
     }
 
@@ -128,7 +192,7 @@ impl Registry {
                     .iter()
                     .map(|kv| (kv.key().to_vec(), kv.mod_revision()))
                     .collect();
-                if let Some((at, pins)) = cached.lock().expect("pins cache").as_ref()
+                if let Some((at, pins)) = cached.lock().expect("pins cache").pins.as_ref()
                     && *at == stamp
                 {
                     return Ok(pins.clone());
@@ -142,39 +206,64 @@ impl Registry {
                     .iter()
                     .map(|kv| (kv.key().to_vec(), kv.mod_revision()))
                     .collect();
-                let pins: Vec<Pin> = resp
-                    .kvs()
-                    .iter()
-                    .filter_map(|kv| match serde_json::from_slice::<Pin>(kv.value()) {
-                        Ok(p) => Some(p),
+                let mut pins = Vec::new();
+                let mut manifests = HashMap::new();
+                for kv in resp.kvs() {
+                    let stored = match serde_json::from_slice::<StoredPin>(kv.value()) {
+                        Ok(p) => p,
                         Err(e) => {
                             tracing::warn!(key = ?kv.key_str(), error = %e, "ignoring a malformed pin");
-                            None
+                            continue;
                         }
-                    })
-                    .collect();
-                *cached.lock().expect("pins cache") = Some((stamp, pins.clone()));
+                    };
+                    let StoredPin { mut pin, chunks } = stored;
+                    if let Some(chunks) = chunks {
+                        let id = (pin.name.clone(), chunks.id.clone());
+                        let known = cached
+                            .lock()
+                            .expect("pins cache")
+                            .manifests
+                            .get(&id)
+                            .cloned();
+                        let files = match known {
+                            Some(files) => files,
+                            None => match read_chunks(&mut client, &pin.name, &chunks).await {
+                                Ok(files) => Arc::new(files),
+                                Err(e) => {
+                                    tracing::warn!(dataset = %pin.name, error = %e, "ignoring a pin whose manifest cannot be read");
+                                    continue;
+                                }
+                            },
+                        };
+                        pin.manifest.files = files.clone();
+                        manifests.insert(id, files);
+                    }
+                    pins.push(pin);
+                }
+                let sweep = {
+                    let mut cache = cached.lock().expect("pins cache");
+                    let in_use: std::collections::HashSet<_> = manifests.keys().cloned().collect();
+                    cache.pins = Some((stamp, pins.clone()));
+                    cache.manifests = manifests;
+                    let due = cache.swept.is_none_or(|t| t.elapsed() >= ORPHAN_AGE);
+                    if due {
+                        cache.swept = Some(Instant::now());
+                    }
+                    due.then_some(in_use)
+                };
+                if let Some(in_use) = sweep {
+                    sweep_orphans(&mut client, &in_use).await;
+                }
                 Ok(pins)
             }
-            Registry::Local { dir, .. } => {
+            Registry::Local { dir, cached, .. } => {
                 let dir = dir.clone();
-                tokio::task::spawn_blocking(move || {
-                    let mut pins = Vec::new();
-                    for entry in std::fs::read_dir(&dir).map_err(|e| io("pins", e))? {
-                        let path = entry.map_err(|e| io("pins", e))?.path();
-                        if path.extension().is_some_and(|x| x == "json") {
-                            let text = std::fs::read(&path).map_err(|e| io("pin", e))?;
-                            match serde_json::from_slice::<Pin>(&text) {
-                                Ok(p) => pins.push(p),
-                                Err(e) => tracing::warn!(path = %path.display(), error = %e, "ignoring a malformed pin"),
-                            }
-                        }
-                    }
-                    pins.sort_by(|a, b| a.name.cmp(&b.name));
-                    Ok(pins)
-                })
-                .await
-                .map_err(|e| ApiError::Internal(e.to_string()))?
+                let last = cached.lock().expect("pins cache").clone();
+                let (stamp, pins) = tokio::task::spawn_blocking(move || read_pin_files(&dir, last))
+                    .await
+                    .map_err(|e| ApiError::Internal(e.to_string()))??;
+                *cached.lock().expect("pins cache") = Some((stamp, pins.clone()));
+                Ok(pins)
             }
         }
     }
@@ -209,32 +298,54 @@ impl Registry {
 
     /// Stores a new pin; fails with `Invalid` when one of that name exists.
     pub async fn create(&self, pin: &Pin) -> Result<(), ApiError> {
-        let json = serde_json::to_vec(pin).expect("pins serialize");
-        if json.len() > MAX_PIN_JSON {
-            return Err(ApiError::Invalid(format!(
-                "dataset {:?} has {} files: its manifest ({} bytes) is over the {} byte limit of one pin; pin a smaller subtree",
-                pin.name,
-                pin.manifest.files.len(),
-                json.len(),
-                MAX_PIN_JSON
-            )));
-        }
         let exists = || ApiError::Invalid(format!("dataset {:?} is already pinned", pin.name));
         match self {
             Registry::Etcd { client, .. } => {
                 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-                let key = format!("{PINS}{}", pin.name);
-                let txn = Txn::new()
-                    .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
-                    .and_then([TxnOp::put(key, json, None)]);
-                let resp = client.lock().await.txn(txn).await.map_err(etcd)?;
-                if resp.succeeded() {
-                    Ok(())
-                } else {
-                    Err(exists())
+                let chunks = encode_chunks(&pin.manifest.files)?;
+                let reference = Chunks {
+                    id: chunk_id(),
+                    count: chunks.len(),
+                    files: pin.manifest.files.len(),
+                    bytes: pin.manifest.bytes(),
+                };
+                let prefix = Chunks::prefix(&pin.name, &reference.id);
+                let mut client = client.lock().await;
+                // The chunks first, then the pin that names them: a reader never sees a pin
+                // whose manifest is incomplete.
+                let mut result = Ok(());
+                for (i, chunk) in chunks.into_iter().enumerate() {
+                    result = client
+                        .put(Chunks::key(&pin.name, &reference.id, i), chunk, None)
+                        .await
+                        .map(|_| ())
+                        .map_err(etcd);
+                    if result.is_err() {
+                        break;
+                    }
                 }
+                if result.is_ok() {
+                    let key = format!("{PINS}{}", pin.name);
+                    let txn = Txn::new()
+                        .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+                        .and_then([TxnOp::put(key, stored_json(pin, reference), None)]);
+                    result = match client.txn(txn).await.map_err(etcd) {
+                        Ok(resp) if resp.succeeded() => return Ok(()),
+                        Ok(_) => Err(exists()),
+                        Err(e) => Err(e),
+                    };
+                }
+                // Not pinned: its chunks go (or, if etcd is away, the sweep removes them later).
+                let _ = client
+                    .delete(
+                        prefix,
+                        Some(etcd_client::DeleteOptions::new().with_prefix()),
+                    )
+                    .await;
+                result
             }
             Registry::Local { dir, .. } => {
+                let json = serde_json::to_vec(pin).expect("pins serialize");
                 let path = dir.join(format!("{}.json", pin.name));
                 if path.exists() {
                     return Err(exists());
@@ -245,19 +356,39 @@ impl Registry {
     }
 
     /// Replaces an existing pin (load requests, node sets).
+    /// Fails with `NotFound` when the pin is gone, `Unavailable` when it changed meanwhile.
     pub async fn update(&self, pin: &Pin) -> Result<(), ApiError> {
-        let json = serde_json::to_vec(pin).expect("pins serialize");
         match self {
             Registry::Etcd { client, .. } => {
-                client
-                    .lock()
-                    .await
-                    .put(format!("{PINS}{}", pin.name), json, None)
-                    .await
-                    .map_err(etcd)?;
-                Ok(())
+                use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+                let key = format!("{PINS}{}", pin.name);
+                let mut client = client.lock().await;
+                // The stored pin names the manifest chunks (the manifest never changes).
+                let (stored, revision) = read_stored(&mut client, &key)
+                    .await?
+                    .ok_or_else(|| ApiError::NotFound(format!("dataset {:?}", pin.name)))?;
+                let json = match stored.chunks {
+                    Some(reference) => stored_json(pin, reference),
+                    None => serde_json::to_vec(pin).expect("pins serialize"),
+                };
+                let txn = Txn::new()
+                    .when([Compare::mod_revision(
+                        key.clone(),
+                        CompareOp::Equal,
+                        revision,
+                    )])
+                    .and_then([TxnOp::put(key, json, None)]);
+                if client.txn(txn).await.map_err(etcd)?.succeeded() {
+                    Ok(())
+                } else {
+                    Err(ApiError::Unavailable(format!(
+                        "dataset {:?} changed meanwhile; try again",
+                        pin.name
+                    )))
+                }
             }
             Registry::Local { dir, .. } => {
+                let json = serde_json::to_vec(pin).expect("pins serialize");
                 write_atomic(dir.join(format!("{}.json", pin.name)), json).await
             }
         }
@@ -268,20 +399,26 @@ impl Registry {
         match self {
             Registry::Etcd { client, .. } => {
                 let mut client = client.lock().await;
+                let key = format!("{PINS}{name}");
+                let chunks = read_stored(&mut client, &key)
+                    .await?
+                    .and_then(|(stored, _)| stored.chunks);
+                client.delete(key, None).await.map_err(etcd)?;
+                let prefix = etcd_client::DeleteOptions::new().with_prefix();
                 client
-                    .delete(format!("{PINS}{name}"), None)
+                    .delete(format!("{PROGRESS}{name}/"), Some(prefix.clone()))
                     .await
                     .map_err(etcd)?;
-                client
-                    .delete(
-                        format!("{PROGRESS}{name}/"),
-                        Some(etcd_client::DeleteOptions::new().with_prefix()),
-                    )
-                    .await
-                    .map_err(etcd)?;
+                // Only this pin's chunks: a pin of the same name made since has its own id.
+                if let Some(c) = chunks {
+                    client
+                        .delete(Chunks::prefix(name, &c.id), Some(prefix))
+                        .await
+                        .map_err(etcd)?;
+                }
                 Ok(())
             }
-            Registry::Local { dir, progress } => {
+            Registry::Local { dir, progress, .. } => {
                 progress
                     .lock()
                     .expect("progress")
@@ -355,4 +492,268 @@ async fn write_atomic(path: PathBuf, bytes: Vec<u8>) -> Result<(), ApiError> {
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?
+}
+
+/// The stored pin at `key`, with its modification revision.
+async fn read_stored(
+    client: &mut etcd_client::Client,
+    key: &str,
+) -> Result<Option<(StoredPin, i64)>, ApiError> {
+    let resp = client.get(key, None).await.map_err(etcd)?;
+    let Some(kv) = resp.kvs().first() else {
+        return Ok(None);
+    };
+    let stored = serde_json::from_slice::<StoredPin>(kv.value())
+        .map_err(|e| ApiError::Internal(format!("{key}: {e}")))?;
+    Ok(Some((stored, kv.mod_revision())))
+}
+
+/// `pin` as etcd holds it, its files in the chunks `reference` names.
+fn stored_json(pin: &Pin, reference: Chunks) -> Vec<u8> {
+    let mut pin = pin.clone();
+    pin.manifest.files = Arc::new(Vec::new());
+    serde_json::to_vec(&StoredPin {
+        pin,
+        chunks: Some(reference),
+    })
+    .expect("pins serialize")
+}
+
+/// A new chunk id: the time now, and randomness (two workers pinning one name at once).
+fn chunk_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64;
+    let mut random = std::collections::hash_map::RandomState::new().build_hasher();
+    random.write_u64(nanos);
+    format!("{nanos:x}-{:016x}", random.finish())
+}
+
+/// `files` as zstd-compressed JSON arrays of at most [`CHUNK_JSON`] bytes each.
+fn encode_chunks(files: &[ManifestFile]) -> Result<Vec<Vec<u8>>, ApiError> {
+    let mut chunks = Vec::new();
+    let mut json = Vec::with_capacity(CHUNK_JSON + 4096);
+    let mut flush = |json: &mut Vec<u8>| -> Result<(), ApiError> {
+        json.push(b']');
+        let chunk = zstd::encode_all(json.as_slice(), 3)
+            .map_err(|e| ApiError::Internal(format!("compressing a manifest: {e}")))?;
+        chunks.push(chunk);
+        json.clear();
+        Ok(())
+    };
+    for file in files {
+        json.push(if json.is_empty() { b'[' } else { b',' });
+        serde_json::to_writer(&mut json, file).expect("manifest files serialize");
+        if json.len() >= CHUNK_JSON {
+            flush(&mut json)?;
+        }
+    }
+    if !json.is_empty() {
+        flush(&mut json)?;
+    }
+    Ok(chunks)
+}
+
+/// The manifest files in the chunks `reference` names, checked against its counts.
+async fn read_chunks(
+    client: &mut etcd_client::Client,
+    name: &str,
+    reference: &Chunks,
+) -> Result<Vec<ManifestFile>, ApiError> {
+    let mut files = Vec::with_capacity(reference.files);
+    for i in 0..reference.count {
+        let key = Chunks::key(name, &reference.id, i);
+        let resp = client.get(key.as_str(), None).await.map_err(etcd)?;
+        let kv = resp
+            .kvs()
+            .first()
+            .ok_or_else(|| ApiError::Internal(format!("{key} is missing")))?;
+        let json =
+            zstd::decode_all(kv.value()).map_err(|e| ApiError::Internal(format!("{key}: {e}")))?;
+        let chunk: Vec<ManifestFile> =
+            serde_json::from_slice(&json).map_err(|e| ApiError::Internal(format!("{key}: {e}")))?;
+        files.extend(chunk);
+    }
+    let bytes: u64 = files.iter().map(|f| f.size).sum();
+    if files.len() != reference.files || bytes != reference.bytes {
+        return Err(ApiError::Internal(format!(
+            "the manifest of {name:?} has {} files and {bytes} bytes in etcd, not {} and {}",
+            files.len(),
+            reference.files,
+            reference.bytes
+        )));
+    }
+    Ok(files)
+}
+
+/// Removes manifest chunks that no pin names and that are older than [`ORPHAN_AGE`] (left by
+/// a worker that died while pinning). Errors are only logged: the next sweep tries again.
+async fn sweep_orphans(
+    client: &mut etcd_client::Client,
+    in_use: &std::collections::HashSet<(String, String)>,
+) {
+    let keys = match client
+        .get(
+            MANIFESTS,
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only(),
+            ),
+        )
+        .await
+    {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot list manifest chunks");
+            return;
+        }
+    };
+    let mut sets: Vec<(String, String)> = keys
+        .kvs()
+        .iter()
+        .filter_map(|kv| {
+            let rest = kv.key_str().ok()?.strip_prefix(MANIFESTS)?;
+            let mut parts = rest.splitn(3, '/');
+            Some((parts.next()?.to_string(), parts.next()?.to_string()))
+        })
+        .collect();
+    sets.dedup();
+    for (name, id) in sets {
+        // (The pins were read just now; a pin being created meanwhile wrote its chunks less
+        // than a minute before it, hence the age.)
+        let in_use = in_use.contains(&(name.clone(), id.clone()));
+        let old = Chunks::written_at(&id)
+            .and_then(|t| t.elapsed().ok())
+            .is_none_or(|age| age >= ORPHAN_AGE);
+        if in_use || !old {
+            continue;
+        }
+        tracing::info!(dataset = %name, chunks = %id, "removing manifest chunks no pin names");
+        let _ = client
+            .delete(
+                Chunks::prefix(&name, &id),
+                Some(etcd_client::DeleteOptions::new().with_prefix()),
+            )
+            .await;
+    }
+}
+
+/// The pins in `dir`, with the stamps they were read at; files unchanged since `last` are not
+/// read again.
+fn read_pin_files(
+    dir: &std::path::Path,
+    last: Option<(FileStamp, Vec<Pin>)>,
+) -> Result<(FileStamp, Vec<Pin>), ApiError> {
+    let mut stamp: FileStamp = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| io("pins", e))? {
+        let entry = entry.map_err(|e| io("pins", e))?;
+        let path = entry.path();
+        if path.extension().is_some_and(|x| x == "json") {
+            let meta = entry.metadata().map_err(|e| io("pin", e))?;
+            let modified = meta.modified().map_err(|e| io("pin", e))?;
+            stamp.push((path, modified, meta.len(), meta.ino()));
+        }
+    }
+    stamp.sort();
+    if let Some((at, pins)) = last
+        && at == stamp
+    {
+        return Ok((stamp, pins));
+    }
+    let mut pins = Vec::new();
+    for (path, ..) in &stamp {
+        let text = match std::fs::read(path) {
+            Ok(text) => text,
+            // Unpinned since it was listed.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io("pin", e)),
+        };
+        match serde_json::from_slice::<Pin>(&text) {
+            Ok(p) => pins.push(p),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "ignoring a malformed pin")
+            }
+        }
+    }
+    pins.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok((stamp, pins))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pin(name: &str) -> Pin {
+        let files = (0..3)
+            .map(|i| ManifestFile {
+                path: format!("f{i}"),
+                size: 10 + i,
+                etag: Some(format!("e{i}")),
+                version: None,
+                mtime_ns: 0,
+            })
+            .collect();
+        Pin {
+            name: name.into(),
+            tenant: "t".into(),
+            nodes: Vec::new(),
+            replicas: 1,
+            expires_at: None,
+            created_at: 0,
+            load: false,
+            verify_seq: 0,
+            mount: 0,
+            root_key: String::new(),
+            backend: "b".into(),
+            manifest: Manifest::new("/d".into(), files),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_local_registry_parses_a_pin_file_again_only_when_it_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::local(dir.path().to_path_buf()).unwrap();
+        registry.create(&pin("a")).await.unwrap();
+        registry.create(&pin("b")).await.unwrap();
+        let first = registry.pins().await.unwrap();
+        assert_eq!(first, vec![pin("a"), pin("b")]);
+        let again = registry.pins().await.unwrap();
+        assert!(Arc::ptr_eq(
+            &first[0].manifest.files,
+            &again[0].manifest.files
+        ));
+
+        let mut loading = pin("a");
+        loading.load = true;
+        registry.update(&loading).await.unwrap();
+        assert_eq!(registry.pins().await.unwrap(), vec![loading, pin("b")]);
+        registry.remove("b").await.unwrap();
+        assert_eq!(registry.pins().await.unwrap().len(), 1);
+    }
+
+    #[test]
+    fn manifest_chunks_hold_at_most_a_mebibyte_of_json_each() {
+        let files: Vec<ManifestFile> = (0..20_000)
+            .map(|i| ManifestFile {
+                path: format!("dir/{i:0>200}"),
+                size: i,
+                etag: None,
+                version: None,
+                mtime_ns: 0,
+            })
+            .collect();
+        let chunks = encode_chunks(&files).unwrap();
+        let mut back = Vec::new();
+        for chunk in &chunks {
+            let json = zstd::decode_all(chunk.as_slice()).unwrap();
+            assert!(json.len() <= CHUNK_JSON + 1024, "{} bytes", json.len());
+            back.extend(serde_json::from_slice::<Vec<ManifestFile>>(&json).unwrap());
+        }
+        assert!(chunks.len() >= 4, "{} chunks", chunks.len());
+        assert_eq!(back, files);
+        assert!(encode_chunks(&[]).unwrap().is_empty());
+    }
 }

@@ -6,6 +6,7 @@ use crate::object::BlockKey;
 use crate::placement::owners;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// Longest dataset name accepted.
 pub const MAX_NAME: usize = 63;
@@ -47,14 +48,18 @@ pub struct ManifestFile {
 pub struct Manifest {
     /// The namespace path of the dataset's root directory (`/mount/prefix`).
     pub root: String,
-    /// Sorted by path.
-    pub files: Vec<ManifestFile>,
+    /// Sorted by path. Shared: a manifest can list millions of files, and every copy of a pin
+    /// (the registry's cache, each refresh) points at the one list.
+    pub files: Arc<Vec<ManifestFile>>,
 }
 
 impl Manifest {
     pub fn new(root: String, mut files: Vec<ManifestFile>) -> Self {
         files.sort_by(|a, b| a.path.cmp(&b.path));
-        Manifest { root, files }
+        Manifest {
+            root,
+            files: Arc::new(files),
+        }
     }
 
     pub fn bytes(&self) -> u64 {
@@ -84,7 +89,7 @@ impl Manifest {
             root.clone()
         })
         .or_default();
-        for file in &self.files {
+        for file in self.files.iter() {
             let mut parent = root.clone();
             let parts: Vec<&str> = file.path.split('/').collect();
             for (i, part) in parts.iter().enumerate() {
@@ -371,7 +376,7 @@ mod tests {
             let m = Manifest::new("/d".into(), files);
             let nodes: Vec<String> = (0..n).map(|i| format!("n{i}")).collect();
             let r = replicas.min(n);
-            for f in &m.files {
+            for f in m.files.iter() {
                 let h = holders(&f.path, &nodes, replicas);
                 prop_assert_eq!(h.len(), r);
                 let mut ids: Vec<&String> = h.clone();

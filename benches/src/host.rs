@@ -289,15 +289,24 @@ pub fn unmount_all_under(dir: &Path) {
     }
 }
 
-/// Unmounts whatever is mounted at or below `dir`, then deletes it (unless something stays
-/// mounted: deleting through a mount would reach into someone else's files). Never fails.
-pub fn remove_tree(dir: &Path) {
+/// Unmounts whatever is mounted at or below `dir`; false (said on stderr) if something stays
+/// mounted: touching files through a mount would reach into someone else's.
+fn unmount_all_quietly(dir: &Path) -> bool {
     unmount_all_under(dir);
-    if !mounts_under(dir).is_empty() {
+    let clear = mounts_under(dir).is_empty();
+    if !clear {
         eprintln!(
             "granary-bench: {} is still mounted; leaving it",
             dir.display()
         );
+    }
+    clear
+}
+
+/// Unmounts whatever is mounted at or below `dir`, then deletes it (unless something stays
+/// mounted: deleting through a mount would reach into someone else's files). Never fails.
+pub fn remove_tree(dir: &Path) {
+    if !unmount_all_quietly(dir) {
         return;
     }
     match std::fs::remove_dir_all(dir) {
@@ -314,12 +323,7 @@ pub fn remove_tree(dir: &Path) {
 /// each creation skip the recently deleted inodes one by one (`recently_deleted` in ext4's inode
 /// allocator), so deleting one run's thousands of files would slow the next run's load.
 pub fn empty_tree(dir: &Path) {
-    unmount_all_under(dir);
-    if !mounts_under(dir).is_empty() {
-        eprintln!(
-            "granary-bench: {} is still mounted; leaving it",
-            dir.display()
-        );
+    if !unmount_all_quietly(dir) {
         return;
     }
     let mut stack = vec![dir.to_path_buf()];

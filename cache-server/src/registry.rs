@@ -208,6 +208,9 @@ impl Registry {
                     .collect();
                 let mut pins = Vec::new();
                 let mut manifests = HashMap::new();
+                // Every chunk set a pin names, read or not (one that failed to read now is
+                // not an orphan).
+                let mut named = std::collections::HashSet::new();
                 for kv in resp.kvs() {
                     let stored = match serde_json::from_slice::<StoredPin>(kv.value()) {
                         Ok(p) => p,
@@ -219,6 +222,7 @@ impl Registry {
                     let StoredPin { mut pin, chunks } = stored;
                     if let Some(chunks) = chunks {
                         let id = (pin.name.clone(), chunks.id.clone());
+                        named.insert(id.clone());
                         let known = cached
                             .lock()
                             .expect("pins cache")
@@ -242,17 +246,16 @@ impl Registry {
                 }
                 let sweep = {
                     let mut cache = cached.lock().expect("pins cache");
-                    let in_use: std::collections::HashSet<_> = manifests.keys().cloned().collect();
                     cache.pins = Some((stamp, pins.clone()));
                     cache.manifests = manifests;
                     let due = cache.swept.is_none_or(|t| t.elapsed() >= ORPHAN_AGE);
                     if due {
                         cache.swept = Some(Instant::now());
                     }
-                    due.then_some(in_use)
+                    due
                 };
-                if let Some(in_use) = sweep {
-                    sweep_orphans(&mut client, &in_use).await;
+                if sweep {
+                    sweep_orphans(&mut client, &named).await;
                 }
                 Ok(pins)
             }

@@ -7,8 +7,8 @@ use crate::datasets::Source;
 use crate::registry::Pin;
 use crate::worker::Worker;
 use granary_core::dataset::{
-    LoadState, Manifest, ManifestFile, NodeProgress, check_name, check_tenant_quota, overall,
-    percent, share,
+    Child, LoadState, Manifest, ManifestFile, NodeProgress, check_name, check_tenant_quota,
+    overall, percent, share,
 };
 use granary_core::namespace::components;
 use granary_core::{ByteSize, ObjectId, Resolved};
@@ -169,13 +169,7 @@ pub(crate) fn pinned_stat(worker: &Worker, path: &str) -> Option<Result<Entry, A
     if let Some(f) = pin.manifest.file(&rel) {
         return Some(Ok(file_entry(worker, pin, f)));
     }
-    let prefix = format!("{rel}/");
-    if pin
-        .manifest
-        .files
-        .iter()
-        .any(|f| f.path.starts_with(&prefix))
-    {
+    if pin.manifest.is_dir(&rel) {
         return Some(Ok(dir_entry(worker, name)));
     }
     Some(Err(ApiError::NotFound(format!(
@@ -195,33 +189,18 @@ pub(crate) fn pinned_list(
     if pin.manifest.file(&rel).is_some() {
         return Some(Err(ApiError::NotADirectory(path)));
     }
-    let prefix = if rel.is_empty() {
-        String::new()
-    } else {
-        format!("{rel}/")
-    };
-    let mut entries: Vec<Entry> = Vec::new();
-    let mut found = rel.is_empty();
-    for f in pin
-        .manifest
-        .files
-        .iter()
-        .filter(|f| f.path.starts_with(&prefix))
-    {
-        found = true;
-        let below = &f.path[prefix.len()..];
-        match below.split_once('/') {
-            None => entries.push(file_entry(worker, pin, f)),
-            Some((dir, _)) => {
-                if entries.last().is_none_or(|e| e.name != dir) {
-                    entries.push(dir_entry(worker, dir));
-                }
-            }
-        }
-    }
-    if !found {
+    if !pin.manifest.is_dir(&rel) {
         return Some(Err(ApiError::NotFound(path)));
     }
+    let mut entries: Vec<Entry> = pin
+        .manifest
+        .children(&rel)
+        .into_iter()
+        .map(|child| match child {
+            Child::File(f) => file_entry(worker, pin, f),
+            Child::Dir(name) => dir_entry(worker, name),
+        })
+        .collect();
     entries.sort_by(|a, b| a.name.cmp(&b.name));
     entries.dedup_by(|a, b| a.name == b.name);
     Some(Ok(Arc::new(entries)))

@@ -433,6 +433,31 @@ impl Datasets {
         share
     }
 
+    /// This node's files of `pin` still to load now: neither loaded nor waiting out a retry
+    /// backoff.
+    fn due(&self, pin: &Pin) -> Vec<ManifestFile> {
+        let share = self.share(pin);
+        let now = Instant::now();
+        let indexes = self.indexes.lock().expect("indexes");
+        let index = indexes.get(&pin.name);
+        let backoff = self.backoff.lock().expect("backoff");
+        let waiting = backoff.get(&pin.name);
+        share
+            .iter()
+            .filter(|f| {
+                !index
+                    .and_then(|i| i.get(&f.path))
+                    .is_some_and(|s| s.matches(f))
+            })
+            .filter(|f| {
+                waiting
+                    .and_then(|w| w.get(&f.path))
+                    .is_none_or(|r| r.at <= now)
+            })
+            .cloned()
+            .collect()
+    }
+
     /// Bytes of `pin` this node holds, verified: (files, bytes).
     fn present(&self, pin: &Pin) -> (u64, u64) {
         let share = self.share(pin);
@@ -638,7 +663,8 @@ impl Datasets {
                     .insert(pin.name.clone(), pin.verify_seq);
             }
             let idle = !self.loading.lock().expect("loading").contains(&pin.name);
-            if pin.load && idle && self.present(pin) != self.share(pin).totals() {
+            // (Files waiting out a backoff start no load: the tick after it ends does.)
+            if pin.load && idle && !self.due(pin).is_empty() {
                 self.loading
                     .lock()
                     .expect("loading")
@@ -669,34 +695,14 @@ impl Datasets {
     /// Loads this node's missing files of `pin`, but for those waiting out a retry backoff.
     async fn load<S: Source>(self: &Arc<Self>, pin: &Pin, source: &Arc<S>) {
         use futures::StreamExt;
-        let now = Instant::now();
-        let missing: Vec<(ManifestFile, Vec<String>)> = {
-            let indexes = self.indexes.lock().expect("indexes");
-            let index = indexes.get(&pin.name);
-            let backoff = self.backoff.lock().expect("backoff");
-            let waiting = backoff.get(&pin.name);
-            pin.manifest
-                .files
-                .iter()
-                .filter(|f| {
-                    !index
-                        .and_then(|i| i.get(&f.path))
-                        .is_some_and(|s| s.matches(f))
-                })
-                .filter(|f| {
-                    waiting
-                        .and_then(|w| w.get(&f.path))
-                        .is_none_or(|r| r.at <= now)
-                })
-                .filter_map(|f| {
-                    let h: Vec<String> = holders(&f.path, &pin.nodes, pin.replicas)
-                        .into_iter()
-                        .cloned()
-                        .collect();
-                    h.iter().any(|n| *n == self.node_id).then(|| (f.clone(), h))
-                })
-                .collect()
-        };
+        let missing: Vec<(ManifestFile, Vec<String>)> = self
+            .due(pin)
+            .into_iter()
+            .map(|f| {
+                let h = holders(&f.path, &pin.nodes, pin.replicas);
+                (f, h.into_iter().cloned().collect())
+            })
+            .collect();
         if missing.is_empty() {
             return;
         }

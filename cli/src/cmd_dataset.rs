@@ -69,6 +69,10 @@ pub enum DatasetCommand {
         /// With --wait: give up (non-zero exit) after this long.
         #[arg(long, value_name = "DURATION", default_value = "1h")]
         timeout: String,
+        /// With --wait: give up as soon as a node reports a failure, instead of waiting for
+        /// its retries.
+        #[arg(long)]
+        fail_fast: bool,
     },
     /// A dataset's readiness: per node, files and bytes present and verified, rate and ETA.
     Status {
@@ -87,7 +91,8 @@ pub enum DatasetCommand {
     /// Release a dataset: its files leave the nodes' dataset stores.
     Unpin { name: String },
     /// Exit 0 once the dataset is ready on a node (for init containers and the scheduler hook),
-    /// non-zero on timeout.
+    /// non-zero on timeout. A node that reports a failure retries the failed files (2 s, then
+    /// 4, 8, ... up to every 5 minutes): wait shows the reason and goes on waiting.
     Wait {
         name: String,
         /// The node to wait for [default: every node of the dataset's set].
@@ -98,6 +103,9 @@ pub enum DatasetCommand {
         min_percent: f64,
         #[arg(long, value_name = "DURATION", default_value = "1h")]
         timeout: String,
+        /// Exit non-zero as soon as a node reports a failure, instead of waiting for its retries.
+        #[arg(long)]
+        fail_fast: bool,
     },
 }
 
@@ -166,10 +174,16 @@ pub async fn run(args: DatasetArgs) -> anyhow::Result<()> {
             nodes,
             wait,
             timeout,
+            fail_fast,
         } => {
             let status = client.load(&name, nodes).await?;
             if wait {
-                watch(&client, &name, None, 100.0, parse_duration(&timeout)?).await?;
+                let until = Until {
+                    min_percent: 100.0,
+                    timeout: parse_duration(&timeout)?,
+                    fail_fast,
+                };
+                watch(&client, &name, None, until).await?;
             } else {
                 print!("{status}");
             }
@@ -217,15 +231,14 @@ pub async fn run(args: DatasetArgs) -> anyhow::Result<()> {
             node,
             min_percent,
             timeout,
+            fail_fast,
         } => {
-            watch(
-                &client,
-                &name,
-                node.as_deref(),
+            let until = Until {
                 min_percent,
-                parse_duration(&timeout)?,
-            )
-            .await?;
+                timeout: parse_duration(&timeout)?,
+                fail_fast,
+            };
+            watch(&client, &name, node.as_deref(), until).await?;
         }
     }
     Ok(())
@@ -274,21 +287,47 @@ fn readiness(
     }
 }
 
-/// Polls the status until ready (exit 0), failed or past the timeout (an error), showing
-/// progress: a bar on a terminal, JSON lines otherwise.
+/// When [`watch`] stops.
+struct Until {
+    /// Ready enough at this percentage.
+    min_percent: f64,
+    /// Gives up (an error) after this long.
+    timeout: Duration,
+    /// Gives up (an error) at the first failure a node reports.
+    fail_fast: bool,
+}
+
+/// Polls the status until ready (exit 0) or past the timeout (an error), showing progress (a
+/// bar on a terminal, JSON lines otherwise) and, when nodes report failures, why. Failed files
+/// are retried by their nodes, so a failure ends the wait only with `fail_fast`.
 async fn watch(
     client: &DatasetClient,
     name: &str,
     node: Option<&str>,
-    min_percent: f64,
-    timeout: Duration,
+    until: Until,
 ) -> anyhow::Result<()> {
+    let Until {
+        min_percent,
+        timeout,
+        fail_fast,
+    } = until;
     let tty = std::io::stderr().is_terminal();
     let start = Instant::now();
     let mut last_line = Instant::now() - Duration::from_secs(10);
+    let mut last_reasons = String::new();
     loop {
         let s = client.status(name).await?;
         let (state, percent, ready, total, rate) = readiness(&s, node)?;
+        let reasons: Vec<String> = s
+            .node_progress
+            .iter()
+            .filter(|p| !p.reason.is_empty() && node.is_none_or(|n| p.node == n))
+            .map(|p| format!("{}: {}", p.node, p.reason))
+            .collect();
+        let reasons = reasons.join("; ");
+        if tty && reasons != last_reasons && !reasons.is_empty() {
+            eprintln!("\r{name}: {reasons}");
+        }
         let done = state == LoadState::Ready || (min_percent < 100.0 && percent >= min_percent);
         let eta = (rate > 0.0 && !done).then(|| (total.saturating_sub(ready) as f64 / rate) as u64);
         if tty {
@@ -304,7 +343,7 @@ async fn watch(
                 eta.map(|e| format!("eta {e}s")).unwrap_or_default()
             );
             let _ = std::io::stderr().flush();
-        } else if done || last_line.elapsed() >= Duration::from_secs(1) {
+        } else if done || reasons != last_reasons || last_line.elapsed() >= Duration::from_secs(1) {
             last_line = Instant::now();
             eprintln!(
                 "{}",
@@ -318,6 +357,7 @@ async fn watch(
                     "bytes_per_second": rate,
                     "eta_seconds": eta,
                     "elapsed_seconds": start.elapsed().as_secs_f64(),
+                    "reason": (!reasons.is_empty()).then_some(&reasons),
                 })
             );
         }
@@ -328,24 +368,27 @@ async fn watch(
             println!("granary: {name} ready ({percent:.2}%)");
             return Ok(());
         }
-        if state == LoadState::Failed {
-            let reasons: Vec<String> = s
-                .node_progress
-                .iter()
-                .filter(|p| !p.reason.is_empty())
-                .map(|p| format!("{}: {}", p.node, p.reason))
-                .collect();
-            bail!("loading {name} failed: {}", reasons.join("; "));
+        if fail_fast && state == LoadState::Failed {
+            if tty {
+                eprintln!();
+            }
+            bail!("loading {name} failed: {reasons}");
         }
         if start.elapsed() >= timeout {
             if tty {
                 eprintln!();
             }
+            let why = if reasons.is_empty() {
+                String::new()
+            } else {
+                format!("; {reasons}")
+            };
             bail!(
-                "{name} not ready after {timeout:?}: {percent:.2}% ({:?})",
+                "{name} not ready after {timeout:?}: {percent:.2}% ({:?}){why}",
                 state
             );
         }
+        last_reasons = reasons;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

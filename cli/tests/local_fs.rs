@@ -1,13 +1,13 @@
 //! Mount tests over a local POSIX source (no external service): a directory of 10,000 files, a
-//! file larger than 4 GiB, a file changed in the backend, and the split deployment (`granary
-//! server` + `granary mount` over gRPC).
+//! file larger than 4 GiB, a file changed in the backend, the split deployment (`granary
+//! server` + `granary mount` over gRPC), and `dataset wait` through a file's failed loads.
 
 mod support;
 
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 use support::data::{Tree, content, fill, seed_of, standard_tree, write_local};
-use support::process::{Mount, UpOptions, granary};
+use support::process::{Mount, UpOptions, granary, run_with_timeout};
 use support::{free_port, metric};
 
 fn up(
@@ -232,4 +232,89 @@ fn split_deployment_server_and_remote_mount() {
     assert!(mount.stop().success());
     support::process::signal(server.id(), "INT");
     assert!(server.wait().unwrap().success(), "server exits 0 on SIGINT");
+}
+
+#[test]
+fn dataset_wait_rides_out_a_file_failing_to_load_and_fail_fast_does_not() {
+    let source = tempfile::tempdir().unwrap();
+    let data = source.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("a.bin"), content("a", 300 << 10)).unwrap();
+    std::fs::write(data.join("b.bin"), content("b", 200 << 10)).unwrap();
+    let (cache, mnt) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let api = format!("127.0.0.1:{}", free_port());
+    let mount = up(source.path(), cache.path(), mnt.path(), &["--listen", &api]);
+    let dataset = |args: &[&str], limit: u64| {
+        let mut all = vec!["dataset", "--server", &api];
+        all.extend_from_slice(args);
+        run_with_timeout(granary(&all, &[]), Duration::from_secs(limit))
+    };
+    assert!(
+        dataset(&["pin", "ds", "--path", "/data"], 30)
+            .status
+            .success()
+    );
+    // b.bin goes away after the pin (a rename keeps its inode and mtime: the same version when
+    // it comes back), so its load fails and is retried.
+    let away = source.path().join("b.away");
+    std::fs::rename(data.join("b.bin"), &away).unwrap();
+    assert!(dataset(&["load", "ds"], 30).status.success());
+
+    let fast = dataset(&["wait", "ds", "--fail-fast", "--timeout", "60s"], 90);
+    assert!(!fast.status.success(), "{}", fast.stderr);
+    assert!(fast.elapsed < Duration::from_secs(30), "{:?}", fast.elapsed);
+    assert!(
+        fast.stderr.contains("failed") && fast.stderr.contains("b.bin"),
+        "{}",
+        fast.stderr
+    );
+    // Without --fail-fast it waits, says why, and gives up only at the timeout. Meanwhile the
+    // worker idles until the file's next try (it once restarted an empty load in a loop,
+    // keeping both cores busy: over 3 CPU-seconds in these 3 s).
+    let cpu = || {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", mount.pid())).unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        // utime and stime, in clock ticks (100 a second).
+        (fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()) as f64 / 100.0
+    };
+    let before = cpu();
+    let timed_out = dataset(&["wait", "ds", "--timeout", "3s"], 60);
+    let busy = cpu() - before;
+    assert!(
+        busy < 1.0,
+        "granary up used {busy} CPU-seconds while waiting"
+    );
+    assert!(!timed_out.status.success());
+    assert!(timed_out.elapsed >= Duration::from_secs(3));
+    assert!(
+        timed_out.stderr.contains("not ready after") && timed_out.stderr.contains("b.bin"),
+        "{}",
+        timed_out.stderr
+    );
+    assert!(
+        timed_out.stderr.contains("\"reason\""),
+        "JSON lines carry the reason: {}",
+        timed_out.stderr
+    );
+
+    // The file comes back while wait is waiting: a retry loads it, and wait exits 0.
+    let restore = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        std::fs::rename(&away, data.join("b.bin")).unwrap();
+    });
+    let waited = dataset(&["wait", "ds", "--timeout", "120s"], 180);
+    restore.join().unwrap();
+    assert!(waited.status.success(), "{}", waited.stderr);
+    assert!(
+        waited.stdout.contains("ready (100.00%)"),
+        "{}",
+        waited.stdout
+    );
+    assert!(std::fs::read(mnt.path().join("data/b.bin")).unwrap() == content("b", 200 << 10));
+    assert!(mount.stop().success());
 }

@@ -5,7 +5,6 @@
 use crate::object::BlockKey;
 use crate::placement::owners;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// Longest dataset name accepted.
@@ -78,42 +77,56 @@ impl Manifest {
         format!("{}/{}", self.root.trim_end_matches('/'), file.path)
     }
 
-    /// The namespace paths of the directories of the dataset (its root included), each with
-    /// the names of its direct children, for answering listings from the manifest.
-    pub fn directories(&self) -> BTreeMap<String, Vec<(String, bool)>> {
-        let root = self.root.trim_end_matches('/').to_string();
-        let mut dirs: BTreeMap<String, Vec<(String, bool)>> = BTreeMap::new();
-        dirs.entry(if root.is_empty() {
-            "/".into()
-        } else {
-            root.clone()
-        })
-        .or_default();
-        for file in self.files.iter() {
-            let mut parent = root.clone();
-            let parts: Vec<&str> = file.path.split('/').collect();
-            for (i, part) in parts.iter().enumerate() {
-                let is_file = i + 1 == parts.len();
-                let key = if parent.is_empty() {
-                    "/".to_string()
-                } else {
-                    parent.clone()
-                };
-                let children = dirs.entry(key).or_default();
-                if !children.iter().any(|(n, _)| n == part) {
-                    children.push((part.to_string(), !is_file));
+    /// The files below directory `dir` (relative to the root, no trailing `/`; `""` is the
+    /// root): a contiguous run of the sorted list, found by binary search.
+    pub fn under(&self, dir: &str) -> &[ManifestFile] {
+        if dir.is_empty() {
+            return &self.files;
+        }
+        let prefix = format!("{dir}/");
+        let start = self
+            .files
+            .partition_point(|f| f.path.as_str() < prefix.as_str());
+        let len = self.files[start..].partition_point(|f| f.path.starts_with(&prefix));
+        &self.files[start..start + len]
+    }
+
+    /// Whether `dir` is a directory of the dataset: the root, or a path some file lies below.
+    pub fn is_dir(&self, dir: &str) -> bool {
+        dir.is_empty() || !self.under(dir).is_empty()
+    }
+
+    /// The entries directly in directory `dir`, in path order: each file, and each
+    /// subdirectory once. A subdirectory's files are stepped over by binary search, so a listing
+    /// costs O(entries x log files), not O(files): a manifest can list millions.
+    pub fn children(&self, dir: &str) -> Vec<Child<'_>> {
+        let files = self.under(dir);
+        let skip = if dir.is_empty() { 0 } else { dir.len() + 1 };
+        let mut children = Vec::new();
+        let mut i = 0;
+        while i < files.len() {
+            let path = files[i].path.as_str();
+            match path[skip..].split_once('/') {
+                None => {
+                    children.push(Child::File(&files[i]));
+                    i += 1;
                 }
-                parent = format!("{parent}/{part}");
-                if !is_file {
-                    dirs.entry(parent.clone()).or_default();
+                Some((name, _)) => {
+                    children.push(Child::Dir(name));
+                    let subtree = &path[..skip + name.len() + 1];
+                    i += files[i..].partition_point(|f| f.path.starts_with(subtree));
                 }
             }
         }
-        for children in dirs.values_mut() {
-            children.sort();
-        }
-        dirs
+        children
     }
+}
+
+/// An entry directly in a directory of a manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Child<'a> {
+    File(&'a ManifestFile),
+    Dir(&'a str),
 }
 
 /// The nodes of `nodes` that hold `path` (rendezvous hashing of the path over the set, `replicas`
@@ -303,17 +316,40 @@ mod tests {
         assert_eq!(m.bytes(), 6);
         assert_eq!(m.file("b/c.bin").unwrap().size, 1);
         assert!(m.file("b").is_none());
-        let dirs = m.directories();
         assert_eq!(
-            dirs["/data/set"],
-            vec![("a.txt".into(), false), ("b".into(), true)]
+            m.children(""),
+            vec![Child::File(&m.files[0]), Child::Dir("b")]
         );
         assert_eq!(
-            dirs["/data/set/b"],
-            vec![("c.bin".into(), false), ("d".into(), true)]
+            m.children("b"),
+            vec![Child::File(&m.files[1]), Child::Dir("d")]
         );
-        assert_eq!(dirs["/data/set/b/d"], vec![("e".into(), false)]);
+        assert_eq!(m.children("b/d"), vec![Child::File(&m.files[2])]);
+        assert!(m.is_dir("") && m.is_dir("b") && m.is_dir("b/d"));
+        assert!(!m.is_dir("a.txt") && !m.is_dir("b/c") && !m.is_dir("c"));
+        assert!(m.children("nope").is_empty());
         assert_eq!(m.namespace_path(&m.files[0]), "/data/set/a.txt");
+    }
+
+    /// The entries directly in `dir`, by looking at every file.
+    fn children_by_scan<'a>(m: &'a Manifest, dir: &str) -> Vec<Child<'a>> {
+        let prefix = if dir.is_empty() {
+            String::new()
+        } else {
+            format!("{dir}/")
+        };
+        let mut out: Vec<Child<'a>> = Vec::new();
+        for f in m.files.iter().filter(|f| f.path.starts_with(&prefix)) {
+            match f.path[prefix.len()..].split_once('/') {
+                None => out.push(Child::File(f)),
+                Some((name, _)) => {
+                    if !out.contains(&Child::Dir(name)) {
+                        out.push(Child::Dir(name));
+                    }
+                }
+            }
+        }
+        out
     }
 
     #[test]
@@ -364,6 +400,28 @@ mod tests {
     }
 
     proptest! {
+        /// Listing by binary search finds what looking at every file finds, in every directory
+        /// (names that sort around `/`, like `a.b`, `a/`, `a0`, included).
+        #[test]
+        fn children_match_a_full_scan(
+            paths in proptest::collection::btree_set("[ab.0]{1,2}(/[ab.0]{1,2}){0,3}", 1..40),
+        ) {
+            let files: Vec<ManifestFile> = paths.iter().map(|p| file(p, 1)).collect();
+            let m = Manifest::new("/d".into(), files);
+            let mut dirs: Vec<String> = vec![String::new()];
+            for f in m.files.iter() {
+                let parts: Vec<&str> = f.path.split('/').collect();
+                for n in 1..parts.len() {
+                    dirs.push(parts[..n].join("/"));
+                }
+                dirs.push(f.path.clone());
+            }
+            for dir in dirs {
+                prop_assert_eq!(m.children(&dir), children_by_scan(&m, &dir), "{}", dir);
+                prop_assert_eq!(m.is_dir(&dir), dir.is_empty() || m.files.iter().any(|f| f.path.starts_with(&format!("{dir}/"))));
+            }
+        }
+
         /// Each file is held by exactly `replicas` distinct nodes of the set, and the shares of
         /// all nodes add up to the manifest times the replicas.
         #[test]

@@ -215,6 +215,23 @@ impl Worker {
         Source::members(self)
     }
 
+    /// The dataset capacity `node` publishes in the membership; this worker's own where it
+    /// publishes none (a static member list, or an older worker).
+    fn dataset_capacity(&self, node: &str) -> u64 {
+        let published = self.cluster.as_ref().and_then(|c| {
+            c.membership
+                .view()
+                .members
+                .iter()
+                .find(|m| m.node_id == node)
+                .map(|m| m.dataset_capacity)
+        });
+        match published {
+            Some(bytes) if bytes > 0 => bytes,
+            _ => self.settings.datasets.capacity.bytes(),
+        }
+    }
+
     async fn fresh_pins(&self) -> Result<Arc<Vec<Pin>>, ApiError> {
         self.datasets.refresh().await
     }
@@ -264,11 +281,10 @@ impl Worker {
                 pin.nodes.len()
             )));
         }
-        let capacity = self.settings.datasets.capacity.bytes();
         for node in &pin.nodes {
             let wanted = share(&pin.manifest, &pin.nodes, pin.replicas, node).1;
             let used = self.datasets.committed(pins, node, &pin.name);
-            let free = capacity.saturating_sub(used);
+            let free = self.dataset_capacity(node).saturating_sub(used);
             if wanted > free {
                 return Err(ApiError::Exhausted(
                     granary_core::dataset::QuotaError::Node {

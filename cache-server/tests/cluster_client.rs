@@ -71,6 +71,7 @@ async fn start(node: Arc<Node>, certs: &std::path::Path) -> MemberInfo {
         api_addr: addr,
         memory_capacity: 0,
         disk_capacity: 0,
+        dataset_capacity: 0,
     }
 }
 

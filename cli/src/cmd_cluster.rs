@@ -60,6 +60,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
                     api_addr: addr,
                     memory_capacity: 0,
                     disk_capacity: 0,
+                    dataset_capacity: 0,
                 }],
             )
         }

@@ -155,6 +155,7 @@ async fn join_cluster(settings: &Settings, tls: &TlsIdentity) -> anyhow::Result<
         api_addr: settings.listen,
         memory_capacity: settings.cache.memory.bytes(),
         disk_capacity: settings.cache.disk.bytes(),
+        dataset_capacity: settings.datasets.capacity.bytes(),
     };
     let peers = BlockClient::new(tls)?;
     if !cluster.etcd.is_empty() {
@@ -188,6 +189,7 @@ async fn join_cluster(settings: &Settings, tls: &TlsIdentity) -> anyhow::Result<
                 api_addr: *addr,
                 memory_capacity: 0,
                 disk_capacity: 0,
+                dataset_capacity: 0,
             })
             .collect();
         Membership::fixed(members)

@@ -76,6 +76,7 @@ fn members(worker: &Worker) -> (u64, Vec<MemberInfo>) {
                     api_addr: s.listen,
                     memory_capacity: s.cache.memory.bytes(),
                     disk_capacity: s.cache.disk.bytes(),
+                    dataset_capacity: s.datasets.capacity.bytes(),
                 }],
             )
         }

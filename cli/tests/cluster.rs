@@ -44,6 +44,7 @@ fn three_workers_spread_blocks_fetch_once_and_survive_a_crash_and_an_etcd_pause(
         tls: &tls,
         memory: "384MiB",
         extra: "",
+        extra_for: &[],
     };
     let mut workers = start_workers(work.path(), 3, &spec).workers;
     wait_for_members(&etcd_url, 3);

@@ -87,6 +87,7 @@ fn the_dashboard_shows_what_status_says() {
         tls: &tls,
         memory: "64MiB",
         extra: "",
+        extra_for: &[],
     };
     let Started {
         workers,

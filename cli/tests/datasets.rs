@@ -157,6 +157,8 @@ fn pin_load_through_a_crash_exact_readiness_quotas_ttl_passthrough_repair_restar
          [[tenant]]\nname = \"team-a\"\ntoken = \"{TEAM_A}\"\nquota = \"2GiB\"\n\
          [[tenant]]\nname = \"tiny\"\ntoken = \"{TINY}\"\nquota = \"1MiB\"\n"
     );
+    // w3 may hold less: pins are checked against each node's own capacity.
+    let small = extra.replace("capacity = \"1GiB\"", "capacity = \"100MiB\"");
     let spec = Spec {
         s3: &s3,
         prefix: &prefix,
@@ -164,6 +166,7 @@ fn pin_load_through_a_crash_exact_readiness_quotas_ttl_passthrough_repair_restar
         tls: &tls,
         memory: "64MiB",
         extra: &extra,
+        extra_for: &[("w3", &small)],
     };
     let Started {
         mut workers,
@@ -225,6 +228,16 @@ fn pin_load_through_a_crash_exact_readiness_quotas_ttl_passthrough_repair_restar
         dataset(api, Some(TINY), &["pin", "ds", "--path", "/data/ds"]),
         "over quota",
         "quota",
+    );
+    // w3's 100 MiB cannot hold the 259 MiB dataset, though w1 (asked) has 1 GiB.
+    refused(
+        dataset(
+            api,
+            Some(TEAM_A),
+            &["pin", "ds", "--path", "/data/ds", "--nodes", "w3"],
+        ),
+        "over w3's capacity",
+        "node \"w3\" would hold 271557206 bytes of this dataset but has 104857600 bytes free",
     );
     refused(
         dataset(

@@ -76,6 +76,7 @@ fn prometheus_sees_the_hit_ratio_and_cached_bytes_the_workload_implies() {
         tls: &tls,
         memory: "64MiB",
         extra: "",
+        extra_for: &[],
     };
     let Started {
         workers,

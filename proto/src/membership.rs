@@ -27,6 +27,10 @@ pub struct MemberInfo {
     pub api_addr: SocketAddr,
     pub memory_capacity: u64,
     pub disk_capacity: u64,
+    /// Bytes of pinned datasets the node may hold (its `datasets.capacity`); 0: not published
+    /// (a static member list, or a worker older than this field).
+    #[serde(default)]
+    pub dataset_capacity: u64,
 }
 
 impl Member for MemberInfo {

@@ -187,6 +187,8 @@ pub struct Spec<'a> {
     pub memory: &'a str,
     /// More TOML, appended to each worker's config (whole sections).
     pub extra: &'a str,
+    /// Workers whose config gets this TOML instead of `extra`: (worker id, TOML).
+    pub extra_for: &'a [(&'a str, &'a str)],
 }
 
 /// Workers w1..wN, started, with their API and metrics addresses and cache directories.
@@ -230,7 +232,11 @@ pub fn start_workers(work: &Path, n: usize, spec: &Spec) -> Started {
                 etcd = spec.etcd,
                 tls = spec.tls.display(),
                 src = spec.s3.uri(spec.prefix),
-                extra = spec.extra,
+                extra = spec
+                    .extra_for
+                    .iter()
+                    .find(|(w, _)| *w == id)
+                    .map_or(spec.extra, |(_, e)| *e),
             ),
         )
         .unwrap();

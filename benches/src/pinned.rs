@@ -51,7 +51,7 @@ const NAME: &str = "bench";
 /// Granary's default cache block: the load's GET size, and the raw GETs' range size.
 const BLOCK_BYTES: u64 = 4 << 20;
 /// GETs in flight in the raw passes.
-const RAW_IN_FLIGHT: [usize; 2] = [8, 16];
+const RAW_IN_FLIGHT: [usize; 3] = [8, 16, 32];
 /// Uploads in flight while creating the dataset.
 const UPLOADS: usize = 8;
 const MIB: u64 = 1 << 20;

@@ -185,6 +185,8 @@ pub struct ClusterSettings {
 #[derive(Debug, Clone)]
 pub struct DatasetSettings {
     pub capacity: ByteSize,
+    /// Block reads in flight per dataset load (default 32); a load holds at most twice as
+    /// many blocks in memory.
     pub load_concurrency: usize,
     pub admin_token: Option<String>,
     pub tenants: Vec<Tenant>,
@@ -210,7 +212,7 @@ impl Default for DatasetSettings {
     fn default() -> Self {
         DatasetSettings {
             capacity: Self::DEFAULT_CAPACITY,
-            load_concurrency: 16,
+            load_concurrency: 32,
             admin_token: None,
             tenants: Vec::new(),
         }

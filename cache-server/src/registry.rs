@@ -335,7 +335,9 @@ impl Registry {
                     result = match client.txn(txn).await.map_err(etcd) {
                         Ok(resp) if resp.succeeded() => return Ok(()),
                         Ok(_) => Err(exists()),
-                        Err(e) => Err(e),
+                        // The pin may have been written all the same (an answer lost on the
+                        // way): its chunks stay; the sweep removes them if no pin names them.
+                        Err(e) => return Err(e),
                     };
                 }
                 // Not pinned: its chunks go (or, if etcd is away, the sweep removes them later).

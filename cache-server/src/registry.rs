@@ -233,6 +233,9 @@ impl Registry {
                             Some(files) => files,
                             None => match read_chunks(&mut client, &pin.name, &chunks).await {
                                 Ok(files) => Arc::new(files),
+                                // etcd away: no answer this time rather than a pin list
+                                // without this pin (its nodes would free its files).
+                                Err(e @ ApiError::Unavailable(_)) => return Err(e),
                                 Err(e) => {
                                     tracing::warn!(dataset = %pin.name, error = %e, "ignoring a pin whose manifest cannot be read");
                                     continue;

@@ -101,6 +101,7 @@ pub enum DatasetCommand {
         /// Ready enough at this percentage of the node's share.
         #[arg(long, value_name = "P", default_value_t = 100.0)]
         min_percent: f64,
+        /// Give up (non-zero exit) after this long.
         #[arg(long, value_name = "DURATION", default_value = "1h")]
         timeout: String,
         /// Exit non-zero as soon as a node reports a failure, instead of waiting for its retries.

@@ -3,7 +3,7 @@
 //! datasets (stat and list inside a pin are answered from its frozen manifest).
 
 use crate::config::DatasetSettings;
-use crate::datasets::Source;
+use crate::datasets::{Source, now_secs};
 use crate::registry::Pin;
 use crate::worker::Worker;
 use granary_core::dataset::{
@@ -15,7 +15,7 @@ use granary_core::{ByteSize, ObjectId, Resolved};
 use granary_proto::{ApiError, CacheApi, Entry, EntryKind, ObjectRef};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// Files in one pin, at most. Every worker keeps each pin's manifest in memory (about 200 bytes
 /// a file); etcd holds it compressed, in chunks.
@@ -91,12 +91,6 @@ pub struct DatasetStatus {
     pub bytes_total: u64,
     pub verify_seq: u64,
     pub node_progress: Vec<NodeProgress>,
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 fn normalize(path: &str) -> Result<String, ApiError> {

@@ -206,7 +206,8 @@ struct Checkpoint {
     durable_bytes: u64,
 }
 
-fn now_secs() -> u64 {
+/// Unix seconds now (0 before 1970).
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

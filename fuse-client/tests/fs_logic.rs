@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use granary_core::{BlockSize, ObjectId};
-use granary_fuse_client::fs::{Backing, FsConfig, FsError, GranaryFs, OpenIo};
+use granary_fuse_client::fs::{Backing, FsConfig, FsError, GranaryFs, OpenIo, Opened};
 use granary_proto::{ApiError, Block, CacheApi, Entry, EntryKind, Info, ObjectRef};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -454,18 +454,12 @@ async fn a_matching_local_copy_is_passed_to_the_kernel_once_per_inode() {
     let kernel = FakeKernel::default();
     let ino = fs.lookup(1, "held.bin").await.unwrap().ino;
 
-    let first = fs
-        .open_passthrough(ino, false, kernel.register())
-        .await
-        .unwrap();
+    let first = open_pt(&fs, ino, &kernel).await;
     assert!(first.is_passthrough());
     assert!(!first.keep_cache);
     assert_eq!(w.local_copy_calls.load(Ordering::SeqCst), 1);
     // A second open of the inode reuses its backing file without asking the worker again.
-    let second = fs
-        .open_passthrough(ino, false, kernel.register())
-        .await
-        .unwrap();
+    let second = open_pt(&fs, ino, &kernel).await;
     assert!(same_backing(&first.io, &second.io));
     assert_eq!(kernel.registered.load(Ordering::SeqCst), 1);
     assert_eq!(w.local_copy_calls.load(Ordering::SeqCst), 1);
@@ -523,10 +517,7 @@ async fn no_copy_a_wrong_copy_or_a_silent_worker_read_through_userspace() {
         "down.bin",
     ] {
         let ino = fs.lookup(1, name).await.unwrap().ino;
-        let opened = fs
-            .open_passthrough(ino, false, kernel.register())
-            .await
-            .unwrap();
+        let opened = open_pt(&fs, ino, &kernel).await;
         assert!(!opened.is_passthrough(), "{name}");
         assert_eq!(
             fs.read(opened.fh, BS - 3, 6).await.unwrap()[..],
@@ -602,10 +593,7 @@ async fn passthrough_off_in_the_config_never_asks_the_worker() {
     );
     let kernel = FakeKernel::default();
     let ino = fs.lookup(1, "a.bin").await.unwrap().ino;
-    let opened = fs
-        .open_passthrough(ino, false, kernel.register())
-        .await
-        .unwrap();
+    let opened = open_pt(&fs, ino, &kernel).await;
     assert!(!opened.is_passthrough());
     assert_eq!(w.local_copy_calls.load(Ordering::SeqCst), 0);
 }
@@ -628,10 +616,7 @@ async fn an_inode_keeps_one_io_mode_while_open() {
 
     // Open through userspace first; a local copy appearing meanwhile is not used (the kernel
     // would fail a passthrough open beside an ordinary one) and the worker is not even asked.
-    let userspace = fs
-        .open_passthrough(ino, false, kernel.register())
-        .await
-        .unwrap();
+    let userspace = open_pt(&fs, ino, &kernel).await;
     assert!(!userspace.is_passthrough());
     std::fs::write(dir.0.join("f.bin"), &v1).unwrap();
     w.local
@@ -639,20 +624,14 @@ async fn an_inode_keeps_one_io_mode_while_open() {
         .unwrap()
         .insert("f.bin@v1".into(), Ok(dir.0.join("f.bin")));
     let calls = w.local_copy_calls.load(Ordering::SeqCst);
-    let second = fs
-        .open_passthrough(ino, false, kernel.register())
-        .await
-        .unwrap();
+    let second = open_pt(&fs, ino, &kernel).await;
     assert!(!second.is_passthrough());
     assert_eq!(w.local_copy_calls.load(Ordering::SeqCst), calls);
     fs.release(userspace.fh);
     fs.release(second.fh);
 
     // Once closed, the next open uses the copy.
-    let pt = fs
-        .open_passthrough(ino, false, kernel.register())
-        .await
-        .unwrap();
+    let pt = open_pt(&fs, ino, &kernel).await;
     assert!(pt.is_passthrough());
 
     // The object changes while open through passthrough: the kernel allows no second backing
@@ -664,13 +643,9 @@ async fn an_inode_keeps_one_io_mode_while_open() {
         Err(FsError::Stale(_))
     ));
     assert!(matches!(fs.open(ino, false).await, Err(FsError::Stale(_))));
-    drop(pt.io);
-    fs.release(pt.fh);
+    close(&fs, pt);
     // The worker's copy is of v1: v2 is read through userspace, whole.
-    let fresh = fs
-        .open_passthrough(ino, false, kernel.register())
-        .await
-        .unwrap();
+    let fresh = open_pt(&fs, ino, &kernel).await;
     assert!(!fresh.is_passthrough());
     assert_eq!(fs.read(fresh.fh, 0, 16).await.unwrap()[..], v2[..16]);
 }
@@ -699,10 +674,7 @@ async fn a_copy_for_the_version_last_seen_is_not_used_for_a_newer_one() {
     // says nothing about v2, so this open reads v2 through userspace.
     let v2 = data(BS as usize, 14);
     w.put("/f.bin", v2.clone(), "v2");
-    let opened = fs
-        .open_passthrough(ino, false, kernel.register())
-        .await
-        .unwrap();
+    let opened = open_pt(&fs, ino, &kernel).await;
     assert!(!opened.is_passthrough());
     assert_eq!(
         w.local_copy_calls.load(Ordering::SeqCst),
@@ -710,6 +682,19 @@ async fn a_copy_for_the_version_last_seen_is_not_used_for_a_newer_one() {
         "one call per open at most"
     );
     assert_eq!(fs.read(opened.fh, 0, 16).await.unwrap()[..], v2[..16]);
+}
+
+/// Opens `ino` for reading, through passthrough where `kernel` takes the backing file.
+async fn open_pt(fs: &GranaryFs<FakeWorker>, ino: u64, kernel: &FakeKernel) -> Opened {
+    fs.open_passthrough(ino, false, kernel.register())
+        .await
+        .unwrap()
+}
+
+/// Closes `opened` as the kernel does: its I/O ends, then the handle is released.
+fn close(fs: &GranaryFs<FakeWorker>, opened: Opened) {
+    drop(opened.io);
+    fs.release(opened.fh);
 }
 
 /// A pinned file `name` of `len` bytes, held locally at `dir/name`, looked up.
@@ -746,10 +731,7 @@ async fn a_pinned_file_opens_again_without_asking_the_worker() {
         fs.open_now(ino, false, kernel.register()).is_none(),
         "nothing known about a local copy yet"
     );
-    let first = fs
-        .open_passthrough(ino, false, kernel.register())
-        .await
-        .unwrap();
+    let first = open_pt(&fs, ino, &kernel).await;
     assert!(first.is_passthrough());
     assert_eq!(
         w.calls(),
@@ -757,8 +739,7 @@ async fn a_pinned_file_opens_again_without_asking_the_worker() {
         "one local_copy, no stat"
     );
     assert_eq!(fs.read(first.fh, 0, 10).await.unwrap()[..], bytes[..10]);
-    drop(first.io);
-    fs.release(first.fh);
+    close(&fs, first);
     assert_eq!(fs.kept_backings(), 1, "the registration outlives the close");
     assert!(kernel.last_alive());
 
@@ -771,16 +752,11 @@ async fn a_pinned_file_opens_again_without_asking_the_worker() {
             .unwrap();
         assert!(again.is_passthrough());
         assert_eq!(fs.kept_backings(), 0, "in use, not kept");
-        drop(again.io);
-        fs.release(again.fh);
+        close(&fs, again);
     }
-    let again = fs
-        .open_passthrough(ino, false, kernel.register())
-        .await
-        .unwrap();
+    let again = open_pt(&fs, ino, &kernel).await;
     assert!(again.is_passthrough());
-    drop(again.io);
-    fs.release(again.fh);
+    close(&fs, again);
     assert_eq!(w.calls(), calls, "0 calls to the worker");
     assert_eq!(kernel.registered.load(Ordering::SeqCst), 1);
 
@@ -803,13 +779,9 @@ async fn without_kept_registrations_a_pinned_file_reopens_its_remembered_copy() 
     );
     let kernel = FakeKernel::default();
     let (ino, _) = pinned_file(&fs, &w, &dir, "r.bin", 1000).await;
-    let first = fs
-        .open_passthrough(ino, false, kernel.register())
-        .await
-        .unwrap();
+    let first = open_pt(&fs, ino, &kernel).await;
     assert!(first.is_passthrough());
-    drop(first.io);
-    fs.release(first.fh);
+    close(&fs, first);
     assert_eq!(fs.kept_backings(), 0);
     assert!(!kernel.last_alive(), "unregistered at the last close");
     let calls = w.calls();
@@ -843,10 +815,7 @@ async fn a_remembered_copy_that_vanished_or_changed_is_asked_for_again() {
         let fs = &fs;
         let kernel = &kernel;
         async move {
-            let opened = fs
-                .open_passthrough(ino, false, kernel.register())
-                .await
-                .unwrap();
+            let opened = open_pt(fs, ino, kernel).await;
             assert_eq!(opened.is_passthrough(), expect_passthrough);
             fs.release(opened.fh);
         }
@@ -859,10 +828,7 @@ async fn a_remembered_copy_that_vanished_or_changed_is_asked_for_again() {
     std::fs::remove_file(dir.0.join("v.bin")).unwrap();
     w.local.lock().unwrap().clear();
     assert!(fs.open_now(ino, false, kernel.register()).is_none());
-    let opened = fs
-        .open_passthrough(ino, false, kernel.register())
-        .await
-        .unwrap();
+    let opened = open_pt(&fs, ino, &kernel).await;
     assert!(!opened.is_passthrough());
     assert_eq!(w.calls(), (stats, copies + 1));
     assert_eq!(
@@ -912,18 +878,14 @@ async fn an_unpinned_file_asks_the_worker_on_every_open() {
     for round in 1..=3 {
         let (stats, copies) = w.calls();
         assert!(fs.open_now(ino, false, kernel.register()).is_none());
-        let opened = fs
-            .open_passthrough(ino, false, kernel.register())
-            .await
-            .unwrap();
+        let opened = open_pt(&fs, ino, &kernel).await;
         assert!(opened.is_passthrough());
         assert_eq!(
             w.calls(),
             (stats + 1, copies + 1),
             "round {round}: a stat per open"
         );
-        drop(opened.io);
-        fs.release(opened.fh);
+        close(&fs, opened);
         assert_eq!(fs.kept_backings(), 0, "nothing kept for an unpinned file");
         assert!(!kernel.last_alive());
     }
@@ -949,12 +911,8 @@ async fn a_pinned_entry_is_trusted_for_the_attribute_ttl_only() {
     );
     let kernel = FakeKernel::default();
     let (ino, _) = pinned_file(&fs, &w, &dir, "t.bin", 1000).await;
-    let opened = fs
-        .open_passthrough(ino, false, kernel.register())
-        .await
-        .unwrap();
-    drop(opened.io);
-    fs.release(opened.fh);
+    let opened = open_pt(&fs, ino, &kernel).await;
+    close(&fs, opened);
     assert_eq!(fs.kept_backings(), 1);
     tokio::time::sleep(ttl + Duration::from_millis(50)).await;
 
@@ -966,18 +924,11 @@ async fn a_pinned_entry_is_trusted_for_the_attribute_ttl_only() {
     w.unpin("/t.bin");
     let (stats, _) = w.calls();
     assert!(fs.open_now(ino, false, kernel.register()).is_none());
-    let opened = fs
-        .open_passthrough(ino, false, kernel.register())
-        .await
-        .unwrap();
+    let opened = open_pt(&fs, ino, &kernel).await;
     assert_eq!(w.calls().0, stats + 1);
-    drop(opened.io);
-    fs.release(opened.fh);
+    close(&fs, opened);
     assert_eq!(fs.kept_backings(), 0, "unpinned: not kept");
-    let opened = fs
-        .open_passthrough(ino, false, kernel.register())
-        .await
-        .unwrap();
+    let opened = open_pt(&fs, ino, &kernel).await;
     assert_eq!(w.calls().0, stats + 2, "unpinned: a stat per open");
     fs.release(opened.fh);
 
@@ -1010,22 +961,15 @@ async fn a_kept_registration_never_serves_another_version() {
     let fs = fs(w.clone(), FsConfig::default());
     let kernel = FakeKernel::default();
     let (ino, _) = pinned_file(&fs, &w, &dir, "k.bin", 1000).await;
-    let opened = fs
-        .open_passthrough(ino, false, kernel.register())
-        .await
-        .unwrap();
-    drop(opened.io);
-    fs.release(opened.fh);
+    let opened = open_pt(&fs, ino, &kernel).await;
+    close(&fs, opened);
     assert_eq!(fs.kept_backings(), 1);
 
     // Pinned again at a new version (same size) with no copy here yet; a lookup shows it.
     let v2 = data(1000, 99);
     w.put("/k.bin", v2.clone(), "p2");
     assert_eq!(fs.lookup(1, "k.bin").await.unwrap().ino, ino);
-    let opened = fs
-        .open_passthrough(ino, false, kernel.register())
-        .await
-        .unwrap();
+    let opened = open_pt(&fs, ino, &kernel).await;
     assert!(!opened.is_passthrough(), "v1's copy is not v2");
     assert!(!kernel.last_alive(), "v1's registration is dropped");
     assert_eq!(fs.kept_backings(), 0);
@@ -1044,13 +988,9 @@ async fn a_kept_registration_goes_once_its_copy_is_dropped_or_replaced() {
         let fs = &fs;
         let kernel = &kernel;
         async move {
-            let opened = fs
-                .open_passthrough(ino, false, kernel.register())
-                .await
-                .unwrap();
+            let opened = open_pt(fs, ino, kernel).await;
             assert_eq!(opened.is_passthrough(), expect_passthrough);
-            drop(opened.io);
-            fs.release(opened.fh);
+            close(fs, opened);
         }
     };
     open_close(true).await;

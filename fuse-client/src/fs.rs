@@ -59,6 +59,9 @@ pub struct FsConfig {
     /// Passthrough registrations of pinned files kept after their last close (for at most
     /// `attr_ttl`), so that reopening a hot file costs no system call; 0 = none.
     pub kept_backings: usize,
+    /// Take requests over FUSE-over-io_uring where the kernel offers it (one ring per CPU; as
+    /// root, the mount turns on the `fuse` module's `enable_uring` parameter), else `/dev/fuse`.
+    pub io_uring: bool,
 }
 
 impl Default for FsConfig {
@@ -73,6 +76,7 @@ impl Default for FsConfig {
             passthrough: true,
             job: String::new(),
             kept_backings: 4096,
+            io_uring: true,
         }
     }
 }
@@ -162,7 +166,7 @@ pub struct DirItem {
 }
 
 /// A local file registered with the kernel for passthrough, as the adapter made it (a
-/// `fuser::BackingId`). Held while any open handle of its inode uses it; dropping the last
+/// [`crate::fuse::KernelBacking`]). Held while any open handle of its inode uses it; dropping the last
 /// reference unregisters it.
 pub type Backing = Arc<dyn Any + Send + Sync>;
 

@@ -17,7 +17,9 @@ use fuser::{
 use granary_core::metrics as m;
 use granary_proto::{CacheApi, EntryKind};
 use std::ffi::OsStr;
-use std::sync::Arc;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 use tokio::runtime::Handle;
 
@@ -25,16 +27,80 @@ pub struct FuseAdapter<A> {
     fs: Arc<GranaryFs<A>>,
     rt: Handle,
     ttl: Duration,
+    dev: Arc<OnceLock<Arc<OwnedFd>>>,
+    uring: Arc<AtomicBool>,
 }
 
 impl<A: CacheApi> FuseAdapter<A> {
-    pub fn new(fs: Arc<GranaryFs<A>>, rt: Handle) -> Self {
+    /// `dev` must be set to the session's `/dev/fuse` before the session serves requests (it
+    /// registers passthrough files). `uring` asks FUSE_INIT for FUSE over io_uring when true,
+    /// and is left true only if the kernel agreed: then no request is served until every ring
+    /// is registered ([`crate::uring::start`]).
+    pub fn new(
+        fs: Arc<GranaryFs<A>>,
+        rt: Handle,
+        dev: Arc<OnceLock<Arc<OwnedFd>>>,
+        uring: Arc<AtomicBool>,
+    ) -> Self {
         let ttl = fs.config().attr_ttl;
-        FuseAdapter { fs, rt, ttl }
+        FuseAdapter {
+            fs,
+            rt,
+            ttl,
+            dev,
+            uring,
+        }
+    }
+
+    fn register(&self) -> impl FnOnce(&std::fs::File) -> std::io::Result<Backing> + use<A> {
+        let dev = self.dev.get().cloned();
+        move |file| match dev {
+            Some(dev) => KernelBacking::open(&dev, file).map(|b| Arc::new(b) as Backing),
+            None => Err(std::io::Error::other("the FUSE session has no device yet")),
+        }
     }
 }
 
-fn record(op: &'static str, start: Instant, outcome: Result<(), &FsError>) {
+/// A local file registered with the kernel for passthrough (`FUSE_DEV_IOC_BACKING_OPEN` on the
+/// connection's `/dev/fuse`), for both transports; unregistered when dropped.
+pub struct KernelBacking {
+    dev: Arc<OwnedFd>,
+    id: u32,
+}
+
+impl KernelBacking {
+    pub fn open(dev: &Arc<OwnedFd>, file: &std::fs::File) -> std::io::Result<Self> {
+        let id = BackingId::create_raw(&**dev, file)?;
+        Ok(KernelBacking {
+            dev: dev.clone(),
+            id,
+        })
+    }
+
+    /// The `backing_id` an open answer names.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+}
+
+/// `FUSE_DEV_IOC_BACKING_CLOSE`: `_IOW(229, 2, u32)`.
+const FUSE_DEV_IOC_BACKING_CLOSE: libc::c_ulong = (1 << 30) | (4 << 16) | (229 << 8) | 2;
+
+#[allow(unsafe_code)]
+impl Drop for KernelBacking {
+    fn drop(&mut self) {
+        // SAFETY: the ioctl reads one u32 from a live local. After an unmount it fails, harmlessly.
+        unsafe {
+            libc::ioctl(
+                self.dev.as_raw_fd(),
+                FUSE_DEV_IOC_BACKING_CLOSE,
+                &self.id as *const u32,
+            )
+        };
+    }
+}
+
+pub(crate) fn record(op: &'static str, start: Instant, outcome: Result<(), &FsError>) {
     let label = match outcome {
         Ok(()) => "ok",
         Err(e) => e.label(),
@@ -79,18 +145,23 @@ fn file_attr(a: &Attr) -> FileAttr {
 }
 
 /// Replies to an open with its outcome, and records it.
+#[allow(unsafe_code)]
 fn reply_open(reply: ReplyOpen, start: Instant, result: Result<Opened, FsError>) {
     record("open", start, result.as_ref().map(|_| ()));
     match result {
         Ok(opened) => match &opened.io {
             OpenIo::Passthrough(backing) => {
-                let id = backing
-                    .downcast_ref::<BackingId>()
-                    .expect("backing files are registered by this adapter");
+                let backing = backing
+                    .downcast_ref::<KernelBacking>()
+                    .expect("backing files are registered as KernelBacking");
                 metrics::counter!(m::FUSE_PASSTHROUGH_OPENS).increment(1);
+                // SAFETY: the id stays registered while `backing` lives (the open handle holds
+                // it); `into_raw` below keeps fuser from unregistering it.
+                let id = unsafe { reply.wrap_backing(backing.id()) };
                 // No FOPEN_KEEP_CACHE: the kernel fails a passthrough open with flags other
                 // than direct-io ones, and the inode's page cache is not used.
-                reply.opened_passthrough(FileHandle(opened.fh), FopenFlags::empty(), id)
+                reply.opened_passthrough(FileHandle(opened.fh), FopenFlags::empty(), &id);
+                id.into_raw();
             }
             OpenIo::Userspace => {
                 let flags = if opened.keep_cache {
@@ -126,6 +197,16 @@ impl<A: CacheApi> Filesystem for FuseAdapter<A> {
             .set_max_readahead(1 << 20)
             .or_else(|max| config.set_max_readahead(max));
         let _ = config.set_max_background(64);
+        // Read-only: no write is ever this large, and a ring slot holds the largest request.
+        let _ = config.set_max_write(crate::uring::MAX_PAYLOAD as u32);
+        if self.uring.swap(false, Ordering::Relaxed) {
+            match config.add_capabilities(InitFlags::FUSE_OVER_IO_URING) {
+                Ok(()) => self.uring.store(true, Ordering::Relaxed),
+                Err(_) => tracing::info!(
+                    "the kernel does not offer FUSE over io_uring (fuse.enable_uring=N or a kernel before 6.14): requests go through /dev/fuse"
+                ),
+            }
+        }
         if self.fs.passthrough_enabled() {
             // Depth 1: backing files (the worker's dataset store) must sit on an ordinary
             // filesystem, not on a stacked one such as overlayfs (the kernel refuses those with
@@ -183,16 +264,13 @@ impl<A: CacheApi> Filesystem for FuseAdapter<A> {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let start = Instant::now();
         let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
-        let register =
-            |file: &std::fs::File| reply.open_backing(file).map(|id| Arc::new(id) as Backing);
-        if let Some(result) = self.fs.open_now(ino.0, write, register) {
+        if let Some(result) = self.fs.open_now(ino.0, write, self.register()) {
             reply_open(reply, start, result);
             return;
         }
         let fs = self.fs.clone();
+        let register = self.register();
         self.rt.spawn(async move {
-            let register =
-                |file: &std::fs::File| reply.open_backing(file).map(|id| Arc::new(id) as Backing);
             let result = fs.open_passthrough(ino.0, write, register).await;
             reply_open(reply, start, result);
         });

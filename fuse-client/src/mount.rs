@@ -2,10 +2,13 @@
 
 use crate::fs::GranaryFs;
 use crate::fuse::FuseAdapter;
-use fuser::{BackgroundSession, Config, MountOption, SessionACL};
+use crate::uring::{self, Rings};
+use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
 use granary_proto::CacheApi;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +59,7 @@ pub fn check_fuse_device() -> Result<(), MountError> {
 /// A mounted filesystem; unmounts when dropped or with [`Mounted::unmount`].
 pub struct Mounted {
     session: Option<BackgroundSession>,
+    rings: Option<Rings>,
     dir: PathBuf,
 }
 
@@ -70,6 +74,11 @@ impl Mounted {
         &self.dir
     }
 
+    /// How many io_uring queues take this mount's requests (one per CPU); 0 = `/dev/fuse`.
+    pub fn io_uring_queues(&self) -> usize {
+        self.rings.as_ref().map_or(0, Rings::queues)
+    }
+
     /// Unmounts and waits for the session thread to end. A mount still in use (open files, a
     /// shell inside it) is detached lazily instead: it disappears from the namespace now and
     /// its users get ENOTCONN once this process exits.
@@ -78,7 +87,13 @@ impl Mounted {
             return Ok(());
         };
         match session.umount_and_join() {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                if let Some(rings) = self.rings.take() {
+                    rings.stop();
+                }
+                Ok(())
+            }
+            // The rings keep serving the open files until this process exits.
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                 tracing::warn!(dir = %self.dir.display(), "mount busy; detaching it lazily");
                 lazy_unmount(&self.dir)
@@ -139,8 +154,11 @@ fn lazy_unmount(dir: &Path) -> std::io::Result<()> {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        if let Some(s) = self.session.take() {
-            let _ = s.umount_and_join();
+        if let Some(s) = self.session.take()
+            && s.umount_and_join().is_ok()
+            && let Some(rings) = self.rings.take()
+        {
+            rings.stop();
         }
     }
 }
@@ -191,12 +209,76 @@ pub fn mount<A: CacheApi>(
     if fs.config().kept_backings > 0 && !fs.config().attr_ttl.is_zero() {
         tokio::spawn(expire_kept_backings(Arc::downgrade(&fs)));
     }
-    let adapter = FuseAdapter::new(fs, tokio::runtime::Handle::current());
-    let session =
-        fuser::spawn_mount(adapter, dir, &config).map_err(|e| MountError::Mount(dir.into(), e))?;
+    if fs.config().io_uring && is_root {
+        enable_fuse_io_uring();
+    }
+    let (session, rings) = match start_session(&fs, dir, &config, fs.config().io_uring)? {
+        Started::Ready(session, rings) => (session, rings),
+        Started::RingsFailed(e) => {
+            // The kernel holds every request until the rings are up: mount again without them.
+            tracing::warn!(error = %e, "FUSE over io_uring failed to start: mounting with /dev/fuse");
+            match start_session(&fs, dir, &config, false)? {
+                Started::Ready(session, rings) => (session, rings),
+                Started::RingsFailed(e) => return Err(MountError::Mount(dir.into(), e)),
+            }
+        }
+    };
     set_kernel_readahead(dir, kernel_readahead_kb);
     Ok(Mounted {
         session: Some(session),
+        rings,
         dir: dir.to_path_buf(),
     })
+}
+
+enum Started {
+    Ready(BackgroundSession, Option<Rings>),
+    /// FUSE_INIT agreed on io_uring but the rings did not start; the mount is gone again.
+    RingsFailed(std::io::Error),
+}
+
+/// Mounts, answers FUSE_INIT, and starts serving: through the rings if `io_uring` was asked
+/// and agreed, else through fuser's `/dev/fuse` threads.
+fn start_session<A: CacheApi>(
+    fs: &Arc<GranaryFs<A>>,
+    dir: &Path,
+    config: &Config,
+    io_uring: bool,
+) -> Result<Started, MountError> {
+    let rt = tokio::runtime::Handle::current();
+    let dev = Arc::new(OnceLock::new());
+    let agreed = Arc::new(AtomicBool::new(io_uring));
+    let adapter = FuseAdapter::new(fs.clone(), rt.clone(), dev.clone(), agreed.clone());
+    let mount_err = |e| MountError::Mount(dir.into(), e);
+    // Session::new mounts and answers FUSE_INIT; nothing else is served before spawn.
+    let session = Session::new(adapter, dir, config).map_err(mount_err)?;
+    let fd = Arc::new(session.as_fd().try_clone_to_owned().map_err(mount_err)?);
+    let _ = dev.set(fd.clone());
+    let session = session.spawn().map_err(mount_err)?;
+    if !agreed.load(Ordering::Relaxed) {
+        return Ok(Started::Ready(session, None));
+    }
+    match uring::start(fd, fs.clone(), rt) {
+        Ok(rings) => Ok(Started::Ready(session, Some(rings))),
+        Err(e) => {
+            let _ = session.umount_and_join();
+            Ok(Started::RingsFailed(e))
+        }
+    }
+}
+
+const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
+
+/// Turns on the fuse module's `enable_uring` (off by default in the kernel; it lets FUSE servers
+/// that ask for it, like this one, take requests over io_uring). Absent: the kernel lacks it.
+fn enable_fuse_io_uring() {
+    match std::fs::read_to_string(ENABLE_URING) {
+        Ok(v) if v.trim() == "Y" => {}
+        Ok(_) => {
+            if let Err(e) = std::fs::write(ENABLE_URING, "Y") {
+                tracing::info!(knob = ENABLE_URING, error = %e, "cannot turn on FUSE over io_uring");
+            }
+        }
+        Err(_) => tracing::debug!("this kernel has no FUSE over io_uring"),
+    }
 }

@@ -25,6 +25,9 @@ pub const FUSE_READ_BYTES: &str = "granary_fuse_read_bytes_total";
 /// Opens answered with kernel passthrough to a local copy (its reads never reach Granary).
 /// Counter, opens.
 pub const FUSE_PASSTHROUGH_OPENS: &str = "granary_fuse_passthrough_opens_total";
+/// Per-CPU io_uring queues taking this mount's kernel requests (FUSE over io_uring); 0 when they
+/// go through `/dev/fuse`. Gauge, queues.
+pub const FUSE_IO_URING_QUEUES: &str = "granary_fuse_io_uring_queues";
 /// Reads that waited for blocks not fetched yet, and how long (data stall; the sum is the total
 /// stall time), by `dataset` (the namespace's top directory) and `training_job` (the mount's `--job`).
 /// Histogram, seconds.
@@ -74,6 +77,7 @@ pub const ALL: &[&str] = &[
     FUSE_OP_SECONDS,
     FUSE_READ_BYTES,
     FUSE_PASSTHROUGH_OPENS,
+    FUSE_IO_URING_QUEUES,
     FUSE_STALL_SECONDS,
     FUSE_BLOCKS,
     FUSE_BLOCK_BYTES,

@@ -256,6 +256,7 @@ fn start_session<A: CacheApi>(
     let _ = dev.set(fd.clone());
     let session = session.spawn().map_err(mount_err)?;
     if !agreed.load(Ordering::Relaxed) {
+        metrics::gauge!(granary_core::metrics::FUSE_IO_URING_QUEUES).set(0.0);
         return Ok(Started::Ready(session, None));
     }
     match uring::start(fd, fs.clone(), rt) {

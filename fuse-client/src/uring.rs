@@ -550,6 +550,7 @@ impl Rings {
     /// Ends every ring thread. Call after the unmount: requests still queued would find no
     /// ring to take them.
     pub fn stop(self) {
+        metrics::gauge!(m::FUSE_IO_URING_QUEUES).set(0.0);
         self.stop.store(true, Ordering::Relaxed);
         for (thread, wake) in self.queues {
             let one = 1u64.to_ne_bytes();
@@ -893,6 +894,7 @@ pub fn start<A: CacheApi>(
         slots_per_queue = depth,
         "FUSE requests go through io_uring"
     );
+    metrics::gauge!(m::FUSE_IO_URING_QUEUES).set(n as f64);
     Ok(rings)
 }
 

@@ -346,7 +346,7 @@ fn both_kernel_transports_serve_the_same_bytes_to_many_readers() {
     }
     write_local(source.path(), &tree);
     let uring = io_uring_expected();
-    for (flags, rings) in [(vec![], uring), (vec!["--no-io-uring"], false)] {
+    for (flags, rings) in [(vec!["--io-uring"], uring), (vec![], false)] {
         let (cache, mnt) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let mount = up(source.path(), cache.path(), mnt.path(), &flags);
         let queues = metric(&mount.metrics(), "granary_fuse_io_uring_queues", &[]);

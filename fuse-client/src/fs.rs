@@ -61,6 +61,7 @@ pub struct FsConfig {
     pub kept_backings: usize,
     /// Take requests over FUSE-over-io_uring where the kernel offers it (one ring per CPU; as
     /// root, the mount turns on the `fuse` module's `enable_uring` parameter), else `/dev/fuse`.
+    /// Off by default: see docs/ARCHITECTURE.md, "The kernel interface".
     pub io_uring: bool,
 }
 
@@ -76,7 +77,7 @@ impl Default for FsConfig {
             passthrough: true,
             job: String::new(),
             kept_backings: 4096,
-            io_uring: true,
+            io_uring: false,
         }
     }
 }

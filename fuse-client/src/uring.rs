@@ -32,8 +32,9 @@ use io_uring::{IoUring, opcode, squeue::Entry128, types};
 use std::cell::UnsafeCell;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::runtime::Handle;
@@ -288,13 +289,12 @@ impl Answer<'_> {
     }
 }
 
-/// A slot lent to a runtime task. Answers EIO if dropped unanswered (a panic, or the runtime
-/// shutting down), so the kernel's request always ends.
+/// A slot lent to a runtime task, which answers and commits it itself. Answers EIO if dropped
+/// unanswered (a panic, or the runtime shutting down), so the kernel's request always ends.
 struct Lent {
     slot: Arc<Slot>,
     index: usize,
-    back: Sender<usize>,
-    wake: Arc<OwnedFd>,
+    ring: Arc<Ring>,
     answered: bool,
 }
 
@@ -304,16 +304,11 @@ impl Lent {
     }
 
     fn give_back(&mut self, f: impl FnOnce(&mut Answer)) {
-        // SAFETY: the ring thread lent this slot to us alone until we send its index back.
+        // SAFETY: the ring thread lent this slot to us alone; the commit hands it to the kernel.
         let (header, payload) = unsafe { self.slot.parts() };
         f(&mut Answer { header, payload });
         self.answered = true;
-        // A closed channel means the ring thread is gone (unmounted): nothing to answer.
-        if self.back.send(self.index).is_ok() {
-            let one = 1u64.to_ne_bytes();
-            // SAFETY: writes 8 bytes from a live buffer to an eventfd we own.
-            unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), 8) };
-        }
+        self.ring.commit(self.index, &self.slot, true);
     }
 }
 
@@ -356,6 +351,42 @@ impl<A: CacheApi> Server<A> {
         move |file| KernelBacking::open(&dev, file).map(|b| Arc::new(b) as Backing)
     }
 
+    /// Answers with what `work` gives. With `inline` it is polled once here first: a fresh entry
+    /// or a hot open is ready at once, and is answered on this thread with no hand-off.
+    /// Otherwise the slot is lent and `work` finishes on the runtime, which answers and commits
+    /// (the runtime polls it again at once, so the wakers it registers are the runtime's, not
+    /// the no-op one used here).
+    fn answer_with<T: Send + 'static>(
+        &self,
+        slot: &Slot,
+        inline: bool,
+        lend: impl FnOnce() -> Lent,
+        work: impl Future<Output = T> + Send + 'static,
+        answer: impl FnOnce(&mut Answer, T) + Send + 'static,
+    ) -> Served {
+        let mut work = Box::pin(work);
+        let first = match inline {
+            true => work.as_mut().poll(&mut Context::from_waker(Waker::noop())),
+            false => Poll::Pending,
+        };
+        match first {
+            Poll::Ready(out) => {
+                // SAFETY: the ring thread owns the slot, and `serve` holds no part of it now.
+                let (header, payload) = unsafe { slot.parts() };
+                answer(&mut Answer { header, payload }, out);
+                Served::Now
+            }
+            Poll::Pending => {
+                let lent = lend();
+                self.rt.spawn(async move {
+                    let out = work.await;
+                    lent.answer(|a| answer(a, out));
+                });
+                Served::Later
+            }
+        }
+    }
+
     /// Answers the request in `slot`, or lends the slot to a runtime task that will.
     fn serve(&self, slot: &Slot, lend: impl FnOnce() -> Lent) -> Served {
         // SAFETY: the kernel just handed this slot to the ring thread, which calls us.
@@ -372,17 +403,20 @@ impl<A: CacheApi> Server<A> {
                 let len = (u32_at(header, ENT + 16) as usize).min(payload.len());
                 let name = payload[..len].split(|&b| b == 0).next().unwrap_or_default();
                 let name = String::from_utf8_lossy(name).into_owned();
-                let (fs, lent) = (fs.clone(), lend());
-                self.rt.spawn(async move {
-                    let start = Instant::now();
-                    let result = fs.lookup(ino, &name).await;
-                    record("lookup", start, result.as_ref().map(|_| ()));
-                    lent.answer(|a| match result {
-                        Ok(attr) => a.entry(&attr, ttl),
-                        Err(e) => a.fs_error(&e),
-                    });
-                });
-                Served::Later
+                let (fs, start) = (fs.clone(), Instant::now());
+                self.answer_with(
+                    slot,
+                    true,
+                    lend,
+                    async move { fs.lookup(ino, &name).await },
+                    move |a, result| {
+                        record("lookup", start, result.as_ref().map(|_| ()));
+                        match result {
+                            Ok(attr) => a.entry(&attr, ttl),
+                            Err(e) => a.fs_error(&e),
+                        }
+                    },
+                )
             }
             op::GETATTR => {
                 if let Some(attr) = fs.getattr_now(ino) {
@@ -390,17 +424,20 @@ impl<A: CacheApi> Server<A> {
                     Answer { header, payload }.attr(&attr, ttl);
                     return Served::Now;
                 }
-                let (fs, lent) = (fs.clone(), lend());
-                self.rt.spawn(async move {
-                    let start = Instant::now();
-                    let result = fs.getattr(ino).await;
-                    record("getattr", start, result.as_ref().map(|_| ()));
-                    lent.answer(|a| match result {
-                        Ok(attr) => a.attr(&attr, ttl),
-                        Err(e) => a.fs_error(&e),
-                    });
-                });
-                Served::Later
+                let (fs, start) = (fs.clone(), Instant::now());
+                self.answer_with(
+                    slot,
+                    true,
+                    lend,
+                    async move { fs.getattr(ino).await },
+                    move |a, result| {
+                        record("getattr", start, result.as_ref().map(|_| ()));
+                        match result {
+                            Ok(attr) => a.attr(&attr, ttl),
+                            Err(e) => a.fs_error(&e),
+                        }
+                    },
+                )
             }
             op::OPEN => {
                 let start = Instant::now();
@@ -410,31 +447,31 @@ impl<A: CacheApi> Server<A> {
                     Answer { header, payload }.opened(start, result);
                     return Served::Now;
                 }
-                let (fs, lent, register) = (fs.clone(), lend(), self.register());
-                self.rt.spawn(async move {
-                    let result = fs.open_passthrough(ino, write, register).await;
-                    lent.answer(|a| a.opened(start, result));
-                });
-                Served::Later
+                let (fs, register) = (fs.clone(), self.register());
+                let open = async move { fs.open_passthrough(ino, write, register).await };
+                self.answer_with(slot, true, lend, open, move |a, result| {
+                    a.opened(start, result)
+                })
             }
             op::READ => {
                 let fh = u64_at(&op_in, 0);
                 let offset = u64_at(&op_in, 8);
                 let size = u32_at(&op_in, 16).min(MAX_PAYLOAD as u32);
-                let (fs, lent) = (fs.clone(), lend());
-                self.rt.spawn(async move {
-                    let start = Instant::now();
-                    let result = fs.read(fh, offset, size).await;
+                let (fs, start) = (fs.clone(), Instant::now());
+                let read = async move { fs.read(fh, offset, size).await };
+                // Never on the ring thread, which shares its CPU with the reader: copying a
+                // large answer (into the slot, then the kernel's into the reader's pages) is
+                // better done beside the reader than before it.
+                self.answer_with(slot, false, lend, read, move |a, result| {
                     record("read", start, result.as_ref().map(|_| ()));
-                    lent.answer(|a| match result {
+                    match result {
                         Ok(data) => {
                             metrics::counter!(m::FUSE_READ_BYTES).increment(data.len() as u64);
                             a.data(&data)
                         }
                         Err(e) => a.fs_error(&e),
-                    });
-                });
-                Served::Later
+                    }
+                })
             }
             op::RELEASE => {
                 fs.release(u64_at(&op_in, 0));
@@ -442,17 +479,20 @@ impl<A: CacheApi> Server<A> {
                 Served::Now
             }
             op::OPENDIR => {
-                let (fs, lent) = (fs.clone(), lend());
-                self.rt.spawn(async move {
-                    let start = Instant::now();
-                    let result = fs.opendir(ino).await;
-                    record("opendir", start, result.as_ref().map(|_| ()));
-                    lent.answer(|a| match result {
-                        Ok(fh) => a.open(fh, 0, 0),
-                        Err(e) => a.fs_error(&e),
-                    });
-                });
-                Served::Later
+                let (fs, start) = (fs.clone(), Instant::now());
+                self.answer_with(
+                    slot,
+                    true,
+                    lend,
+                    async move { fs.opendir(ino).await },
+                    move |a, result| {
+                        record("opendir", start, result.as_ref().map(|_| ()));
+                        match result {
+                            Ok(fh) => a.open(fh, 0, 0),
+                            Err(e) => a.fs_error(&e),
+                        }
+                    },
+                )
             }
             op::READDIR | op::READDIRPLUS => {
                 let plus = opcode == op::READDIRPLUS;
@@ -624,33 +664,89 @@ fn commit_sqe(dev: &OwnedFd, qid: u16, index: usize, commit_id: u64) -> Entry128
         .user_data(index as u64)
 }
 
-/// One CPU's queue: its ring, its slots, and the channel runtime tasks answer through.
-struct Queue<A> {
-    ring: IoUring<Entry128>,
+/// A queue's io_uring, shared by its thread (which waits for requests and answers the quick
+/// ones) and the runtime tasks that answer the others. Whoever answers submits the commit, so
+/// the kernel copies a large answer into the reader's pages on that thread's CPU, and no slot
+/// is handed back to the ring thread first.
+struct Ring {
+    uring: IoUring<Entry128>,
+    /// Held while pushing SQEs (the ring thread and answering tasks push; only the ring thread
+    /// reads completions).
+    sq: Mutex<()>,
+    dev: Arc<OwnedFd>,
     qid: u16,
+    /// Where the wake-up read of `Rings::stop` lands: lives as long as the ring.
+    wake_buf: UnsafeCell<[u8; 8]>,
+}
+
+// SAFETY: `wake_buf` is written only by the kernel (the one wake-up read in flight).
+unsafe impl Sync for Ring {}
+
+impl Ring {
+    fn new(dev: Arc<OwnedFd>, qid: u16, depth: usize) -> std::io::Result<Ring> {
+        // Room for a commit or registration per slot plus the wake-up read; twice that for
+        // completions.
+        let uring = IoUring::<Entry128>::builder().build((depth as u32 + 1).next_power_of_two())?;
+        Ok(Ring {
+            uring,
+            sq: Mutex::new(()),
+            dev,
+            qid,
+            wake_buf: UnsafeCell::new([0; 8]),
+        })
+    }
+
+    /// Queues an SQE; with `submit` the kernel takes it now, on this thread, else at the ring
+    /// thread's next wait.
+    fn push(&self, sqe: &Entry128, submit: bool) {
+        let _guard = self.sq.lock().expect("sq lock");
+        // SAFETY: SQEs are pushed only under `sq`. Each points at buffers that outlive the ring
+        // (slots held by `Arc`, iovecs kept by the ring thread until their REGISTER was
+        // submitted, `wake_buf`), and each slot has at most one SQE in flight.
+        let mut sq = unsafe { self.uring.submission_shared() };
+        while unsafe { sq.push(sqe) }.is_err() {
+            sq.sync();
+            let _ = self.uring.submit();
+            sq.sync();
+        }
+        drop(sq);
+        if submit {
+            let _ = self.uring.submit();
+        }
+    }
+
+    /// Commits the answer written into `slot` and re-arms the slot for the next request.
+    fn commit(&self, index: usize, slot: &Slot, submit: bool) {
+        // SAFETY: the caller owns the slot; the kernel wrote the commit id with the request and
+        // an answer leaves it in place.
+        let commit_id = u64_at(unsafe { slot.parts() }.0, ENT + 8);
+        self.push(&commit_sqe(&self.dev, self.qid, index, commit_id), submit);
+    }
+
+    fn arm_wake(&self, wake: &OwnedFd) {
+        let read = opcode::Read::new(types::Fd(wake.as_raw_fd()), self.wake_buf.get().cast(), 8)
+            .build()
+            .user_data(WAKE);
+        self.push(&read.into(), false);
+    }
+}
+
+/// One CPU's queue as its thread sees it: the ring, the slots, what is in flight.
+struct Queue<A> {
+    ring: Arc<Ring>,
     slots: Vec<Arc<Slot>>,
     /// Each slot's two buffers, as REGISTER names them (the Vec never grows: stable addresses).
     iovs: Vec<[libc::iovec; 2]>,
-    commit_ids: Vec<u64>,
     live: usize,
     /// Completions seen while registering, handled first by `run`.
     backlog: Vec<(u64, i32)>,
     wake: Arc<OwnedFd>,
-    wake_buf: Box<[u8; 8]>,
-    back_tx: Sender<usize>,
-    back_rx: Receiver<usize>,
     server: Server<A>,
 }
 
 impl<A: CacheApi> Queue<A> {
     fn new(qid: u16, depth: usize, server: Server<A>, wake: Arc<OwnedFd>) -> std::io::Result<Self> {
-        let entries = (depth as u32 + 1).next_power_of_two();
-        // One thread submits and waits: completions' task work runs when it asks for events.
-        let ring = IoUring::<Entry128>::builder()
-            .setup_single_issuer()
-            .setup_defer_taskrun()
-            .build(entries)
-            .or_else(|_| IoUring::<Entry128>::builder().build(entries))?;
+        let ring = Arc::new(Ring::new(server.dev.clone(), qid, depth)?);
         let slots: Vec<_> = (0..depth).map(|_| Slot::new(MAX_PAYLOAD)).collect();
         let iovs = slots
             .iter()
@@ -668,70 +764,45 @@ impl<A: CacheApi> Queue<A> {
                 ]
             })
             .collect();
-        let (back_tx, back_rx) = channel();
         Ok(Queue {
             ring,
-            qid,
             slots,
             iovs,
-            commit_ids: vec![0; depth],
             live: depth,
             backlog: Vec::new(),
             wake,
-            wake_buf: Box::new([0; 8]),
-            back_tx,
-            back_rx,
             server,
         })
     }
 
-    fn push(&mut self, sqe: Entry128) {
-        // SAFETY: every SQE points at buffers this queue keeps alive (slots, iovecs, wake_buf)
-        // until the ring is dropped. The SQ has room for every slot plus the wake read, and each
-        // has at most one SQE in flight.
-        while unsafe { self.ring.submission().push(&sqe) }.is_err() {
-            let _ = self.ring.submit();
-        }
-    }
-
-    fn arm_wake(&mut self) {
-        let read = opcode::Read::new(
-            types::Fd(self.wake.as_raw_fd()),
-            self.wake_buf.as_mut_ptr(),
-            8,
-        )
-        .build()
-        .user_data(WAKE);
-        self.push(read.into());
+    fn register_slot(&self, index: usize) {
+        let sqe = register_sqe(&self.ring.dev, self.ring.qid, index, &self.iovs[index]);
+        self.ring.push(&sqe, false);
     }
 
     /// Registers every slot; the kernel starts using the rings once all queues have one.
     fn register(&mut self) -> std::io::Result<()> {
         for i in 0..self.slots.len() {
-            let sqe = register_sqe(&self.server.dev, self.qid, i, &self.iovs[i]);
-            self.push(sqe);
+            self.register_slot(i);
         }
-        self.arm_wake();
-        self.ring.submit()?;
+        self.ring.arm_wake(&self.wake);
+        self.ring.uring.submit()?;
         // A refused registration completes at once; the others stay pending until a request.
+        // SAFETY: only this thread reads completions.
+        let completions = unsafe { self.ring.uring.completion_shared() };
         self.backlog
-            .extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            .extend(completions.map(|c| (c.user_data(), c.result())));
         if let Some(&(slot, e)) = self.backlog.iter().find(|&&(u, r)| u != WAKE && r < 0) {
             let err = std::io::Error::from_raw_os_error(-e);
             return Err(std::io::Error::new(
                 err.kind(),
                 format!(
                     "registering FUSE ring slot {slot} of queue {}: {err}",
-                    self.qid
+                    self.ring.qid
                 ),
             ));
         }
         Ok(())
-    }
-
-    fn commit(&mut self, index: usize) {
-        let sqe = commit_sqe(&self.server.dev, self.qid, index, self.commit_ids[index]);
-        self.push(sqe);
     }
 
     fn run(&mut self, stop: &AtomicBool) {
@@ -743,40 +814,36 @@ impl<A: CacheApi> Queue<A> {
             if self.live == 0 || stop.load(Ordering::Relaxed) {
                 return;
             }
-            if let Err(e) = self.ring.submit_and_wait(1)
+            if let Err(e) = self.ring.uring.submit_and_wait(1)
                 && e.raw_os_error() != Some(libc::EINTR)
             {
-                tracing::error!(qid = self.qid, error = %e, "FUSE ring failed");
+                tracing::error!(qid = self.ring.qid, error = %e, "FUSE ring failed");
                 return;
             }
             done.clear();
-            done.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            // SAFETY: only this thread reads completions.
+            let completions = unsafe { self.ring.uring.completion_shared() };
+            done.extend(completions.map(|c| (c.user_data(), c.result())));
         }
     }
 
-    /// One completion: a request in a slot, a slot lost, or the wake-up read.
+    /// One completion: a request in a slot, a slot lost, or the stop wake-up.
     fn complete(&mut self, user_data: u64, result: i32) {
         if user_data == WAKE {
-            while let Ok(index) = self.back_rx.try_recv() {
-                self.commit(index);
-            }
             if result >= 0 {
-                self.arm_wake();
+                self.ring.arm_wake(&self.wake);
             }
             return;
         }
         let index = user_data as usize;
         match result {
             0 => self.serve(index),
-            e if e == -libc::EAGAIN || e == -libc::EINTR => {
-                let sqe = register_sqe(&self.server.dev, self.qid, index, &self.iovs[index]);
-                self.push(sqe);
-            }
+            e if e == -libc::EAGAIN || e == -libc::EINTR => self.register_slot(index),
             e => {
                 // ENOTCONN: the mount is gone (unmounted or aborted).
                 if e != -libc::ENOTCONN && e != -libc::ECANCELED {
                     let err = std::io::Error::from_raw_os_error(-e);
-                    tracing::error!(qid = self.qid, slot = index, error = %err, "FUSE ring slot lost");
+                    tracing::error!(qid = self.ring.qid, slot = index, error = %err, "FUSE ring slot lost");
                 }
                 self.live -= 1;
             }
@@ -785,19 +852,13 @@ impl<A: CacheApi> Queue<A> {
 
     fn serve(&mut self, index: usize) {
         let slot = self.slots[index].clone();
-        {
-            // SAFETY: the kernel handed this slot back to this thread.
-            let (header, _) = unsafe { slot.parts() };
-            self.commit_ids[index] = u64_at(header, ENT + 8);
-        }
         let lent = std::cell::Cell::new(false);
         let lend = || {
             lent.set(true);
             Lent {
                 slot: slot.clone(),
                 index,
-                back: self.back_tx.clone(),
-                wake: self.wake.clone(),
+                ring: self.ring.clone(),
                 answered: false,
             }
         };
@@ -805,7 +866,7 @@ impl<A: CacheApi> Queue<A> {
             self.server.serve(&slot, lend)
         }));
         match served {
-            Ok(Served::Now) => self.commit(index),
+            Ok(Served::Now) => self.ring.commit(index, &slot, false),
             Ok(Served::Later) => {}
             // A lent slot is answered by its `Lent`, even when dropped by the panic.
             Err(_) if lent.get() => {}
@@ -813,7 +874,7 @@ impl<A: CacheApi> Queue<A> {
                 // SAFETY: the handler panicked before lending the slot: this thread owns it.
                 let (header, payload) = unsafe { slot.parts() };
                 Answer { header, payload }.error(libc::EIO);
-                self.commit(index);
+                self.ring.commit(index, &slot, false);
             }
         }
     }
@@ -857,6 +918,10 @@ pub fn start<A: CacheApi>(
             .name(format!("fuse-ring-{qid}"))
             .spawn(move || {
                 pin_to(qid);
+                // Requests are first polled on this thread (`answer_with`): they may use the
+                // runtime's timers and spawn tasks.
+                let _runtime = server.rt.clone();
+                let _entered = _runtime.enter();
                 let queue = Queue::new(qid as u16, depth, server, thread_wake);
                 let mut queue = match queue.and_then(|mut q| q.register().map(|()| q)) {
                     Ok(q) => {
@@ -1004,19 +1069,23 @@ mod tests {
             let (header, _) = unsafe { slot.parts() };
             put_u64(header, 8, 77);
         }
-        let (tx, rx) = channel();
+        // A ring on /dev/null: the commit is submitted, and refused by the device.
+        let dev = Arc::new(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
+        let ring = Arc::new(Ring::new(dev, 0, 2).unwrap());
         let lent = Lent {
             slot: slot.clone(),
             index: 3,
-            back: tx,
-            wake: Arc::new(eventfd().unwrap()),
+            ring: ring.clone(),
             answered: false,
         };
         drop(lent);
-        assert_eq!(rx.try_recv(), Ok(3), "the slot comes back");
         let (header, _) = unsafe { slot.parts() };
         assert_eq!(u32_at(header, 4) as i32, -libc::EIO);
-        assert_eq!(u64_at(header, 8), 77);
+        assert_eq!(u64_at(header, 8), 77, "unique kept");
+        let done: Vec<_> = unsafe { ring.uring.completion_shared() }
+            .map(|c| c.user_data())
+            .collect();
+        assert_eq!(done, [3], "the commit of slot 3 was submitted");
     }
 
     #[test]

@@ -344,6 +344,16 @@ async fn released(fs: &GranaryFs<FileWorker>, ino: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_held_locally_is_read_by_the_kernel_from_its_copy() {
+    held_locally(false).await;
+}
+
+/// The same over FUSE-over-io_uring (where the kernel has it; else it runs on /dev/fuse again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_held_locally_is_read_by_the_kernel_from_its_copy_over_io_uring() {
+    held_locally(true).await;
+}
+
+async fn held_locally(io_uring: bool) {
     let _serial = serial().await;
     counters();
     let src = TempDir::new("src");
@@ -362,7 +372,23 @@ async fn a_file_held_locally_is_read_by_the_kernel_from_its_copy() {
     worker.add("held.bin", &held, Some(&held));
     worker.add("plain.bin", &plain, None);
     worker.add("wrong.bin", &wrong, Some(&wrong_copy));
-    let (fs, _guard) = mount_over(worker.clone(), FsConfig::default(), mnt.path());
+    let (fs, guard) = mount_over(
+        worker.clone(),
+        FsConfig {
+            io_uring,
+            ..FsConfig::default()
+        },
+        mnt.path(),
+    );
+    let queues = guard.0.as_ref().unwrap().io_uring_queues();
+    // On by now if the kernel has it and we may turn it on (root).
+    let kernel_has_it = std::fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
+        .is_ok_and(|v| v.trim() == "Y");
+    assert_eq!(
+        queues > 0,
+        io_uring && kernel_has_it,
+        "io_uring asked: {io_uring}, queues: {queues}"
+    );
 
     // The held file: read by the kernel from the copy, none of it through Granary.
     let (reads, opens) = (fuse_reads(), passthrough_opens());

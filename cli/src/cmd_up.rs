@@ -54,7 +54,7 @@ pub struct UpArgs {
     /// module's enable_uring): one ring per CPU, answered on the requester's CPU. Faster opens,
     /// stats and small reads (pinned datasets: passthrough opens), one more copy on large reads
     /// through the daemon. Without it, or where the kernel lacks it: /dev/fuse.
-    #[arg(long, env = "GRANARY_IO_URING")]
+    #[arg(long, env = "GRANARY_IO_URING", value_parser = clap::builder::BoolishValueParser::new())]
     pub io_uring: bool,
     /// The job or pod this mount serves: a label of its data-stall metric (keep it low-cardinality).
     #[arg(long, value_name = "NAME", env = "GRANARY_JOB", default_value = "")]

@@ -144,6 +144,15 @@ fn file_attr(a: &Attr) -> FileAttr {
     }
 }
 
+/// The kernel's id of a passthrough open's backing file; counts the open.
+pub(crate) fn passthrough_open(backing: &Backing) -> u32 {
+    metrics::counter!(m::FUSE_PASSTHROUGH_OPENS).increment(1);
+    backing
+        .downcast_ref::<KernelBacking>()
+        .expect("backing files are registered as KernelBacking")
+        .id()
+}
+
 /// Replies to an open with its outcome, and records it.
 #[allow(unsafe_code)]
 fn reply_open(reply: ReplyOpen, start: Instant, result: Result<Opened, FsError>) {
@@ -151,13 +160,9 @@ fn reply_open(reply: ReplyOpen, start: Instant, result: Result<Opened, FsError>)
     match result {
         Ok(opened) => match &opened.io {
             OpenIo::Passthrough(backing) => {
-                let backing = backing
-                    .downcast_ref::<KernelBacking>()
-                    .expect("backing files are registered as KernelBacking");
-                metrics::counter!(m::FUSE_PASSTHROUGH_OPENS).increment(1);
                 // SAFETY: the id stays registered while `backing` lives (the open handle holds
                 // it); `into_raw` below keeps fuser from unregistering it.
-                let id = unsafe { reply.wrap_backing(backing.id()) };
+                let id = unsafe { reply.wrap_backing(passthrough_open(backing)) };
                 // No FOPEN_KEEP_CACHE: the kernel fails a passthrough open with flags other
                 // than direct-io ones, and the inode's page cache is not used.
                 reply.opened_passthrough(FileHandle(opened.fh), FopenFlags::empty(), &id);

@@ -25,7 +25,7 @@
 #![allow(unsafe_code)]
 
 use crate::fs::{Attr, Backing, DirItem, FsError, GranaryFs, OpenIo, Opened};
-use crate::fuse::{KernelBacking, record};
+use crate::fuse::{KernelBacking, passthrough_open, record};
 use granary_core::metrics as m;
 use granary_proto::{CacheApi, EntryKind};
 use io_uring::{IoUring, opcode, squeue::Entry128, types};
@@ -264,11 +264,7 @@ impl Answer<'_> {
         match result {
             Ok(opened) => match &opened.io {
                 OpenIo::Passthrough(backing) => {
-                    let backing = backing
-                        .downcast_ref::<KernelBacking>()
-                        .expect("backing files are registered as KernelBacking");
-                    metrics::counter!(m::FUSE_PASSTHROUGH_OPENS).increment(1);
-                    self.open(opened.fh, FOPEN_PASSTHROUGH, backing.id());
+                    self.open(opened.fh, FOPEN_PASSTHROUGH, passthrough_open(backing));
                 }
                 OpenIo::Userspace => {
                     let flags = if opened.keep_cache {

@@ -12,10 +12,15 @@
 //! slot (a header and a payload buffer); we write the answer into the same slot and commit it
 //! with `COMMIT_AND_FETCH`, which also re-arms the slot for the next request.
 //!
-//! Requests answerable at once (a hot open or getattr, release, readdir) are answered on the
-//! ring thread. The rest run on the tokio runtime, write their answer into the slot and hand
-//! the slot back through a channel and an eventfd. A slot whose task ends without answering
+//! Requests answerable at once (a hot open or getattr, release, readdir, and whatever is ready
+//! at its first poll) are answered on the ring thread. The rest, and every READ, run on the
+//! tokio runtime, which writes the answer into the slot and submits the commit itself (the ring
+//! has several submitters; its SQ is pushed under a lock), so the kernel copies a large answer
+//! on that thread's CPU rather than the reader's. A slot whose task ends without answering
 //! (panic, runtime shutdown) answers EIO, so no reader waits forever.
+//!
+//! Off by default (`FsConfig::io_uring`, `--io-uring`): every byte read through the daemon is
+//! copied once more than over `/dev/fuse` (docs/ARCHITECTURE.md, "The kernel interface").
 //!
 //! FORGET and INTERRUPT still come through `/dev/fuse` (fuser's threads), and so does INIT,
 //! which negotiates this transport (`FUSE_OVER_IO_URING`): the rings start only after it.
@@ -51,7 +56,7 @@ const ENT: usize = 256;
 const CMD_REGISTER: u32 = 1;
 const CMD_COMMIT_AND_FETCH: u32 = 2;
 
-/// `user_data` of the eventfd read that wakes a ring thread.
+/// `user_data` of the eventfd read that wakes a ring thread to stop.
 const WAKE: u64 = u64::MAX;
 
 /// Slots across all queues (each with a [`MAX_PAYLOAD`] buffer, touched only when used),
@@ -905,34 +910,42 @@ pub fn start<A: CacheApi>(
         stop: stop.clone(),
     };
     let (ready_tx, ready_rx) = channel::<std::io::Result<()>>();
-    let ready_tx = Arc::new(Mutex::new(ready_tx));
     for qid in 0..n {
-        let wake = Arc::new(eventfd()?);
-        let (server, stop, ready, thread_wake) =
-            (server.clone(), stop.clone(), ready_tx.clone(), wake.clone());
-        let thread = std::thread::Builder::new()
-            .name(format!("fuse-ring-{qid}"))
-            .spawn(move || {
-                pin_to(qid);
-                // Requests are first polled on this thread (`answer_with`): they may use the
-                // runtime's timers and spawn tasks.
-                let _runtime = server.rt.clone();
-                let _entered = _runtime.enter();
-                let queue = Queue::new(qid as u16, depth, server, thread_wake);
-                let mut queue = match queue.and_then(|mut q| q.register().map(|()| q)) {
-                    Ok(q) => {
-                        let _ = ready.lock().expect("ready lock").send(Ok(()));
-                        q
-                    }
-                    Err(e) => {
-                        let _ = ready.lock().expect("ready lock").send(Err(e));
-                        return;
-                    }
-                };
-                drop(ready);
-                queue.run(&stop);
-            })?;
-        rings.queues.push((thread, wake));
+        let (server, stop, ready) = (server.clone(), stop.clone(), ready_tx.clone());
+        let spawned = eventfd().map(Arc::new).and_then(|wake| {
+            let thread_wake = wake.clone();
+            std::thread::Builder::new()
+                .name(format!("fuse-ring-{qid}"))
+                .spawn(move || {
+                    pin_to(qid);
+                    // Requests are first polled on this thread (`answer_with`): they may use
+                    // the runtime's timers and spawn tasks.
+                    let runtime = server.rt.clone();
+                    let _entered = runtime.enter();
+                    let queue = Queue::new(qid as u16, depth, server, thread_wake)
+                        .and_then(|mut q| q.register().map(|()| q));
+                    let mut queue = match queue {
+                        Ok(q) => {
+                            let _ = ready.send(Ok(()));
+                            q
+                        }
+                        Err(e) => {
+                            let _ = ready.send(Err(e));
+                            return;
+                        }
+                    };
+                    drop(ready);
+                    queue.run(&stop);
+                })
+                .map(|thread| (thread, wake))
+        });
+        match spawned {
+            Ok(queue) => rings.queues.push(queue),
+            Err(e) => {
+                rings.stop();
+                return Err(e);
+            }
+        }
     }
     drop(ready_tx);
     for _ in 0..n {

@@ -16,17 +16,31 @@ pub struct Worker {
 
 impl Worker {
     pub fn start(id: &str, config: &Path, metrics: &str) -> Worker {
-        let mut w = Worker {
-            child: None,
-            id: id.into(),
-            config: config.into(),
-            metrics: metrics.into(),
-        };
+        let mut w = Worker::new(id, config, metrics);
         w.spawn();
         w
     }
 
+    fn new(id: &str, config: &Path, metrics: &str) -> Worker {
+        Worker {
+            child: None,
+            id: id.into(),
+            config: config.into(),
+            metrics: metrics.into(),
+        }
+    }
+
+    /// Starts the worker and waits until it serves its metrics; panics with its log if it
+    /// exits or is not up within 30 s.
     pub fn spawn(&mut self) {
+        if let Err(why) = self.try_spawn() {
+            panic!("worker {} did not start: {why}", self.id);
+        }
+    }
+
+    /// Starts the worker; Err(what went wrong, with the end of its log) if it exits before
+    /// serving its metrics or is not up within 30 s.
+    fn try_spawn(&mut self) -> Result<(), String> {
         let mut cmd = granary(
             &[
                 "server",
@@ -48,13 +62,25 @@ impl Worker {
         self.child = Some(cmd.spawn().unwrap());
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(&self.metrics).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "worker {} did not start",
-                self.id
-            );
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || Instant::now() > deadline {
+                let log = self.log();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+                return Err(match exited {
+                    Some(status) => {
+                        self.child = None;
+                        format!("exited ({status}); log:\n{tail}")
+                    }
+                    None => format!("not up within 30 s; log:\n{tail}"),
+                });
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
+        Ok(())
     }
 
     /// The worker's log (stderr of every run, appended).
@@ -199,6 +225,33 @@ pub struct Started {
     pub caches: Vec<PathBuf>,
 }
 
+fn write_worker_config(config: &Path, id: &str, api: &str, cache: &Path, spec: &Spec) {
+    std::fs::write(
+        config,
+        format!(
+            "node_id = \"{id}\"\nlisten = \"{api}\"\n\
+             [cache]\ndir = \"{dir}\"\nmemory = \"{memory}\"\ndisk = \"0\"\n\
+             [s3]\nendpoint = \"{ep}\"\naccess_key_id = \"{ak}\"\nsecret_access_key = \"{sk}\"\n\
+             [cluster]\netcd = [\"{etcd}\"]\nlease_ttl = \"4s\"\n[tls]\ndir = \"{tls}\"\n\
+             [[mount]]\npath = \"/data\"\nsource = \"{src}\"\n{extra}",
+            dir = cache.display(),
+            memory = spec.memory,
+            ep = spec.s3.endpoint,
+            ak = spec.s3.access_key,
+            sk = spec.s3.secret_key,
+            etcd = spec.etcd,
+            tls = spec.tls.display(),
+            src = spec.s3.uri(spec.prefix),
+            extra = spec
+                .extra_for
+                .iter()
+                .find(|(w, _)| *w == id)
+                .map_or(spec.extra, |(_, e)| *e),
+        ),
+    )
+    .unwrap();
+}
+
 /// Starts `n` workers over `spec` (configs, caches and logs under `work`); returns once each
 /// serves its metrics (`wait_for_members` waits for the membership).
 pub fn start_workers(work: &Path, n: usize, spec: &Spec) -> Started {
@@ -210,37 +263,28 @@ pub fn start_workers(work: &Path, n: usize, spec: &Spec) -> Started {
     };
     for i in 1..=n {
         let id = format!("w{i}");
-        let (api, metrics) = (
-            format!("127.0.0.1:{}", free_port()),
-            format!("127.0.0.1:{}", free_port()),
-        );
         let cache = work.join(format!("cache-{id}"));
         let config = work.join(format!("{id}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                "node_id = \"{id}\"\nlisten = \"{api}\"\n\
-                 [cache]\ndir = \"{dir}\"\nmemory = \"{memory}\"\ndisk = \"0\"\n\
-                 [s3]\nendpoint = \"{ep}\"\naccess_key_id = \"{ak}\"\nsecret_access_key = \"{sk}\"\n\
-                 [cluster]\netcd = [\"{etcd}\"]\nlease_ttl = \"4s\"\n[tls]\ndir = \"{tls}\"\n\
-                 [[mount]]\npath = \"/data\"\nsource = \"{src}\"\n{extra}",
-                dir = cache.display(),
-                memory = spec.memory,
-                ep = spec.s3.endpoint,
-                ak = spec.s3.access_key,
-                sk = spec.s3.secret_key,
-                etcd = spec.etcd,
-                tls = spec.tls.display(),
-                src = spec.s3.uri(spec.prefix),
-                extra = spec
-                    .extra_for
-                    .iter()
-                    .find(|(w, _)| *w == id)
-                    .map_or(spec.extra, |(_, e)| *e),
-            ),
-        )
-        .unwrap();
-        started.workers.push(Worker::start(&id, &config, &metrics));
+        // A port picked free can be taken before the worker binds it (by another process's
+        // outgoing connection): then the worker exits saying so, and gets new ports.
+        let mut attempt = 0;
+        let (worker, api, metrics) = loop {
+            attempt += 1;
+            let (api, metrics) = (
+                format!("127.0.0.1:{}", free_port()),
+                format!("127.0.0.1:{}", free_port()),
+            );
+            write_worker_config(&config, &id, &api, &cache, spec);
+            let mut worker = Worker::new(&id, &config, &metrics);
+            match worker.try_spawn() {
+                Ok(()) => break (worker, api, metrics),
+                Err(why) if attempt < 3 && why.contains("in use") => {
+                    eprintln!("worker {id}: a port was taken; trying new ones: {why}");
+                }
+                Err(why) => panic!("worker {id} did not start: {why}"),
+            }
+        };
+        started.workers.push(worker);
         started.api.push(api);
         started.metrics.push(metrics);
         started.caches.push(cache);

@@ -400,8 +400,10 @@ fn both_kernel_transports_serve_the_same_bytes_to_many_readers() {
         }
         let missing = std::fs::File::open(mnt.path().join("d0/nope")).unwrap_err();
         assert_eq!(missing.kind(), std::io::ErrorKind::NotFound);
-        assert!(
-            statfs_block_size(mnt.path()) > 0,
+        // The cache block (4 MiB by default), capped at 1 MiB, is the filesystem's block size.
+        assert_eq!(
+            statfs_block_size(mnt.path()),
+            1 << 20,
             "{flags:?}: statfs answers"
         );
         assert!(mount.stop().success(), "{flags:?}: unmounts and exits 0");

@@ -265,21 +265,33 @@ impl Answer<'_> {
     }
 
     fn opened(&mut self, start: Instant, result: Result<Opened, FsError>) {
-        record("open", start, result.as_ref().map(|_| ()));
+        self.outcome("open", start, result, |a, opened| match &opened.io {
+            OpenIo::Passthrough(backing) => {
+                a.open(opened.fh, FOPEN_PASSTHROUGH, passthrough_open(backing));
+            }
+            OpenIo::Userspace => {
+                let flags = if opened.keep_cache {
+                    FOPEN_KEEP_CACHE
+                } else {
+                    0
+                };
+                a.open(opened.fh, flags, 0);
+            }
+        });
+    }
+
+    /// Records `op`'s outcome (count, latency), then answers with `ok` of its value, or with
+    /// its errno.
+    fn outcome<T>(
+        &mut self,
+        op: &'static str,
+        start: Instant,
+        result: Result<T, FsError>,
+        ok: impl FnOnce(&mut Self, T),
+    ) {
+        record(op, start, result.as_ref().map(|_| ()));
         match result {
-            Ok(opened) => match &opened.io {
-                OpenIo::Passthrough(backing) => {
-                    self.open(opened.fh, FOPEN_PASSTHROUGH, passthrough_open(backing));
-                }
-                OpenIo::Userspace => {
-                    let flags = if opened.keep_cache {
-                        FOPEN_KEEP_CACHE
-                    } else {
-                        0
-                    };
-                    self.open(opened.fh, flags, 0);
-                }
-            },
+            Ok(value) => ok(self, value),
             Err(e) => self.fs_error(&e),
         }
     }
@@ -411,11 +423,7 @@ impl<A: CacheApi> Server<A> {
                     lend,
                     async move { fs.lookup(ino, &name).await },
                     move |a, result| {
-                        record("lookup", start, result.as_ref().map(|_| ()));
-                        match result {
-                            Ok(attr) => a.entry(&attr, ttl),
-                            Err(e) => a.fs_error(&e),
-                        }
+                        a.outcome("lookup", start, result, |a, attr| a.entry(&attr, ttl))
                     },
                 )
             }
@@ -432,11 +440,7 @@ impl<A: CacheApi> Server<A> {
                     lend,
                     async move { fs.getattr(ino).await },
                     move |a, result| {
-                        record("getattr", start, result.as_ref().map(|_| ()));
-                        match result {
-                            Ok(attr) => a.attr(&attr, ttl),
-                            Err(e) => a.fs_error(&e),
-                        }
+                        a.outcome("getattr", start, result, |a, attr| a.attr(&attr, ttl))
                     },
                 )
             }
@@ -464,14 +468,10 @@ impl<A: CacheApi> Server<A> {
                 // large answer (into the slot, then the kernel's into the reader's pages) is
                 // better done beside the reader than before it.
                 self.answer_with(slot, false, lend, read, move |a, result| {
-                    record("read", start, result.as_ref().map(|_| ()));
-                    match result {
-                        Ok(data) => {
-                            metrics::counter!(m::FUSE_READ_BYTES).increment(data.len() as u64);
-                            a.data(&data)
-                        }
-                        Err(e) => a.fs_error(&e),
-                    }
+                    a.outcome("read", start, result, |a, data| {
+                        metrics::counter!(m::FUSE_READ_BYTES).increment(data.len() as u64);
+                        a.data(&data)
+                    })
                 })
             }
             op::RELEASE => {
@@ -486,13 +486,7 @@ impl<A: CacheApi> Server<A> {
                     true,
                     lend,
                     async move { fs.opendir(ino).await },
-                    move |a, result| {
-                        record("opendir", start, result.as_ref().map(|_| ()));
-                        match result {
-                            Ok(fh) => a.open(fh, 0, 0),
-                            Err(e) => a.fs_error(&e),
-                        }
-                    },
+                    move |a, result| a.outcome("opendir", start, result, |a, fh| a.open(fh, 0, 0)),
                 )
             }
             op::READDIR | op::READDIRPLUS => {
@@ -510,12 +504,7 @@ impl<A: CacheApi> Server<A> {
                 let result = fs.readdir(ino, fh, offset, plus, |item| dir.add(item));
                 let n = dir.len;
                 let name = if plus { "readdirplus" } else { "readdir" };
-                record(name, start, result.as_ref().map(|_| ()));
-                let mut answer = Answer { header, payload };
-                match result {
-                    Ok(()) => answer.finish(0, n),
-                    Err(e) => answer.fs_error(&e),
-                }
+                Answer { header, payload }.outcome(name, start, result, |a, ()| a.finish(0, n));
                 Served::Now
             }
             op::RELEASEDIR => {

@@ -65,8 +65,11 @@ pub struct ConfigFile {
 pub struct DatasetsSection {
     /// Bytes of pinned data this node may hold [default: 16GiB].
     pub capacity: Option<String>,
-    /// Block reads in flight per dataset load on this node [default: 16].
+    /// Block reads in flight per dataset load on this node [default: 32].
     pub load_concurrency: Option<usize>,
+    /// Threads that run this node's dataset loads, apart from the threads serving reads
+    /// [default: a quarter of the CPUs, 1-4].
+    pub load_threads: Option<usize>,
     /// The bearer token that may see and change every tenant's pins.
     pub admin_token: Option<String>,
 }
@@ -188,6 +191,8 @@ pub struct DatasetSettings {
     /// Block reads in flight per dataset load (default 32); a load holds at most twice as
     /// many blocks in memory.
     pub load_concurrency: usize,
+    /// Threads of the runtime that runs dataset loads (default: a quarter of the CPUs, 1-4).
+    pub load_threads: usize,
     pub admin_token: Option<String>,
     pub tenants: Vec<Tenant>,
 }
@@ -213,6 +218,9 @@ impl Default for DatasetSettings {
         DatasetSettings {
             capacity: Self::DEFAULT_CAPACITY,
             load_concurrency: 32,
+            load_threads: std::thread::available_parallelism()
+                .map_or(1, |n| n.get() / 4)
+                .clamp(1, 4),
             admin_token: None,
             tenants: Vec::new(),
         }
@@ -452,6 +460,14 @@ impl ConfigFile {
             }
             out.load_concurrency = n;
         }
+        if let Some(n) = d.load_threads {
+            if n == 0 || n > 64 {
+                return Err(ConfigError::Invalid(
+                    "datasets.load_threads must be 1-64".into(),
+                ));
+            }
+            out.load_threads = n;
+        }
         let check_token = |what: &str, t: &str| {
             if t.len() < 16 || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 Err(ConfigError::Invalid(format!(
@@ -611,6 +627,9 @@ mod tests {
             block_size = "1MiB"
             [backend]
             max_concurrency = 8
+            [datasets]
+            load_concurrency = 16
+            load_threads = 2
             [[mount]]
             path = "/a"
             source = "s3://bucket/x"
@@ -625,6 +644,8 @@ mod tests {
         assert_eq!(s.metadata_ttl, Duration::from_secs(5));
         assert_eq!(s.namespace.mounts().len(), 2);
         assert_eq!(s.backend.max_concurrency, 8);
+        assert_eq!(s.datasets.load_concurrency, 16);
+        assert_eq!(s.datasets.load_threads, 2);
     }
 
     #[test]
@@ -663,6 +684,10 @@ mod tests {
             (
                 format!("[datasets]\nload_concurrency = 0\n{mount}"),
                 "load_concurrency",
+            ),
+            (
+                format!("[datasets]\nload_threads = 0\n{mount}"),
+                "datasets.load_threads must be 1-64",
             ),
             (
                 format!(

@@ -121,7 +121,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             "no [[tenant]] and no datasets.admin_token configured: anyone who reaches this worker's API may pin and unpin datasets"
         );
     }
-    tokio::spawn(worker.datasets().clone().run(worker.clone()));
+    worker
+        .datasets()
+        .clone()
+        .start(worker.clone())
+        .context("cannot start the dataset loader's threads")?;
     if let Some(metrics) = metrics {
         metrics.serve(crate::dashboard::router(
             worker.clone(),

@@ -94,7 +94,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         runtime::serve_metrics(addr).await?;
     }
     let worker = Worker::start(settings.clone()).await?;
-    tokio::spawn(worker.datasets().clone().run(worker.clone()));
+    worker
+        .datasets()
+        .clone()
+        .start(worker.clone())
+        .context("cannot start the dataset loader's threads")?;
     let fs_config = FsConfig {
         attr_ttl: settings.metadata_ttl,
         readahead_per_file: args.readahead.bytes(),

@@ -330,7 +330,8 @@ async fn watch(
             eprintln!("\r{name}: {reasons}");
         }
         let done = state == LoadState::Ready || (min_percent < 100.0 && percent >= min_percent);
-        let eta = (rate > 0.0 && !done).then(|| (total.saturating_sub(ready) as f64 / rate) as u64);
+        let remaining = (rate > 0.0 && !done).then(|| total.saturating_sub(ready) as f64 / rate);
+        let eta = remaining.map(|seconds| seconds as u64);
         if tty {
             let width = 30;
             let filled = ((percent / 100.0) * width as f64) as usize;
@@ -390,6 +391,12 @@ async fn watch(
             );
         }
         last_reasons = reasons;
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Every 100 ms; every 20 ms in the last 2 s expected, so the wait ends promptly.
+        let poll = if remaining.is_some_and(|seconds| seconds < 2.0) {
+            Duration::from_millis(20)
+        } else {
+            Duration::from_millis(100)
+        };
+        tokio::time::sleep(poll).await;
     }
 }

@@ -340,7 +340,12 @@ fn one_run(ctx: &Ctx, run: usize, progress: &mut Progress) -> anyhow::Result<Run
     );
     let raw_large = p;
 
-    // 2. A fresh node: pin, load.
+    // 2. A fresh node: pin, load. Every load starts with nothing cached, as on a fresh node;
+    // on ext4 without a journal this also matters for another reason: the inode-table blocks
+    // of inodes deleted in the last minutes (the previous benchmark's cleanup), while cached,
+    // make each file created skip those inodes one by one, which cost the first load of a
+    // benchmark up to 1.4 CPU-seconds more than the others (ext4's `recently_deleted`).
+    host::drop_caches()?;
     let node = Node::start(spec, &base.join(format!("run-{run}")), log)?;
     let listed: Vec<String> = std::fs::read_dir(&node.mnt)
         .and_then(|entries| {

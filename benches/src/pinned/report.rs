@@ -458,7 +458,7 @@ impl PinnedReport {
             "\nMedian of {} run(s) [min-max]; each run a fresh node and an empty dataset store. MB/s: 10^6 bytes/s. \
              cold: page cache, dentries\nand inodes dropped first; hot: right after an untimed read of \
              the same files. The shuffled order is new each run, the same\nfor granary and native. \
-             load: dataset bytes over the time from starting `granary dataset load --wait` until it \
+             load (caches dropped first): dataset bytes over the time from starting `granary dataset load --wait` until it \
              exited,\nthe dataset ready at 100% (checked with `status --json`); \
              transfer: from the load's first backend GET\nuntil its last file was written. raw GETs: \
              every object of the dataset with object_store, {} MiB ranged GETs of the large file,\none \

@@ -381,9 +381,12 @@ async fn held_locally(io_uring: bool) {
         mnt.path(),
     );
     let queues = guard.0.as_ref().unwrap().io_uring_queues();
-    // On by now if the kernel has it and we may turn it on (root).
-    let kernel_has_it = std::fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
-        .is_ok_and(|v| v.trim() == "Y");
+    // Expected whenever the kernel has FUSE over io_uring and we are root (the mount turns the
+    // module's parameter on): a mount that failed to turn it on, or to start its rings, fails
+    // here rather than passing over /dev/fuse.
+    let kernel_has_it = Path::new("/sys/module/fuse/parameters/enable_uring").exists()
+        && std::fs::metadata("/proc/self")
+            .is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0);
     assert_eq!(
         queues > 0,
         io_uring && kernel_has_it,

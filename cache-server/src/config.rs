@@ -65,7 +65,8 @@ pub struct ConfigFile {
 pub struct DatasetsSection {
     /// Bytes of pinned data this node may hold [default: 16GiB].
     pub capacity: Option<String>,
-    /// Block reads in flight per dataset load on this node [default: 32].
+    /// Block reads in flight per dataset load on this node, and the most threads writing loaded
+    /// files [default: 32].
     pub load_concurrency: Option<usize>,
     /// Threads that run this node's dataset loads, apart from the threads serving reads
     /// [default: a quarter of the CPUs, 1-4].

@@ -479,6 +479,86 @@ pub struct Machine {
     pub memory_bytes: u64,
     pub kernel: String,
     pub cpu: String,
+    /// The cpuidle driver, and the haltpoll driver's guest polling window when it is the one.
+    pub cpuidle: String,
+    /// What waking a blocked thread costs here ([`WakeRoundTrip`]); `None` if not measured.
+    pub wake_round_trip: Option<WakeRoundTrip>,
+}
+
+/// One byte sent back and forth between two threads over a socket pair, each blocking in `read`
+/// for the other: the shape of a FUSE request and its answer. Microseconds per round trip,
+/// median of [`WAKE_TRIALS`] trials of [`WAKE_ROUNDS`].
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct WakeRoundTrip {
+    /// Both threads on CPU 0: each wake is a switch on one core.
+    pub same_cpu_us: f64,
+    /// The threads on CPUs 0 and 1: each wake reaches an idle core, which on a VM whose idle
+    /// vCPUs halt is a wake-up of the vCPU by its host.
+    pub cross_cpu_us: f64,
+}
+
+const WAKE_ROUNDS: u32 = 5_000;
+const WAKE_TRIALS: usize = 3;
+
+impl WakeRoundTrip {
+    /// Measures on CPUs 0 and 1 (about 1 s on a VM with halting idle vCPUs).
+    pub fn measure() -> anyhow::Result<WakeRoundTrip> {
+        let median = |a: usize, b: usize| -> anyhow::Result<f64> {
+            let mut trials = (0..WAKE_TRIALS)
+                .map(|_| ping_pong(a, b, WAKE_ROUNDS))
+                .collect::<anyhow::Result<Vec<f64>>>()?;
+            trials.sort_by(f64::total_cmp);
+            Ok(trials[WAKE_TRIALS / 2])
+        };
+        Ok(WakeRoundTrip {
+            same_cpu_us: median(0, 0)?,
+            cross_cpu_us: median(0, 1)?,
+        })
+    }
+}
+
+/// Microseconds per round trip between a thread on CPU `a` and one on CPU `b`.
+fn ping_pong(a: usize, b: usize, rounds: u32) -> anyhow::Result<f64> {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    fn pin(cpu: usize) -> anyhow::Result<()> {
+        let mut set = nix::sched::CpuSet::new();
+        set.set(cpu)?;
+        nix::sched::sched_setaffinity(Pid::from_raw(0), &set)
+            .with_context(|| format!("cannot run a thread on CPU {cpu}"))
+    }
+    let (mut ping, mut pong) = UnixStream::pair()?;
+    let echo = std::thread::spawn(move || -> anyhow::Result<()> {
+        pin(b)?;
+        let mut byte = [0u8];
+        // Until the pinger hangs up: it may fail before its first byte.
+        while pong.read(&mut byte)? == 1 {
+            pong.write_all(&byte)?;
+        }
+        Ok(())
+    });
+    let pinger = std::thread::spawn(move || -> anyhow::Result<f64> {
+        pin(a)?;
+        let mut byte = [0u8];
+        let mut round = || -> std::io::Result<()> {
+            ping.write_all(&byte)?;
+            ping.read_exact(&mut byte)
+        };
+        for _ in 0..rounds / 10 {
+            round()?;
+        }
+        let start = Instant::now();
+        for _ in 0..rounds {
+            round()?;
+        }
+        Ok(start.elapsed().as_secs_f64() * 1e6 / f64::from(rounds))
+    });
+    let us = pinger
+        .join()
+        .map_err(|_| anyhow::anyhow!("the pinging thread panicked"))?;
+    echo.join()
+        .map_err(|_| anyhow::anyhow!("the echoing thread panicked"))??;
+    us
 }
 
 impl Machine {
@@ -495,11 +575,41 @@ impl Machine {
             .find_map(|l| l.strip_prefix("model name"))
             .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
             .unwrap_or_default();
+        let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+        let mut cpuidle = read("/sys/devices/system/cpu/cpuidle/current_driver")
+            .trim()
+            .to_string();
+        if cpuidle == "haltpoll" {
+            let poll = read("/sys/module/haltpoll/parameters/guest_halt_poll_ns");
+            cpuidle = format!("haltpoll, guest_halt_poll_ns {}", poll.trim());
+        }
+        let wake_round_trip = if nproc >= 2 {
+            WakeRoundTrip::measure()
+                .inspect_err(|e| eprintln!("the wake-up round trip was not measured: {e:#}"))
+                .ok()
+        } else {
+            None
+        };
         Machine {
-            nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            nproc,
             memory_bytes: memory_kib * 1024,
             kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
             cpu,
+            cpuidle,
+            wake_round_trip,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_wake_round_trip_is_timed_on_the_cpus_asked_for_and_an_absent_cpu_is_named() {
+        let us = ping_pong(0, 0, 200).expect("CPU 0 is always there");
+        assert!(us > 0.0 && us.is_finite(), "{us} µs");
+        let err = ping_pong(0, 1023, 200).expect_err("no machine here has 1,024 CPUs");
+        assert!(format!("{err:#}").contains("CPU 1023"), "{err:#}");
     }
 }

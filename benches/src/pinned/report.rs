@@ -473,6 +473,16 @@ impl PinnedReport {
              reached the daemon (granary_fuse_ops_total{{op=\"read\"}}), {} backend GETs.\n",
             pt.files_opened, pt.passthrough_opens, pt.fuse_reads, pt.backend_gets,
         ));
+        if let Some(w) = &self.machine.wake_round_trip {
+            out.push_str(&format!(
+                "Waking a thread blocked on another (a socket ping-pong, the shape of a FUSE request and its answer): {:.1} µs a round\n\
+                 trip between CPUs 0 and 1, {:.1} µs on one CPU (cpuidle: {}). Each open through the mount is one such round trip:\n\
+                 across CPUs with /dev/fuse, on the opener's CPU (then the reader moved to the idle one) with --io-uring.\n",
+                w.cross_cpu_us,
+                w.same_cpu_us,
+                if self.machine.cpuidle.is_empty() { "unknown" } else { &self.machine.cpuidle },
+            ));
+        }
         let large_done = Stats::of(
             self.runs
                 .iter()

@@ -624,6 +624,21 @@ fn pin_to(cpu: usize) {
     }
 }
 
+/// Puts the calling thread in `SCHED_BATCH`: the same CPU share as any other thread, but its
+/// wake-up does not preempt the task running on its CPU. A request that its task waits for
+/// (an open, a read) blocks that task, so the ring thread runs at once; a RELEASE, which no one
+/// waits for, now waits for the opener's next request instead of switching away from the opener
+/// and back: one task switch per open of a hot file instead of two (measured over a local source,
+/// 2,000 pinned 128 KiB files read whole: 44-54 µs a file instead of 50-63, with no cost to
+/// four readers or to one reader beside two busy loops).
+fn batch_policy() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a live local; pid 0 is the calling thread.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "FUSE ring thread left in its scheduling policy");
+    }
+}
+
 /// The 80-byte command of a FUSE ring SQE (`struct fuse_uring_cmd_req`).
 fn ring_cmd(commit_id: u64, qid: u16) -> [u8; 80] {
     let mut cmd = [0u8; 80];
@@ -907,6 +922,7 @@ pub fn start<A: CacheApi>(
                 .name(format!("fuse-ring-{qid}"))
                 .spawn(move || {
                     pin_to(qid);
+                    batch_policy();
                     // Requests are first polled on this thread (`answer_with`): they may use
                     // the runtime's timers and spawn tasks.
                     let runtime = server.rt.clone();

@@ -490,19 +490,26 @@ pub struct Machine {
 /// median of [`WAKE_TRIALS`] trials of [`WAKE_ROUNDS`].
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct WakeRoundTrip {
-    /// Both threads on CPU 0: each wake is a switch on one core.
+    /// Both threads on one CPU: each wake is a switch on one core.
     pub same_cpu_us: f64,
-    /// The threads on CPUs 0 and 1: each wake reaches an idle core, which on a VM whose idle
-    /// vCPUs halt is a wake-up of the vCPU by its host.
+    /// The threads on two CPUs: each wake reaches an idle core, which on a VM whose idle vCPUs
+    /// halt is a wake-up of the vCPU by its host.
     pub cross_cpu_us: f64,
+    /// The two CPUs (the first two this process may run on).
+    pub cpus: [usize; 2],
 }
 
 const WAKE_ROUNDS: u32 = 5_000;
 const WAKE_TRIALS: usize = 3;
 
 impl WakeRoundTrip {
-    /// Measures on CPUs 0 and 1 (about 1 s on a VM with halting idle vCPUs).
+    /// Measures on the first two CPUs this process may run on (about 1 s on a VM with halting
+    /// idle vCPUs).
     pub fn measure() -> anyhow::Result<WakeRoundTrip> {
+        let (a, b) = match allowed_cpus()?[..] {
+            [a, b, ..] => (a, b),
+            _ => bail!("this process may run on one CPU only"),
+        };
         let median = |a: usize, b: usize| -> anyhow::Result<f64> {
             let mut trials = (0..WAKE_TRIALS)
                 .map(|_| ping_pong(a, b, WAKE_ROUNDS))
@@ -511,10 +518,19 @@ impl WakeRoundTrip {
             Ok(trials[WAKE_TRIALS / 2])
         };
         Ok(WakeRoundTrip {
-            same_cpu_us: median(0, 0)?,
-            cross_cpu_us: median(0, 1)?,
+            same_cpu_us: median(a, a)?,
+            cross_cpu_us: median(a, b)?,
+            cpus: [a, b],
         })
     }
+}
+
+/// The CPUs this process may run on, in order.
+fn allowed_cpus() -> anyhow::Result<Vec<usize>> {
+    let set = nix::sched::sched_getaffinity(Pid::from_raw(0))?;
+    Ok((0..nix::sched::CpuSet::count())
+        .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+        .collect())
 }
 
 /// Microseconds per round trip between a thread on CPU `a` and one on CPU `b`.
@@ -607,9 +623,11 @@ mod tests {
 
     #[test]
     fn the_wake_round_trip_is_timed_on_the_cpus_asked_for_and_an_absent_cpu_is_named() {
-        let us = ping_pong(0, 0, 200).expect("CPU 0 is always there");
+        let cpus = allowed_cpus().unwrap();
+        let first = *cpus.first().expect("this test runs on some CPU");
+        let us = ping_pong(first, first, 200).unwrap();
         assert!(us > 0.0 && us.is_finite(), "{us} µs");
-        let err = ping_pong(0, 1023, 200).expect_err("no machine here has 1,024 CPUs");
+        let err = ping_pong(first, 1023, 200).expect_err("no machine here has 1,024 CPUs");
         assert!(format!("{err:#}").contains("CPU 1023"), "{err:#}");
     }
 }

@@ -476,9 +476,11 @@ impl PinnedReport {
         if let Some(w) = &self.machine.wake_round_trip {
             out.push_str(&format!(
                 "Waking a thread blocked on another (a socket ping-pong, the shape of a FUSE request and its answer): {:.1} µs a round\n\
-                 trip between CPUs 0 and 1, {:.1} µs on one CPU (cpuidle: {}). Each open through the mount is one such round trip:\n\
-                 across CPUs with /dev/fuse, on the opener's CPU (then the reader moved to the idle one) with --io-uring.\n",
+                 trip between CPUs {} and {}, {:.1} µs on one CPU (cpuidle: {}). Each open through the mount is one such round trip:\n\
+                 across CPUs with /dev/fuse, on the opener's CPU with --io-uring.\n",
                 w.cross_cpu_us,
+                w.cpus[0],
+                w.cpus[1],
                 w.same_cpu_us,
                 if self.machine.cpuidle.is_empty() { "unknown" } else { &self.machine.cpuidle },
             ));

@@ -630,11 +630,13 @@ fn pin_to(cpu: usize) {
 /// waits for, now waits for the opener's next request instead of switching away from the opener
 /// and back: one task switch per open of a hot file instead of two (measured over a local source,
 /// 2,000 pinned 128 KiB files read whole: 44-54 µs a file instead of 50-63, with no cost to
-/// four readers or to one reader beside two busy loops).
+/// four readers or to one reader beside two busy loops). Threads it starts (tokio's blocking
+/// threads, when a request spawns blocking work) get the ordinary policy.
 fn batch_policy() {
     let param = libc::sched_param { sched_priority: 0 };
+    let policy = libc::SCHED_BATCH | libc::SCHED_RESET_ON_FORK;
     // SAFETY: `param` is a live local; pid 0 is the calling thread.
-    if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } != 0 {
+    if unsafe { libc::sched_setscheduler(0, policy, &param) } != 0 {
         tracing::debug!(error = %std::io::Error::last_os_error(), "FUSE ring thread left in its scheduling policy");
     }
 }

@@ -347,6 +347,25 @@ async fn a_file_held_locally_is_read_by_the_kernel_from_its_copy() {
     held_locally(false).await;
 }
 
+/// The scheduling policy (`/proc/<tid>/stat` field 41) of each of this process's `fuse-ring-*`
+/// threads.
+fn ring_thread_policies() -> Vec<(String, u32)> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let comm = comm.trim();
+        if !comm.starts_with("fuse-ring-") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap();
+        // Fields after the command's closing parenthesis start at field 3.
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let policy = after.split(' ').nth(41 - 3).unwrap().parse().unwrap();
+        found.push((comm.to_string(), policy));
+    }
+    found
+}
+
 /// The same over FUSE-over-io_uring (where the kernel has it; else it runs on /dev/fuse again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_held_locally_is_read_by_the_kernel_from_its_copy_over_io_uring() {
@@ -392,6 +411,12 @@ async fn held_locally(io_uring: bool) {
         io_uring && kernel_has_it,
         "io_uring asked: {io_uring}, queues: {queues}"
     );
+    // Each ring thread runs in SCHED_BATCH (its wake-up does not preempt the opener).
+    let policies = ring_thread_policies();
+    assert_eq!(policies.len(), queues, "one thread per ring: {policies:?}");
+    for (name, policy) in &policies {
+        assert_eq!(*policy, libc::SCHED_BATCH as u32, "{name}'s policy");
+    }
 
     // The held file: read by the kernel from the copy, none of it through Granary.
     let (reads, opens) = (fuse_reads(), passthrough_opens());

@@ -73,7 +73,8 @@ struct Args {
     cluster: bool,
     /// Instead of the workloads, the pinned-dataset benchmark: pin and load a dataset (the large
     /// file and the small files) onto one `granary up` node, timed against raw parallel GETs, then
-    /// read it through the mount (kernel FUSE passthrough) and natively, cold and hot.
+    /// read it through the mount (kernel FUSE passthrough) and natively, cold and hot (and the
+    /// small files again past the mount's attribute TTL, but with --smoke).
     #[arg(long, conflicts_with_all = ["systems", "cluster"])]
     pinned: bool,
     /// Granary's memory cache [default: 512MiB; with --cluster, per worker, 1.5 times one

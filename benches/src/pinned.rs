@@ -468,7 +468,7 @@ fn one_run(ctx: &Ctx, run: usize, progress: &mut Progress) -> anyhow::Result<Run
             for (system, access) in systems {
                 match condition {
                     Condition::Cold => host::drop_caches()?,
-                    _ => {
+                    Condition::Hot | Condition::AfterTtl => {
                         run_pass(&job, dataset, access, false, handle)?;
                     }
                 }
@@ -477,7 +477,10 @@ fn one_run(ctx: &Ctx, run: usize, progress: &mut Progress) -> anyhow::Result<Run
         }
         // The next epoch of a training job: the files warm in the page cache, but read again
         // only once the mount's trust in their entries has lapsed. One wait for both systems.
-        if workload == Workload::SmallFiles1 && *after_ttl {
+        if workload
+            .conditions(*after_ttl)
+            .contains(&Condition::AfterTtl)
+        {
             for (_, access) in systems {
                 run_pass(&job, dataset, access, false, handle)?;
             }

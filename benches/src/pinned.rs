@@ -142,12 +142,13 @@ pub fn run(setup: Setup) -> anyhow::Result<bool> {
         runs,
         after_ttl,
     };
-    // Per run: the raw passes, the load, 2 conditions x 2 systems of each workload (and the
-    // after-TTL pass of the one-reader small files, 2 systems); in the first run, the raw GETs'
-    // check and the mount's check.
-    let after_ttl_passes = if after_ttl { 2 } else { 0 };
-    progress
-        .expect(runs * (RAW_IN_FLIGHT.len() + 2 + Workload::ALL.len() * 4 + after_ttl_passes) + 2);
+    // Per run: the raw passes, the load, each workload's conditions x 2 systems; in the first
+    // run, the raw GETs' check and the mount's check.
+    let reads: usize = Workload::ALL
+        .iter()
+        .map(|w| w.conditions(after_ttl).len() * 2)
+        .sum();
+    progress.expect(runs * (RAW_IN_FLIGHT.len() + 2 + reads) + 2);
     let mut results = Vec::new();
     let mut errors = Vec::new();
     for run in 1..=runs {

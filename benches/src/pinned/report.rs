@@ -104,6 +104,8 @@ pub enum Condition {
 /// How long the after-TTL passes wait after their untimed read: the mount's attribute TTL
 /// (`granary up --metadata-ttl`, 30 s by default) and a second.
 pub const AFTER_TTL: std::time::Duration = std::time::Duration::from_secs(31);
+// The row label and the report's legend say "31 s".
+const _: () = assert!(AFTER_TTL.as_secs() == 31);
 
 impl Condition {
     pub fn name(self) -> &'static str {

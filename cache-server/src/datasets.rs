@@ -52,7 +52,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, Semaphore, mpsc};
@@ -148,6 +148,8 @@ pub struct Datasets {
     unsynced: Mutex<HashSet<String>>,
     /// This node's share of each pin, by name.
     shares: Mutex<HashMap<String, Arc<Share>>>,
+    /// Changes whenever `pins` does (see [`Datasets::pins_epoch`]).
+    epoch: AtomicU64,
 }
 
 /// The files of a pin one node holds (by rendezvous hashing of their paths over the pin's
@@ -262,6 +264,12 @@ impl Datasets {
             backoff: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             unsynced: Mutex::new(unsynced),
+            // Another process's numbers never match this one's: start from the clock.
+            epoch: AtomicU64::new(
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64),
+            ),
         })
     }
 
@@ -275,6 +283,13 @@ impl Datasets {
         self.pins.read().expect("pins").clone()
     }
 
+    /// A number that changes whenever the pins this node answers `stat` and `list` from
+    /// change; unique to this process. A client may trust a pinned entry it was given while
+    /// this was `e` for as long as it stays `e` (the manifest it came from is frozen).
+    pub fn pins_epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
     /// Reads the pins from the registry now and rebuilds what this node serves from them.
     pub async fn refresh(&self) -> Result<Arc<Vec<Pin>>, ApiError> {
         let pins = self.registry.pins().await?;
@@ -284,6 +299,9 @@ impl Datasets {
         }
         let pins = Arc::new(pins);
         *self.pins.write().expect("pins") = pins.clone();
+        // After the new pins are in place: a client that sees the new epoch and then asks
+        // gets an answer from them.
+        self.epoch.fetch_add(1, Ordering::SeqCst);
         self.shares
             .lock()
             .expect("shares")

@@ -66,6 +66,14 @@ impl<A: CacheApi> pb::cache_server::Cache for CacheService<A> {
         }))
     }
 
+    async fn pins_epoch(
+        &self,
+        _: Request<pb::PinsEpochRequest>,
+    ) -> Result<Response<pb::PinsEpochReply>, Status> {
+        let epoch = self.api.pins_epoch().await?;
+        Ok(Response::new(pb::PinsEpochReply { epoch }))
+    }
+
     async fn stat(&self, req: Request<pb::StatRequest>) -> Result<Response<pb::Entry>, Status> {
         let result = self.api.stat(&req.into_inner().path).await;
         record("stat", &result);

@@ -362,6 +362,10 @@ impl CacheApi for Worker {
         }
     }
 
+    async fn pins_epoch(&self) -> Result<Option<u64>, ApiError> {
+        Ok(Some(self.datasets.pins_epoch()))
+    }
+
     async fn local_copy(&self, object: &ObjectRef) -> Result<Option<std::path::PathBuf>, ApiError> {
         Ok(self.datasets.held(object).map(|f| f.path.clone()))
     }
@@ -511,6 +515,10 @@ impl CacheApi for LocalReads {
 
     async fn read_held_block(&self, object: &ObjectRef, index: u64) -> Result<Block, ApiError> {
         self.0.read_held_block(object, index).await
+    }
+
+    async fn pins_epoch(&self) -> Result<Option<u64>, ApiError> {
+        self.0.pins_epoch().await
     }
 }
 

@@ -53,6 +53,10 @@ pub struct MountArgs {
     /// Readahead across all open files.
     #[arg(long, value_name = "SIZE", default_value = "128MiB")]
     pub readahead_total: ByteSize,
+    /// How long the kernel keeps the entries of a pinned dataset's files while the worker's pins
+    /// stay the same (it is told to drop them as soon as they change; at least the attribute TTL).
+    #[arg(long, value_name = "DURATION", default_value = "1h")]
+    pub pinned_ttl: String,
     /// Never open local copies of pinned files with kernel FUSE passthrough (read them through
     /// the daemon instead).
     #[arg(long)]
@@ -70,6 +74,7 @@ pub struct MountArgs {
 
 pub async fn run(args: MountArgs) -> anyhow::Result<()> {
     let attr_ttl = parse_duration(&args.attr_ttl)?;
+    let pinned_ttl = parse_duration(&args.pinned_ttl).context("--pinned-ttl")?;
     granary_fuse_client::check_mount_dir(&args.dir)?;
     granary_fuse_client::check_fuse_device()?;
     if let Some(addr) = args.metrics_addr {
@@ -77,6 +82,7 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
     }
     let config = FsConfig {
         attr_ttl,
+        pinned_ttl,
         readahead_per_file: args.readahead.bytes(),
         readahead_total: args.readahead_total.bytes(),
         passthrough: !args.no_passthrough,

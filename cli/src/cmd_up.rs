@@ -5,7 +5,7 @@ use anyhow::Context;
 use clap::Args;
 use granary_cache_server::config::{CacheSection, ConfigFile, MountSection};
 use granary_cache_server::{Worker, grpc};
-use granary_core::ByteSize;
+use granary_core::{ByteSize, parse_duration};
 use granary_fuse_client::{FsConfig, GranaryFs};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -46,6 +46,10 @@ pub struct UpArgs {
     /// Readahead across all open files.
     #[arg(long, value_name = "SIZE", default_value = "128MiB")]
     pub readahead_total: ByteSize,
+    /// How long the kernel keeps the entries of a pinned dataset's files while the worker's pins
+    /// stay the same (it is told to drop them as soon as they change; at least the attribute TTL).
+    #[arg(long, value_name = "DURATION", default_value = "1h")]
+    pub pinned_ttl: String,
     /// Never open local copies of pinned files with kernel FUSE passthrough (read them through
     /// the daemon instead).
     #[arg(long)]
@@ -62,6 +66,7 @@ pub struct UpArgs {
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    let pinned_ttl = parse_duration(&args.pinned_ttl).context("--pinned-ttl")?;
     let file = ConfigFile {
         listen: args.listen.map(|a| a.to_string()),
         metadata_ttl: Some(args.metadata_ttl.clone()),
@@ -101,6 +106,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .context("cannot start the dataset loader's threads")?;
     let fs_config = FsConfig {
         attr_ttl: settings.metadata_ttl,
+        pinned_ttl,
         readahead_per_file: args.readahead.bytes(),
         readahead_total: args.readahead_total.bytes(),
         passthrough: !args.no_passthrough,

@@ -9,8 +9,10 @@
 //! own, so any registered one may be named at its next open.
 //!
 //! Bounded both ways: at most `max` inodes (the one released longest ago goes first) and each
-//! for at most `ttl` (the client's attribute TTL, as long as it trusts a pinned entry without
-//! asking), after which [`IdleBackings::expire`] gives it back. Everything removed is returned to
+//! for at most `ttl` (as long as the client trusts a pinned entry without asking: the pinned TTL
+//! while the worker's pins epoch is known, else the attribute TTL), after which
+//! [`IdleBackings::expire`] gives it back; [`IdleBackings::clear`] gives back everything when
+//! the pins change. Everything removed is returned to
 //! the caller, which drops it (unregisters it: an ioctl) outside its locks. Pure logic: the
 //! caller passes `now`.
 
@@ -56,6 +58,17 @@ impl<B> IdleBackings<B> {
 
     pub fn len(&self) -> usize {
         self.by_ino.len()
+    }
+
+    /// How long a backing may be kept from now on (also for those kept already).
+    pub fn set_ttl(&mut self, ttl: Duration) {
+        self.ttl = ttl;
+    }
+
+    /// Removes and returns everything kept.
+    pub fn clear(&mut self) -> Vec<B> {
+        self.order.clear();
+        self.by_ino.drain().map(|(_, i)| i.backing).collect()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -217,6 +230,25 @@ mod tests {
         assert_eq!(none.keep(1, 1, "x", t0), vec!["x"]);
         let mut none = IdleBackings::new(0, TTL);
         assert_eq!(none.keep(1, 1, "x", t0), vec!["x"]);
+    }
+
+    #[test]
+    fn a_new_ttl_applies_to_what_is_kept_and_clear_gives_back_everything() {
+        let t0 = Instant::now();
+        let hour = Duration::from_secs(3600);
+        let mut idle = IdleBackings::new(10, hour);
+        idle.keep(1, 1, "a", t0);
+        idle.keep(2, 2, "b", t0 + Duration::from_secs(1));
+        assert!(idle.holds(1, 1, t0 + Duration::from_secs(600)));
+        idle.set_ttl(TTL);
+        assert!(!idle.holds(1, 1, t0 + Duration::from_secs(600)));
+        assert!(matches!(idle.take(2, 2, t0 + TTL), Kept::Reusable("b")));
+        assert_eq!(idle.keep(2, 2, "b", t0 + TTL), vec!["a"], "expired");
+        idle.keep(3, 3, "c", t0 + TTL);
+        let mut all = idle.clear();
+        all.sort();
+        assert_eq!(all, vec!["b", "c"]);
+        assert!(idle.is_empty() && idle.expire(t0 + hour).is_empty());
     }
 
     #[test]

@@ -15,16 +15,20 @@
 //! mode at a time until its last handle is released.
 //!
 //! Pinned files: an entry the worker answered from a pinned dataset's frozen manifest
-//! ([`Entry::pinned`]) cannot change version while the pin lasts, so within the attribute TTL an
-//! open of it trusts the entry it has instead of asking the worker (outside pins every open asks:
-//! close-to-open consistency). The local copy the worker named for that version is remembered
+//! ([`Entry::pinned`]) cannot change version while the pin lasts, so an open of it trusts the
+//! entry it has instead of asking the worker (outside pins every open asks: close-to-open
+//! consistency). For how long: while the worker's pins epoch ([`CacheApi::pins_epoch`], polled
+//! by the mount once a second through [`GranaryFs::check_pins`]) is the one the client knew when
+//! it asked for the entry, and the kernel is told to keep such entries for the pinned TTL; when
+//! the epoch changes, `check_pins` names the entries the kernel must drop. A worker that does not
+//! track its pins, or does not answer, gets the attribute TTL. The local copy the worker named for that version is remembered
 //! (and opened again only if it is still the same file), and its kernel registration is kept for
 //! a while after the last close ([`crate::backings`]), so the second open of a hot pinned file
 //! needs no call to the worker and no system call: [`GranaryFs::open_now`] answers it on the
 //! FUSE thread.
 
 use crate::backings::{IdleBackings, Kept};
-use crate::inodes::{FileIdentity, InodeTable, LocalCopy, ROOT, child_path};
+use crate::inodes::{FileIdentity, InodeTable, KernelEntry, LocalCopy, ROOT, Seen, child_path};
 use crate::prefetch::{Budget, FileReader, ReadLabels};
 use bytes::Bytes;
 use granary_core::BlockSize;
@@ -59,6 +63,9 @@ pub struct FsConfig {
     /// Passthrough registrations of pinned files kept after their last close (for at most
     /// `attr_ttl`), so that reopening a hot file costs no system call; 0 = none.
     pub kept_backings: usize,
+    /// How long the kernel may keep a pinned entry while the worker's pins epoch holds (it is
+    /// told to drop it when the epoch changes); at least `attr_ttl`.
+    pub pinned_ttl: Duration,
     /// Take requests over FUSE-over-io_uring where the kernel offers it (one ring per CPU; as
     /// root, the mount turns on the `fuse` module's `enable_uring` parameter), else `/dev/fuse`.
     /// Off by default: see docs/ARCHITECTURE.md, "The kernel interface".
@@ -77,6 +84,7 @@ impl Default for FsConfig {
             passthrough: true,
             job: String::new(),
             kept_backings: 4096,
+            pinned_ttl: Duration::from_secs(3600),
             io_uring: false,
         }
     }
@@ -155,6 +163,8 @@ pub struct Attr {
     pub uid: u32,
     pub gid: u32,
     pub blksize: u32,
+    /// How long the kernel may keep this entry and these attributes.
+    pub ttl: Duration,
 }
 
 /// One entry of a directory read: offset of the next entry, inode, kind, name, attributes.
@@ -226,13 +236,34 @@ struct IoState {
     idle: IdleBackings<Backing>,
 }
 
+/// What the client knows of the worker's pins epoch.
+#[derive(Debug, Default)]
+struct PinsView {
+    epoch: Option<u64>,
+    /// When the worker last answered.
+    checked: Option<Instant>,
+    /// The epoch known at the last check: the kernel may keep the pinned entries had in it.
+    trusted: Option<u64>,
+}
+
+impl PinsView {
+    /// The epoch, if the worker answered within `ttl`.
+    fn known(&self, now: Instant, ttl: Duration) -> Option<u64> {
+        self.checked
+            .filter(|at| now.saturating_duration_since(*at) < ttl)
+            .and(self.epoch)
+    }
+}
+
 /// What an open knows about its inode before asking the worker anything.
 struct OpenSnapshot {
     path: String,
     entry: Entry,
-    /// A pinned entry seen within the attribute TTL: its version holds, no stat needed.
+    /// A pinned entry still trusted: its version holds, no stat needed.
     trusted: bool,
     local: Option<LocalCopy>,
+    /// The pins epoch known when the snapshot was taken.
+    epoch: Option<u64>,
 }
 
 /// What passthrough needs for an open, before anything is opened.
@@ -254,6 +285,9 @@ struct Source {
     /// The kept registration of this version may be used (its file was checked).
     reuse_kept: bool,
 }
+
+/// How long [`GranaryFs::check_pins`] waits for the worker.
+const PINS_POLL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Most distinct label sets kept for read metrics (one per top directory).
 const MAX_LABEL_SETS: usize = 256;
@@ -321,6 +355,8 @@ struct DirHandle {
     path: String,
     parent_ino: u64,
     entries: Arc<Vec<Entry>>,
+    /// The pins epoch known before the listing was asked for.
+    epoch: Option<u64>,
 }
 
 pub struct GranaryFs<A> {
@@ -336,6 +372,8 @@ pub struct GranaryFs<A> {
     cached_versions: Mutex<HashMap<u64, u128>>,
     /// How the kernel reads each inode.
     io: Mutex<IoState>,
+    /// The worker's pins epoch, as last polled.
+    pins: Mutex<PinsView>,
     /// Read metric labels by top directory.
     labels: Mutex<HashMap<String, Arc<ReadLabels>>>,
     /// Passthrough is wanted and neither the kernel nor our privileges refused it (yet).
@@ -378,6 +416,7 @@ impl<A: CacheApi> GranaryFs<A> {
                 modes: HashMap::new(),
                 idle: IdleBackings::new(config.kept_backings, config.attr_ttl),
             }),
+            pins: Mutex::new(PinsView::default()),
             labels: Mutex::new(HashMap::new()),
             passthrough: AtomicBool::new(config.passthrough),
             next_fh: AtomicU64::new(1),
@@ -414,7 +453,33 @@ impl<A: CacheApi> GranaryFs<A> {
         }
     }
 
-    fn attr(&self, ino: u64, entry: &Entry) -> Attr {
+    /// The pins epoch the worker last gave, if it answered within the attribute TTL.
+    fn known_epoch(&self) -> Option<u64> {
+        let pins = self.pins.lock().expect("pins lock");
+        pins.known(Instant::now(), self.config.attr_ttl)
+    }
+
+    /// A pinned entry had in the epoch still known: trusted, and kept by the kernel, for as long
+    /// as the epoch holds.
+    fn pinned_in_known_epoch(entry: &Entry, seen: Seen, known: Option<u64>) -> bool {
+        entry.pinned && seen.epoch.is_some() && seen.epoch == known
+    }
+
+    /// How long the kernel may keep `entry`, had as `seen`.
+    fn ttl_of(&self, entry: &Entry, seen: Seen, known: Option<u64>) -> Duration {
+        if Self::pinned_in_known_epoch(entry, seen, known) {
+            self.config.pinned_ttl.max(self.config.attr_ttl)
+        } else {
+            self.config.attr_ttl
+        }
+    }
+
+    /// Whether `entry`, had as `seen`, may be used without asking the worker again.
+    fn fresh(&self, entry: &Entry, seen: Seen, known: Option<u64>) -> bool {
+        Self::pinned_in_known_epoch(entry, seen, known) || seen.at.elapsed() < self.config.attr_ttl
+    }
+
+    fn attr(&self, ino: u64, entry: &Entry, ttl: Duration) -> Attr {
         let (perm, size) = match entry.kind {
             EntryKind::Dir => (0o555, 4096),
             EntryKind::File => (0o444, entry.size),
@@ -428,6 +493,15 @@ impl<A: CacheApi> GranaryFs<A> {
             uid: self.config.uid,
             gid: self.config.gid,
             blksize: self.block_size.get().min(1 << 20) as u32,
+            ttl,
+        }
+    }
+
+    /// An entry had now, asked for when the pins epoch known was `epoch`.
+    fn seen_now(epoch: Option<u64>) -> Seen {
+        Seen {
+            at: Instant::now(),
+            epoch,
         }
     }
 
@@ -446,13 +520,15 @@ impl<A: CacheApi> GranaryFs<A> {
         }
         let parent_path = self.path_of(parent)?;
         let path = child_path(&parent_path, name);
+        let epoch = self.known_epoch();
         let entry = self.api.stat(&path).await?;
-        let ino =
-            self.inodes
-                .lock()
-                .expect("inode lock")
-                .upsert(&path, entry.clone(), 1, Instant::now());
-        Ok(self.attr(ino, &entry))
+        let seen = Self::seen_now(epoch);
+        let ino = self
+            .inodes
+            .lock()
+            .expect("inode lock")
+            .upsert(&path, entry.clone(), 1, seen);
+        Ok(self.attr(ino, &entry, self.ttl_of(&entry, seen, epoch)))
     }
 
     pub fn forget(&self, ino: u64, n: u64) {
@@ -466,24 +542,29 @@ impl<A: CacheApi> GranaryFs<A> {
 
     /// Attributes of `ino` when they are fresh enough to answer without the worker.
     pub fn getattr_now(&self, ino: u64) -> Option<Attr> {
+        let known = self.known_epoch();
         let inodes = self.inodes.lock().expect("inode lock");
         let inode = inodes.get(ino)?;
-        (ino == ROOT || inode.seen.elapsed() < self.config.attr_ttl)
-            .then(|| self.attr(ino, &inode.entry))
+        (ino == ROOT || self.fresh(&inode.entry, inode.seen, known)).then(|| {
+            let ttl = self.ttl_of(&inode.entry, inode.seen, known);
+            self.attr(ino, &inode.entry, ttl)
+        })
     }
 
-    /// Attributes of `ino`, refreshed from the worker once older than the TTL.
+    /// Attributes of `ino`, refreshed from the worker once no longer trusted.
     pub async fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
         if let Some(attr) = self.getattr_now(ino) {
             return Ok(attr);
         }
         let path = self.path_of(ino)?;
+        let epoch = self.known_epoch();
         let entry = self.api.stat(&path).await?;
+        let seen = Self::seen_now(epoch);
         self.inodes
             .lock()
             .expect("inode lock")
-            .refresh(ino, entry.clone(), Instant::now());
-        Ok(self.attr(ino, &entry))
+            .refresh(ino, entry.clone(), seen);
+        Ok(self.attr(ino, &entry, self.ttl_of(&entry, seen, epoch)))
     }
 
     /// Opens a file for reading through this process; `write` = the open asked for write access.
@@ -509,7 +590,7 @@ impl<A: CacheApi> GranaryFs<A> {
     }
 
     /// [`GranaryFs::open_passthrough`] without waiting, when the open needs no call to the
-    /// worker: a pinned file whose entry was seen within the attribute TTL, and, for
+    /// worker: a pinned file whose entry is still trusted, and, for
     /// passthrough, a kept registration or a remembered local copy of its version (or an inode
     /// already open). `None`: the worker must be asked (`register` was not called).
     pub fn open_now(
@@ -522,13 +603,15 @@ impl<A: CacheApi> GranaryFs<A> {
     }
 
     fn snapshot(&self, ino: u64) -> Result<OpenSnapshot, FsError> {
+        let known = self.known_epoch();
         let inodes = self.inodes.lock().expect("inode lock");
         let inode = inodes.get(ino).ok_or(FsError::NotFound)?;
         Ok(OpenSnapshot {
             path: inode.path.clone(),
             entry: inode.entry.clone(),
-            trusted: inode.entry.pinned && inode.seen.elapsed() < self.config.attr_ttl,
+            trusted: inode.entry.pinned && self.fresh(&inode.entry, inode.seen, known),
             local: inode.local.clone(),
+            epoch: known,
         })
     }
 
@@ -650,10 +733,11 @@ impl<A: CacheApi> GranaryFs<A> {
             (None, false) => (self.api.stat(&snap.path).await?, None),
         };
         if !snap.trusted {
-            self.inodes
-                .lock()
-                .expect("inode lock")
-                .refresh(ino, entry.clone(), Instant::now());
+            self.inodes.lock().expect("inode lock").refresh(
+                ino,
+                entry.clone(),
+                Self::seen_now(snap.epoch),
+            );
         }
         let object = file_object(&snap.path, &entry)?;
         // A copy is only good for the version it was asked for; a changed version reads through
@@ -929,11 +1013,69 @@ impl<A: CacheApi> GranaryFs<A> {
         drop(unregister);
     }
 
-    /// Unregisters kept backing files older than the attribute TTL (also done on every
+    /// Unregisters kept backing files past their time (also done on every
     /// release; call it now and then so that an idle mount lets go of them too).
     pub fn expire_kept_backings(&self) {
         let expired = self.io.lock().expect("io lock").idle.expire(Instant::now());
         drop(expired);
+    }
+
+    /// Asks the worker for its pins epoch and takes the answer ([`GranaryFs::pins_checked`]);
+    /// returns the entries the kernel must drop. The mount calls it once a second.
+    pub async fn check_pins(&self) -> Vec<KernelEntry> {
+        let answer = match tokio::time::timeout(PINS_POLL_TIMEOUT, self.api.pins_epoch()).await {
+            Ok(answer) => answer,
+            Err(_) => Err(ApiError::Unavailable(format!(
+                "no pins epoch within {PINS_POLL_TIMEOUT:?}"
+            ))),
+        };
+        self.pins_checked(answer, Instant::now())
+    }
+
+    /// Takes the worker's answer to [`CacheApi::pins_epoch`] at `now`. When the epoch pinned
+    /// entries were trusted under is no longer the one known (it changed, or the worker has
+    /// not answered for the attribute TTL), those entries are trusted no more, the registrations
+    /// kept for pinned files go, and the entries (the kernel may keep them for the pinned TTL)
+    /// are returned for the caller to invalidate in the kernel.
+    pub fn pins_checked(
+        &self,
+        answer: Result<Option<u64>, ApiError>,
+        now: Instant,
+    ) -> Vec<KernelEntry> {
+        let (before, after) = {
+            let mut pins = self.pins.lock().expect("pins lock");
+            match answer {
+                Ok(epoch) => {
+                    pins.epoch = epoch;
+                    pins.checked = Some(now);
+                }
+                Err(e) => tracing::debug!(error = %e, "the worker did not give its pins epoch"),
+            }
+            let after = pins.known(now, self.config.attr_ttl);
+            (std::mem::replace(&mut pins.trusted, after), after)
+        };
+        let changed = before.is_some() && before != after;
+        if changed {
+            tracing::info!(
+                from = before,
+                to = after,
+                "the worker's pins changed (or it stopped answering): no longer trusting pinned entries"
+            );
+        }
+        let dropped = {
+            let mut io = self.io.lock().expect("io lock");
+            io.idle.set_ttl(match after {
+                Some(_) => self.config.pinned_ttl.max(self.config.attr_ttl),
+                None => self.config.attr_ttl,
+            });
+            if changed { io.idle.clear() } else { Vec::new() }
+        };
+        // Unregistering (an ioctl each) outside the lock.
+        drop(dropped);
+        match before {
+            Some(old) if changed => self.inodes.lock().expect("inode lock").pinned_in(old),
+            _ => Vec::new(),
+        }
     }
 
     /// Number of passthrough registrations kept for inodes without open handles.
@@ -963,6 +1105,7 @@ impl<A: CacheApi> GranaryFs<A> {
                 .unwrap_or("/");
             (inode.path.clone(), inodes.ino_of(parent).unwrap_or(ROOT))
         };
+        let epoch = self.known_epoch();
         let entries = self.api.list(&path).await?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.dirs.lock().expect("dirs lock").insert(
@@ -971,6 +1114,7 @@ impl<A: CacheApi> GranaryFs<A> {
                 path,
                 parent_ino,
                 entries,
+                epoch,
             },
         );
         Ok(fh)
@@ -986,11 +1130,13 @@ impl<A: CacheApi> GranaryFs<A> {
         plus: bool,
         mut accept: impl FnMut(&DirItem) -> bool,
     ) -> Result<(), FsError> {
-        let (path, parent_ino, entries) = {
+        let (path, parent_ino, entries, epoch) = {
             let dirs = self.dirs.lock().expect("dirs lock");
             let d = dirs.get(&fh).ok_or(FsError::BadHandle)?;
-            (d.path.clone(), d.parent_ino, d.entries.clone())
+            (d.path.clone(), d.parent_ino, d.entries.clone(), d.epoch)
         };
+        let known = self.known_epoch();
+        let ttl = self.config.attr_ttl;
         let self_entry = Entry {
             name: ".".into(),
             kind: EntryKind::Dir,
@@ -1006,22 +1152,22 @@ impl<A: CacheApi> GranaryFs<A> {
                     next_offset: 1,
                     ino,
                     name: ".".into(),
-                    attr: self.attr(ino, &self_entry),
+                    attr: self.attr(ino, &self_entry, ttl),
                 },
                 1 => DirItem {
                     next_offset: 2,
                     ino: parent_ino,
                     name: "..".into(),
-                    attr: self.attr(parent_ino, &self_entry),
+                    attr: self.attr(parent_ino, &self_entry, ttl),
                 },
                 _ => {
                     let entry = &entries[(off - 2) as usize];
                     let child = child_path(&path, &entry.name);
-                    let now = Instant::now();
+                    let seen = Self::seen_now(epoch);
                     let child_ino = {
                         let mut inodes = self.inodes.lock().expect("inode lock");
                         if plus {
-                            inodes.upsert(&child, entry.clone(), 1, now)
+                            inodes.upsert(&child, entry.clone(), 1, seen)
                         } else {
                             inodes
                                 .ino_of(&child)
@@ -1032,7 +1178,7 @@ impl<A: CacheApi> GranaryFs<A> {
                         next_offset: off + 1,
                         ino: child_ino,
                         name: entry.name.clone(),
-                        attr: self.attr(child_ino, entry),
+                        attr: self.attr(child_ino, entry, self.ttl_of(entry, seen, known)),
                     }
                 }
             };

@@ -26,7 +26,6 @@ use tokio::runtime::Handle;
 pub struct FuseAdapter<A> {
     fs: Arc<GranaryFs<A>>,
     rt: Handle,
-    ttl: Duration,
     dev: Arc<OnceLock<Arc<OwnedFd>>>,
     uring: Arc<AtomicBool>,
 }
@@ -42,14 +41,7 @@ impl<A: CacheApi> FuseAdapter<A> {
         dev: Arc<OnceLock<Arc<OwnedFd>>>,
         uring: Arc<AtomicBool>,
     ) -> Self {
-        let ttl = fs.config().attr_ttl;
-        FuseAdapter {
-            fs,
-            rt,
-            ttl,
-            dev,
-            uring,
-        }
+        FuseAdapter { fs, rt, dev, uring }
     }
 
     fn register(&self) -> impl FnOnce(&std::fs::File) -> std::io::Result<Backing> + use<A> {
@@ -230,14 +222,13 @@ impl<A: CacheApi> Filesystem for FuseAdapter<A> {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let fs = self.fs.clone();
-        let ttl = self.ttl;
         let name = name.to_string_lossy().into_owned();
         self.rt.spawn(async move {
             let start = Instant::now();
             let result = fs.lookup(parent.0, &name).await;
             record("lookup", start, result.as_ref().map(|_| ()));
             match result {
-                Ok(attr) => reply.entry(&ttl, &file_attr(&attr), Generation(0)),
+                Ok(attr) => reply.entry(&attr.ttl, &file_attr(&attr), Generation(0)),
                 Err(e) => reply.error(errno(&e)),
             }
         });
@@ -248,10 +239,9 @@ impl<A: CacheApi> Filesystem for FuseAdapter<A> {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let ttl = self.ttl;
         if let Some(attr) = self.fs.getattr_now(ino.0) {
             record("getattr", Instant::now(), Ok(()));
-            reply.attr(&ttl, &file_attr(&attr));
+            reply.attr(&attr.ttl, &file_attr(&attr));
             return;
         }
         let fs = self.fs.clone();
@@ -260,7 +250,7 @@ impl<A: CacheApi> Filesystem for FuseAdapter<A> {
             let result = fs.getattr(ino.0).await;
             record("getattr", start, result.as_ref().map(|_| ()));
             match result {
-                Ok(attr) => reply.attr(&ttl, &file_attr(&attr)),
+                Ok(attr) => reply.attr(&attr.ttl, &file_attr(&attr)),
                 Err(e) => reply.error(errno(&e)),
             }
         });
@@ -367,13 +357,12 @@ impl<A: CacheApi> Filesystem for FuseAdapter<A> {
         mut reply: ReplyDirectoryPlus,
     ) {
         let start = Instant::now();
-        let ttl = self.ttl;
         let result = self.fs.readdir(ino.0, fh.0, offset, true, |item| {
             !reply.add(
                 INodeNo(item.ino),
                 item.next_offset,
                 &item.name,
-                &ttl,
+                &item.attr.ttl,
                 &file_attr(&item.attr),
                 Generation(0),
             )

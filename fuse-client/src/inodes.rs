@@ -3,8 +3,8 @@
 //! The kernel refers to files by inode number; it takes a reference for every entry we return
 //! from lookup or readdirplus and gives them back with forget. An inode lives while the kernel
 //! holds references to it (the root always lives). Each inode remembers the last entry seen
-//! for its path, which answers getattr and is refreshed after the attribute TTL, and, for a
-//! pinned file, the local copy the worker named for that version.
+//! for its path, which answers getattr and is refreshed once no longer trusted ([`Seen`]), and,
+//! for a pinned file, the local copy the worker named for that version.
 
 use granary_proto::Entry;
 use std::collections::HashMap;
@@ -44,11 +44,29 @@ impl FileIdentity {
     }
 }
 
+/// When an inode's entry was last had from the worker, and the worker's pins epoch the client
+/// knew before asking ([`granary_proto::CacheApi::pins_epoch`]): a pinned entry is trusted while
+/// that epoch holds, any other for the attribute TTL after `at`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    pub at: Instant,
+    pub epoch: Option<u64>,
+}
+
+/// An entry the kernel may hold: the inode, and the directory inode and name it was looked up
+/// by (`None` for the parent once it is gone from the table).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelEntry {
+    pub ino: u64,
+    pub parent: Option<u64>,
+    pub name: String,
+}
+
 #[derive(Debug, Clone)]
 pub struct Inode {
     pub path: String,
     pub entry: Entry,
-    pub seen: Instant,
+    pub seen: Seen,
     /// The local copy last used for this inode's (pinned) version, if any.
     pub local: Option<LocalCopy>,
     lookups: u64,
@@ -56,12 +74,12 @@ pub struct Inode {
 
 impl Inode {
     /// Takes a newer entry; a local copy remembered for another version is forgotten.
-    fn update(&mut self, entry: Entry, now: Instant) {
+    fn update(&mut self, entry: Entry, seen: Seen) {
         if entry.object != self.entry.object {
             self.local = None;
         }
         self.entry = entry;
-        self.seen = now;
+        self.seen = seen;
     }
 }
 
@@ -89,7 +107,10 @@ impl InodeTable {
             Inode {
                 path: "/".into(),
                 entry: root,
-                seen: now,
+                seen: Seen {
+                    at: now,
+                    epoch: None,
+                },
                 local: None,
                 lookups: 1,
             },
@@ -112,10 +133,10 @@ impl InodeTable {
     }
 
     /// Records `entry` at `path`, taking `refs` kernel references; returns its inode number.
-    pub fn upsert(&mut self, path: &str, entry: Entry, refs: u64, now: Instant) -> u64 {
+    pub fn upsert(&mut self, path: &str, entry: Entry, refs: u64, seen: Seen) -> u64 {
         if let Some(&ino) = self.by_path.get(path) {
             let inode = self.by_ino.get_mut(&ino).expect("inode tables agree");
-            inode.update(entry, now);
+            inode.update(entry, seen);
             inode.lookups += refs;
             return ino;
         }
@@ -126,7 +147,7 @@ impl InodeTable {
             Inode {
                 path: path.to_string(),
                 entry,
-                seen: now,
+                seen,
                 local: None,
                 lookups: refs,
             },
@@ -136,10 +157,32 @@ impl InodeTable {
     }
 
     /// Refreshes the entry of a known inode.
-    pub fn refresh(&mut self, ino: u64, entry: Entry, now: Instant) {
+    pub fn refresh(&mut self, ino: u64, entry: Entry, seen: Seen) {
         if let Some(inode) = self.by_ino.get_mut(&ino) {
-            inode.update(entry, now);
+            inode.update(entry, seen);
         }
+    }
+
+    /// The inodes whose pinned entries were had in pins epoch `epoch`, deepest paths first (a
+    /// directory's entries before the directory's own).
+    pub fn pinned_in(&self, epoch: u64) -> Vec<KernelEntry> {
+        let mut found: Vec<(&str, KernelEntry)> = self
+            .by_ino
+            .iter()
+            .filter(|(ino, i)| **ino != ROOT && i.entry.pinned && i.seen.epoch == Some(epoch))
+            .map(|(ino, i)| {
+                let (parent, name) = i.path.rsplit_once('/').unwrap_or(("", &i.path));
+                let parent = if parent.is_empty() { "/" } else { parent };
+                let entry = KernelEntry {
+                    ino: *ino,
+                    parent: self.ino_of(parent),
+                    name: name.to_string(),
+                };
+                (i.path.as_str(), entry)
+            })
+            .collect();
+        found.sort_by_key(|(path, _)| std::cmp::Reverse(path.matches('/').count()));
+        found.into_iter().map(|(_, e)| e).collect()
     }
 
     /// Remembers the local copy of `ino`'s current version (`copy.fingerprint`'s).
@@ -201,10 +244,17 @@ mod tests {
         }
     }
 
+    fn seen(epoch: Option<u64>) -> Seen {
+        Seen {
+            at: Instant::now(),
+            epoch,
+        }
+    }
+
     #[test]
     fn inodes_live_while_referenced() {
-        let now = Instant::now();
-        let mut t = InodeTable::new(dir(""), now);
+        let now = seen(None);
+        let mut t = InodeTable::new(dir(""), now.at);
         let a = t.upsert("/a", dir("a"), 1, now);
         assert_eq!(t.upsert("/a", dir("a"), 2, now), a);
         t.forget(a, 2);
@@ -250,8 +300,8 @@ mod tests {
                 ctime_ns: 3,
             },
         };
-        let now = Instant::now();
-        let mut t = InodeTable::new(dir(""), now);
+        let now = seen(None);
+        let mut t = InodeTable::new(dir(""), now.at);
         let f = t.upsert("/f", file("v1"), 1, now);
         t.remember_copy(f, copy.clone());
         t.refresh(f, file("v1"), now);
@@ -267,5 +317,30 @@ mod tests {
             t.get(f).unwrap().local.is_none(),
             "a new version forgets it"
         );
+    }
+
+    #[test]
+    fn the_pinned_entries_of_an_epoch_are_found_deepest_first() {
+        let pinned = |name: &str| Entry {
+            pinned: true,
+            ..dir(name)
+        };
+        let mut t = InodeTable::new(dir(""), Instant::now());
+        let d = t.upsert("/d", pinned("d"), 1, seen(Some(7)));
+        let f = t.upsert("/d/f", pinned("f"), 1, seen(Some(7)));
+        t.upsert("/d/other-epoch", pinned("other-epoch"), 1, seen(Some(6)));
+        t.upsert("/d/not-pinned", dir("not-pinned"), 1, seen(Some(7)));
+        t.upsert("/d/untracked", pinned("untracked"), 1, seen(None));
+        let entry = |ino, parent, name: &str| KernelEntry {
+            ino,
+            parent: Some(parent),
+            name: name.into(),
+        };
+        assert_eq!(t.pinned_in(7), vec![entry(f, d, "f"), entry(d, ROOT, "d")]);
+        assert!(t.pinned_in(8).is_empty());
+        // A refreshed entry belongs to the epoch it was had in last.
+        t.refresh(f, pinned("f"), seen(Some(8)));
+        assert_eq!(t.pinned_in(8), vec![entry(f, d, "f")]);
+        assert_eq!(t.pinned_in(7), vec![entry(d, ROOT, "d")]);
     }
 }

@@ -2,9 +2,11 @@
 
 use crate::fs::GranaryFs;
 use crate::fuse::FuseAdapter;
+use crate::inodes::KernelEntry;
 use crate::uring::{self, Rings};
-use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
+use fuser::{BackgroundSession, Config, INodeNo, MountOption, Notifier, Session, SessionACL};
 use granary_proto::CacheApi;
+use std::ffi::OsStr;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -163,9 +165,11 @@ impl Drop for Mounted {
     }
 }
 
-/// Lets go of kept passthrough registrations past the attribute TTL, once a second, also while
-/// nothing is opened or closed; ends with the filesystem.
-async fn expire_kept_backings<A: CacheApi>(fs: Weak<GranaryFs<A>>) {
+/// Once a second: asks the worker for its pins epoch, and when pinned entries the kernel was
+/// told to keep are no longer trusted, tells the kernel to drop them; lets go of kept
+/// passthrough registrations past their time (also while nothing is opened or closed). Ends
+/// with the filesystem.
+async fn maintain<A: CacheApi>(fs: Weak<GranaryFs<A>>, notifier: Notifier) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -173,7 +177,43 @@ async fn expire_kept_backings<A: CacheApi>(fs: Weak<GranaryFs<A>>) {
         let Some(fs) = fs.upgrade() else {
             return;
         };
+        let stale = fs.check_pins().await;
         fs.expire_kept_backings();
+        drop(fs);
+        if !stale.is_empty() {
+            // A notification blocks while the kernel takes the directory's lock, which a
+            // request in flight may hold: off the runtime's threads.
+            let notifier = notifier.clone();
+            let _ = tokio::task::spawn_blocking(move || invalidate(&notifier, &stale)).await;
+        }
+    }
+}
+
+/// Tells the kernel to drop these entries and the attributes and pages of their inodes.
+fn invalidate(notifier: &Notifier, entries: &[KernelEntry]) {
+    let mut failed = 0;
+    for e in entries {
+        if let Some(parent) = e.parent {
+            failed += notify_failed(notifier.inval_entry(INodeNo(parent), OsStr::new(&e.name)));
+        }
+        failed += notify_failed(notifier.inval_inode(INodeNo(e.ino), 0, 0));
+    }
+    tracing::info!(
+        entries = entries.len(),
+        failed,
+        "told the kernel to drop pinned entries"
+    );
+}
+
+/// 1 for a notification the kernel refused for another reason than not knowing the entry (it
+/// forgot it already) or the mount being gone.
+fn notify_failed(result: std::io::Result<()>) -> usize {
+    match result {
+        Err(e) if !matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENODEV)) => {
+            tracing::debug!(error = %e, "a kernel invalidation failed");
+            1
+        }
+        _ => 0,
     }
 }
 
@@ -206,9 +246,6 @@ pub fn mount<A: CacheApi>(
     }
     config.n_threads = Some(2);
     config.clone_fd = true;
-    if fs.config().kept_backings > 0 && !fs.config().attr_ttl.is_zero() {
-        tokio::spawn(expire_kept_backings(Arc::downgrade(&fs)));
-    }
     if fs.config().io_uring && is_root {
         enable_fuse_io_uring();
     }
@@ -224,6 +261,7 @@ pub fn mount<A: CacheApi>(
         }
     };
     set_kernel_readahead(dir, kernel_readahead_kb);
+    tokio::spawn(maintain(Arc::downgrade(&fs), session.notifier()));
     Ok(Mounted {
         session: Some(session),
         rings,

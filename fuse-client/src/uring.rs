@@ -41,7 +41,7 @@ use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::runtime::Handle;
 
 /// The largest request or answer body: the mount's `max_write` and `max_pages` are set so that
@@ -132,13 +132,13 @@ fn put_attr(b: &mut [u8], a: &Attr) {
 }
 
 /// `struct fuse_entry_out` (128 bytes).
-fn put_entry(b: &mut [u8], a: &Attr, ttl: Duration) {
+fn put_entry(b: &mut [u8], a: &Attr) {
     put_u64(b, 0, a.ino);
     put_u64(b, 8, 0);
-    put_u64(b, 16, ttl.as_secs());
-    put_u64(b, 24, ttl.as_secs());
-    put_u32(b, 32, ttl.subsec_nanos());
-    put_u32(b, 36, ttl.subsec_nanos());
+    put_u64(b, 16, a.ttl.as_secs());
+    put_u64(b, 24, a.ttl.as_secs());
+    put_u32(b, 32, a.ttl.subsec_nanos());
+    put_u32(b, 36, a.ttl.subsec_nanos());
     put_attr(&mut b[40..128], a);
 }
 
@@ -147,7 +147,6 @@ struct DirWriter<'a> {
     buf: &'a mut [u8],
     len: usize,
     plus: bool,
-    ttl: Duration,
 }
 
 impl DirWriter<'_> {
@@ -163,7 +162,7 @@ impl DirWriter<'_> {
         let b = &mut self.buf[self.len..self.len + size];
         b.fill(0);
         if self.plus {
-            put_entry(&mut b[..128], &item.attr, self.ttl);
+            put_entry(&mut b[..128], &item.attr);
         }
         let d = &mut b[head..];
         put_u64(d, 0, item.ino);
@@ -242,14 +241,14 @@ impl Answer<'_> {
         self.finish(0, len);
     }
 
-    fn entry(&mut self, a: &Attr, ttl: Duration) {
-        self.body(128, |b| put_entry(b, a, ttl));
+    fn entry(&mut self, a: &Attr) {
+        self.body(128, |b| put_entry(b, a));
     }
 
-    fn attr(&mut self, a: &Attr, ttl: Duration) {
+    fn attr(&mut self, a: &Attr) {
         self.body(104, |b| {
-            put_u64(b, 0, ttl.as_secs());
-            put_u32(b, 8, ttl.subsec_nanos());
+            put_u64(b, 0, a.ttl.as_secs());
+            put_u32(b, 8, a.ttl.subsec_nanos());
             put_u32(b, 12, 0);
             put_attr(&mut b[16..104], a);
         });
@@ -337,7 +336,6 @@ impl Drop for Lent {
 struct Server<A> {
     fs: Arc<GranaryFs<A>>,
     rt: Handle,
-    ttl: Duration,
     dev: Arc<OwnedFd>,
 }
 
@@ -346,7 +344,6 @@ impl<A> Clone for Server<A> {
         Server {
             fs: self.fs.clone(),
             rt: self.rt.clone(),
-            ttl: self.ttl,
             dev: self.dev.clone(),
         }
     }
@@ -409,7 +406,6 @@ impl<A: CacheApi> Server<A> {
         let ino = u64_at(header, 16);
         let mut op_in = [0u8; OP_IN];
         op_in.copy_from_slice(&header[OP_IN..2 * OP_IN]);
-        let ttl = self.ttl;
         let fs = &self.fs;
         match opcode {
             op::LOOKUP => {
@@ -422,15 +418,13 @@ impl<A: CacheApi> Server<A> {
                     true,
                     lend,
                     async move { fs.lookup(ino, &name).await },
-                    move |a, result| {
-                        a.outcome("lookup", start, result, |a, attr| a.entry(&attr, ttl))
-                    },
+                    move |a, result| a.outcome("lookup", start, result, |a, attr| a.entry(&attr)),
                 )
             }
             op::GETATTR => {
                 if let Some(attr) = fs.getattr_now(ino) {
                     record("getattr", Instant::now(), Ok(()));
-                    Answer { header, payload }.attr(&attr, ttl);
+                    Answer { header, payload }.attr(&attr);
                     return Served::Now;
                 }
                 let (fs, start) = (fs.clone(), Instant::now());
@@ -439,9 +433,7 @@ impl<A: CacheApi> Server<A> {
                     true,
                     lend,
                     async move { fs.getattr(ino).await },
-                    move |a, result| {
-                        a.outcome("getattr", start, result, |a, attr| a.attr(&attr, ttl))
-                    },
+                    move |a, result| a.outcome("getattr", start, result, |a, attr| a.attr(&attr)),
                 )
             }
             op::OPEN => {
@@ -499,7 +491,6 @@ impl<A: CacheApi> Server<A> {
                     buf: &mut payload[..size],
                     len: 0,
                     plus,
-                    ttl,
                 };
                 let result = fs.readdir(ino, fh, offset, plus, |item| dir.add(item));
                 let n = dir.len;
@@ -908,8 +899,7 @@ pub fn start<A: CacheApi>(
 ) -> std::io::Result<Rings> {
     let n = possible_cpus();
     let depth = (TOTAL_SLOTS / n).clamp(2, 16);
-    let ttl = fs.config().attr_ttl;
-    let server = Server { fs, rt, ttl, dev };
+    let server = Server { fs, rt, dev };
     let stop = Arc::new(AtomicBool::new(false));
     let mut rings = Rings {
         queues: Vec::with_capacity(n),
@@ -982,6 +972,7 @@ pub fn start<A: CacheApi>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn attr(kind: EntryKind) -> Attr {
         Attr {
@@ -993,6 +984,7 @@ mod tests {
             uid: 7,
             gid: 8,
             blksize: 4096,
+            ttl: Duration::from_secs(30),
         }
     }
 
@@ -1045,7 +1037,6 @@ mod tests {
             buf: &mut buf,
             len: 0,
             plus: false,
-            ttl: Duration::from_secs(1),
         };
         let item = |name: &str, next| DirItem {
             next_offset: next,
@@ -1069,7 +1060,6 @@ mod tests {
             buf: &mut big,
             len: 0,
             plus: true,
-            ttl: Duration::from_secs(30),
         };
         assert!(plus.add(&item("abc", 1)));
         assert_eq!(plus.len, 128 + 32);

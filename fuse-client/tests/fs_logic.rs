@@ -4,6 +4,7 @@
 use bytes::Bytes;
 use granary_core::{BlockSize, ObjectId};
 use granary_fuse_client::fs::{Backing, FsConfig, FsError, GranaryFs, OpenIo, Opened};
+use granary_fuse_client::inodes::KernelEntry;
 use granary_proto::{ApiError, Block, CacheApi, Entry, EntryKind, Info, ObjectRef};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -16,7 +17,8 @@ const BS: u64 = 64 << 10;
 /// Files by path; every block read, stat and local_copy call is counted. `local` answers
 /// `local_copy` by object key and ETag, as the worker promises: a copy of exactly that version
 /// (an `Err` stands for a worker that does not answer). Paths in `pinned` are answered as a
-/// pinned dataset's (`Entry::pinned`).
+/// pinned dataset's (`Entry::pinned`). `epoch` is the pins epoch it gives (`None`: not tracked);
+/// with `epoch_down` it does not answer that call.
 #[derive(Default)]
 struct FakeWorker {
     files: Mutex<BTreeMap<String, (Vec<u8>, String)>>,
@@ -25,6 +27,8 @@ struct FakeWorker {
     local_copy_calls: AtomicU64,
     stat_calls: AtomicU64,
     pinned: Mutex<HashSet<String>>,
+    epoch: Mutex<Option<u64>>,
+    epoch_down: std::sync::atomic::AtomicBool,
 }
 
 impl FakeWorker {
@@ -149,6 +153,13 @@ impl CacheApi for FakeWorker {
             Some(Ok(path)) => Ok(Some(path.clone())),
             Some(Err(e)) => Err(e.clone()),
         }
+    }
+
+    async fn pins_epoch(&self) -> Result<Option<u64>, ApiError> {
+        if self.epoch_down.load(Ordering::SeqCst) {
+            return Err(ApiError::Unavailable("the fake worker is down".into()));
+        }
+        Ok(*self.epoch.lock().unwrap())
     }
 
     async fn read_block(&self, object: &ObjectRef, index: u64) -> Result<Block, ApiError> {
@@ -952,6 +963,104 @@ async fn a_pinned_entry_is_trusted_for_the_attribute_ttl_only() {
     }
     assert_eq!(w.calls().0, stats + 2);
     assert_eq!(fs0.kept_backings(), 0);
+}
+
+#[tokio::test]
+async fn a_pinned_entry_is_trusted_while_the_pins_epoch_holds() {
+    let dir = TempDir::new("epoch");
+    let w = Arc::new(FakeWorker::default());
+    *w.epoch.lock().unwrap() = Some(7);
+    let ttl = Duration::from_millis(300);
+    let hour = Duration::from_secs(3600);
+    let fs = fs(
+        w.clone(),
+        FsConfig {
+            attr_ttl: ttl,
+            pinned_ttl: hour,
+            ..FsConfig::default()
+        },
+    );
+    let kernel = FakeKernel::default();
+    assert!(fs.check_pins().await.is_empty(), "nothing trusted before");
+    let (ino, bytes) = pinned_file(&fs, &w, &dir, "e.bin", 1000).await;
+    w.put("/plain.bin", data(10, 1), "x");
+    let plain = fs.lookup(1, "plain.bin").await.unwrap();
+    assert_eq!(
+        fs.getattr_now(ino).unwrap().ttl,
+        hour,
+        "the kernel keeps it"
+    );
+    assert_eq!(plain.ttl, ttl, "an unpinned entry: the attribute TTL");
+    let opened = open_pt(&fs, ino, &kernel).await;
+    close(&fs, opened);
+
+    // Past the attribute TTL, with the epoch unchanged: opens, attributes and the kept
+    // registration need nothing from the worker but the epoch.
+    tokio::time::sleep(ttl + Duration::from_millis(50)).await;
+    assert!(fs.check_pins().await.is_empty());
+    fs.expire_kept_backings();
+    assert_eq!(fs.kept_backings(), 1, "kept while the epoch holds");
+    let calls = w.calls();
+    let again = fs
+        .open_now(ino, false, kernel.register())
+        .expect("still trusted")
+        .unwrap();
+    assert!(again.is_passthrough());
+    close(&fs, again);
+    assert_eq!(w.calls(), calls, "0 calls to the worker");
+    assert_eq!(kernel.registered.load(Ordering::SeqCst), 1);
+    assert!(fs.getattr_now(ino).is_some());
+    assert!(
+        fs.getattr_now(plain.ino).is_none(),
+        "an unpinned entry expired"
+    );
+
+    // The pins change: the entry is named for the kernel to drop, and trusted no more.
+    w.unpin("/e.bin");
+    *w.epoch.lock().unwrap() = Some(8);
+    let stale = fs.check_pins().await;
+    assert_eq!(
+        stale,
+        vec![KernelEntry {
+            ino,
+            parent: Some(1),
+            name: "e.bin".into()
+        }]
+    );
+    assert!(fs.check_pins().await.is_empty(), "named once");
+    assert_eq!(fs.kept_backings(), 0, "kept registrations go");
+    assert!(!kernel.last_alive());
+    assert!(fs.open_now(ino, false, kernel.register()).is_none());
+    assert!(fs.getattr_now(ino).is_none());
+    let opened = open_pt(&fs, ino, &kernel).await;
+    assert_eq!(w.calls().0, calls.0 + 1, "asked the worker");
+    assert_eq!(fs.read(opened.fh, 0, 10).await.unwrap()[..], bytes[..10]);
+    close(&fs, opened);
+    assert_eq!(fs.getattr_now(ino).unwrap().ttl, ttl, "unpinned now");
+
+    // Pinned again; then the worker stops answering: trust ends one attribute TTL after its
+    // last answer.
+    w.pin("/e.bin");
+    assert_eq!(
+        fs.getattr(ino).await.unwrap().ttl,
+        ttl,
+        "seen in the old epoch"
+    );
+    *w.epoch.lock().unwrap() = Some(9);
+    assert!(fs.check_pins().await.is_empty(), "nothing was trusted in 8");
+    assert_eq!(fs.lookup(1, "e.bin").await.unwrap().ttl, hour);
+    w.epoch_down.store(true, Ordering::SeqCst);
+    assert!(fs.check_pins().await.is_empty(), "within the TTL");
+    assert!(fs.getattr_now(ino).is_some());
+    tokio::time::sleep(ttl + Duration::from_millis(50)).await;
+    assert_eq!(fs.check_pins().await.len(), 1, "lapsed");
+    assert!(fs.getattr_now(ino).is_none());
+
+    // A worker that does not track its pins: the attribute TTL, as before.
+    w.epoch_down.store(false, Ordering::SeqCst);
+    *w.epoch.lock().unwrap() = None;
+    assert!(fs.check_pins().await.is_empty());
+    assert_eq!(fs.lookup(1, "e.bin").await.unwrap().ttl, ttl);
 }
 
 #[tokio::test]

@@ -117,6 +117,20 @@ impl CacheApi for GrpcCache {
         Ok(reply.into_inner().path.map(Into::into))
     }
 
+    async fn pins_epoch(&self) -> Result<Option<u64>, ApiError> {
+        match self
+            .client
+            .clone()
+            .pins_epoch(pb::PinsEpochRequest {})
+            .await
+        {
+            Ok(reply) => Ok(reply.into_inner().epoch),
+            // A worker from before pins had epochs.
+            Err(s) if s.code() == tonic::Code::Unimplemented => Ok(None),
+            Err(s) => Err(s.into()),
+        }
+    }
+
     async fn read_block(&self, object: &ObjectRef, index: u64) -> Result<Block, ApiError> {
         let req = pb::ReadBlockRequest {
             object: Some(object.into()),

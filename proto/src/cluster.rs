@@ -167,6 +167,20 @@ impl CacheApi for ClusterClient {
         self.api_of(local).await?.local_copy(object).await
     }
 
+    /// The local worker's: the one metadata calls go to first. Without a local worker, `None`
+    /// (pinned entries from any member are trusted for the attribute TTL only).
+    async fn pins_epoch(&self) -> Result<Option<u64>, ApiError> {
+        let view = self.membership.view();
+        let Some(local) = self
+            .local
+            .as_deref()
+            .and_then(|id| view.members.iter().find(|m| m.node_id == id))
+        else {
+            return Ok(None);
+        };
+        self.api_of(local).await?.pins_epoch().await
+    }
+
     async fn read_block(&self, object: &ObjectRef, index: u64) -> Result<Block, ApiError> {
         let view = self.membership.view();
         let key = BlockKey::new(object.id.fingerprint(), index);

@@ -229,6 +229,14 @@ pub trait CacheApi: Send + Sync + 'static {
         let _ = object;
         std::future::ready(Ok(None))
     }
+
+    /// A number that changes whenever the pinned entries `stat` and `list` answer with may
+    /// change (a pin made, released or lapsed). A client may trust a pinned entry it got while
+    /// the number was `e` for as long as the number stays `e`; `None`: not tracked (trust a
+    /// pinned entry for the attribute TTL only).
+    fn pins_epoch(&self) -> impl Future<Output = Result<Option<u64>, ApiError>> + Send {
+        std::future::ready(Ok(None))
+    }
 }
 
 impl<T: CacheApi> CacheApi for Arc<T> {
@@ -265,5 +273,9 @@ impl<T: CacheApi> CacheApi for Arc<T> {
         object: &ObjectRef,
     ) -> impl Future<Output = Result<Option<std::path::PathBuf>, ApiError>> + Send {
         (**self).local_copy(object)
+    }
+
+    fn pins_epoch(&self) -> impl Future<Output = Result<Option<u64>, ApiError>> + Send {
+        (**self).pins_epoch()
     }
 }

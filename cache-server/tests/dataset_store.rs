@@ -548,3 +548,29 @@ async fn a_second_replica_copies_from_the_first_holder() {
         }
     }
 }
+
+#[tokio::test]
+async fn the_pins_epoch_changes_with_the_pins_and_only_then() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let start = store.pins_epoch();
+    store.refresh().await.unwrap();
+    assert_eq!(store.pins_epoch(), start, "no pins, none before");
+
+    let pin = pin();
+    store.registry.create(&pin).await.unwrap();
+    store.refresh().await.unwrap();
+    let pinned = store.pins_epoch();
+    assert_ne!(pinned, start, "pinned");
+    store.refresh().await.unwrap();
+    assert_eq!(store.pins_epoch(), pinned, "the same pins");
+
+    store.registry.remove(&pin.name).await.unwrap();
+    store.refresh().await.unwrap();
+    assert_ne!(store.pins_epoch(), pinned, "unpinned");
+
+    // Another process over the same store starts from another number.
+    let again = open(dir.path());
+    again.refresh().await.unwrap();
+    assert_ne!(again.pins_epoch(), store.pins_epoch());
+}

@@ -371,7 +371,7 @@ fn pin_load_through_a_crash_exact_readiness_quotas_ttl_passthrough_repair_restar
         &etcd_url,
         &tls,
         &mnt,
-        &["--local-node", "w1", "--job", "train-1"],
+        &["--local-node", "w1", "--job", "train-1", "--attr-ttl", "1s"],
     );
     drop_page_cache();
     for rel in on1.keys() {
@@ -390,6 +390,31 @@ fn pin_load_through_a_crash_exact_readiness_quotas_ttl_passthrough_repair_restar
         metric(&m, "granary_fuse_ops_total", &[("op", "read")]),
         0.0,
         "no read reached the daemon"
+    );
+    // The next epoch, past the attribute TTL: the pins are unchanged, so the kernel still
+    // holds the pinned entries and no lookup of them reaches the daemon (only `data`, outside
+    // the pin, is looked up again, once a second at most), and every open is a passthrough
+    // open again.
+    std::thread::sleep(Duration::from_millis(2500));
+    let lookups = metric(&m, "granary_fuse_ops_total", &[("op", "lookup")]);
+    let opens = metric(&m, "granary_fuse_passthrough_opens_total", &[]);
+    let started = std::time::Instant::now();
+    for rel in on1.keys() {
+        let path = format!("ds/{rel}");
+        assert!(
+            std::fs::read(mnt.join("data").join(&path)).unwrap() == content(&path, tree[&path])
+        );
+    }
+    let m = client.metrics();
+    let again = metric(&m, "granary_fuse_ops_total", &[("op", "lookup")]) - lookups;
+    assert!(
+        again <= 1.0 + started.elapsed().as_secs_f64().ceil(),
+        "{again} lookups for {} pinned files past the 1 s attribute TTL",
+        on1.len()
+    );
+    assert!(
+        metric(&m, "granary_fuse_passthrough_opens_total", &[]) - opens >= on1.len() as f64,
+        "passthrough opens in the next epoch"
     );
     // Files held by w2 come through the daemon, from w2's store: still no backend GET.
     let gets_before: f64 = workers.iter().map(Worker::gets).sum();

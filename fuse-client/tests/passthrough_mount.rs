@@ -93,6 +93,8 @@ struct FileWorker {
     block_reads: Mutex<HashMap<String, u64>>,
     /// stat and local_copy calls.
     calls: AtomicU64,
+    /// The pins epoch it gives (`None`: not tracked).
+    epoch: Mutex<Option<u64>>,
 }
 
 impl FileWorker {
@@ -222,6 +224,10 @@ impl CacheApi for FileWorker {
             .and_then(|f| f.read_exact_at(&mut buf, range.start))
             .map_err(|e| ApiError::Internal(e.to_string()))?;
         Ok(Block::new(buf.into()))
+    }
+
+    async fn pins_epoch(&self) -> Result<Option<u64>, ApiError> {
+        Ok(*self.epoch.lock().unwrap())
     }
 
     async fn local_copy(&self, object: &ObjectRef) -> Result<Option<PathBuf>, ApiError> {
@@ -631,6 +637,76 @@ async fn a_hot_pinned_file_reopens_without_asking_the_worker() {
         "mmap of the pinned file"
     );
     assert_eq!(fuse_reads(), reads);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_entry_outlives_the_attribute_ttl_until_the_pins_change() {
+    pinned_epoch(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_entry_outlives_the_attribute_ttl_until_the_pins_change_over_io_uring() {
+    pinned_epoch(true).await;
+}
+
+/// Opens of a pinned file past the attribute TTL ask the worker nothing while its pins epoch
+/// holds (the kernel keeps the entry); when the epoch changes, the mount tells the kernel, and
+/// the next stat and read see the new version.
+async fn pinned_epoch(io_uring: bool) {
+    let _serial = serial().await;
+    counters();
+    let src = TempDir::new("epoch-src");
+    let mnt = TempDir::new("epoch-mnt");
+    let v1 = src.path().join("v1.bin");
+    let v2 = src.path().join("v2.bin");
+    write_pattern(&v1, (1 << 20) + 5, 21);
+    write_pattern(&v2, (2 << 20) + 9, 22);
+    let worker = Arc::new(FileWorker::default());
+    worker.add("data.bin", &v1, Some(&v1));
+    worker.pin("data.bin");
+    *worker.epoch.lock().unwrap() = Some(1);
+    let attr_ttl = Duration::from_secs(1);
+    let config = FsConfig {
+        attr_ttl,
+        pinned_ttl: Duration::from_secs(3600),
+        io_uring,
+        ..FsConfig::default()
+    };
+    let (fs, _guard) = mount_over(worker.clone(), config, mnt.path());
+    // The mount polls the epoch once a second, the first time at once.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let through = mnt.path().join("data.bin");
+    assert_eq!(sha256(&through), sha256(&v1));
+    let ino = std::fs::metadata(&through).unwrap().ino();
+    released(&fs, ino).await;
+
+    // Well past the attribute TTL: no lookup, no open, no stat reaches the worker.
+    tokio::time::sleep(2 * attr_ttl + Duration::from_millis(500)).await;
+    let calls = worker.calls();
+    for _ in 0..5 {
+        assert_eq!(sha256(&through), sha256(&v1));
+    }
+    assert_eq!(std::fs::metadata(&through).unwrap().len(), (1 << 20) + 5);
+    assert_eq!(worker.calls(), calls, "the pinned entry is trusted");
+
+    // The object changes but the pins do not (a pin's manifest is frozen): still v1.
+    worker.add("data.bin", &v2, Some(&v2));
+    worker.change("data.bin", "v2", Some(&v2));
+    worker.pin("data.bin");
+    tokio::time::sleep(2 * attr_ttl).await;
+    assert_eq!(std::fs::metadata(&through).unwrap().len(), (1 << 20) + 5);
+    assert_eq!(sha256(&through), sha256(&v1));
+
+    // The pins change: within a poll or two the kernel has dropped the entry; stat and
+    // read show v2.
+    *worker.epoch.lock().unwrap() = Some(2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::metadata(&through).unwrap().len() != (2 << 20) + 9 {
+        assert!(Instant::now() < deadline, "the kernel still shows v1");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(sha256(&through), sha256(&v2));
+    assert!(worker.calls() > calls, "asked the worker again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -244,6 +244,8 @@ struct PinsView {
     checked: Option<Instant>,
     /// The epoch known at the last check: the kernel may keep the pinned entries had in it.
     trusted: Option<u64>,
+    /// The epoch that ended at the last check, if one did: its entries are named once more.
+    retired: Option<u64>,
 }
 
 impl PinsView {
@@ -528,7 +530,10 @@ impl<A: CacheApi> GranaryFs<A> {
             .lock()
             .expect("inode lock")
             .upsert(&path, entry.clone(), 1, seen);
-        Ok(self.attr(ino, &entry, self.ttl_of(&entry, seen, epoch)))
+        // Against the epoch known now: if it changed during the stat, the kernel is not told to
+        // keep an entry of the old one.
+        let ttl = self.ttl_of(&entry, seen, self.known_epoch());
+        Ok(self.attr(ino, &entry, ttl))
     }
 
     pub fn forget(&self, ino: u64, n: u64) {
@@ -564,7 +569,8 @@ impl<A: CacheApi> GranaryFs<A> {
             .lock()
             .expect("inode lock")
             .refresh(ino, entry.clone(), seen);
-        Ok(self.attr(ino, &entry, self.ttl_of(&entry, seen, epoch)))
+        let ttl = self.ttl_of(&entry, seen, self.known_epoch());
+        Ok(self.attr(ino, &entry, ttl))
     }
 
     /// Opens a file for reading through this process; `write` = the open asked for write access.
@@ -1036,13 +1042,15 @@ impl<A: CacheApi> GranaryFs<A> {
     /// entries were trusted under is no longer the one known (it changed, or the worker has
     /// not answered for the attribute TTL), those entries are trusted no more, the registrations
     /// kept for pinned files go, and the entries (the kernel may keep them for the pinned TTL)
-    /// are returned for the caller to invalidate in the kernel.
+    /// are returned for the caller to invalidate in the kernel. They are returned once more at
+    /// the next check: an answer decided under the old epoch may reach the kernel after the
+    /// first invalidation (a lookup in flight while the epoch changed).
     pub fn pins_checked(
         &self,
         answer: Result<Option<u64>, ApiError>,
         now: Instant,
     ) -> Vec<KernelEntry> {
-        let (before, after) = {
+        let (before, after, again) = {
             let mut pins = self.pins.lock().expect("pins lock");
             match answer {
                 Ok(epoch) => {
@@ -1052,7 +1060,10 @@ impl<A: CacheApi> GranaryFs<A> {
                 Err(e) => tracing::debug!(error = %e, "the worker did not give its pins epoch"),
             }
             let after = pins.known(now, self.config.attr_ttl);
-            (std::mem::replace(&mut pins.trusted, after), after)
+            let before = std::mem::replace(&mut pins.trusted, after);
+            let changed = before.is_some() && before != after;
+            let again = std::mem::replace(&mut pins.retired, before.filter(|_| changed));
+            (before, after, again)
         };
         let changed = before.is_some() && before != after;
         if changed {
@@ -1072,10 +1083,12 @@ impl<A: CacheApi> GranaryFs<A> {
         };
         // Unregistering (an ioctl each) outside the lock.
         drop(dropped);
-        match before {
-            Some(old) if changed => self.inodes.lock().expect("inode lock").pinned_in(old),
-            _ => Vec::new(),
+        let inodes = self.inodes.lock().expect("inode lock");
+        let mut stale = Vec::new();
+        for epoch in [before.filter(|_| changed), again].into_iter().flatten() {
+            stale.extend(inodes.pinned_in(epoch));
         }
+        stale
     }
 
     /// Number of passthrough registrations kept for inodes without open handles.

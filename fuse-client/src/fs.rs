@@ -21,11 +21,12 @@
 //! by the mount once a second through [`GranaryFs::check_pins`]) is the one the client knew when
 //! it asked for the entry, and the kernel is told to keep such entries for the pinned TTL; when
 //! the epoch changes, `check_pins` names the entries the kernel must drop. A worker that does not
-//! track its pins, or does not answer, gets the attribute TTL. The local copy the worker named for that version is remembered
-//! (and opened again only if it is still the same file), and its kernel registration is kept for
-//! a while after the last close ([`crate::backings`]), so the second open of a hot pinned file
-//! needs no call to the worker and no system call: [`GranaryFs::open_now`] answers it on the
-//! FUSE thread.
+//! track its pins, or does not answer, gets the attribute TTL.
+//!
+//! The local copy the worker named for a pinned version is remembered (and opened again only if
+//! it is still the same file), and its kernel registration is kept for a while after the last
+//! close ([`crate::backings`]), so the second open of a hot pinned file needs no call to the
+//! worker and no system call: [`GranaryFs::open_now`] answers it on the FUSE thread.
 
 use crate::backings::{IdleBackings, Kept};
 use crate::inodes::{FileIdentity, InodeTable, KernelEntry, LocalCopy, ROOT, Seen, child_path};
@@ -60,8 +61,8 @@ pub struct FsConfig {
     pub passthrough: bool,
     /// The job (or pod) this mount serves, a label of its data-stall metric ("" = none).
     pub job: String,
-    /// Passthrough registrations of pinned files kept after their last close (for at most
-    /// `attr_ttl`), so that reopening a hot file costs no system call; 0 = none.
+    /// Passthrough registrations of pinned files kept after their last close (for as long as
+    /// their entries are trusted), so that reopening a hot file costs no system call; 0 = none.
     pub kept_backings: usize,
     /// How long the kernel may keep a pinned entry while the worker's pins epoch holds (it is
     /// told to drop it when the epoch changes); at least `attr_ttl`.

@@ -673,8 +673,8 @@ async fn pinned_epoch(io_uring: bool) {
         ..FsConfig::default()
     };
     let (fs, _guard) = mount_over(worker.clone(), config, mnt.path());
-    // The mount polls the epoch once a second, the first time at once.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The mount polls the epoch once a second; have it known before the first lookup.
+    assert!(fs.check_pins().await.is_empty());
     let through = mnt.path().join("data.bin");
     assert_eq!(sha256(&through), sha256(&v1));
     let ino = std::fs::metadata(&through).unwrap().ino();

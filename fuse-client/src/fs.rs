@@ -468,12 +468,23 @@ impl<A: CacheApi> GranaryFs<A> {
         entry.pinned && seen.epoch.is_some() && seen.epoch == known
     }
 
-    /// How long the kernel may keep `entry`, had as `seen`.
-    fn ttl_of(&self, entry: &Entry, seen: Seen, known: Option<u64>) -> Duration {
-        if Self::pinned_in_known_epoch(entry, seen, known) {
-            self.config.pinned_ttl.max(self.config.attr_ttl)
-        } else {
-            self.config.attr_ttl
+    /// How long the kernel may keep `ino`'s `entry`, had as `seen`, with `known` the pins
+    /// epoch known now; an entry given the pinned TTL is recorded as kept under its epoch, for
+    /// [`GranaryFs::pins_checked`] to name when that epoch ends.
+    fn kernel_ttl(
+        &self,
+        inodes: &mut InodeTable,
+        ino: u64,
+        entry: &Entry,
+        seen: Seen,
+        known: Option<u64>,
+    ) -> Duration {
+        match known {
+            Some(epoch) if Self::pinned_in_known_epoch(entry, seen, known) => {
+                inodes.kept_in(ino, epoch);
+                self.config.pinned_ttl.max(self.config.attr_ttl)
+            }
+            _ => self.config.attr_ttl,
         }
     }
 
@@ -526,14 +537,13 @@ impl<A: CacheApi> GranaryFs<A> {
         let epoch = self.known_epoch();
         let entry = self.api.stat(&path).await?;
         let seen = Self::seen_now(epoch);
-        let ino = self
-            .inodes
-            .lock()
-            .expect("inode lock")
-            .upsert(&path, entry.clone(), 1, seen);
         // Against the epoch known now: if it changed during the stat, the kernel is not told to
         // keep an entry of the old one.
-        let ttl = self.ttl_of(&entry, seen, self.known_epoch());
+        let known = self.known_epoch();
+        let mut inodes = self.inodes.lock().expect("inode lock");
+        let ino = inodes.upsert(&path, entry.clone(), 1, seen);
+        let ttl = self.kernel_ttl(&mut inodes, ino, &entry, seen, known);
+        drop(inodes);
         Ok(self.attr(ino, &entry, ttl))
     }
 
@@ -549,12 +559,14 @@ impl<A: CacheApi> GranaryFs<A> {
     /// Attributes of `ino` when they are fresh enough to answer without the worker.
     pub fn getattr_now(&self, ino: u64) -> Option<Attr> {
         let known = self.known_epoch();
-        let inodes = self.inodes.lock().expect("inode lock");
+        let mut inodes = self.inodes.lock().expect("inode lock");
         let inode = inodes.get(ino)?;
-        (ino == ROOT || self.fresh(&inode.entry, inode.seen, known)).then(|| {
-            let ttl = self.ttl_of(&inode.entry, inode.seen, known);
-            self.attr(ino, &inode.entry, ttl)
-        })
+        if ino != ROOT && !self.fresh(&inode.entry, inode.seen, known) {
+            return None;
+        }
+        let (entry, seen) = (inode.entry.clone(), inode.seen);
+        let ttl = self.kernel_ttl(&mut inodes, ino, &entry, seen, known);
+        Some(self.attr(ino, &entry, ttl))
     }
 
     /// Attributes of `ino`, refreshed from the worker once no longer trusted.
@@ -566,11 +578,11 @@ impl<A: CacheApi> GranaryFs<A> {
         let epoch = self.known_epoch();
         let entry = self.api.stat(&path).await?;
         let seen = Self::seen_now(epoch);
-        self.inodes
-            .lock()
-            .expect("inode lock")
-            .refresh(ino, entry.clone(), seen);
-        let ttl = self.ttl_of(&entry, seen, self.known_epoch());
+        let known = self.known_epoch();
+        let mut inodes = self.inodes.lock().expect("inode lock");
+        inodes.refresh(ino, entry.clone(), seen);
+        let ttl = self.kernel_ttl(&mut inodes, ino, &entry, seen, known);
+        drop(inodes);
         Ok(self.attr(ino, &entry, ttl))
     }
 
@@ -1087,7 +1099,7 @@ impl<A: CacheApi> GranaryFs<A> {
         let inodes = self.inodes.lock().expect("inode lock");
         let mut stale = Vec::new();
         for epoch in [before.filter(|_| changed), again].into_iter().flatten() {
-            stale.extend(inodes.pinned_in(epoch));
+            stale.extend(inodes.kept_under(epoch));
         }
         stale
     }
@@ -1178,21 +1190,26 @@ impl<A: CacheApi> GranaryFs<A> {
                     let entry = &entries[(off - 2) as usize];
                     let child = child_path(&path, &entry.name);
                     let seen = Self::seen_now(epoch);
-                    let child_ino = {
+                    // Plain readdir gives the kernel no entry to keep, only a name.
+                    let (child_ino, child_ttl) = {
                         let mut inodes = self.inodes.lock().expect("inode lock");
                         if plus {
-                            inodes.upsert(&child, entry.clone(), 1, seen)
+                            let child_ino = inodes.upsert(&child, entry.clone(), 1, seen);
+                            let child_ttl =
+                                self.kernel_ttl(&mut inodes, child_ino, entry, seen, known);
+                            (child_ino, child_ttl)
                         } else {
-                            inodes
+                            let child_ino = inodes
                                 .ino_of(&child)
-                                .unwrap_or_else(|| synthetic_ino(&child))
+                                .unwrap_or_else(|| synthetic_ino(&child));
+                            (child_ino, ttl)
                         }
                     };
                     DirItem {
                         next_offset: off + 1,
                         ino: child_ino,
                         name: entry.name.clone(),
-                        attr: self.attr(child_ino, entry, self.ttl_of(entry, seen, known)),
+                        attr: self.attr(child_ino, entry, child_ttl),
                     }
                 }
             };

@@ -69,6 +69,9 @@ pub struct Inode {
     pub seen: Seen,
     /// The local copy last used for this inode's (pinned) version, if any.
     pub local: Option<LocalCopy>,
+    /// The pins epoch under which the kernel was last told to keep this entry for the pinned
+    /// TTL: it must be told to drop it when that epoch ends, whatever was had since.
+    kept_in: Option<u64>,
     lookups: u64,
 }
 
@@ -112,6 +115,7 @@ impl InodeTable {
                     epoch: None,
                 },
                 local: None,
+                kept_in: None,
                 lookups: 1,
             },
         );
@@ -149,6 +153,7 @@ impl InodeTable {
                 entry,
                 seen,
                 local: None,
+                kept_in: None,
                 lookups: refs,
             },
         );
@@ -163,13 +168,21 @@ impl InodeTable {
         }
     }
 
-    /// The inodes whose pinned entries were had in pins epoch `epoch`, deepest paths first (a
-    /// directory's entries before the directory's own).
-    pub fn pinned_in(&self, epoch: u64) -> Vec<KernelEntry> {
+    /// Records that the kernel was told to keep `ino`'s entry for the pinned TTL under pins
+    /// epoch `epoch`.
+    pub fn kept_in(&mut self, ino: u64, epoch: u64) {
+        if let Some(inode) = self.by_ino.get_mut(&ino) {
+            inode.kept_in = Some(epoch);
+        }
+    }
+
+    /// The inodes the kernel was told to keep under pins epoch `epoch` ([`InodeTable::kept_in`]),
+    /// deepest paths first (a directory's entries before the directory's own).
+    pub fn kept_under(&self, epoch: u64) -> Vec<KernelEntry> {
         let mut found: Vec<(&str, KernelEntry)> = self
             .by_ino
             .iter()
-            .filter(|(ino, i)| **ino != ROOT && i.entry.pinned && i.seen.epoch == Some(epoch))
+            .filter(|(ino, i)| **ino != ROOT && i.kept_in == Some(epoch))
             .map(|(ino, i)| {
                 let (parent, name) = i.path.rsplit_once('/').unwrap_or(("", &i.path));
                 let parent = if parent.is_empty() { "/" } else { parent };
@@ -320,27 +333,28 @@ mod tests {
     }
 
     #[test]
-    fn the_pinned_entries_of_an_epoch_are_found_deepest_first() {
-        let pinned = |name: &str| Entry {
-            pinned: true,
-            ..dir(name)
-        };
+    fn the_entries_kept_under_an_epoch_are_found_deepest_first() {
         let mut t = InodeTable::new(dir(""), Instant::now());
-        let d = t.upsert("/d", pinned("d"), 1, seen(Some(7)));
-        let f = t.upsert("/d/f", pinned("f"), 1, seen(Some(7)));
-        t.upsert("/d/other-epoch", pinned("other-epoch"), 1, seen(Some(6)));
-        t.upsert("/d/not-pinned", dir("not-pinned"), 1, seen(Some(7)));
-        t.upsert("/d/untracked", pinned("untracked"), 1, seen(None));
+        let d = t.upsert("/d", dir("d"), 1, seen(Some(7)));
+        let f = t.upsert("/d/f", dir("f"), 1, seen(Some(7)));
+        let g = t.upsert("/d/g", dir("g"), 1, seen(Some(6)));
+        t.upsert("/d/not-kept", dir("not-kept"), 1, seen(Some(7)));
+        for (ino, epoch) in [(d, 7), (f, 7), (g, 6)] {
+            t.kept_in(ino, epoch);
+        }
         let entry = |ino, parent, name: &str| KernelEntry {
             ino,
             parent: Some(parent),
             name: name.into(),
         };
-        assert_eq!(t.pinned_in(7), vec![entry(f, d, "f"), entry(d, ROOT, "d")]);
-        assert!(t.pinned_in(8).is_empty());
-        // A refreshed entry belongs to the epoch it was had in last.
-        t.refresh(f, pinned("f"), seen(Some(8)));
-        assert_eq!(t.pinned_in(8), vec![entry(f, d, "f")]);
-        assert_eq!(t.pinned_in(7), vec![entry(d, ROOT, "d")]);
+        assert_eq!(t.kept_under(7), vec![entry(f, d, "f"), entry(d, ROOT, "d")]);
+        assert!(t.kept_under(8).is_empty());
+        // Had again since (an open that asked the worker), it is still one the kernel keeps
+        // under 7, until it is kept under another epoch.
+        t.refresh(f, dir("f"), seen(None));
+        assert_eq!(t.kept_under(7).len(), 2);
+        t.kept_in(f, 8);
+        assert_eq!(t.kept_under(8), vec![entry(f, d, "f")]);
+        assert_eq!(t.kept_under(7), vec![entry(d, ROOT, "d")]);
     }
 }

@@ -1060,6 +1060,26 @@ async fn a_pinned_entry_is_trusted_while_the_pins_epoch_holds() {
     assert_eq!(fs.check_pins().await.len(), 1, "named once more");
     assert!(fs.getattr_now(ino).is_none());
 
+    // An entry the kernel was told to keep under an epoch, then had again while no epoch was
+    // known (an open between two answers, past the attribute TTL), is still named when that
+    // epoch ends: the kernel keeps it whatever was had since.
+    w.epoch_down.store(false, Ordering::SeqCst);
+    assert!(fs.check_pins().await.is_empty());
+    assert_eq!(fs.lookup(1, "e.bin").await.unwrap().ttl, hour);
+    tokio::time::sleep(ttl + Duration::from_millis(50)).await;
+    let opened = open_pt(&fs, ino, &kernel).await;
+    close(&fs, opened);
+    *w.epoch.lock().unwrap() = Some(10);
+    assert_eq!(
+        fs.check_pins()
+            .await
+            .iter()
+            .map(|e| e.ino)
+            .collect::<Vec<_>>(),
+        vec![ino]
+    );
+    assert_eq!(fs.check_pins().await.len(), 1, "named once more");
+
     // A worker that does not track its pins: the attribute TTL, as before.
     w.epoch_down.store(false, Ordering::SeqCst);
     *w.epoch.lock().unwrap() = None;

@@ -1063,7 +1063,8 @@ impl<A: CacheApi> GranaryFs<A> {
         answer: Result<Option<u64>, ApiError>,
         now: Instant,
     ) -> Vec<KernelEntry> {
-        let (before, after, again) = {
+        // `ended`: the epoch trusted until now, if it is no longer the one known.
+        let (ended, after, again) = {
             let mut pins = self.pins.lock().expect("pins lock");
             match answer {
                 Ok(epoch) => {
@@ -1073,15 +1074,12 @@ impl<A: CacheApi> GranaryFs<A> {
                 Err(e) => tracing::debug!(error = %e, "the worker did not give its pins epoch"),
             }
             let after = pins.known(now, self.config.attr_ttl);
-            let before = std::mem::replace(&mut pins.trusted, after);
-            let changed = before.is_some() && before != after;
-            let again = std::mem::replace(&mut pins.retired, before.filter(|_| changed));
-            (before, after, again)
+            let ended = std::mem::replace(&mut pins.trusted, after).filter(|e| Some(*e) != after);
+            (ended, after, std::mem::replace(&mut pins.retired, ended))
         };
-        let changed = before.is_some() && before != after;
-        if changed {
+        if let Some(from) = ended {
             tracing::info!(
-                from = before,
+                from,
                 to = after,
                 "the worker's pins changed (or it stopped answering): no longer trusting pinned entries"
             );
@@ -1092,13 +1090,17 @@ impl<A: CacheApi> GranaryFs<A> {
                 Some(_) => self.config.pinned_ttl.max(self.config.attr_ttl),
                 None => self.config.attr_ttl,
             });
-            if changed { io.idle.clear() } else { Vec::new() }
+            if ended.is_some() {
+                io.idle.clear()
+            } else {
+                Vec::new()
+            }
         };
         // Unregistering (an ioctl each) outside the lock.
         drop(dropped);
         let inodes = self.inodes.lock().expect("inode lock");
         let mut stale = Vec::new();
-        for epoch in [before.filter(|_| changed), again].into_iter().flatten() {
+        for epoch in [ended, again].into_iter().flatten() {
             stale.extend(inodes.kept_under(epoch));
         }
         stale

@@ -111,6 +111,19 @@ impl ClusterClient {
         Ok(api)
     }
 
+    /// The API of the local worker, when it is a live member.
+    async fn local_api(&self) -> Result<Option<GrpcCache>, ApiError> {
+        let view = self.membership.view();
+        let local = self
+            .local
+            .as_deref()
+            .and_then(|id| view.members.iter().find(|m| m.node_id == id));
+        match local {
+            Some(member) => self.api_of(member).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// Runs a metadata call on the live members in turn until one answers.
     async fn any_member<T, F, Fut>(&self, call: F) -> Result<T, ApiError>
     where
@@ -156,29 +169,19 @@ impl CacheApi for ClusterClient {
     }
 
     async fn local_copy(&self, object: &ObjectRef) -> Result<Option<std::path::PathBuf>, ApiError> {
-        let view = self.membership.view();
-        let Some(local) = self
-            .local
-            .as_deref()
-            .and_then(|id| view.members.iter().find(|m| m.node_id == id))
-        else {
-            return Ok(None);
-        };
-        self.api_of(local).await?.local_copy(object).await
+        match self.local_api().await? {
+            Some(api) => api.local_copy(object).await,
+            None => Ok(None),
+        }
     }
 
     /// The local worker's: the one metadata calls go to first. Without a local worker, `None`
     /// (pinned entries from any member are trusted for the attribute TTL only).
     async fn pins_epoch(&self) -> Result<Option<u64>, ApiError> {
-        let view = self.membership.view();
-        let Some(local) = self
-            .local
-            .as_deref()
-            .and_then(|id| view.members.iter().find(|m| m.node_id == id))
-        else {
-            return Ok(None);
-        };
-        self.api_of(local).await?.pins_epoch().await
+        match self.local_api().await? {
+            Some(api) => api.pins_epoch().await,
+            None => Ok(None),
+        }
     }
 
     async fn read_block(&self, object: &ObjectRef, index: u64) -> Result<Block, ApiError> {

@@ -75,6 +75,12 @@ fn bad_sizes() {
     check("/tmp", &["--metadata-ttl", "soon"], &[], "invalid duration");
     check(
         "/tmp",
+        &["--pinned-ttl", "5x"],
+        &[],
+        "--pinned-ttl: invalid duration",
+    );
+    check(
+        "/tmp",
         &["--metrics-addr", "nowhere"],
         &[],
         "invalid socket address",

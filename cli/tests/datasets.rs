@@ -419,6 +419,7 @@ fn pin_load_through_a_crash_exact_readiness_quotas_ttl_passthrough_repair_restar
         metric(&m, "granary_fuse_passthrough_opens_total", &[]) - opens >= on1.len() as f64,
         "passthrough opens in the next epoch"
     );
+    assert_eq!(metric(&m, "granary_fuse_pins_epoch_known", &[]), 1.0);
     // Files held by w2 come through the daemon, from w2's store: still no backend GET.
     let gets_before: f64 = workers.iter().map(Worker::gets).sum();
     for rel in on2.keys().take(50) {

@@ -28,6 +28,12 @@ pub const FUSE_PASSTHROUGH_OPENS: &str = "granary_fuse_passthrough_opens_total";
 /// Per-CPU io_uring queues taking this mount's kernel requests (FUSE over io_uring); 0 when they
 /// go through `/dev/fuse`. Gauge, queues.
 pub const FUSE_IO_URING_QUEUES: &str = "granary_fuse_io_uring_queues";
+/// 1 while the mount knows the worker's pins epoch, so that pinned entries are trusted and
+/// kept by the kernel for the pinned TTL; 0 otherwise (attribute TTL). Gauge.
+pub const FUSE_PINS_EPOCH_KNOWN: &str = "granary_fuse_pins_epoch_known";
+/// Entries the mount told the kernel to drop because the pins epoch they were kept under
+/// ended. Counter, entries.
+pub const FUSE_KERNEL_INVALIDATIONS: &str = "granary_fuse_kernel_invalidations_total";
 /// Reads that waited for blocks not fetched yet, and how long (data stall; the sum is the total
 /// stall time), by `dataset` (the namespace's top directory) and `training_job` (the mount's `--job`).
 /// Histogram, seconds.
@@ -78,6 +84,8 @@ pub const ALL: &[&str] = &[
     FUSE_READ_BYTES,
     FUSE_PASSTHROUGH_OPENS,
     FUSE_IO_URING_QUEUES,
+    FUSE_PINS_EPOCH_KNOWN,
+    FUSE_KERNEL_INVALIDATIONS,
     FUSE_STALL_SECONDS,
     FUSE_BLOCKS,
     FUSE_BLOCK_BYTES,

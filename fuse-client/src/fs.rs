@@ -1077,6 +1077,10 @@ impl<A: CacheApi> GranaryFs<A> {
             let ended = std::mem::replace(&mut pins.trusted, after).filter(|e| Some(*e) != after);
             (ended, after, std::mem::replace(&mut pins.retired, ended))
         };
+        metrics::gauge!(granary_core::metrics::FUSE_PINS_EPOCH_KNOWN).set(match after {
+            Some(_) => 1.0,
+            None => 0.0,
+        });
         if let Some(from) = ended {
             tracing::info!(
                 from,

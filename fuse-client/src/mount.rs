@@ -198,6 +198,8 @@ fn invalidate(notifier: &Notifier, entries: &[KernelEntry]) {
         }
         failed += notify_failed(notifier.inval_inode(INodeNo(e.ino), 0, 0));
     }
+    metrics::counter!(granary_core::metrics::FUSE_KERNEL_INVALIDATIONS)
+        .increment(entries.len() as u64);
     tracing::info!(
         entries = entries.len(),
         failed,

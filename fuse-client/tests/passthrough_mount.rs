@@ -699,6 +699,7 @@ async fn pinned_epoch(io_uring: bool) {
 
     // The pins change: within a poll or two the kernel has dropped the entry; stat and
     // read show v2.
+    let invalidated = counter(m::FUSE_KERNEL_INVALIDATIONS, &[]);
     *worker.epoch.lock().unwrap() = Some(2);
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::fs::metadata(&through).unwrap().len() != (2 << 20) + 9 {
@@ -707,6 +708,7 @@ async fn pinned_epoch(io_uring: bool) {
     }
     assert_eq!(sha256(&through), sha256(&v2));
     assert!(worker.calls() > calls, "asked the worker again");
+    assert!(counter(m::FUSE_KERNEL_INVALIDATIONS, &[]) > invalidated);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

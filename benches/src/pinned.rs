@@ -476,8 +476,9 @@ fn one_run(ctx: &Ctx, run: usize, progress: &mut Progress) -> anyhow::Result<Run
                 passes.push(timed_pass(&job, (workload, condition), (system, access))?);
             }
         }
-        // The next epoch of a training job: the files warm in the page cache, but read again
-        // only once the mount's trust in their entries has lapsed. One wait for both systems.
+        // The next epoch of a training job: the files warm in the page cache, read again past
+        // the mount's attribute TTL (pinned entries outlast it while the pins are unchanged).
+        // One wait for both systems.
         if workload
             .conditions(*after_ttl)
             .contains(&Condition::AfterTtl)

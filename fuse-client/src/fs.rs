@@ -243,7 +243,8 @@ struct PinsView {
     epoch: Option<u64>,
     /// When the worker last answered.
     checked: Option<Instant>,
-    /// The epoch known at the last check: the kernel may keep the pinned entries had in it.
+    /// The epoch known at the last check: pinned entries had in it are trusted, and the kernel
+    /// may keep them, until a check finds it changed or lapsed.
     trusted: Option<u64>,
     /// The epoch that ended at the last check, if one did: its entries are named once more.
     retired: Option<u64>,
@@ -456,10 +457,15 @@ impl<A: CacheApi> GranaryFs<A> {
         }
     }
 
-    /// The pins epoch the worker last gave, if it answered within the attribute TTL.
+    /// The pins epoch pinned entries are trusted under, as the last check left it (the client
+    /// stops trusting at the check that tells the kernel to drop them, not before).
     fn known_epoch(&self) -> Option<u64> {
-        let pins = self.pins.lock().expect("pins lock");
-        pins.known(Instant::now(), self.config.attr_ttl)
+        self.pins.lock().expect("pins lock").trusted
+    }
+
+    /// How long the kernel keeps a pinned entry trusted under a known epoch.
+    fn pinned_ttl(&self) -> Duration {
+        self.config.pinned_ttl.max(self.config.attr_ttl)
     }
 
     /// A pinned entry had in the epoch still known: trusted, and kept by the kernel, for as long
@@ -482,7 +488,7 @@ impl<A: CacheApi> GranaryFs<A> {
         match known {
             Some(epoch) if Self::pinned_in_known_epoch(entry, seen, known) => {
                 inodes.kept_in(ino, epoch);
-                self.config.pinned_ttl.max(self.config.attr_ttl)
+                self.pinned_ttl()
             }
             _ => self.config.attr_ttl,
         }
@@ -1091,7 +1097,7 @@ impl<A: CacheApi> GranaryFs<A> {
         let dropped = {
             let mut io = self.io.lock().expect("io lock");
             io.idle.set_ttl(match after {
-                Some(_) => self.config.pinned_ttl.max(self.config.attr_ttl),
+                Some(_) => self.pinned_ttl(),
                 None => self.config.attr_ttl,
             });
             if ended.is_some() {

@@ -1041,8 +1041,8 @@ async fn a_pinned_entry_is_trusted_while_the_pins_epoch_holds() {
     close(&fs, opened);
     assert_eq!(fs.getattr_now(ino).unwrap().ttl, ttl, "unpinned now");
 
-    // Pinned again; then the worker stops answering: trust ends one attribute TTL after its
-    // last answer.
+    // Pinned again; then the worker stops answering: trust ends at the first check one
+    // attribute TTL after its last answer, the one that names the entries for the kernel.
     w.pin("/e.bin");
     assert_eq!(
         fs.getattr(ino).await.unwrap().ttl,
@@ -1056,19 +1056,25 @@ async fn a_pinned_entry_is_trusted_while_the_pins_epoch_holds() {
     assert!(fs.check_pins().await.is_empty(), "within the TTL");
     assert!(fs.getattr_now(ino).is_some());
     tokio::time::sleep(ttl + Duration::from_millis(50)).await;
+    assert!(fs.getattr_now(ino).is_some(), "until that check");
     assert_eq!(fs.check_pins().await.len(), 1, "lapsed");
     assert_eq!(fs.check_pins().await.len(), 1, "named once more");
     assert!(fs.getattr_now(ino).is_none());
 
-    // An entry the kernel was told to keep under an epoch, then had again while no epoch was
-    // known (an open between two answers, past the attribute TTL), is still named when that
-    // epoch ends: the kernel keeps it whatever was had since.
+    // An entry the kernel was told to keep under an epoch, then had again without it (from a
+    // listing asked for while no epoch was trusted), is still named when that epoch ends: the
+    // kernel keeps it whatever the client had of it since.
+    let listing = fs.opendir(1).await.unwrap();
     w.epoch_down.store(false, Ordering::SeqCst);
     assert!(fs.check_pins().await.is_empty());
     assert_eq!(fs.lookup(1, "e.bin").await.unwrap().ttl, hour);
-    tokio::time::sleep(ttl + Duration::from_millis(50)).await;
-    let opened = open_pt(&fs, ino, &kernel).await;
-    close(&fs, opened);
+    let mut listed = Vec::new();
+    fs.readdir(1, listing, 0, true, |item| {
+        listed.push((item.name.clone(), item.attr.ttl));
+        true
+    })
+    .unwrap();
+    assert!(listed.contains(&("e.bin".to_string(), ttl)), "{listed:?}");
     *w.epoch.lock().unwrap() = Some(10);
     assert_eq!(
         fs.check_pins()

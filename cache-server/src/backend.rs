@@ -1,15 +1,21 @@
 //! Backends: where bytes come from. Each mount's source becomes an `object_store` store plus a
 //! key prefix; every request goes through [`Backend`], which bounds concurrency, times requests
 //! and counts them in the metric catalogue.
+//!
+//! Keys are names byte for byte ([`granary_core::keys`]): a listed key is shown as it is, and a
+//! read asks for exactly the key listed. object_store's `Path` is made with `Path::parse`, which
+//! keeps a key's bytes (`Path::from` and `PathPart::from` would percent-encode `%`, `#` and every
+//! non-ASCII byte into a different key).
 
 use crate::config::{BackendSettings, S3Section};
 use bytes::Bytes;
 use granary_core::SourceUri;
+use granary_core::keys::{self, Child};
 use granary_core::metrics as m;
 use granary_core::rate::TokenBucket;
 use granary_proto::ApiError;
 use object_store::aws::AmazonS3Builder;
-use object_store::path::{Path as StorePath, PathPart};
+use object_store::path::Path as StorePath;
 use object_store::{ClientOptions, GetOptions, GetRange, ObjectStore, RetryConfig};
 use std::ops::Range;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -44,7 +50,8 @@ enum Store {
     /// S3 and S3-compatible stores, through object_store.
     Object {
         store: Arc<dyn ObjectStore>,
-        prefix: Option<StorePath>,
+        /// The key prefix of the source (`""` for the whole bucket), without a trailing `/`.
+        prefix: String,
     },
     /// A POSIX directory (GlusterFS, CephFS, NFS mounts), read with positional reads.
     Posix { root: PathBuf },
@@ -167,14 +174,6 @@ fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
         .saturating_add(meta.mtime_nsec())
 }
 
-fn join_key(prefix: &str, key: &str) -> String {
-    match (prefix.is_empty(), key.is_empty()) {
-        (true, _) => key.to_string(),
-        (false, true) => prefix.to_string(),
-        (false, false) => format!("{prefix}/{key}"),
-    }
-}
-
 /// Lists a POSIX directory (blocking).
 fn posix_list(root: &Path, key: &str) -> std::io::Result<Vec<RawEntry>> {
     let dir = root.join(key);
@@ -182,9 +181,17 @@ fn posix_list(root: &Path, key: &str) -> std::io::Result<Vec<RawEntry>> {
     for entry in std::fs::read_dir(&dir)? {
         let entry = entry?;
         let Ok(name) = entry.file_name().into_string() else {
-            tracing::warn!(dir = %dir.display(), name = ?entry.file_name(), "skipping a name that is not UTF-8");
+            skipped_key(
+                &dir.display().to_string(),
+                "not_utf8",
+                &entry.file_name().to_string_lossy(),
+            );
             continue;
         };
+        if let Err(e) = keys::check_name(&name) {
+            skipped_key(&dir.display().to_string(), e.label(), &name);
+            continue;
+        }
         // Follow symlinks; skip what cannot be stat'ed (dangling links) and special files.
         let Ok(meta) = std::fs::metadata(entry.path()) else {
             continue;
@@ -193,7 +200,7 @@ fn posix_list(root: &Path, key: &str) -> std::io::Result<Vec<RawEntry>> {
             continue;
         }
         out.push(RawEntry {
-            key: join_key(key, &name),
+            key: keys::join(key, &name),
             name,
             dir: meta.is_dir(),
             size: if meta.is_file() { meta.len() } else { 0 },
@@ -229,21 +236,30 @@ fn posix_read(
     Ok(Bytes::from(buf))
 }
 
-/// The store path of `key` (plain names, `/`-separated) under `prefix`: each name becomes one
-/// path part, percent-encoded the way object_store encodes the keys it lists.
-fn store_path(prefix: Option<&StorePath>, key: &str) -> StorePath {
-    let parts = key.split('/').filter(|p| !p.is_empty()).map(PathPart::from);
-    match prefix {
-        Some(p) => StorePath::from_iter(p.parts().chain(parts)),
-        None => StorePath::from_iter(parts),
+/// The store path of `key` (relative, `""` for the root) below `prefix`, byte for byte. A key that
+/// cannot be a path is refused: never asked for.
+fn store_path(prefix: &str, key: &str) -> Result<StorePath, keys::KeyError> {
+    if !key.is_empty() {
+        keys::check_key(key)?;
     }
+    // A checked key (and the prefix, checked at start) is what `parse` accepts, kept as it is.
+    StorePath::parse(keys::join(prefix, key)).map_err(|_| keys::KeyError::ControlCharacter)
 }
 
-/// A listed path part as the plain name it encodes.
-fn decode(part: &str) -> String {
-    percent_encoding::percent_decode_str(part)
-        .decode_utf8_lossy()
-        .into_owned()
+fn invalid_key(op: &str, id: &str, key: &str, e: keys::KeyError) -> ApiError {
+    ApiError::Invalid(format!("{op} {id}/{key}: the key cannot be a path: {e}"))
+}
+
+/// Notes a key left out of a listing because it cannot be a path: counted by `reason`, logged at
+/// debug level (a bucket can hold many).
+fn skipped_key(dir: &str, reason: &'static str, key: &str) {
+    metrics::counter!(m::BACKEND_KEYS_SKIPPED, "reason" => reason).increment(1);
+    tracing::debug!(
+        dir,
+        key,
+        reason,
+        "left out of the listing: the key cannot be a path"
+    );
 }
 
 const STALE: &str = "the object changed in the backend";
@@ -255,14 +271,19 @@ impl Backend {
         settings: &BackendSettings,
     ) -> Result<Self, BackendError> {
         let store = match source {
-            SourceUri::S3 { bucket, prefix } => Store::Object {
-                store: s3_store(bucket, s3, settings)?,
-                prefix: if prefix.is_empty() {
-                    None
-                } else {
-                    Some(StorePath::from(prefix.as_str()))
-                },
-            },
+            SourceUri::S3 { bucket, prefix } => {
+                if !prefix.is_empty()
+                    && let Err(e) = keys::check_key(prefix)
+                {
+                    return Err(BackendError::Config(format!(
+                        "source {source}: the prefix {prefix:?} cannot be a path: {e}"
+                    )));
+                }
+                Store::Object {
+                    store: s3_store(bucket, s3, settings)?,
+                    prefix: prefix.clone(),
+                }
+            }
             SourceUri::Local { path } => {
                 let meta = std::fs::metadata(path)
                     .map_err(|e| BackendError::Config(format!("source {source}: {e}")))?;
@@ -314,43 +335,40 @@ impl Backend {
         let start = Instant::now();
         let result = match &self.store {
             Store::Object { store, prefix } => {
-                let path = store_path(prefix.as_ref(), key);
-                let skip = prefix.as_ref().map_or(0, |p| p.parts().count());
+                let path =
+                    store_path(prefix, key).map_err(|e| invalid_key("list", &self.id, key, e))?;
                 let listed = store
                     .list_with_delimiter((!path.as_ref().is_empty()).then_some(&path))
                     .await
                     .map_err(|e| store_error("list", &self.id, key, e));
                 listed.map(|l| {
-                    let rel = |p: &StorePath| {
-                        p.parts()
-                            .skip(skip)
-                            .map(|part| decode(part.as_ref()))
-                            .collect::<Vec<_>>()
-                            .join("/")
+                    let dir = path.as_ref();
+                    let mut out = Vec::with_capacity(l.common_prefixes.len() + l.objects.len());
+                    let mut entry = |listed: &str, object: Option<&object_store::ObjectMeta>| {
+                        match keys::child(dir, listed) {
+                            Child::Name(name) => out.push(RawEntry {
+                                name: name.to_string(),
+                                dir: object.is_none(),
+                                key: keys::join(key, name),
+                                size: object.map_or(0, |o| o.size),
+                                mtime_ns: object.map_or(0, |o| {
+                                    o.last_modified.timestamp_nanos_opt().unwrap_or(0)
+                                }),
+                                etag: object.and_then(|o| o.e_tag.clone()),
+                                version: object.and_then(|o| o.version.clone()),
+                            }),
+                            // The directory's own folder marker makes it exist; it is no file.
+                            Child::Marker => {}
+                            Child::Invalid(e) => skipped_key(dir, e.label(), listed),
+                        }
                     };
-                    let dirs = l.common_prefixes.iter().filter_map(|p| {
-                        Some(RawEntry {
-                            name: decode(p.filename()?),
-                            dir: true,
-                            key: rel(p),
-                            size: 0,
-                            mtime_ns: 0,
-                            etag: None,
-                            version: None,
-                        })
-                    });
-                    let files = l.objects.iter().filter_map(|o| {
-                        Some(RawEntry {
-                            name: decode(o.location.filename()?),
-                            dir: false,
-                            key: rel(&o.location),
-                            size: o.size,
-                            mtime_ns: o.last_modified.timestamp_nanos_opt().unwrap_or(0),
-                            etag: o.e_tag.clone(),
-                            version: o.version.clone(),
-                        })
-                    });
-                    dirs.chain(files).collect()
+                    for p in &l.common_prefixes {
+                        entry(p.as_ref(), None);
+                    }
+                    for o in &l.objects {
+                        entry(o.location.as_ref(), Some(o));
+                    }
+                    out
                 })
             }
             Store::Posix { root } => {
@@ -377,7 +395,8 @@ impl Backend {
         let start = Instant::now();
         let result = match &self.store {
             Store::Object { store, prefix } => {
-                let path = store_path(prefix.as_ref(), key);
+                let path =
+                    store_path(prefix, key).map_err(|e| invalid_key("get", &self.id, key, e))?;
                 let options = exact_range(range.clone(), etag, version);
                 let got = match store.get_opts(&path, options).await {
                     Ok(r) => r.bytes().await,
@@ -441,9 +460,9 @@ impl Backend {
             sink(&self.get_range(key, range, etag, version).await?);
             return Ok(());
         };
+        let path = store_path(prefix, key).map_err(|e| invalid_key("get", &self.id, key, e))?;
         let _permit = self.admit().await?;
         let start = Instant::now();
-        let path = store_path(prefix.as_ref(), key);
         let options = exact_range(range.clone(), etag, version);
         let expected = range.end - range.start;
         let mut got = 0u64;
@@ -473,9 +492,9 @@ impl Backend {
         };
         match &self.store {
             Store::Object { store, prefix } => {
-                match tokio::time::timeout(timeout, store.list_with_delimiter(prefix.as_ref()))
-                    .await
-                {
+                let path = store_path(prefix, "").map_err(|e| unreachable(e.to_string()))?;
+                let at = (!prefix.is_empty()).then_some(&path);
+                match tokio::time::timeout(timeout, store.list_with_delimiter(at)).await {
                     Err(_) => Err(unreachable(format!(
                         "no answer within {timeout:?} (is the endpoint right and up?)"
                     ))),

@@ -9,7 +9,6 @@ use crate::config::Settings;
 use crate::datasets::{Datasets, Source};
 use crate::listing::{Listing, ListingCache};
 use crate::registry::Registry;
-use granary_core::namespace::components;
 use granary_core::placement::owners;
 use granary_core::{BlockKey, BlockSize, ObjectId, Resolved};
 use granary_proto::membership::Membership;
@@ -168,7 +167,7 @@ impl Worker {
         let raw = backend.list(key).await?;
         let entries = raw
             .into_iter()
-            .filter(|r| valid_name(&r.name))
+            // (The backend leaves out keys that cannot be paths.)
             .map(|r| {
                 if r.dir {
                     return self.dir_entry(&r.name);
@@ -215,9 +214,9 @@ impl Worker {
                     object.id.key, object.mount, object.id.backend
                 ))
             })?;
-        if object.id.key.is_empty() || components(&format!("/{}", object.id.key)).is_none() {
+        if let Err(e) = granary_core::keys::check_key(&object.id.key) {
             return Err(ApiError::Invalid(format!(
-                "invalid object key {:?}",
+                "invalid object key {:?}: {e}",
                 object.id.key
             )));
         }
@@ -230,11 +229,6 @@ impl Worker {
         }
         Ok(backend)
     }
-}
-
-/// Names the filesystem can show: not empty, not `.`/`..`, no NUL.
-fn valid_name(name: &str) -> bool {
-    !name.is_empty() && name != "." && name != ".." && !name.contains('\0')
 }
 
 fn split_parent(key: &str) -> (&str, &str) {

@@ -1,13 +1,15 @@
 //! Granary's pure logic.
 //!
 //! Everything in this crate is deterministic and free of I/O: block arithmetic, cache keys, the
-//! readahead window, source URIs, the namespace table, humane sizes and durations, and the metric
-//! catalogue. Services (`cache-server`, `fuse-client`) drive these types; they are tested here with
-//! plain unit and property tests, without a runtime, a network or a kernel.
+//! readahead window, source URIs, the object key <-> name mapping, the namespace table, humane
+//! sizes and durations, and the metric catalogue. Services (`cache-server`, `fuse-client`) drive
+//! these types; they are tested here with plain unit and property tests, without a runtime, a
+//! network or a kernel.
 
 pub mod block;
 pub mod dataset;
 pub mod gang;
+pub mod keys;
 pub mod metrics;
 pub mod namespace;
 pub mod object;

@@ -12,6 +12,9 @@ pub const BACKEND_REQUESTS: &str = "granary_backend_requests_total";
 pub const BACKEND_REQUEST_SECONDS: &str = "granary_backend_request_seconds";
 /// Bytes received from backends. Counter, bytes.
 pub const BACKEND_BYTES: &str = "granary_backend_bytes_total";
+/// Keys left out of listings because they cannot be a path (an empty, `.` or `..` segment, a
+/// control character, a POSIX name that is not UTF-8), by `reason`. Counter, keys.
+pub const BACKEND_KEYS_SKIPPED: &str = "granary_backend_keys_skipped_total";
 /// Blocks whose checksum did not match (dropped and refetched). Counter.
 pub const BLOCK_CHECKSUM_FAILURES: &str = "granary_block_checksum_failures_total";
 /// Metadata (stat/list) lookups, by `result`: `hit` (served from the TTL cache) or `miss`. Counter.
@@ -20,6 +23,9 @@ pub const METADATA_LOOKUPS: &str = "granary_metadata_lookups_total";
 pub const FUSE_OPS: &str = "granary_fuse_ops_total";
 /// FUSE operation latency, by `op`. Histogram, seconds.
 pub const FUSE_OP_SECONDS: &str = "granary_fuse_op_seconds";
+/// ioctls the mount answered ENOTTY (it implements none; `isatty()` on every buffered Python
+/// `open()` sends one). Counter, requests.
+pub const FUSE_UNSUPPORTED_IOCTLS: &str = "granary_fuse_unsupported_ioctls_total";
 /// Bytes returned to FUSE readers. Counter, bytes.
 pub const FUSE_READ_BYTES: &str = "granary_fuse_read_bytes_total";
 /// Opens answered with kernel passthrough to a local copy (its reads never reach Granary).

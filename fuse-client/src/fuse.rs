@@ -11,8 +11,9 @@
 use crate::fs::{Attr, Backing, FsError, GranaryFs, OpenIo, Opened};
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs,
+    ReplyXattr, Request,
 };
 use granary_core::metrics as m;
 use granary_proto::{CacheApi, EntryKind};
@@ -397,6 +398,23 @@ impl<A: CacheApi> Filesystem for FuseAdapter<A> {
         // Nothing to flush on a read-only mount: ENOSYS tells the kernel to stop sending FLUSH
         // (a round trip to this process on every close(2)) for the rest of the mount's life.
         reply.error(Errno::ENOSYS);
+    }
+
+    /// No ioctl is implemented: ENOTTY ("not a terminal", what `isatty()` expects), counted, not
+    /// logged (fuser's default logs a warning per call, and Python's buffered `open()` sends one).
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        metrics::counter!(m::FUSE_UNSUPPORTED_IOCTLS).increment(1);
+        reply.error(Errno::ENOTTY);
     }
 
     fn getxattr(

@@ -77,6 +77,7 @@ mod op {
     pub const READDIR: u32 = 28;
     pub const RELEASEDIR: u32 = 29;
     pub const DESTROY: u32 = 38;
+    pub const IOCTL: u32 = 39;
     pub const READDIRPLUS: u32 = 44;
 }
 
@@ -538,6 +539,12 @@ impl<A: CacheApi> Server<A> {
             // on every close(2).
             op::FLUSH => {
                 Answer { header, payload }.error(libc::ENOSYS);
+                Served::Now
+            }
+            // No ioctl is implemented: ENOTTY, what `isatty()` expects (as over /dev/fuse).
+            op::IOCTL => {
+                metrics::counter!(m::FUSE_UNSUPPORTED_IOCTLS).increment(1);
+                Answer { header, payload }.error(libc::ENOTTY);
                 Served::Now
             }
             // Writes, links, locks, ...: not on this read-only mount.

@@ -421,6 +421,7 @@ impl Worker {
             root_key,
             backend: self.backends[mount as usize].id().to_string(),
             manifest,
+            exact_names: true,
         };
         self.check_nodes(&pins, &pin)?;
         self.datasets.registry.create(&pin).await?;

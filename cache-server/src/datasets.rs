@@ -799,7 +799,7 @@ impl Datasets {
                             Ok(completed) => {
                                 let _ = done.send(completed).await;
                             }
-                            Err(e) => self.file_failed(&pin.name, &file.path, &e),
+                            Err(e) => self.file_failed(&pin.name, &file.path, &named(pin, e)),
                         }
                     }
                 })
@@ -1536,6 +1536,22 @@ struct Retry {
 /// Errors worth trying again at once (the object's version is gone or the bytes are wrong: not).
 fn retryable(e: &ApiError) -> bool {
     !matches!(e, ApiError::Stale(_) | ApiError::NotFound(_))
+}
+
+/// A failure to load a file of `pin`, saying when the cause may be a name pinned before names
+/// were exact: the backend no longer has that key as pinned (it may have been decoded from a key
+/// with `%` in it).
+fn named(pin: &Pin, e: ApiError) -> ApiError {
+    match e {
+        ApiError::NotFound(what) | ApiError::Stale(what) if !pin.exact_names => {
+            ApiError::Invalid(format!(
+                "{what}: dataset {:?} was pinned before Granary kept object names exactly \
+                 (names were percent-decoded); unpin it and pin it again",
+                pin.name
+            ))
+        }
+        other => other,
+    }
 }
 
 /// Runs blocking file work off the async threads.

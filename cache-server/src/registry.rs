@@ -51,6 +51,12 @@ pub struct Pin {
     pub root_key: String,
     pub backend: String,
     pub manifest: Manifest,
+    /// The manifest's names are the backend's keys byte for byte. Pins made before names were
+    /// exact lack it: their names were percent-decoded (`q%20a.txt` was pinned as `q a.txt`), so
+    /// a file of theirs that the backend does not have as pinned fails with a message saying
+    /// to pin the dataset again (the ETag check means it is never loaded from another object).
+    #[serde(default)]
+    pub exact_names: bool,
 }
 
 impl Pin {
@@ -717,6 +723,7 @@ mod tests {
             root_key: String::new(),
             backend: "b".into(),
             manifest: Manifest::new("/d".into(), files),
+            exact_names: true,
         }
     }
 

@@ -122,6 +122,7 @@ fn pin() -> Pin {
         root_key: "pfx".into(),
         backend: "s3://b".into(),
         manifest: Manifest::new("/data/pfx".into(), files),
+        exact_names: true,
     }
 }
 

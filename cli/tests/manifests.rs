@@ -38,6 +38,7 @@ fn pin(name: &str, files: usize) -> Pin {
         root_key: "imagenet".into(),
         backend: "s3://bucket".into(),
         manifest: Manifest::new("/data/imagenet".into(), files),
+        exact_names: true,
     }
 }
 

@@ -1,14 +1,18 @@
 //! The backend conformance suite: the same checks of [`Backend`] against every real backend kind
 //! the tests start — an S3 server (moto), Ceph RGW, and a GlusterFS volume read as a POSIX path.
 //! Run through scripts/test.sh, which starts them and sets the GRANARY_TEST_* variables.
+//!
+//! Objects reach S3 through boto3 (as users upload them: raw UTF-8 keys, folder markers), files
+//! reach POSIX sources as plain files: a backend must show what other clients wrote, byte for
+//! byte, including names with `%`, `#`, `?`, non-ASCII and 200 bytes.
 
-use granary_cache_server::backend::Backend;
+#[path = "../../cli/tests/support/keys.rs"]
+mod keys;
+
+use granary_cache_server::backend::{Backend, RawEntry};
 use granary_cache_server::config::{BackendSettings, S3Section};
 use granary_core::SourceUri;
 use granary_proto::ApiError;
-use object_store::aws::AmazonS3Builder;
-use object_store::path::Path as StorePath;
-use object_store::{ObjectStoreExt, PutPayload};
 use std::path::PathBuf;
 
 fn env(name: &str) -> String {
@@ -25,7 +29,7 @@ fn unique(name: &str) -> String {
 
 enum Fixture {
     S3 {
-        store: object_store::aws::AmazonS3,
+        endpoint: String,
         bucket: String,
         prefix: String,
         s3: S3Section,
@@ -41,24 +45,15 @@ impl Fixture {
         let access = env(&format!("GRANARY_TEST_{vars}_ACCESS_KEY"));
         let secret = env(&format!("GRANARY_TEST_{vars}_SECRET_KEY"));
         let bucket = env(&format!("GRANARY_TEST_{vars}_BUCKET"));
-        let store = AmazonS3Builder::new()
-            .with_endpoint(&endpoint)
-            .with_allow_http(true)
-            .with_region("us-east-1")
-            .with_access_key_id(&access)
-            .with_secret_access_key(&secret)
-            .with_bucket_name(&bucket)
-            .build()
-            .unwrap();
         let s3 = S3Section {
-            endpoint: Some(endpoint),
+            endpoint: Some(endpoint.clone()),
             region: Some("us-east-1".into()),
             access_key_id: Some(access),
             secret_access_key: Some(secret),
             ..S3Section::default()
         };
         Fixture::S3 {
-            store,
+            endpoint,
             bucket,
             prefix: unique(name),
             s3,
@@ -71,22 +66,43 @@ impl Fixture {
         Fixture::Posix { root }
     }
 
-    async fn put(&self, key: &str, data: &[u8]) {
+    /// Writes each (key, bytes): with boto3 to S3, as plain files to a POSIX source. A key
+    /// ending in `/` is an S3 folder marker (zero bytes).
+    fn put(&self, objects: &[(String, Vec<u8>)]) {
         match self {
-            Fixture::S3 { store, prefix, .. } => {
-                let path = StorePath::from_iter(prefix.split('/').chain(key.split('/')));
-                store
-                    .put(&path, PutPayload::from(data.to_vec()))
-                    .await
-                    .unwrap();
+            Fixture::S3 {
+                endpoint,
+                bucket,
+                prefix,
+                s3,
+            } => {
+                let staging = tempfile::tempdir().unwrap();
+                let uploads: Vec<(String, Option<PathBuf>)> = objects
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (key, data))| {
+                        let file = staging.path().join(i.to_string());
+                        std::fs::write(&file, data).unwrap();
+                        (format!("{prefix}/{key}"), Some(file))
+                    })
+                    .collect();
+                let target = keys::Boto3Target {
+                    endpoint,
+                    access_key: s3.access_key_id.as_deref().unwrap(),
+                    secret_key: s3.secret_access_key.as_deref().unwrap(),
+                    bucket,
+                };
+                keys::put(&target, &uploads);
             }
             Fixture::Posix { root } => {
-                let path = root.join(key);
-                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-                // Replace, never rewrite in place: a new version is a new file.
-                let tmp = path.with_extension("granary-tmp");
-                std::fs::write(&tmp, data).unwrap();
-                std::fs::rename(&tmp, &path).unwrap();
+                for (key, data) in objects {
+                    let path = root.join(key);
+                    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                    // Replace, never rewrite in place: a new version is a new file.
+                    let tmp = path.with_file_name(".granary-tmp");
+                    std::fs::write(&tmp, data).unwrap();
+                    std::fs::rename(&tmp, &path).unwrap();
+                }
             }
         }
     }
@@ -115,40 +131,56 @@ fn bytes(n: usize, seed: u8) -> Vec<u8> {
 
 /// The suite every backend must pass.
 async fn conformance(fx: Fixture) {
-    let names = [
+    let mut names: Vec<String> = [
         "plain.bin",
         "with space.txt",
         "ünïcødé-文件.bin",
         "per%cent#hash.txt",
         "dir/inner.bin",
         "dir/sub/deep.bin",
-    ];
-    for (i, name) in names.iter().enumerate() {
-        fx.put(name, &bytes(1000 + i * 100_000, i as u8)).await;
+    ]
+    .map(String::from)
+    .into();
+    for name in keys::hostile_names() {
+        if !names.contains(&name) {
+            names.push(name);
+        }
     }
+    let size = |i: usize| {
+        if i < 6 {
+            1000 + i * 100_000
+        } else {
+            300 + i * 1000
+        }
+    };
+    let objects: Vec<(String, Vec<u8>)> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| (name.clone(), bytes(size(i), i as u8)))
+        .collect();
+    fx.put(&objects);
     let backend = fx.backend();
     backend
         .probe(std::time::Duration::from_secs(5))
         .await
         .unwrap();
 
-    // Listing one level: files with sizes and versions, directories once, names decoded.
+    // Listing one level: files with sizes and versions, directories once, every name exactly
+    // the key's bytes (nothing decoded: `q%20a.txt` is not `q a.txt`).
     let mut root = backend.list("").await.unwrap();
     root.sort_by(|a, b| a.name.cmp(&b.name));
     let listed: Vec<(&str, bool)> = root.iter().map(|e| (e.name.as_str(), e.dir)).collect();
-    assert_eq!(
-        listed,
-        vec![
-            ("dir", true),
-            ("per%cent#hash.txt", false),
-            ("plain.bin", false),
-            ("with space.txt", false),
-            ("ünïcødé-文件.bin", false)
-        ]
-    );
+    let mut expected: Vec<(&str, bool)> = names
+        .iter()
+        .filter(|n| !n.contains('/'))
+        .map(|n| (n.as_str(), false))
+        .chain([("dir", true)])
+        .collect();
+    expected.sort();
+    assert_eq!(listed, expected);
     for e in root.iter().filter(|e| !e.dir) {
         let i = names.iter().position(|n| *n == e.name).unwrap();
-        assert_eq!(e.size, (1000 + i * 100_000) as u64, "{}", e.name);
+        assert_eq!(e.size, size(i) as u64, "{}", e.name);
         assert!(
             e.etag.is_some() || e.version.is_some(),
             "{} has no version tag",
@@ -169,7 +201,7 @@ async fn conformance(fx: Fixture) {
     // Ranged reads return exactly the asked bytes, for every name.
     for (i, entry) in root.iter().filter(|e| !e.dir).enumerate() {
         let idx = names.iter().position(|n| *n == entry.name).unwrap();
-        let data = bytes(1000 + idx * 100_000, idx as u8);
+        let data = bytes(size(idx), idx as u8);
         let size = data.len() as u64;
         for range in [0..size, 0..1, size / 2..size, size - 1..size] {
             let got = backend
@@ -204,7 +236,7 @@ async fn conformance(fx: Fixture) {
     );
 
     // A new version of an object: reading with the old version tag fails as Stale.
-    fx.put("plain.bin", &bytes(3000, 99)).await;
+    fx.put(&[("plain.bin".into(), bytes(3000, 99))]);
     let stale = backend
         .get_range(
             &plain.key,
@@ -223,6 +255,46 @@ async fn conformance(fx: Fixture) {
         .await
         .unwrap();
     assert_eq!(got[..], bytes(3000, 99)[..]);
+
+    // Folder markers (S3): a key ending in `/` makes its directory exist and is never a file; an
+    // object whose key is also a prefix stays beside the directory (the worker's listing keeps
+    // the directory).
+    if matches!(fx, Fixture::S3 { .. }) {
+        fx.put(&[
+            ("marker/".into(), vec![]),
+            ("marker/empty/".into(), vec![]),
+            ("marker/full/".into(), vec![]),
+            ("marker/full/c.txt".into(), bytes(10, 1)),
+            ("marker/both".into(), bytes(5, 2)),
+            ("marker/both/x.txt".into(), bytes(7, 3)),
+        ]);
+        let kinds = |mut listed: Vec<RawEntry>| {
+            listed.sort_by(|a, b| (&a.name, a.dir).cmp(&(&b.name, b.dir)));
+            listed
+                .into_iter()
+                .map(|e| (e.name, e.dir))
+                .collect::<Vec<_>>()
+        };
+        let owned = |v: &[(&str, bool)]| {
+            v.iter()
+                .map(|(n, d)| (n.to_string(), *d))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            kinds(backend.list("marker").await.unwrap()),
+            owned(&[
+                ("both", false),
+                ("both", true),
+                ("empty", true),
+                ("full", true)
+            ])
+        );
+        assert_eq!(kinds(backend.list("marker/empty").await.unwrap()), vec![]);
+        assert_eq!(
+            kinds(backend.list("marker/full").await.unwrap()),
+            owned(&[("c.txt", false)])
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -27,6 +27,7 @@ export GRANARY_TEST_S3_ENDPOINT=$ep
 export GRANARY_TEST_S3_ACCESS_KEY=$AK
 export GRANARY_TEST_S3_SECRET_KEY=$SK
 export GRANARY_TEST_S3_BUCKET=$BUCKET
+export GRANARY_TEST_BOTO3_PYTHON=$VENV/bin/python
 EOF
   echo "moto up: $ep (bucket $BUCKET)"
 }

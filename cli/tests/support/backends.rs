@@ -70,13 +70,24 @@ impl S3Target {
         format!("s3://{}/{prefix}", self.bucket)
     }
 
-    /// Uploads the tree under `prefix` (16 uploads in flight).
+    /// This target for boto3 uploads ([`super::keys::put`]).
+    pub fn boto3(&self) -> super::keys::Boto3Target<'_> {
+        super::keys::Boto3Target {
+            endpoint: &self.endpoint,
+            access_key: &self.access_key,
+            secret_key: &self.secret_key,
+            bucket: &self.bucket,
+        }
+    }
+
+    /// Uploads the tree under `prefix` (16 uploads in flight), each path as its key byte for byte
+    /// (`Path::parse`: `Path::from` would percent-encode `%`, `#` and non-ASCII bytes).
     pub async fn upload(&self, prefix: &str, tree: &Tree) {
         let store = self.store();
         let store = &store;
         futures::stream::iter(tree.iter())
             .for_each_concurrent(16, |(path, size)| async move {
-                let key = StorePath::from(format!("{prefix}/{path}"));
+                let key = StorePath::parse(format!("{prefix}/{path}")).unwrap();
                 let payload = PutPayload::from(content(path, *size));
                 store
                     .put(&key, payload)
@@ -88,7 +99,7 @@ impl S3Target {
 
     pub async fn put(&self, key: &str, data: Vec<u8>) {
         self.store()
-            .put(&StorePath::from(key), PutPayload::from(data))
+            .put(&StorePath::parse(key).unwrap(), PutPayload::from(data))
             .await
             .unwrap();
     }

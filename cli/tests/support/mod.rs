@@ -5,6 +5,7 @@
 pub mod backends;
 pub mod cluster;
 pub mod data;
+pub mod keys;
 pub mod own;
 pub mod process;
 

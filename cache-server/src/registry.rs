@@ -727,6 +727,15 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_pin_written_before_exact_names_reads_as_not_exact() {
+        let mut json = serde_json::to_value(pin("old")).unwrap();
+        json.as_object_mut().unwrap().remove("exact_names");
+        let old: Pin = serde_json::from_value(json).unwrap();
+        assert!(!old.exact_names);
+        assert!(pin("new").exact_names);
+    }
+
     #[tokio::test]
     async fn a_local_registry_parses_a_pin_file_again_only_when_it_changed() {
         let dir = tempfile::tempdir().unwrap();

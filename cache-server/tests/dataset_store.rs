@@ -365,6 +365,47 @@ async fn a_file_that_keeps_failing_is_retried_with_backoff_and_named_in_the_stat
     assert_eq!(backend.total.load(Ordering::SeqCst), 41 + 1);
 }
 
+/// A pin made before names were exact may hold a name decoded from a key with `%` in it: the
+/// backend has no such key, and the failure says to pin the dataset again.
+#[tokio::test]
+async fn a_missing_file_of_a_pin_from_before_exact_names_says_to_pin_again() {
+    for exact_names in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let pin = Pin {
+            exact_names,
+            ..pin()
+        };
+        let store = open_with(dir.path(), 4);
+        store.registry.create(&pin).await.unwrap();
+        let backend = Arc::new(FakeBackend::default());
+        *backend.missing.lock().unwrap() = Some("/small".into());
+        let run = tokio::spawn(store.clone().run(backend.clone()));
+        let mut failed = None;
+        for _ in 0..100 {
+            store.refresh().await.unwrap();
+            let p = store.progress(&pin);
+            if p.state == LoadState::Failed {
+                failed = Some(p);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        run.abort();
+        let reason = failed.expect("the node reports the failure").reason;
+        assert!(reason.contains("pfx/small"), "{reason}");
+        assert_eq!(
+            reason.contains("pinned before Granary kept object names exactly"),
+            !exact_names,
+            "{reason}"
+        );
+        assert_eq!(
+            backend.total.load(Ordering::SeqCst),
+            41,
+            "only the others loaded"
+        );
+    }
+}
+
 #[tokio::test]
 async fn files_completed_after_the_last_checkpoint_are_rechecked_when_the_store_opens() {
     let dir = tempfile::tempdir().unwrap();

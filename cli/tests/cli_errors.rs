@@ -162,6 +162,12 @@ fn bad_s3_endpoints_and_credentials() {
     let mut dead = moto.env();
     dead[0].1 = format!("http://127.0.0.1:{}", support::free_port());
     check(&moto.uri(""), &[], &dead, "cannot connect");
+    check(
+        "s3://granary-test/data/../etc",
+        &[],
+        &moto.env(),
+        "the prefix \"data/../etc\" cannot be a path: it has a '.' or '..' segment",
+    );
     let rgw = S3Target::rgw();
     let mut wrong = rgw.env();
     wrong[2].1 = "wrong-secret".into();

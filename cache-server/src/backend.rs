@@ -236,18 +236,11 @@ fn posix_read(
     Ok(Bytes::from(buf))
 }
 
-/// The store path of `key` (relative, `""` for the root) below `prefix`, byte for byte. A key that
-/// cannot be a path is refused: never asked for.
-fn store_path(prefix: &str, key: &str) -> Result<StorePath, keys::KeyError> {
-    if !key.is_empty() {
-        keys::check_key(key)?;
-    }
-    // A checked key (and the prefix, checked at start) is what `parse` accepts, kept as it is.
-    StorePath::parse(keys::join(prefix, key)).map_err(|_| keys::KeyError::ControlCharacter)
-}
-
-fn invalid_key(op: &str, id: &str, key: &str, e: keys::KeyError) -> ApiError {
-    ApiError::Invalid(format!("{op} {id}/{key}: the key cannot be a path: {e}"))
+/// The store path of `key` (relative, checked; `""` for the root) below `prefix`, byte for byte.
+fn store_path(id: &str, prefix: &str, key: &str) -> Result<StorePath, ApiError> {
+    // A checked key below a checked prefix is what `parse` accepts, and it keeps the bytes.
+    StorePath::parse(keys::join(prefix, key))
+        .map_err(|e| ApiError::Invalid(format!("{id}/{key}: {e}")))
 }
 
 /// Notes a key left out of a listing because it cannot be a path: counted by `reason`, logged at
@@ -324,6 +317,16 @@ impl Backend {
             .map_err(|_| ApiError::Unavailable("backend closed".into()))
     }
 
+    /// Refuses a key that cannot be a path before anything is asked for it.
+    fn check(&self, op: &str, key: &str) -> Result<(), ApiError> {
+        keys::check_key(key).map_err(|e| {
+            ApiError::Invalid(format!(
+                "{op} {}/{key}: the key cannot be a path: {e}",
+                self.id
+            ))
+        })
+    }
+
     /// The identity of this backend inside object ids.
     pub fn id(&self) -> &str {
         &self.id
@@ -331,12 +334,14 @@ impl Backend {
 
     /// Lists one directory level under `key` (`""` = the backend's root).
     pub async fn list(&self, key: &str) -> Result<Vec<RawEntry>, ApiError> {
+        if !key.is_empty() {
+            self.check("list", key)?;
+        }
         let _permit = self.admit().await?;
         let start = Instant::now();
         let result = match &self.store {
             Store::Object { store, prefix } => {
-                let path =
-                    store_path(prefix, key).map_err(|e| invalid_key("list", &self.id, key, e))?;
+                let path = store_path(&self.id, prefix, key)?;
                 let listed = store
                     .list_with_delimiter((!path.as_ref().is_empty()).then_some(&path))
                     .await
@@ -391,12 +396,12 @@ impl Backend {
         etag: Option<&str>,
         version: Option<&str>,
     ) -> Result<Bytes, ApiError> {
+        self.check("get", key)?;
         let _permit = self.admit().await?;
         let start = Instant::now();
         let result = match &self.store {
             Store::Object { store, prefix } => {
-                let path =
-                    store_path(prefix, key).map_err(|e| invalid_key("get", &self.id, key, e))?;
+                let path = store_path(&self.id, prefix, key)?;
                 let options = exact_range(range.clone(), etag, version);
                 let got = match store.get_opts(&path, options).await {
                     Ok(r) => r.bytes().await,
@@ -460,7 +465,8 @@ impl Backend {
             sink(&self.get_range(key, range, etag, version).await?);
             return Ok(());
         };
-        let path = store_path(prefix, key).map_err(|e| invalid_key("get", &self.id, key, e))?;
+        self.check("get", key)?;
+        let path = store_path(&self.id, prefix, key)?;
         let _permit = self.admit().await?;
         let start = Instant::now();
         let options = exact_range(range.clone(), etag, version);
@@ -492,7 +498,8 @@ impl Backend {
         };
         match &self.store {
             Store::Object { store, prefix } => {
-                let path = store_path(prefix, "").map_err(|e| unreachable(e.to_string()))?;
+                let path =
+                    store_path(&self.id, prefix, "").map_err(|e| unreachable(e.to_string()))?;
                 let at = (!prefix.is_empty()).then_some(&path);
                 match tokio::time::timeout(timeout, store.list_with_delimiter(at)).await {
                     Err(_) => Err(unreachable(format!(

@@ -227,6 +227,15 @@ async fn conformance(fx: Fixture) {
         .await
         .unwrap_err();
     assert!(matches!(missing, ApiError::NotFound(_)), "{missing:?}");
+    // A key that cannot be a path is refused before anything is asked for it.
+    for bad in ["dir/../plain.bin", "../x", "dir//inner.bin", "a\nb"] {
+        let refused = backend.get_range(bad, 0..1, None, None).await.unwrap_err();
+        assert!(
+            matches!(&refused, ApiError::Invalid(m) if m.contains("cannot be a path")),
+            "{bad:?}: {refused:?}"
+        );
+        assert!(backend.list(bad).await.is_err(), "{bad:?} listed");
+    }
     let plain = root.iter().find(|e| e.name == "plain.bin").unwrap();
     assert!(
         backend

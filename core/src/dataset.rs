@@ -158,6 +158,40 @@ pub enum LoadState {
     Failed,
 }
 
+impl LoadState {
+    /// The state's name, as serde writes it and the API, the CLI and the scheduler hook show it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoadState::Pending => "pending",
+            LoadState::Loading => "loading",
+            LoadState::Ready => "ready",
+            LoadState::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for LoadState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for LoadState {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        [
+            LoadState::Pending,
+            LoadState::Loading,
+            LoadState::Ready,
+            LoadState::Failed,
+        ]
+        .into_iter()
+        .find(|state| state.as_str() == s)
+        .ok_or_else(|| format!("unknown dataset state {s:?}"))
+    }
+}
+
 /// One node's report on its share of a dataset.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeProgress {
@@ -285,6 +319,24 @@ pub fn check_tenant_quota(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn load_states_print_as_serde_writes_them_and_parse_back() {
+        for state in [
+            LoadState::Pending,
+            LoadState::Loading,
+            LoadState::Ready,
+            LoadState::Failed,
+        ] {
+            let json = serde_json::to_string(&state).unwrap();
+            assert_eq!(json, format!("\"{state}\""));
+            assert_eq!(state.as_str().parse::<LoadState>(), Ok(state));
+        }
+        assert_eq!(
+            "done".parse::<LoadState>(),
+            Err("unknown dataset state \"done\"".into())
+        );
+    }
     use proptest::prelude::*;
 
     fn file(path: &str, size: u64) -> ManifestFile {

@@ -23,5 +23,5 @@ pub use block::{BlockSize, BlockSpan};
 pub use namespace::{MountPoint, Namespace, NamespaceError, Resolved};
 pub use object::{BlockKey, ObjectId};
 pub use readahead::Readahead;
-pub use units::{ByteSize, parse_duration};
+pub use units::{ByteSize, format_duration, parse_duration};
 pub use uri::{SourceUri, UriError};

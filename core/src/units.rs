@@ -137,9 +137,34 @@ pub fn parse_duration(input: &str) -> Result<Duration, UnitError> {
     Duration::try_from_secs_f64(seconds).map_err(|_| err("out of range"))
 }
 
+/// Writes a duration the way [`parse_duration`] reads it, in the largest unit that keeps it whole
+/// (`1h`, `30s`, `250ms`): for flag defaults and messages.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    for (unit, size) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+    ] {
+        if ms >= size && ms % size == 0 {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_format_as_they_parse() {
+        for text in ["1h", "30s", "250ms", "2d", "5m", "0ms", "90s"] {
+            assert_eq!(format_duration(parse_duration(text).unwrap()), text);
+        }
+        assert_eq!(format_duration(Duration::from_secs(3600)), "1h");
+    }
 
     #[test]
     fn sizes_parse() {

@@ -1,8 +1,8 @@
 //! Granary's pure logic.
 //!
 //! Everything in this crate is deterministic and free of I/O: block arithmetic, cache keys, the
-//! readahead window, source URIs, the object key <-> name mapping, the namespace table, humane
-//! sizes and durations, and the metric catalogue. Services (`cache-server`, `fuse-client`) drive
+//! readahead window, source URIs, the object key <-> name mapping, the namespace table, the
+//! pins-epoch trust rules of the FUSE client, humane sizes and durations, and the metric catalogue. Services (`cache-server`, `fuse-client`) drive
 //! these types; they are tested here with plain unit and property tests, without a runtime, a
 //! network or a kernel.
 
@@ -16,6 +16,7 @@ pub mod object;
 pub mod placement;
 pub mod rate;
 pub mod readahead;
+pub mod trust;
 pub mod units;
 pub mod uri;
 

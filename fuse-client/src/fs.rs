@@ -1,18 +1,14 @@
 //! The filesystem logic, independent of the kernel interface.
 //!
 //! [`GranaryFs`] answers lookups, attributes, directory listings, opens and reads in its own
-//! types ([`Attr`], [`FsError`]); `fuse.rs` adapts them to fuser. It is read-only: every write
-//! path fails with EROFS. Directory handles snapshot their listing at opendir, so readdir offsets
-//! stay stable. A file handle pins the object version seen at open: reads serve exactly that
-//! version or fail, never a mix. The kernel may keep a file's page cache across opens
+//! types ([`Attr`], [`FsError`]); `kernel/fuser.rs` adapts them to fuser. It is read-only: every
+//! write path fails with EROFS. Directory handles snapshot their listing at opendir, so readdir
+//! offsets stay stable. A file handle pins the object version seen at open: reads serve exactly
+//! that version or fail, never a mix. The kernel may keep a file's page cache across opens
 //! (FOPEN_KEEP_CACHE) only while the object version is unchanged.
 //!
-//! Passthrough: when the worker on this machine holds a verified whole copy of exactly the
-//! version an open sees ([`CacheApi::local_copy`]), [`GranaryFs::open_passthrough`] hands that
-//! file to the kernel (through the adapter's `register` callback) and the kernel reads it
-//! directly; no read request reaches this process. The kernel allows one backing file per inode
-//! and never mixes passthrough and ordinary opens of one inode, so each inode here is in one io
-//! mode at a time until its last handle is released.
+//! How an open is read (passthrough, a kept registration, or reads through this process) is
+//! decided by [`crate::open`]; this module makes the handle.
 //!
 //! Pinned files: an entry the worker answered from a pinned dataset's frozen manifest
 //! ([`Entry::pinned`]) cannot change version while the pin lasts, so an open of it trusts the
@@ -21,26 +17,24 @@
 //! by the mount once a second through [`GranaryFs::check_pins`]) is the one the client knew when
 //! it asked for the entry, and the kernel is told to keep such entries for the pinned TTL; when
 //! the epoch changes, `check_pins` names the entries the kernel must drop. A worker that does not
-//! track its pins, or does not answer, gets the attribute TTL.
-//!
-//! The local copy the worker named for a pinned version is remembered (and opened again only if
-//! it is still the same file), and its kernel registration is kept for a while after the last
-//! close ([`crate::backings`]), so the second open of a hot pinned file needs no call to the
-//! worker and no system call: [`GranaryFs::open_now`] answers it on the FUSE thread.
+//! track its pins, or does not answer, gets the attribute TTL. The rules are pure functions in
+//! [`granary_core::trust`]; the epoch's state ([`PinsView`]) is kept here under its lock.
 
-use crate::backings::{IdleBackings, Kept};
-use crate::inodes::{FileIdentity, InodeTable, KernelEntry, LocalCopy, ROOT, Seen, child_path};
-use crate::prefetch::{Budget, FileReader, ReadLabels};
+use crate::inodes::{InodeTable, KernelEntry, ROOT, Seen, child_path, seen_now};
+use crate::open::{Decided, IoModes, Opener};
+use crate::prefetch::{Budget, FileReader, LabelSets};
 use bytes::Bytes;
 use granary_core::BlockSize;
-use granary_proto::{ApiError, CacheApi, Entry, EntryKind, ObjectRef};
-use std::any::Any;
+use granary_core::trust::{PinsView, Ttls};
+use granary_proto::{ApiError, CacheApi, Entry, EntryKind};
 use std::collections::HashMap;
 use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+pub use crate::error::FsError;
+pub use crate::open::{Backing, OpenIo, Opened};
 
 /// Settings of the FUSE client.
 #[derive(Debug, Clone)]
@@ -91,68 +85,6 @@ impl Default for FsConfig {
     }
 }
 
-/// What the filesystem answers with, by errno.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FsError {
-    #[error("no such file or directory")]
-    NotFound,
-    #[error("not a directory")]
-    NotADirectory,
-    #[error("is a directory")]
-    IsADirectory,
-    #[error("read-only file system")]
-    ReadOnly,
-    #[error("bad file handle")]
-    BadHandle,
-    #[error("stale file: {0}")]
-    Stale(String),
-    #[error("invalid argument: {0}")]
-    Invalid(String),
-    #[error("I/O error: {0}")]
-    Io(String),
-}
-
-impl From<ApiError> for FsError {
-    fn from(e: ApiError) -> Self {
-        match e {
-            ApiError::NotFound(_) => FsError::NotFound,
-            ApiError::NotADirectory(_) => FsError::NotADirectory,
-            ApiError::Stale(m) => FsError::Stale(m),
-            ApiError::Invalid(m) => FsError::Invalid(m),
-            other => FsError::Io(other.to_string()),
-        }
-    }
-}
-
-impl FsError {
-    pub fn errno(&self) -> i32 {
-        match self {
-            FsError::NotFound => libc::ENOENT,
-            FsError::NotADirectory => libc::ENOTDIR,
-            FsError::IsADirectory => libc::EISDIR,
-            FsError::ReadOnly => libc::EROFS,
-            FsError::BadHandle => libc::EBADF,
-            FsError::Stale(_) => libc::ESTALE,
-            FsError::Invalid(_) => libc::EINVAL,
-            FsError::Io(_) => libc::EIO,
-        }
-    }
-
-    /// A low-cardinality label for metrics.
-    pub fn label(&self) -> &'static str {
-        match self {
-            FsError::NotFound => "enoent",
-            FsError::NotADirectory => "enotdir",
-            FsError::IsADirectory => "eisdir",
-            FsError::ReadOnly => "erofs",
-            FsError::BadHandle => "ebadf",
-            FsError::Stale(_) => "estale",
-            FsError::Invalid(_) => "einval",
-            FsError::Io(_) => "eio",
-        }
-    }
-}
-
 /// File attributes, in our own terms.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attr {
@@ -177,182 +109,12 @@ pub struct DirItem {
     pub attr: Attr,
 }
 
-/// A local file registered with the kernel for passthrough, as the adapter made it (a
-/// [`crate::fuse::KernelBacking`]). Held while any open handle of its inode uses it; dropping the last
-/// reference unregisters it.
-pub type Backing = Arc<dyn Any + Send + Sync>;
-
-/// How the kernel serves an open file's reads.
-#[derive(Clone)]
-pub enum OpenIo {
-    /// Reads come to this process ([`GranaryFs::read`]).
-    Userspace,
-    /// The kernel reads this registered local copy itself.
-    Passthrough(Backing),
-}
-
-impl std::fmt::Debug for OpenIo {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            OpenIo::Userspace => f.write_str("Userspace"),
-            OpenIo::Passthrough(_) => f.write_str("Passthrough"),
-        }
-    }
-}
-
-/// The answer to open.
-#[derive(Debug, Clone)]
-pub struct Opened {
-    pub fh: u64,
-    /// The object is the version the kernel last cached: keep its pages (userspace opens only).
-    pub keep_cache: bool,
-    pub io: OpenIo,
-}
-
-impl Opened {
-    pub fn is_passthrough(&self) -> bool {
-        matches!(self.io, OpenIo::Passthrough(_))
-    }
-}
-
-/// The io mode of an inode with open handles. The kernel fails an open (EIO) that mixes modes
-/// on one inode, or that names a second backing file for it.
-enum InodeIo {
-    /// `opens` handles read through this process.
-    Userspace { opens: u64 },
-    /// `opens` handles read `backing`, the local copy of the version with `fingerprint`; `keep`:
-    /// a pinned version, whose registration outlives the last close for a while.
-    Passthrough {
-        fingerprint: u128,
-        backing: Backing,
-        opens: u64,
-        keep: bool,
-    },
-}
-
-/// How the kernel reads inodes: the modes of those with open handles, and the registrations
-/// kept for pinned ones without.
-struct IoState {
-    modes: HashMap<u64, InodeIo>,
-    idle: IdleBackings<Backing>,
-}
-
-/// What the client knows of the worker's pins epoch.
-#[derive(Debug, Default)]
-struct PinsView {
-    epoch: Option<u64>,
-    /// When the worker last answered.
-    checked: Option<Instant>,
-    /// The epoch known at the last check: pinned entries had in it are trusted, and the kernel
-    /// may keep them, until a check finds it changed or lapsed.
-    trusted: Option<u64>,
-    /// The epoch that ended at the last check, if one did: its entries are named once more.
-    retired: Option<u64>,
-}
-
-impl PinsView {
-    /// The epoch, if the worker answered within `ttl`.
-    fn known(&self, now: Instant, ttl: Duration) -> Option<u64> {
-        self.checked
-            .filter(|at| now.saturating_duration_since(*at) < ttl)
-            .and(self.epoch)
-    }
-}
-
-/// What an open knows about its inode before asking the worker anything.
-struct OpenSnapshot {
-    path: String,
-    entry: Entry,
-    /// A pinned entry still trusted: its version holds, no stat needed.
-    trusted: bool,
-    local: Option<LocalCopy>,
-    /// The pins epoch known when the snapshot was taken.
-    epoch: Option<u64>,
-}
-
-/// What passthrough needs for an open, before anything is opened.
-enum Need {
-    /// Nothing: the inode is open already (its mode stays), or this open cannot use passthrough.
-    Nothing,
-    /// A registration of this version is kept: check that its file is still the one named.
-    KeptStillValid,
-    /// A local copy to open and register.
-    Copy,
-}
-
-/// What an open's io mode is chosen from.
-struct Source {
-    fingerprint: u128,
-    pinned: bool,
-    /// The local copy the worker named (or the remembered one), opened and checked.
-    copy: Option<File>,
-    /// The kept registration of this version may be used (its file was checked).
-    reuse_kept: bool,
-}
-
 /// How long [`GranaryFs::check_pins`] waits for the worker.
 const PINS_POLL_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Most distinct label sets kept for read metrics (one per top directory).
-const MAX_LABEL_SETS: usize = 256;
-
-impl InodeIo {
-    fn opens(&mut self) -> &mut u64 {
-        match self {
-            InodeIo::Userspace { opens } | InodeIo::Passthrough { opens, .. } => opens,
-        }
-    }
-}
 
 struct OpenFile {
     ino: u64,
     reader: Arc<FileReader>,
-}
-
-/// Why a local copy was not used.
-#[derive(Debug)]
-enum Unusable {
-    NotARegularFile,
-    WrongSize(u64),
-    Io(std::io::Error),
-}
-
-impl std::fmt::Display for Unusable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Unusable::NotARegularFile => f.write_str("not a regular file"),
-            Unusable::WrongSize(n) => write!(f, "it has {n} bytes"),
-            Unusable::Io(e) => write!(f, "{e}"),
-        }
-    }
-}
-
-/// Opens a local copy read-only and checks that it is a regular file of `size` bytes; returns
-/// it with its identity.
-fn open_local_copy(path: &Path, size: u64) -> Result<(File, FileIdentity), Unusable> {
-    let file = File::open(path).map_err(Unusable::Io)?;
-    let meta = file.metadata().map_err(Unusable::Io)?;
-    Ok((file, checked(&meta, size)?))
-}
-
-/// The identity of a local copy if it is a regular file of `size` bytes.
-fn checked(meta: &std::fs::Metadata, size: u64) -> Result<FileIdentity, Unusable> {
-    if !meta.is_file() {
-        return Err(Unusable::NotARegularFile);
-    }
-    if meta.len() != size {
-        return Err(Unusable::WrongSize(meta.len()));
-    }
-    Ok(FileIdentity::of(meta))
-}
-
-/// The object of a file entry, or why an open of it fails.
-fn file_object<'a>(path: &str, entry: &'a Entry) -> Result<&'a ObjectRef, FsError> {
-    match (entry.kind, &entry.object) {
-        (EntryKind::File, Some(object)) => Ok(object),
-        (EntryKind::Dir, _) => Err(FsError::IsADirectory),
-        (EntryKind::File, None) => Err(FsError::Io(format!("{path}: file without an object"))),
-    }
 }
 
 struct DirHandle {
@@ -372,16 +134,12 @@ pub struct GranaryFs<A> {
     inodes: Mutex<InodeTable>,
     files: Mutex<HashMap<u64, OpenFile>>,
     dirs: Mutex<HashMap<u64, DirHandle>>,
-    /// Per inode, the object fingerprint the kernel's page cache holds.
-    cached_versions: Mutex<HashMap<u64, u128>>,
-    /// How the kernel reads each inode.
-    io: Mutex<IoState>,
+    /// How the kernel reads each inode, and which version its page cache holds.
+    modes: IoModes,
     /// The worker's pins epoch, as last polled.
     pins: Mutex<PinsView>,
     /// Read metric labels by top directory.
-    labels: Mutex<HashMap<String, Arc<ReadLabels>>>,
-    /// Passthrough is wanted and neither the kernel nor our privileges refused it (yet).
-    passthrough: AtomicBool,
+    labels: LabelSets,
     next_fh: AtomicU64,
 }
 
@@ -415,14 +173,9 @@ impl<A: CacheApi> GranaryFs<A> {
             inodes: Mutex::new(InodeTable::new(root, Instant::now())),
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
-            cached_versions: Mutex::new(HashMap::new()),
-            io: Mutex::new(IoState {
-                modes: HashMap::new(),
-                idle: IdleBackings::new(config.kept_backings, config.attr_ttl),
-            }),
+            modes: IoModes::new(config.passthrough, config.kept_backings, config.attr_ttl),
             pins: Mutex::new(PinsView::default()),
-            labels: Mutex::new(HashMap::new()),
-            passthrough: AtomicBool::new(config.passthrough),
+            labels: LabelSets::new(config.job.clone()),
             next_fh: AtomicU64::new(1),
             config,
         }
@@ -443,35 +196,27 @@ impl<A: CacheApi> GranaryFs<A> {
 
     /// Whether new opens may still use passthrough.
     pub fn passthrough_enabled(&self) -> bool {
-        self.passthrough.load(Ordering::Relaxed)
+        self.modes.passthrough_enabled()
     }
 
     /// Stops using passthrough for new opens (the kernel or our privileges refused it), saying
     /// why once. Handles already open through passthrough keep their backing file.
     pub fn disable_passthrough(&self, why: &str) {
-        if self.passthrough.swap(false, Ordering::Relaxed) {
-            tracing::warn!(
-                reason = why,
-                "FUSE passthrough unavailable: files held locally are read through userspace"
-            );
-        }
+        self.modes.disable_passthrough(why)
     }
 
     /// The pins epoch pinned entries are trusted under, as the last check left it (the client
     /// stops trusting at the check that tells the kernel to drop them, not before).
     fn known_epoch(&self) -> Option<u64> {
-        self.pins.lock().expect("pins lock").trusted
+        self.pins.lock().expect("pins lock").trusted()
     }
 
-    /// How long the kernel keeps a pinned entry trusted under a known epoch.
-    fn pinned_ttl(&self) -> Duration {
-        self.config.pinned_ttl.max(self.config.attr_ttl)
-    }
-
-    /// A pinned entry had in the epoch still known: trusted, and kept by the kernel, for as long
-    /// as the epoch holds.
-    fn pinned_in_known_epoch(entry: &Entry, seen: Seen, known: Option<u64>) -> bool {
-        entry.pinned && seen.epoch.is_some() && seen.epoch == known
+    /// The attribute and pinned TTLs the trust rules apply.
+    fn ttls(&self) -> Ttls {
+        Ttls {
+            attr: self.config.attr_ttl,
+            pinned: self.config.pinned_ttl,
+        }
     }
 
     /// How long the kernel may keep `ino`'s `entry`, had as `seen`, with `known` the pins
@@ -485,18 +230,16 @@ impl<A: CacheApi> GranaryFs<A> {
         seen: Seen,
         known: Option<u64>,
     ) -> Duration {
-        match known {
-            Some(epoch) if Self::pinned_in_known_epoch(entry, seen, known) => {
-                inodes.kept_in(ino, epoch);
-                self.pinned_ttl()
-            }
-            _ => self.config.attr_ttl,
+        let kernel = self.ttls().kernel(entry.pinned, seen, known);
+        if let Some(epoch) = kernel.kept_under {
+            inodes.kept_in(ino, epoch);
         }
+        kernel.ttl
     }
 
     /// Whether `entry`, had as `seen`, may be used without asking the worker again.
     fn fresh(&self, entry: &Entry, seen: Seen, known: Option<u64>) -> bool {
-        Self::pinned_in_known_epoch(entry, seen, known) || seen.at.elapsed() < self.config.attr_ttl
+        self.ttls().fresh(entry.pinned, seen, known, Instant::now)
     }
 
     fn attr(&self, ino: u64, entry: &Entry, ttl: Duration) -> Attr {
@@ -517,14 +260,6 @@ impl<A: CacheApi> GranaryFs<A> {
         }
     }
 
-    /// An entry had now, asked for when the pins epoch known was `epoch`.
-    fn seen_now(epoch: Option<u64>) -> Seen {
-        Seen {
-            at: Instant::now(),
-            epoch,
-        }
-    }
-
     fn path_of(&self, ino: u64) -> Result<String, FsError> {
         let inodes = self.inodes.lock().expect("inode lock");
         inodes
@@ -542,7 +277,7 @@ impl<A: CacheApi> GranaryFs<A> {
         let path = child_path(&parent_path, name);
         let epoch = self.known_epoch();
         let entry = self.api.stat(&path).await?;
-        let seen = Self::seen_now(epoch);
+        let seen = seen_now(epoch);
         // Against the epoch known now: if it changed during the stat, the kernel is not told to
         // keep an entry of the old one.
         let known = self.known_epoch();
@@ -556,9 +291,7 @@ impl<A: CacheApi> GranaryFs<A> {
     pub fn forget(&self, ino: u64, n: u64) {
         let gone = self.inodes.lock().expect("inode lock").forget(ino, n);
         if gone {
-            let kept = self.io.lock().expect("io lock").idle.remove(ino);
-            // Unregistering (an ioctl) outside the lock.
-            drop(kept);
+            self.modes.forget(ino);
         }
     }
 
@@ -583,7 +316,7 @@ impl<A: CacheApi> GranaryFs<A> {
         let path = self.path_of(ino)?;
         let epoch = self.known_epoch();
         let entry = self.api.stat(&path).await?;
-        let seen = Self::seen_now(epoch);
+        let seen = seen_now(epoch);
         let known = self.known_epoch();
         let mut inodes = self.inodes.lock().expect("inode lock");
         inodes.refresh(ino, entry.clone(), seen);
@@ -624,106 +357,20 @@ impl<A: CacheApi> GranaryFs<A> {
         write: bool,
         register: impl FnOnce(&File) -> std::io::Result<Backing>,
     ) -> Option<Result<Opened, FsError>> {
-        self.open_known(ino, write, &mut Some(register))
+        self.opener()
+            .open_known(ino, write, &mut Some(register))
+            .map(|decided| decided.map(|decided| self.handle(ino, decided)))
     }
 
-    fn snapshot(&self, ino: u64) -> Result<OpenSnapshot, FsError> {
-        let known = self.known_epoch();
-        let inodes = self.inodes.lock().expect("inode lock");
-        let inode = inodes.get(ino).ok_or(FsError::NotFound)?;
-        Ok(OpenSnapshot {
-            path: inode.path.clone(),
-            entry: inode.entry.clone(),
-            trusted: inode.entry.pinned && self.fresh(&inode.entry, inode.seen, known),
-            local: inode.local.clone(),
-            epoch: known,
-        })
-    }
-
-    /// What an open of `ino` (version `fingerprint`) needs for passthrough.
-    fn passthrough_need(&self, ino: u64, fingerprint: u128, register: bool) -> Need {
-        if !register || !self.passthrough_enabled() {
-            return Need::Nothing;
+    /// The open chain ([`crate::open`]) over this filesystem's parts.
+    fn opener(&self) -> Opener<'_, A> {
+        Opener {
+            api: &self.api,
+            inodes: &self.inodes,
+            pins: &self.pins,
+            ttls: self.ttls(),
+            modes: &self.modes,
         }
-        let io = self.io.lock().expect("io lock");
-        if io.modes.contains_key(&ino) {
-            Need::Nothing
-        } else if io.idle.holds(ino, fingerprint, Instant::now()) {
-            Need::KeptStillValid
-        } else {
-            Need::Copy
-        }
-    }
-
-    /// The open of a trusted (pinned, fresh) entry from what is known, or `None`.
-    fn open_known<R: FnOnce(&File) -> std::io::Result<Backing>>(
-        &self,
-        ino: u64,
-        write: bool,
-        register: &mut Option<R>,
-    ) -> Option<Result<Opened, FsError>> {
-        if write {
-            return Some(Err(FsError::ReadOnly));
-        }
-        let snap = match self.snapshot(ino) {
-            Ok(snap) => snap,
-            Err(e) => return Some(Err(e)),
-        };
-        if !snap.trusted {
-            return None;
-        }
-        let (fingerprint, size) = match file_object(&snap.path, &snap.entry) {
-            Ok(object) => (object.id.fingerprint(), snap.entry.size),
-            Err(e) => return Some(Err(e)),
-        };
-        // A kept registration or the remembered copy is used only while the copy's path still
-        // leads to the very file the worker named (it drops or replaces files when a dataset is
-        // unpinned or repaired); anything else asks the worker again.
-        let need = self.passthrough_need(ino, fingerprint, register.is_some());
-        let remembered = || snap.local.as_ref().filter(|c| c.fingerprint == fingerprint);
-        let still_there = |local: &LocalCopy, file: Result<FileIdentity, Unusable>| {
-            if file.as_ref().is_ok_and(|f| *f == local.file) {
-                return true;
-            }
-            tracing::debug!(path = %snap.path, local = %local.path.display(), "the remembered local copy changed or went; asking the worker");
-            self.inodes
-                .lock()
-                .expect("inode lock")
-                .forget_copy(ino, fingerprint);
-            false
-        };
-        let (copy, reuse_kept) = match need {
-            Need::Nothing => (None, false),
-            Need::KeptStillValid => {
-                let local = remembered()?;
-                let identity = std::fs::metadata(&local.path)
-                    .map_err(Unusable::Io)
-                    .and_then(|meta| checked(&meta, size));
-                if !still_there(local, identity) {
-                    return None;
-                }
-                (None, true)
-            }
-            Need::Copy => {
-                let local = remembered()?;
-                match open_local_copy(&local.path, size) {
-                    Ok((file, identity)) if still_there(local, Ok(identity)) => (Some(file), false),
-                    Ok(_) => return None,
-                    Err(e) => {
-                        still_there(local, Err(e));
-                        return None;
-                    }
-                }
-            }
-        };
-        Some(self.finish_open(
-            ino,
-            &snap.path,
-            &snap.entry,
-            copy,
-            reuse_kept,
-            register.take(),
-        ))
     }
 
     async fn open_inner(
@@ -732,86 +379,24 @@ impl<A: CacheApi> GranaryFs<A> {
         write: bool,
         register: Option<impl FnOnce(&File) -> std::io::Result<Backing>>,
     ) -> Result<Opened, FsError> {
-        let mut register = register;
-        if let Some(opened) = self.open_known(ino, write, &mut register) {
-            return opened;
-        }
-        let snap = self.snapshot(ino)?;
-        // Ask for a local copy of the version the inode last showed while the stat runs, when
-        // this open could use one (an inode already open in either mode stays in that mode).
-        let ask = match &snap.entry.object {
-            Some(known) if register.is_some() && self.passthrough_enabled() => {
-                let idle = !self.io.lock().expect("io lock").modes.contains_key(&ino);
-                idle.then(|| known.clone())
-            }
-            _ => None,
-        };
-        // A trusted entry (pinned, fresh) needs no stat: its version cannot have changed.
-        let (entry, copy) = match (&ask, snap.trusted) {
-            (Some(known), true) => (snap.entry, Some(self.api.local_copy(known).await)),
-            (Some(known), false) => {
-                let (entry, copy) =
-                    futures::join!(self.api.stat(&snap.path), self.api.local_copy(known));
-                (entry?, Some(copy))
-            }
-            (None, true) => (snap.entry, None),
-            (None, false) => (self.api.stat(&snap.path).await?, None),
-        };
-        if !snap.trusted {
-            self.inodes.lock().expect("inode lock").refresh(
-                ino,
-                entry.clone(),
-                Self::seen_now(snap.epoch),
-            );
-        }
-        let object = file_object(&snap.path, &entry)?;
-        // A copy is only good for the version it was asked for; a changed version reads through
-        // userspace this time (never a second local_copy call per open).
-        let copy = match (ask, copy) {
-            (Some(asked), Some(copy)) if asked == *object => {
-                self.usable_copy(ino, &snap.path, &entry, copy)
-            }
-            _ => None,
-        };
-        // Whatever was kept for this inode is not reused: the worker has just been asked.
-        self.finish_open(ino, &snap.path, &entry, copy, false, register)
+        let decided = self.opener().open(ino, write, register).await?;
+        Ok(self.handle(ino, decided))
     }
 
-    /// The rest of an open once the entry (and a local copy, or a checked kept registration) is
-    /// known: the io mode, the page cache decision and the handle.
-    fn finish_open(
-        &self,
-        ino: u64,
-        path: &str,
-        entry: &Entry,
-        copy: Option<File>,
-        reuse_kept: bool,
-        register: Option<impl FnOnce(&File) -> std::io::Result<Backing>>,
-    ) -> Result<Opened, FsError> {
-        let object = file_object(path, entry)?;
-        let fingerprint = object.id.fingerprint();
-        let source = Source {
-            fingerprint,
-            pinned: entry.pinned,
-            copy,
-            reuse_kept,
-        };
-        let io = self.choose_io(ino, path, source, register)?;
-        let keep_cache = match io {
-            // The kernel's page cache of the inode is not used (nor filled) by passthrough reads;
-            // leave its record alone so that the next userspace open decides correctly.
-            OpenIo::Passthrough(_) => false,
-            OpenIo::Userspace => {
-                let mut versions = self.cached_versions.lock().expect("versions lock");
-                versions.insert(ino, fingerprint) == Some(fingerprint)
-            }
-        };
+    /// The handle of an open of `ino` once its io mode and page cache decision are made.
+    fn handle(&self, ino: u64, decided: Decided) -> Opened {
+        let Decided {
+            path,
+            object,
+            keep_cache,
+            io,
+        } = decided;
         let reader = FileReader::new(
-            object.clone(),
+            object,
             self.block_size,
             self.max_ahead_blocks,
             self.budget.clone(),
-            self.labels_for(path),
+            self.labels.for_path(&path),
         );
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.files.lock().expect("files lock").insert(
@@ -821,165 +406,7 @@ impl<A: CacheApi> GranaryFs<A> {
                 reader: Arc::new(reader),
             },
         );
-        Ok(Opened { fh, keep_cache, io })
-    }
-
-    /// Stall time by the namespace's top directory (a mount point: low cardinality) and job;
-    /// one shared label set per top directory.
-    fn labels_for(&self, path: &str) -> Arc<ReadLabels> {
-        let top = path
-            .trim_start_matches('/')
-            .split('/')
-            .next()
-            .unwrap_or_default();
-        let mut labels = self.labels.lock().expect("labels lock");
-        if let Some(found) = labels.get(top) {
-            return found.clone();
-        }
-        let made = Arc::new(ReadLabels {
-            dataset: top.to_string(),
-            job: self.config.job.clone(),
-        });
-        if labels.len() < MAX_LABEL_SETS {
-            labels.insert(top.to_string(), made.clone());
-        }
-        made
-    }
-
-    /// The local copy the worker named, opened and checked, if it is usable; remembered for the
-    /// next opens when the entry is pinned.
-    fn usable_copy(
-        &self,
-        ino: u64,
-        path: &str,
-        entry: &Entry,
-        answer: Result<Option<PathBuf>, ApiError>,
-    ) -> Option<File> {
-        match answer {
-            Ok(None) => None,
-            Err(e) => {
-                tracing::debug!(%path, error = %e, "no local copy (worker did not answer); reading through userspace");
-                None
-            }
-            // A local open and fstat: cheap enough to do on the runtime thread.
-            Ok(Some(local)) => match open_local_copy(&local, entry.size) {
-                Ok((file, identity)) => {
-                    if entry.pinned
-                        && let Some(object) = &entry.object
-                    {
-                        let copy = LocalCopy {
-                            fingerprint: object.id.fingerprint(),
-                            path: local,
-                            file: identity,
-                        };
-                        self.inodes
-                            .lock()
-                            .expect("inode lock")
-                            .remember_copy(ino, copy);
-                    }
-                    Some(file)
-                }
-                Err(why) => {
-                    tracing::warn!(
-                        %path,
-                        local = %local.display(),
-                        expected_bytes = entry.size,
-                        problem = %why,
-                        "the worker's local copy is not usable; reading through userspace"
-                    );
-                    None
-                }
-            },
-        }
-    }
-
-    /// Decides the io mode of a new handle of `ino` and counts it: an inode already open keeps
-    /// its mode; else the kept registration of this (pinned) version if it was checked, else the
-    /// copy registered with the kernel, else userspace.
-    fn choose_io(
-        &self,
-        ino: u64,
-        path: &str,
-        source: Source,
-        register: Option<impl FnOnce(&File) -> std::io::Result<Backing>>,
-    ) -> Result<OpenIo, FsError> {
-        let Source {
-            fingerprint,
-            pinned,
-            copy,
-            reuse_kept,
-        } = source;
-        let mut io = self.io.lock().expect("io lock");
-        match io.modes.get_mut(&ino) {
-            Some(InodeIo::Passthrough {
-                fingerprint: f,
-                backing,
-                opens,
-                ..
-            }) => {
-                if *f != fingerprint {
-                    return Err(FsError::Stale(format!(
-                        "{path} changed while open through passthrough; it can be opened again once those handles are closed"
-                    )));
-                }
-                *opens += 1;
-                return Ok(OpenIo::Passthrough(backing.clone()));
-            }
-            Some(InodeIo::Userspace { opens }) => {
-                *opens += 1;
-                return Ok(OpenIo::Userspace);
-            }
-            None => {}
-        }
-        let passthrough = register.is_some() && self.passthrough_enabled();
-        let mut unused = None;
-        if passthrough {
-            match io.idle.take(ino, fingerprint, Instant::now()) {
-                Kept::Reusable(backing) if pinned && reuse_kept => {
-                    io.modes.insert(
-                        ino,
-                        InodeIo::Passthrough {
-                            fingerprint,
-                            backing: backing.clone(),
-                            opens: 1,
-                            keep: true,
-                        },
-                    );
-                    return Ok(OpenIo::Passthrough(backing));
-                }
-                Kept::Reusable(backing) | Kept::Unusable(backing) => unused = Some(backing),
-                Kept::None => {}
-            }
-        }
-        let mut chosen = OpenIo::Userspace;
-        if let (Some(file), Some(register)) = (copy, register)
-            && passthrough
-        {
-            match register(&file) {
-                Ok(backing) => {
-                    io.modes.insert(
-                        ino,
-                        InodeIo::Passthrough {
-                            fingerprint,
-                            backing: backing.clone(),
-                            opens: 1,
-                            keep: pinned,
-                        },
-                    );
-                    chosen = OpenIo::Passthrough(backing);
-                }
-                Err(e) => {
-                    self.disable_passthrough(&format!("registering a backing file failed: {e}"))
-                }
-            }
-        }
-        if let OpenIo::Userspace = chosen {
-            io.modes.insert(ino, InodeIo::Userspace { opens: 1 });
-        }
-        drop(io);
-        // A kept registration of another version is unregistered (an ioctl) outside the lock.
-        drop(unused);
-        Ok(chosen)
+        Opened { fh, keep_cache, io }
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Bytes, FsError> {
@@ -1012,37 +439,13 @@ impl<A: CacheApi> GranaryFs<A> {
             return;
         };
         let now = Instant::now();
-        let unregister = {
-            let mut io = self.io.lock().expect("io lock");
-            let last = io.modes.get_mut(&file.ino).is_some_and(|mode| {
-                let opens = mode.opens();
-                *opens -= 1;
-                *opens == 0
-            });
-            let mut unregister = io.idle.expire(now);
-            if last {
-                match io.modes.remove(&file.ino) {
-                    Some(InodeIo::Passthrough {
-                        fingerprint,
-                        backing,
-                        keep: true,
-                        ..
-                    }) => unregister.extend(io.idle.keep(file.ino, fingerprint, backing, now)),
-                    Some(InodeIo::Passthrough { backing, .. }) => unregister.push(backing),
-                    _ => {}
-                }
-            }
-            unregister
-        };
-        // Unregistering backing files (an ioctl each) happens outside the lock.
-        drop(unregister);
+        self.modes.release(file.ino, now);
     }
 
     /// Unregisters kept backing files past their time (also done on every
     /// release; call it now and then so that an idle mount lets go of them too).
     pub fn expire_kept_backings(&self) {
-        let expired = self.io.lock().expect("io lock").idle.expire(Instant::now());
-        drop(expired);
+        self.modes.expire_kept();
     }
 
     /// Asks the worker for its pins epoch and takes the answer ([`GranaryFs::pins_checked`]);
@@ -1069,20 +472,16 @@ impl<A: CacheApi> GranaryFs<A> {
         answer: Result<Option<u64>, ApiError>,
         now: Instant,
     ) -> Vec<KernelEntry> {
-        // `ended`: the epoch trusted until now, if it is no longer the one known.
-        let (ended, after, again) = {
+        let check = {
             let mut pins = self.pins.lock().expect("pins lock");
             match answer {
-                Ok(epoch) => {
-                    pins.epoch = epoch;
-                    pins.checked = Some(now);
-                }
+                Ok(epoch) => pins.answered(epoch, now),
                 Err(e) => tracing::debug!(error = %e, "the worker did not give its pins epoch"),
             }
-            let after = pins.known(now, self.config.attr_ttl);
-            let ended = std::mem::replace(&mut pins.trusted, after).filter(|e| Some(*e) != after);
-            (ended, after, std::mem::replace(&mut pins.retired, ended))
+            pins.check(now, self.config.attr_ttl)
         };
+        // `ended`: the epoch trusted until now, if it is no longer the one known.
+        let (ended, after) = (check.ended, check.known);
         metrics::gauge!(granary_core::metrics::FUSE_PINS_EPOCH_KNOWN).set(match after {
             Some(_) => 1.0,
             None => 0.0,
@@ -1094,23 +493,11 @@ impl<A: CacheApi> GranaryFs<A> {
                 "the worker's pins changed (or it stopped answering): no longer trusting pinned entries"
             );
         }
-        let dropped = {
-            let mut io = self.io.lock().expect("io lock");
-            io.idle.set_ttl(match after {
-                Some(_) => self.pinned_ttl(),
-                None => self.config.attr_ttl,
-            });
-            if ended.is_some() {
-                io.idle.clear()
-            } else {
-                Vec::new()
-            }
-        };
-        // Unregistering (an ioctl each) outside the lock.
-        drop(dropped);
+        self.modes
+            .pins_checked(self.ttls().kept_registrations(after), ended.is_some());
         let inodes = self.inodes.lock().expect("inode lock");
         let mut stale = Vec::new();
-        for epoch in [ended, again].into_iter().flatten() {
+        for epoch in check.to_invalidate() {
             stale.extend(inodes.kept_under(epoch));
         }
         stale
@@ -1118,14 +505,11 @@ impl<A: CacheApi> GranaryFs<A> {
 
     /// Number of passthrough registrations kept for inodes without open handles.
     pub fn kept_backings(&self) -> usize {
-        self.io.lock().expect("io lock").idle.len()
+        self.modes.kept()
     }
     /// Number of open handles of `ino` reading through passthrough.
     pub fn passthrough_handles(&self, ino: u64) -> u64 {
-        match self.io.lock().expect("io lock").modes.get(&ino) {
-            Some(InodeIo::Passthrough { opens, .. }) => *opens,
-            _ => 0,
-        }
+        self.modes.passthrough_handles(ino)
     }
 
     /// Opens a directory: its listing is taken now and served from this handle.
@@ -1201,7 +585,7 @@ impl<A: CacheApi> GranaryFs<A> {
                 _ => {
                     let entry = &entries[(off - 2) as usize];
                     let child = child_path(&path, &entry.name);
-                    let seen = Self::seen_now(epoch);
+                    let seen = seen_now(epoch);
                     // Plain readdir gives the kernel no entry to keep, only a name.
                     let (child_ino, child_ttl) = {
                         let mut inodes = self.inodes.lock().expect("inode lock");

@@ -44,13 +44,17 @@ impl FileIdentity {
     }
 }
 
-/// When an inode's entry was last had from the worker, and the worker's pins epoch the client
-/// knew before asking ([`granary_proto::CacheApi::pins_epoch`]): a pinned entry is trusted while
-/// that epoch holds, any other for the attribute TTL after `at`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Seen {
-    pub at: Instant,
-    pub epoch: Option<u64>,
+/// When an inode's entry was last had from the worker, and the pins epoch the client knew before
+/// asking ([`granary_proto::CacheApi::pins_epoch`]); the trust rules that follow from it are
+/// [`granary_core::trust`]'s.
+pub use granary_core::trust::Seen;
+
+/// An entry had now, asked for when the pins epoch known was `epoch`.
+pub fn seen_now(epoch: Option<u64>) -> Seen {
+    Seen {
+        at: Instant::now(),
+        epoch,
+    }
 }
 
 /// An entry the kernel may hold: the inode, and the directory inode and name it was looked up

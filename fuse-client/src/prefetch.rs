@@ -7,6 +7,8 @@
 //! so readahead across all open files never holds more than `readahead_total` bytes; when the
 //! budget is spent, readahead shrinks rather than waits. Blocks the reader needs now are always
 //! fetched. A failed block is dropped from the map so that the next read retries it.
+//!
+//! [`LabelSets`] gives each open file its read metrics' labels, one shared set per top directory.
 
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
@@ -14,7 +16,7 @@ use futures::future::{BoxFuture, Shared};
 use granary_core::metrics as m;
 use granary_core::{BlockSize, Readahead};
 use granary_proto::{ApiError, CacheApi, ObjectRef};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -86,6 +88,50 @@ impl ReadLabels {
         ];
         metrics::counter!(granary_core::metrics::FUSE_BLOCKS, &labels).increment(1);
         metrics::counter!(granary_core::metrics::FUSE_BLOCK_BYTES, &labels).increment(bytes as u64);
+    }
+}
+
+/// Most distinct label sets kept for read metrics (one per top directory).
+const MAX_LABEL_SETS: usize = 256;
+
+/// The read metric labels of a mount's open files: one shared [`ReadLabels`] per top directory
+/// of the namespace, at most `MAX_LABEL_SETS` of them kept.
+#[derive(Debug)]
+pub struct LabelSets {
+    /// The mount's job (or pod), "" = none.
+    job: String,
+    /// Read metric labels by top directory.
+    by_top: Mutex<HashMap<String, Arc<ReadLabels>>>,
+}
+
+impl LabelSets {
+    pub fn new(job: String) -> Self {
+        LabelSets {
+            job,
+            by_top: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Stall time by the namespace's top directory (a mount point: low cardinality) and job;
+    /// one shared label set per top directory.
+    pub fn for_path(&self, path: &str) -> Arc<ReadLabels> {
+        let top = path
+            .trim_start_matches('/')
+            .split('/')
+            .next()
+            .unwrap_or_default();
+        let mut labels = self.by_top.lock().expect("labels lock");
+        if let Some(found) = labels.get(top) {
+            return found.clone();
+        }
+        let made = Arc::new(ReadLabels {
+            dataset: top.to_string(),
+            job: self.job.clone(),
+        });
+        if labels.len() < MAX_LABEL_SETS {
+            labels.insert(top.to_string(), made.clone());
+        }
+        made
     }
 }
 

@@ -1,9 +1,14 @@
 //! Mounting: the checks that make a bad mount fail fast with a clear message, then fuser.
+//!
+//! The session answers FUSE_INIT through [`FuseAdapter`]; when FUSE over io_uring was asked for
+//! and agreed, the rings ([`super::uring`]) take the requests, and if they fail to start the
+//! mount is made again over `/dev/fuse`. While mounted, a task polls the worker's pins epoch once
+//! a second and tells the kernel which entries to drop.
 
+use super::fuser::FuseAdapter;
+use super::uring::{self, Rings};
 use crate::fs::GranaryFs;
-use crate::fuse::FuseAdapter;
 use crate::inodes::KernelEntry;
-use crate::uring::{self, Rings};
 use fuser::{BackgroundSession, Config, INodeNo, MountOption, Notifier, Session, SessionACL};
 use granary_proto::CacheApi;
 use std::ffi::OsStr;

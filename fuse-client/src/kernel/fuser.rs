@@ -8,17 +8,18 @@
 //! handing it to the runtime (a wakeup and a context switch each way) costs more than the
 //! answer.
 
+use super::shared::{MAX_PAYLOAD, passthrough_open, record, register_backing, wants_write};
 use crate::fs::{Attr, Backing, FsError, GranaryFs, OpenIo, Opened};
 use fuser::{
-    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs,
-    ReplyXattr, Request,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    IoctlFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyXattr,
+    Request,
 };
 use granary_core::metrics as m;
 use granary_proto::{CacheApi, EntryKind};
 use std::ffi::OsStr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, UNIX_EPOCH};
@@ -35,7 +36,7 @@ impl<A: CacheApi> FuseAdapter<A> {
     /// `dev` must be set to the session's `/dev/fuse` before the session serves requests (it
     /// registers passthrough files). `uring` asks FUSE_INIT for FUSE over io_uring when true,
     /// and is left true only if the kernel agreed: then no request is served until every ring
-    /// is registered ([`crate::uring::start`]).
+    /// is registered ([`super::uring::start`]).
     pub fn new(
         fs: Arc<GranaryFs<A>>,
         rt: Handle,
@@ -48,60 +49,9 @@ impl<A: CacheApi> FuseAdapter<A> {
     fn register(&self) -> impl FnOnce(&std::fs::File) -> std::io::Result<Backing> + use<A> {
         let dev = self.dev.get().cloned();
         move |file| match dev {
-            Some(dev) => KernelBacking::open(&dev, file).map(|b| Arc::new(b) as Backing),
+            Some(dev) => register_backing(&dev, file),
             None => Err(std::io::Error::other("the FUSE session has no device yet")),
         }
-    }
-}
-
-/// A local file registered with the kernel for passthrough (`FUSE_DEV_IOC_BACKING_OPEN` on the
-/// connection's `/dev/fuse`), for both transports; unregistered when dropped.
-pub struct KernelBacking {
-    dev: Arc<OwnedFd>,
-    id: u32,
-}
-
-impl KernelBacking {
-    pub fn open(dev: &Arc<OwnedFd>, file: &std::fs::File) -> std::io::Result<Self> {
-        let id = BackingId::create_raw(&**dev, file)?;
-        Ok(KernelBacking {
-            dev: dev.clone(),
-            id,
-        })
-    }
-
-    /// The `backing_id` an open answer names.
-    pub fn id(&self) -> u32 {
-        self.id
-    }
-}
-
-/// `FUSE_DEV_IOC_BACKING_CLOSE`: `_IOW(229, 2, u32)`.
-const FUSE_DEV_IOC_BACKING_CLOSE: libc::c_ulong = (1 << 30) | (4 << 16) | (229 << 8) | 2;
-
-#[allow(unsafe_code)]
-impl Drop for KernelBacking {
-    fn drop(&mut self) {
-        // SAFETY: the ioctl reads one u32 from a live local. After an unmount it fails, harmlessly.
-        unsafe {
-            libc::ioctl(
-                self.dev.as_raw_fd(),
-                FUSE_DEV_IOC_BACKING_CLOSE,
-                &self.id as *const u32,
-            )
-        };
-    }
-}
-
-pub(crate) fn record(op: &'static str, start: Instant, outcome: Result<(), &FsError>) {
-    let label = match outcome {
-        Ok(()) => "ok",
-        Err(e) => e.label(),
-    };
-    metrics::counter!(m::FUSE_OPS, "op" => op, "outcome" => label).increment(1);
-    metrics::histogram!(m::FUSE_OP_SECONDS, "op" => op).record(start.elapsed().as_secs_f64());
-    if let Err(e @ (FsError::Io(_) | FsError::Stale(_))) = outcome {
-        tracing::warn!(op, error = %e, "filesystem operation failed");
     }
 }
 
@@ -135,15 +85,6 @@ fn file_attr(a: &Attr) -> FileAttr {
         flags: 0,
         blksize: a.blksize,
     }
-}
-
-/// The kernel's id of a passthrough open's backing file; counts the open.
-pub(crate) fn passthrough_open(backing: &Backing) -> u32 {
-    metrics::counter!(m::FUSE_PASSTHROUGH_OPENS).increment(1);
-    backing
-        .downcast_ref::<KernelBacking>()
-        .expect("backing files are registered as KernelBacking")
-        .id()
 }
 
 /// Replies to an open with its outcome, and records it.
@@ -196,7 +137,7 @@ impl<A: CacheApi> Filesystem for FuseAdapter<A> {
             .or_else(|max| config.set_max_readahead(max));
         let _ = config.set_max_background(64);
         // Read-only: no write is ever this large, and a ring slot holds the largest request.
-        let _ = config.set_max_write(crate::uring::MAX_PAYLOAD as u32);
+        let _ = config.set_max_write(MAX_PAYLOAD as u32);
         if self.uring.swap(false, Ordering::Relaxed) {
             match config.add_capabilities(InitFlags::FUSE_OVER_IO_URING) {
                 Ok(()) => self.uring.store(true, Ordering::Relaxed),
@@ -259,7 +200,7 @@ impl<A: CacheApi> Filesystem for FuseAdapter<A> {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let start = Instant::now();
-        let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+        let write = wants_write(flags.0);
         if let Some(result) = self.fs.open_now(ino.0, write, self.register()) {
             reply_open(reply, start, result);
             return;

@@ -1,19 +1,25 @@
 //! The dataset control API of a worker: pin, load, unpin, status, list, verify, with bearer
 //! token authentication per tenant, quotas and capacity checks; and the namespace view of pinned
 //! datasets (stat and list inside a pin are answered from its frozen manifest).
+//!
+//! [`DatasetApi`] is its own value, built by the worker, holding what it uses of it: the dataset
+//! store, the settings, each mount's backend id and the cluster's membership. `pin` walks the
+//! namespace through a [`NamespaceView`] its caller passes (the worker), so this file needs
+//! nothing else of the worker.
 
-use crate::config::DatasetSettings;
-use crate::datasets::{Source, now_secs};
+use crate::config::{DatasetSettings, Settings};
+use crate::datasets::{Datasets, now_secs};
 use crate::registry::Pin;
-use crate::worker::Worker;
 use granary_core::dataset::{
     Child, LoadState, Manifest, ManifestFile, NodeProgress, check_name, check_tenant_quota,
     overall, percent, share,
 };
 use granary_core::namespace::components;
-use granary_core::{ByteSize, ObjectId, Resolved};
-use granary_proto::{ApiError, CacheApi, Entry, EntryKind, ObjectRef};
+use granary_core::{ByteSize, Namespace, ObjectId, Resolved};
+use granary_proto::membership::Membership;
+use granary_proto::{ApiError, Entry, EntryKind, ObjectRef};
 use serde::{Deserialize, Serialize};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -118,103 +124,146 @@ fn pin_of<'a>(pins: &'a [Pin], path: &str) -> Option<(&'a Pin, String)> {
         .max_by_key(|(p, _)| p.manifest.root.len())
 }
 
-fn file_entry(worker: &Worker, pin: &Pin, f: &ManifestFile) -> Entry {
-    Entry {
-        name: f.path.rsplit('/').next().unwrap_or(&f.path).to_string(),
-        kind: EntryKind::File,
-        size: f.size,
-        mtime_ns: f.mtime_ns,
-        object: Some(ObjectRef {
-            mount: pin.mount,
-            id: ObjectId {
-                backend: worker.backends[pin.mount as usize].id().to_string(),
-                key: pin.key_of(&f.path),
-                size: f.size,
-                etag: f.etag.clone(),
-                version: f.version.clone(),
-                mtime_ns: f.mtime_ns,
-            },
-        }),
-        // The pin's manifest is frozen: this version holds while the pin lasts.
-        pinned: true,
+/// The namespace as the worker serves it (pinned datasets included): what `pin` stats and walks.
+pub trait NamespaceView: Sync {
+    fn stat(&self, path: &str) -> impl Future<Output = Result<Entry, ApiError>> + Send;
+
+    fn list(&self, path: &str) -> impl Future<Output = Result<Arc<Vec<Entry>>, ApiError>> + Send;
+}
+
+/// Live members' node ids as `membership` shows them (`node_id` alone without a cluster).
+pub(crate) fn member_ids(membership: Option<&Membership>, node_id: &str) -> Vec<String> {
+    match membership {
+        Some(m) => m.view().members.iter().map(|m| m.node_id.clone()).collect(),
+        None => vec![node_id.to_string()],
     }
 }
 
-fn dir_entry(worker: &Worker, name: &str) -> Entry {
-    Entry {
-        name: name.to_string(),
-        kind: EntryKind::Dir,
-        size: 0,
-        mtime_ns: worker.started_ns,
-        object: None,
-        pinned: true,
-    }
+/// A worker's dataset API (see the module docs).
+pub struct DatasetApi {
+    datasets: Arc<Datasets>,
+    settings: DatasetSettings,
+    node_id: String,
+    namespace: Namespace,
+    /// Each mount's backend id, by mount index.
+    backend_ids: Vec<String>,
+    /// The cluster's membership (`None` outside a cluster).
+    membership: Option<Membership>,
+    /// The modification time of directories inside pins: the worker's start.
+    started_ns: i64,
 }
 
-/// `stat` inside a pinned dataset, from its manifest; `None` outside every pin.
-pub(crate) fn pinned_stat(worker: &Worker, path: &str) -> Option<Result<Entry, ApiError>> {
-    let path = normalize(path).ok()?;
-    let pins = worker.datasets.pins();
-    let (pin, rel) = pin_of(&pins, &path)?;
-    let name = path.rsplit('/').next().unwrap_or("");
-    if rel.is_empty() {
-        return Some(Ok(dir_entry(worker, name)));
+impl DatasetApi {
+    pub fn new(
+        datasets: Arc<Datasets>,
+        settings: &Settings,
+        backend_ids: Vec<String>,
+        membership: Option<Membership>,
+        started_ns: i64,
+    ) -> Self {
+        DatasetApi {
+            datasets,
+            settings: settings.datasets.clone(),
+            node_id: settings.node_id.clone(),
+            namespace: settings.namespace.clone(),
+            backend_ids,
+            membership,
+            started_ns,
+        }
     }
-    if let Some(f) = pin.manifest.file(&rel) {
-        return Some(Ok(file_entry(worker, pin, f)));
-    }
-    if pin.manifest.is_dir(&rel) {
-        return Some(Ok(dir_entry(worker, name)));
-    }
-    Some(Err(ApiError::NotFound(format!(
-        "{path} (not in dataset {:?} as pinned)",
-        pin.name
-    ))))
-}
 
-/// `list` inside a pinned dataset, from its manifest; `None` outside every pin.
-pub(crate) fn pinned_list(
-    worker: &Worker,
-    path: &str,
-) -> Option<Result<Arc<Vec<Entry>>, ApiError>> {
-    let path = normalize(path).ok()?;
-    let pins = worker.datasets.pins();
-    let (pin, rel) = pin_of(&pins, &path)?;
-    if pin.manifest.file(&rel).is_some() {
-        return Some(Err(ApiError::NotADirectory(path)));
+    fn file_entry(&self, pin: &Pin, f: &ManifestFile) -> Entry {
+        Entry {
+            name: f.path.rsplit('/').next().unwrap_or(&f.path).to_string(),
+            kind: EntryKind::File,
+            size: f.size,
+            mtime_ns: f.mtime_ns,
+            object: Some(ObjectRef {
+                mount: pin.mount,
+                id: ObjectId {
+                    backend: self.backend_ids[pin.mount as usize].clone(),
+                    key: pin.key_of(&f.path),
+                    size: f.size,
+                    etag: f.etag.clone(),
+                    version: f.version.clone(),
+                    mtime_ns: f.mtime_ns,
+                },
+            }),
+            // The pin's manifest is frozen: this version holds while the pin lasts.
+            pinned: true,
+        }
     }
-    if !pin.manifest.is_dir(&rel) {
-        return Some(Err(ApiError::NotFound(path)));
-    }
-    let mut entries: Vec<Entry> = pin
-        .manifest
-        .children(&rel)
-        .into_iter()
-        .map(|child| match child {
-            Child::File(f) => file_entry(worker, pin, f),
-            Child::Dir(name) => dir_entry(worker, name),
-        })
-        .collect();
-    entries.sort_by(|a, b| a.name.cmp(&b.name));
-    entries.dedup_by(|a, b| a.name == b.name);
-    Some(Ok(Arc::new(entries)))
-}
 
-impl Worker {
+    fn dir_entry(&self, name: &str) -> Entry {
+        Entry {
+            name: name.to_string(),
+            kind: EntryKind::Dir,
+            size: 0,
+            mtime_ns: self.started_ns,
+            object: None,
+            pinned: true,
+        }
+    }
+
+    /// `stat` inside a pinned dataset, from its manifest; `None` outside every pin.
+    pub fn pinned_stat(&self, path: &str) -> Option<Result<Entry, ApiError>> {
+        let path = normalize(path).ok()?;
+        let pins = self.datasets.pins();
+        let (pin, rel) = pin_of(&pins, &path)?;
+        let name = path.rsplit('/').next().unwrap_or("");
+        if rel.is_empty() {
+            return Some(Ok(self.dir_entry(name)));
+        }
+        if let Some(f) = pin.manifest.file(&rel) {
+            return Some(Ok(self.file_entry(pin, f)));
+        }
+        if pin.manifest.is_dir(&rel) {
+            return Some(Ok(self.dir_entry(name)));
+        }
+        Some(Err(ApiError::NotFound(format!(
+            "{path} (not in dataset {:?} as pinned)",
+            pin.name
+        ))))
+    }
+
+    /// `list` inside a pinned dataset, from its manifest; `None` outside every pin.
+    pub fn pinned_list(&self, path: &str) -> Option<Result<Arc<Vec<Entry>>, ApiError>> {
+        let path = normalize(path).ok()?;
+        let pins = self.datasets.pins();
+        let (pin, rel) = pin_of(&pins, &path)?;
+        if pin.manifest.file(&rel).is_some() {
+            return Some(Err(ApiError::NotADirectory(path)));
+        }
+        if !pin.manifest.is_dir(&rel) {
+            return Some(Err(ApiError::NotFound(path)));
+        }
+        let mut entries: Vec<Entry> = pin
+            .manifest
+            .children(&rel)
+            .into_iter()
+            .map(|child| match child {
+                Child::File(f) => self.file_entry(pin, f),
+                Child::Dir(name) => self.dir_entry(name),
+            })
+            .collect();
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        entries.dedup_by(|a, b| a.name == b.name);
+        Some(Ok(Arc::new(entries)))
+    }
+
     pub fn authenticate(&self, token: Option<&str>) -> Result<Caller, ApiError> {
-        authenticate(&self.settings.datasets, token)
+        authenticate(&self.settings, token)
     }
 
     fn live_members(&self) -> Vec<String> {
-        Source::members(self)
+        member_ids(self.membership.as_ref(), &self.node_id)
     }
 
     /// The dataset capacity `node` publishes in the membership; this worker's own where it
     /// publishes none (a static member list, or an older worker).
     fn dataset_capacity(&self, node: &str) -> u64 {
-        let published = self.cluster.as_ref().and_then(|c| {
-            c.membership
-                .view()
+        let published = self.membership.as_ref().and_then(|m| {
+            m.view()
                 .members
                 .iter()
                 .find(|m| m.node_id == node)
@@ -222,7 +271,7 @@ impl Worker {
         });
         match published {
             Some(bytes) if bytes > 0 => bytes,
-            _ => self.settings.datasets.capacity.bytes(),
+            _ => self.settings.capacity.bytes(),
         }
     }
 
@@ -250,11 +299,11 @@ impl Worker {
     fn check_nodes(&self, pins: &[Pin], pin: &Pin) -> Result<(), ApiError> {
         let live = self.live_members();
         if !self.datasets.registry.shared()
-            && let Some(other) = pin.nodes.iter().find(|n| **n != self.settings.node_id)
+            && let Some(other) = pin.nodes.iter().find(|n| **n != self.node_id)
         {
             return Err(ApiError::Invalid(format!(
                 "node {other:?}: without etcd, pins live on this worker's disk alone, so a dataset can be loaded only onto this node ({})",
-                self.settings.node_id
+                self.node_id
             )));
         }
         for (i, node) in pin.nodes.iter().enumerate() {
@@ -293,8 +342,12 @@ impl Worker {
         Ok(())
     }
 
-    /// Walks the namespace under `path`, listing every file (the manifest).
-    async fn walk(&self, path: &str) -> Result<Vec<ManifestFile>, ApiError> {
+    /// Walks `namespace` under `path`, listing every file (the manifest).
+    async fn walk(
+        &self,
+        namespace: &impl NamespaceView,
+        path: &str,
+    ) -> Result<Vec<ManifestFile>, ApiError> {
         let mut files = Vec::new();
         let mut dirs = vec![String::new()];
         while let Some(rel) = dirs.pop() {
@@ -303,7 +356,7 @@ impl Worker {
             } else {
                 format!("{path}/{rel}")
             };
-            for e in self.list(&dir).await?.iter() {
+            for e in namespace.list(&dir).await?.iter() {
                 let child = if rel.is_empty() {
                     e.name.clone()
                 } else {
@@ -330,8 +383,10 @@ impl Worker {
         Ok(files)
     }
 
+    /// Pins the directory `req.path` of `namespace` (the worker's, pinned datasets included).
     pub async fn pin_dataset(
         &self,
+        namespace: &impl NamespaceView,
         caller: &Caller,
         req: PinRequest,
     ) -> Result<DatasetStatus, ApiError> {
@@ -339,7 +394,7 @@ impl Worker {
         let path = normalize(&req.path)?;
         let tenant = match (caller, &req.tenant) {
             (Caller::Admin, Some(t)) => t.clone(),
-            (Caller::Admin, None) if self.settings.datasets.open() => "default".to_string(),
+            (Caller::Admin, None) if self.settings.open() => "default".to_string(),
             (Caller::Admin, None) => "admin".to_string(),
             (Caller::Tenant(me), Some(t)) if t != me => {
                 return Err(ApiError::Denied(format!(
@@ -351,26 +406,19 @@ impl Worker {
         check_name(&tenant).map_err(|e| ApiError::Invalid(format!("tenant: {e}")))?;
         let quota = self
             .settings
-            .datasets
             .tenants
             .iter()
             .find(|t| t.name == tenant)
             .and_then(|t| t.quota);
         // The admin's own pins (no --tenant) belong to "admin", outside every quota.
-        if !self.settings.datasets.open()
+        if !self.settings.open()
             && req.tenant.is_some()
-            && !self
-                .settings
-                .datasets
-                .tenants
-                .iter()
-                .any(|t| t.name == tenant)
+            && !self.settings.tenants.iter().any(|t| t.name == tenant)
         {
             return Err(ApiError::Invalid(format!("unknown tenant {tenant:?}")));
         }
         let replicas = req.replicas.max(1);
         let (mount, root_key) = match self
-            .settings
             .namespace
             .resolve(&path)
             .map_err(|e| ApiError::Invalid(e.to_string()))?
@@ -390,7 +438,7 @@ impl Worker {
                 req.name
             )));
         }
-        match self.stat(&path).await?.kind {
+        match namespace.stat(&path).await?.kind {
             EntryKind::Dir => {}
             EntryKind::File => {
                 return Err(ApiError::Invalid(format!(
@@ -398,7 +446,7 @@ impl Worker {
                 )));
             }
         }
-        let files = self.walk(&path).await?;
+        let files = self.walk(namespace, &path).await?;
         let manifest = Manifest::new(path.clone(), files);
         let used: u64 = pins
             .iter()
@@ -419,7 +467,7 @@ impl Worker {
             verify_seq: 0,
             mount,
             root_key,
-            backend: self.backends[mount as usize].id().to_string(),
+            backend: self.backend_ids[mount as usize].clone(),
             manifest,
             exact_names: true,
         };
@@ -440,7 +488,7 @@ impl Worker {
         if !nodes.is_empty() {
             pin.nodes = nodes;
         } else if pin.nodes.is_empty() && !self.datasets.registry.shared() {
-            pin.nodes = vec![self.settings.node_id.clone()];
+            pin.nodes = vec![self.node_id.clone()];
         } else if pin.nodes.is_empty() {
             let mut live = self.live_members();
             live.sort();
@@ -546,7 +594,7 @@ impl std::fmt::Display for DatasetStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "{}  tenant {}  {}  {} files, {}  x{}  {:?}  {:.2}%",
+            "{}  tenant {}  {}  {} files, {}  x{}  {}  {:.2}%",
             self.name,
             self.tenant,
             self.path,
@@ -565,7 +613,7 @@ impl std::fmt::Display for DatasetStatus {
                 f,
                 "  {:<16} {:<8} {:>7.2}%  {}/{} files  {}/{}  {}/s{eta}{}",
                 p.node,
-                format!("{:?}", p.state).to_lowercase(),
+                p.state.as_str(),
                 p.percent(),
                 p.files_ready,
                 p.files_total,

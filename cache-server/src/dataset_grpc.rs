@@ -3,7 +3,7 @@
 //! The caller's bearer token travels in the `authorization` metadata (`Bearer <token>`).
 
 use crate::dataset_api::{DatasetStatus, PinRequest};
-use crate::grpc::record;
+use crate::rpc_metrics::record;
 use crate::worker::Worker;
 use granary_core::dataset::{LoadState, NodeProgress};
 use granary_proto::{ApiError, pb};
@@ -12,27 +12,8 @@ use std::time::Duration;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
-fn state_str(s: LoadState) -> &'static str {
-    match s {
-        LoadState::Pending => "pending",
-        LoadState::Loading => "loading",
-        LoadState::Ready => "ready",
-        LoadState::Failed => "failed",
-    }
-}
-
 fn state_of(s: &str) -> Result<LoadState, ApiError> {
-    Ok(match s {
-        "pending" => LoadState::Pending,
-        "loading" => LoadState::Loading,
-        "ready" => LoadState::Ready,
-        "failed" => LoadState::Failed,
-        other => {
-            return Err(ApiError::Invalid(format!(
-                "unknown dataset state {other:?}"
-            )));
-        }
-    })
+    s.parse().map_err(ApiError::Invalid)
 }
 
 impl From<&DatasetStatus> for pb::DatasetStatus {
@@ -48,7 +29,7 @@ impl From<&DatasetStatus> for pb::DatasetStatus {
             expires_at: s.expires_at,
             created_at: s.created_at,
             load: s.load,
-            state: state_str(s.state).into(),
+            state: s.state.to_string(),
             percent: s.percent,
             bytes_ready: s.bytes_ready,
             bytes_total: s.bytes_total,
@@ -58,7 +39,7 @@ impl From<&DatasetStatus> for pb::DatasetStatus {
                 .iter()
                 .map(|p| pb::NodeProgress {
                     node: p.node.clone(),
-                    state: state_str(p.state).into(),
+                    state: p.state.to_string(),
                     files_total: p.files_total,
                     files_ready: p.files_ready,
                     bytes_total: p.bytes_total,
@@ -138,7 +119,8 @@ impl pb::datasets_server::Datasets for DatasetService {
         &self,
         req: Request<pb::PinRequest>,
     ) -> Result<Response<pb::DatasetStatus>, Status> {
-        let caller = self.worker.authenticate(token(&req).as_deref());
+        let api = self.worker.dataset_api();
+        let caller = api.authenticate(token(&req).as_deref());
         let r = req.into_inner();
         let result = async {
             let request = PinRequest {
@@ -149,7 +131,7 @@ impl pb::datasets_server::Datasets for DatasetService {
                 nodes: r.nodes,
                 replicas: r.replicas as usize,
             };
-            let s = self.worker.pin_dataset(&caller?, request).await?;
+            let s = api.pin_dataset(&*self.worker, &caller?, request).await?;
             Ok(pb::DatasetStatus::from(&s))
         };
         done("dataset_pin", result.await)
@@ -159,10 +141,11 @@ impl pb::datasets_server::Datasets for DatasetService {
         &self,
         req: Request<pb::LoadRequest>,
     ) -> Result<Response<pb::DatasetStatus>, Status> {
-        let caller = self.worker.authenticate(token(&req).as_deref());
+        let api = self.worker.dataset_api();
+        let caller = api.authenticate(token(&req).as_deref());
         let r = req.into_inner();
         let result = async {
-            let s = self.worker.load_dataset(&caller?, &r.name, r.nodes).await?;
+            let s = api.load_dataset(&caller?, &r.name, r.nodes).await?;
             Ok(pb::DatasetStatus::from(&s))
         };
         done("dataset_load", result.await)
@@ -172,10 +155,11 @@ impl pb::datasets_server::Datasets for DatasetService {
         &self,
         req: Request<pb::DatasetName>,
     ) -> Result<Response<pb::UnpinReply>, Status> {
-        let caller = self.worker.authenticate(token(&req).as_deref());
+        let api = self.worker.dataset_api();
+        let caller = api.authenticate(token(&req).as_deref());
         let name = req.into_inner().name;
         let result = async {
-            self.worker.unpin_dataset(&caller?, &name).await?;
+            api.unpin_dataset(&caller?, &name).await?;
             Ok(pb::UnpinReply {})
         };
         done("dataset_unpin", result.await)
@@ -185,10 +169,11 @@ impl pb::datasets_server::Datasets for DatasetService {
         &self,
         req: Request<pb::DatasetName>,
     ) -> Result<Response<pb::DatasetStatus>, Status> {
-        let caller = self.worker.authenticate(token(&req).as_deref());
+        let api = self.worker.dataset_api();
+        let caller = api.authenticate(token(&req).as_deref());
         let name = req.into_inner().name;
         let result = async {
-            let s = self.worker.dataset_status(&caller?, &name).await?;
+            let s = api.dataset_status(&caller?, &name).await?;
             Ok(pb::DatasetStatus::from(&s))
         };
         done("dataset_status", result.await)
@@ -198,9 +183,10 @@ impl pb::datasets_server::Datasets for DatasetService {
         &self,
         req: Request<pb::ListDatasetsRequest>,
     ) -> Result<Response<pb::DatasetList>, Status> {
-        let caller = self.worker.authenticate(token(&req).as_deref());
+        let api = self.worker.dataset_api();
+        let caller = api.authenticate(token(&req).as_deref());
         let result = async {
-            let all = self.worker.list_datasets(&caller?).await?;
+            let all = api.list_datasets(&caller?).await?;
             Ok(pb::DatasetList {
                 datasets: all.iter().map(pb::DatasetStatus::from).collect(),
             })
@@ -212,10 +198,11 @@ impl pb::datasets_server::Datasets for DatasetService {
         &self,
         req: Request<pb::DatasetName>,
     ) -> Result<Response<pb::VerifyReply>, Status> {
-        let caller = self.worker.authenticate(token(&req).as_deref());
+        let api = self.worker.dataset_api();
+        let caller = api.authenticate(token(&req).as_deref());
         let name = req.into_inner().name;
         let result = async {
-            let seq = self.worker.verify_dataset(&caller?, &name).await?;
+            let seq = api.verify_dataset(&caller?, &name).await?;
             Ok(pb::VerifyReply { seq })
         };
         done("dataset_verify", result.await)

@@ -1,6 +1,6 @@
 //! The worker's gRPC service: any [`CacheApi`] served over tonic, with the API's one error mapping.
 
-use granary_core::metrics as m;
+use crate::rpc_metrics::record;
 use granary_proto::{ApiError, CacheApi, MAX_MESSAGE_BYTES, ObjectRef, pb};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -11,22 +11,6 @@ use tonic::{Request, Response, Status};
 
 pub struct CacheService<A> {
     api: Arc<A>,
-}
-
-pub(crate) fn record<T>(method: &'static str, result: &Result<T, ApiError>) {
-    let code = match result {
-        Ok(_) => "ok",
-        Err(ApiError::NotFound(_)) => "not_found",
-        Err(ApiError::NotADirectory(_)) => "not_a_directory",
-        Err(ApiError::Stale(_)) => "stale",
-        Err(ApiError::Unavailable(_)) => "unavailable",
-        Err(ApiError::Invalid(_)) => "invalid",
-        Err(ApiError::Corrupt(_)) => "corrupt",
-        Err(ApiError::Internal(_)) => "internal",
-        Err(ApiError::Denied(_)) => "denied",
-        Err(ApiError::Exhausted(_)) => "exhausted",
-    };
-    metrics::counter!(m::RPC_REQUESTS, "method" => method, "code" => code).increment(1);
 }
 
 #[tonic::async_trait]

@@ -13,6 +13,7 @@ pub mod datasets;
 pub mod grpc;
 pub mod listing;
 pub mod registry;
+mod rpc_metrics;
 pub mod worker;
 
 pub use config::{ConfigFile, Settings};

@@ -6,6 +6,7 @@ use crate::backend::{Backend, BackendError};
 use crate::blocks::Tier;
 use crate::blocks::{BlockCache, CacheOpenError};
 use crate::config::Settings;
+use crate::dataset_api::{Caller, DatasetApi, DatasetStatus, member_ids};
 use crate::datasets::{Datasets, Source};
 use crate::listing::{Listing, ListingCache};
 use crate::registry::Registry;
@@ -62,14 +63,15 @@ impl Served {
 }
 
 pub struct Worker {
-    pub(crate) settings: Settings,
-    pub(crate) cluster: Option<Cluster>,
+    settings: Settings,
+    cluster: Option<Cluster>,
     served: Served,
-    pub(crate) backends: Vec<Arc<Backend>>,
+    backends: Vec<Arc<Backend>>,
     listings: ListingCache,
     blocks: BlockCache,
-    pub(crate) datasets: Arc<Datasets>,
-    pub(crate) started_ns: i64,
+    datasets: Arc<Datasets>,
+    dataset_api: DatasetApi,
+    started_ns: i64,
 }
 
 impl std::fmt::Debug for Worker {
@@ -130,6 +132,13 @@ impl Worker {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as i64)
             .unwrap_or(0);
+        let dataset_api = DatasetApi::new(
+            datasets.clone(),
+            &settings,
+            backends.iter().map(|b| b.id().to_string()).collect(),
+            cluster.as_ref().map(|c| c.membership.clone()),
+            started_ns,
+        );
         Ok(Arc::new(Worker {
             listings: ListingCache::new(settings.metadata_ttl, 100_000),
             settings,
@@ -138,6 +147,7 @@ impl Worker {
             backends,
             blocks,
             datasets,
+            dataset_api,
             started_ns,
         }))
     }
@@ -247,7 +257,7 @@ impl CacheApi for Worker {
     }
 
     async fn stat(&self, path: &str) -> Result<Entry, ApiError> {
-        if let Some(entry) = crate::dataset_api::pinned_stat(self, path) {
+        if let Some(entry) = self.dataset_api.pinned_stat(path) {
             return entry;
         }
         let resolved = self
@@ -272,7 +282,7 @@ impl CacheApi for Worker {
     }
 
     async fn list(&self, path: &str) -> Result<Arc<Vec<Entry>>, ApiError> {
-        if let Some(entries) = crate::dataset_api::pinned_list(self, path) {
+        if let Some(entries) = self.dataset_api.pinned_list(path) {
             return entries;
         }
         let resolved = self
@@ -461,6 +471,16 @@ impl Worker {
         &self.datasets
     }
 
+    /// The dataset control API (pin, load, unpin, status, list, verify).
+    pub fn dataset_api(&self) -> &DatasetApi {
+        &self.dataset_api
+    }
+
+    /// The pins `caller` may see, with their status (see [`DatasetApi::list_datasets`]).
+    pub async fn list_datasets(&self, caller: &Caller) -> Result<Vec<DatasetStatus>, ApiError> {
+        self.dataset_api.list_datasets(caller).await
+    }
+
     /// What this worker has served, its memory use and its view of the cluster.
     pub fn stats(&self) -> NodeStats {
         let (epoch, members) = match &self.cluster {
@@ -565,15 +585,21 @@ impl Source for Worker {
     }
 
     fn members(&self) -> Vec<String> {
-        match &self.cluster {
-            Some(c) => c
-                .membership
-                .view()
-                .members
-                .iter()
-                .map(|m| m.node_id.clone())
-                .collect(),
-            None => vec![self.settings.node_id.clone()],
-        }
+        member_ids(
+            self.cluster.as_ref().map(|c| &c.membership),
+            &self.settings.node_id,
+        )
+    }
+}
+
+/// What a pin walks: the namespace as this worker serves it. (Not imported: in this file `stat`
+/// and `list` are [`CacheApi`]'s.)
+impl crate::dataset_api::NamespaceView for Worker {
+    async fn stat(&self, path: &str) -> Result<Entry, ApiError> {
+        CacheApi::stat(self, path).await
+    }
+
+    async fn list(&self, path: &str) -> Result<Arc<Vec<Entry>>, ApiError> {
+        CacheApi::list(self, path).await
     }
 }

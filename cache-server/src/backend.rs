@@ -29,8 +29,43 @@ use tokio::sync::Semaphore;
 pub enum BackendError {
     #[error("{0}")]
     Config(String),
-    #[error("{backend}: {message}")]
-    Unreachable { backend: String, message: String },
+    #[error("{backend}: {}: {message}", kind.hint())]
+    Unreachable {
+        backend: String,
+        kind: ProbeFailure,
+        message: String,
+    },
+}
+
+/// Why a source did not answer the probe at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeFailure {
+    /// The bucket does not exist.
+    NoBucket,
+    /// The source directory does not exist.
+    NoDirectory,
+    /// The credentials were refused.
+    AccessDenied,
+    /// No connection to the endpoint.
+    CannotConnect,
+    /// No answer in time.
+    Timeout,
+    /// Any other refusal of the listing.
+    Refused,
+}
+
+impl ProbeFailure {
+    /// What an operator should check, as the message says it.
+    pub fn hint(self) -> &'static str {
+        match self {
+            ProbeFailure::NoBucket => "the bucket does not exist",
+            ProbeFailure::NoDirectory => "the source directory does not exist",
+            ProbeFailure::AccessDenied => "access denied (check the credentials)",
+            ProbeFailure::CannotConnect => "cannot connect to the endpoint",
+            ProbeFailure::Timeout => "no answer in time (is the endpoint right and up?)",
+            ProbeFailure::Refused => "the backend refused the listing",
+        }
+    }
 }
 
 /// One name in a backend directory, before it becomes an [`granary_proto::Entry`].
@@ -212,25 +247,39 @@ fn posix_list(root: &Path, key: &str) -> std::io::Result<Vec<RawEntry>> {
     Ok(out)
 }
 
+/// Why a POSIX read failed.
+#[derive(Debug)]
+enum PosixReadError {
+    Io(std::io::Error),
+    /// The file is no longer the version asked for (another tag, or shorter).
+    Stale,
+}
+
+impl From<std::io::Error> for PosixReadError {
+    fn from(e: std::io::Error) -> Self {
+        PosixReadError::Io(e)
+    }
+}
+
 /// Reads `range` of a POSIX file whose version must still be `etag` (blocking).
 fn posix_read(
     root: &Path,
     key: &str,
     range: Range<u64>,
     etag: Option<&str>,
-) -> Result<Bytes, std::io::Error> {
+) -> Result<Bytes, PosixReadError> {
     let file = std::fs::File::open(root.join(key))?;
     if let Some(expected) = etag
         && posix_etag(&file.metadata()?) != expected
     {
-        return Err(std::io::Error::other(STALE));
+        return Err(PosixReadError::Stale);
     }
     let mut buf = vec![0u8; (range.end - range.start) as usize];
     file.read_exact_at(&mut buf, range.start).map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            std::io::Error::other(STALE)
+            PosixReadError::Stale
         } else {
-            e
+            PosixReadError::Io(e)
         }
     })?;
     Ok(Bytes::from(buf))
@@ -421,12 +470,11 @@ impl Backend {
                 })
                 .await
                 .map_err(|e| ApiError::Internal(e.to_string()))?
-                .map_err(|e| {
-                    if e.to_string() == STALE {
+                .map_err(|e| match e {
+                    PosixReadError::Stale => {
                         ApiError::Stale(format!("get {}/{key}: {STALE}", self.id))
-                    } else {
-                        io_error("get", &self.id, key, e)
                     }
+                    PosixReadError::Io(e) => io_error("get", &self.id, key, e),
                 })
             }
         };
@@ -492,51 +540,72 @@ impl Backend {
 
     /// Checks, within `timeout`, that the source exists and answers with these credentials.
     pub async fn probe(&self, timeout: Duration) -> Result<(), BackendError> {
-        let unreachable = |message: String| BackendError::Unreachable {
+        let unreachable = |kind: ProbeFailure, message: String| BackendError::Unreachable {
             backend: self.id.clone(),
+            kind,
             message,
         };
         match &self.store {
             Store::Object { store, prefix } => {
-                let path =
-                    store_path(&self.id, prefix, "").map_err(|e| unreachable(e.to_string()))?;
+                let path = store_path(&self.id, prefix, "")
+                    .map_err(|e| unreachable(ProbeFailure::Refused, e.to_string()))?;
                 let at = (!prefix.is_empty()).then_some(&path);
                 match tokio::time::timeout(timeout, store.list_with_delimiter(at)).await {
-                    Err(_) => Err(unreachable(format!(
-                        "no answer within {timeout:?} (is the endpoint right and up?)"
-                    ))),
-                    Ok(Err(e)) => Err(unreachable(describe_probe_error(&e))),
+                    Err(_) => Err(unreachable(
+                        ProbeFailure::Timeout,
+                        format!("no answer within {timeout:?}"),
+                    )),
+                    Ok(Err(e)) => Err(unreachable(probe_failure(&e), e.to_string())),
                     Ok(Ok(_)) => Ok(()),
                 }
             }
-            Store::Posix { root } => std::fs::read_dir(root)
-                .map(drop)
-                .map_err(|e| unreachable(e.to_string())),
+            Store::Posix { root } => std::fs::read_dir(root).map(drop).map_err(|e| {
+                let kind = match e.kind() {
+                    std::io::ErrorKind::NotFound => ProbeFailure::NoDirectory,
+                    std::io::ErrorKind::PermissionDenied => ProbeFailure::AccessDenied,
+                    _ => ProbeFailure::Refused,
+                };
+                unreachable(kind, e.to_string())
+            }),
         }
     }
 }
 
-fn describe_probe_error(e: &object_store::Error) -> String {
+/// What a failed listing says of the source. object_store turns a LIST's HTTP status into text
+/// (`Error::Generic`), so beyond the typed variants the text is read.
+fn probe_failure(e: &object_store::Error) -> ProbeFailure {
+    use object_store::Error as E;
+    match e {
+        E::NotFound { .. } => return ProbeFailure::NoBucket,
+        E::PermissionDenied { .. } | E::Unauthenticated { .. } => {
+            return ProbeFailure::AccessDenied;
+        }
+        _ => {}
+    }
     let text = e.to_string();
-    let hint = if text.contains("NoSuchBucket") || matches!(e, object_store::Error::NotFound { .. })
-    {
-        "the bucket does not exist"
+    if text.contains("NoSuchBucket") {
+        ProbeFailure::NoBucket
     } else if text.contains("InvalidAccessKeyId")
         || text.contains("SignatureDoesNotMatch")
         // An HTTP status, not any "403" (a request's duration, "384.403695ms", has one).
         || text.contains("403 Forbidden")
         || text.contains("status 403")
     {
-        "access denied (check the credentials)"
+        ProbeFailure::AccessDenied
     } else if text.contains("onnect")
         || text.contains("dns")
         || text.contains("error sending request")
     {
-        "cannot connect to the endpoint"
+        ProbeFailure::CannotConnect
     } else {
-        "the backend refused the listing"
-    };
-    format!("{hint}: {text}")
+        ProbeFailure::Refused
+    }
+}
+
+/// A failed probe as the message says it: what to check, then the backend's words.
+#[cfg(test)]
+fn describe_probe_error(e: &object_store::Error) -> String {
+    format!("{}: {e}", probe_failure(e).hint())
 }
 
 fn record(op: &'static str, start: Instant, ok: bool) {

@@ -5,11 +5,11 @@ use anyhow::Context;
 use clap::Args;
 use granary_cache_server::dataset_api::DatasetStatus;
 use granary_cache_server::dataset_grpc::DatasetClient;
-use granary_core::dataset::LoadState;
 use granary_core::{ByteSize, parse_duration};
+use granary_proto::ApiError;
 use granary_scheduler_hook::data::{BoxFuture, DataSource, DatasetView, NodeBytes};
 use granary_scheduler_hook::kube::{KubeCluster, client, spawn_watches};
-use granary_scheduler_hook::{Hook, HookConfig};
+use granary_scheduler_hook::{CallError, Hook, HookConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -60,15 +60,6 @@ struct CacheData {
     client: DatasetClient,
 }
 
-fn state_name(s: LoadState) -> &'static str {
-    match s {
-        LoadState::Pending => "pending",
-        LoadState::Loading => "loading",
-        LoadState::Ready => "ready",
-        LoadState::Failed => "failed",
-    }
-}
-
 fn view(s: DatasetStatus) -> DatasetView {
     DatasetView {
         name: s.name,
@@ -83,7 +74,7 @@ fn view(s: DatasetStatus) -> DatasetView {
                     NodeBytes {
                         ready: p.bytes_ready,
                         total: p.bytes_total,
-                        state: state_name(p.state).into(),
+                        state: p.state.as_str().into(),
                     },
                 )
             })
@@ -92,28 +83,35 @@ fn view(s: DatasetStatus) -> DatasetView {
 }
 
 impl DataSource for CacheData {
-    fn status<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<DatasetView, String>> {
-        Box::pin(async move {
-            self.client
-                .status(name)
-                .await
-                .map(view)
-                .map_err(|e| e.to_string())
-        })
+    fn status<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<DatasetView, CallError>> {
+        Box::pin(async move { self.client.status(name).await.map(view).map_err(call_error) })
     }
 
     fn load<'a>(
         &'a self,
         name: &'a str,
         nodes: Vec<String>,
-    ) -> BoxFuture<'a, Result<DatasetView, String>> {
+    ) -> BoxFuture<'a, Result<DatasetView, CallError>> {
         Box::pin(async move {
             self.client
                 .load(name, nodes)
                 .await
                 .map(view)
-                .map_err(|e| e.to_string())
+                .map_err(call_error)
         })
+    }
+}
+
+/// A Datasets API error as the hook sees it (the text unchanged).
+fn call_error(e: ApiError) -> CallError {
+    let text = e.to_string();
+    match e {
+        ApiError::NotFound(_) => CallError::NotFound(text),
+        ApiError::Invalid(_)
+        | ApiError::Denied(_)
+        | ApiError::Exhausted(_)
+        | ApiError::NotADirectory(_) => CallError::Refused(text),
+        _ => CallError::Unavailable(text),
     }
 }
 

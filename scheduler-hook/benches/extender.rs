@@ -9,7 +9,7 @@
 use granary_core::gang::{Member, NodeState, plan_gang};
 use granary_scheduler_hook::data::{BoxFuture, DataSource, DatasetView, NodeBytes};
 use granary_scheduler_hook::pod::intent;
-use granary_scheduler_hook::{ClusterApi, Hook, HookConfig};
+use granary_scheduler_hook::{CallError, ClusterApi, Hook, HookConfig};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,14 +20,14 @@ use tokio::net::TcpStream;
 struct Data(DatasetView);
 
 impl DataSource for Data {
-    fn status<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<DatasetView, String>> {
+    fn status<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<DatasetView, CallError>> {
         Box::pin(async move { Ok(self.0.clone()) })
     }
     fn load<'a>(
         &'a self,
         _: &'a str,
         _: Vec<String>,
-    ) -> BoxFuture<'a, Result<DatasetView, String>> {
+    ) -> BoxFuture<'a, Result<DatasetView, CallError>> {
         Box::pin(async move { Ok(self.0.clone()) })
     }
 }
@@ -41,7 +41,7 @@ impl ClusterApi for NoCluster {
         _: &'a str,
         _: &'a str,
         _: &'a str,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), CallError>> {
         Box::pin(async { Ok(()) })
     }
     fn note_phase<'a>(
@@ -49,7 +49,7 @@ impl ClusterApi for NoCluster {
         _: &'a str,
         _: &'a str,
         _: &'a str,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), CallError>> {
         Box::pin(async { Ok(()) })
     }
     fn event<'a>(
@@ -58,7 +58,7 @@ impl ClusterApi for NoCluster {
         _: &'a str,
         _: &'a str,
         _: &'a str,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), CallError>> {
         Box::pin(async { Ok(()) })
     }
 }

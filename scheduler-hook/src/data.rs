@@ -2,6 +2,7 @@
 //! loading a pinned dataset onto exactly the nodes a gang was planned on. The `granary scheduler`
 //! command implements [`DataSource`] with the workers' Datasets gRPC client; tests use fakes.
 
+use crate::error::CallError;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -90,13 +91,13 @@ impl DatasetView {
 /// The cache cluster, as the hook needs it.
 pub trait DataSource: Send + Sync + 'static {
     /// The dataset's placement and per-node readiness.
-    fn status<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<DatasetView, String>>;
+    fn status<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<DatasetView, CallError>>;
     /// Loads the pinned dataset onto exactly `nodes` (the pin's node set becomes `nodes`).
     fn load<'a>(
         &'a self,
         name: &'a str,
         nodes: Vec<String>,
-    ) -> BoxFuture<'a, Result<DatasetView, String>>;
+    ) -> BoxFuture<'a, Result<DatasetView, CallError>>;
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! Datasets API, the Kubernetes API), and the loop that moves gangs along.
 
 use crate::data::{BoxFuture, DataSource};
+use crate::error::CallError;
 use crate::hook::{Action, HookConfig, HookState};
 use granary_core::gang::Millis;
 use granary_core::metrics as m;
@@ -17,14 +18,14 @@ pub trait ClusterApi: Send + Sync + 'static {
         pod: &'a str,
         uid: &'a str,
         node: &'a str,
-    ) -> BoxFuture<'a, Result<(), String>>;
+    ) -> BoxFuture<'a, Result<(), CallError>>;
     /// Writes `granary.io/gang-phase: PHASE` on the pod.
     fn note_phase<'a>(
         &'a self,
         namespace: &'a str,
         pod: &'a str,
         phase: &'a str,
-    ) -> BoxFuture<'a, Result<(), String>>;
+    ) -> BoxFuture<'a, Result<(), CallError>>;
     /// Records an Event on the pod.
     fn event<'a>(
         &'a self,
@@ -32,7 +33,7 @@ pub trait ClusterApi: Send + Sync + 'static {
         pod: &'a str,
         reason: &'a str,
         message: &'a str,
-    ) -> BoxFuture<'a, Result<(), String>>;
+    ) -> BoxFuture<'a, Result<(), CallError>>;
 }
 
 /// The running hook.
@@ -77,7 +78,7 @@ impl Hook {
                 let now = self.now();
                 self.state().set_dataset(view, now);
             }
-            Ok(Err(e)) => self.state().dataset_error(name, e),
+            Ok(Err(e)) => self.state().dataset_error(name, e.to_string()),
             Err(_) => self
                 .state()
                 .dataset_error(name, "the cache cluster did not answer in 5 s".into()),
@@ -118,7 +119,7 @@ impl Hook {
                     }
                     Ok(Err(e)) => {
                         tracing::warn!(%dataset, error = %e, "load failed");
-                        self.state().dataset_error(&dataset, e);
+                        self.state().dataset_error(&dataset, e.to_string());
                     }
                     Err(_) => tracing::warn!(%dataset, "load: no answer in 5 s"),
                 }

@@ -9,6 +9,7 @@
 
 use crate::data::BoxFuture;
 use crate::driver::{ClusterApi, Hook};
+use crate::error::CallError;
 use crate::extender::{GPU_RESOURCE, whole_quantity};
 use crate::pod::{GANG_PHASE, intent};
 use futures::StreamExt;
@@ -45,10 +46,19 @@ pub struct KubeCluster {
     pub client: kube::Client,
 }
 
-fn err(e: kube::Error) -> String {
+/// A Kubernetes API error by what it means to the hook: the status code says whether the object
+/// is gone, the call refused, or the API not there.
+fn err(e: kube::Error) -> CallError {
     match e {
-        kube::Error::Api(s) => format!("{} ({})", s.message, s.reason),
-        other => other.to_string(),
+        kube::Error::Api(s) => {
+            let text = format!("{} ({})", s.message, s.reason);
+            match s.code {
+                404 => CallError::NotFound(text),
+                400..=499 => CallError::Refused(text),
+                _ => CallError::Unavailable(text),
+            }
+        }
+        other => CallError::Unavailable(other.to_string()),
     }
 }
 
@@ -59,7 +69,7 @@ impl ClusterApi for KubeCluster {
         pod: &'a str,
         uid: &'a str,
         node: &'a str,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), CallError>> {
         Box::pin(async move {
             let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
             let binding = Binding {
@@ -93,7 +103,7 @@ impl ClusterApi for KubeCluster {
         namespace: &'a str,
         pod: &'a str,
         phase: &'a str,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), CallError>> {
         Box::pin(async move {
             let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
             let patch = serde_json::json!({"metadata": {"annotations": {GANG_PHASE: phase}}});
@@ -110,7 +120,7 @@ impl ClusterApi for KubeCluster {
         pod: &'a str,
         reason: &'a str,
         message: &'a str,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), CallError>> {
         Box::pin(async move {
             let events: Api<Event> = Api::namespaced(self.client.clone(), namespace);
             let now = Time(k8s_openapi::jiff::Timestamp::now());

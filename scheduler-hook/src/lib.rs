@@ -13,6 +13,7 @@
 
 pub mod data;
 pub mod driver;
+pub mod error;
 pub mod extender;
 pub mod hook;
 pub mod http;
@@ -20,4 +21,5 @@ pub mod kube;
 pub mod pod;
 
 pub use driver::{ClusterApi, Hook};
+pub use error::CallError;
 pub use hook::{HookConfig, HookState};

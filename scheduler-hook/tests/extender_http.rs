@@ -4,7 +4,7 @@
 
 use granary_scheduler_hook::data::{BoxFuture, DataSource, DatasetView, NodeBytes};
 use granary_scheduler_hook::pod::intent;
-use granary_scheduler_hook::{ClusterApi, Hook, HookConfig};
+use granary_scheduler_hook::{CallError, ClusterApi, Hook, HookConfig};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -46,12 +46,12 @@ impl FakeData {
 }
 
 impl DataSource for FakeData {
-    fn status<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<DatasetView, String>> {
+    fn status<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<DatasetView, CallError>> {
         Box::pin(async move {
             if name == "ds" {
                 Ok(self.view())
             } else {
-                Err(format!("no dataset named {name}"))
+                Err(CallError::NotFound(format!("no dataset named {name}")))
             }
         })
     }
@@ -60,7 +60,7 @@ impl DataSource for FakeData {
         &'a self,
         _name: &'a str,
         nodes: Vec<String>,
-    ) -> BoxFuture<'a, Result<DatasetView, String>> {
+    ) -> BoxFuture<'a, Result<DatasetView, CallError>> {
         Box::pin(async move {
             self.loads.lock().unwrap().push(nodes.clone());
             *self.nodes.lock().unwrap() = nodes.clone();
@@ -89,7 +89,7 @@ impl ClusterApi for FakeCluster {
         pod: &'a str,
         _uid: &'a str,
         node: &'a str,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), CallError>> {
         Box::pin(async move {
             self.binds
                 .lock()
@@ -104,7 +104,7 @@ impl ClusterApi for FakeCluster {
         ns: &'a str,
         pod: &'a str,
         phase: &'a str,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), CallError>> {
         Box::pin(async move {
             self.notes
                 .lock()
@@ -120,7 +120,7 @@ impl ClusterApi for FakeCluster {
         _: &'a str,
         _: &'a str,
         _: &'a str,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), CallError>> {
         Box::pin(async { Ok(()) })
     }
 }

@@ -1,11 +1,11 @@
 //! `granary mount`: a FUSE mount of a remote worker's namespace.
 
-use crate::cmd_up::{current_gid, current_uid};
+use crate::mount_flags::{MountFlags, default_attr_ttl};
 use crate::runtime;
 use anyhow::Context;
 use clap::Args;
-use granary_core::{ByteSize, parse_duration};
-use granary_fuse_client::{FsConfig, GranaryFs};
+use granary_core::parse_duration;
+use granary_fuse_client::GranaryFs;
 use granary_proto::client::GrpcCache;
 use granary_proto::cluster::ClusterClient;
 use granary_proto::membership::Membership;
@@ -45,53 +45,19 @@ pub struct MountArgs {
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_addr: Option<SocketAddr>,
     /// How long attributes are trusted before asking the worker again.
-    #[arg(long, value_name = "DURATION", default_value = "30s")]
+    #[arg(long, value_name = "DURATION", default_value_t = default_attr_ttl())]
     pub attr_ttl: String,
-    /// Readahead per open file.
-    #[arg(long, value_name = "SIZE", default_value = "64MiB")]
-    pub readahead: ByteSize,
-    /// Readahead across all open files.
-    #[arg(long, value_name = "SIZE", default_value = "128MiB")]
-    pub readahead_total: ByteSize,
-    /// How long the kernel keeps the entries of a pinned dataset's files while the worker's pins
-    /// stay the same (it is told to drop them as soon as they change; at least the attribute TTL).
-    #[arg(long, value_name = "DURATION", default_value = "1h")]
-    pub pinned_ttl: String,
-    /// Never open local copies of pinned files with kernel FUSE passthrough (read them through
-    /// the daemon instead).
-    #[arg(long)]
-    pub no_passthrough: bool,
-    /// Take kernel requests over FUSE-over-io_uring (Linux 6.14+; as root this turns on the fuse
-    /// module's enable_uring): one ring per CPU, answered on the requester's CPU. Faster opens,
-    /// stats and small reads (pinned datasets: passthrough opens), one more copy on large reads
-    /// through the daemon. Without it, or where the kernel lacks it: /dev/fuse.
-    #[arg(long, env = "GRANARY_IO_URING", value_parser = clap::builder::BoolishValueParser::new())]
-    pub io_uring: bool,
-    /// The job or pod this mount serves: a label of its data-stall metric (keep it low-cardinality).
-    #[arg(long, value_name = "NAME", env = "GRANARY_JOB", default_value = "")]
-    pub job: String,
+    #[command(flatten)]
+    pub client: MountFlags,
 }
 
 pub async fn run(args: MountArgs) -> anyhow::Result<()> {
-    let attr_ttl = parse_duration(&args.attr_ttl)?;
-    let pinned_ttl = parse_duration(&args.pinned_ttl).context("--pinned-ttl")?;
+    let config = args.client.fs_config(parse_duration(&args.attr_ttl)?)?;
     granary_fuse_client::check_mount_dir(&args.dir)?;
     granary_fuse_client::check_fuse_device()?;
     if let Some(addr) = args.metrics_addr {
         runtime::serve_metrics(addr).await?;
     }
-    let config = FsConfig {
-        attr_ttl,
-        pinned_ttl,
-        readahead_per_file: args.readahead.bytes(),
-        readahead_total: args.readahead_total.bytes(),
-        passthrough: !args.no_passthrough,
-        io_uring: args.io_uring,
-        job: args.job.clone(),
-        uid: current_uid(),
-        gid: current_gid(),
-        ..FsConfig::default()
-    };
     let mounted = match &args.server {
         Some(server) => {
             let api = Arc::new(GrpcCache::connect(server, Duration::from_secs(10)).await?);

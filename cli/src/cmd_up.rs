@@ -1,12 +1,13 @@
 //! `granary up`: a worker and a FUSE mount of one source, in one process.
 
+use crate::mount_flags::{MountFlags, default_attr_ttl};
 use crate::runtime;
 use anyhow::Context;
 use clap::Args;
 use granary_cache_server::config::{CacheSection, ConfigFile, MountSection};
 use granary_cache_server::{Worker, grpc};
-use granary_core::{ByteSize, parse_duration};
-use granary_fuse_client::{FsConfig, GranaryFs};
+use granary_core::ByteSize;
+use granary_fuse_client::GranaryFs;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -38,35 +39,13 @@ pub struct UpArgs {
     #[arg(long, value_name = "HOST:PORT")]
     pub listen: Option<SocketAddr>,
     /// How long listings and attributes are trusted before asking the backend again.
-    #[arg(long, value_name = "DURATION", default_value = "30s")]
+    #[arg(long, value_name = "DURATION", default_value_t = default_attr_ttl())]
     pub metadata_ttl: String,
-    /// Readahead per open file.
-    #[arg(long, value_name = "SIZE", default_value = "64MiB")]
-    pub readahead: ByteSize,
-    /// Readahead across all open files.
-    #[arg(long, value_name = "SIZE", default_value = "128MiB")]
-    pub readahead_total: ByteSize,
-    /// How long the kernel keeps the entries of a pinned dataset's files while the worker's pins
-    /// stay the same (it is told to drop them as soon as they change; at least the attribute TTL).
-    #[arg(long, value_name = "DURATION", default_value = "1h")]
-    pub pinned_ttl: String,
-    /// Never open local copies of pinned files with kernel FUSE passthrough (read them through
-    /// the daemon instead).
-    #[arg(long)]
-    pub no_passthrough: bool,
-    /// Take kernel requests over FUSE-over-io_uring (Linux 6.14+; as root this turns on the fuse
-    /// module's enable_uring): one ring per CPU, answered on the requester's CPU. Faster opens,
-    /// stats and small reads (pinned datasets: passthrough opens), one more copy on large reads
-    /// through the daemon. Without it, or where the kernel lacks it: /dev/fuse.
-    #[arg(long, env = "GRANARY_IO_URING", value_parser = clap::builder::BoolishValueParser::new())]
-    pub io_uring: bool,
-    /// The job or pod this mount serves: a label of its data-stall metric (keep it low-cardinality).
-    #[arg(long, value_name = "NAME", env = "GRANARY_JOB", default_value = "")]
-    pub job: String,
+    #[command(flatten)]
+    pub client: MountFlags,
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
-    let pinned_ttl = parse_duration(&args.pinned_ttl).context("--pinned-ttl")?;
     let file = ConfigFile {
         listen: args.listen.map(|a| a.to_string()),
         metadata_ttl: Some(args.metadata_ttl.clone()),
@@ -83,6 +62,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         ..ConfigFile::default()
     };
     let settings = file.settings()?;
+    let fs_config = args.client.fs_config(settings.metadata_ttl)?;
     // Fail on a bad mount point or /dev/fuse before touching any backend.
     granary_fuse_client::check_mount_dir(&args.mount)?;
     granary_fuse_client::check_fuse_device()?;
@@ -104,18 +84,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .clone()
         .start(worker.clone())
         .context("cannot start the dataset loader's threads")?;
-    let fs_config = FsConfig {
-        attr_ttl: settings.metadata_ttl,
-        pinned_ttl,
-        readahead_per_file: args.readahead.bytes(),
-        readahead_total: args.readahead_total.bytes(),
-        passthrough: !args.no_passthrough,
-        io_uring: args.io_uring,
-        job: args.job.clone(),
-        uid: current_uid(),
-        gid: current_gid(),
-        ..FsConfig::default()
-    };
     let fs = Arc::new(GranaryFs::new(worker.clone(), fs_config));
     let mounted = granary_fuse_client::mount(fs, &args.mount, &args.source)?;
     println!(
@@ -145,16 +113,4 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     worker.close().await;
     tracing::info!("unmounted; bye");
     Ok(())
-}
-
-pub fn current_uid() -> u32 {
-    std::fs::metadata("/proc/self")
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
-        .unwrap_or(0)
-}
-
-pub fn current_gid() -> u32 {
-    std::fs::metadata("/proc/self")
-        .map(|m| std::os::unix::fs::MetadataExt::gid(&m))
-        .unwrap_or(0)
 }

@@ -8,6 +8,7 @@ mod cmd_scheduler;
 mod cmd_server;
 mod cmd_up;
 mod dashboard;
+mod mount_flags;
 mod runtime;
 
 use clap::{Parser, Subcommand};

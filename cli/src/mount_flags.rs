@@ -1,0 +1,70 @@
+//! The FUSE client's flags, shared by `granary up` and `granary mount` (`#[command(flatten)]`),
+//! with the defaults of [`FsConfig`], so the two commands and the library cannot drift apart.
+
+use anyhow::Context;
+use clap::Args;
+use granary_core::{ByteSize, format_duration, parse_duration};
+use granary_fuse_client::FsConfig;
+use std::time::Duration;
+
+#[derive(Args, Debug)]
+pub struct MountFlags {
+    /// Readahead per open file.
+    #[arg(long, value_name = "SIZE", default_value_t = ByteSize(FsConfig::default().readahead_per_file))]
+    pub readahead: ByteSize,
+    /// Readahead across all open files.
+    #[arg(long, value_name = "SIZE", default_value_t = ByteSize(FsConfig::default().readahead_total))]
+    pub readahead_total: ByteSize,
+    /// How long the kernel keeps the entries of a pinned dataset's files while the worker's pins
+    /// stay the same (it is told to drop them as soon as they change; at least the attribute TTL).
+    #[arg(long, value_name = "DURATION", default_value_t = format_duration(FsConfig::default().pinned_ttl))]
+    pub pinned_ttl: String,
+    /// Never open local copies of pinned files with kernel FUSE passthrough (read them through
+    /// the daemon instead).
+    #[arg(long)]
+    pub no_passthrough: bool,
+    /// Take kernel requests over FUSE-over-io_uring (Linux 6.14+; as root this turns on the fuse
+    /// module's enable_uring): one ring per CPU, answered on the requester's CPU. Faster opens,
+    /// stats and small reads (pinned datasets: passthrough opens), one more copy on large reads
+    /// through the daemon. Without it, or where the kernel lacks it: /dev/fuse.
+    #[arg(long, env = "GRANARY_IO_URING", value_parser = clap::builder::BoolishValueParser::new())]
+    pub io_uring: bool,
+    /// The job or pod this mount serves: a label of its data-stall metric (keep it low-cardinality).
+    #[arg(long, value_name = "NAME", env = "GRANARY_JOB", default_value = "")]
+    pub job: String,
+}
+
+/// The default attribute TTL, as a flag default.
+pub fn default_attr_ttl() -> String {
+    format_duration(FsConfig::default().attr_ttl)
+}
+
+impl MountFlags {
+    /// The client's configuration: these flags, `attr_ttl`, and the caller's uid and gid.
+    pub fn fs_config(&self, attr_ttl: Duration) -> anyhow::Result<FsConfig> {
+        Ok(FsConfig {
+            attr_ttl,
+            pinned_ttl: parse_duration(&self.pinned_ttl).context("--pinned-ttl")?,
+            readahead_per_file: self.readahead.bytes(),
+            readahead_total: self.readahead_total.bytes(),
+            passthrough: !self.no_passthrough,
+            io_uring: self.io_uring,
+            job: self.job.clone(),
+            uid: current_uid(),
+            gid: current_gid(),
+            ..FsConfig::default()
+        })
+    }
+}
+
+fn current_uid() -> u32 {
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .unwrap_or(0)
+}
+
+fn current_gid() -> u32 {
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::gid(&m))
+        .unwrap_or(0)
+}

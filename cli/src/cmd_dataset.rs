@@ -6,7 +6,8 @@ use granary_cache_server::dataset_api::{DatasetStatus, PinRequest};
 use granary_cache_server::dataset_grpc::DatasetClient;
 use granary_core::dataset::{LoadState, NodeProgress};
 use granary_core::{ByteSize, parse_duration};
-use std::io::{IsTerminal, Write};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 #[derive(Args, Debug)]
@@ -298,6 +299,19 @@ struct Until {
     fail_fast: bool,
 }
 
+/// The bar a terminal shows while waiting for `name`: bytes ready of the share, percent, and the
+/// nodes' rate and ETA.
+fn progress_bar(name: &str) -> ProgressBar {
+    let style = ProgressStyle::with_template(
+        "{prefix} [{bar:30}] {percent:>3}%  {binary_bytes}/{binary_total_bytes}  {msg}",
+    )
+    .expect("a valid template")
+    .progress_chars("## ");
+    ProgressBar::new(0)
+        .with_style(style)
+        .with_prefix(name.to_string())
+}
+
 /// Polls the status until ready (exit 0) or past the timeout (an error), showing progress (a
 /// bar on a terminal, JSON lines otherwise) and, when nodes report failures, why. Failed files
 /// are retried by their nodes, so a failure ends the wait only with `fail_fast`.
@@ -312,7 +326,7 @@ async fn watch(
         timeout,
         fail_fast,
     } = until;
-    let tty = std::io::stderr().is_terminal();
+    let bar = std::io::stderr().is_terminal().then(|| progress_bar(name));
     let start = Instant::now();
     let mut last_line = Instant::now() - Duration::from_secs(10);
     let mut last_reasons = String::new();
@@ -326,25 +340,24 @@ async fn watch(
             .map(|p| format!("{}: {}", p.node, p.reason))
             .collect();
         let reasons = reasons.join("; ");
-        if tty && reasons != last_reasons && !reasons.is_empty() {
-            eprintln!("\r{name}: {reasons}");
+        if let Some(bar) = &bar
+            && reasons != last_reasons
+            && !reasons.is_empty()
+        {
+            bar.println(format!("{name}: {reasons}"));
         }
         let done = state == LoadState::Ready || (min_percent < 100.0 && percent >= min_percent);
         let remaining = (rate > 0.0 && !done).then(|| total.saturating_sub(ready) as f64 / rate);
         let eta = remaining.map(|seconds| seconds as u64);
-        if tty {
-            let width = 30;
-            let filled = ((percent / 100.0) * width as f64) as usize;
-            eprint!(
-                "\r{name} [{}{}] {percent:6.2}%  {}/{}  {}/s  {}   ",
-                "#".repeat(filled.min(width)),
-                " ".repeat(width - filled.min(width)),
-                ByteSize(ready),
-                ByteSize(total),
+        if let Some(bar) = &bar {
+            // The node's own rate and ETA (the bar's would be this client's polling's).
+            bar.set_length(total);
+            bar.set_position(ready);
+            bar.set_message(format!(
+                "{}/s  {}",
                 ByteSize(rate as u64),
                 eta.map(|e| format!("eta {e}s")).unwrap_or_default()
-            );
-            let _ = std::io::stderr().flush();
+            ));
         } else if done || reasons != last_reasons || last_line.elapsed() >= Duration::from_secs(1) {
             last_line = Instant::now();
             eprintln!(
@@ -364,31 +377,28 @@ async fn watch(
             );
         }
         if done {
-            if tty {
-                eprintln!();
+            if let Some(bar) = &bar {
+                bar.finish();
             }
             println!("granary: {name} ready ({percent:.2}%)");
             return Ok(());
         }
         if fail_fast && state == LoadState::Failed {
-            if tty {
-                eprintln!();
+            if let Some(bar) = &bar {
+                bar.abandon();
             }
             bail!("loading {name} failed: {reasons}");
         }
         if start.elapsed() >= timeout {
-            if tty {
-                eprintln!();
+            if let Some(bar) = &bar {
+                bar.abandon();
             }
             let why = if reasons.is_empty() {
                 String::new()
             } else {
                 format!("; {reasons}")
             };
-            bail!(
-                "{name} not ready after {timeout:?}: {percent:.2}% ({:?}){why}",
-                state
-            );
+            bail!("{name} not ready after {timeout:?}: {percent:.2}% ({state}){why}");
         }
         last_reasons = reasons;
         // Every 100 ms; every 20 ms in the last 2 s expected, so the wait ends promptly.

@@ -28,7 +28,7 @@
 //! ```
 
 use granary_core::{BlockSize, ByteSize, MountPoint, Namespace, SourceUri, parse_duration};
-use granary_proto::tls::TlsFiles;
+use granary_net::tls::TlsFiles;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -11,17 +11,16 @@ use crate::config::{DatasetSettings, Settings};
 use crate::datasets::{Datasets, now_secs};
 use crate::registry::Pin;
 use granary_core::dataset::{
-    Child, LoadState, Manifest, ManifestFile, NodeProgress, check_name, check_tenant_quota,
-    overall, percent, share,
+    Child, LoadState, Manifest, ManifestFile, check_name, check_tenant_quota, overall, percent,
+    share,
 };
 use granary_core::namespace::components;
-use granary_core::{ByteSize, Namespace, ObjectId, Resolved};
-use granary_proto::membership::Membership;
+use granary_core::{Namespace, ObjectId, Resolved};
+use granary_net::membership::Membership;
+pub use granary_proto::datasets::{DatasetStatus, PinRequest};
 use granary_proto::{ApiError, Entry, EntryKind, ObjectRef};
-use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Files in one pin, at most. Every worker keeps each pin's manifest in memory (about 200 bytes
 /// a file); etcd holds it compressed, in chunks.
@@ -64,39 +63,6 @@ pub fn authenticate(settings: &DatasetSettings, token: Option<&str>) -> Result<C
         .find(|t| t.token == token)
         .map(|t| Caller::Tenant(t.name.clone()))
         .ok_or_else(|| ApiError::Denied("the token matches no tenant".into()))
-}
-
-/// What `pin` asks for.
-#[derive(Debug, Clone, Default)]
-pub struct PinRequest {
-    pub name: String,
-    pub path: String,
-    pub tenant: Option<String>,
-    pub ttl: Option<Duration>,
-    pub nodes: Vec<String>,
-    pub replicas: usize,
-}
-
-/// A dataset's state as `status` and `list` report it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DatasetStatus {
-    pub name: String,
-    pub tenant: String,
-    pub path: String,
-    pub files: u64,
-    pub bytes: u64,
-    pub replicas: u64,
-    pub nodes: Vec<String>,
-    pub expires_at: Option<u64>,
-    pub created_at: u64,
-    pub load: bool,
-    pub state: LoadState,
-    /// Bytes present and verified on the node set / bytes the set must hold (every replica).
-    pub percent: f64,
-    pub bytes_ready: u64,
-    pub bytes_total: u64,
-    pub verify_seq: u64,
-    pub node_progress: Vec<NodeProgress>,
 }
 
 fn normalize(path: &str) -> Result<String, ApiError> {
@@ -587,46 +553,5 @@ impl DatasetApi {
             verify_seq: pin.verify_seq,
             node_progress: reports,
         })
-    }
-}
-
-impl std::fmt::Display for DatasetStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(
-            f,
-            "{}  tenant {}  {}  {} files, {}  x{}  {}  {:.2}%",
-            self.name,
-            self.tenant,
-            self.path,
-            self.files,
-            ByteSize(self.bytes),
-            self.replicas,
-            self.state,
-            self.percent
-        )?;
-        for p in &self.node_progress {
-            let eta = p
-                .eta_secs()
-                .map(|s| format!("  eta {s}s"))
-                .unwrap_or_default();
-            writeln!(
-                f,
-                "  {:<16} {:<8} {:>7.2}%  {}/{} files  {}/{}  {}/s{eta}{}",
-                p.node,
-                p.state.as_str(),
-                p.percent(),
-                p.files_ready,
-                p.files_total,
-                ByteSize(p.bytes_ready),
-                ByteSize(p.bytes_total),
-                ByteSize(p.rate as u64),
-                if p.reason.is_empty() {
-                    String::new()
-                } else {
-                    format!("  ({})", p.reason)
-                }
-            )?;
-        }
-        Ok(())
     }
 }

@@ -155,7 +155,7 @@ fn io(what: &str, e: std::io::Error) -> ApiError {
 
 impl Registry {
     pub async fn etcd(endpoints: &[String]) -> Result<Self, ApiError> {
-        let client = granary_proto::membership::connect(endpoints)
+        let client = granary_net::membership::connect(endpoints)
             .await
             .map_err(|e| ApiError::Unavailable(e.to_string()))?;
         Ok(Registry::Etcd {

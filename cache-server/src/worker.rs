@@ -10,10 +10,10 @@ use crate::dataset_api::{Caller, DatasetApi, DatasetStatus, member_ids};
 use crate::datasets::{Datasets, Source};
 use crate::listing::{Listing, ListingCache};
 use crate::registry::Registry;
-use granary_core::placement::owners;
+use granary_core::placement::ask_order;
 use granary_core::{BlockKey, BlockSize, ObjectId, Resolved};
-use granary_proto::membership::Membership;
-use granary_proto::quic::BlockClient;
+use granary_net::membership::Membership;
+use granary_net::quic::BlockClient;
 use granary_proto::{ApiError, Block, CacheApi, Entry, EntryKind, Info, NodeStats, ObjectRef};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -314,7 +314,7 @@ impl CacheApi for Worker {
         let key = BlockKey::new(object.id.fingerprint(), index);
         if let Some(cluster) = &self.cluster {
             let view = cluster.membership.view();
-            let owners = owners(key, &view.members, cluster.replicas);
+            let owners = ask_order(key, &view.members, cluster.replicas, None).owners;
             if !owners.is_empty() && !owners.iter().any(|m| m.node_id == self.settings.node_id) {
                 if let Some((block, tier)) = self.blocks.get_cached(key).await {
                     return Ok(self.serve(block, tier));
@@ -335,9 +335,7 @@ impl CacheApi for Worker {
                             metrics::counter!(granary_core::metrics::BLOCK_READ_BYTES, "tier" => "peer").increment(block.data.len() as u64);
                             return Ok(block);
                         }
-                        Err(ApiError::Unavailable(e))
-                        | Err(ApiError::Corrupt(e))
-                        | Err(ApiError::Internal(e)) => {
+                        Err(e) if e.worth_retrying_elsewhere() => {
                             tracing::warn!(owner = %owner.node_id, error = %e, "owner did not serve the block; trying the next");
                         }
                         Err(definitive) => return Err(definitive),
@@ -463,7 +461,7 @@ impl Worker {
     }
 
     /// The cluster's membership as this worker sees it (`None` outside a cluster).
-    pub fn membership(&self) -> Option<Arc<granary_proto::membership::View>> {
+    pub fn membership(&self) -> Option<Arc<granary_net::membership::View>> {
         self.cluster.as_ref().map(|c| c.membership.view())
     }
 

@@ -3,9 +3,9 @@
 use anyhow::Context;
 use clap::Args;
 use granary_core::ByteSize;
-use granary_proto::client::GrpcCache;
-use granary_proto::membership::{MemberInfo, Membership};
-use granary_proto::tls::generate_dev_certs;
+use granary_net::client::GrpcCache;
+use granary_net::membership::{MemberInfo, Membership};
+use granary_net::tls::generate_dev_certs;
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::Duration;

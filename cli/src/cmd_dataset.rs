@@ -2,10 +2,10 @@
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use granary_cache_server::dataset_api::{DatasetStatus, PinRequest};
-use granary_cache_server::dataset_grpc::DatasetClient;
 use granary_core::dataset::{LoadState, NodeProgress};
 use granary_core::{ByteSize, parse_duration};
+use granary_net::datasets::DatasetClient;
+use granary_proto::datasets::{DatasetStatus, PinRequest};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};

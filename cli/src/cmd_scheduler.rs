@@ -3,10 +3,10 @@
 
 use anyhow::Context;
 use clap::Args;
-use granary_cache_server::dataset_api::DatasetStatus;
-use granary_cache_server::dataset_grpc::DatasetClient;
 use granary_core::{ByteSize, parse_duration};
+use granary_net::datasets::DatasetClient;
 use granary_proto::ApiError;
+use granary_proto::datasets::DatasetStatus;
 use granary_scheduler_hook::data::{BoxFuture, DataSource, DatasetView, NodeBytes};
 use granary_scheduler_hook::kube::{KubeCluster, client, spawn_watches};
 use granary_scheduler_hook::{CallError, Hook, HookConfig};

@@ -6,7 +6,7 @@
 use crate::cmd_cluster::{member_info, status_json};
 use granary_cache_server::Worker;
 use granary_cache_server::dataset_api::Caller;
-use granary_proto::membership::MemberInfo;
+use granary_net::membership::MemberInfo;
 use serde_json::{Value, json};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};

@@ -48,6 +48,44 @@ pub fn owners<M: Member>(key: BlockKey, members: &[M], r: usize) -> Vec<&M> {
     scored.into_iter().map(|(_, m)| m).collect()
 }
 
+/// Whom to ask for a block, in order: its owners, then every other member.
+#[derive(Debug, PartialEq, Eq)]
+pub struct AskOrder<'a, M> {
+    /// The `r` owners, best first, but the member `local` first when it is one of them (its
+    /// copy costs no network).
+    pub owners: Vec<&'a M>,
+    /// Every other member, in `members`' order: a reader's last resort before failing.
+    pub others: Vec<&'a M>,
+}
+
+impl<'a, M> AskOrder<'a, M> {
+    /// Owners, then the others: the whole failover order of a reader.
+    pub fn all(&self) -> impl Iterator<Item = &'a M> + '_ {
+        self.owners.iter().chain(&self.others).copied()
+    }
+}
+
+/// The failover order for `key` (see [`AskOrder`]). A client asks down `all()` while the error
+/// it gets is worth retrying elsewhere (`granary_proto::ApiError::worth_retrying_elsewhere`); a
+/// worker that is no owner asks only `owners`, then reads the backend itself.
+pub fn ask_order<'a, M: Member>(
+    key: BlockKey,
+    members: &'a [M],
+    r: usize,
+    local: Option<&str>,
+) -> AskOrder<'a, M> {
+    let mut owners = owners(key, members, r);
+    if let Some(local) = local {
+        // Stable: the other owners keep their rank.
+        owners.sort_by_key(|m| m.id() != local);
+    }
+    let others = members
+        .iter()
+        .filter(|m| !owners.iter().any(|o| o.id() == m.id()))
+        .collect();
+    AskOrder { owners, others }
+}
+
 /// The owners of `key` among the members whose ids `allowed` accepts (a pinned node set).
 pub fn owners_within<M: Member>(
     key: BlockKey,
@@ -69,6 +107,25 @@ impl<M: Member> Member for &M {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn ask_order_puts_the_local_owner_first_then_the_other_owners_then_everyone_else() {
+        let m = members(6);
+        let k = key(7);
+        let ranked: Vec<&String> = owners(k, &m, 3);
+        let plain = ask_order(k, &m, 3, None);
+        assert_eq!(plain.owners, ranked);
+        assert_eq!(plain.others.len(), 3);
+        assert!(plain.others.iter().all(|o| !ranked.contains(o)));
+        assert_eq!(plain.all().count(), 6);
+        // The local member first when it owns the block; the others keep their rank.
+        let local = ranked[2].as_str();
+        let mine = ask_order(k, &m, 3, Some(local));
+        assert_eq!(mine.owners, vec![ranked[2], ranked[0], ranked[1]]);
+        // A local member that owns nothing changes nothing.
+        let outsider = plain.others[0].as_str();
+        assert_eq!(ask_order(k, &m, 3, Some(outsider)), plain);
+    }
 
     fn members(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("node-{i}")).collect()

@@ -1,18 +1,16 @@
-//! Granary's wire types and the worker API.
+//! Granary's wire types and the worker API: what crosses the network, and nothing that moves it
+//! (that is `granary-net`).
 //!
 //! [`CacheApi`] is what a FUSE client needs from a cache worker: stat, list and block reads in
 //! core types. A worker in the same process implements it directly (no network on the same
-//! node); [`client::GrpcCache`] implements it over gRPC for a remote worker, and the worker's
-//! gRPC service (in `cache-server`) serves any `CacheApi` implementation. Errors cross the wire
-//! through exactly one mapping each way ([`ApiError`] <-> `tonic::Status`).
+//! node); `granary_net::client::GrpcCache` implements it over gRPC for a remote worker, and the
+//! worker's gRPC service (in `cache-server`) serves any `CacheApi` implementation. Errors cross
+//! the wire through exactly one mapping each way ([`ApiError`] <-> `tonic::Status`). [`frame`] is
+//! the QUIC block frames' codec; [`datasets`] the Datasets API's request and status types.
 
-pub mod client;
-pub mod cluster;
 mod convert;
+pub mod datasets;
 pub mod frame;
-pub mod membership;
-pub mod quic;
-pub mod tls;
 
 use bytes::Bytes;
 use granary_core::{BlockSize, ObjectId};
@@ -189,6 +187,18 @@ pub enum ApiError {
     /// Over a quota or a capacity.
     #[error("refused: {0}")]
     Exhausted(String),
+}
+
+impl ApiError {
+    /// Whether another worker might answer where this one failed (it did not answer, sent
+    /// damaged bytes or broke): the one failover rule of clients and workers. A definitive
+    /// answer (not found, stale, invalid, denied) is the same from every worker.
+    pub fn worth_retrying_elsewhere(&self) -> bool {
+        matches!(
+            self,
+            ApiError::Unavailable(_) | ApiError::Corrupt(_) | ApiError::Internal(_)
+        )
+    }
 }
 
 /// What a FUSE client needs from a cache worker.

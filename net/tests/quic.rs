@@ -3,8 +3,8 @@
 
 use bytes::Bytes;
 use granary_core::{BlockSize, ObjectId};
-use granary_proto::quic::{self, BlockClient, CLOSE_MALFORMED};
-use granary_proto::tls::{TlsFiles, TlsIdentity, generate_dev_certs};
+use granary_net::quic::{self, BlockClient, CLOSE_MALFORMED};
+use granary_net::tls::{TlsFiles, TlsIdentity, generate_dev_certs};
 use granary_proto::{ApiError, Block, CacheApi, Entry, Info, ObjectRef};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -125,7 +125,7 @@ async fn a_client_without_a_certificate_is_refused() {
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    tls.alpn_protocols = vec![granary_proto::tls::ALPN.to_vec()];
+    tls.alpn_protocols = vec![granary_net::tls::ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));

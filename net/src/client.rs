@@ -1,7 +1,7 @@
 //! [`GrpcCache`]: the worker API over gRPC, for a client on another node than its worker.
 
-use crate::{ApiError, Block, CacheApi, Entry, Info, MAX_MESSAGE_BYTES, ObjectRef, pb};
 use granary_core::BlockSize;
+use granary_proto::{ApiError, Block, CacheApi, Entry, Info, MAX_MESSAGE_BYTES, ObjectRef, pb};
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
@@ -140,7 +140,7 @@ impl CacheApi for GrpcCache {
         let block = Block {
             data: resp.data,
             crc32c: resp.crc32c,
-            origin: crate::Origin::from_code(resp.origin.min(255) as u8),
+            origin: granary_proto::Origin::from_code(resp.origin.min(255) as u8),
         };
         if !block.verify() {
             return Err(ApiError::Corrupt(format!(

@@ -1,15 +1,15 @@
 //! The data plane over QUIC: block reads between clients and workers and between workers.
 //!
 //! One connection per peer, one bidirectional stream per block read (the frame codec in
-//! [`crate::frame`]). Both sides authenticate with the cluster CA ([`crate::tls`]). The server
+//! [`granary_proto::frame`]). Both sides authenticate with the cluster CA ([`crate::tls`]). The server
 //! bounds what one connection may hold: at most [`MAX_STREAMS`] reads in flight and a receive
 //! window; a peer that sends a malformed or oversized frame has its connection closed with an
 //! error code and a reason, while the server goes on serving everyone else.
 
-use crate::frame::{self, ReadBlock};
 use crate::tls::TlsIdentity;
-use crate::{ApiError, Block, CacheApi, ObjectRef};
 use bytes::BytesMut;
+use granary_proto::frame::{self, ReadBlock};
+use granary_proto::{ApiError, Block, CacheApi, ObjectRef};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, Endpoint, TransportConfig, VarInt};
 use std::collections::HashMap;

@@ -15,9 +15,9 @@ use crate::client::GrpcCache;
 use crate::membership::{MemberInfo, Membership};
 use crate::quic::BlockClient;
 use crate::tls::TlsIdentity;
-use crate::{ApiError, Block, CacheApi, Entry, Info, ObjectRef};
 use granary_core::BlockKey;
-use granary_core::placement::owners;
+use granary_core::placement::ask_order;
+use granary_proto::{ApiError, Block, CacheApi, Entry, Info, ObjectRef};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -38,14 +38,6 @@ impl std::fmt::Debug for ClusterClient {
             .field("info", &self.info)
             .finish_non_exhaustive()
     }
-}
-
-/// Whether another worker might answer where this one failed.
-fn worth_retrying(e: &ApiError) -> bool {
-    matches!(
-        e,
-        ApiError::Unavailable(_) | ApiError::Corrupt(_) | ApiError::Internal(_)
-    )
 }
 
 impl ClusterClient {
@@ -142,7 +134,7 @@ impl ClusterClient {
                 Err(e) => Err(e),
             };
             match result {
-                Err(e) if worth_retrying(&e) => {
+                Err(e) if e.worth_retrying_elsewhere() => {
                     self.api.lock().expect("api map").remove(&member.node_id);
                     last = e;
                 }
@@ -187,8 +179,8 @@ impl CacheApi for ClusterClient {
     async fn read_block(&self, object: &ObjectRef, index: u64) -> Result<Block, ApiError> {
         let view = self.membership.view();
         let key = BlockKey::new(object.id.fingerprint(), index);
-        let mut preferred = owners(key, &view.members, self.replicas);
-        if let Some(local) = self.local_non_owner(&view.members, &preferred) {
+        let order = ask_order(key, &view.members, self.replicas, self.local.as_deref());
+        if let Some(local) = self.local_non_owner(&view.members, &order.owners) {
             let held = self.blocks.read_held_block(
                 local.data_addr,
                 &local.node_id,
@@ -200,18 +192,8 @@ impl CacheApi for ClusterClient {
                 return Ok(block);
             }
         }
-        // Among the owners, the local worker first.
-        if let Some(local) = self.local.as_deref() {
-            preferred.sort_by_key(|m| m.node_id != local);
-        }
-        let mut order: Vec<&MemberInfo> = preferred.clone();
-        order.extend(
-            view.members
-                .iter()
-                .filter(|m| !preferred.iter().any(|p| p.node_id == m.node_id)),
-        );
         let mut last = ApiError::Unavailable("the cluster has no live members".into());
-        for member in order {
+        for member in order.all() {
             match self
                 .blocks
                 .read_block(
@@ -223,7 +205,7 @@ impl CacheApi for ClusterClient {
                 )
                 .await
             {
-                Err(e) if worth_retrying(&e) => {
+                Err(e) if e.worth_retrying_elsewhere() => {
                     tracing::warn!(node = %member.node_id, error = %e, "block read failed; trying the next worker");
                     last = e;
                 }

@@ -6,8 +6,8 @@
 
 use bytes::Bytes;
 use granary_core::{BlockSize, ObjectId};
-use granary_proto::quic::{self, BlockClient};
-use granary_proto::tls::{TlsFiles, TlsIdentity, generate_dev_certs};
+use granary_net::quic::{self, BlockClient};
+use granary_net::tls::{TlsFiles, TlsIdentity, generate_dev_certs};
 use granary_proto::{ApiError, Block, CacheApi, Entry, Info, ObjectRef};
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -137,37 +137,36 @@ async fn gangs(url: &str) -> Value {
     }
 }
 
-/// A plain HTTP/1.0 GET of `base` + `path` (the hook serves plain HTTP on the cluster network).
+/// Largest answer the hook may send to a dashboard request.
+const MAX_ANSWER: usize = 16 << 20;
+
+/// A GET of `base` + `path` as JSON within 3 s (the hook's `/gangs`), its body bounded.
 async fn http_get_json(base: &str, path: &str) -> Result<Value, String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let hostport = base
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("{base}: only http:// is supported"))?
-        .trim_end_matches('/');
-    let fetch = async {
-        let mut stream = tokio::net::TcpStream::connect(hostport)
-            .await
-            .map_err(|e| format!("{hostport}: {e}"))?;
-        stream
-            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n").as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut body = Vec::new();
-        stream
-            .take(16 << 20)
-            .read_to_end(&mut body)
-            .await
-            .map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&body);
-        let (head, body) = text.split_once("\r\n\r\n").ok_or("not HTTP")?;
-        if !head.contains(" 200 ") {
-            return Err(head.lines().next().unwrap_or("").to_string());
-        }
-        serde_json::from_str(body).map_err(|e| e.to_string())
-    };
-    tokio::time::timeout(Duration::from_secs(3), fetch)
+    static CLIENT: std::sync::LazyLock<Result<reqwest::Client, String>> =
+        std::sync::LazyLock::new(|| {
+            reqwest::Client::builder()
+                .timeout(Duration::from_secs(3))
+                .build()
+                .map_err(|e| e.to_string())
+        });
+    let client = CLIENT.as_ref().map_err(Clone::clone)?;
+    let url = format!("{}{path}", base.trim_end_matches('/'));
+    let mut resp = client
+        .get(&url)
+        .send()
         .await
-        .map_err(|_| format!("{hostport}: no answer in 3s"))?
+        .map_err(|e| format!("{url}: {e}"))?;
+    if !resp.status().is_success() {
+        return Err(format!("{url}: {}", resp.status()));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| format!("{url}: {e}"))? {
+        if body.len() + chunk.len() > MAX_ANSWER {
+            return Err(format!("{url}: the answer is over {MAX_ANSWER} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    serde_json::from_slice(&body).map_err(|e| format!("{url}: {e}"))
 }
 
 async fn gather(state: &State) -> Value {
@@ -197,4 +196,49 @@ async fn gather(state: &State) -> Value {
         "datasets": datasets,
         "gangs": gangs,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server on 127.0.0.1 answering `/gangs` with JSON, `/big` with more than the limit.
+    async fn serve() -> String {
+        let app = axum::Router::new()
+            .route(
+                "/gangs",
+                axum::routing::get(|| async { json!({"gangs": [{"name": "g"}]}).to_string() }),
+            )
+            .route(
+                "/big",
+                axum::routing::get(|| async { "x".repeat(MAX_ANSWER + 1) }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}/")
+    }
+
+    #[tokio::test]
+    async fn the_hook_is_asked_over_http_with_a_bounded_answer() {
+        let base = serve().await;
+        assert_eq!(
+            http_get_json(&base, "/gangs").await.unwrap(),
+            json!({"gangs": [{"name": "g"}]})
+        );
+        let missing = http_get_json(&base, "/nope").await.unwrap_err();
+        assert!(missing.contains("404"), "{missing}");
+        let big = http_get_json(&base, "/big").await.unwrap_err();
+        assert!(big.contains("over"), "{big}");
+        let closed = format!("http://127.0.0.1:{}", free_port());
+        assert!(http_get_json(&closed, "/gangs").await.is_err());
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
 }

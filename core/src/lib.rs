@@ -2,10 +2,12 @@
 //!
 //! Everything in this crate is deterministic and free of I/O: block arithmetic, cache keys, the
 //! readahead window, source URIs, the object key <-> name mapping, the namespace table, the
-//! pins-epoch trust rules of the FUSE client, humane sizes and durations, and the metric catalogue. Services (`cache-server`, `fuse-client`) drive
+//! pins-epoch trust rules of the FUSE client, the retry backoff, humane sizes and durations, and
+//! the metric catalogue. Services (`cache-server`, `fuse-client`) drive
 //! these types; they are tested here with plain unit and property tests, without a runtime, a
 //! network or a kernel.
 
+pub mod backoff;
 pub mod block;
 pub mod dataset;
 pub mod gang;

@@ -8,6 +8,7 @@
 //! config is the view, with epoch 1.
 
 use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions, WatchOptions};
+use granary_core::backoff::Backoff;
 use granary_core::placement::Member;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -128,14 +129,16 @@ impl Membership {
         let (tx, rx) = watch::channel(Arc::new(first));
         let endpoints = endpoints.to_vec();
         tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(200);
+            let backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+            let mut failures = 0;
             loop {
                 match session(&endpoints, me.as_ref(), ttl, &tx).await {
                     Ok(()) => return, // every receiver is gone
                     Err(e) => {
-                        tracing::warn!(error = %e, retry_in = ?backoff, "etcd session lost; keeping the last membership view");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        failures += 1;
+                        let wait = backoff.after(failures);
+                        tracing::warn!(error = %e, retry_in = ?wait, "etcd session lost; keeping the last membership view");
+                        tokio::time::sleep(wait).await;
                     }
                 }
             }

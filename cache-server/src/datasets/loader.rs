@@ -16,6 +16,7 @@ use super::store::{Partial, StoredFile, append_index, internal};
 use super::{Datasets, HeldFile, Source, blocking};
 use crate::registry::Pin;
 use bytes::Bytes;
+use granary_core::backoff::Backoff;
 use granary_core::dataset::{ManifestFile, holders};
 use granary_core::object::{checksum, checksum_append};
 use granary_proto::{ApiError, ObjectRef};
@@ -28,9 +29,10 @@ use tokio::sync::{Semaphore, mpsc};
 /// Files committed to the index with one write, at most.
 const COMMIT_BATCH: usize = 256;
 
-/// The first retry of a file that failed waits this long; each failure after doubles it.
-const RETRY_FIRST: Duration = Duration::from_secs(2);
-const RETRY_MAX: Duration = Duration::from_secs(300);
+/// A file that failed is tried again 2 s later, then 4, 8, ... up to every 5 minutes.
+const FILE_RETRY: Backoff = Backoff::new(Duration::from_secs(2), Duration::from_secs(300));
+/// A file whose load failed with an error worth retrying at once: 0.5 s, then 1 s.
+const LOAD_RETRY: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(1));
 /// Files a load works on at once, per block read it may have in flight.
 const FILES_PER_READ: usize = 4;
 
@@ -84,7 +86,7 @@ impl Datasets {
                             match loaded.await {
                                 Err(e) if attempt < 3 && retryable(&e) => {
                                     tracing::warn!(dataset = %pin.name, path = %file.path, error = %e, "load failed; retrying");
-                                    tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
+                                    tokio::time::sleep(LOAD_RETRY.after(attempt)).await;
                                 }
                                 other => break other,
                             }
@@ -128,9 +130,7 @@ impl Datasets {
                 reason: String::new(),
             });
         retry.failures += 1;
-        let wait = RETRY_FIRST
-            .saturating_mul(1 << (retry.failures - 1).min(16))
-            .min(RETRY_MAX);
+        let wait = FILE_RETRY.after(retry.failures);
         retry.at = Instant::now() + wait;
         retry.reason = error.to_string();
         tracing::error!(dataset, path, error = %error, failures = retry.failures, retry_in = ?wait, "cannot load a file");

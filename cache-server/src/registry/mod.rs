@@ -1,5 +1,5 @@
 //! Where pins and load progress live: etcd for a cluster (every worker sees every pin,
-//! [`etcd`]), or files in the dataset store for a worker without etcd ([`local`]).
+//! `etcd.rs`), or files in the dataset store for a worker without etcd (`local.rs`).
 //!
 //! [`PinStore`] is what a store of pins must do; [`Registry`] is the handle the worker holds, over
 //! one of them. A new kind of store is a new file implementing [`PinStore`] and a constructor

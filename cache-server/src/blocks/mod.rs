@@ -6,16 +6,21 @@
 //! every disk hit as well, so a damaged disk block is refetched from the backend, never served.
 //! Concurrent misses on one key share one fetch (`get_or_fetch`). Blocks are written to disk as
 //! they are inserted, so a restarted worker finds them again in the same cache directory.
+//!
+//! Which blocks each tier admits and evicts is chosen in one place, `CachePolicy` (`policy.rs`).
+
+mod policy;
 
 use crate::config::{CacheSettings, disk_region_size};
 use bytes::Bytes;
 use foyer::{
     BlockEngineConfig, Code, DeviceBuilder, FsDeviceBuilder, HybridCache, HybridCacheBuilder,
-    HybridCachePolicy, RecoverMode, Source,
+    RecoverMode, Source,
 };
 use granary_core::BlockKey;
 use granary_core::metrics as m;
 use granary_proto::{ApiError, Block};
+use policy::CachePolicy;
 use std::future::Future;
 use std::io::{Read, Write};
 
@@ -129,9 +134,10 @@ impl BlockCache {
             dir: settings.dir.display().to_string(),
             message,
         };
+        let policy = CachePolicy::current();
         let builder = HybridCacheBuilder::new()
             .with_name("granary-blocks")
-            .with_policy(HybridCachePolicy::WriteOnInsertion)
+            .with_policy(policy.disk_writes())
             .memory(settings.memory.bytes() as usize)
             // foyer splits the memory tier into shards of equal capacity: keep at least 64 blocks
             // per shard, or a small cache evicts blocks long before it is full.
@@ -139,7 +145,8 @@ impl BlockCache {
                 settings.memory.bytes(),
                 settings.block_size.get(),
             ))
-            .with_weighter(|_key: &u128, value: &CachedBlock| value.0.data.len() + 64)
+            .with_eviction_config(policy.memory_eviction())
+            .with_weighter(CachePolicy::weight)
             .storage();
         let cache = if settings.disk.bytes() == 0 {
             builder.build().await
@@ -155,6 +162,8 @@ impl BlockCache {
                 .with_recover_mode(RecoverMode::Quiet)
                 .with_engine_config(
                     BlockEngineConfig::new(device)
+                        .with_admission_filter(policy.disk_admission())
+                        .with_eviction_pickers(policy.disk_eviction())
                         .with_block_size(disk_region_size(settings.block_size))
                         .with_flushers(2)
                         .with_buffer_pool_size(DISK_WRITE_BUFFER)

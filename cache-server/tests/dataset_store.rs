@@ -6,7 +6,7 @@ use bytes::Bytes;
 use granary_cache_server::config::DatasetSettings;
 use granary_cache_server::datasets::{Datasets, Source};
 use granary_cache_server::registry::{Pin, Registry};
-use granary_core::dataset::{LoadState, Manifest, ManifestFile};
+use granary_core::dataset::{LoadState, Manifest, ManifestFile, NodeProgress};
 use granary_core::{BlockSize, ObjectId};
 use granary_proto::{ApiError, ObjectRef};
 use std::collections::HashMap;
@@ -172,6 +172,22 @@ async fn until_ready(store: &Arc<Datasets>, pin: &Pin) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("not ready: {:?}", store.progress(pin));
+}
+
+/// The node's report once it says the load failed (within 2 s).
+async fn until_failed(store: &Arc<Datasets>, pin: &Pin) -> NodeProgress {
+    for _ in 0..100 {
+        store.refresh().await.unwrap();
+        let p = store.progress(pin);
+        if p.state == LoadState::Failed {
+            return p;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "the node does not report the failure: {:?}",
+        store.progress(pin)
+    );
 }
 
 /// Runs the store's loop over a backend that stalls for ever after `gets` GETs (a worker that
@@ -340,17 +356,7 @@ async fn a_file_that_keeps_failing_is_retried_with_backoff_and_named_in_the_stat
     let backend = Arc::new(FakeBackend::default());
     *backend.missing.lock().unwrap() = Some("/small".into());
     let run = tokio::spawn(store.clone().run(backend.clone()));
-    let mut failed = None;
-    for _ in 0..100 {
-        store.refresh().await.unwrap();
-        let p = store.progress(&pin);
-        if p.state == LoadState::Failed {
-            failed = Some(p);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let failed = failed.expect("the node reports the failure");
+    let failed = until_failed(&store, &pin).await;
     assert!(failed.reason.contains("small"), "{}", failed.reason);
     assert_eq!(failed.files_ready, 2, "the other files loaded");
     // NotFound is not retried at once, and the reconcile loop's ticks do not retry it either
@@ -380,18 +386,8 @@ async fn a_missing_file_of_a_pin_from_before_exact_names_says_to_pin_again() {
         let backend = Arc::new(FakeBackend::default());
         *backend.missing.lock().unwrap() = Some("/small".into());
         let run = tokio::spawn(store.clone().run(backend.clone()));
-        let mut failed = None;
-        for _ in 0..100 {
-            store.refresh().await.unwrap();
-            let p = store.progress(&pin);
-            if p.state == LoadState::Failed {
-                failed = Some(p);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let reason = until_failed(&store, &pin).await.reason;
         run.abort();
-        let reason = failed.expect("the node reports the failure").reason;
         assert!(reason.contains("pfx/small"), "{reason}");
         assert_eq!(
             reason.contains("pinned before Granary kept object names exactly"),

@@ -6,8 +6,8 @@ client, not through object_store (whose `Path::from` would percent-encode the sa
 
     s3-put.py ENDPOINT BUCKET < objects.json
 
-objects.json is a JSON list of [key, local file path or null]: null uploads zero bytes (a folder
-marker when the key ends in '/'). Credentials come from AWS_ACCESS_KEY_ID and
+objects.json is a JSON list of [key, local file path]; an empty file under a key ending in '/' is
+a folder marker. Credentials come from AWS_ACCESS_KEY_ID and
 AWS_SECRET_ACCESS_KEY. Path-style addressing, region us-east-1.
 """
 import json
@@ -26,10 +26,8 @@ def main():
         config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 5}),
     )
     for key, path in json.load(sys.stdin):
-        body = b""
-        if path is not None:
-            with open(path, "rb") as f:
-                body = f.read()
+        with open(path, "rb") as f:
+            body = f.read()
         s3.put_object(Bucket=bucket, Key=key, Body=body)
 
 

@@ -76,23 +76,13 @@ impl Fixture {
                 prefix,
                 s3,
             } => {
-                let staging = tempfile::tempdir().unwrap();
-                let uploads: Vec<(String, Option<PathBuf>)> = objects
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (key, data))| {
-                        let file = staging.path().join(i.to_string());
-                        std::fs::write(&file, data).unwrap();
-                        (format!("{prefix}/{key}"), Some(file))
-                    })
-                    .collect();
                 let target = keys::Boto3Target {
                     endpoint,
                     access_key: s3.access_key_id.as_deref().unwrap(),
                     secret_key: s3.secret_access_key.as_deref().unwrap(),
                     bucket,
                 };
-                keys::put(&target, &uploads);
+                keys::put(&target, prefix, objects);
             }
             Fixture::Posix { root } => {
                 for (key, data) in objects {

@@ -10,7 +10,7 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 use support::backends::{S3Target, unique};
 use support::cluster::{Spec, Started, dev_certs, start_workers, wait_for_members};
@@ -135,19 +135,9 @@ fn up(source: String, envs: Vec<(String, String)>, cache: &Path, mnt: &Path) -> 
     })
 }
 
-/// Writes `objects` to a staging directory and uploads them with boto3 under `prefix`.
+/// Uploads `objects` with boto3 under `prefix`.
 fn upload(s3: &S3Target, prefix: &str, objects: &[(String, Vec<u8>)]) {
-    let staging = tempfile::tempdir().unwrap();
-    let uploads: Vec<(String, Option<PathBuf>)> = objects
-        .iter()
-        .enumerate()
-        .map(|(i, (key, data))| {
-            let file = staging.path().join(i.to_string());
-            std::fs::write(&file, data).unwrap();
-            (format!("{prefix}/{key}"), Some(file))
-        })
-        .collect();
-    keys::put(&s3.boto3(), &uploads);
+    keys::put(&s3.boto3(), prefix, objects);
 }
 
 fn s3_names_and_markers(s3: S3Target, name: &str) {

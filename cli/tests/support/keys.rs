@@ -4,7 +4,7 @@
 //! that Granary reads what other clients wrote. Shared by the cli and cache-server tests.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 /// Where an S3 server is and who may write to it.
@@ -16,8 +16,22 @@ pub struct Boto3Target<'a> {
     pub bucket: &'a str,
 }
 
-/// Puts each (key, local file) — `None` for zero bytes — with boto3; panics with its stderr.
-pub fn put(target: &Boto3Target, objects: &[(String, Option<PathBuf>)]) {
+/// Puts each (key, bytes) under `prefix` with boto3 (through a staging directory); a key ending
+/// in `/` with no bytes is a folder marker. Panics with boto3's stderr.
+pub fn put(target: &Boto3Target, prefix: &str, objects: &[(String, Vec<u8>)]) {
+    let staging = tempfile::tempdir().unwrap();
+    let list: Vec<(String, String)> = objects
+        .iter()
+        .enumerate()
+        .map(|(i, (key, data))| {
+            let file = staging.path().join(i.to_string());
+            std::fs::write(&file, data).unwrap();
+            (
+                format!("{prefix}/{key}"),
+                file.to_str().unwrap().to_string(),
+            )
+        })
+        .collect();
     let python = std::env::var("GRANARY_TEST_BOTO3_PYTHON").unwrap_or_else(|_| {
         panic!("GRANARY_TEST_BOTO3_PYTHON is not set: run the tests with scripts/test.sh")
     });
@@ -32,10 +46,6 @@ pub fn put(target: &Boto3Target, objects: &[(String, Option<PathBuf>)]) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let list: Vec<(&str, Option<&str>)> = objects
-        .iter()
-        .map(|(k, p)| (k.as_str(), p.as_deref().map(|p| p.to_str().unwrap())))
-        .collect();
     let mut stdin = child.stdin.take().unwrap();
     stdin
         .write_all(serde_json::to_string(&list).unwrap().as_bytes())

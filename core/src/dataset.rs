@@ -6,9 +6,72 @@ use crate::object::BlockKey;
 use crate::placement::owners;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Longest dataset name accepted.
 pub const MAX_NAME: usize = 63;
+/// Longest a pin may live before it expires: ten years.
+pub const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 86_400);
+/// Most copies of each file a dataset may ask for.
+pub const MAX_REPLICAS: usize = 1024;
+/// Longest namespace path a pin may name, in bytes (Linux's `PATH_MAX`).
+pub const MAX_PATH: usize = 4096;
+/// Most nodes a node set may list.
+pub const MAX_NODES: usize = 4096;
+/// Longest node id (as a worker's `node_id` allows).
+pub const MAX_NODE_ID: usize = 128;
+
+/// Checks a pin's time to live; its length in whole seconds (at least 1).
+pub fn check_ttl(ttl: Duration) -> Result<u64, String> {
+    if ttl > MAX_TTL {
+        return Err(format!(
+            "ttl of {}s is over the limit of {}s (10 years)",
+            ttl.as_secs(),
+            MAX_TTL.as_secs()
+        ));
+    }
+    Ok(ttl.as_secs().max(1))
+}
+
+/// When a pin made at `now` (unix seconds) with `ttl` expires, without overflow.
+pub fn expiry(now: u64, ttl: Duration) -> Result<u64, String> {
+    let secs = check_ttl(ttl)?;
+    now.checked_add(secs)
+        .ok_or_else(|| format!("ttl of {secs}s from now is past the end of time"))
+}
+
+/// Checks a dataset's replica count: 1 to [`MAX_REPLICAS`].
+pub fn check_replicas(replicas: usize) -> Result<(), String> {
+    if (1..=MAX_REPLICAS).contains(&replicas) {
+        Ok(())
+    } else {
+        Err(format!(
+            "replicas {replicas} is out of range: give 1 to {MAX_REPLICAS}"
+        ))
+    }
+}
+
+/// Checks a node set as a request names it: at most [`MAX_NODES`] ids of 1 to
+/// [`MAX_NODE_ID`] bytes, without spaces, control characters or `/`.
+pub fn check_node_list(nodes: &[String]) -> Result<(), String> {
+    if nodes.len() > MAX_NODES {
+        return Err(format!("{} nodes listed: at most {MAX_NODES}", nodes.len()));
+    }
+    for node in nodes {
+        if node.is_empty()
+            || node.len() > MAX_NODE_ID
+            || node
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || c == '/')
+        {
+            let shown: String = node.chars().take(MAX_NODE_ID).collect();
+            return Err(format!(
+                "invalid node id {shown:?}: use 1-{MAX_NODE_ID} characters without spaces or '/'"
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// Checks a dataset name: 1-63 of `a-z 0-9 . _ -`, starting with a letter or digit (so it is
 /// safe as a directory name, an etcd key and a Kubernetes annotation value).
@@ -40,6 +103,10 @@ pub struct ManifestFile {
     pub etag: Option<String>,
     pub version: Option<String>,
     pub mtime_ns: i64,
+    /// A POSIX source's mode bits and owner, kept for the pinned file (absent in manifests
+    /// written before they were kept, and for S3 objects).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<crate::keys::Owner>,
 }
 
 /// The frozen listing of a dataset: every file under its root when it was pinned.
@@ -287,6 +354,15 @@ pub enum QuotaError {
         quota: u64,
     },
     #[error(
+        "tenant {tenant:?} would pin {wanted} files with {used} already pinned, over its quota of {quota} files"
+    )]
+    TenantFiles {
+        tenant: String,
+        used: u64,
+        wanted: u64,
+        quota: u64,
+    },
+    #[error(
         "node {node:?} would hold {wanted} bytes of this dataset but has {free} bytes free in its dataset store"
     )]
     Node {
@@ -312,6 +388,27 @@ pub fn check_tenant_quota(
             wanted,
             quota,
         }),
+        _ => Ok(()),
+    }
+}
+
+/// Checks a new pin of `files` files by `tenant` against its file quota. Each file counts once,
+/// whatever its replicas: every worker keeps each pinned file's manifest entry.
+pub fn check_tenant_files(
+    tenant: &str,
+    used: u64,
+    files: u64,
+    quota: Option<u64>,
+) -> Result<(), QuotaError> {
+    match quota {
+        Some(quota) if used.checked_add(files).is_none_or(|total| total > quota) => {
+            Err(QuotaError::TenantFiles {
+                tenant: tenant.into(),
+                used,
+                wanted: files,
+                quota,
+            })
+        }
         _ => Ok(()),
     }
 }
@@ -346,6 +443,7 @@ mod tests {
             etag: None,
             version: None,
             mtime_ns: 0,
+            owner: None,
         }
     }
 
@@ -449,6 +547,36 @@ mod tests {
         assert!(check_tenant_quota("t", 0, 10, 2, Some(20)).is_ok());
         assert!(check_tenant_quota("t", 1, 10, 2, Some(20)).is_err());
         assert!(check_tenant_quota("t", u64::MAX, 10, 2, None).is_ok());
+        assert!(check_tenant_files("t", 3, 7, Some(10)).is_ok());
+        let e = check_tenant_files("t", 4, 7, Some(10)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "tenant \"t\" would pin 7 files with 4 already pinned, over its quota of 10 files"
+        );
+        assert!(check_tenant_files("t", u64::MAX, 1, Some(u64::MAX)).is_err());
+    }
+
+    #[test]
+    fn ttls_replicas_and_node_lists_are_range_checked() {
+        assert_eq!(check_ttl(Duration::from_millis(10)), Ok(1));
+        assert_eq!(check_ttl(MAX_TTL), Ok(MAX_TTL.as_secs()));
+        let e = check_ttl(Duration::from_secs(u64::MAX)).unwrap_err();
+        assert!(e.contains("over the limit"), "{e}");
+        assert!(check_ttl(Duration::from_secs(999_999_999_999 * 3600)).is_err());
+        assert_eq!(expiry(100, Duration::from_secs(5)), Ok(105));
+        assert!(expiry(u64::MAX, Duration::from_secs(5)).is_err());
+        assert!(expiry(0, Duration::from_secs(u64::MAX)).is_err());
+        assert!(check_replicas(1).is_ok() && check_replicas(MAX_REPLICAS).is_ok());
+        for bad in [0, MAX_REPLICAS + 1, u32::MAX as usize] {
+            let e = check_replicas(bad).unwrap_err();
+            assert!(e.contains("out of range"), "{e}");
+        }
+        assert!(check_node_list(&["w1".into(), "node-b.zone".into()]).is_ok());
+        for bad in ["", "a b", "a/b", "x\u{0}", &"n".repeat(MAX_NODE_ID + 1)] {
+            assert!(check_node_list(&[bad.to_string()]).is_err(), "{bad:?}");
+        }
+        let many = vec!["n".to_string(); MAX_NODES + 1];
+        assert!(check_node_list(&many).unwrap_err().contains("at most"));
     }
 
     proptest! {

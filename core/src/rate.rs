@@ -3,6 +3,10 @@
 
 use std::time::{Duration, Instant};
 
+/// The longest wait [`TokenBucket::try_take`] answers: the caller asks again after it, so even a
+/// tiny rate never yields a duration that overflows.
+pub const MAX_WAIT: Duration = Duration::from_secs(3600);
+
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
     rate: f64,
@@ -34,7 +38,8 @@ impl TokenBucket {
             self.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+            let wait = (1.0 - self.tokens) / self.rate;
+            Err(Duration::try_from_secs_f64(wait).map_or(MAX_WAIT, |w| w.min(MAX_WAIT)))
         }
     }
 }
@@ -62,5 +67,15 @@ mod tests {
             }
         }
         assert!((99..=106).contains(&taken), "{taken}");
+    }
+
+    #[test]
+    fn a_tiny_rate_waits_at_most_max_wait() {
+        let t0 = Instant::now();
+        for rate in [1e-300, f64::MIN_POSITIVE, 0.0, -1.0] {
+            let mut b = TokenBucket::new(rate, 1.0);
+            assert!(b.try_take(t0).is_ok());
+            assert_eq!(b.try_take(t0), Err(MAX_WAIT), "{rate}");
+        }
     }
 }

@@ -176,8 +176,35 @@ pub fn response_body_len(buf: &[u8]) -> Option<usize> {
         .then(|| u32::from_be_bytes(buf[6..10].try_into().expect("4 bytes")) as usize)
 }
 
+/// The body length a response announces once `buf` holds its header, refused when over what it
+/// may be: `max_block` (the largest block the caller expects, at most [`MAX_BODY`]) for a block,
+/// [`MAX_REQUEST`] for an error message. Call it before reserving room for the body.
+pub fn checked_body_len(buf: &[u8], max_block: usize) -> Result<Option<usize>, FrameError> {
+    let Some(len) = response_body_len(buf) else {
+        return Ok(None);
+    };
+    let limit = if buf[4] == 0 {
+        max_block.min(MAX_BODY)
+    } else {
+        MAX_REQUEST
+    };
+    if len > limit {
+        return Err(FrameError::TooLong { len, limit });
+    }
+    Ok(Some(len))
+}
+
 /// Decodes one response from the front of `buf`, verifying a block's checksum.
 pub fn decode_response(buf: &mut BytesMut) -> Result<Option<Result<Block, ApiError>>, FrameError> {
+    decode_response_within(buf, MAX_BODY)
+}
+
+/// [`decode_response`] for a caller that expects blocks of at most `max_block` bytes: a longer
+/// one is refused as soon as its header is in, before anything is reserved for it.
+pub fn decode_response_within(
+    buf: &mut BytesMut,
+    max_block: usize,
+) -> Result<Option<Result<Block, ApiError>>, FrameError> {
     if buf.len() < RESPONSE_HEADER {
         return check_prefix(buf, RESPONSE_MAGIC).map(|()| None);
     }
@@ -189,7 +216,11 @@ pub fn decode_response(buf: &mut BytesMut) -> Result<Option<Result<Block, ApiErr
     let origin = crate::Origin::from_code(buf[5]);
     let len = u32::from_be_bytes(buf[6..10].try_into().expect("4 bytes")) as usize;
     let crc = u32::from_be_bytes(buf[10..14].try_into().expect("4 bytes"));
-    let limit = if status == 0 { MAX_BODY } else { MAX_REQUEST };
+    let limit = if status == 0 {
+        max_block.min(MAX_BODY)
+    } else {
+        MAX_REQUEST
+    };
     if len > limit {
         return Err(FrameError::TooLong { len, limit });
     }
@@ -344,6 +375,45 @@ mod tests {
             decode_request(&mut payload),
             Err(FrameError::BadPayload(_))
         ));
+    }
+
+    #[test]
+    fn a_body_over_the_callers_block_size_is_refused_from_the_header() {
+        let block = Block::new(Bytes::from(vec![7u8; 5000]));
+        let mut buf = BytesMut::new();
+        let body = encode_response_header(&Ok(block), &mut buf).unwrap();
+        assert_eq!(
+            checked_body_len(&buf[..RESPONSE_HEADER - 1], 4096),
+            Ok(None)
+        );
+        assert_eq!(checked_body_len(&buf, 8192), Ok(Some(5000)));
+        assert_eq!(
+            checked_body_len(&buf, 4096),
+            Err(FrameError::TooLong {
+                len: 5000,
+                limit: 4096
+            })
+        );
+        // Refused from the header alone, before the body arrives or is reserved.
+        let mut header = buf.clone();
+        assert!(matches!(
+            decode_response_within(&mut header, 4096),
+            Err(FrameError::TooLong { .. })
+        ));
+        assert!(header.capacity() < 4096);
+        buf.put_slice(&body);
+        let got = decode_response_within(&mut buf, 8192).unwrap().unwrap();
+        assert_eq!(got.unwrap().data.len(), 5000);
+        // An error message is bounded by MAX_REQUEST, whatever the block size.
+        let mut err = BytesMut::from(&b"GRS2\x05\x00\xff\xff\xff\xff\0\0\0\0"[..]);
+        assert!(matches!(
+            checked_body_len(&err, MAX_BODY),
+            Err(FrameError::TooLong {
+                limit: MAX_REQUEST,
+                ..
+            })
+        ));
+        assert!(decode_response_within(&mut err, MAX_BODY).is_err());
     }
 
     proptest! {

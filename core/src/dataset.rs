@@ -18,8 +18,8 @@ pub const MAX_REPLICAS: usize = 1024;
 pub const MAX_PATH: usize = 4096;
 /// Most nodes a node set may list.
 pub const MAX_NODES: usize = 4096;
-/// Longest node id (as a worker's `node_id` allows).
-pub const MAX_NODE_ID: usize = 128;
+/// Longest node id (a DNS name, as a worker's `node_id`).
+pub const MAX_NODE_ID: usize = 253;
 
 /// Checks a pin's time to live; its length in whole seconds (at least 1).
 pub fn check_ttl(ttl: Duration) -> Result<u64, String> {

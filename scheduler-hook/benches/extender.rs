@@ -35,6 +35,13 @@ impl DataSource for Data {
 struct NoCluster;
 
 impl ClusterApi for NoCluster {
+    fn get_pod<'a>(
+        &'a self,
+        _: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<granary_scheduler_hook::extender::Pod, CallError>> {
+        Box::pin(async move { Err(CallError::NotFound(format!("no pod {name}"))) })
+    }
     fn bind<'a>(
         &'a self,
         _: &'a str,

@@ -11,6 +11,12 @@ use std::time::{Duration, Instant};
 
 /// The Kubernetes API, as the hook needs it.
 pub trait ClusterApi: Send + Sync + 'static {
+    /// The pod as the API server has it ([`CallError::NotFound`] when it has none).
+    fn get_pod<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<crate::extender::Pod, CallError>>;
     /// Creates the pod's Binding to `node`.
     fn bind<'a>(
         &'a self,

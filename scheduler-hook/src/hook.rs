@@ -11,6 +11,11 @@
 //! pods bound to it (not finished) minus the GPUs other gangs hold in reservations. Pods without
 //! a gang are kept off reserved GPUs, so a planned gang keeps its GPUs until it binds or its
 //! reservation expires.
+//!
+//! Reservations are bounded: a gang is planned (and holds GPUs) only once the scheduler has
+//! asked about each of its unbound members (a filter call), again after each expiry; warming
+//! lasts at most [`HookConfig::max_warming`], and a released gang has the reservation TTL to
+//! bind. Pods the scheduler never places (another scheduler's, or abandoned) hold nothing.
 
 use crate::data::DatasetView;
 use crate::extender::HostPriority;
@@ -32,6 +37,9 @@ pub struct HookConfig {
     pub data_max_age: Duration,
     /// How often a load onto a gang's nodes is asked again while the pin is elsewhere.
     pub load_retry: Duration,
+    /// The longest a gang warms (holding its GPUs) before it starts without its data; a gang's
+    /// `granary.io/ready-timeout` may be shorter, not longer.
+    pub max_warming: Duration,
 }
 
 impl Default for HookConfig {
@@ -41,6 +49,7 @@ impl Default for HookConfig {
             topology_key: "topology.kubernetes.io/zone".into(),
             data_max_age: Duration::from_secs(2),
             load_retry: Duration::from_secs(5),
+            max_warming: Duration::from_secs(3600),
         }
     }
 }
@@ -107,6 +116,9 @@ struct GangEntry {
     gang: Gang,
     namespace: String,
     source: GangSource,
+    /// When the gang last lost its reservation (expired, node gone): it is planned again only
+    /// after the scheduler has asked about each unbound member since.
+    gave_up_at: Option<Millis>,
 }
 
 /// The hook's state (see the module documentation).
@@ -124,6 +136,8 @@ pub struct HookState {
     loads_asked: HashMap<String, (Vec<String>, Millis)>,
     /// Gang wait times (complete -> released) observed since the last call, seconds.
     released: Vec<f64>,
+    /// Pod key -> when the scheduler last asked about it (a filter call); only pods in `pods`.
+    asked: HashMap<String, Millis>,
 }
 
 fn ms(d: Duration) -> Millis {
@@ -151,6 +165,7 @@ impl HookState {
             dataset_errors: HashMap::new(),
             loads_asked: HashMap::new(),
             released: Vec::new(),
+            asked: HashMap::new(),
         }
     }
 
@@ -198,6 +213,14 @@ impl HookState {
     pub fn remove_pod(&mut self, key: &str) {
         if let Some(old) = self.pods.remove(key) {
             self.account(&old, -1);
+        }
+        self.asked.remove(key);
+    }
+
+    /// The scheduler asked about `key` (a filter call for a pod the hook trusts).
+    pub fn asked(&mut self, key: &str, now: Millis) {
+        if self.pods.contains_key(key) {
+            self.asked.insert(key.to_string(), now);
         }
     }
 
@@ -417,10 +440,31 @@ impl HookState {
             .collect()
     }
 
-    /// Whether `pod` may be bound to `node` now (a gang member only to its planned node, once
-    /// the gang is ready).
-    pub fn check_bind(&self, pod: &Intent, node: &str) -> Result<(), String> {
-        let Some(g) = &pod.gang else { return Ok(()) };
+    /// Whether `pod` may be bound to `node` now: only a pod not bound yet; a gang member only to
+    /// its planned node once the gang is ready; a pod without a gang only after the scheduler
+    /// asked about it within the reservation TTL, and to a node its filter passes now.
+    pub fn check_bind(&self, pod: &Intent, node: &str, now: Millis) -> Result<(), String> {
+        if let Some(on) = &pod.node {
+            return Err(format!("pod {} is already bound to {on}", pod.key));
+        }
+        let Some(g) = &pod.gang else {
+            let recent = self
+                .asked
+                .get(&pod.key)
+                .is_some_and(|at| now.saturating_sub(*at) <= ms(self.config.reservation_ttl));
+            if !recent {
+                return Err(format!(
+                    "pod {} was not filtered by this hook in the last {}: nothing reserved for it",
+                    pod.key,
+                    granary_core::format_duration(self.config.reservation_ttl)
+                ));
+            }
+            let answer = self.filter(pod, &[node], &|_| None);
+            return match answer.failed.get(node) {
+                Some(why) => Err(format!("pod {}: {why}", pod.key)),
+                None => Ok(()),
+            };
+        };
         let Some(entry) = self.gangs.get(&gang_key(&pod.namespace, &g.name)) else {
             return Err(format!("gang {}: not planned yet", g.name));
         };
@@ -436,6 +480,7 @@ impl HookState {
 
     /// A pod this hook bound (before the watch reports it).
     pub fn bound(&mut self, key: &str, node: &str, now: Millis) {
+        self.asked.remove(key);
         if let Some(mut p) = self.pods.get(key).cloned() {
             p.node = Some(node.to_string());
             self.set_pod(p.clone());
@@ -504,7 +549,10 @@ impl HookState {
                 size,
                 dataset: first.dataset.clone(),
                 min_ready_percent: first.min_ready_percent,
-                ready_timeout: first.ready_timeout.map(ms),
+                ready_timeout: Some(ms(first
+                    .ready_timeout
+                    .unwrap_or(self.config.max_warming)
+                    .min(self.config.max_warming))),
             };
             specs.insert(
                 key,
@@ -522,6 +570,7 @@ impl HookState {
                 gang: Gang::new(spec.clone(), now),
                 namespace,
                 source,
+                gave_up_at: None,
             });
             if entry.gang.spec != spec {
                 entry.gang = Gang::new(spec, now);
@@ -595,6 +644,13 @@ impl HookState {
                 }
             }
             for e in events {
+                if matches!(
+                    e,
+                    GangEvent::ReservationExpired { .. } | GangEvent::NodeGone { .. }
+                ) && let Some(entry) = self.gangs.get_mut(key)
+                {
+                    entry.gave_up_at = Some(now);
+                }
                 actions.extend(self.event_actions(key, e));
             }
         }
@@ -603,7 +659,7 @@ impl HookState {
         let mut order: Vec<(Millis, String)> = self
             .gangs
             .iter()
-            .filter(|(_, e)| e.gang.needs_plan())
+            .filter(|(_, e)| e.gang.needs_plan() && self.all_asked(e))
             .map(|(k, e)| (e.gang.complete_at.unwrap_or(now), k.clone()))
             .collect();
         order.sort();
@@ -685,6 +741,16 @@ impl HookState {
             }
         }
         actions
+    }
+
+    /// Whether the scheduler asked about every unbound member since the gang last gave up its
+    /// reservation.
+    fn all_asked(&self, entry: &GangEntry) -> bool {
+        entry.gang.unbound_members().iter().all(|m| {
+            self.asked
+                .get(&m.pod)
+                .is_some_and(|at| entry.gave_up_at.is_none_or(|g| *at >= g))
+        })
     }
 
     fn event_actions(&self, key: &str, e: GangEvent) -> Vec<Action> {

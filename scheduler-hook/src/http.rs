@@ -5,8 +5,15 @@
 //! `{"Error": "<verb>: <what is wrong>"}` and changes nothing; the server keeps serving. Errors
 //! of the world (a Binding refused by the API server) travel in the verb's own `Error` field with
 //! HTTP 200, as the scheduler expects.
+//!
+//! The pod in a request only names a pod: its spec, annotations and gang come from the API
+//! server (the hook's watch, or a GET when the watch does not have it). A pod the API server does
+//! not have, or has with another uid or another request, is refused (HTTP 400) and changes
+//! nothing. `/bind` binds only a pod the hook holds something for (see
+//! [`HookState::check_bind`](crate::HookState::check_bind)).
 
 use crate::driver::Hook;
+use crate::error::CallError;
 use crate::extender::{
     BadRequest, Candidates, ExtenderArgs, ExtenderBindingArgs, ExtenderBindingResult,
     ExtenderFilterResult, HostPriority, NodeListOut,
@@ -90,14 +97,127 @@ fn parse_args(bytes: &[u8]) -> Result<(crate::extender::Pod, Candidates), BadReq
     args.into_parts()
 }
 
-/// The pod's intent, as the hook's watch knows it (falling back to the request's copy).
-fn pod_intent(app: &App, pod: &crate::extender::Pod) -> Result<Intent, BadRequest> {
-    let from_request = intent(pod)?;
-    let mut s = app.hook.state();
-    if s.pod(&from_request.key).is_none() {
-        s.set_pod(from_request.clone());
+/// Why a request's pod is not acted on: the status to answer with and the reason.
+struct Refused(StatusCode, String);
+
+impl Refused {
+    /// The metrics outcome: a malformed body, or a pod the hook does not trust.
+    fn outcome(&self) -> &'static str {
+        if self.1.starts_with("pod ") {
+            "refused"
+        } else {
+            "bad_request"
+        }
     }
-    Ok(from_request)
+}
+
+impl From<BadRequest> for Refused {
+    fn from(e: BadRequest) -> Self {
+        Refused(StatusCode::BAD_REQUEST, e.to_string())
+    }
+}
+
+/// What of a pod the hook acts on differs between `a` (the request's) and `b` (the server's).
+fn differs(a: &Intent, b: &Intent) -> Option<&'static str> {
+    if a.gpus != b.gpus {
+        Some("nvidia.com/gpu request")
+    } else if a.gang != b.gang {
+        Some("gang")
+    } else if a.dataset != b.dataset {
+        Some("dataset")
+    } else if a.min_ready_percent != b.min_ready_percent {
+        Some("min-ready-percent")
+    } else if a.ready_timeout != b.ready_timeout {
+        Some("ready-timeout")
+    } else {
+        None
+    }
+}
+
+/// The pod a request names (`namespace`, `name`, `uid`), as the API server shows it: from the
+/// watch's view, or fetched when the view lacks it or differs. `claimed` is the request's copy,
+/// only checked against the server's.
+async fn trusted(
+    app: &App,
+    namespace: &str,
+    name: &str,
+    uid: &str,
+    claimed: Option<&Intent>,
+) -> Result<Intent, Refused> {
+    let key = format!("{namespace}/{name}");
+    if uid.is_empty() {
+        return Err(Refused(
+            StatusCode::BAD_REQUEST,
+            format!("pod {key}: the request gives no uid"),
+        ));
+    }
+    let fits = |p: &Intent| p.uid == uid && claimed.is_none_or(|c| differs(c, p).is_none());
+    if let Some(p) = app.hook.state().pod(&key).filter(|p| fits(p)) {
+        return Ok(p.clone());
+    }
+    // Not in the watch's view, or different: the API server decides (the watch may lag).
+    let pod = match app.hook.cluster.get_pod(namespace, name).await {
+        Ok(p) => p,
+        Err(CallError::NotFound(_)) => {
+            return Err(Refused(
+                StatusCode::BAD_REQUEST,
+                format!("pod {key} does not exist in the API server; refused"),
+            ));
+        }
+        Err(e) => {
+            return Err(Refused(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("pod {key}: cannot check it with the API server: {e}"),
+            ));
+        }
+    };
+    let server = intent(&pod).map_err(|e| {
+        Refused(
+            StatusCode::BAD_REQUEST,
+            format!("pod {key} in the API server: {e}"),
+        )
+    })?;
+    if server.uid != uid {
+        return Err(Refused(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "pod {key} has uid {} in the API server, not {uid}; refused",
+                server.uid
+            ),
+        ));
+    }
+    if !server.finished {
+        app.hook.state().set_pod(server.clone());
+    }
+    if let Some(what) = claimed.and_then(|c| differs(c, &server)) {
+        return Err(Refused(
+            StatusCode::BAD_REQUEST,
+            format!("pod {key}: the request's {what} differs from the API server's; refused"),
+        ));
+    }
+    Ok(server)
+}
+
+/// The request's pod as the API server shows it (see [`trusted`]).
+async fn pod_intent(app: &App, pod: &crate::extender::Pod) -> Result<Intent, Refused> {
+    let claimed = intent(pod)?;
+    let uid = pod.metadata.uid.as_deref().unwrap_or_default();
+    let name = &pod.metadata.name;
+    if name.is_empty() {
+        return Err(Refused(
+            StatusCode::BAD_REQUEST,
+            "the Pod has no metadata.name".into(),
+        ));
+    }
+    trusted(app, &claimed.namespace, name, uid, Some(&claimed)).await
+}
+
+fn refused(verb: &str, r: Refused) -> Response {
+    tracing::warn!(verb, problem = %r.1, "extender request refused");
+    json(
+        r.0,
+        &serde_json::json!({ "Error": format!("{verb}: {}", r.1) }),
+    )
 }
 
 async fn filter(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
@@ -116,13 +236,15 @@ async fn filter(State(app): State<App>, headers: HeaderMap, body: Body) -> Respo
             return bad("filter", e);
         }
     };
-    let intent = match pod_intent(&app, &pod) {
+    let intent = match pod_intent(&app, &pod).await {
         Ok(i) => i,
         Err(e) => {
-            record("filter", started, "bad_request");
-            return bad("filter", e);
+            record("filter", started, e.outcome());
+            return refused("filter", e);
         }
     };
+    let now = app.hook.now();
+    app.hook.state().asked(&intent.key, now);
     let names = candidates.names();
     let gpus: Vec<Option<u32>> = match &candidates {
         Candidates::Names(_) => Vec::new(),
@@ -176,11 +298,11 @@ async fn prioritize(State(app): State<App>, headers: HeaderMap, body: Body) -> R
             return bad("prioritize", e);
         }
     };
-    let intent = match pod_intent(&app, &pod) {
+    let intent = match pod_intent(&app, &pod).await {
         Ok(i) => i,
         Err(e) => {
-            record("prioritize", started, "bad_request");
-            return bad("prioritize", e);
+            record("prioritize", started, e.outcome());
+            return refused("prioritize", e);
         }
     };
     // A pod without a gang scores by its dataset's bytes: make sure the view is fresh.
@@ -222,25 +344,25 @@ async fn bind(State(app): State<App>, headers: HeaderMap, body: Body) -> Respons
         record("bind", started, "bad_request");
         return bad("bind", "PodName and Node must not be empty");
     }
-    let key = format!("{}/{}", args.pod_namespace, args.pod_name);
-    let check = {
-        let s = app.hook.state();
-        match s.pod(&key) {
-            Some(p) => s.check_bind(p, &args.node),
-            None => Err(format!("pod {key} not seen by the hook yet")),
+    let namespace = if args.pod_namespace.is_empty() {
+        "default"
+    } else {
+        args.pod_namespace.as_str()
+    };
+    let key = format!("{namespace}/{}", args.pod_name);
+    let check = match trusted(&app, namespace, &args.pod_name, &args.pod_uid, None).await {
+        Ok(pod) => {
+            let now = app.hook.now();
+            app.hook.state().check_bind(&pod, &args.node, now)
         }
+        Err(Refused(_, why)) => Err(why),
     };
     let result = match check {
         Err(e) => ExtenderBindingResult { error: e },
         Ok(()) => match app
             .hook
             .cluster
-            .bind(
-                &args.pod_namespace,
-                &args.pod_name,
-                &args.pod_uid,
-                &args.node,
-            )
+            .bind(namespace, &args.pod_name, &args.pod_uid, &args.node)
             .await
         {
             Ok(()) => {
@@ -254,6 +376,9 @@ async fn bind(State(app): State<App>, headers: HeaderMap, body: Body) -> Respons
             },
         },
     };
+    if !result.error.is_empty() {
+        tracing::warn!(pod = %key, node = %args.node, error = %result.error, "bind refused");
+    }
     record(
         "bind",
         started,
@@ -345,6 +470,20 @@ pub async fn serve(
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Serves `router` over TLS on `listener` with `config` (which should require client
+/// certificates: see [`crate::tls`]) until `shutdown` completes.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    config: rustls::ServerConfig,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = crate::tls::TlsListener::new(listener, config)?;
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await

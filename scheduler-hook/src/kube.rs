@@ -62,7 +62,28 @@ fn err(e: kube::Error) -> CallError {
     }
 }
 
+/// A Kubernetes Pod as the hook's wire type (the fields it reads).
+fn ours(pod: &Pod) -> Option<crate::extender::Pod> {
+    serde_json::to_value(pod)
+        .ok()
+        .and_then(|v| serde_json::from_value(v).ok())
+}
+
 impl ClusterApi for KubeCluster {
+    fn get_pod<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<crate::extender::Pod, CallError>> {
+        Box::pin(async move {
+            let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+            let pod = pods.get(name).await.map_err(err)?;
+            ours(&pod).ok_or_else(|| {
+                CallError::Unavailable(format!("pod {namespace}/{name}: cannot read its JSON"))
+            })
+        })
+    }
+
     fn bind<'a>(
         &'a self,
         namespace: &'a str,
@@ -186,10 +207,7 @@ fn apply_node(hook: &Hook, node: &Node) {
 }
 
 fn apply_pod(hook: &Hook, pod: &Pod) {
-    let Ok(value) = serde_json::to_value(pod) else {
-        return;
-    };
-    let Ok(ours) = serde_json::from_value::<crate::extender::Pod>(value) else {
+    let Some(ours) = ours(pod) else {
         return;
     };
     match intent(&ours) {

@@ -8,7 +8,7 @@
 //!   `granary_core::gang`);
 //! - [`data`]: the cache cluster as a [`data::DataSource`] (readiness per node, loads);
 //! - [`driver`]: the running [`driver::Hook`] and its loop;
-//! - [`http`]: the HTTP routes;
+//! - [`http`]: the HTTP routes; [`tls`]: serving them over mutual TLS;
 //! - [`kube`]: the Kubernetes side (watches of Nodes, Pods and PodGroups; Bindings, Events).
 
 pub mod data;
@@ -19,6 +19,7 @@ pub mod hook;
 pub mod http;
 pub mod kube;
 pub mod pod;
+pub mod tls;
 
 pub use driver::{ClusterApi, Hook};
 pub use error::CallError;

@@ -1,6 +1,8 @@
 //! The extender's HTTP API with fakes for the cache cluster and the Kubernetes API: the JSON of
 //! every verb (nodeCacheCapable both ways, null lists), bad bodies answered with 400 while the
-//! server keeps serving, and a gang going from waiting to bound through filter and bind.
+//! server keeps serving, a gang going from waiting to bound through filter and bind; forged
+//! requests (pods the API server does not have, or has otherwise; binds of pods nothing was
+//! reserved for) refused with nothing changed; and HTTPS that accepts only CA-signed clients.
 
 use granary_scheduler_hook::data::{BoxFuture, DataSource, DatasetView, NodeBytes};
 use granary_scheduler_hook::pod::intent;
@@ -78,11 +80,26 @@ impl DataSource for FakeData {
 
 #[derive(Default)]
 struct FakeCluster {
+    /// The API server's pods, `namespace/name` -> object.
+    pods: Mutex<BTreeMap<String, Value>>,
     binds: Mutex<Vec<(String, String)>>,
     notes: Mutex<Vec<(String, String)>>,
 }
 
 impl ClusterApi for FakeCluster {
+    fn get_pod<'a>(
+        &'a self,
+        ns: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<granary_scheduler_hook::extender::Pod, CallError>> {
+        Box::pin(async move {
+            match self.pods.lock().unwrap().get(&format!("{ns}/{name}")) {
+                Some(p) => Ok(serde_json::from_value(p.clone()).unwrap()),
+                None => Err(CallError::NotFound(format!("pods \"{name}\" not found"))),
+            }
+        })
+    }
+
     fn bind<'a>(
         &'a self,
         ns: &'a str,
@@ -213,10 +230,21 @@ fn node_object(name: &str, gpus: u32) -> Value {
     })
 }
 
-/// Makes the watch's view hold `pod` (as the cluster watch would).
-fn seen(hook: &Hook, pod: &Value) {
+/// Puts `pod` in the (fake) API server only: the hook must fetch it.
+fn in_api(s: &Server, pod: &Value) {
+    let key = format!(
+        "{}/{}",
+        pod["metadata"]["namespace"].as_str().unwrap_or("default"),
+        pod["metadata"]["name"].as_str().unwrap()
+    );
+    s.cluster.pods.lock().unwrap().insert(key, pod.clone());
+}
+
+/// Puts `pod` in the API server and in the watch's view (as the cluster watch would).
+fn seen(s: &Server, pod: &Value) {
+    in_api(s, pod);
     let p: granary_scheduler_hook::extender::Pod = serde_json::from_value(pod.clone()).unwrap();
-    hook.state().set_pod(intent(&p).unwrap());
+    s.hook.state().set_pod(intent(&p).unwrap());
 }
 
 #[tokio::test]
@@ -224,6 +252,7 @@ async fn filter_with_node_names_and_with_node_objects() {
     let s = start(1 << 20).await;
     // A bound pod holds 3 of d's... d has 2: a 3-GPU pod fits a, b, c only.
     let p = pod("plain", 3, json!({}));
+    in_api(&s, &p);
     let (code, r) = post(
         &s.addr,
         "/filter",
@@ -273,8 +302,9 @@ async fn filter_with_node_names_and_with_node_objects() {
     }
 
     // A pod with neither GPUs, dataset nor gang passes everywhere and scores 0.
-    let none =
-        json!({"metadata": {"name": "none", "namespace": "ml"}, "spec": {"containers": [{}]}});
+    let none = json!({"metadata": {"name": "none", "namespace": "ml", "uid": "uid-none"},
+        "spec": {"containers": [{}]}});
+    in_api(&s, &none);
     let (_, r) = post(
         &s.addr,
         "/filter",
@@ -327,6 +357,7 @@ async fn bad_bodies_get_400_naming_the_problem_and_the_server_keeps_serving() {
         );
     }
     // Still serving.
+    in_api(&s, &pod("p", 1, json!({})));
     let (code, r) = post(
         &s.addr,
         "/filter",
@@ -355,7 +386,7 @@ async fn a_gang_waits_for_members_then_data_then_binds_on_its_planned_nodes() {
         .collect();
     let names = json!(["a", "b", "c", "d"]);
 
-    seen(&s.hook, &members[0]);
+    seen(&s, &members[0]);
     s.hook.tick().await;
     let (_, r) = post(
         &s.addr,
@@ -367,7 +398,13 @@ async fn a_gang_waits_for_members_then_data_then_binds_on_its_planned_nodes() {
     assert_eq!(r["FailedNodes"]["a"], "gang g: waiting for members (1/4)");
 
     for m in &members[1..] {
-        seen(&s.hook, m);
+        seen(&s, m);
+    }
+    // Planned only once the scheduler has asked about every member.
+    s.hook.tick().await;
+    assert!(s.data.loads.lock().unwrap().is_empty());
+    for m in &members[1..] {
+        post(&s.addr, "/filter", &json!({"Pod": m, "NodeNames": names})).await;
     }
     s.hook.tick().await;
     // Planned on the two nodes holding the most bytes; loaded onto exactly them.
@@ -395,6 +432,7 @@ async fn a_gang_waits_for_members_then_data_then_binds_on_its_planned_nodes() {
     assert_eq!(r["Error"], "gang g: data 50% ready on b,c");
     assert!(s.cluster.binds.lock().unwrap().is_empty());
     // The reserved GPUs are kept from pods outside the gang.
+    in_api(&s, &pod("outsider", 1, json!({})));
     let (_, r) = post(
         &s.addr,
         "/filter",
@@ -488,7 +526,13 @@ async fn a_gang_that_cannot_fit_is_refused_whole_with_its_name() {
         .map(|i| pod(&format!("b{i}"), 4, ann.clone()))
         .collect();
     for m in &members {
-        seen(&s.hook, m);
+        seen(&s, m);
+        post(
+            &s.addr,
+            "/filter",
+            &json!({"Pod": m, "NodeNames": ["a", "b", "c", "d"]}),
+        )
+        .await;
     }
     s.hook.tick().await;
     for m in &members {
@@ -506,7 +550,7 @@ async fn a_gang_that_cannot_fit_is_refused_whole_with_its_name() {
         let (_, r) = post(
             &s.addr,
             "/bind",
-            &json!({"PodName": m["metadata"]["name"], "PodNamespace": "ml", "PodUID": "", "Node": "a"}),
+            &json!({"PodName": m["metadata"]["name"], "PodNamespace": "ml", "PodUID": m["metadata"]["uid"], "Node": "a"}),
         )
         .await;
         assert!(
@@ -528,6 +572,7 @@ async fn plain_dataset_pods_score_by_bytes_and_preempt_passes_through() {
     ]);
     *s.data.nodes.lock().unwrap() = vec!["b".into(), "c".into()];
     let p = pod("reader", 1, json!({"granary.io/dataset": "ds"}));
+    in_api(&s, &p);
     let (code, r) = post(
         &s.addr,
         "/prioritize",
@@ -549,12 +594,262 @@ async fn plain_dataset_pods_score_by_bytes_and_preempt_passes_through() {
     let meta = json!({"Pod": p, "NodeNameToMetaVictims": {"c": {"Pods": [{"UID": "v2"}], "NumPDBViolations": 0}}});
     let (_, r) = post(&s.addr, "/preempt", &meta).await;
     assert_eq!(r["NodeNameToMetaVictims"], meta["NodeNameToMetaVictims"]);
-    // A pod the hook never saw cannot be bound by it.
+    // A pod the API server does not have cannot be bound by the hook.
     let (_, r) = post(
         &s.addr,
         "/bind",
-        &json!({"PodName": "ghost", "PodNamespace": "ml", "PodUID": "", "Node": "a"}),
+        &json!({"PodName": "ghost", "PodNamespace": "ml", "PodUID": "u", "Node": "a"}),
     )
     .await;
-    assert_eq!(r["Error"], "pod ml/ghost not seen by the hook yet");
+    assert_eq!(
+        r["Error"],
+        "pod ml/ghost does not exist in the API server; refused"
+    );
+}
+
+#[tokio::test]
+async fn forged_pods_are_refused_and_change_nothing() {
+    let s = start(1 << 20).await;
+    let names = json!(["a", "b", "c", "d"]);
+    let gang_ann = json!({"granary.io/gang": "evil", "granary.io/gang-size": "2"});
+    // 1. Pods the API server does not have: refused; no pod, no gang, no reservation.
+    for name in ["f0", "f1"] {
+        let (code, r) = post(
+            &s.addr,
+            "/filter",
+            &json!({"Pod": pod(name, 4, gang_ann.clone()), "NodeNames": names}),
+        )
+        .await;
+        assert_eq!(code, 400, "{r}");
+        assert_eq!(
+            r["Error"],
+            format!("filter: pod ml/{name} does not exist in the API server; refused")
+        );
+        assert!(s.hook.state().pod(&format!("ml/{name}")).is_none());
+    }
+    s.hook.tick().await;
+    let (_, g) = request(&s.addr, "GET", "/gangs", b"").await;
+    assert_eq!(g["gangs"], json!([]), "no gang from forged pods");
+
+    // 2. A real pod, claimed with another uid or another request: refused, the hook keeps the
+    //    API server's view.
+    let real = pod("real", 1, json!({}));
+    seen(&s, &real);
+    let mut other_uid = real.clone();
+    other_uid["metadata"]["uid"] = json!("forged-uid");
+    let (code, r) = post(
+        &s.addr,
+        "/filter",
+        &json!({"Pod": other_uid, "NodeNames": names}),
+    )
+    .await;
+    assert_eq!(code, 400);
+    assert_eq!(
+        r["Error"],
+        "filter: pod ml/real has uid uid-real in the API server, not forged-uid; refused"
+    );
+    let as_gang = pod("real", 4, gang_ann.clone());
+    let (code, r) = post(
+        &s.addr,
+        "/filter",
+        &json!({"Pod": as_gang, "NodeNames": names}),
+    )
+    .await;
+    assert_eq!(code, 400);
+    assert_eq!(
+        r["Error"],
+        "filter: pod ml/real: the request's nvidia.com/gpu request differs from the API server's; refused"
+    );
+    let mut with_gang = real.clone();
+    with_gang["metadata"]["annotations"] = gang_ann.clone();
+    let (_, r) = post(
+        &s.addr,
+        "/prioritize",
+        &json!({"Pod": with_gang, "NodeNames": names}),
+    )
+    .await;
+    assert_eq!(
+        r["Error"],
+        "prioritize: pod ml/real: the request's gang differs from the API server's; refused"
+    );
+    let kept = s.hook.state().pod("ml/real").unwrap().clone();
+    assert_eq!((kept.gpus, kept.gang.is_none()), (1, true));
+    let mut no_uid = real.clone();
+    no_uid["metadata"].as_object_mut().unwrap().remove("uid");
+    let (code, r) = post(
+        &s.addr,
+        "/filter",
+        &json!({"Pod": no_uid, "NodeNames": names}),
+    )
+    .await;
+    assert_eq!(code, 400);
+    assert_eq!(r["Error"], "filter: pod ml/real: the request gives no uid");
+
+    // 3. Binding a pending kube-system pod nothing was reserved for: refused, not bound; with
+    //    another uid: refused; to a node the scheduler never filtered it for: refused.
+    let system = json!({"metadata": {"name": "coredns-x", "namespace": "kube-system",
+        "uid": "uid-dns"}, "spec": {"containers": [{"name": "c"}]}});
+    in_api(&s, &system);
+    for (uid, says) in [
+        (
+            "uid-dns",
+            "pod kube-system/coredns-x was not filtered by this hook in the last 5m: nothing reserved for it",
+        ),
+        (
+            "other",
+            "pod kube-system/coredns-x has uid uid-dns in the API server, not other; refused",
+        ),
+    ] {
+        let (code, r) = post(
+            &s.addr,
+            "/bind",
+            &json!({"PodName": "coredns-x", "PodNamespace": "kube-system", "PodUID": uid, "Node": "a"}),
+        )
+        .await;
+        assert_eq!((code, r["Error"].as_str().unwrap()), (200, says));
+    }
+    // A real gang member may bind only to its planned node once its gang is ready.
+    let m = pod(
+        "member",
+        2,
+        json!({"granary.io/gang": "g", "granary.io/gang-size": "2"}),
+    );
+    seen(&s, &m);
+    let (_, r) = post(
+        &s.addr,
+        "/bind",
+        &json!({"PodName": "member", "PodNamespace": "ml", "PodUID": "uid-member", "Node": "a"}),
+    )
+    .await;
+    assert_eq!(r["Error"], "gang g: not planned yet");
+    assert!(s.cluster.binds.lock().unwrap().is_empty());
+}
+
+/// A TLS client config trusting `ca`, presenting `identity` (`(cert, key)` PEM files) if given.
+fn client_config(
+    ca: &std::path::Path,
+    identity: Option<(&std::path::Path, &std::path::Path)>,
+) -> rustls::ClientConfig {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_file_iter(cert)
+                    .unwrap()
+                    .map(|c| c.unwrap())
+                    .collect(),
+                PrivateKeyDer::from_pem_file(key).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config
+}
+
+/// GET /healthz over TLS with `config`: the HTTP status, or the error that ended the attempt.
+async fn tls_healthz(addr: &str, config: rustls::ClientConfig) -> Result<u16, String> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    // TLS 1.3: a refused client certificate shows up at the first read.
+    tls.read_to_end(&mut out).await.map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out);
+    text.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no HTTP answer: {text:?}"))
+}
+
+#[tokio::test]
+async fn https_accepts_only_clients_the_ca_signed() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let names: Vec<String> = ["scheduler", "kube-scheduler"].map(String::from).into();
+    granary_net::tls::generate_dev_certs(&certs, &names).unwrap();
+    // Another CA's client: a certificate, but not one the cluster CA signed.
+    let other = dir.path().join("other");
+    granary_net::tls::generate_dev_certs(&other, &["intruder".to_string()]).unwrap();
+    let identity = granary_net::tls::TlsIdentity::load(&granary_net::tls::TlsFiles::in_dir(
+        &certs,
+        "scheduler",
+    ))
+    .unwrap();
+    let cluster = Arc::new(FakeCluster::default());
+    let hook = Hook::new(
+        HookConfig::default(),
+        Arc::new(FakeData::default()),
+        cluster.clone(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(granary_scheduler_hook::http::serve_tls(
+        listener,
+        identity.server_config().unwrap(),
+        granary_scheduler_hook::http::router(hook, 1 << 20),
+        std::future::pending(),
+    ));
+    let ca = certs.join("ca.pem");
+    let ok = client_config(
+        &ca,
+        Some((
+            &certs.join("kube-scheduler.pem"),
+            &certs.join("kube-scheduler.key"),
+        )),
+    );
+    assert_eq!(tls_healthz(&addr, ok.clone()).await, Ok(200));
+
+    let e = tls_healthz(&addr, client_config(&ca, None))
+        .await
+        .unwrap_err();
+    assert!(e.contains("CertificateRequired"), "{e}");
+    let e = tls_healthz(
+        &addr,
+        client_config(
+            &ca,
+            Some((&other.join("intruder.pem"), &other.join("intruder.key"))),
+        ),
+    )
+    .await
+    .unwrap_err();
+    // Same CA name, another key: the signature check fails (BadSignature -> DecryptError).
+    assert!(e.contains("alert"), "{e}");
+
+    // Plain HTTP to the TLS port: no HTTP answer, and no forged bind reaches the hook.
+    let mut plain = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let body = br#"{"PodName":"coredns-x","PodNamespace":"kube-system","PodUID":"u","Node":"a"}"#;
+    let head = format!(
+        "POST /bind HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = plain.write_all(head.as_bytes()).await;
+    let _ = plain.write_all(body).await;
+    let mut out = Vec::new();
+    let _ = plain.read_to_end(&mut out).await;
+    assert!(
+        !String::from_utf8_lossy(&out).contains("HTTP/1.1"),
+        "plain HTTP got an HTTP answer: {:?}",
+        String::from_utf8_lossy(&out)
+    );
+    assert!(cluster.binds.lock().unwrap().is_empty());
+    // Still serving authenticated clients.
+    assert_eq!(tls_healthz(&addr, ok).await, Ok(200));
 }

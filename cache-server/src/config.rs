@@ -27,6 +27,7 @@
 //! source = "s3://bucket/imagenet"
 //! ```
 
+use crate::dataset_api::Token;
 use granary_core::{BlockSize, ByteSize, MountPoint, Namespace, SourceUri, parse_duration};
 use granary_net::tls::TlsFiles;
 use serde::Deserialize;
@@ -71,18 +72,33 @@ pub struct DatasetsSection {
     /// Threads that run this node's dataset loads, apart from the threads serving reads
     /// [default: a quarter of the CPUs, 1-4].
     pub load_threads: Option<usize>,
-    /// The bearer token that may see and change every tenant's pins.
+    /// The bearer token that may see and change every tenant's pins, inline (for development:
+    /// keep tokens out of ConfigMaps), ...
     pub admin_token: Option<String>,
+    /// ... or read from this file (a Kubernetes Secret volume), ...
+    pub admin_token_file: Option<PathBuf>,
+    /// ... or from this environment variable.
+    pub admin_token_env: Option<String>,
+    /// The scheduler hook's token: it may read every dataset's status and load pinned datasets,
+    /// nothing else. Inline, from a file or from an environment variable, as the admin's.
+    pub scheduler_token: Option<String>,
+    pub scheduler_token_file: Option<PathBuf>,
+    pub scheduler_token_env: Option<String>,
 }
 
-/// A tenant of the dataset API: its bearer token and the bytes it may pin across the cluster.
+/// A tenant of the dataset API: its bearer token (inline, from a file or from an environment
+/// variable: exactly one) and what it may pin across the cluster.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantSection {
     pub name: String,
-    pub token: String,
+    pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub token_env: Option<String>,
     /// Bytes the tenant may pin (counting every replica) [default: unlimited].
     pub quota: Option<String>,
+    /// Files the tenant may pin (each file once, whatever its replicas) [default: unlimited].
+    pub quota_files: Option<u64>,
 }
 
 /// Joining a cluster: through etcd, or a static member list.
@@ -194,23 +210,28 @@ pub struct DatasetSettings {
     pub load_concurrency: usize,
     /// Threads of the runtime that runs dataset loads (default: a quarter of the CPUs, 1-4).
     pub load_threads: usize,
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Token>,
+    /// The scheduler hook's token (see [`crate::dataset_api::Caller::Scheduler`]).
+    pub scheduler_token: Option<Token>,
     pub tenants: Vec<Tenant>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tenant {
     pub name: String,
-    pub token: String,
+    pub token: Token,
+    /// Bytes, counting every replica.
     pub quota: Option<u64>,
+    /// Files, each once.
+    pub quota_files: Option<u64>,
 }
 
 impl DatasetSettings {
     pub const DEFAULT_CAPACITY: ByteSize = ByteSize::gib(16);
 
-    /// Whether the dataset API needs no token (no admin token and no tenants configured).
+    /// Whether the dataset API needs no token (no admin, scheduler or tenant token configured).
     pub fn open(&self) -> bool {
-        self.admin_token.is_none() && self.tenants.is_empty()
+        self.admin_token.is_none() && self.scheduler_token.is_none() && self.tenants.is_empty()
     }
 }
 
@@ -223,6 +244,7 @@ impl Default for DatasetSettings {
                 .map_or(1, |n| n.get() / 4)
                 .clamp(1, 4),
             admin_token: None,
+            scheduler_token: None,
             tenants: Vec::new(),
         }
     }
@@ -469,28 +491,40 @@ impl ConfigFile {
             }
             out.load_threads = n;
         }
-        let check_token = |what: &str, t: &str| {
-            if t.len() < 16 || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                Err(ConfigError::Invalid(format!(
-                    "{what}: a token must be at least 16 characters without spaces"
-                )))
-            } else {
-                Ok(())
-            }
-        };
-        if let Some(t) = &d.admin_token {
-            check_token("datasets.admin_token", t)?;
-            out.admin_token = Some(t.clone());
+        out.admin_token = token(
+            "datasets.admin_token",
+            &d.admin_token,
+            &d.admin_token_file,
+            &d.admin_token_env,
+        )?;
+        out.scheduler_token = token(
+            "datasets.scheduler_token",
+            &d.scheduler_token,
+            &d.scheduler_token_file,
+            &d.scheduler_token_env,
+        )?;
+        if out.admin_token.is_some() && out.admin_token == out.scheduler_token {
+            return Err(ConfigError::Invalid(
+                "datasets.scheduler_token: the scheduler's token must differ from the admin's"
+                    .into(),
+            ));
         }
         for t in &self.tenants {
             granary_core::dataset::check_name(&t.name)
                 .map_err(|e| ConfigError::Invalid(format!("tenant name: {e}")))?;
-            check_token(&format!("tenant {:?} token", t.name), &t.token)?;
+            let what = format!("tenant {:?} token", t.name);
+            let token = token(&what, &t.token, &t.token_file, &t.token_env)?.ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "tenant {:?}: give its token as token_file (a Secret), token_env or token",
+                    t.name
+                ))
+            })?;
             if out
                 .tenants
                 .iter()
-                .any(|o| o.name == t.name || o.token == t.token)
-                || out.admin_token.as_deref() == Some(t.token.as_str())
+                .any(|o| o.name == t.name || o.token == token)
+                || out.admin_token.as_ref() == Some(&token)
+                || out.scheduler_token.as_ref() == Some(&token)
             {
                 return Err(ConfigError::Invalid(format!(
                     "tenant {:?}: names and tokens must be unique",
@@ -505,12 +539,57 @@ impl ConfigFile {
                         s.parse::<ByteSize>()
                     })
                 })
+                quota_files: t.quota_files,
                 .transpose()?
                 .map(|b| b.bytes());
             out.tenants.push(Tenant {
                 name: t.name.clone(),
-                token: t.token.clone(),
+                token,
                 quota,
+/// A bearer token from at most one of its sources: inline `value`, the file `file` (one line; a
+/// trailing newline is dropped) or the environment variable `env`. `key` names the inline key
+/// (`..._file` and `..._env` are the others) in errors.
+fn token(
+    key: &str,
+    value: &Option<String>,
+    file: &Option<PathBuf>,
+    env: &Option<String>,
+) -> Result<Option<Token>, ConfigError> {
+    let text = match (value, file, env) {
+        (None, None, None) => return Ok(None),
+        (Some(v), None, None) => v.clone(),
+        (None, Some(path), None) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::Invalid(format!("{key}_file: cannot read {}: {e}", path.display()))
+            })?;
+            let line = text.strip_suffix('\n').unwrap_or(&text);
+            line.strip_suffix('\r').unwrap_or(line).to_string()
+        }
+        (None, None, Some(var)) => match std::env::var(var) {
+            Ok(v) if !v.is_empty() => v,
+            _ => {
+                return Err(ConfigError::Invalid(format!(
+                    "{key}_env: the environment variable {var:?} is not set"
+                )));
+            }
+        },
+        _ => {
+            return Err(ConfigError::Invalid(format!(
+                "{key}: give one of {key}, {key}_file and {key}_env"
+            )));
+        }
+    };
+    if text.len() < 16
+        || text.len() > 4096
+        || text.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(ConfigError::Invalid(format!(
+            "{key}: a token must be at least 16 (at most 4096) characters without spaces"
+        )));
+    }
+    Ok(Some(Token::new(&text)))
+}
+
             });
         }
         Ok(out)
@@ -643,6 +722,34 @@ mod tests {
         assert_eq!(s.node_id, "n1");
         assert_eq!(s.cache.block_size.get(), 1 << 20);
         assert_eq!(s.metadata_ttl, Duration::from_secs(5));
+    #[test]
+    fn tokens_come_from_files_env_or_inline() {
+        let dir = tempfile::tempdir().unwrap();
+        let admin = dir.path().join("admin");
+        std::fs::write(&admin, "admin-from-a-file-0123\n").unwrap();
+        let hook = dir.path().join("scheduler");
+        std::fs::write(&hook, "scheduler-from-a-file-0123").unwrap();
+        // Cargo sets this one for the test binary (its value: the package's name).
+        let var = "CARGO_PKG_NAME";
+        let s = parse(&format!(
+            "[datasets]\nadmin_token_file = {admin:?}\nscheduler_token_file = {hook:?}\n\
+             [[tenant]]\nname = \"a\"\ntoken_env = \"{var}\"\nquota_files = 10\n\
+             [[tenant]]\nname = \"b\"\ntoken = \"inline-token-0123456\"\n\
+             [[mount]]\npath = \"/a\"\nsource = \"s3://bucket\"\n"
+        ))
+        .unwrap();
+        let d = &s.datasets;
+        assert_eq!(d.admin_token, Some(Token::new("admin-from-a-file-0123")));
+        assert_eq!(
+            d.scheduler_token,
+            Some(Token::new("scheduler-from-a-file-0123"))
+        );
+        assert_eq!(d.tenants[0].token, Token::new(env!("CARGO_PKG_NAME")));
+        assert_eq!(d.tenants[0].quota_files, Some(10));
+        assert_eq!(d.tenants[1].token, Token::new("inline-token-0123456"));
+        assert!(!d.open());
+    }
+
         assert_eq!(s.namespace.mounts().len(), 2);
         assert_eq!(s.backend.max_concurrency, 8);
         assert_eq!(s.datasets.load_concurrency, 16);
@@ -707,6 +814,49 @@ mod tests {
                 ),
                 "quota",
             ),
+
+    #[test]
+    fn bad_token_configs_name_the_problem() {
+        let mount = "[[mount]]\npath = \"/a\"\nsource = \"s3://bucket\"\n";
+        let cases = [
+            (
+                format!("[datasets]\nadmin_token_file = \"/no/such/secret\"\n{mount}"),
+                "datasets.admin_token_file: cannot read /no/such/secret",
+            ),
+            (
+                format!(
+                    "[datasets]\nscheduler_token_env = \"GRANARY_TEST_UNSET_VARIABLE\"\n{mount}"
+                ),
+                "scheduler_token_env: the environment variable \"GRANARY_TEST_UNSET_VARIABLE\" is not set",
+            ),
+            (
+                format!(
+                    "[datasets]\nadmin_token = \"0123456789abcdef\"\nadmin_token_env = \"X\"\n{mount}"
+                ),
+                "give one of datasets.admin_token, datasets.admin_token_file and datasets.admin_token_env",
+            ),
+            (
+                format!(
+                    "[datasets]\nadmin_token = \"0123456789abcdef\"\nscheduler_token = \"0123456789abcdef\"\n{mount}"
+                ),
+                "must differ from the admin's",
+            ),
+            (
+                format!("[[tenant]]\nname = \"a\"\n{mount}"),
+                "give its token as token_file",
+            ),
+            (
+                format!(
+                    "[[tenant]]\nname = \"a\"\ntoken = \"0123456789abcdef\"\nquota_files = -1\n{mount}"
+                ),
+                "quota_files",
+            ),
+        ];
+        for (text, needle) in cases {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
         ];
         for (text, needle) in cases {
             let err = parse(&text).unwrap_err().to_string();

@@ -11,58 +11,122 @@ use crate::config::{DatasetSettings, Settings};
 use crate::datasets::{Datasets, now_secs};
 use crate::registry::Pin;
 use granary_core::dataset::{
-    Child, LoadState, Manifest, ManifestFile, check_name, check_tenant_quota, overall, percent,
-    share,
+    Child, LoadState, MAX_PATH, Manifest, ManifestFile, check_name, check_node_list,
+    check_replicas, check_tenant_files, check_tenant_quota, expiry, overall, percent, share,
 };
 use granary_core::namespace::components;
 use granary_core::{Namespace, ObjectId, Resolved};
 use granary_net::membership::Membership;
 pub use granary_proto::datasets::{DatasetStatus, PinRequest};
 use granary_proto::{ApiError, Entry, EntryKind, ObjectRef};
+use sha2::{Digest, Sha256};
 use std::future::Future;
 use std::sync::Arc;
+use subtle::{Choice, ConditionallySelectable, ConstantTimeEq};
 
 /// Files in one pin, at most. Every worker keeps each pin's manifest in memory (about 200 bytes
 /// a file); etcd holds it compressed, in chunks.
 pub const MAX_PIN_FILES: usize = 2_000_000;
 
-/// Who is calling: the admin (sees and changes every pin) or one tenant.
+/// Who is calling: the admin (sees and changes every pin), the scheduler hook (sees every pin,
+/// may load pinned datasets, nothing else) or one tenant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
     Admin,
+    Scheduler,
     Tenant(String),
 }
 
 impl Caller {
-    fn may_touch(&self, pin: &Pin) -> bool {
+    /// Whether the caller may see `pin` (its status, in lists).
+    fn may_see(&self, pin: &Pin) -> bool {
         match self {
-            Caller::Admin => true,
+            Caller::Admin | Caller::Scheduler => true,
             Caller::Tenant(t) => *t == pin.tenant,
         }
+    }
+
+    /// Refuses the scheduler's role everything but reading status and loading: `what` is the
+    /// call refused.
+    fn may_change(&self, what: &str) -> Result<(), ApiError> {
+        match self {
+            Caller::Scheduler => Err(ApiError::Denied(format!(
+                "role \"scheduler\" may only read status and load pinned datasets: {what} needs a tenant's or the admin's token"
+            ))),
+            Caller::Admin | Caller::Tenant(_) => Ok(()),
+        }
+    }
+}
+
+/// A bearer token as a worker keeps it: its SHA-256 digest, never printed, compared in
+/// constant time.
+#[derive(Clone)]
+pub struct Token([u8; 32]);
+
+impl Token {
+    pub fn new(secret: &str) -> Self {
+        Token(Sha256::digest(secret.as_bytes()).into())
+    }
+
+    fn matches(&self, other: &Token) -> Choice {
+        self.0.ct_eq(&other.0)
+    }
+}
+
+impl PartialEq for Token {
+    fn eq(&self, other: &Token) -> bool {
+        self.matches(other).into()
+    }
+}
+
+impl Eq for Token {}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(..)")
     }
 }
 
 /// Maps a bearer token to a caller. With no tokens configured the API is open (everyone is
 /// admin): fine for one node on a laptop, logged loudly at startup.
+///
+/// The token's digest is compared with every configured one in constant time, each of them
+/// whatever matched before: how long it takes tells nothing of which token (if any) matched.
 pub fn authenticate(settings: &DatasetSettings, token: Option<&str>) -> Result<Caller, ApiError> {
     if settings.open() {
         return Ok(Caller::Admin);
     }
     let token = token.ok_or_else(|| {
         ApiError::Denied(
-            "no token: pass --token (or set GRANARY_TOKEN) with a tenant's or the admin's token"
+            "no token: pass --token-file FILE (or --token, or set GRANARY_TOKEN) with a tenant's, the scheduler's or the admin's token"
                 .into(),
         )
     })?;
-    if settings.admin_token.as_deref() == Some(token) {
-        return Ok(Caller::Admin);
+    let presented = Token::new(token);
+    // 0: none; 1: the admin; 2: the scheduler; 3 + i: tenant i.
+    let mut found = 0u32;
+    let roles = [
+        (&settings.admin_token, 1u32),
+        (&settings.scheduler_token, 2),
+    ];
+    for (t, id) in roles {
+        if let Some(t) = t {
+            found.conditional_assign(&id, t.matches(&presented));
+        }
     }
-    settings
-        .tenants
-        .iter()
-        .find(|t| t.token == token)
-        .map(|t| Caller::Tenant(t.name.clone()))
-        .ok_or_else(|| ApiError::Denied("the token matches no tenant".into()))
+    for (i, t) in settings.tenants.iter().enumerate() {
+        found.conditional_assign(&(3 + i as u32), t.token.matches(&presented));
+    }
+    match found {
+        0 => Err(ApiError::Denied(
+            "the token matches no tenant, nor the scheduler or the admin".into(),
+        )),
+        1 => Ok(Caller::Admin),
+        2 => Ok(Caller::Scheduler),
+        n => Ok(Caller::Tenant(
+            settings.tenants[n as usize - 3].name.clone(),
+        )),
+    }
 }
 
 fn normalize(path: &str) -> Result<String, ApiError> {
@@ -157,6 +221,7 @@ impl DatasetApi {
             }),
             // The pin's manifest is frozen: this version holds while the pin lasts.
             pinned: true,
+            owner: f.owner,
         }
     }
 
@@ -168,6 +233,7 @@ impl DatasetApi {
             mtime_ns: self.started_ns,
             object: None,
             pinned: true,
+            owner: None,
         }
     }
 
@@ -252,7 +318,7 @@ impl DatasetApi {
             .iter()
             .find(|p| p.name == name)
             .ok_or_else(|| ApiError::NotFound(format!("no dataset named {name:?} is pinned")))?;
-        if !caller.may_touch(pin) {
+        if !caller.may_see(pin) {
             // Do not reveal other tenants' datasets.
             return Err(ApiError::NotFound(format!(
                 "no dataset named {name:?} is pinned"
@@ -336,6 +402,7 @@ impl DatasetApi {
                         etag: o.id.etag.clone(),
                         version: o.id.version.clone(),
                         mtime_ns: o.id.mtime_ns,
+                        owner: e.owner,
                     }),
                     (EntryKind::File, None) => {}
                 }
@@ -356,8 +423,25 @@ impl DatasetApi {
         caller: &Caller,
         req: PinRequest,
     ) -> Result<DatasetStatus, ApiError> {
+        caller.may_change("pin")?;
         check_name(&req.name).map_err(ApiError::Invalid)?;
+        if req.path.len() > MAX_PATH {
+            return Err(ApiError::Invalid(format!(
+                "a path of {} bytes is over the limit of {MAX_PATH}",
+                req.path.len()
+            )));
+        }
         let path = normalize(&req.path)?;
+        // An unset count (0 on the wire) means one copy.
+        let replicas = req.replicas.max(1);
+        check_replicas(replicas).map_err(ApiError::Invalid)?;
+        check_node_list(&req.nodes).map_err(ApiError::Invalid)?;
+        let now = now_secs();
+        let expires_at = req
+            .ttl
+            .map(|ttl| expiry(now, ttl))
+            .transpose()
+            .map_err(ApiError::Invalid)?;
         let tenant = match (caller, &req.tenant) {
             (Caller::Admin, Some(t)) => t.clone(),
             (Caller::Admin, None) if self.settings.open() => "default".to_string(),
@@ -368,14 +452,17 @@ impl DatasetApi {
                 )));
             }
             (Caller::Tenant(me), _) => me.clone(),
+            (Caller::Scheduler, _) => {
+                return Err(ApiError::Denied("role \"scheduler\" cannot pin".into()));
+            }
         };
         check_name(&tenant).map_err(|e| ApiError::Invalid(format!("tenant: {e}")))?;
-        let quota = self
+        let (quota, quota_files) = self
             .settings
             .tenants
             .iter()
             .find(|t| t.name == tenant)
-            .and_then(|t| t.quota);
+            .map_or((None, None), |t| (t.quota, t.quota_files));
         // The admin's own pins (no --tenant) belong to "admin", outside every quota.
         if !self.settings.open()
             && req.tenant.is_some()
@@ -383,7 +470,6 @@ impl DatasetApi {
         {
             return Err(ApiError::Invalid(format!("unknown tenant {tenant:?}")));
         }
-        let replicas = req.replicas.max(1);
         let (mount, root_key) = match self
             .namespace
             .resolve(&path)
@@ -421,13 +507,20 @@ impl DatasetApi {
             .sum();
         check_tenant_quota(&tenant, used, manifest.bytes(), replicas, quota)
             .map_err(|e| ApiError::Exhausted(e.to_string()))?;
-        let now = now_secs();
+        let used_files: u64 = pins
+            .iter()
+            .filter(|p| p.tenant == tenant)
+            .map(|p| p.manifest.files.len() as u64)
+            .sum();
+        let files = manifest.files.len() as u64;
+        check_tenant_files(&tenant, used_files, files, quota_files)
+            .map_err(|e| ApiError::Exhausted(e.to_string()))?;
         let pin = Pin {
             name: req.name.clone(),
             tenant,
             nodes: req.nodes.clone(),
             replicas,
-            expires_at: req.ttl.map(|t| now + t.as_secs().max(1)),
+            expires_at,
             created_at: now,
             load: false,
             verify_seq: 0,
@@ -450,6 +543,7 @@ impl DatasetApi {
         name: &str,
         nodes: Vec<String>,
     ) -> Result<DatasetStatus, ApiError> {
+        check_node_list(&nodes).map_err(ApiError::Invalid)?;
         let mut pin = self.find_pin(caller, name).await?;
         if !nodes.is_empty() {
             pin.nodes = nodes;
@@ -477,6 +571,7 @@ impl DatasetApi {
     }
 
     pub async fn unpin_dataset(&self, caller: &Caller, name: &str) -> Result<(), ApiError> {
+        caller.may_change("unpin")?;
         let pin = self.find_pin(caller, name).await?;
         self.datasets.registry.remove(&pin.name).await?;
         self.datasets.refresh().await?;
@@ -487,6 +582,7 @@ impl DatasetApi {
     /// Asks every holding node to re-check its files; returns the request's sequence number
     /// (each node's progress reports `verified_seq` once it has carried it out).
     pub async fn verify_dataset(&self, caller: &Caller, name: &str) -> Result<u64, ApiError> {
+        caller.may_change("verify")?;
         let mut pin = self.find_pin(caller, name).await?;
         pin.verify_seq += 1;
         self.datasets.registry.update(&pin).await?;
@@ -505,7 +601,7 @@ impl DatasetApi {
     pub async fn list_datasets(&self, caller: &Caller) -> Result<Vec<DatasetStatus>, ApiError> {
         let pins = self.fresh_pins().await?;
         let mut out = Vec::new();
-        for pin in pins.iter().filter(|p| caller.may_touch(p)) {
+        for pin in pins.iter().filter(|p| caller.may_see(p)) {
             out.push(self.status_of(pin).await?);
         }
         Ok(out)
@@ -553,5 +649,73 @@ impl DatasetApi {
             verify_seq: pin.verify_seq,
             node_progress: reports,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Tenant;
+
+    const ADMIN: &str = "admin-token-0123456789";
+    const HOOK: &str = "scheduler-token-0123456789";
+
+    fn settings() -> DatasetSettings {
+        let tenant = |name: &str| Tenant {
+            name: name.into(),
+            token: Token::new(&format!("{name}-token-0123456789")),
+            quota: None,
+            quota_files: None,
+        };
+        DatasetSettings {
+            admin_token: Some(Token::new(ADMIN)),
+            scheduler_token: Some(Token::new(HOOK)),
+            tenants: vec![tenant("team-a"), tenant("team-b")],
+            ..DatasetSettings::default()
+        }
+    }
+
+    #[test]
+    fn each_token_names_its_role() {
+        let s = settings();
+        assert_eq!(authenticate(&s, Some(ADMIN)), Ok(Caller::Admin));
+        assert_eq!(authenticate(&s, Some(HOOK)), Ok(Caller::Scheduler));
+        for t in ["team-a", "team-b"] {
+            let token = format!("{t}-token-0123456789");
+            assert_eq!(authenticate(&s, Some(&token)), Ok(Caller::Tenant(t.into())));
+        }
+        for wrong in ["", "admin-token-012345678", "admin-token-01234567890", "x"] {
+            let e = authenticate(&s, Some(wrong)).unwrap_err();
+            assert!(e.to_string().contains("matches no tenant"), "{e}");
+        }
+        let e = authenticate(&s, None).unwrap_err().to_string();
+        assert!(e.contains("no token") && e.contains("--token-file"), "{e}");
+        // With no token configured, the API is open.
+        assert_eq!(
+            authenticate(&DatasetSettings::default(), None),
+            Ok(Caller::Admin)
+        );
+    }
+
+    #[test]
+    fn the_scheduler_role_reads_every_pin_and_changes_none() {
+        for what in ["pin", "unpin", "verify"] {
+            let e = Caller::Scheduler.may_change(what).unwrap_err().to_string();
+            assert!(
+                e.contains("role \"scheduler\"") && e.contains(&format!("{what} needs")),
+                "{e}"
+            );
+        }
+        assert!(Caller::Admin.may_change("pin").is_ok());
+        assert!(Caller::Tenant("t".into()).may_change("unpin").is_ok());
+    }
+
+    #[test]
+    fn a_token_is_kept_as_a_digest_and_never_printed() {
+        let t = Token::new(ADMIN);
+        assert_eq!(format!("{t:?}"), "Token(..)");
+        assert!(!format!("{:?}", settings()).contains("admin-token"));
+        assert_eq!(t, Token::new(ADMIN));
+        assert_ne!(t, Token::new(HOOK));
     }
 }

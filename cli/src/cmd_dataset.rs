@@ -2,12 +2,13 @@
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use granary_core::dataset::{LoadState, NodeProgress};
+use granary_core::dataset::{self, LoadState, NodeProgress};
 use granary_core::{ByteSize, parse_duration};
 use granary_net::datasets::DatasetClient;
 use granary_proto::datasets::{DatasetStatus, PinRequest};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 #[derive(Args, Debug)]
@@ -30,6 +31,17 @@ pub struct DatasetArgs {
         hide_env_values = true
     )]
     pub token: Option<String>,
+    /// Read the bearer token from FILE (one line; e.g. a mounted Kubernetes Secret): unlike
+    /// --token, it never shows in the process list. Overrides --token and GRANARY_TOKEN.
+    #[arg(long, global = true, value_name = "FILE", env = "GRANARY_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// The cluster's TLS material: `ca.pem` (workers with `[tls]` speak TLS only; the token
+    /// then travels encrypted), and with --tls-name NAME a client certificate.
+    #[arg(long, global = true, value_name = "DIR", env = "GRANARY_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// The name of a client certificate in --tls-dir (NAME.pem + NAME.key); optional.
+    #[arg(long, global = true, value_name = "NAME", env = "GRANARY_TLS_NAME")]
+    pub tls_name: Option<String>,
     #[command(subcommand)]
     pub command: DatasetCommand,
 }
@@ -116,21 +128,40 @@ pub async fn run(args: DatasetArgs) -> anyhow::Result<()> {
     match &args.command {
         DatasetCommand::Pin {
             name,
+            path,
             ttl,
+            nodes,
             replicas,
             ..
         } => {
             granary_core::dataset::check_name(name).map_err(anyhow::Error::msg)?;
             if let Some(ttl) = ttl {
-                parse_duration(ttl).context("--ttl")?;
+                let ttl = parse_duration(ttl).context("--ttl")?;
+                dataset::check_ttl(ttl)
+                    .map_err(anyhow::Error::msg)
+                    .context("--ttl")?;
             }
-            if *replicas == 0 {
-                bail!("--replicas must be at least 1");
+            dataset::check_replicas(*replicas)
+                .map_err(anyhow::Error::msg)
+                .context("--replicas")?;
+            if path.len() > dataset::MAX_PATH {
+                bail!("--path: over {} bytes", dataset::MAX_PATH);
             }
+            dataset::check_node_list(nodes)
+                .map_err(anyhow::Error::msg)
+                .context("--nodes")?;
         }
-        DatasetCommand::Load { name, timeout, .. } => {
+        DatasetCommand::Load {
+            name,
+            timeout,
+            nodes,
+            ..
+        } => {
             granary_core::dataset::check_name(name).map_err(anyhow::Error::msg)?;
             parse_duration(timeout).context("--timeout")?;
+            dataset::check_node_list(nodes)
+                .map_err(anyhow::Error::msg)
+                .context("--nodes")?;
         }
         DatasetCommand::Wait {
             name,
@@ -149,7 +180,12 @@ pub async fn run(args: DatasetArgs) -> anyhow::Result<()> {
         }
         DatasetCommand::List { .. } => {}
     }
-    let client = DatasetClient::connect(&args.server, args.token.as_deref()).await?;
+    let token = match &args.token_file {
+        Some(file) => Some(read_token_file(file)?),
+        None => args.token.clone(),
+    };
+    let tls = crate::tls_args::identity(args.tls_dir.as_deref(), args.tls_name.as_deref())?;
+    let client = DatasetClient::connect_with(&args.server, tls.as_ref(), token.as_deref()).await?;
     match args.command {
         DatasetCommand::Pin {
             name,
@@ -244,6 +280,21 @@ pub async fn run(args: DatasetArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A bearer token from `file`: its one line, without the line end.
+pub fn read_token_file(file: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("--token-file {}", file.display()))?;
+    let line = text.strip_suffix('\n').unwrap_or(&text);
+    let token = line.strip_suffix('\r').unwrap_or(line);
+    if token.is_empty() || token.contains(char::is_whitespace) {
+        bail!(
+            "--token-file {}: expected one token on one line",
+            file.display()
+        );
+    }
+    Ok(token.to_string())
 }
 
 fn print_status(s: &DatasetStatus, json: bool) {

@@ -2,8 +2,16 @@
 //! external assets) polling `/api/overview`, which gathers the members and their cache use (as
 //! `granary status --json`), the cluster hit ratio over the last minutes, every dataset with its
 //! readiness per node, and the scheduler hook's gangs when `--scheduler-url` is given.
+//!
+//! `/api/overview` answers only a caller with a dataset API token (`Authorization: Bearer`),
+//! unless the worker's dataset API is open (no tokens configured): the admin's token shows every
+//! pin and the hook's gangs, the scheduler's every pin, a tenant's its own pins; without a valid
+//! token it answers 401. The page asks for the token (or takes it once from `#token=...` in its
+//! address), keeps it in the tab's `sessionStorage` and sends it with every poll.
 
 use crate::cmd_cluster::{member_info, status_json};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use granary_cache_server::Worker;
 use granary_cache_server::dataset_api::Caller;
 use granary_net::membership::MemberInfo;
@@ -50,16 +58,49 @@ pub fn router(worker: Arc<Worker>, scheduler: Option<String>) -> axum::Router {
         )
         .route(
             "/api/overview",
-            axum::routing::get(move || {
+            axum::routing::get(move |headers: HeaderMap| {
                 let state = overview.clone();
-                async move {
-                    (
-                        [(axum::http::header::CONTENT_TYPE, "application/json")],
-                        gather(&state).await.to_string(),
-                    )
-                }
+                async move { overview_response(&state, &headers).await }
             }),
         )
+}
+
+/// The bearer token of an `Authorization: Bearer ...` header.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    value.strip_prefix("Bearer ").map(str::trim)
+}
+
+/// `/api/overview` for the caller the request's token names; 401 without a valid token.
+async fn overview_response(state: &State, headers: &HeaderMap) -> Response {
+    let token = bearer(headers);
+    let caller = match state.worker.dataset_api().authenticate(token) {
+        Ok(caller) => caller,
+        Err(e) => {
+            let message = match token {
+                None => "no token: the dashboard needs a dataset API token (a tenant's, the scheduler's or the admin's)".to_string(),
+                Some(_) => e.to_string(),
+            };
+            return (
+                StatusCode::UNAUTHORIZED,
+                [
+                    (header::CONTENT_TYPE, "application/json"),
+                    (header::WWW_AUTHENTICATE, "Bearer realm=\"granary\""),
+                    (header::CACHE_CONTROL, "no-store"),
+                ],
+                json!({ "error": message }).to_string(),
+            )
+                .into_response();
+        }
+    };
+    (
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        gather(state, &caller).await.to_string(),
+    )
+        .into_response()
 }
 
 /// The members to show: the cluster as this worker sees it, or this worker alone.
@@ -169,9 +210,10 @@ async fn http_get_json(base: &str, path: &str) -> Result<Value, String> {
     serde_json::from_slice(&body).map_err(|e| format!("{url}: {e}"))
 }
 
-async fn gather(state: &State) -> Value {
+/// The overview `caller` may see: the pins it may list; the hook's gangs for the admin only.
+async fn gather(state: &State, caller: &Caller) -> Value {
     let status = cluster_status(&state.worker).await;
-    let datasets = match state.worker.list_datasets(&Caller::Admin).await {
+    let datasets = match state.worker.list_datasets(caller).await {
         Ok(list) => serde_json::to_value(list).unwrap_or(Value::Null),
         Err(e) => json!({ "error": e.to_string() }),
     };
@@ -183,9 +225,10 @@ async fn gather(state: &State) -> Value {
         .map(|(t, r)| json!({ "t": t, "hit_ratio": r }))
         .collect();
     let (hits, all) = totals(&status);
-    let gangs = match &state.scheduler {
-        Some(url) => gangs(url).await,
-        None => Value::Null,
+    let gangs = match (&state.scheduler, caller) {
+        (Some(url), Caller::Admin) => gangs(url).await,
+        (Some(_), _) => json!({ "error": "gangs are shown with the admin's token only" }),
+        (None, _) => Value::Null,
     };
     json!({
         "node": state.worker.settings().node_id,

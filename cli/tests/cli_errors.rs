@@ -235,15 +235,40 @@ fn example_configs_in_deploy_are_valid() {
     let entries = ["config", "k8s/config"]
         .iter()
         .flat_map(|d| std::fs::read_dir(root.join(d)).unwrap());
+    // The examples read their tokens from a Secret's files: stand-ins here, where they point.
+    let secrets = tempfile::tempdir().unwrap();
+    for name in ["admin", "scheduler", "vision"] {
+        std::fs::write(
+            secrets.path().join(name),
+            format!("{name}-example-token-0123456789\n"),
+        )
+        .unwrap();
+    }
     for entry in entries {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            // No token in an example (in Kubernetes the file is a ConfigMap): files only.
+            for line in text.lines() {
+                let key = line.split('=').next().unwrap_or("").trim();
+                assert!(
+                    !["admin_token", "scheduler_token", "token"].contains(&key),
+                    "{}: an inline token: {line}",
+                    path.display()
+                );
+            }
+            let dir = secrets.path().to_str().unwrap();
+            let text = text
+                .replace("/var/run/granary/secrets", dir)
+                .replace("/etc/granary/secrets", dir);
+            let copy = secrets.path().join(path.file_name().unwrap());
+            std::fs::write(&copy, text).unwrap();
             let out = run_with_timeout(
                 granary(
                     &[
                         "server",
                         "--config",
-                        path.to_str().unwrap(),
+                        copy.to_str().unwrap(),
                         "--check-config",
                     ],
                     &[],
@@ -298,4 +323,43 @@ fn bad_dataset_commands() {
         None,
         "server address",
     );
+}
+
+/// Out-of-range requests and a missing token file: refused before any worker is asked (none
+/// listens at the address), each naming the flag and the limit.
+#[test]
+fn out_of_range_dataset_requests() {
+    let server = format!("127.0.0.1:{}", support::free_port());
+    let with = |extra: &[&'static str]| -> Vec<String> {
+        ["dataset", "--server", server.as_str()]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect()
+    };
+    for (args, needle) in [
+        (
+            with(&["pin", "ok", "--path", "/x", "--ttl", "999999999999h"]),
+            "--ttl: ttl of 3599999999996400s is over the limit of 315360000s (10 years)",
+        ),
+        (
+            with(&["pin", "ok", "--path", "/x", "--ttl", "3651d"]),
+            "over the limit",
+        ),
+        (
+            with(&["pin", "ok", "--path", "/x", "--replicas", "4294967295"]),
+            "--replicas: replicas 4294967295 is out of range: give 1 to 1024",
+        ),
+        (
+            with(&["pin", "ok", "--path", "/x", "--nodes", "a b"]),
+            "--nodes: invalid node id",
+        ),
+        (
+            with(&["list", "--token-file", "/no/such/token"]),
+            "--token-file /no/such/token",
+        ),
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        fails(&args, &[], None, needle);
+    }
 }

@@ -1,6 +1,13 @@
 //! The worker's gRPC service: any [`CacheApi`] served over tonic, with the API's one error mapping.
+//!
+//! With TLS (the worker's `[tls]`), the listener speaks TLS only and every cache RPC but `Info`
+//! needs a client certificate the cluster CA signed (a node: a worker or a node's FUSE client);
+//! `LocalCopy` also needs the caller on this machine. The Datasets service checks bearer tokens
+//! (`dataset_grpc`). Without TLS a worker listens on loopback only (`granary server` refuses
+//! anything else), where the machine's users are the callers.
 
 use crate::rpc_metrics::record;
+use granary_net::tls::TlsIdentity;
 use granary_proto::{ApiError, CacheApi, MAX_MESSAGE_BYTES, ObjectRef, pb};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -11,6 +18,22 @@ use tonic::{Request, Response, Status};
 
 pub struct CacheService<A> {
     api: Arc<A>,
+    /// Whether callers must present a client certificate (the listener is TLS).
+    certificates: bool,
+}
+
+impl<A> CacheService<A> {
+    /// Refuses a request without a verified client certificate when the listener is TLS.
+    fn node_only<T>(&self, req: &Request<T>, method: &'static str) -> Result<(), Status> {
+        if !self.certificates || req.peer_certs().is_some_and(|c| !c.is_empty()) {
+            return Ok(());
+        }
+        metrics::counter!(granary_core::metrics::RPC_REFUSED, "method" => method, "reason" => "no_certificate")
+            .increment(1);
+        Err(Status::unauthenticated(format!(
+            "{method} is for cluster nodes: connect with a client certificate the cluster CA signed (--tls-dir DIR --tls-name NAME)"
+        )))
+    }
 }
 
 #[tonic::async_trait]
@@ -33,6 +56,7 @@ impl<A: CacheApi> pb::cache_server::Cache for CacheService<A> {
         &self,
         req: Request<pb::ObjectRef>,
     ) -> Result<Response<pb::LocalCopyReply>, Status> {
+        self.node_only(&req, "local_copy")?;
         // A path means something only on this machine: answer callers on it alone (the
         // connection's two ends share an address), never a client elsewhere that might hold
         // another file at the same path.
@@ -41,6 +65,8 @@ impl<A: CacheApi> pb::cache_server::Cache for CacheService<A> {
             _ => false,
         };
         if !same_host {
+            metrics::counter!(granary_core::metrics::RPC_REFUSED, "method" => "local_copy", "reason" => "not_local")
+                .increment(1);
             return Ok(Response::new(pb::LocalCopyReply { path: None }));
         }
         let object = ObjectRef::from(req.into_inner());
@@ -52,13 +78,15 @@ impl<A: CacheApi> pb::cache_server::Cache for CacheService<A> {
 
     async fn pins_epoch(
         &self,
-        _: Request<pb::PinsEpochRequest>,
+        req: Request<pb::PinsEpochRequest>,
     ) -> Result<Response<pb::PinsEpochReply>, Status> {
+        self.node_only(&req, "pins_epoch")?;
         let epoch = self.api.pins_epoch().await?;
         Ok(Response::new(pb::PinsEpochReply { epoch }))
     }
 
     async fn stat(&self, req: Request<pb::StatRequest>) -> Result<Response<pb::Entry>, Status> {
+        self.node_only(&req, "stat")?;
         let result = self.api.stat(&req.into_inner().path).await;
         record("stat", &result);
         Ok(Response::new(pb::Entry::from(&result?)))
@@ -68,6 +96,7 @@ impl<A: CacheApi> pb::cache_server::Cache for CacheService<A> {
         &self,
         req: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
+        self.node_only(&req, "list")?;
         let result = self.api.list(&req.into_inner().path).await;
         record("list", &result);
         let entries = result?.iter().map(pb::Entry::from).collect();
@@ -78,6 +107,7 @@ impl<A: CacheApi> pb::cache_server::Cache for CacheService<A> {
         &self,
         req: Request<pb::ReadBlockRequest>,
     ) -> Result<Response<pb::BlockData>, Status> {
+        self.node_only(&req, "read_block")?;
         let req = req.into_inner();
         let result = match req.object {
             None => Err(ApiError::Invalid("read_block without an object".into())),
@@ -98,44 +128,82 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// Serves `api` on `listener` until `shutdown` completes.
+/// Serves `api` on `listener` until `shutdown` completes: TLS only with `tls`, else plaintext.
 pub async fn serve<A: CacheApi>(
     api: Arc<A>,
     listener: TcpListener,
+    tls: Option<TlsIdentity>,
     shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), tonic::transport::Error> {
-    let service = pb::cache_server::CacheServer::new(CacheService { api })
+) -> Result<(), ServeError> {
+    let certificates = tls.is_some();
+    let service = pb::cache_server::CacheServer::new(CacheService { api, certificates })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .initial_stream_window_size(Some(8 << 20))
-        .initial_connection_window_size(Some(32 << 20))
-        .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
+    let router = builder().add_service(service);
+    match &tls {
+        Some(tls) => {
+            let incoming = granary_net::channel::tls_incoming(listener, tls.grpc_server_config()?);
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await?
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+                .await?
+        }
+    }
+    Ok(())
 }
 
-/// Serves a worker's whole API on `listener`: the cache service and the dataset control service.
+/// Serves a worker's whole API on `listener`: the cache service and the dataset control service;
+/// TLS only with `tls`, else plaintext.
 pub async fn serve_worker(
     worker: Arc<crate::Worker>,
     listener: TcpListener,
+    tls: Option<TlsIdentity>,
     shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), ServeError> {
     let cache = pb::cache_server::CacheServer::new(CacheService {
         api: worker.clone(),
+        certificates: tls.is_some(),
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let datasets =
         pb::datasets_server::DatasetsServer::new(crate::dataset_grpc::DatasetService { worker })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let router = builder().add_service(cache).add_service(datasets);
+    match &tls {
+        Some(tls) => {
+            let incoming = granary_net::channel::tls_incoming(listener, tls.grpc_server_config()?);
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await?
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+                .await?
+        }
+    }
+    Ok(())
+}
+
+fn builder() -> tonic::transport::Server {
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(32 << 20))
-        .add_service(cache)
-        .add_service(datasets)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
+        // Bounded per connection: a client cannot open unbounded concurrent streams.
+        .max_concurrent_streams(Some(1024))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("gRPC TLS: {0}")]
+    Tls(#[from] granary_net::tls::TlsError),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
 }

@@ -33,6 +33,8 @@ pub enum StartError {
 /// What a worker needs to take part in a cluster.
 pub struct Cluster {
     pub membership: Membership,
+    /// etcd, when the cluster's members and pins live there.
+    pub etcd: Option<granary_net::membership::Etcd>,
     pub peers: BlockClient,
     pub replicas: usize,
     pub peer_timeout: Duration,
@@ -109,8 +111,8 @@ impl Worker {
             result?;
         }
         let root = settings.cache.dir.join("datasets");
-        let registry = match settings.cluster.as_ref().filter(|c| !c.etcd.is_empty()) {
-            Some(c) => Registry::etcd(&c.etcd).await,
+        let registry = match cluster.as_ref().and_then(|c| c.etcd.as_ref()) {
+            Some(etcd) => Registry::etcd(etcd).await,
             None => Registry::local(root.join("pins")),
         }
         .map_err(StartError::Datasets)?;
@@ -168,6 +170,7 @@ impl Worker {
             mtime_ns: self.started_ns,
             object: None,
             pinned: false,
+            owner: None,
         }
     }
 
@@ -180,7 +183,10 @@ impl Worker {
             // (The backend leaves out keys that cannot be paths.)
             .map(|r| {
                 if r.dir {
-                    return self.dir_entry(&r.name);
+                    return Entry {
+                        owner: r.owner,
+                        ..self.dir_entry(&r.name)
+                    };
                 }
                 let id = ObjectId {
                     backend: backend.id().to_string(),
@@ -200,6 +206,7 @@ impl Worker {
                         id,
                     }),
                     pinned: false,
+                    owner: r.owner,
                 }
             })
             .collect();

@@ -57,12 +57,13 @@ impl CacheApi for Node {
 async fn start(node: Arc<Node>, certs: &std::path::Path) -> MemberInfo {
     let listener = grpc::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let tls = TlsIdentity::load(&TlsFiles::in_dir(certs, node.id)).unwrap();
     tokio::spawn(grpc::serve(
         node.clone(),
         listener,
+        Some(tls.clone()),
         std::future::pending::<()>(),
     ));
-    let tls = TlsIdentity::load(&TlsFiles::in_dir(certs, node.id)).unwrap();
     let endpoint = quic::server_endpoint(addr, &tls).unwrap();
     tokio::spawn(quic::serve(endpoint, node.clone(), std::future::pending()));
     MemberInfo {

@@ -2,6 +2,7 @@
 
 use crate::mount_flags::{MountFlags, default_attr_ttl};
 use crate::runtime;
+use crate::tls_args;
 use anyhow::Context;
 use clap::Args;
 use granary_core::parse_duration;
@@ -28,10 +29,11 @@ pub struct MountArgs {
         conflicts_with = "server"
     )]
     pub etcd: Vec<String>,
-    /// With --etcd: TLS material (ca.pem, NAME.pem, NAME.key) for the data plane.
-    #[arg(long, value_name = "DIR", requires = "etcd")]
+    /// TLS material (ca.pem, NAME.pem, NAME.key): needed with --etcd, and with --server for a
+    /// worker with `[tls]` (reading data takes a certificate the cluster CA signed).
+    #[arg(long, value_name = "DIR", env = "GRANARY_TLS_DIR")]
     pub tls_dir: Option<PathBuf>,
-    /// With --etcd: the name of this client's certificate in --tls-dir.
+    /// The name of this client's certificate in --tls-dir.
     #[arg(long, value_name = "NAME", default_value = "client")]
     pub tls_name: String,
     /// With --etcd: the node id of the worker on this machine, whose cached blocks are read from
@@ -60,14 +62,18 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
     }
     let mounted = match &args.server {
         Some(server) => {
-            let api = Arc::new(GrpcCache::connect(server, Duration::from_secs(10)).await?);
+            let tls = tls_args::identity(args.tls_dir.as_deref(), Some(&args.tls_name))?;
+            let api = Arc::new(
+                GrpcCache::connect(server, tls.as_ref(), None, Duration::from_secs(10)).await?,
+            );
             let fs = Arc::new(GranaryFs::new(api, config));
             granary_fuse_client::mount(fs, &args.dir, &format!("granary:{server}"))?
         }
         None => {
             let tls_dir = args.tls_dir.as_ref().context("--etcd needs --tls-dir")?;
             let tls = TlsIdentity::load(&TlsFiles::in_dir(tls_dir, &args.tls_name))?;
-            let membership = Membership::watch(&args.etcd).await?;
+            let etcd = tls_args::etcd(&args.etcd, Some(&tls))?;
+            let membership = Membership::watch(&etcd).await?;
             let local = args.local_node.clone().or_else(|| {
                 let host = granary_cache_server::config::default_node_id();
                 let view = membership.view();

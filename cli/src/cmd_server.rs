@@ -7,7 +7,7 @@ use granary_cache_server::config::TlsSection;
 use granary_cache_server::worker::{Cluster, LocalReads};
 use granary_cache_server::{ConfigFile, Settings, Worker, grpc};
 use granary_core::ByteSize;
-use granary_net::membership::{MemberInfo, Membership};
+use granary_net::membership::{Etcd, MemberInfo, Membership};
 use granary_net::quic::{self, BlockClient};
 use granary_net::tls::TlsIdentity;
 use std::path::PathBuf;
@@ -93,6 +93,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    if settings.tls.is_none() && !settings.listen.ip().is_loopback() {
+        anyhow::bail!(
+            "listen {}: without [tls] the worker API is plaintext and unauthenticated, so it listens on loopback only; set [tls] (dir = ...) or listen on 127.0.0.1",
+            settings.listen
+        );
+    }
     let _lock = runtime::lock_cache_dir(&settings.cache.dir)?;
     let listener = grpc::bind(settings.listen)
         .await
@@ -140,7 +146,13 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         "granary: worker {} serving on {}",
         settings.node_id, settings.listen
     );
-    grpc::serve_worker(worker.clone(), listener, runtime::shutdown_signal()).await?;
+    grpc::serve_worker(
+        worker.clone(),
+        listener,
+        tls.clone(),
+        runtime::shutdown_signal(),
+    )
+    .await?;
     worker.close().await;
     Ok(())
 }
@@ -162,9 +174,14 @@ async fn join_cluster(settings: &Settings, tls: &TlsIdentity) -> anyhow::Result<
         dataset_capacity: settings.datasets.capacity.bytes(),
     };
     let peers = BlockClient::new(tls)?;
-    if !cluster.etcd.is_empty() {
+    let etcd = if cluster.etcd.is_empty() {
+        None
+    } else {
+        Some(Etcd::new(&cluster.etcd, tls.clone())?)
+    };
+    if let Some(etcd) = &etcd {
         // Refuse to join a cluster whose members refuse our certificate.
-        let view = Membership::read(&cluster.etcd).await?;
+        let view = Membership::read(etcd).await?;
         for m in view
             .members
             .iter()
@@ -183,7 +200,9 @@ async fn join_cluster(settings: &Settings, tls: &TlsIdentity) -> anyhow::Result<
             }
         }
     }
-    let membership = if cluster.etcd.is_empty() {
+    let membership = if let Some(etcd) = &etcd {
+        Membership::join(etcd, me, cluster.lease_ttl).await?
+    } else {
         let members = cluster
             .members
             .iter()
@@ -197,11 +216,10 @@ async fn join_cluster(settings: &Settings, tls: &TlsIdentity) -> anyhow::Result<
             })
             .collect();
         Membership::fixed(members)
-    } else {
-        Membership::join(&cluster.etcd, me, cluster.lease_ttl).await?
     };
     Ok(Cluster {
         membership,
+        etcd,
         peers,
         replicas: cluster.replicas,
         peer_timeout: cluster.peer_timeout,

@@ -68,6 +68,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     granary_fuse_client::check_fuse_device()?;
     let _lock = runtime::lock_cache_dir(&settings.cache.dir)?;
     let grpc_listener = match args.listen {
+        Some(addr) if !addr.ip().is_loopback() => anyhow::bail!(
+            "--listen {addr}: `granary up` serves its worker API plaintext and unauthenticated, so on loopback only; for other machines run `granary server` with [tls]"
+        ),
         Some(addr) => Some(
             grpc::bind(addr)
                 .await
@@ -103,7 +106,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     match grpc_listener {
         Some(listener) => {
             tracing::info!(addr = ?args.listen, "serving the worker API");
-            grpc::serve_worker(worker.clone(), listener, runtime::shutdown_signal()).await?;
+            grpc::serve_worker(worker.clone(), listener, None, runtime::shutdown_signal()).await?;
         }
         None => runtime::shutdown_signal().await,
     }

@@ -15,6 +15,12 @@ pub const BACKEND_BYTES: &str = "granary_backend_bytes_total";
 /// Keys left out of listings because they cannot be a path (an empty, `.` or `..` segment, a
 /// control character, a POSIX name that is not UTF-8), by `reason`. Counter, keys.
 pub const BACKEND_KEYS_SKIPPED: &str = "granary_backend_keys_skipped_total";
+/// Records read from etcd and ignored (malformed, out of range, or not signed by the node they
+/// name), by `kind` (`member`, `pin`). Counter.
+pub const ETCD_RECORDS_REFUSED: &str = "granary_etcd_records_refused_total";
+/// RPCs refused before they ran because the caller lacked the credential they need, by
+/// `method` and `reason`. Counter.
+pub const RPC_REFUSED: &str = "granary_rpc_refused_total";
 /// Blocks whose checksum did not match (dropped and refetched). Counter.
 pub const BLOCK_CHECKSUM_FAILURES: &str = "granary_block_checksum_failures_total";
 /// Metadata (stat/list) lookups, by `result`: `hit` (served from the TTL cache) or `miss`. Counter.
@@ -84,6 +90,8 @@ pub const ALL: &[&str] = &[
     BACKEND_REQUEST_SECONDS,
     BACKEND_BYTES,
     BACKEND_KEYS_SKIPPED,
+    ETCD_RECORDS_REFUSED,
+    RPC_REFUSED,
     BLOCK_CHECKSUM_FAILURES,
     METADATA_LOOKUPS,
     FUSE_OPS,

@@ -10,6 +10,31 @@
 use crate::object::BlockKey;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
+/// Checks a node id: it names the node's certificate, so it must be a DNS name (what Kubernetes
+/// node names are): 1-253 ASCII letters, digits, `-` and `.`, in labels of 1-63 that neither
+/// start nor end with `-`.
+pub fn check_node_id(id: &str) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("node id {id:?} {why}"));
+    if id.is_empty() || id.len() > 253 {
+        return bad("must be 1-253 characters");
+    }
+    for label in id.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return bad("must be dot-separated labels of 1-63 characters");
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return bad("may hold only ASCII letters, digits, '-' and '.'");
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return bad("has a label starting or ending with '-'");
+        }
+    }
+    Ok(())
+}
+
 /// A member's stable identity as placement sees it.
 pub trait Member {
     fn id(&self) -> &str;
@@ -107,6 +132,27 @@ impl<M: Member> Member for &M {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn node_ids_are_certificate_names() {
+        for ok in ["w1", "node-a.example", "ip-10-0-0-1.ec2.internal", "W1"] {
+            assert!(check_node_id(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "a b",
+            "a/b",
+            "-a",
+            "a-",
+            "a..b",
+            "a_b",
+            "../x",
+            "w1\n",
+            &"a".repeat(64),
+        ] {
+            assert!(check_node_id(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn ask_order_puts_the_local_owner_first_then_the_other_owners_then_everyone_else() {

@@ -1,10 +1,11 @@
 //! [`GrpcCache`]: the worker API over gRPC, for a client on another node than its worker.
 
+use crate::tls::TlsIdentity;
 use granary_core::BlockSize;
 use granary_proto::{ApiError, Block, CacheApi, Entry, Info, MAX_MESSAGE_BYTES, ObjectRef, pb};
 use std::sync::Arc;
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 type Client = pb::cache_client::CacheClient<Channel>;
 
@@ -24,31 +25,23 @@ impl std::fmt::Debug for GrpcCache {
 }
 
 impl GrpcCache {
-    /// Connects to a worker at `addr` (`host:port` or `http://host:port`) and asks its info.
-    pub async fn connect(addr: &str, timeout: Duration) -> Result<Self, ApiError> {
-        let uri = if addr.contains("://") {
-            addr.to_string()
-        } else {
-            format!("http://{addr}")
-        };
-        let endpoint = Endpoint::from_shared(uri.clone())
-            .map_err(|e| ApiError::Invalid(format!("bad server address {addr:?}: {e}")))?
-            .connect_timeout(timeout)
-            .timeout(timeout)
-            .tcp_nodelay(true)
-            .initial_stream_window_size(Some(8 << 20))
-            .initial_connection_window_size(Some(32 << 20));
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| ApiError::Unavailable(format!("cannot connect to worker {addr}: {e}")))?;
+    /// Connects to a worker at `addr` (`host:port`) and asks its info. With `tls`, the worker
+    /// must present a certificate the cluster CA signed for `server_name` (default: the host of
+    /// `addr`), and we present ours.
+    pub async fn connect(
+        addr: &str,
+        tls: Option<&TlsIdentity>,
+        server_name: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Self, ApiError> {
+        let channel = crate::channel::connect(addr, tls, server_name, timeout, timeout).await?;
         let mut client = pb::cache_client::CacheClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let info = client
             .info(pb::InfoRequest {})
             .await
-            .map_err(ApiError::from)?
+            .map_err(|status| plaintext_hint(ApiError::from(status), tls.is_none()))?
             .into_inner();
         let block_size = BlockSize::new(info.block_size)
             .map_err(|e| ApiError::Invalid(format!("worker {addr} reports {e}")))?;
@@ -79,6 +72,16 @@ impl GrpcCache {
             disk_capacity: info.disk_capacity,
             stats: info.stats.map(Into::into).unwrap_or_default(),
         })
+    }
+}
+
+/// A plaintext call to a TLS listener fails deep in HTTP/2: say what is likely wrong.
+pub fn plaintext_hint(e: ApiError, plaintext: bool) -> ApiError {
+    match e {
+        ApiError::Internal(m) | ApiError::Unavailable(m) if plaintext => ApiError::Unavailable(
+            format!("{m} (a worker with [tls] speaks TLS only: give --tls-dir DIR)"),
+        ),
+        e => e,
     }
 }
 

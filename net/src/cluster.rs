@@ -25,6 +25,7 @@ use std::time::Duration;
 pub struct ClusterClient {
     membership: Membership,
     blocks: BlockClient,
+    tls: TlsIdentity,
     api: Mutex<HashMap<String, GrpcCache>>,
     info: Info,
     replicas: usize,
@@ -52,12 +53,14 @@ impl ClusterClient {
         let view = membership.view();
         let mut last = ApiError::Unavailable("the cluster has no live members".into());
         for member in &view.members {
-            match GrpcCache::connect(&member.api_addr.to_string(), timeout).await {
+            let addr = member.api_addr.to_string();
+            match GrpcCache::connect(&addr, Some(tls), Some(&member.node_id), timeout).await {
                 Ok(api) => {
                     let info = api.info();
                     let client = ClusterClient {
                         membership,
                         blocks,
+                        tls: tls.clone(),
                         api: Mutex::new(HashMap::from([(member.node_id.clone(), api)])),
                         info,
                         replicas: replicas.max(1),
@@ -95,7 +98,13 @@ impl ClusterClient {
         if let Some(api) = self.api.lock().expect("api map").get(&member.node_id) {
             return Ok(api.clone());
         }
-        let api = GrpcCache::connect(&member.api_addr.to_string(), self.timeout).await?;
+        let api = GrpcCache::connect(
+            &member.api_addr.to_string(),
+            Some(&self.tls),
+            Some(&member.node_id),
+            self.timeout,
+        )
+        .await?;
         self.api
             .lock()
             .expect("api map")

@@ -1,6 +1,7 @@
 //! The client of a worker's Datasets API (pin, load, status, list, unpin, verify), with a tenant
 //! or admin token as a bearer header.
 
+use crate::tls::TlsIdentity;
 use granary_proto::datasets::{DatasetStatus, PinRequest};
 use granary_proto::{ApiError, pb};
 use std::time::Duration;
@@ -12,17 +13,31 @@ use tonic::metadata::MetadataValue;
 pub struct DatasetClient {
     client: pb::datasets_client::DatasetsClient<tonic::transport::Channel>,
     token: Option<MetadataValue<tonic::metadata::Ascii>>,
+    /// Without TLS: failures get a hint that the worker may speak TLS only.
+    plaintext: bool,
 }
 
 impl DatasetClient {
+    /// A plaintext client (a worker on this machine without `[tls]`).
     pub async fn connect(addr: &str, token: Option<&str>) -> Result<Self, ApiError> {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| ApiError::Invalid(format!("bad server address {addr:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(300));
-        let channel = endpoint.connect().await.map_err(|e| {
-            ApiError::Unavailable(format!("cannot reach the worker at {addr}: {e}"))
-        })?;
+        Self::connect_with(addr, None, token).await
+    }
+
+    /// A client of the worker at `addr`; with `tls`, over TLS with the cluster CA (and our
+    /// certificate when `tls` has one).
+    pub async fn connect_with(
+        addr: &str,
+        tls: Option<&TlsIdentity>,
+        token: Option<&str>,
+    ) -> Result<Self, ApiError> {
+        let channel = crate::channel::connect(
+            addr,
+            tls,
+            None,
+            Duration::from_secs(5),
+            Duration::from_secs(300),
+        )
+        .await?;
         let token = token
             .map(|t| {
                 format!("Bearer {t}").parse().map_err(|_| {
@@ -34,7 +49,12 @@ impl DatasetClient {
             client: pb::datasets_client::DatasetsClient::new(channel)
                 .max_decoding_message_size(granary_proto::MAX_MESSAGE_BYTES),
             token,
+            plaintext: tls.is_none(),
         })
+    }
+
+    fn fail(&self, status: tonic::Status) -> ApiError {
+        crate::client::plaintext_hint(ApiError::from(status), self.plaintext)
     }
 
     fn request<T>(&self, msg: T) -> Request<T> {
@@ -58,7 +78,8 @@ impl DatasetClient {
             .client
             .clone()
             .pin(self.request(msg))
-            .await?
+            .await
+            .map_err(|s| self.fail(s))?
             .into_inner();
         DatasetStatus::try_from(s)
     }
@@ -72,14 +93,19 @@ impl DatasetClient {
             .client
             .clone()
             .load(self.request(msg))
-            .await?
+            .await
+            .map_err(|s| self.fail(s))?
             .into_inner();
         DatasetStatus::try_from(s)
     }
 
     pub async fn unpin(&self, name: &str) -> Result<(), ApiError> {
         let msg = pb::DatasetName { name: name.into() };
-        self.client.clone().unpin(self.request(msg)).await?;
+        self.client
+            .clone()
+            .unpin(self.request(msg))
+            .await
+            .map_err(|s| self.fail(s))?;
         Ok(())
     }
 
@@ -89,7 +115,8 @@ impl DatasetClient {
             .client
             .clone()
             .status(self.request(msg))
-            .await?
+            .await
+            .map_err(|s| self.fail(s))?
             .into_inner();
         DatasetStatus::try_from(s)
     }
@@ -99,7 +126,8 @@ impl DatasetClient {
             .client
             .clone()
             .list(self.request(pb::ListDatasetsRequest {}))
-            .await?
+            .await
+            .map_err(|s| self.fail(s))?
             .into_inner();
         list.datasets
             .into_iter()
@@ -113,7 +141,8 @@ impl DatasetClient {
             .client
             .clone()
             .verify(self.request(msg))
-            .await?
+            .await
+            .map_err(|s| self.fail(s))?
             .into_inner()
             .seq)
     }

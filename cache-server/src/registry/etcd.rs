@@ -80,9 +80,11 @@ pub struct EtcdRegistry {
     cached: Mutex<EtcdCache>,
 }
 
+use granary_net::membership::Etcd;
+
 impl EtcdRegistry {
-    pub async fn connect(endpoints: &[String]) -> Result<Self, ApiError> {
-        let client = granary_net::membership::connect(endpoints)
+    pub async fn connect(etcd: &Etcd) -> Result<Self, ApiError> {
+        let client = granary_net::membership::connect(etcd)
             .await
             .map_err(|e| ApiError::Unavailable(e.to_string()))?;
         Ok(EtcdRegistry {
@@ -198,6 +200,13 @@ impl PinStore for EtcdRegistry {
                     };
                     pin.manifest.files = files.clone();
                     manifests.insert(id, files);
+                }
+                // etcd is shared: what it holds is checked like a request before it is used.
+                if let Err(e) = pin.check() {
+                    metrics::counter!(granary_core::metrics::ETCD_RECORDS_REFUSED, "kind" => "pin")
+                        .increment(1);
+                    tracing::warn!(key = ?kv.key_str(), error = %e, "ignoring a pin that does not pass its checks");
+                    continue;
                 }
                 pins.push(pin);
             }
@@ -525,6 +534,7 @@ mod tests {
                 etag: None,
                 version: None,
                 mtime_ns: 0,
+                owner: None,
             })
             .collect();
         let chunks = encode_chunks(&files).unwrap();

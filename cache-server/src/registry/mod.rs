@@ -48,6 +48,46 @@ pub struct Pin {
 }
 
 impl Pin {
+    /// Checks what a pin read from a shared store claims (names, node ids, counts, sizes and
+    /// every manifest path) before the worker acts on it.
+    pub fn check(&self) -> Result<(), String> {
+        use granary_core::dataset;
+        let named = |what: &str, e: &dyn std::fmt::Display| format!("{what}: {e}");
+        dataset::check_name(&self.name)?;
+        if self.tenant.is_empty()
+            || self.tenant.len() > 128
+            || self.tenant.chars().any(|c| c.is_control() || c == '/')
+        {
+            return Err(format!("tenant {:?} is not a tenant name", self.tenant));
+        }
+        dataset::check_node_list(&self.nodes)?;
+        for node in &self.nodes {
+            granary_core::placement::check_node_id(node)?;
+        }
+        dataset::check_replicas(self.replicas)?;
+        if !self.root_key.is_empty() {
+            granary_core::keys::check_key(self.root_key.trim_end_matches('/'))
+                .map_err(|e| named(&format!("root key {:?}", self.root_key), &e))?;
+        }
+        let root = self.manifest.root.trim_start_matches('/');
+        if !root.is_empty() {
+            granary_core::keys::check_key(root)
+                .map_err(|e| named(&format!("root {:?}", self.manifest.root), &e))?;
+        }
+        const MAX_FILE: u64 = 1 << 50; // a pebibyte
+        for file in self.manifest.files.iter() {
+            granary_core::keys::check_key(&file.path)
+                .map_err(|e| named(&format!("manifest path {:?}", file.path), &e))?;
+            if file.size > MAX_FILE {
+                return Err(format!(
+                    "manifest file {:?}: size {} is out of range",
+                    file.path, file.size
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub fn bytes(&self) -> u64 {
         self.manifest.bytes()
     }
@@ -108,10 +148,8 @@ pub struct Registry(Box<dyn PinStore>);
 
 impl Registry {
     /// Pins in etcd, shared by every worker of the cluster.
-    pub async fn etcd(endpoints: &[String]) -> Result<Self, ApiError> {
-        Ok(Registry(Box::new(
-            etcd::EtcdRegistry::connect(endpoints).await?,
-        )))
+    pub async fn etcd(etcd: &granary_net::membership::Etcd) -> Result<Self, ApiError> {
+        Ok(Registry(Box::new(etcd::EtcdRegistry::connect(etcd).await?)))
     }
 
     /// Pins as files in `dir`, for a worker without etcd.
@@ -166,6 +204,7 @@ pub(crate) mod tests {
                 etag: Some(format!("e{i}")),
                 version: None,
                 mtime_ns: 0,
+                owner: None,
             })
             .collect();
         Pin {

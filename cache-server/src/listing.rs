@@ -122,6 +122,7 @@ mod tests {
             mtime_ns: 0,
             object: None,
             pinned: false,
+            owner: None,
         }
     }
 

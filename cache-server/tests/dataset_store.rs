@@ -93,6 +93,7 @@ fn pin() -> Pin {
             etag: Some("e1".into()),
             version: None,
             mtime_ns: 0,
+            owner: None,
         },
         ManifestFile {
             path: "small".into(),
@@ -100,6 +101,7 @@ fn pin() -> Pin {
             etag: Some("e2".into()),
             version: None,
             mtime_ns: 0,
+            owner: None,
         },
         ManifestFile {
             path: "empty".into(),
@@ -107,6 +109,7 @@ fn pin() -> Pin {
             etag: Some("e3".into()),
             version: None,
             mtime_ns: 0,
+            owner: None,
         },
     ];
     Pin {
@@ -611,4 +614,75 @@ async fn the_pins_epoch_changes_with_the_pins_and_only_then() {
     let again = open(dir.path());
     again.refresh().await.unwrap();
     assert_ne!(again.pins_epoch(), store.pins_epoch());
+}
+
+/// Names that look like escapes are plain names in the store, and manifest paths that would
+/// leave it (a forged manifest: `..`, absolute, through a symlink planted in the store) are
+/// refused: nothing outside the store is created, truncated, chmodded or deleted.
+#[tokio::test]
+async fn manifest_paths_never_leave_the_store() {
+    use std::os::unix::fs::PermissionsExt;
+    let outer = tempfile::tempdir().unwrap();
+    let root = outer.path().join("store");
+    let sentinel = outer.path().join("x");
+    std::fs::write(&sentinel, b"sentinel").unwrap();
+    std::fs::set_permissions(&sentinel, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let file = |path: &str| ManifestFile {
+        path: path.into(),
+        size: 5,
+        etag: Some("e".into()),
+        version: None,
+        mtime_ns: 0,
+        owner: None,
+    };
+    let odd = ["%2Ftmp%2Fx", "..%2F..%2Fx", "d/..%2F..%2F..%2Fx"];
+    let forged = ["../../x", "../x", "link/x", "a//b", "d/./x"];
+    let absolute = sentinel.to_str().unwrap().to_string();
+    let mut files: Vec<ManifestFile> = odd.iter().chain(&forged).map(|p| file(p)).collect();
+    files.push(file(&absolute));
+    let pin = Pin {
+        manifest: Manifest::new("/data/pfx".into(), files),
+        ..pin()
+    };
+    let store = open(&root);
+    // A symlink planted in the dataset's directory, leading out of the store.
+    std::fs::create_dir_all(root.join("ds/files")).unwrap();
+    std::os::unix::fs::symlink(outer.path(), root.join("ds/files/link")).unwrap();
+    store.registry.create(&pin).await.unwrap();
+    let backend = Arc::new(FakeBackend::default());
+    let run = tokio::spawn(store.clone().run(backend.clone()));
+    let mut ready = 0;
+    for _ in 0..100 {
+        store.refresh().await.unwrap();
+        ready = store.progress(&pin).files_ready;
+        if ready == odd.len() as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(ready, odd.len() as u64, "{:?}", store.progress(&pin));
+    for path in odd {
+        let o = object(&pin, path);
+        let held = store.held(&o).expect("held");
+        assert!(held.path.starts_with(root.join("ds/files")), "{held:?}");
+        assert_eq!(std::fs::read(&held.path).unwrap(), content(&o.id.key, 0..5));
+    }
+    for path in forged.iter().chain([&absolute.as_str()]) {
+        assert!(store.held(&object(&pin, path)).is_none(), "{path} loaded");
+    }
+    assert_eq!(store.verify(&pin).await, 0);
+    run.abort();
+    let _ = run.await;
+    let reason = store.progress(&pin).reason;
+    assert!(reason.contains("cannot be a path"), "{reason}");
+    // Outside the store: the sentinel as it was, and nothing new.
+    assert_eq!(std::fs::read(&sentinel).unwrap(), b"sentinel");
+    let mode = std::fs::metadata(&sentinel).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let mut outside: Vec<_> = std::fs::read_dir(outer.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    outside.sort();
+    assert_eq!(outside, ["store", "x"]);
 }

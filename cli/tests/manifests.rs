@@ -23,6 +23,7 @@ fn pin(name: &str, files: usize) -> Pin {
             etag: Some(format!("\"{:032x}\"", (i as u128) * 0x9e37_79b9_7f4a_7c15)),
             version: None,
             mtime_ns: 1_700_000_000_000_000_000 + i as i64,
+            owner: None,
         })
         .collect();
     Pin {

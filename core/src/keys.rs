@@ -20,6 +20,15 @@
 
 use std::fmt;
 
+/// A POSIX file's or directory's permission bits (`0o777` at most) and owner, shown with its
+/// name as they are in the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Owner {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
 /// Why a key or a name cannot be a namespace path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyError {

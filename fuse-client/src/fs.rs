@@ -164,6 +164,7 @@ impl<A: CacheApi> GranaryFs<A> {
             mtime_ns: mounted_ns,
             object: None,
             pinned: false,
+            owner: None,
         };
         GranaryFs {
             max_ahead_blocks: (config.readahead_per_file / block_size.get()).max(1),
@@ -242,10 +243,16 @@ impl<A: CacheApi> GranaryFs<A> {
         self.ttls().fresh(entry.pinned, seen, known, Instant::now)
     }
 
+    /// An entry's attributes: a POSIX source's mode bits and owner as they are; else read-only
+    /// for all, owned by the mount's uid/gid.
     fn attr(&self, ino: u64, entry: &Entry, ttl: Duration) -> Attr {
         let (perm, size) = match entry.kind {
             EntryKind::Dir => (0o555, 4096),
             EntryKind::File => (0o444, entry.size),
+        };
+        let (perm, uid, gid) = match entry.owner {
+            Some(o) => ((o.mode & 0o777) as u16, o.uid, o.gid),
+            None => (perm, self.config.uid, self.config.gid),
         };
         Attr {
             ino,
@@ -253,8 +260,8 @@ impl<A: CacheApi> GranaryFs<A> {
             size,
             mtime_ns: entry.mtime_ns,
             perm,
-            uid: self.config.uid,
-            gid: self.config.gid,
+            uid,
+            gid,
             blksize: self.block_size.get().min(1 << 20) as u32,
             ttl,
         }
@@ -566,6 +573,7 @@ impl<A: CacheApi> GranaryFs<A> {
             mtime_ns: 0,
             object: None,
             pinned: false,
+            owner: None,
         };
         let total = entries.len() as u64 + 2;
         for off in offset..total {

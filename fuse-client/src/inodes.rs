@@ -258,6 +258,7 @@ mod tests {
             mtime_ns: 0,
             object: None,
             pinned: false,
+            owner: None,
         }
     }
 

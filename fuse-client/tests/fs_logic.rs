@@ -75,6 +75,7 @@ impl FakeWorker {
                 },
             }),
             pinned,
+            owner: None,
         }
     }
 
@@ -86,6 +87,7 @@ impl FakeWorker {
             mtime_ns: 0,
             object: None,
             pinned: false,
+            owner: None,
         }
     }
 }

@@ -156,6 +156,7 @@ impl FileWorker {
                 },
             }),
             pinned: source.pinned,
+            owner: None,
         }
     }
 }
@@ -181,6 +182,7 @@ impl CacheApi for FileWorker {
                 mtime_ns: 0,
                 object: None,
                 pinned: false,
+                owner: None,
             });
         }
         let name = path.trim_start_matches('/');

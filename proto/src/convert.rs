@@ -46,6 +46,11 @@ impl From<&Entry> for pb::Entry {
             mtime_ns: e.mtime_ns,
             object: e.object.as_ref().map(Into::into),
             pinned: e.pinned,
+            owner: e.owner.map(|o| pb::Owner {
+                mode: o.mode,
+                uid: o.uid,
+                gid: o.gid,
+            }),
         }
     }
 }
@@ -77,6 +82,12 @@ impl TryFrom<pb::Entry> for Entry {
             mtime_ns: e.mtime_ns,
             object: e.object.map(Into::into),
             pinned: e.pinned,
+            // Only permission bits: never a file type, setuid, setgid or sticky.
+            owner: e.owner.map(|o| crate::Owner {
+                mode: o.mode & 0o777,
+                uid: o.uid,
+                gid: o.gid,
+            }),
         })
     }
 }
@@ -192,8 +203,20 @@ mod tests {
                 },
             }),
             pinned: true,
+            owner: Some(crate::Owner {
+                mode: 0o640,
+                uid: 1000,
+                gid: 100,
+            }),
         };
         assert_eq!(Entry::try_from(pb::Entry::from(&e)).unwrap(), e);
+        let mut setuid = pb::Entry::from(&e);
+        setuid.owner.as_mut().unwrap().mode = 0o104_755;
+        assert_eq!(
+            Entry::try_from(setuid).unwrap().owner.unwrap().mode,
+            0o755,
+            "only permission bits cross"
+        );
         let unpinned = Entry {
             pinned: false,
             ..e.clone()

@@ -52,7 +52,11 @@ pub struct Entry {
     /// pin lasts, so a client may trust the entry for its attribute TTL without asking again on
     /// each open (outside pins a client asks on every open: close-to-open consistency).
     pub pinned: bool,
+    /// Mode bits and owner (POSIX sources), shown as they are; `None`: read-only for all.
+    pub owner: Option<Owner>,
 }
+
+pub use granary_core::keys::Owner;
 
 /// A block's bytes and the CRC32C computed when it was fetched from the backend.
 #[derive(Debug, Clone)]

@@ -7,8 +7,10 @@
 //! Keys are names byte for byte ([`granary_core::keys`]): a listed key is shown as it is, and a
 //! read asks for exactly the key listed.
 
+pub(crate) mod beneath;
 mod posix;
 mod s3;
+mod s3_list;
 
 use crate::config::{BackendSettings, S3Section};
 use bytes::Bytes;
@@ -77,6 +79,8 @@ pub struct RawEntry {
     pub mtime_ns: i64,
     pub etag: Option<String>,
     pub version: Option<String>,
+    /// Mode bits and owner, shown as they are (POSIX sources); `None`: read-only for all.
+    pub owner: Option<granary_proto::Owner>,
 }
 
 /// What an implementation provides: the operations that ask its backend. [`Backend`] checks the

@@ -1,20 +1,31 @@
 //! A POSIX directory (GlusterFS, CephFS, NFS mounts), read with positional reads on blocking
-//! threads. A file's version tag is its inode, mtime and size.
+//! threads. A file's version tag is its inode, mtime and size; its mode bits and owner are shown
+//! as they are.
+//!
+//! Every path is opened beneath the source's root ([`super::beneath`]): a symlink inside the root
+//! works; one leading out of it (or `..` above it) is refused (`EXDEV` from the kernel, told as
+//! permission denied, naming the link) and left out of listings.
 
+use super::beneath::{self, Links};
 use super::{BackendError, ObjectSource, ProbeFailure, RawEntry, STALE, skipped_key};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use granary_core::SourceUri;
 use granary_core::keys;
-use granary_proto::ApiError;
+use granary_proto::{ApiError, Owner};
+use rustix::fs::OFlags;
 use std::ops::Range;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A directory of the local file system (or a network file system mounted on it).
 pub(super) struct PosixSource {
     root: PathBuf,
+    /// The root directory, opened once: every path is resolved beneath it.
+    dir: Arc<OwnedFd>,
 }
 
 impl PosixSource {
@@ -27,18 +38,42 @@ impl PosixSource {
                 "source {source} is not a directory"
             )));
         }
+        let dir = beneath::open_root(std::path::Path::new(path))
+            .map_err(|e| BackendError::Config(format!("source {source}: {e}")))?;
         Ok(PosixSource {
             root: PathBuf::from(path),
+            dir: Arc::new(dir),
         })
     }
 }
 
 fn io_error(op: &str, id: &str, key: &str, e: std::io::Error) -> ApiError {
+    if beneath::escaped(&e) {
+        tracing::warn!(
+            source = id,
+            path = key,
+            "refused: a symlink leads out of the source"
+        );
+        return ApiError::Denied(format!(
+            "{op} {id}/{key}: a symlink on the path leads out of the source"
+        ));
+    }
     let what = format!("{op} {id}/{key}: {e}");
     match e.kind() {
         std::io::ErrorKind::NotFound => ApiError::NotFound(what),
         std::io::ErrorKind::NotADirectory => ApiError::NotADirectory(what),
+        std::io::ErrorKind::PermissionDenied => ApiError::Denied(what),
+        std::io::ErrorKind::InvalidInput => ApiError::Invalid(what),
         _ => ApiError::Unavailable(what),
+    }
+}
+
+/// A file's permission bits and owner, as they are.
+fn owner(meta: &std::fs::Metadata) -> Owner {
+    Owner {
+        mode: meta.mode() & 0o777,
+        uid: meta.uid(),
+        gid: meta.gid(),
     }
 }
 
@@ -54,26 +89,57 @@ fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
 }
 
 /// Lists a POSIX directory (blocking).
-fn posix_list(root: &Path, key: &str) -> std::io::Result<Vec<RawEntry>> {
-    let dir = root.join(key);
+fn posix_list(root: &OwnedFd, key: &str) -> std::io::Result<Vec<RawEntry>> {
+    let dir = beneath::open_at(
+        root,
+        key,
+        OFlags::RDONLY | OFlags::DIRECTORY,
+        0,
+        Links::Inside,
+    )?;
     let mut out = Vec::new();
-    for entry in std::fs::read_dir(&dir)? {
+    let mut outside = Vec::new();
+    for entry in rustix::fs::Dir::new(dir)? {
         let entry = entry?;
-        let Ok(name) = entry.file_name().into_string() else {
-            skipped_key(
-                &dir.display().to_string(),
-                "not_utf8",
-                &entry.file_name().to_string_lossy(),
-            );
+        let raw = entry.file_name().to_bytes();
+        if raw == b"." || raw == b".." {
+            continue;
+        }
+        let Ok(name) = String::from_utf8(raw.to_vec()) else {
+            skipped_key(key, "not_utf8", &String::from_utf8_lossy(raw));
             continue;
         };
         if let Err(e) = keys::check_name(&name) {
-            skipped_key(&dir.display().to_string(), e.label(), &name);
+            skipped_key(key, e.label(), &name);
             continue;
         }
-        // Follow symlinks; skip what cannot be stat'ed (dangling links) and special files.
-        let Ok(meta) = std::fs::metadata(entry.path()) else {
-            continue;
+        // Follow symlinks beneath the root; leave out what cannot be stat'ed (dangling links)
+        // and special files. A link leading out of the root is shown as an empty file nobody
+        // may read (mode 0, root's): opening it fails with permission denied, naming it.
+        let child = keys::join(key, &name);
+        let meta = match beneath::open_at(root, &child, OFlags::PATH, 0, Links::Inside)
+            .and_then(|f| f.metadata())
+        {
+            Ok(meta) => meta,
+            Err(e) if beneath::escaped(&e) => {
+                outside.push(name.clone());
+                out.push(RawEntry {
+                    key: child,
+                    name,
+                    dir: false,
+                    size: 0,
+                    mtime_ns: 0,
+                    etag: None,
+                    version: None,
+                    owner: Some(Owner {
+                        mode: 0,
+                        uid: 0,
+                        gid: 0,
+                    }),
+                });
+                continue;
+            }
+            Err(_) => continue,
         };
         if !(meta.is_dir() || meta.is_file()) {
             continue;
@@ -86,7 +152,15 @@ fn posix_list(root: &Path, key: &str) -> std::io::Result<Vec<RawEntry>> {
             mtime_ns: mtime_ns(&meta),
             etag: meta.is_file().then(|| posix_etag(&meta)),
             version: None,
+            owner: Some(owner(&meta)),
         });
+    }
+    if !outside.is_empty() {
+        tracing::warn!(
+            dir = key,
+            links = ?outside,
+            "symlinks leading out of the source: shown, never opened"
+        );
     }
     Ok(out)
 }
@@ -107,12 +181,12 @@ impl From<std::io::Error> for PosixReadError {
 
 /// Reads `range` of a POSIX file whose version must still be `etag` (blocking).
 fn posix_read(
-    root: &Path,
+    root: &OwnedFd,
     key: &str,
     range: Range<u64>,
     etag: Option<&str>,
 ) -> Result<Bytes, PosixReadError> {
-    let file = std::fs::File::open(root.join(key))?;
+    let file = beneath::open_at(root, key, OFlags::RDONLY, 0, Links::Inside)?;
     if let Some(expected) = etag
         && posix_etag(&file.metadata()?) != expected
     {
@@ -136,7 +210,7 @@ impl ObjectSource for PosixSource {
         key: &'a str,
     ) -> BoxFuture<'a, Result<Vec<RawEntry>, ApiError>> {
         Box::pin(async move {
-            let (root, key_owned) = (self.root.clone(), key.to_string());
+            let (root, key_owned) = (self.dir.clone(), key.to_string());
             tokio::task::spawn_blocking(move || posix_list(&root, &key_owned))
                 .await
                 .map_err(|e| ApiError::Internal(e.to_string()))?
@@ -154,7 +228,7 @@ impl ObjectSource for PosixSource {
     ) -> BoxFuture<'a, Result<Bytes, ApiError>> {
         Box::pin(async move {
             let (root, key_owned, etag_owned) =
-                (self.root.clone(), key.to_string(), etag.map(str::to_string));
+                (self.dir.clone(), key.to_string(), etag.map(str::to_string));
             tokio::task::spawn_blocking(move || {
                 posix_read(&root, &key_owned, range, etag_owned.as_deref())
             })

@@ -1,8 +1,11 @@
 //! S3 and S3-compatible stores, through object_store: a store plus the source's key prefix.
+//! Listings are our own ListObjectsV2 ([`super::s3_list`]), which a hostile key cannot break:
+//! keys that cannot be names are left out, counted and logged once per listing.
 //!
 //! object_store's `Path` is made with `Path::parse`, which keeps a key's bytes (`Path::from` and
 //! `PathPart::from` would percent-encode `%`, `#` and every non-ASCII byte into a different key).
 
+use super::s3_list::{ListError, Lister};
 use super::{BackendError, Delivered, ObjectSource, ProbeFailure, RawEntry, skipped_key};
 use crate::config::{BackendSettings, S3Section};
 use bytes::Bytes;
@@ -20,6 +23,7 @@ use std::time::Duration;
 /// A bucket (or a prefix of one) read through object_store.
 pub(super) struct S3Source {
     store: Arc<dyn ObjectStore>,
+    lister: Lister,
     /// The key prefix of the source (`""` for the whole bucket), without a trailing `/`.
     prefix: String,
 }
@@ -40,8 +44,10 @@ impl S3Source {
                 "source {source}: the prefix {prefix:?} cannot be a path: {e}"
             )));
         }
+        let (store, lister) = s3_store(bucket, s3, settings)?;
         Ok(S3Source {
-            store: s3_store(bucket, s3, settings)?,
+            store,
+            lister,
             prefix: prefix.to_string(),
         })
     }
@@ -51,7 +57,7 @@ fn s3_store(
     bucket: &str,
     s3: &S3Section,
     settings: &BackendSettings,
-) -> Result<Arc<dyn ObjectStore>, BackendError> {
+) -> Result<(Arc<dyn ObjectStore>, Lister), BackendError> {
     let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
     if let Some(e) = &s3.endpoint {
         b = b.with_endpoint(e);
@@ -99,12 +105,21 @@ fn s3_store(
         retry_timeout: settings.request_timeout,
         ..RetryConfig::default()
     };
+    let b = b.with_client_options(client).with_retry(retry);
     let store = b
-        .with_client_options(client)
-        .with_retry(retry)
+        .clone()
         .build()
         .map_err(|e| BackendError::Config(format!("s3://{bucket}: {e}")))?;
-    Ok(Arc::new(store))
+    let lister = Lister::new(
+        &b,
+        &store,
+        s3.anonymous,
+        settings.request_timeout,
+        settings.connect_timeout,
+        settings.max_retries,
+    )
+    .map_err(|e| BackendError::Config(format!("s3://{bucket}: {e}")))?;
+    Ok((Arc::new(store), lister))
 }
 
 /// A GET of `range` of exactly the object version named by `etag`/`version`.
@@ -145,39 +160,61 @@ impl ObjectSource for S3Source {
     ) -> BoxFuture<'a, Result<Vec<RawEntry>, ApiError>> {
         Box::pin(async move {
             let path = store_path(id, &self.prefix, key)?;
-            let listed = self
-                .store
-                .list_with_delimiter((!path.as_ref().is_empty()).then_some(&path))
+            let dir = path.as_ref();
+            let at = if dir.is_empty() {
+                String::new()
+            } else {
+                format!("{dir}/")
+            };
+            let l = self
+                .lister
+                .list(&at)
                 .await
-                .map_err(|e| store_error("list", id, key, e));
-            listed.map(|l| {
-                let dir = path.as_ref();
-                let mut out = Vec::with_capacity(l.common_prefixes.len() + l.objects.len());
-                let mut entry = |listed: &str, object: Option<&object_store::ObjectMeta>| {
-                    match keys::child(dir, listed) {
-                        Child::Name(name) => out.push(RawEntry {
-                            name: name.to_string(),
-                            dir: object.is_none(),
-                            key: keys::join(key, name),
-                            size: object.map_or(0, |o| o.size),
-                            mtime_ns: object
-                                .map_or(0, |o| o.last_modified.timestamp_nanos_opt().unwrap_or(0)),
-                            etag: object.and_then(|o| o.e_tag.clone()),
-                            version: object.and_then(|o| o.version.clone()),
-                        }),
-                        // The directory's own folder marker makes it exist; it is no file.
-                        Child::Marker => {}
-                        Child::Invalid(e) => skipped_key(dir, e.label(), listed),
+                .map_err(|e| list_error(id, key, e))?;
+            let mut out = Vec::with_capacity(l.prefixes.len() + l.objects.len());
+            let mut skipped: Vec<String> = Vec::new();
+            for raw in &l.undecodable {
+                skipped_key(dir, "not_utf8", raw);
+                skipped.push(raw.clone());
+            }
+            let listed = l.prefixes.iter().map(|p| (p, None));
+            let listed = listed.chain(l.objects.iter().map(|o| (&o.key, Some(o))));
+            for (listed, object) in listed {
+                match keys::child(dir, listed) {
+                    // A name object_store cannot ask for is no entry either: never opened.
+                    Child::Name(_) if StorePath::parse(listed.trim_end_matches('/')).is_err() => {
+                        skipped_key(dir, "unparsable", listed);
+                        skipped.push(listed.clone());
                     }
-                };
-                for p in &l.common_prefixes {
-                    entry(p.as_ref(), None);
+                    Child::Name(name) => out.push(RawEntry {
+                        name: name.to_string(),
+                        dir: object.is_none(),
+                        key: keys::join(key, name),
+                        size: object.map_or(0, |o| o.size),
+                        mtime_ns: object
+                            .map_or(0, |o| o.last_modified.timestamp_nanos_opt().unwrap_or(0)),
+                        etag: object.and_then(|o| o.e_tag.clone()),
+                        version: None,
+                        owner: None,
+                    }),
+                    // The directory's own folder marker makes it exist; it is no file.
+                    Child::Marker => {}
+                    Child::Invalid(e) => {
+                        skipped_key(dir, e.label(), listed);
+                        skipped.push(listed.clone());
+                    }
                 }
-                for o in &l.objects {
-                    entry(o.location.as_ref(), Some(o));
-                }
-                out
-            })
+            }
+            if !skipped.is_empty() {
+                tracing::warn!(
+                    source = id,
+                    dir = key,
+                    keys = skipped.len(),
+                    first = ?skipped.iter().take(5).collect::<Vec<_>>(),
+                    "left out of the listing: keys that cannot be file names"
+                );
+            }
+            Ok(out)
         })
     }
 
@@ -240,16 +277,42 @@ impl ObjectSource for S3Source {
         Box::pin(async move {
             let path = store_path(id, &self.prefix, "")
                 .map_err(|e| (ProbeFailure::Refused, e.to_string()))?;
-            let at = (!self.prefix.is_empty()).then_some(&path);
-            match tokio::time::timeout(timeout, self.store.list_with_delimiter(at)).await {
+            let at = if path.as_ref().is_empty() {
+                String::new()
+            } else {
+                format!("{}/", path.as_ref())
+            };
+            match tokio::time::timeout(timeout, self.lister.list(&at)).await {
                 Err(_) => Err((
                     ProbeFailure::Timeout,
                     format!("no answer within {timeout:?}"),
                 )),
-                Ok(Err(e)) => Err((probe_failure(&e), e.to_string())),
+                Ok(Err(e)) => Err((list_failure(&e), e.to_string())),
                 Ok(Ok(_)) => Ok(()),
             }
         })
+    }
+}
+
+/// The answer to a failed listing.
+fn list_error(id: &str, key: &str, e: ListError) -> ApiError {
+    let what = format!("list {id}/{key}: {e}");
+    match list_failure(&e) {
+        ProbeFailure::NoBucket => ApiError::NotFound(what),
+        ProbeFailure::AccessDenied => ApiError::Denied(what),
+        _ => ApiError::Unavailable(what),
+    }
+}
+
+/// What a failed listing of our own says of the source: its status, else its text.
+fn list_failure(e: &ListError) -> ProbeFailure {
+    match e.status {
+        Some(404) => ProbeFailure::NoBucket,
+        Some(401 | 403) => ProbeFailure::AccessDenied,
+        _ => probe_failure(&object_store::Error::Generic {
+            store: "S3",
+            source: e.message.clone().into(),
+        }),
     }
 }
 

@@ -2,11 +2,63 @@
 //! the filesystem allows it, else through the page cache. Loading a dataset thus neither pays
 //! for copying every byte into the page cache nor evicts the pages a running job reads from it.
 
+use crate::backend::beneath;
 use memmap2::MmapMut;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use rustix::fs::OFlags;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+
+/// A file of the dataset store: `rel` (a checked key) beneath a dataset's `files` directory,
+/// reached only by resolution beneath that directory (never through a symlink or `..`), so
+/// no name, however odd, creates, truncates, renames or removes anything outside the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct InStore {
+    pub(super) root: PathBuf,
+    pub(super) rel: String,
+}
+
+impl InStore {
+    pub(super) fn new(root: &Path, rel: &str) -> Self {
+        InStore {
+            root: root.to_path_buf(),
+            rel: rel.to_string(),
+        }
+    }
+
+    /// The file named `name(last component)` in the same directory.
+    pub(super) fn sibling(&self, name: impl FnOnce(&str) -> String) -> Self {
+        let (dir, last) = match self.rel.rsplit_once('/') {
+            Some((dir, last)) => (Some(dir), last),
+            None => (None, self.rel.as_str()),
+        };
+        let name = name(last);
+        InStore {
+            root: self.root.clone(),
+            rel: dir.map_or(name.clone(), |d| format!("{d}/{name}")),
+        }
+    }
+
+    /// Its path, for messages and for reading what the store wrote.
+    pub(super) fn path(&self) -> PathBuf {
+        self.root.join(&self.rel)
+    }
+
+    /// Opens it for `flags`; `create` makes it (and its directories) when missing.
+    pub(super) fn open(&self, flags: OFlags, create: bool) -> std::io::Result<std::fs::File> {
+        beneath::open_file(&self.root, &self.rel, flags, create)
+    }
+
+    pub(super) fn rename_to(&self, to: &InStore) -> std::io::Result<()> {
+        debug_assert_eq!(self.root, to.root);
+        beneath::rename(&self.root, &self.rel, &to.rel)
+    }
+
+    pub(super) fn remove(&self) -> std::io::Result<()> {
+        beneath::remove_file(&self.root, &self.rel)
+    }
+}
 
 /// Offsets, lengths and buffer addresses of direct writes are multiples of this.
 const DIRECT_ALIGN: usize = 4096;
@@ -117,7 +169,7 @@ impl Drop for AlignedBuf {
 /// Writes the blocks of a file being loaded: through `O_DIRECT` from aligned buffers when the
 /// filesystem takes it (see the module docs), else through the page cache.
 pub(super) struct BlockWriter {
-    path: PathBuf,
+    path: InStore,
     /// Open with `O_DIRECT`, where the filesystem allows it.
     direct: Option<std::fs::File>,
     /// Through the page cache: for what cannot go direct; opened when first needed.
@@ -130,24 +182,20 @@ pub(super) struct BlockWriter {
 }
 
 impl BlockWriter {
-    /// Creates (or empties) `path` for the blocks of a new file, with one open: `O_DIRECT`
-    /// unless the filesystem refuses it.
-    pub(super) fn create(path: &Path, buffers: Arc<BufferPool>) -> std::io::Result<Self> {
-        let mut options = std::fs::OpenOptions::new();
-        options.create(true).truncate(true).write(true);
-        let direct = options
-            .clone()
-            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
-            .open(path);
+    /// Creates (or empties) `path` (and its directories) for the blocks of a new file, with
+    /// one open: `O_DIRECT` unless the filesystem refuses it.
+    pub(super) fn create(path: &InStore, buffers: Arc<BufferPool>) -> std::io::Result<Self> {
+        let flags = OFlags::WRONLY | OFlags::TRUNC;
+        let direct = path.open(flags | OFlags::DIRECT, true);
         let (direct, buffered) = match direct {
             Ok(f) => (Some(f), OnceLock::new()),
             Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
-                (None, OnceLock::from(options.open(path)?))
+                (None, OnceLock::from(path.open(flags, true)?))
             }
             Err(e) => return Err(e),
         };
         Ok(BlockWriter {
-            path: path.to_path_buf(),
+            path: path.clone(),
             direct,
             buffered,
             padded: AtomicBool::new(false),
@@ -156,14 +204,14 @@ impl BlockWriter {
     }
 
     /// Writes the missing blocks of `buffered`, a partial file at `path` being resumed.
-    pub(super) fn resume(buffered: std::fs::File, path: &Path, buffers: Arc<BufferPool>) -> Self {
-        let direct = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
-            .open(path)
-            .ok();
+    pub(super) fn resume(
+        buffered: std::fs::File,
+        path: &InStore,
+        buffers: Arc<BufferPool>,
+    ) -> Self {
+        let direct = path.open(OFlags::WRONLY | OFlags::DIRECT, false).ok();
         BlockWriter {
-            path: path.to_path_buf(),
+            path: path.clone(),
             direct,
             buffered: OnceLock::from(buffered),
             padded: AtomicBool::new(true),
@@ -175,7 +223,7 @@ impl BlockWriter {
         if let Some(f) = self.buffered.get() {
             return Ok(f);
         }
-        let f = std::fs::OpenOptions::new().write(true).open(&self.path)?;
+        let f = self.path.open(OFlags::WRONLY, false)?;
         Ok(self.buffered.get_or_init(|| f))
     }
 
@@ -229,7 +277,8 @@ mod tests {
     fn direct_writes_of_any_length_read_back_exactly() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
-        let writer = BlockWriter::create(&path, BufferPool::new()).unwrap();
+        let at = InStore::new(dir.path(), "f");
+        let writer = BlockWriter::create(&at, BufferPool::new()).unwrap();
         // On this filesystem (ext4 under the test's temp dir) writes go around the page cache.
         let direct = writer.direct.is_some();
         let block = 64 << 10;
@@ -282,7 +331,7 @@ mod tests {
         std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
         for len in [128 << 10, (128 << 10) + 5, 10] {
             let data: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
-            let writer = BlockWriter::create(&path, pool.clone()).unwrap();
+            let writer = BlockWriter::create(&InStore::new(dir.path(), "f"), pool.clone()).unwrap();
             writer.write_at(&data, 0).unwrap();
             writer.finish(len as u64).unwrap();
             assert_eq!(std::fs::read(&path).unwrap(), data, "{len} bytes");

@@ -10,7 +10,7 @@
 //! file that keeps failing is retried with exponential backoff (2 s doubling to 5 min), its
 //! reason shown in `status`. Completed files are committed to the index in batches.
 
-use super::io::{AlignedBuf, BlockWriter, BufferPool};
+use super::io::{AlignedBuf, BlockWriter, BufferPool, InStore};
 use super::state::Retry;
 use super::store::{Partial, StoredFile, append_index, internal};
 use super::{Datasets, HeldFile, Source, blocking};
@@ -21,7 +21,6 @@ use granary_core::dataset::{ManifestFile, holders};
 use granary_core::object::{checksum, checksum_append};
 use granary_proto::{ApiError, ObjectRef};
 use std::io::Write;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, mpsc};
@@ -56,8 +55,14 @@ impl Datasets {
         if let Some(state) = self.datasets.lock().expect("datasets").get_mut(&pin.name) {
             state.failure = None;
         }
+        // (A pin from the registry is checked again: its name is a directory of the store.)
         let dir = self.root.join(&pin.name).join("files");
-        if let Err(e) = std::fs::create_dir_all(&dir) {
+        if let Err(e) = granary_core::dataset::check_name(&pin.name)
+            .map_err(std::io::Error::other)
+            .and_then(|()| {
+                crate::backend::beneath::create_dirs(&self.root, &format!("{}/files", pin.name))
+            })
+        {
             self.fail(&pin.name, format!("cannot create {}: {e}", dir.display()));
             return;
         }
@@ -157,14 +162,16 @@ impl Datasets {
                 mtime_ns: file.mtime_ns,
             },
         };
-        let target = self.file_path(&pin.name, &file.path);
-        let tmp = target.with_file_name(format!(
-            ".{}.loading",
-            target
-                .file_name()
-                .map(|n| n.to_string_lossy())
-                .unwrap_or_default()
-        ));
+        // Every name is a checked key, and reached beneath the dataset's `files` directory by
+        // resolution: an odd name (`%2Ftmp%2Fx`, `..%2Fx`) is only a name in the store.
+        if let Err(e) = granary_core::keys::check_key(&file.path) {
+            return Err(ApiError::Invalid(format!(
+                "{}: the manifest path {:?} cannot be a path: {e}",
+                pin.name, file.path
+            )));
+        }
+        let target = InStore::new(&self.root.join(&pin.name).join("files"), &file.path);
+        let tmp = target.sibling(|name| format!(".{name}.loading"));
         // From the first holder when it is another node and alive; else from the backend.
         let copy_from = holders
             .first()
@@ -197,7 +204,7 @@ impl Datasets {
             key: object.id.key,
             held: Arc::new(HeldFile {
                 dataset: pin.name.clone(),
-                path: target,
+                path: target.path(),
                 size: file.size,
                 etag: file.etag.clone(),
                 version: file.version.clone(),
@@ -235,21 +242,11 @@ impl Datasets {
         };
         let buffers = limits.buffers.clone();
         let crc = blocking(move || {
-            let io = |e| internal(tmp.display(), e);
-            // Its directory is there but for a file's first in its directory: one open.
-            let out = match BlockWriter::create(&tmp, buffers.clone()) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    if let Some(parent) = tmp.parent() {
-                        std::fs::create_dir_all(parent).map_err(io)?;
-                    }
-                    BlockWriter::create(&tmp, buffers)
-                }
-                other => other,
-            }
-            .map_err(io)?;
+            let io = |e| internal(tmp.path().display(), e);
+            let out = BlockWriter::create(&tmp, buffers).map_err(io)?;
             let crc = fetched.map(|f| f.write(&out, 0)).transpose().map_err(io)?;
             out.finish(size)
-                .and_then(|()| std::fs::rename(&tmp, &target))
+                .and_then(|()| tmp.rename_to(&target))
                 .map_err(io)?;
             Ok(crc)
         })
@@ -280,7 +277,7 @@ impl Datasets {
         // A load cut short (a crash, a restart) resumes after the blocks it had written: the
         // `.crcs` journal beside the partial file names each written block and its CRC.
         let (bs, size) = (self.block_size, object.id.size);
-        let journal_path = tmp.with_extension("loading.crcs");
+        let journal_path = tmp.sibling(|name| format!("{name}.crcs"));
         let identity = serde_json::json!({
             "size": size, "etag": object.id.etag, "version": object.id.version,
             "block_size": bs.get(), "journal": 2,
@@ -331,9 +328,9 @@ impl Datasets {
             .ok_or_else(|| ApiError::Internal(format!("{path}: a block was not loaded")))?;
         blocking(move || {
             out.finish(size)
-                .and_then(|()| std::fs::rename(&tmp, &target))
-                .map_err(|e| internal(tmp.display(), e))?;
-            let _ = std::fs::remove_file(journal_path);
+                .and_then(|()| tmp.rename_to(&target))
+                .map_err(|e| internal(tmp.path().display(), e))?;
+            let _ = journal_path.remove();
             Ok(())
         })
         .await?;
@@ -539,8 +536,8 @@ impl Fetched {
 struct FileLoad<'a> {
     object: &'a ObjectRef,
     copy_from: Option<&'a str>,
-    tmp: PathBuf,
-    target: PathBuf,
+    tmp: InStore,
+    target: InStore,
 }
 
 /// Range `range` of `object` from the backend, into an aligned buffer from `pool`.

@@ -300,7 +300,8 @@ impl Datasets {
         if let Err(e) = self.record(dataset, vec![tombstone(&rel)]) {
             tracing::warn!(dataset, error = %e, "cannot record a dropped file");
         }
-        let _ = std::fs::remove_file(path);
+        // Beneath the dataset's `files` directory by resolution: never through `..` or a link.
+        let _ = io::InStore::new(&files, &rel).remove();
         self.rebuild_held();
     }
 

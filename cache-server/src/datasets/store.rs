@@ -24,15 +24,17 @@
 //! re-checked against its CRC). Every block served from the store is checked against its CRC; a
 //! damaged file is dropped and loaded again.
 
+use super::io::InStore;
 use granary_core::BlockSize;
 use granary_core::dataset::ManifestFile;
 use granary_core::object::checksum;
 use granary_proto::ApiError;
+use rustix::fs::OFlags;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// One loaded file, as the index records it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -157,8 +159,8 @@ pub(super) type Resumed = (std::fs::File, std::fs::File, Vec<Option<u32>>);
 
 /// A partial file being loaded and its journal.
 pub(super) struct Partial {
-    pub(super) tmp: PathBuf,
-    pub(super) journal: PathBuf,
+    pub(super) tmp: InStore,
+    pub(super) journal: InStore,
 }
 
 impl Partial {
@@ -172,21 +174,16 @@ impl Partial {
         bs: BlockSize,
         size: u64,
     ) -> Result<Resumed, ApiError> {
-        let io = |e| internal(self.tmp.display(), e);
-        if let Some(parent) = self.tmp.parent() {
-            std::fs::create_dir_all(parent).map_err(io)?;
-        }
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&self.tmp)
-            .map_err(io)?;
+        let io = |e| internal(self.tmp.path().display(), e);
+        let out = self.tmp.open(OFlags::RDWR, true).map_err(io)?;
         let mut crcs = vec![None; bs.count(size) as usize];
         let journal_path = &self.journal;
         let mut text = format!("{identity}\n");
-        if let Ok(journal) = std::fs::read_to_string(journal_path) {
+        let earlier = journal_path.open(OFlags::RDONLY, false).and_then(|mut f| {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut f, &mut text).map(|_| text)
+        });
+        if let Ok(journal) = earlier {
             let mut lines = journal.lines();
             if lines.next() == Some(identity) {
                 let mut buf = Vec::new();
@@ -208,11 +205,14 @@ impl Partial {
         if crcs.iter().all(Option::is_none) {
             out.set_len(0).map_err(io)?;
         }
-        std::fs::write(journal_path, text).map_err(|e| internal(journal_path.display(), e))?;
-        let journal = std::fs::OpenOptions::new()
-            .append(true)
-            .open(journal_path)
-            .map_err(|e| internal(journal_path.display(), e))?;
+        let journal_io = |e| internal(journal_path.path().display(), e);
+        journal_path
+            .open(OFlags::WRONLY | OFlags::TRUNC, true)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .map_err(journal_io)?;
+        let journal = journal_path
+            .open(OFlags::WRONLY | OFlags::APPEND, false)
+            .map_err(journal_io)?;
         Ok((out, journal, crcs))
     }
 }

@@ -16,11 +16,32 @@ pub struct CertsArgs {
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
     /// Names to issue certificates for: worker node ids, and the clients' name (e.g. `client`).
-    #[arg(value_name = "NAME", required = true)]
+    #[arg(value_name = "NAME", required_unless_present = "csr")]
     pub names: Vec<String>,
+    /// Instead of signing here, ask the cluster's signer for this node's certificate through
+    /// the Kubernetes CSR API (no CA key needed): writes ca.pem, NODE.pem and NODE.key.
+    #[arg(long, requires = "node", conflicts_with = "names")]
+    pub csr: bool,
+    /// The node to ask for with --csr (the node this pod runs on).
+    #[arg(long, value_name = "NODE", requires = "csr")]
+    pub node: Option<String>,
+    /// With --csr: keep running and renew the certificate at 2/3 of its lifetime.
+    #[arg(long, requires = "csr")]
+    pub renew: bool,
+    #[command(flatten)]
+    pub csr_args: crate::cmd_signer::CsrArgs,
 }
 
 pub fn certs(args: CertsArgs) -> anyhow::Result<()> {
+    if args.csr {
+        let node = args.node.unwrap_or_default();
+        return crate::runtime::block_on(crate::cmd_signer::certs_by_csr(
+            node,
+            args.out,
+            args.renew,
+            args.csr_args,
+        ));
+    }
     let written = generate_dev_certs(&args.out, &args.names)?;
     for path in written {
         println!("{}", path.display());

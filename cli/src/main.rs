@@ -6,6 +6,7 @@ mod cmd_dataset;
 mod cmd_mount;
 mod cmd_scheduler;
 mod cmd_server;
+mod cmd_signer;
 mod cmd_up;
 mod dashboard;
 mod mount_flags;
@@ -45,6 +46,8 @@ enum Command {
     /// Run the kube-scheduler extender: gangs placed whole near their data, bound only when
     /// GPUs and data are ready.
     Scheduler(cmd_scheduler::SchedulerArgs),
+    /// Approve and sign node certificate requests (CSR API); the only holder of the CA key.
+    Signer(cmd_signer::SignerArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +61,7 @@ fn main() -> ExitCode {
         Command::Certs(args) => cmd_cluster::certs(args),
         Command::Dataset(args) => runtime::block_on(cmd_dataset::run(args)),
         Command::Scheduler(args) => runtime::block_on(cmd_scheduler::run(args)),
+        Command::Signer(args) => runtime::block_on(cmd_signer::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,7 +5,10 @@
 #   (no registry ships control-plane binaries; RECIPES.md) into $KUBE_CACHE (default
 #   /var/cache/granary/kube-1.20.2/), outside the clone; rebuilds only when a binary is missing.
 #   The Go build takes ~6 min on 2 cores.
-# start STATE_DIR: etcd (own data dir) + kube-apiserver with a static admin token; writes
+# start STATE_DIR: etcd (own data dir) + kube-apiserver with a static admin token (group
+#   system:masters) and RBAC enforced, so tests acting as service accounts (pod-bound tokens
+#   from the TokenRequest API: the service-account issuer and signing key flags) get only what
+#   deploy/'s roles grant; writes
 #   STATE_DIR/kube/kubeconfig and STATE_DIR/kube.env with GRANARY_TEST_KUBECONFIG and
 #   GRANARY_TEST_KUBE_SCHEDULER (the path of the kube-scheduler binary: the test starts the
 #   scheduler itself, with a configuration pointing at the hook it runs).
@@ -80,7 +83,7 @@ start() {
   spawn "$D/apiserver.pid" "$D/apiserver.log" "$KUBE_CACHE/kube-apiserver" \
     --etcd-servers="$client" --bind-address=127.0.0.1 --advertise-address=127.0.0.1 \
     --secure-port="$sport" --insecure-port=0 --cert-dir="$D/certs" \
-    --token-auth-file="$D/tokens.csv" --authorization-mode=AlwaysAllow \
+    --token-auth-file="$D/tokens.csv" --authorization-mode=RBAC \
     --service-account-issuer=https://kubernetes.default.svc \
     --service-account-key-file="$D/sa.pub" --service-account-signing-key-file="$D/sa.key" \
     --service-cluster-ip-range=10.96.0.0/16 --disable-admission-plugins=ServiceAccount --allow-privileged=true

@@ -18,9 +18,19 @@ use std::time::Duration;
 #[derive(Args, Debug)]
 pub struct SchedulerArgs {
     /// Address the extender serves on (POST /filter, /prioritize, /bind, /preempt; GET /gangs,
-    /// /healthz). Point the KubeSchedulerConfiguration's extender urlPrefix at it.
-    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8888")]
+    /// /healthz). Point the KubeSchedulerConfiguration's extender urlPrefix at it. Without
+    /// --tls-dir only a loopback address is accepted.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8888")]
     pub listen: SocketAddr,
+    /// Serve HTTPS with mutual TLS: DIR/ca.pem signs the clients accepted (kube-scheduler's
+    /// extender tlsConfig certFile/keyFile), DIR/NAME.pem and DIR/NAME.key are the hook's own
+    /// (`granary certs --out DIR scheduler kube-scheduler`). The same files secure its calls to
+    /// the workers' Datasets API.
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// The hook's certificate in --tls-dir (NAME.pem, NAME.key).
+    #[arg(long, value_name = "NAME", default_value = "scheduler")]
+    pub tls_name: String,
     /// Kubeconfig to reach the API server [default: in-cluster service account, else
     /// $KUBECONFIG or ~/.kube/config].
     #[arg(long, value_name = "FILE")]
@@ -28,18 +38,28 @@ pub struct SchedulerArgs {
     /// A cache worker's API address (any worker of the cluster): dataset readiness and loads.
     #[arg(long, value_name = "HOST:PORT", env = "GRANARY_SERVER")]
     pub cache_server: String,
-    /// Bearer token for the Datasets API (a tenant's, or the admin's).
+    /// Bearer token for the Datasets API. Give it a limited one (the workers' scheduler token:
+    /// dataset status and loads only), not the admin's.
     #[arg(
         long,
         value_name = "TOKEN",
         env = "GRANARY_TOKEN",
-        hide_env_values = true
+        hide_env_values = true,
+        conflicts_with = "token_file"
     )]
     pub token: Option<String>,
+    /// Read the Datasets API token from FILE (e.g. a mounted Secret; surrounding whitespace is
+    /// dropped).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
     /// How long a gang released for binding (placed, data ready) keeps its reserved GPUs while
     /// its members bind; members not bound by then release the whole reservation.
     #[arg(long, value_name = "DURATION", default_value = "5m")]
     pub reservation_ttl: String,
+    /// The longest a planned gang holds its GPUs while its data loads; then it starts without
+    /// the data (a gang's granary.io/ready-timeout may be shorter).
+    #[arg(long, value_name = "DURATION", default_value = "1h")]
+    pub max_warming: String,
     /// Node label whose value is the topology domain a gang should stay within.
     #[arg(
         long,
@@ -115,8 +135,50 @@ fn call_error(e: ApiError) -> CallError {
     }
 }
 
+/// The token from --token or --token-file.
+fn token(args: &SchedulerArgs) -> anyhow::Result<Option<String>> {
+    let Some(path) = &args.token_file else {
+        return Ok(args.token.clone());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--token-file {}", path.display()))?;
+    let token = text.trim();
+    anyhow::ensure!(
+        !token.is_empty(),
+        "--token-file {}: the file is empty",
+        path.display()
+    );
+    Ok(Some(token.to_string()))
+}
+
 pub async fn run(args: SchedulerArgs) -> anyhow::Result<()> {
+    if args.tls_dir.is_none() && !args.listen.ip().is_loopback() {
+        anyhow::bail!(
+            "--listen {}: without --tls-dir the extender serves plain HTTP, so only a loopback \
+             address (127.0.0.1, ::1) is accepted; give --tls-dir DIR (ca.pem and the hook's \
+             NAME.pem/NAME.key) to serve other hosts over mutual TLS",
+            args.listen
+        );
+    }
+    let tls = match &args.tls_dir {
+        Some(dir) => {
+            let files = granary_net::tls::TlsFiles::in_dir(dir, &args.tls_name);
+            let identity = granary_net::tls::TlsIdentity::load(&files).with_context(|| {
+                format!(
+                    "--tls-dir {} --tls-name {}: ca.pem, {name}.pem and {name}.key",
+                    dir.display(),
+                    args.tls_name,
+                    name = args.tls_name
+                )
+            })?;
+            let server = identity.server_config().context("--tls-dir")?;
+            Some((identity, server))
+        }
+        None => None,
+    };
+    let token = token(&args)?;
     let reservation_ttl = parse_duration(&args.reservation_ttl).context("--reservation-ttl")?;
+    let max_warming = parse_duration(&args.max_warming).context("--max-warming")?;
     anyhow::ensure!(
         !args.topology_key.trim().is_empty(),
         "--topology-key must not be empty"
@@ -131,9 +193,13 @@ pub async fn run(args: SchedulerArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let data = DatasetClient::connect(&args.cache_server, args.token.as_deref())
-        .await
-        .with_context(|| format!("cache server {}", args.cache_server))?;
+    let data = DatasetClient::connect_with(
+        &args.cache_server,
+        tls.as_ref().map(|(identity, _)| identity),
+        token.as_deref(),
+    )
+    .await
+    .with_context(|| format!("cache server {}", args.cache_server))?;
     let kube = client(args.kubeconfig.as_deref())
         .await
         .map_err(anyhow::Error::msg)?;
@@ -143,6 +209,7 @@ pub async fn run(args: SchedulerArgs) -> anyhow::Result<()> {
     let config = HookConfig {
         reservation_ttl,
         topology_key: args.topology_key,
+        max_warming,
         ..HookConfig::default()
     };
     let hook = Hook::new(
@@ -160,16 +227,21 @@ pub async fn run(args: SchedulerArgs) -> anyhow::Result<()> {
             let _ = rx.wait_for(|s| *s).await;
         }))
     };
-    tracing::info!(listen = %args.listen, cache_server = %args.cache_server, "scheduler hook serving");
+    tracing::info!(listen = %args.listen, cache_server = %args.cache_server,
+        tls = tls.is_some(), "scheduler hook serving");
     let router = granary_scheduler_hook::http::router(hook, max_body);
     let mut rx = stop_rx;
-    let server = tokio::spawn(granary_scheduler_hook::http::serve(
-        listener,
-        router,
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        },
-    ));
+    let stopped = async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let server = match tls {
+        Some((_, config)) => tokio::spawn(granary_scheduler_hook::http::serve_tls(
+            listener, config, router, stopped,
+        )),
+        None => tokio::spawn(granary_scheduler_hook::http::serve(
+            listener, router, stopped,
+        )),
+    };
     crate::runtime::shutdown_signal().await;
     let _ = stop_tx.send(true);
     let _ = ticker.await;

@@ -4,6 +4,13 @@
 //! for the same GPUs never partial, a plain dataset pod placed where its bytes are, pods with
 //! neither passing through, and bad extender requests answered with 400 while the hook keeps
 //! serving the scheduler.
+//!
+//! kube-scheduler reaches the hook over mutual TLS, with the extender block of the shipped
+//! deploy/scheduler/kube-scheduler-config.yaml (v1) put in a v1beta1 file (1.20 loads no v1).
+//! The hook calls the workers with their limited scheduler token. Attacks, with a certificate
+//! the CA signed: forged pods (unknown to the API server, another uid, another request), a bind
+//! of a pending kube-system pod, and a gang the scheduler never places are all refused or hold
+//! nothing; plain HTTP and clients without a certificate get no answer.
 
 mod support;
 
@@ -11,18 +18,20 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
-use std::path::Path;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use support::backends::{S3Target, unique};
-use support::cluster::{Worker, wait_for_members};
+use support::cluster::Worker;
 use support::data::Tree;
 use support::own::OwnService;
 use support::process::{Finished, granary, granary_bin, interrupt_and_reap, run_with_timeout};
 use support::{free_port, http_get, wait_until};
 
 const ADMIN: &str = "admin-token-0123456789";
+/// The workers' scheduler token: dataset status and loads only.
+const SCHEDULER: &str = "scheduler-token-0123456789";
 const GIB: u64 = 1 << 30;
 
 /// A child process killed (SIGINT, then SIGKILL) when the test ends, whatever happens.
@@ -142,6 +151,36 @@ impl Kube {
             .unwrap();
     }
 
+    /// A pod in `namespace` that no scheduler places (schedulerName `nobody`), label phase=idle.
+    fn add_idle_pod(&self, namespace: &str, name: &str, gpus: u32, annotations: Value) -> Pod {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"phase": "idle"}, "annotations": annotations},
+            "spec": {"schedulerName": "nobody", "containers": [{"name": "main",
+                "image": "registry.invalid/pause:3",
+                "resources": {"limits": {"nvidia.com/gpu": gpus.to_string()}}}],
+                "terminationGracePeriodSeconds": 0}
+        }))
+        .unwrap();
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        self.rt
+            .block_on(api.create(&PostParams::default(), &pod))
+            .unwrap()
+    }
+
+    /// The node `namespace/name` is bound to, as the API server says.
+    fn node_of(&self, namespace: &str, name: &str) -> Option<String> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let pod = self.rt.block_on(api.get(name)).unwrap();
+        pod.spec.and_then(|s| s.node_name)
+    }
+
+    fn delete_idle(&self, namespace: &str, name: &str) {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let _ = self
+            .rt
+            .block_on(api.delete(name, &DeleteParams::default().grace_period(0)));
+    }
+
     fn list(&self, phase: &str) -> Vec<Pod> {
         self.rt
             .block_on(
@@ -207,12 +246,21 @@ impl Kube {
 }
 
 /// `granary dataset status NAME --json` through w1.
-fn dataset_status(api: &str, name: &str) -> Value {
+fn dataset_status(api: &str, tls: &Path, name: &str) -> Value {
     let out = ok(
         run_with_timeout(
             granary(
                 &[
-                    "dataset", "--server", api, "--token", ADMIN, "status", name, "--json",
+                    "dataset",
+                    "--server",
+                    api,
+                    "--tls-dir",
+                    tls.to_str().unwrap(),
+                    "--token",
+                    ADMIN,
+                    "status",
+                    name,
+                    "--json",
                 ],
                 &[],
             ),
@@ -234,33 +282,90 @@ fn ready_nodes(status: &Value) -> BTreeSet<String> {
         .collect()
 }
 
-/// One raw HTTP request to the hook: status code and body.
-/// `declared` overrides the Content-Length sent (the body itself is then not sent).
-fn raw_request(addr: &str, path: &str, body: &[u8], declared: Option<usize>) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        declared.unwrap_or(body.len())
-    )
-    .unwrap();
-    if declared.is_none() {
-        s.write_all(body).unwrap();
-    }
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    let (head, rest) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    let code = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, rest.to_string())
+/// How a test client reaches the hook: its URL and curl's TLS arguments.
+struct HookClient {
+    url: String,
+    tls: Vec<String>,
 }
 
-fn gang_report(hook: &str, name: &str) -> Value {
-    let v: Value = serde_json::from_str(&http_get(hook, "/gangs")).unwrap();
+impl HookClient {
+    /// kube-scheduler's certificate (signed by the cluster CA) from `tls`.
+    fn new(addr: &str, tls: &Path, name: Option<&str>) -> HookClient {
+        let mut args = vec![
+            "--cacert".to_string(),
+            tls.join("ca.pem").display().to_string(),
+        ];
+        if let Some(name) = name {
+            args.extend([
+                "--cert".to_string(),
+                tls.join(format!("{name}.pem")).display().to_string(),
+                "--key".to_string(),
+                tls.join(format!("{name}.key")).display().to_string(),
+            ]);
+        }
+        HookClient {
+            url: format!("https://{addr}"),
+            tls: args,
+        }
+    }
+
+    /// One request with curl (an independent HTTPS client): the status code (0 when no HTTP
+    /// answer came) and the body, or curl's error. `declared` overrides the Content-Length sent
+    /// (the body itself is then not sent).
+    fn request_to(
+        &self,
+        base: &str,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        declared: Option<usize>,
+    ) -> (u16, String) {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--max-time", "10", "-X", method, "-o", "-"])
+            .args(["-w", "\n%{http_code}"])
+            .args(&self.tls)
+            .args(["-H", "Content-Type: application/json"])
+            .arg(format!("{base}{path}"));
+        if method == "POST" {
+            cmd.args(["--data-binary", "@-"]);
+            if let Some(n) = declared {
+                cmd.args(["-H", &format!("Content-Length: {n}")]);
+            }
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("curl is installed");
+        let mut stdin = child.stdin.take().unwrap();
+        if declared.is_none() {
+            stdin.write_all(body).unwrap();
+        }
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        let code: u16 = code.trim().parse().unwrap_or(0);
+        if code == 0 {
+            return (0, String::from_utf8_lossy(&out.stderr).to_string());
+        }
+        (code, body.to_string())
+    }
+
+    fn post(&self, path: &str, body: &[u8], declared: Option<usize>) -> (u16, String) {
+        self.request_to(&self.url, "POST", path, body, declared)
+    }
+
+    fn get(&self, path: &str) -> String {
+        let (code, body) = self.request_to(&self.url, "GET", path, b"", None);
+        assert_eq!(code, 200, "GET {path}: {body}");
+        body
+    }
+}
+
+fn gang_report(hook: &HookClient, name: &str) -> Value {
+    let v: Value = serde_json::from_str(&hook.get("/gangs")).unwrap();
     v["gangs"]
         .as_array()
         .unwrap()
@@ -270,12 +375,110 @@ fn gang_report(hook: &str, name: &str) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// Waits until `granary status` (etcd over TLS, client certificate `client`) shows `n` live
+/// members.
+fn wait_for_members(etcd: &str, tls: &Path, n: usize) {
+    let tls = tls.to_str().unwrap();
+    wait_until(
+        &format!("{n} live members"),
+        Duration::from_secs(40),
+        || {
+            let out = run_with_timeout(
+                granary(
+                    &[
+                        "status",
+                        "--etcd",
+                        etcd,
+                        "--tls-dir",
+                        tls,
+                        "--tls-name",
+                        "client",
+                        "--json",
+                    ],
+                    &[],
+                ),
+                Duration::from_secs(30),
+            );
+            let s: Value = serde_json::from_str(&ok(out, "status")).unwrap();
+            let members = s["members"].as_array().unwrap();
+            members.len() == n && members.iter().all(|m| m["up"] == true)
+        },
+    );
+}
+
 fn gang(name: &str, size: usize, dataset: Option<&str>) -> Value {
     let mut a = json!({"granary.io/gang": name, "granary.io/gang-size": size.to_string()});
     if let Some(d) = dataset {
         a["granary.io/dataset"] = json!(d);
     }
     a
+}
+
+/// deploy/scheduler/kube-scheduler-config.yaml (v1) as the v1beta1 file kube-scheduler 1.20
+/// loads: the same extender block, pointed at `hook_addr` and the test's certificates; the rest
+/// (client, leader election, ports) the test's own.
+fn scheduler_config(
+    hook_addr: &str,
+    tls: &Path,
+    kubeconfig: &str,
+    healthz: u16,
+    metrics: u16,
+) -> String {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/scheduler/kube-scheduler-config.yaml");
+    let text = std::fs::read_to_string(&shipped).unwrap();
+    let v1: Value = serde_saphyr::from_str(&text).unwrap();
+    assert_eq!(v1["apiVersion"], "kubescheduler.config.k8s.io/v1");
+    let extenders = v1["extenders"].as_array().unwrap();
+    assert_eq!(extenders.len(), 1, "{v1}");
+    let mut extender = extenders[0].clone();
+    let url = extender["urlPrefix"].as_str().unwrap();
+    assert!(url.starts_with("https://"), "{url}");
+    assert_eq!(extender["enableHTTPS"], true);
+    extender["urlPrefix"] = json!(format!("https://{hook_addr}"));
+    let t = extender["tlsConfig"].as_object_mut().unwrap();
+    for (field, file) in [
+        ("caFile", "ca.pem"),
+        ("certFile", "kube-scheduler.pem"),
+        ("keyFile", "kube-scheduler.key"),
+    ] {
+        assert!(t.contains_key(field), "tlsConfig lacks {field}");
+        t.insert(field.into(), json!(tls.join(file).display().to_string()));
+    }
+    // JSON is YAML.
+    json!({
+        "apiVersion": "kubescheduler.config.k8s.io/v1beta1",
+        "kind": "KubeSchedulerConfiguration",
+        "clientConnection": {"kubeconfig": kubeconfig},
+        "leaderElection": {"leaderElect": false},
+        "healthzBindAddress": format!("127.0.0.1:{healthz}"),
+        "metricsBindAddress": format!("127.0.0.1:{metrics}"),
+        "extenders": [extender],
+    })
+    .to_string()
+}
+
+#[test]
+fn without_tls_the_hook_refuses_a_non_loopback_address() {
+    let out = run_with_timeout(
+        granary(
+            &[
+                "scheduler",
+                "--listen",
+                &format!("0.0.0.0:{}", free_port()),
+                "--cache-server",
+                "127.0.0.1:1",
+            ],
+            &[],
+        ),
+        Duration::from_secs(20),
+    );
+    assert!(!out.status.success(), "{}", out.stdout);
+    assert!(
+        out.stderr.contains("without --tls-dir") && out.stderr.contains("only a loopback address"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]
@@ -288,6 +491,13 @@ fn gangs_bind_whole_near_ready_data_through_a_real_kube_scheduler() {
     let s3 = S3Target::moto();
     let work = tempfile::tempdir().unwrap();
     let tls = work.path().join("tls");
+    // Every certificate from etcd's CA (`granary certs` reuses the CA it finds), so etcd, the
+    // workers, the hook and kube-scheduler all trust one another.
+    let etcd_ca = PathBuf::from(etcd.get("GRANARY_TEST_ETCD_TLS"));
+    std::fs::create_dir_all(&tls).unwrap();
+    for f in ["ca.pem", "ca.key"] {
+        std::fs::copy(etcd_ca.join(f), tls.join(f)).unwrap();
+    }
     ok(
         run_with_timeout(
             granary(
@@ -299,6 +509,8 @@ fn gangs_bind_whole_near_ready_data_through_a_real_kube_scheduler() {
                     "w2",
                     "w3",
                     "client",
+                    "scheduler",
+                    "kube-scheduler",
                 ],
                 &[],
             ),
@@ -331,6 +543,7 @@ fn gangs_bind_whole_near_ready_data_through_a_real_kube_scheduler() {
                      [backend]\nmax_requests_per_second = 3\n\
                      [cluster]\netcd = [\"{etcd_url}\"]\nlease_ttl = \"4s\"\n[tls]\ndir = \"{tls}\"\n\
                      [datasets]\ncapacity = \"{cap}\"\nadmin_token = \"{ADMIN}\"\n\
+                     scheduler_token = \"{SCHEDULER}\"\n\
                      [[mount]]\npath = \"/data\"\nsource = \"{src}\"\n",
                     port = ports[i - 1],
                     dir = work.path().join(format!("cache-{id}")).display(),
@@ -346,10 +559,19 @@ fn gangs_bind_whole_near_ready_data_through_a_real_kube_scheduler() {
             Worker::start(&id, &config, &format!("127.0.0.1:{}", free_port()))
         })
         .collect();
-    wait_for_members(&etcd_url, 3);
+    wait_for_members(&etcd_url, &tls, 3);
     let api = format!("127.0.0.1:{}", ports[0]);
+    let tls_arg = tls.to_str().unwrap();
     let dataset = |args: &[&str]| {
-        let mut all = vec!["dataset", "--server", &api, "--token", ADMIN];
+        let mut all = vec![
+            "dataset",
+            "--server",
+            &api,
+            "--tls-dir",
+            tls_arg,
+            "--token",
+            ADMIN,
+        ];
         all.extend_from_slice(args);
         ok(
             run_with_timeout(granary(&all, &[]), Duration::from_secs(300)),
@@ -359,7 +581,7 @@ fn gangs_bind_whole_near_ready_data_through_a_real_kube_scheduler() {
     dataset(&["pin", "train", "--path", "/data/train", "--nodes", "w2,w3"]);
     dataset(&["load", "train", "--wait", "--timeout", "240s"]);
     assert_eq!(
-        ready_nodes(&dataset_status(&api, "train")),
+        ready_nodes(&dataset_status(&api, &tls, "train")),
         BTreeSet::from(["w2".to_string(), "w3".to_string()])
     );
 
@@ -369,20 +591,25 @@ fn gangs_bind_whole_near_ready_data_through_a_real_kube_scheduler() {
         k.add_node(&format!("w{i}"), 4);
     }
 
-    // The hook, then the real scheduler configured with it.
+    // The hook (HTTPS, mutual TLS; the workers' scheduler token from a file), then the real
+    // scheduler configured with it.
     let hook_addr = format!("127.0.0.1:{}", free_port());
     let hook_metrics = format!("127.0.0.1:{}", free_port());
+    let token_file = work.path().join("scheduler-token");
+    std::fs::write(&token_file, format!("{SCHEDULER}\n")).unwrap();
     let mut cmd = Command::new(granary_bin());
     cmd.args([
         "scheduler",
         "--listen",
         &hook_addr,
+        "--tls-dir",
+        tls_arg,
         "--kubeconfig",
         &kubeconfig,
         "--cache-server",
         &api,
-        "--token",
-        ADMIN,
+        "--token-file",
+        token_file.to_str().unwrap(),
         "--reservation-ttl",
         "60s",
         "--metrics-addr",
@@ -390,21 +617,18 @@ fn gangs_bind_whole_near_ready_data_through_a_real_kube_scheduler() {
     ])
     .env("GRANARY_LOG", "info,kube=warn");
     let hook = Process::spawn(cmd, &work.path().join("hook.log"));
+    let client = HookClient::new(&hook_addr, &tls, Some("kube-scheduler"));
     wait_until("the hook to serve", Duration::from_secs(30), || {
-        std::net::TcpStream::connect(&hook_addr).is_ok()
+        client
+            .request_to(&client.url, "GET", "/healthz", b"", None)
+            .0
+            == 200
     });
     let (healthz, metrics_port) = (free_port(), free_port());
     let sched_config = work.path().join("scheduler.yaml");
     std::fs::write(
         &sched_config,
-        format!(
-            "apiVersion: kubescheduler.config.k8s.io/v1beta1\nkind: KubeSchedulerConfiguration\n\
-             clientConnection:\n  kubeconfig: {kubeconfig}\nleaderElection:\n  leaderElect: false\n\
-             healthzBindAddress: 127.0.0.1:{healthz}\nmetricsBindAddress: 127.0.0.1:{metrics_port}\n\
-             extenders:\n- urlPrefix: http://{hook_addr}\n  filterVerb: filter\n  prioritizeVerb: prioritize\n\
-             \x20 bindVerb: bind\n  weight: 5\n  nodeCacheCapable: true\n  httpTimeout: 10s\n  ignorable: false\n\
-             \x20 managedResources:\n  - name: nvidia.com/gpu\n    ignoredByScheduler: false\n"
-        ),
+        scheduler_config(&hook_addr, &tls, &kubeconfig, healthz, metrics_port),
     )
     .unwrap();
     let mut cmd = Command::new(&kube_scheduler);
@@ -469,15 +693,19 @@ fn gangs_bind_whole_near_ready_data_through_a_real_kube_scheduler() {
         );
     }
     // The scores behind it: bytes of the dataset on each node, relative to the most.
-    let probe = json!({"Pod": {"metadata": {"name": "probe", "namespace": "default",
+    let probe = json!({"Pod": {"metadata": {"name": "probe", "namespace": "default", "uid": "made-up",
         "annotations": {"granary.io/dataset": "train"}}},
         "NodeNames": ["w1", "w2", "w3", "w4"]});
-    let (code, text) = raw_request(
-        &hook_addr,
-        "/prioritize",
-        probe.to_string().as_bytes(),
-        None,
+    let (code, text) = client.post("/prioritize", probe.to_string().as_bytes(), None);
+    assert_eq!(code, 400, "a pod the API server does not have: {text}");
+    assert!(
+        text.contains("pod default/probe does not exist in the API server"),
+        "{text}"
     );
+    k.add_pod("probe", "probe", 0, json!({"granary.io/dataset": "train"}));
+    let probe_pod = k.list("probe").remove(0);
+    let probe = json!({"Pod": probe_pod, "NodeNames": ["w1", "w2", "w3", "w4"]});
+    let (code, text) = client.post("/prioritize", probe.to_string().as_bytes(), None);
     assert_eq!(code, 200, "{text}");
     let scores: Vec<Value> = serde_json::from_str(&text).unwrap();
     let score = |n: &str| {
@@ -485,7 +713,7 @@ fn gangs_bind_whole_near_ready_data_through_a_real_kube_scheduler() {
             .as_i64()
             .unwrap()
     };
-    let status = dataset_status(&api, "train");
+    let status = dataset_status(&api, &tls, "train");
     let held = |n: &str| {
         status["node_progress"]
             .as_array()
@@ -504,6 +732,7 @@ fn gangs_bind_whole_near_ready_data_through_a_real_kube_scheduler() {
     }
     eprintln!("plain pods bound: {plain:?}; dataset scores {text}");
     k.delete_phase("plain");
+    k.delete_phase("probe");
 
     // 2. Move the whole dataset onto w3, then a gang of 4 x 2 GPUs: planned on w3 (all the
     //    bytes) plus one node; no member binds before the data is ready on both; then all bind.
@@ -517,7 +746,7 @@ fn gangs_bind_whole_near_ready_data_through_a_real_kube_scheduler() {
         "240s",
     ]);
     assert_eq!(
-        ready_nodes(&dataset_status(&api, "train")),
+        ready_nodes(&dataset_status(&api, &tls, "train")),
         BTreeSet::from(["w3".to_string()])
     );
     for i in 0..4 {
@@ -529,7 +758,7 @@ fn gangs_bind_whole_near_ready_data_through_a_real_kube_scheduler() {
     loop {
         // Pods first, then the data: data never goes back, so bound pods must see it ready.
         let bound = k.bound("g4");
-        let status = dataset_status(&api, "train");
+        let status = dataset_status(&api, &tls, "train");
         let ready = ready_nodes(&status);
         let nodes: BTreeSet<String> = status["nodes"]
             .as_array()
@@ -557,7 +786,7 @@ fn gangs_bind_whole_near_ready_data_through_a_real_kube_scheduler() {
         assert!(
             started.elapsed() < Duration::from_secs(120),
             "gang g4 not bound in 120 s: {bound:?}, data {status}, gang {}{}",
-            gang_report(&hook_addr, "g4"),
+            gang_report(&client, "g4"),
             context()
         );
         std::thread::sleep(Duration::from_millis(150));
@@ -575,14 +804,14 @@ fn gangs_bind_whole_near_ready_data_through_a_real_kube_scheduler() {
     eprintln!(
         "gang g4 bound after {:.1} s: {bound:?}; gang {}",
         started.elapsed().as_secs_f64(),
-        gang_report(&hook_addr, "g4")
+        gang_report(&client, "g4")
     );
     assert_eq!(on.len(), 2, "{bound:?}");
     assert!(on.contains("w3"), "the node holding the data: {bound:?}");
-    let status = dataset_status(&api, "train");
+    let status = dataset_status(&api, &tls, "train");
     assert_eq!(ready_nodes(&status), on, "{status}");
     assert_eq!(status["percent"], 100.0);
-    let report = gang_report(&hook_addr, "g4");
+    let report = gang_report(&client, "g4");
     assert_eq!(report["state"], "bound", "{report}");
     k.delete_phase("g4");
 
@@ -601,7 +830,7 @@ fn gangs_bind_whole_near_ready_data_through_a_real_kube_scheduler() {
     std::thread::sleep(Duration::from_secs(3));
     assert!(k.bound("big").is_empty(), "{:?}", k.bound("big"));
     eprintln!("gang big: {:?}", k.unschedulable_messages("big"));
-    let report = gang_report(&hook_addr, "big");
+    let report = gang_report(&client, "big");
     assert_eq!(report["state"], "unschedulable", "{report}");
     k.delete_phase("big");
 
@@ -615,7 +844,7 @@ fn gangs_bind_whole_near_ready_data_through_a_real_kube_scheduler() {
         ),
         ("/bind", &b"{}"[..], "not valid ExtenderBindingArgs"),
     ] {
-        let (code, text) = raw_request(&hook_addr, path, body, None);
+        let (code, text) = client.post(path, body, None);
         assert_eq!(code, 400, "{path}: {text}");
         let v: Value = serde_json::from_str(&text).unwrap();
         assert!(
@@ -623,9 +852,95 @@ fn gangs_bind_whole_near_ready_data_through_a_real_kube_scheduler() {
             "{path}: {text}"
         );
     }
-    let (code, text) = raw_request(&hook_addr, "/filter", b"", Some(40 << 20));
+    let (code, text) = client.post("/filter", b"", Some(40 << 20));
     assert_eq!(code, 400, "{text}");
     assert!(text.contains("larger than the limit"), "{text}");
+
+    // 4b. Attacks, with kube-scheduler's own certificate (the TLS check is not all there is).
+    let all_nodes = json!(["w1", "w2", "w3", "w4"]);
+    let gpu_pod = |name: &str, uid: &str, gpus: u32, annotations: Value| {
+        json!({"metadata": {"name": name, "namespace": "default", "uid": uid,
+            "annotations": annotations},
+            "spec": {"containers": [{"name": "c",
+                "resources": {"limits": {"nvidia.com/gpu": gpus.to_string()}}}]}})
+    };
+    //  - A forged gang of pods the API server does not have: refused, no gang, nothing held.
+    for i in 0..2 {
+        let body = json!({"Pod": gpu_pod(&format!("forged-{i}"), "u-forged", 4,
+            gang("forged", 2, None)), "NodeNames": all_nodes});
+        let (code, text) = client.post("/filter", body.to_string().as_bytes(), None);
+        assert_eq!(code, 400, "{text}");
+        assert!(
+            text.contains(&format!(
+                "pod default/forged-{i} does not exist in the API server; refused"
+            )),
+            "{text}"
+        );
+    }
+    //  - A gang of real pods no scheduler places (schedulerName nobody): the hook watches them
+    //    but holds nothing for them (step 5 needs 12 of the 16 GPUs while they exist).
+    let idle: Vec<Pod> = (0..2)
+        .map(|i| k.add_idle_pod("default", &format!("idle-{i}"), 4, gang("idle", 2, None)))
+        .collect();
+    //  - A real pod claimed with another uid, or asking for more than it does: refused.
+    let uid = idle[0].metadata.uid.clone().unwrap();
+    for (claimed, says) in [
+        (
+            gpu_pod("idle-0", "forged-uid", 4, gang("idle", 2, None)),
+            format!("pod default/idle-0 has uid {uid} in the API server, not forged-uid"),
+        ),
+        (
+            gpu_pod("idle-0", &uid, 8, gang("idle", 2, None)),
+            "pod default/idle-0: the request's nvidia.com/gpu request differs".to_string(),
+        ),
+    ] {
+        let body = json!({"Pod": claimed, "NodeNames": all_nodes});
+        let (code, text) = client.post("/filter", body.to_string().as_bytes(), None);
+        assert_eq!(code, 400, "{text}");
+        assert!(text.contains(&says), "{text}");
+    }
+    //  - A pending kube-system pod bound through the hook: refused, not bound.
+    let victim = k.add_idle_pod("kube-system", "victim", 0, json!({}));
+    let victim_uid = victim.metadata.uid.clone().unwrap();
+    for (uid, says) in [
+        (
+            victim_uid.as_str(),
+            "pod kube-system/victim was not filtered by this hook",
+        ),
+        ("other-uid", "in the API server, not other-uid"),
+    ] {
+        let body = json!({"PodName": "victim", "PodNamespace": "kube-system", "PodUID": uid,
+            "Node": "w1"});
+        let (code, text) = client.post("/bind", body.to_string().as_bytes(), None);
+        assert_eq!(code, 200, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert!(v["Error"].as_str().unwrap().contains(says), "{text}");
+    }
+    //  - Plain HTTP, and HTTPS without a client certificate: no HTTP answer at all.
+    let bind = json!({"PodName": "victim", "PodNamespace": "kube-system", "PodUID": victim_uid,
+        "Node": "w1"})
+    .to_string();
+    let (code, text) = client.request_to(
+        &format!("http://{hook_addr}"),
+        "POST",
+        "/bind",
+        bind.as_bytes(),
+        None,
+    );
+    assert_eq!(code, 0, "plain HTTP was answered: {text}");
+    let anonymous = HookClient::new(&hook_addr, &tls, None);
+    let (code, text) = anonymous.post("/bind", bind.as_bytes(), None);
+    assert_eq!(
+        code, 0,
+        "a client without a certificate was answered: {text}"
+    );
+    assert!(text.contains("certificate"), "{text}");
+    assert_eq!(k.node_of("kube-system", "victim"), None);
+    assert_eq!(gang_report(&client, "forged"), Value::Null);
+    eprintln!(
+        "attacks refused; the idle gang: {}",
+        gang_report(&client, "idle")
+    );
 
     // 5. Two gangs of 3 x 4 GPUs compete for 16 GPUs: one binds whole, the other waits whole;
     //    when the first goes, the second binds whole.
@@ -676,6 +991,18 @@ fn gangs_bind_whole_near_ready_data_through_a_real_kube_scheduler() {
         },
     );
     k.delete_phase(loser);
+    // The idle gang held nothing all along, the kube-system pod is still not bound.
+    let report = gang_report(&client, "idle");
+    assert_eq!(report["state"], "waiting-for-members", "{report}");
+    assert_eq!(report["nodes"], json!([]), "{report}");
+    assert_eq!(k.node_of("kube-system", "victim"), None);
+    for (ns, name) in [
+        ("default", "idle-0"),
+        ("default", "idle-1"),
+        ("kube-system", "victim"),
+    ] {
+        k.delete_idle(ns, name);
+    }
 
     // The hook's own account: requests by verb, bad ones counted, gangs by state.
     let metrics = http_get(&hook_metrics, "/metrics");
@@ -693,6 +1020,14 @@ fn gangs_bind_whole_near_ready_data_through_a_real_kube_scheduler() {
             "granary_scheduler_requests_total",
             &[("outcome", "bad_request")]
         ) >= 4.0,
+        "{metrics}"
+    );
+    assert!(
+        support::metric(
+            &metrics,
+            "granary_scheduler_requests_total",
+            &[("outcome", "refused")]
+        ) >= 5.0,
         "{metrics}"
     );
     assert!(

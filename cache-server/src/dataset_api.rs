@@ -27,6 +27,11 @@ use subtle::{Choice, ConditionallySelectable, ConstantTimeEq};
 /// Files in one pin, at most. Every worker keeps each pin's manifest in memory (about 200 bytes
 /// a file); etcd holds it compressed, in chunks.
 pub const MAX_PIN_FILES: usize = 2_000_000;
+/// Directories a pin's walk visits, at most (empty ones count too).
+pub const MAX_PIN_DIRS: usize = 1_000_000;
+/// The largest request the Datasets service decodes: a pin names at most 4096 node ids of
+/// 253 bytes and a 4096-byte path.
+pub const MAX_REQUEST_BYTES: usize = 2 << 20;
 
 /// Who is calling: the admin (sees and changes every pin), the scheduler hook (sees every pin,
 /// may load pinned datasets, nothing else) or one tenant.
@@ -382,7 +387,14 @@ impl DatasetApi {
     ) -> Result<Vec<ManifestFile>, ApiError> {
         let mut files = Vec::new();
         let mut dirs = vec![String::new()];
+        let mut visited = 0usize;
         while let Some(rel) = dirs.pop() {
+            visited += 1;
+            if visited > MAX_PIN_DIRS {
+                return Err(ApiError::Invalid(format!(
+                    "{path} holds over {MAX_PIN_DIRS} directories: pin a smaller subtree"
+                )));
+            }
             let dir = if rel.is_empty() {
                 path.to_string()
             } else {
@@ -394,6 +406,11 @@ impl DatasetApi {
                 } else {
                     format!("{rel}/{}", e.name)
                 };
+                if path.len() + 1 + child.len() > MAX_PATH {
+                    return Err(ApiError::Invalid(format!(
+                        "{path}: a file's path below it is over {MAX_PATH} bytes"
+                    )));
+                }
                 match (&e.kind, &e.object) {
                     (EntryKind::Dir, _) => dirs.push(child),
                     (EntryKind::File, Some(o)) => files.push(ManifestFile {

@@ -23,6 +23,9 @@ pub enum FsError {
     Invalid(String),
     #[error("I/O error: {0}")]
     Io(String),
+    /// The worker refused (a symlink leading out of a POSIX source, a token's scope).
+    #[error("permission denied: {0}")]
+    Denied(String),
 }
 
 impl From<ApiError> for FsError {
@@ -32,6 +35,7 @@ impl From<ApiError> for FsError {
             ApiError::NotADirectory(_) => FsError::NotADirectory,
             ApiError::Stale(m) => FsError::Stale(m),
             ApiError::Invalid(m) => FsError::Invalid(m),
+            ApiError::Denied(m) => FsError::Denied(m),
             other => FsError::Io(other.to_string()),
         }
     }
@@ -48,6 +52,7 @@ impl FsError {
             FsError::Stale(_) => libc::ESTALE,
             FsError::Invalid(_) => libc::EINVAL,
             FsError::Io(_) => libc::EIO,
+            FsError::Denied(_) => libc::EACCES,
         }
     }
 
@@ -62,6 +67,7 @@ impl FsError {
             FsError::Stale(_) => "estale",
             FsError::Invalid(_) => "einval",
             FsError::Io(_) => "eio",
+            FsError::Denied(_) => "eacces",
         }
     }
 }

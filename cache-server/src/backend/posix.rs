@@ -4,7 +4,7 @@
 //!
 //! Every path is opened beneath the source's root ([`super::beneath`]): a symlink inside the root
 //! works; one leading out of it (or `..` above it) is refused (`EXDEV` from the kernel, told as
-//! permission denied, naming the link) and left out of listings.
+//! permission denied, naming the link); it is listed as a one-byte file nobody may read.
 
 use super::beneath::{self, Links};
 use super::{BackendError, ObjectSource, ProbeFailure, RawEntry, STALE, skipped_key};
@@ -114,8 +114,9 @@ fn posix_list(root: &OwnedFd, key: &str) -> std::io::Result<Vec<RawEntry>> {
             continue;
         }
         // Follow symlinks beneath the root; leave out what cannot be stat'ed (dangling links)
-        // and special files. A link leading out of the root is shown as an empty file nobody
-        // may read (mode 0, root's): opening it fails with permission denied, naming it.
+        // and special files. A link leading out of the root is shown as a one-byte file nobody
+        // may read (mode 0, root's): every read of it (root's too) asks the source and is
+        // refused with permission denied, naming the link.
         let child = keys::join(key, &name);
         let meta = match beneath::open_at(root, &child, OFlags::PATH, 0, Links::Inside)
             .and_then(|f| f.metadata())
@@ -127,7 +128,7 @@ fn posix_list(root: &OwnedFd, key: &str) -> std::io::Result<Vec<RawEntry>> {
                     key: child,
                     name,
                     dir: false,
-                    size: 0,
+                    size: 1,
                     mtime_ns: 0,
                     etag: None,
                     version: None,

@@ -304,13 +304,13 @@ fn etcd_binary() -> anyhow::Result<PathBuf> {
     host::which("etcd").context("scripts/services/etcd.sh install did not put etcd on PATH")
 }
 
-/// `granary certs`: a development CA and certificates for every worker (`w1`...) and the
-/// clients (`client`), in `dir`.
+/// `granary certs`: a development CA and certificates for every worker (`w1`...), the clients
+/// (`client`) and etcd (`etcd`), in `dir`.
 fn dev_certs(granary: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
     let mut cmd = Command::new(granary);
     cmd.arg("certs").arg("--out").arg(dir);
     cmd.args((1..=max_size()).map(|i| format!("w{i}")));
-    cmd.arg("client");
+    cmd.args(["client", "etcd"]);
     host::run_command(&mut cmd)?;
     if !dir.join("ca.pem").is_file() {
         bail!("granary certs wrote no {}", dir.join("ca.pem").display());

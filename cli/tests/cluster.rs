@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 use support::backends::{S3Target, unique};
 use support::cluster::{
-    Spec, Worker, dev_certs, drop_page_cache, mount_cluster, sha, start_workers, status,
+    Spec, Worker, cluster_certs, drop_page_cache, mount_cluster, sha, start_workers, status,
     wait_for_members,
 };
 use support::data::{Tree, content, write_local};
@@ -22,7 +22,7 @@ fn three_workers_spread_blocks_fetch_once_and_survive_a_crash_and_an_etcd_pause(
     let etcd = OwnService::start("etcd");
     let etcd_url = etcd.get("GRANARY_TEST_ETCD");
     let work = tempfile::tempdir().unwrap();
-    let tls = dev_certs(work.path(), 3);
+    let tls = cluster_certs(work.path(), 3, &etcd);
 
     // The dataset: a 512 MiB file and 1,000 small files.
     let prefix = unique("cluster");
@@ -139,14 +139,14 @@ fn a_worker_with_a_certificate_from_another_ca_cannot_join() {
     let etcd = OwnService::start("etcd");
     let etcd_url = etcd.get("GRANARY_TEST_ETCD");
     let work = tempfile::tempdir().unwrap();
-    let (tls, rogue) = (work.path().join("tls"), work.path().join("rogue"));
-    for (dir, name) in [(&tls, "w1"), (&rogue, "w2")] {
-        let out = run_with_timeout(
-            granary(&["certs", "--out", dir.to_str().unwrap(), name], &[]),
-            Duration::from_secs(20),
-        );
-        assert!(out.status.success());
-    }
+    // w1's certificate from the cluster's CA (etcd's); w2's from a CA of its own.
+    let tls = cluster_certs(work.path(), 1, &etcd);
+    let rogue = work.path().join("rogue");
+    let out = run_with_timeout(
+        granary(&["certs", "--out", rogue.to_str().unwrap(), "w2"], &[]),
+        Duration::from_secs(20),
+    );
+    assert!(out.status.success());
     let source = work.path().join("src");
     std::fs::create_dir(&source).unwrap();
     let config = |id: &str, tls: &Path| {

@@ -11,8 +11,8 @@ use std::path::Path;
 use std::time::Duration;
 use support::backends::{S3Target, unique};
 use support::cluster::{
-    Spec, Started, Worker, dev_certs, drop_page_cache, mount_cluster_with, sha, start_workers,
-    wait_for_members,
+    Spec, Started, Worker, cluster_certs, drop_page_cache, mount_cluster_with, sha, start_workers,
+    tls_flags, wait_for_members,
 };
 use support::data::{Tree, content, write_local};
 use support::own::OwnService;
@@ -25,7 +25,9 @@ const TEAM_A: &str = "team-a-token-0123456789";
 const TINY: &str = "tiny-token-0123456789ab";
 
 fn dataset(api: &str, token: Option<&str>, args: &[&str]) -> Finished {
+    let tls = tls_flags(api);
     let mut all = vec!["dataset", "--server", api];
+    all.extend(tls.iter().map(String::as_str));
     if let Some(t) = token {
         all.extend(["--token", t]);
     }
@@ -127,7 +129,7 @@ fn pin_load_through_a_crash_exact_readiness_quotas_ttl_passthrough_repair_restar
     let etcd = OwnService::start("etcd");
     let etcd_url = etcd.get("GRANARY_TEST_ETCD");
     let work = tempfile::tempdir().unwrap();
-    let tls = dev_certs(work.path(), 3);
+    let tls = cluster_certs(work.path(), 3, &etcd);
 
     // The dataset: 500 small files and a 256 MiB file; beside it, unpinned data.
     let prefix = unique("datasets");

@@ -8,6 +8,8 @@ mod support;
 use etcd_client::{Client, GetOptions};
 use granary_cache_server::registry::{Pin, Registry};
 use granary_core::dataset::{Manifest, ManifestFile};
+use granary_net::membership::{self, Etcd};
+use granary_net::tls::{TlsFiles, TlsIdentity};
 use granary_proto::ApiError;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -62,6 +64,13 @@ async fn keys(client: &mut Client, prefix: &str) -> Vec<(String, usize)> {
     keys
 }
 
+/// The test's etcd, reached with etcd's own certificate (from its CA, as a node's would be).
+fn etcd_of(service: &OwnService) -> Etcd {
+    let dir = std::path::PathBuf::from(service.get("GRANARY_TEST_ETCD_TLS"));
+    let tls = TlsIdentity::load(&TlsFiles::in_dir(&dir, "etcd")).unwrap();
+    Etcd::new(&[service.get("GRANARY_TEST_ETCD")], tls).unwrap()
+}
+
 fn hex_nanos(t: SystemTime) -> String {
     format!(
         "{:x}",
@@ -72,13 +81,13 @@ fn hex_nanos(t: SystemTime) -> String {
 #[test]
 fn a_pin_of_300000_files_is_stored_in_chunks_read_whole_once_and_removed_with_its_pin() {
     let etcd = OwnService::start("etcd");
-    let url = etcd.get("GRANARY_TEST_ETCD");
+    let etcd = etcd_of(&etcd);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let mut client = Client::connect([url.as_str()], None).await.unwrap();
+        let mut client = membership::connect(&etcd).await.unwrap();
         let (a, b) = (
-            Registry::etcd(std::slice::from_ref(&url)).await.unwrap(),
-            Registry::etcd(std::slice::from_ref(&url)).await.unwrap(),
+            Registry::etcd(&etcd).await.unwrap(),
+            Registry::etcd(&etcd).await.unwrap(),
         );
         let big = pin("big", FILES);
         let json = serde_json::to_vec(&big.manifest).unwrap().len();
@@ -133,7 +142,7 @@ fn a_pin_of_300000_files_is_stored_in_chunks_read_whole_once_and_removed_with_it
         a.create(&broken).await.unwrap();
         let first = keys(&mut client, "/granary/manifests/broken/").await;
         client.delete(first[0].0.as_str(), None).await.unwrap();
-        let fresh = Registry::etcd(std::slice::from_ref(&url)).await.unwrap();
+        let fresh = Registry::etcd(&etcd).await.unwrap();
         assert!(fresh.pins().await.unwrap().is_empty());
         a.remove("broken").await.unwrap();
 
@@ -147,7 +156,7 @@ fn a_pin_of_300000_files_is_stored_in_chunks_read_whole_once_and_removed_with_it
         ] {
             client.put(key, "x", None).await.unwrap();
         }
-        let sweeper = Registry::etcd(std::slice::from_ref(&url)).await.unwrap();
+        let sweeper = Registry::etcd(&etcd).await.unwrap();
         sweeper.pins().await.unwrap();
         let left: Vec<String> = keys(&mut client, "/granary/manifests/")
             .await

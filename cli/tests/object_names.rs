@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 use support::backends::{S3Target, unique};
-use support::cluster::{Spec, Started, dev_certs, start_workers, wait_for_members};
+use support::cluster::{Spec, Started, cluster_certs, start_workers, tls_flags, wait_for_members};
 use support::keys::{self, hostile_names};
 use support::metric;
 use support::own::OwnService;
@@ -269,7 +269,9 @@ fn posix_names_and_python_opens_without_ioctl_logs() {
 const ADMIN: &str = "admin-token-0123456789";
 
 fn dataset(api: &str, args: &[&str]) -> Finished {
+    let tls = tls_flags(api);
     let mut all = vec!["dataset", "--server", api, "--token", ADMIN];
+    all.extend(tls.iter().map(String::as_str));
     all.extend_from_slice(args);
     run_with_timeout(granary(&all, &[]), Duration::from_secs(180))
 }
@@ -282,7 +284,7 @@ fn names_pinned_and_loaded_onto_two_workers() {
     let etcd = OwnService::start("etcd");
     let etcd_url = etcd.get("GRANARY_TEST_ETCD");
     let work = tempfile::tempdir().unwrap();
-    let tls = dev_certs(work.path(), 2);
+    let tls = cluster_certs(work.path(), 2, &etcd);
     let prefix = unique("names-ds");
     let files = files();
     upload(

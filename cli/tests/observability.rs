@@ -10,7 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use support::backends::{S3Target, unique};
 use support::cluster::{
-    Spec, Started, dev_certs, drop_page_cache, mount_cluster_with, start_workers, wait_for_members,
+    Spec, Started, cluster_certs, drop_page_cache, mount_cluster_with, start_workers,
+    wait_for_members,
 };
 use support::data::{Tree, content};
 use support::own::OwnService;
@@ -49,7 +50,7 @@ fn prometheus_sees_the_hit_ratio_and_cached_bytes_the_workload_implies() {
     let etcd = OwnService::start("etcd");
     let etcd_url = etcd.get("GRANARY_TEST_ETCD");
     let work = tempfile::tempdir().unwrap();
-    let tls = dev_certs(work.path(), 3);
+    let tls = cluster_certs(work.path(), 3, &etcd);
 
     // 24 files of one block each to read; a pinned dataset of 10 files beside them.
     let prefix = unique("observability");
@@ -152,6 +153,8 @@ fn prometheus_sees_the_hit_ratio_and_cached_bytes_the_workload_implies() {
                 "dataset",
                 "--server",
                 &api,
+                "--tls-dir",
+                tls.to_str().unwrap(),
                 "pin",
                 "imagenet",
                 "--path",
@@ -170,6 +173,8 @@ fn prometheus_sees_the_hit_ratio_and_cached_bytes_the_workload_implies() {
                 "dataset",
                 "--server",
                 &api,
+                "--tls-dir",
+                tls.to_str().unwrap(),
                 "load",
                 "imagenet",
                 "--wait",

@@ -7,7 +7,7 @@
 use crate::cleanup::{self, Guard};
 use crate::host::{self, Daemon, MachineCpu, ProcStats};
 use crate::s3::S3Conn;
-use crate::systems::{http_get, scrape};
+use crate::systems::scrape;
 use anyhow::{Context, bail};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -111,9 +111,16 @@ impl Instance {
         let mut port = || ports.next().expect("enough ports were reserved");
 
         let (client_addr, peer_addr) = (port(), port());
+        // etcd as deployed: TLS with client-certificate auth, its certificate from the
+        // cluster's CA (`granary certs ... etcd`).
         let (client_url, peer_url) = (
-            format!("http://{client_addr}"),
-            format!("http://{peer_addr}"),
+            format!("https://{client_addr}"),
+            format!("https://{peer_addr}"),
+        );
+        let (ca, cert, key) = (
+            spec.tls.join("ca.pem"),
+            spec.tls.join("etcd.pem"),
+            spec.tls.join("etcd.key"),
         );
         let mut cmd = Command::new(&spec.etcd);
         cmd.args(["--name", "bench"])
@@ -124,10 +131,24 @@ impl Instance {
             .args(["--listen-peer-urls", &peer_url])
             .args(["--initial-advertise-peer-urls", &peer_url])
             .args(["--initial-cluster", &format!("bench={peer_url}")])
-            .args(["--initial-cluster-state", "new"]);
+            .args(["--initial-cluster-state", "new"])
+            .arg("--cert-file")
+            .arg(&cert)
+            .arg("--key-file")
+            .arg(&key)
+            .arg("--trusted-ca-file")
+            .arg(&ca)
+            .arg("--client-cert-auth")
+            .arg("--peer-cert-file")
+            .arg(&cert)
+            .arg("--peer-key-file")
+            .arg(&key)
+            .arg("--peer-trusted-ca-file")
+            .arg(&ca)
+            .arg("--peer-client-cert-auth");
         let etcd = Daemon::spawn("etcd", cmd, &log("etcd"))?;
-        etcd.wait_until("etcd's /health", START_TIMEOUT, || {
-            http_get(client_addr, "/health").is_ok_and(|body| body.contains("true"))
+        etcd.wait_until("etcd's log: ready to serve", START_TIMEOUT, || {
+            etcd.log_text().contains("ready to serve client requests")
         })?;
 
         let mut workers = Vec::with_capacity(n);
@@ -261,6 +282,9 @@ fn wait_for_members(spec: &Spec, etcd_url: &str, workers: &[Node]) -> anyhow::Re
         let out = host::run_command(
             Command::new(&spec.bin)
                 .args(["status", "--etcd", etcd_url, "--json"])
+                .arg("--tls-dir")
+                .arg(&spec.tls)
+                .args(["--tls-name", "client"])
                 .env("GRANARY_LOG", "warn"),
         );
         let last = match out {

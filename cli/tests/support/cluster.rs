@@ -3,8 +3,10 @@
 
 use super::process::{Mount, granary, interrupt_and_reap, run_with_timeout};
 use super::{free_port, http_get, metric};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub struct Worker {
@@ -122,11 +124,40 @@ impl Drop for Worker {
     }
 }
 
+/// The TLS directory of each test cluster, by its etcd URL and its workers' API addresses: the
+/// clients' `--tls-dir`.
+static TLS_OF: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
+
+/// Remembers that `addr` (an etcd URL or a worker API address) is reached with the certificates
+/// in `tls`.
+pub fn register_tls(addr: &str, tls: &Path) {
+    TLS_OF.lock().unwrap().insert(addr.into(), tls.into());
+}
+
+/// `--tls-dir DIR --tls-name client` for a registered etcd URL or worker address; nothing for a
+/// plaintext worker.
+pub fn tls_flags(addr: &str) -> Vec<String> {
+    match TLS_OF.lock().unwrap().get(addr) {
+        Some(dir) => vec![
+            "--tls-dir".into(),
+            dir.display().to_string(),
+            "--tls-name".into(),
+            "client".into(),
+        ],
+        None => Vec::new(),
+    }
+}
+
 pub fn status(etcd: &str) -> serde_json::Value {
-    let out = run_with_timeout(
-        granary(&["status", "--etcd", etcd, "--json"], &[]),
-        Duration::from_secs(30),
-    );
+    let mut args = vec![
+        "status".to_string(),
+        "--etcd".into(),
+        etcd.into(),
+        "--json".into(),
+    ];
+    args.extend(tls_flags(etcd));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_with_timeout(granary(&args, &[]), Duration::from_secs(30));
     assert!(out.status.success(), "status: {}", out.stderr);
     serde_json::from_str(&out.stdout).unwrap()
 }
@@ -200,6 +231,20 @@ pub fn dev_certs(work: &Path, workers: usize) -> PathBuf {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = run_with_timeout(granary(&args, &[]), Duration::from_secs(20));
     assert!(out.status.success(), "certs: {}", out.stderr);
+    tls
+}
+
+/// Certificates for workers w1..wN and a client from the CA of the test's own etcd (`etcd.sh`
+/// writes it), in `work/tls`, so that etcd accepts them; remembered for the etcd URL.
+pub fn cluster_certs(work: &Path, workers: usize, etcd: &super::own::OwnService) -> PathBuf {
+    let tls = work.join("tls");
+    std::fs::create_dir_all(&tls).unwrap();
+    let ca = PathBuf::from(etcd.get("GRANARY_TEST_ETCD_TLS"));
+    for file in ["ca.pem", "ca.key"] {
+        std::fs::copy(ca.join(file), tls.join(file)).unwrap();
+    }
+    dev_certs(work, workers);
+    register_tls(&etcd.get("GRANARY_TEST_ETCD"), &tls);
     tls
 }
 
@@ -284,6 +329,7 @@ pub fn start_workers(work: &Path, n: usize, spec: &Spec) -> Started {
                 Err(why) => panic!("worker {id} did not start: {why}"),
             }
         };
+        register_tls(&api, spec.tls);
         started.workers.push(worker);
         started.api.push(api);
         started.metrics.push(metrics);

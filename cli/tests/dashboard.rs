@@ -1,7 +1,8 @@
 //! The built-in dashboard at `/` of a worker's metrics port, opened in a real headless Chromium
 //! against a running three-worker cluster with a loaded dataset: the numbers on the rendered
-//! page are those of `granary status --json` and `granary dataset status --json`; a screenshot
-//! is saved as target/dashboard.png.
+//! page are those of `granary status --json` and `granary dataset status --json`; without a
+//! token the page asks for one and shows no dataset, a tenant's token shows its own pins only; a
+//! screenshot is saved as target/dashboard.png.
 
 mod support;
 
@@ -11,12 +12,15 @@ use std::process::Command;
 use std::time::Duration;
 use support::backends::{S3Target, unique};
 use support::cluster::{
-    Spec, Started, dev_certs, drop_page_cache, mount_cluster, start_workers, status,
+    Spec, Started, cluster_certs, drop_page_cache, mount_cluster, start_workers, status, tls_flags,
     wait_for_members,
 };
 use support::data::{Tree, content};
 use support::own::OwnService;
 use support::process::{granary, run_with_timeout};
+
+const ADMIN: &str = "dashboard-admin-token-0123";
+const TEAM: &str = "dashboard-team-token-0123";
 
 /// The page after its scripts ran: Chromium's DOM dump.
 fn rendered(url: &str) -> String {
@@ -67,7 +71,7 @@ fn the_dashboard_shows_what_status_says() {
     let etcd = OwnService::start("etcd");
     let etcd_url = etcd.get("GRANARY_TEST_ETCD");
     let work = tempfile::tempdir().unwrap();
-    let tls = dev_certs(work.path(), 3);
+    let tls = cluster_certs(work.path(), 3, &etcd);
     let prefix = unique("dashboard");
     let mut tree = Tree::new();
     for i in 0..12 {
@@ -86,7 +90,10 @@ fn the_dashboard_shows_what_status_says() {
         etcd: &etcd_url,
         tls: &tls,
         memory: "64MiB",
-        extra: "",
+        extra: &format!(
+            "[datasets]\nadmin_token = \"{ADMIN}\"\n\
+             [[tenant]]\nname = \"team-a\"\ntoken = \"{TEAM}\"\n"
+        ),
         extra_for: &[],
     };
     let Started {
@@ -109,18 +116,42 @@ fn the_dashboard_shows_what_status_says() {
     }
     assert!(client.stop().success());
     let api = apis[0].clone();
-    for args in [
-        vec!["pin", "train", "--path", "/data/set", "--nodes", "w2,w3"],
-        vec!["load", "train", "--wait", "--timeout", "60s"],
+    for (token, args) in [
+        (
+            ADMIN,
+            vec!["pin", "train", "--path", "/data/set", "--nodes", "w2,w3"],
+        ),
+        (ADMIN, vec!["load", "train", "--wait", "--timeout", "60s"]),
+        (TEAM, vec!["pin", "mine", "--path", "/data/read"]),
     ] {
-        let mut all = vec!["dataset", "--server", api.as_str()];
+        let tls = tls_flags(&api);
+        let mut all = vec!["dataset", "--server", api.as_str(), "--token", token];
+        all.extend(tls.iter().map(String::as_str));
         all.extend(args);
         let out = run_with_timeout(granary(&all, &[]), Duration::from_secs(90));
         assert!(out.status.success(), "{all:?}: {}", out.stderr);
     }
 
-    // The page, rendered by Chromium, against the CLI's view of the same quiet cluster.
-    let dom = rendered(&format!("http://{}/", metrics[0]));
+    // Without a token the page asks for one and shows no dataset.
+    let page = format!("http://{}/", metrics[0]);
+    let dom = rendered(&page);
+    assert!(dom.contains("data-auth=\"needed\""), "{dom}");
+    assert!(
+        after(&dom, "id=\"auth-error\"").contains("no token"),
+        "{dom}"
+    );
+    for name in ["train", "mine"] {
+        assert!(!dom.contains(&format!("data-dataset=\"{name}\"")), "{dom}");
+    }
+    // A tenant's token: its own pin only.
+    let dom = rendered(&format!("{page}#token={TEAM}"));
+    assert!(dom.contains("data-dataset=\"mine\""), "{dom}");
+    assert!(!dom.contains("data-dataset=\"train\""), "{dom}");
+    assert_eq!(after(&dom, "id=\"dataset-count\""), "1");
+
+    // The page with the admin's token, rendered by Chromium, against the CLI's view of the same
+    // quiet cluster.
+    let dom = rendered(&format!("{page}#token={ADMIN}"));
     let s = status(&etcd_url);
     assert_eq!(after(&dom, "id=\"members-up\""), "3/3", "{dom}");
     // The page shows the serving worker's own view of the membership.
@@ -160,7 +191,18 @@ fn the_dashboard_shows_what_status_says() {
     );
     let out = run_with_timeout(
         granary(
-            &["dataset", "--server", &api, "status", "train", "--json"],
+            &[
+                "dataset",
+                "--server",
+                &api,
+                "--tls-dir",
+                tls.to_str().unwrap(),
+                "--token",
+                ADMIN,
+                "status",
+                "train",
+                "--json",
+            ],
             &[],
         ),
         Duration::from_secs(20),
@@ -183,7 +225,7 @@ fn the_dashboard_shows_what_status_says() {
             "100.00"
         );
     }
-    assert_eq!(after(&dom, "id=\"dataset-count\""), "1");
+    assert_eq!(after(&dom, "id=\"dataset-count\""), "2");
 
     // The screenshot, for people.
     let shot = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/dashboard.png");
@@ -196,7 +238,7 @@ fn the_dashboard_shows_what_status_says() {
             "--window-size=1280,1400",
             "--virtual-time-budget=6000",
             &format!("--screenshot={}", shot.display()),
-            &format!("http://{}/", metrics[0]),
+            &format!("{page}#token={ADMIN}"),
         ])
         .output()
         .unwrap();

@@ -44,12 +44,11 @@ pub struct SchedulerArgs {
         long,
         value_name = "TOKEN",
         env = "GRANARY_TOKEN",
-        hide_env_values = true,
-        conflicts_with = "token_file"
+        hide_env_values = true
     )]
     pub token: Option<String>,
-    /// Read the Datasets API token from FILE (e.g. a mounted Secret; surrounding whitespace is
-    /// dropped).
+    /// Read the Datasets API token from FILE (one line; e.g. a mounted Secret); overrides
+    /// --token and GRANARY_TOKEN.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
     /// How long a gang released for binding (placed, data ready) keeps its reserved GPUs while
@@ -135,20 +134,12 @@ fn call_error(e: ApiError) -> CallError {
     }
 }
 
-/// The token from --token or --token-file.
+/// The token from --token-file, else --token (or GRANARY_TOKEN).
 fn token(args: &SchedulerArgs) -> anyhow::Result<Option<String>> {
-    let Some(path) = &args.token_file else {
-        return Ok(args.token.clone());
-    };
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("--token-file {}", path.display()))?;
-    let token = text.trim();
-    anyhow::ensure!(
-        !token.is_empty(),
-        "--token-file {}: the file is empty",
-        path.display()
-    );
-    Ok(Some(token.to_string()))
+    match &args.token_file {
+        Some(file) => crate::cmd_dataset::read_token_file(file).map(Some),
+        None => Ok(args.token.clone()),
+    }
 }
 
 pub async fn run(args: SchedulerArgs) -> anyhow::Result<()> {

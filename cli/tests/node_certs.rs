@@ -709,3 +709,97 @@ fn requests_for_another_node_account_or_signer_or_with_ca_rights_get_no_certific
     assert_eq!(issued.len(), 1, "{issued:?}");
     drop(signer);
 }
+
+#[test]
+fn bad_signer_and_csr_flags_are_refused_naming_the_problem() {
+    let work = tempfile::tempdir().unwrap();
+    let ca_dir = work.path().join("ca");
+    let run = |args: &[&str]| run_with_timeout(granary(args, &[]), Duration::from_secs(30));
+    let missing = run(&["signer", "--ca-dir", ca_dir.to_str().unwrap()]);
+    assert!(!missing.status.success());
+    assert!(
+        missing
+            .stderr
+            .contains(&format!("{}", ca_dir.join("ca.pem").display())),
+        "{}",
+        missing.stderr
+    );
+    let ca = ca_dir.to_str().unwrap();
+    for (args, want) in [
+        (
+            vec!["signer", "--ca-dir", ca, "--lifetime", "1s"],
+            "--lifetime 1s is out of range",
+        ),
+        (
+            vec!["signer", "--ca-dir", ca, "--lifetime", "1000d"],
+            "--lifetime 1000d is out of range",
+        ),
+        (
+            vec!["signer", "--ca-dir", ca, "--worker-account", "admin"],
+            "--worker-account",
+        ),
+        (
+            vec!["signer", "--ca-dir", ca, "--signer-name", "node"],
+            "is not DOMAIN/NAME",
+        ),
+        (
+            vec!["signer", "--ca-dir", ca, "--ca-configmap", "granary"],
+            "--ca-configmap",
+        ),
+    ] {
+        let out = run(&args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(out.stderr.contains(want), "{args:?}: {}", out.stderr);
+    }
+    let out_dir = work.path().join("tls");
+    let out = out_dir.to_str().unwrap();
+    for (args, want) in [
+        (vec!["certs", "--csr", "--out", out], "--node"),
+        (
+            vec!["certs", "--csr", "--node", "N1/x", "--out", out],
+            "is not a Kubernetes node name",
+        ),
+        (
+            vec![
+                "certs",
+                "--csr",
+                "--node",
+                "n1",
+                "--out",
+                out,
+                "--timeout",
+                "0s",
+            ],
+            "--timeout 0s is out of range",
+        ),
+        (
+            vec!["certs", "--csr", "--node", "n1", "--out", out, "extra"],
+            "cannot be used with",
+        ),
+        (vec!["certs", "--renew", "--out", out, "n1"], "--csr"),
+        (
+            vec![
+                "certs",
+                "--csr",
+                "--node",
+                "n1",
+                "--out",
+                out,
+                "--kubeconfig",
+                "/nonexistent/kc",
+            ],
+            "/nonexistent/kc",
+        ),
+    ] {
+        let out = run(&args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(out.stderr.contains(want), "{args:?}: {}", out.stderr);
+    }
+    assert!(!out_dir.join("n1.key").exists() && !out_dir.join("ca.pem").exists());
+    // The development contract is unchanged.
+    let dev = run(&["certs", "--out", out, "n1"]);
+    assert!(dev.status.success(), "{}", dev.stderr);
+    for file in ["ca.pem", "ca.key", "n1.pem", "n1.key"] {
+        assert!(out_dir.join(file).exists(), "{file}");
+    }
+}

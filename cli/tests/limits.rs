@@ -219,6 +219,9 @@ fn tokens_from_files_a_limited_scheduler_range_checks_and_file_quotas() {
     assert!(e.to_string().contains("5000 nodes listed"), "{e}");
     let e = raw("odd", None, 1, vec!["a b".into()]).unwrap_err();
     assert!(e.to_string().contains("invalid node id"), "{e}");
+    // A request over the service's decoding limit (2 MiB) is refused before it is decoded.
+    let e = raw("huge", None, 1, vec!["n".repeat(1000); 3000]).unwrap_err();
+    assert!(e.to_string().contains("2097152"), "{e}");
 
     // The longest TTL allowed expires ten years on, not at once.
     let now = SystemTime::now()

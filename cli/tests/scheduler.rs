@@ -617,6 +617,32 @@ fn gangs_bind_whole_near_ready_data_through_a_real_kube_scheduler() {
     ])
     .env("GRANARY_LOG", "info,kube=warn");
     let hook = Process::spawn(cmd, &work.path().join("hook.log"));
+    // The hook's credential reads status and loads; it cannot pin (nor unpin, nor verify).
+    let out = run_with_timeout(
+        granary(
+            &[
+                "dataset",
+                "--server",
+                &api,
+                "--tls-dir",
+                tls_arg,
+                "--token-file",
+                token_file.to_str().unwrap(),
+                "pin",
+                "stolen",
+                "--path",
+                "/data/train",
+            ],
+            &[],
+        ),
+        Duration::from_secs(30),
+    );
+    assert!(
+        !out.status.success() && out.stderr.contains("role \"scheduler\""),
+        "the scheduler token pinned: {}{}",
+        out.stdout,
+        out.stderr
+    );
     let client = HookClient::new(&hook_addr, &tls, Some("kube-scheduler"));
     wait_until("the hook to serve", Duration::from_secs(30), || {
         client

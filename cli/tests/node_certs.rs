@@ -686,6 +686,59 @@ fn requests_for_another_node_account_or_signer_or_with_ca_rights_get_no_certific
         );
     }
 
+    // A request nobody answers (no signer of that name) fails after --timeout, naming it.
+    let out = run_with_timeout(
+        granary(
+            &[
+                "certs",
+                "--csr",
+                "--node",
+                "n1",
+                "--out",
+                stolen.to_str().unwrap(),
+                "--kubeconfig",
+                on_n2.to_str().unwrap(),
+                "--signer-name",
+                "granary.io/nobody",
+                "--timeout",
+                "3s",
+            ],
+            &[],
+        ),
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success());
+    assert!(
+        out.stderr.contains("was not answered within 3s"),
+        "{}",
+        out.stderr
+    );
+
+    // While the signer is down, the admin approves a request the policy refuses: the signer,
+    // back, marks it Failed with the reason and signs nothing.
+    drop(signer);
+    c.create_csr(&c.admin, "admin-approved", SIGNER, &node_req, &usages)
+        .unwrap();
+    let admin_api: Api<CertificateSigningRequest> = Api::all(c.admin.clone());
+    c.rt.block_on(admin_api.patch_approval(
+        "admin-approved",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"status": {"conditions": [{"type": "Approved",
+            "status": "True", "reason": "AdminSaysSo", "message": "approved by hand"}]}})),
+    ))
+    .unwrap();
+    let (signer, _ca) = c.signer("24h");
+    wait_until(
+        "the approved request failed",
+        Duration::from_secs(60),
+        || {
+            conditions(&c.csr("admin-approved"))
+                .iter()
+                .any(|(t, r, _)| t == "Failed" && r == "NotWorkerAccount")
+        },
+    );
+    assert!(certificate(&c.csr("admin-approved")).is_empty());
+
     // The signer works: the rightful request, made after all of these, is signed...
     let tls = c.work.path().join("tls");
     let worker = c.kubeconfig(

@@ -539,13 +539,19 @@ impl ConfigFile {
                         s.parse::<ByteSize>()
                     })
                 })
-                quota_files: t.quota_files,
                 .transpose()?
                 .map(|b| b.bytes());
             out.tenants.push(Tenant {
                 name: t.name.clone(),
                 token,
                 quota,
+                quota_files: t.quota_files,
+            });
+        }
+        Ok(out)
+    }
+}
+
 /// A bearer token from at most one of its sources: inline `value`, the file `file` (one line; a
 /// trailing newline is dropped) or the environment variable `env`. `key` names the inline key
 /// (`..._file` and `..._env` are the others) in errors.
@@ -562,6 +568,16 @@ fn token(
             let text = std::fs::read_to_string(path).map_err(|e| {
                 ConfigError::Invalid(format!("{key}_file: cannot read {}: {e}", path.display()))
             })?;
+            let mode = std::fs::metadata(path).map_or(0, |m| {
+                std::os::unix::fs::PermissionsExt::mode(&m.permissions())
+            });
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    file = %path.display(),
+                    mode = format!("{:o}", mode & 0o777),
+                    "{key}_file is readable by others than its owner: give it mode 0400 (a Secret volume's defaultMode)"
+                );
+            }
             let line = text.strip_suffix('\n').unwrap_or(&text);
             line.strip_suffix('\r').unwrap_or(line).to_string()
         }
@@ -588,12 +604,6 @@ fn token(
         )));
     }
     Ok(Some(Token::new(&text)))
-}
-
-            });
-        }
-        Ok(out)
-    }
 }
 
 fn tls_files(t: &TlsSection, node_id: &str) -> Result<TlsFiles, ConfigError> {
@@ -722,6 +732,12 @@ mod tests {
         assert_eq!(s.node_id, "n1");
         assert_eq!(s.cache.block_size.get(), 1 << 20);
         assert_eq!(s.metadata_ttl, Duration::from_secs(5));
+        assert_eq!(s.namespace.mounts().len(), 2);
+        assert_eq!(s.backend.max_concurrency, 8);
+        assert_eq!(s.datasets.load_concurrency, 16);
+        assert_eq!(s.datasets.load_threads, 2);
+    }
+
     #[test]
     fn tokens_come_from_files_env_or_inline() {
         let dir = tempfile::tempdir().unwrap();
@@ -748,12 +764,6 @@ mod tests {
         assert_eq!(d.tenants[0].quota_files, Some(10));
         assert_eq!(d.tenants[1].token, Token::new("inline-token-0123456"));
         assert!(!d.open());
-    }
-
-        assert_eq!(s.namespace.mounts().len(), 2);
-        assert_eq!(s.backend.max_concurrency, 8);
-        assert_eq!(s.datasets.load_concurrency, 16);
-        assert_eq!(s.datasets.load_threads, 2);
     }
 
     #[test]
@@ -814,6 +824,12 @@ mod tests {
                 ),
                 "quota",
             ),
+        ];
+        for (text, needle) in cases {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
 
     #[test]
     fn bad_token_configs_name_the_problem() {
@@ -851,12 +867,6 @@ mod tests {
                 ),
                 "quota_files",
             ),
-        ];
-        for (text, needle) in cases {
-            let err = parse(&text).unwrap_err().to_string();
-            assert!(err.contains(needle), "{text:?}: {err}");
-        }
-    }
         ];
         for (text, needle) in cases {
             let err = parse(&text).unwrap_err().to_string();

@@ -16,11 +16,14 @@ pub const BACKEND_BYTES: &str = "granary_backend_bytes_total";
 /// control character, a POSIX name that is not UTF-8), by `reason`. Counter, keys.
 pub const BACKEND_KEYS_SKIPPED: &str = "granary_backend_keys_skipped_total";
 /// Records read from etcd and ignored (malformed, out of range, or not signed by the node they
-/// name), by `kind` (`member`, `pin`). Counter.
+/// name), by `kind` (`member`, `pin`, `progress`). Counter.
 pub const ETCD_RECORDS_REFUSED: &str = "granary_etcd_records_refused_total";
 /// RPCs refused before they ran because the caller lacked the credential they need, by
 /// `method` and `reason`. Counter.
 pub const RPC_REFUSED: &str = "granary_rpc_refused_total";
+/// Node certificate requests the signer decided, by `decision` (`issued`, `denied`, `failed`)
+/// and `reason` (the condition's reason: `granted`, `WrongNode`, `NotWorkerAccount`, ...). Counter.
+pub const CSR_DECISIONS: &str = "granary_csr_decisions_total";
 /// Blocks whose checksum did not match (dropped and refetched). Counter.
 pub const BLOCK_CHECKSUM_FAILURES: &str = "granary_block_checksum_failures_total";
 /// Metadata (stat/list) lookups, by `result`: `hit` (served from the TTL cache) or `miss`. Counter.
@@ -37,6 +40,9 @@ pub const FUSE_READ_BYTES: &str = "granary_fuse_read_bytes_total";
 /// Opens answered with kernel passthrough to a local copy (its reads never reach Granary).
 /// Counter, opens.
 pub const FUSE_PASSTHROUGH_OPENS: &str = "granary_fuse_passthrough_opens_total";
+/// Local copies a worker named that a client refused to open (not a regular file beneath that
+/// worker's dataset store): read through the worker instead. Counter, files; label `reason`.
+pub const FUSE_LOCAL_COPIES_REFUSED: &str = "granary_fuse_local_copies_refused_total";
 /// Per-CPU io_uring queues taking this mount's kernel requests (FUSE over io_uring); 0 when they
 /// go through `/dev/fuse`. Gauge, queues.
 pub const FUSE_IO_URING_QUEUES: &str = "granary_fuse_io_uring_queues";
@@ -99,6 +105,7 @@ pub const ALL: &[&str] = &[
     FUSE_UNSUPPORTED_IOCTLS,
     FUSE_READ_BYTES,
     FUSE_PASSTHROUGH_OPENS,
+    FUSE_LOCAL_COPIES_REFUSED,
     FUSE_IO_URING_QUEUES,
     FUSE_PINS_EPOCH_KNOWN,
     FUSE_KERNEL_INVALIDATIONS,

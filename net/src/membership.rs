@@ -384,6 +384,20 @@ async fn put_record(
     Ok(())
 }
 
+/// Whether this version of a refused record is new to this process: it is logged and counted
+/// once, not at every read of the view. Bounded: forgotten wholesale past 1,024 versions.
+fn first_sighting(key: &[u8], revision: i64) -> bool {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static SEEN: Mutex<Option<HashSet<(Vec<u8>, i64)>>> = Mutex::new(None);
+    let mut seen = SEEN.lock().expect("refused records");
+    let seen = seen.get_or_insert_with(HashSet::new);
+    if seen.len() >= 1024 {
+        seen.clear();
+    }
+    seen.insert((key.to_vec(), revision))
+}
+
 async fn read_view(client: &mut Client, tls: &TlsIdentity) -> Result<View, etcd_client::Error> {
     let resp = client
         .get(PREFIX, Some(GetOptions::new().with_prefix()))
@@ -395,9 +409,11 @@ async fn read_view(client: &mut Client, tls: &TlsIdentity) -> Result<View, etcd_
         .filter_map(|kv| match open(kv.key(), kv.value(), tls) {
             Ok(m) => Some(m),
             Err(e) => {
-                metrics::counter!(granary_core::metrics::ETCD_RECORDS_REFUSED, "kind" => "member")
-                    .increment(1);
-                tracing::warn!(key = %String::from_utf8_lossy(kv.key()).escape_debug(), error = %e, "ignoring a member record");
+                if first_sighting(kv.key(), kv.mod_revision()) {
+                    metrics::counter!(granary_core::metrics::ETCD_RECORDS_REFUSED, "kind" => "member")
+                        .increment(1);
+                    tracing::warn!(key = %String::from_utf8_lossy(kv.key()).escape_debug(), error = %e, "ignoring a member record");
+                }
                 None
             }
         })

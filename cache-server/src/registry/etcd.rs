@@ -171,6 +171,8 @@ impl PinStore for EtcdRegistry {
                 let stored = match serde_json::from_slice::<StoredPin>(kv.value()) {
                     Ok(p) => p,
                     Err(e) => {
+                        metrics::counter!(granary_core::metrics::ETCD_RECORDS_REFUSED, "kind" => "pin")
+                            .increment(1);
                         tracing::warn!(key = ?kv.key_str(), error = %e, "ignoring a malformed pin");
                         continue;
                     }
@@ -365,13 +367,46 @@ impl PinStore for EtcdRegistry {
                 )
                 .await
                 .map_err(etcd)?;
+            let prefix = format!("{PROGRESS}{name}/");
             Ok(resp
                 .kvs()
                 .iter()
-                .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+                .filter_map(|kv| {
+                    let node = kv.key().strip_prefix(prefix.as_bytes())?;
+                    let checked = serde_json::from_slice::<NodeProgress>(kv.value())
+                        .map_err(|e| e.to_string())
+                        .and_then(|p| check_progress(node, &p).map(|()| p));
+                    match checked {
+                        Ok(p) => Some(p),
+                        Err(e) => {
+                            metrics::counter!(granary_core::metrics::ETCD_RECORDS_REFUSED, "kind" => "progress")
+                                .increment(1);
+                            tracing::warn!(key = ?kv.key_str(), error = %e, "ignoring a progress report");
+                            None
+                        }
+                    }
+                })
                 .collect())
         })
     }
+}
+
+/// Checks a node's progress report read from etcd: under its own node's key, counts that add up.
+fn check_progress(key_node: &[u8], p: &NodeProgress) -> Result<(), String> {
+    granary_core::placement::check_node_id(&p.node)?;
+    if key_node != p.node.as_bytes() {
+        return Err(format!(
+            "a report for {:?} under another node's key",
+            p.node
+        ));
+    }
+    if p.files_ready > p.files_total || p.bytes_ready > p.bytes_total {
+        return Err("more ready than there is".into());
+    }
+    if !p.rate.is_finite() || p.rate < 0.0 || p.reason.len() > 4096 {
+        return Err("rate or reason out of range".into());
+    }
+    Ok(())
 }
 
 /// The stored pin at `key`, with its modification revision.

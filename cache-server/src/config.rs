@@ -346,16 +346,10 @@ impl ConfigFile {
     /// Validates every field and builds the settings.
     pub fn settings(&self) -> Result<Settings, ConfigError> {
         let node_id = match &self.node_id {
-            Some(id)
-                if id.is_empty()
-                    || id.len() > 128
-                    || id.chars().any(|c| c.is_whitespace() || c == '/') =>
-            {
-                return Err(ConfigError::Invalid(format!(
-                    "node_id {id:?} must be 1-128 characters without spaces or '/'"
-                )));
+            Some(id) => {
+                granary_core::placement::check_node_id(id).map_err(ConfigError::Invalid)?;
+                id.clone()
             }
-            Some(id) => id.clone(),
             None => default_node_id(),
         };
         let listen = field(

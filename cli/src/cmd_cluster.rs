@@ -65,9 +65,12 @@ pub struct StatusArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub tls: crate::tls_args::TlsArgs,
 }
 
 pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let tls = args.tls.identity()?;
     let (epoch, members) = match &args.server {
         Some(addr) => {
             let addr = addr
@@ -86,13 +89,16 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
             )
         }
         None => {
-            let view = Membership::read(&args.etcd).await?;
+            let etcd = crate::tls_args::etcd(&args.etcd, tls.as_ref())?;
+            let view = Membership::read(&etcd).await?;
             (view.epoch, view.members)
         }
     };
     let mut nodes = Vec::new();
     for m in &members {
-        nodes.push((m, member_info(m).await));
+        // A single --server is checked against its address; a member against its node id.
+        let name = args.server.is_none().then_some(m.node_id.as_str());
+        nodes.push((m, member_info(m, tls.as_ref(), name).await));
     }
     if args.json {
         println!(
@@ -132,9 +138,15 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A member's fresh counters over its gRPC API (`None` when it does not answer in 3 s).
-pub async fn member_info(m: &MemberInfo) -> Option<granary_proto::Info> {
-    match GrpcCache::connect(&m.api_addr.to_string(), Duration::from_secs(3)).await {
+/// A member's fresh counters over its gRPC API (`None` when it does not answer in 3 s); over TLS
+/// with `tls`, the worker's certificate checked for `name` (default: its address).
+pub async fn member_info(
+    m: &MemberInfo,
+    tls: Option<&granary_net::tls::TlsIdentity>,
+    name: Option<&str>,
+) -> Option<granary_proto::Info> {
+    let addr = m.api_addr.to_string();
+    match GrpcCache::connect(&addr, tls, name, Duration::from_secs(3)).await {
         Ok(api) => api.fresh_info().await.ok(),
         Err(_) => None,
     }

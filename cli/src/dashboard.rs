@@ -126,9 +126,15 @@ fn members(worker: &Worker) -> (u64, Vec<MemberInfo>) {
 
 async fn cluster_status(worker: &Worker) -> Value {
     let (epoch, members) = members(worker);
+    // The other workers' APIs are TLS when ours is: ask with this worker's certificate.
+    let tls = worker
+        .settings()
+        .tls
+        .as_ref()
+        .and_then(|files| granary_net::tls::TlsIdentity::load(files).ok());
     let mut nodes = Vec::new();
     for m in &members {
-        nodes.push((m, member_info(m).await));
+        nodes.push((m, member_info(m, tls.as_ref(), Some(&m.node_id)).await));
     }
     status_json(epoch, &nodes)
 }

@@ -11,6 +11,7 @@ mod cmd_up;
 mod dashboard;
 mod mount_flags;
 mod runtime;
+mod tls_args;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

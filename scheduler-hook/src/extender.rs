@@ -180,6 +180,8 @@ pub enum BadRequest {
     Json(String),
     #[error("the body has no Pod")]
     NoPod,
+    #[error("the Pod has no metadata.name")]
+    NoPodName,
     #[error("Nodes.items[{index}] is not a valid Node: {error}")]
     Node { index: usize, error: String },
     #[error("Nodes.items[{index}] has no metadata.name")]

@@ -97,23 +97,31 @@ fn parse_args(bytes: &[u8]) -> Result<(crate::extender::Pod, Candidates), BadReq
     args.into_parts()
 }
 
-/// Why a request's pod is not acted on: the status to answer with and the reason.
-struct Refused(StatusCode, String);
+/// Why a request's pod is not acted on: the status to answer with, the metrics outcome
+/// (`bad_request`: a malformed body; `refused`: a pod the hook does not trust), the reason.
+struct Refused {
+    status: StatusCode,
+    outcome: &'static str,
+    why: String,
+}
 
 impl Refused {
-    /// The metrics outcome: a malformed body, or a pod the hook does not trust.
-    fn outcome(&self) -> &'static str {
-        if self.1.starts_with("pod ") {
-            "refused"
-        } else {
-            "bad_request"
+    fn untrusted(status: StatusCode, why: String) -> Refused {
+        Refused {
+            status,
+            outcome: "refused",
+            why,
         }
     }
 }
 
 impl From<BadRequest> for Refused {
     fn from(e: BadRequest) -> Self {
-        Refused(StatusCode::BAD_REQUEST, e.to_string())
+        Refused {
+            status: StatusCode::BAD_REQUEST,
+            outcome: "bad_request",
+            why: e.to_string(),
+        }
     }
 }
 
@@ -146,7 +154,7 @@ async fn trusted(
 ) -> Result<Intent, Refused> {
     let key = format!("{namespace}/{name}");
     if uid.is_empty() {
-        return Err(Refused(
+        return Err(Refused::untrusted(
             StatusCode::BAD_REQUEST,
             format!("pod {key}: the request gives no uid"),
         ));
@@ -159,26 +167,26 @@ async fn trusted(
     let pod = match app.hook.cluster.get_pod(namespace, name).await {
         Ok(p) => p,
         Err(CallError::NotFound(_)) => {
-            return Err(Refused(
+            return Err(Refused::untrusted(
                 StatusCode::BAD_REQUEST,
                 format!("pod {key} does not exist in the API server; refused"),
             ));
         }
         Err(e) => {
-            return Err(Refused(
+            return Err(Refused::untrusted(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("pod {key}: cannot check it with the API server: {e}"),
             ));
         }
     };
     let server = intent(&pod).map_err(|e| {
-        Refused(
+        Refused::untrusted(
             StatusCode::BAD_REQUEST,
             format!("pod {key} in the API server: {e}"),
         )
     })?;
     if server.uid != uid {
-        return Err(Refused(
+        return Err(Refused::untrusted(
             StatusCode::BAD_REQUEST,
             format!(
                 "pod {key} has uid {} in the API server, not {uid}; refused",
@@ -190,7 +198,7 @@ async fn trusted(
         app.hook.state().set_pod(server.clone());
     }
     if let Some(what) = claimed.and_then(|c| differs(c, &server)) {
-        return Err(Refused(
+        return Err(Refused::untrusted(
             StatusCode::BAD_REQUEST,
             format!("pod {key}: the request's {what} differs from the API server's; refused"),
         ));
@@ -204,19 +212,16 @@ async fn pod_intent(app: &App, pod: &crate::extender::Pod) -> Result<Intent, Ref
     let uid = pod.metadata.uid.as_deref().unwrap_or_default();
     let name = &pod.metadata.name;
     if name.is_empty() {
-        return Err(Refused(
-            StatusCode::BAD_REQUEST,
-            "the Pod has no metadata.name".into(),
-        ));
+        return Err(BadRequest::NoPodName.into());
     }
     trusted(app, &claimed.namespace, name, uid, Some(&claimed)).await
 }
 
 fn refused(verb: &str, r: Refused) -> Response {
-    tracing::warn!(verb, problem = %r.1, "extender request refused");
+    tracing::warn!(verb, problem = %r.why, "extender request refused");
     json(
-        r.0,
-        &serde_json::json!({ "Error": format!("{verb}: {}", r.1) }),
+        r.status,
+        &serde_json::json!({ "Error": format!("{verb}: {}", r.why) }),
     )
 }
 
@@ -239,7 +244,7 @@ async fn filter(State(app): State<App>, headers: HeaderMap, body: Body) -> Respo
     let intent = match pod_intent(&app, &pod).await {
         Ok(i) => i,
         Err(e) => {
-            record("filter", started, e.outcome());
+            record("filter", started, e.outcome);
             return refused("filter", e);
         }
     };
@@ -301,7 +306,7 @@ async fn prioritize(State(app): State<App>, headers: HeaderMap, body: Body) -> R
     let intent = match pod_intent(&app, &pod).await {
         Ok(i) => i,
         Err(e) => {
-            record("prioritize", started, e.outcome());
+            record("prioritize", started, e.outcome);
             return refused("prioritize", e);
         }
     };
@@ -355,7 +360,7 @@ async fn bind(State(app): State<App>, headers: HeaderMap, body: Body) -> Respons
             let now = app.hook.now();
             app.hook.state().check_bind(&pod, &args.node, now)
         }
-        Err(Refused(_, why)) => Err(why),
+        Err(r) => Err(r.why),
     };
     let result = match check {
         Err(e) => ExtenderBindingResult { error: e },

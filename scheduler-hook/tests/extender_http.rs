@@ -337,6 +337,7 @@ async fn bad_bodies_get_400_naming_the_problem_and_the_server_keeps_serving() {
         ("/filter", br#"{"Pod":{"metadata":{"name":"p","annotations":{"granary.io/gang-size":"-1","granary.io/gang":"g"}}}}"#.to_vec(), "filter: annotation granary.io/gang-size:"),
         ("/filter", br#"{"Pod":{"metadata":{"name":"p"},"spec":{"containers":[{"resources":{"limits":{"nvidia.com/gpu":"0.5"}}}]}}}"#.to_vec(), "filter: the pod's nvidia.com/gpu request 0.5 is not a whole number"),
         ("/prioritize", b"[1,2]".to_vec(), "prioritize: the body is not valid extender JSON"),
+        ("/prioritize", br#"{"Pod":{"metadata":{"uid":"u"}}}"#.to_vec(), "prioritize: the Pod has no metadata.name"),
         ("/bind", br#"{"PodName":"p"}"#.to_vec(), "bind: the body is not valid ExtenderBindingArgs"),
         ("/bind", br#"{"PodName":"","PodNamespace":"ml","PodUID":"","Node":"a"}"#.to_vec(), "bind: PodName and Node must not be empty"),
         ("/preempt", b"null".to_vec(), "preempt: the body is not a JSON object"),

@@ -49,6 +49,11 @@ impl<A: CacheApi> pb::cache_server::Cache for CacheService<A> {
             memory_capacity: info.memory_capacity,
             disk_capacity: info.disk_capacity,
             stats: Some((&info.stats).into()),
+            dataset_store: self
+                .api
+                .dataset_store()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
         }))
     }
 

@@ -253,6 +253,10 @@ fn split_parent(key: &str) -> (&str, &str) {
 }
 
 impl CacheApi for Worker {
+    fn dataset_store(&self) -> Option<std::path::PathBuf> {
+        std::path::absolute(self.settings.cache.dir.join("datasets")).ok()
+    }
+
     fn info(&self) -> Info {
         Info {
             node_id: self.settings.node_id.clone(),
@@ -516,6 +520,10 @@ impl Worker {
 pub struct LocalReads(pub Arc<Worker>);
 
 impl CacheApi for LocalReads {
+    fn dataset_store(&self) -> Option<std::path::PathBuf> {
+        self.0.dataset_store()
+    }
+
     fn info(&self) -> Info {
         self.0.info()
     }

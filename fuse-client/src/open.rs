@@ -380,10 +380,16 @@ impl std::fmt::Display for Unusable {
     }
 }
 
-/// Opens a local copy read-only and checks that it is a regular file of `size` bytes; returns
-/// it with its identity.
+/// Opens a local copy read-only, never through a symlink at its last component, and checks
+/// that it is a regular file of `size` bytes; returns it with its identity. (A remote worker's
+/// path is checked to lie beneath that worker's dataset store before it gets here.)
 fn open_local_copy(path: &Path, size: u64) -> Result<(File, FileIdentity), Unusable> {
-    let file = File::open(path).map_err(Unusable::Io)?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(Unusable::Io)?;
     let meta = file.metadata().map_err(Unusable::Io)?;
     Ok((file, checked(&meta, size)?))
 }

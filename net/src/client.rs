@@ -14,6 +14,8 @@ type Client = pb::cache_client::CacheClient<Channel>;
 pub struct GrpcCache {
     client: Client,
     info: Info,
+    /// The worker's dataset store (from its info): the only place a local copy may be.
+    dataset_store: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for GrpcCache {
@@ -47,6 +49,8 @@ impl GrpcCache {
             .map_err(|e| ApiError::Invalid(format!("worker {addr} reports {e}")))?;
         Ok(GrpcCache {
             client,
+            dataset_store: (!info.dataset_store.is_empty())
+                .then(|| std::path::PathBuf::from(&info.dataset_store)),
             info: Info {
                 node_id: info.node_id,
                 block_size,
@@ -117,7 +121,29 @@ impl CacheApi for GrpcCache {
             .clone()
             .local_copy(pb::ObjectRef::from(object))
             .await?;
-        Ok(reply.into_inner().path.map(Into::into))
+        let Some(path) = reply.into_inner().path.map(std::path::PathBuf::from) else {
+            return Ok(None);
+        };
+        // Only a regular file beneath the worker's own dataset store: never a path a worker
+        // (or a record forged in etcd) names elsewhere. Else the reads go through the worker.
+        match beneath_store(self.dataset_store.as_deref(), &path) {
+            Ok(path) => Ok(Some(path)),
+            Err(reason) => {
+                metrics::counter!(granary_core::metrics::FUSE_LOCAL_COPIES_REFUSED, "reason" => reason)
+                    .increment(1);
+                tracing::warn!(
+                    worker = %self.info.node_id,
+                    path = %path.display(),
+                    reason,
+                    "refused a local copy outside the worker's dataset store; reading through the worker"
+                );
+                Ok(None)
+            }
+        }
+    }
+
+    fn dataset_store(&self) -> Option<std::path::PathBuf> {
+        self.dataset_store.clone()
     }
 
     async fn pins_epoch(&self) -> Result<Option<u64>, ApiError> {
@@ -152,5 +178,64 @@ impl CacheApi for GrpcCache {
             )));
         }
         Ok(block)
+    }
+}
+
+/// `path` resolved (symlinks followed), if it is a regular file beneath the resolved `store`;
+/// else why not (a metric label).
+fn beneath_store(
+    store: Option<&std::path::Path>,
+    path: &std::path::Path,
+) -> Result<std::path::PathBuf, &'static str> {
+    let store = store.ok_or("no_store")?;
+    let store = store.canonicalize().map_err(|_| "no_store")?;
+    let resolved = path.canonicalize().map_err(|_| "missing")?;
+    if !resolved.starts_with(&store) || resolved == store {
+        return Err("outside_store");
+    }
+    match std::fs::symlink_metadata(&resolved) {
+        Ok(m) if m.is_file() => Ok(resolved),
+        _ => Err("not_a_regular_file"),
+    }
+}
+
+#[cfg(test)]
+mod local_copy_tests {
+    use super::beneath_store;
+
+    #[test]
+    fn local_copies_lie_beneath_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("datasets");
+        std::fs::create_dir_all(store.join("ds/files")).unwrap();
+        std::fs::write(store.join("ds/files/f"), b"f").unwrap();
+        std::fs::write(dir.path().join("secret"), b"s").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("secret"), store.join("ds/files/out")).unwrap();
+        let s = Some(store.as_path());
+        assert!(beneath_store(s, &store.join("ds/files/f")).is_ok());
+        assert_eq!(
+            beneath_store(s, &dir.path().join("secret")),
+            Err("outside_store")
+        );
+        assert_eq!(
+            beneath_store(s, &store.join("ds/files/out")),
+            Err("outside_store")
+        );
+        assert_eq!(
+            beneath_store(s, &store.join("ds/files/../../../secret")),
+            Err("outside_store")
+        );
+        assert_eq!(
+            beneath_store(s, &store.join("ds/files")),
+            Err("not_a_regular_file")
+        );
+        assert_eq!(
+            beneath_store(None, &store.join("ds/files/f")),
+            Err("no_store")
+        );
+        assert_eq!(
+            beneath_store(s, std::path::Path::new("/proc/self/status")),
+            Err("outside_store")
+        );
     }
 }

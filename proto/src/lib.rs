@@ -251,6 +251,12 @@ pub trait CacheApi: Send + Sync + 'static {
     fn pins_epoch(&self) -> impl Future<Output = Result<Option<u64>, ApiError>> + Send {
         std::future::ready(Ok(None))
     }
+
+    /// The directory of this worker's dataset store, where every [`CacheApi::local_copy`] path
+    /// lies; `None`: no store.
+    fn dataset_store(&self) -> Option<std::path::PathBuf> {
+        None
+    }
 }
 
 impl<T: CacheApi> CacheApi for Arc<T> {
@@ -291,5 +297,9 @@ impl<T: CacheApi> CacheApi for Arc<T> {
 
     fn pins_epoch(&self) -> impl Future<Output = Result<Option<u64>, ApiError>> + Send {
         (**self).pins_epoch()
+    }
+
+    fn dataset_store(&self) -> Option<std::path::PathBuf> {
+        (**self).dataset_store()
     }
 }

@@ -42,6 +42,9 @@ pub struct SignerArgs {
     /// ConfigMap the CA certificate is published in (key ca.pem).
     #[arg(long, value_name = "NAMESPACE/NAME", default_value = DEFAULT_CA_CONFIGMAP)]
     pub ca_configmap: String,
+    /// Serve Prometheus metrics (granary_csr_decisions_total) at http://ADDR/metrics.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// `granary certs --csr` options.
@@ -100,6 +103,9 @@ pub async fn run(args: SignerArgs) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)
         .context("--ca-configmap")?;
     let ca = Ca::load(&args.ca_dir)?;
+    if let Some(addr) = args.metrics_addr {
+        crate::runtime::serve_metrics(addr).await?;
+    }
     let client = request::client(args.kubeconfig.as_deref())
         .await
         .map_err(anyhow::Error::msg)?;

@@ -22,7 +22,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use support::own::OwnService;
 use support::process::{Finished, granary, granary_bin, interrupt_and_reap, run_with_timeout};
-use support::wait_until;
+use support::{free_port, http_get, metric, wait_until};
 
 const NS: &str = "granary";
 const SIGNER: &str = "granary.io/node";
@@ -216,8 +216,9 @@ impl Cluster {
     }
 
     /// A CA made with `granary certs` (development), and `granary signer` over it, running as
-    /// the granary-signer service account; returns once the CA certificate is published.
-    fn signer(&self, lifetime: &str) -> (Process, PathBuf) {
+    /// the granary-signer service account; returns once the CA certificate is published, with
+    /// the CA's directory and the signer's metrics address.
+    fn signer(&self, lifetime: &str) -> (Process, PathBuf, String) {
         let ca_dir = self.work.path().join("ca");
         let out = run_with_timeout(
             granary(&["certs", "--out", ca_dir.to_str().unwrap(), "dev"], &[]),
@@ -225,6 +226,7 @@ impl Cluster {
         );
         assert!(out.status.success(), "granary certs: {}", out.stderr);
         let kc = self.kubeconfig("signer", &self.token("granary-signer", None));
+        let metrics_addr = format!("127.0.0.1:{}", free_port());
         let mut signer = Process::spawn(
             &[
                 "signer",
@@ -234,6 +236,8 @@ impl Cluster {
                 kc.to_str().unwrap(),
                 "--lifetime",
                 lifetime,
+                "--metrics-addr",
+                &metrics_addr,
             ],
             &self.work.path().join("signer.log"),
         );
@@ -249,7 +253,7 @@ impl Cluster {
                     .is_some()
             },
         );
-        (signer, ca_dir)
+        (signer, ca_dir, metrics_addr)
     }
 
     fn csr(&self, name: &str) -> CertificateSigningRequest {
@@ -443,7 +447,7 @@ fn lifetime_secs(cert: &Path) -> i64 {
 #[test]
 fn a_worker_pod_gets_its_nodes_certificate_and_renews_it_without_the_ca_key() {
     let c = Cluster::start();
-    let (signer, ca_dir) = c.signer("30s");
+    let (signer, ca_dir, _) = c.signer("30s");
     let worker = c.kubeconfig("worker-n1", &c.token("granary-worker", Some("worker-n1")));
     let tls = c.work.path().join("tls");
 
@@ -566,7 +570,7 @@ fn a_worker_pod_gets_its_nodes_certificate_and_renews_it_without_the_ca_key() {
 #[test]
 fn requests_for_another_node_account_or_signer_or_with_ca_rights_get_no_certificate() {
     let c = Cluster::start();
-    let (signer, _ca) = c.signer("24h");
+    let (signer, _ca, metrics_addr) = c.signer("24h");
     let usages = [
         "digital signature",
         "key encipherment",
@@ -686,6 +690,31 @@ fn requests_for_another_node_account_or_signer_or_with_ca_rights_get_no_certific
         );
     }
 
+    // The signer counts its decisions by reason.
+    let text = http_get(&metrics_addr, "/metrics");
+    for (reason, n) in [
+        ("WrongNode", 1.0),
+        ("NotWorkerAccount", 2.0),
+        ("NoPodBinding", 1.0),
+        ("CANotAllowed", 1.0),
+        ("UsageNotAllowed", 1.0),
+    ] {
+        let got = metric(
+            &text,
+            "granary_csr_decisions_total",
+            &[("decision", "denied"), ("reason", reason)],
+        );
+        assert_eq!(got, n, "{reason}: {text}");
+    }
+    assert_eq!(
+        metric(
+            &text,
+            "granary_csr_decisions_total",
+            &[("decision", "issued")]
+        ),
+        0.0
+    );
+
     // A request nobody answers (no signer of that name) fails after --timeout, naming it.
     let out = run_with_timeout(
         granary(
@@ -727,7 +756,7 @@ fn requests_for_another_node_account_or_signer_or_with_ca_rights_get_no_certific
             "status": "True", "reason": "AdminSaysSo", "message": "approved by hand"}]}})),
     ))
     .unwrap();
-    let (signer, _ca) = c.signer("24h");
+    let (signer, _ca, metrics_addr) = c.signer("24h");
     wait_until(
         "the approved request failed",
         Duration::from_secs(60),
@@ -760,6 +789,13 @@ fn requests_for_another_node_account_or_signer_or_with_ca_rights_get_no_certific
         .map(|r| json!(r.metadata.name))
         .collect();
     assert_eq!(issued.len(), 1, "{issued:?}");
+    let text = http_get(&metrics_addr, "/metrics");
+    let count = |labels: &[(&str, &str)]| metric(&text, "granary_csr_decisions_total", labels);
+    assert_eq!(
+        count(&[("decision", "failed"), ("reason", "NotWorkerAccount")]),
+        1.0
+    );
+    assert_eq!(count(&[("decision", "issued"), ("reason", "granted")]), 1.0);
     drop(signer);
 }
 

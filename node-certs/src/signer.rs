@@ -11,6 +11,7 @@
 use crate::ca::Ca;
 use crate::policy::{self, Denial, Grant, PodFacts, WorkerAccount};
 use futures::StreamExt;
+use granary_core::metrics::CSR_DECISIONS;
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -55,7 +56,11 @@ pub enum Outcome {
     Issued {
         node: String,
     },
-    Denied(Denial),
+    /// Denied, or marked Failed when someone else had approved it.
+    Refused {
+        denial: Denial,
+        failed: bool,
+    },
 }
 
 /// The signer's handles.
@@ -70,6 +75,16 @@ fn condition(csr: &CertificateSigningRequest, kind: &str) -> bool {
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == kind && c.status == "True"))
+}
+
+/// The request's conditions as JSON, to append one to (a merge patch replaces the list).
+fn existing_conditions(csr: &CertificateSigningRequest) -> Vec<serde_json::Value> {
+    csr.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| serde_json::to_value(c).ok())
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
 }
 
 fn issued(csr: &CertificateSigningRequest) -> bool {
@@ -178,10 +193,15 @@ impl Signer {
         match self.handle(csr).await {
             Ok(Outcome::Skipped) => {}
             Ok(Outcome::Issued { node }) => {
+                metrics::counter!(CSR_DECISIONS, "decision" => "issued", "reason" => "granted")
+                    .increment(1);
                 tracing::info!(csr = name, %node, "CSR approved and signed");
             }
-            Ok(Outcome::Denied(d)) => {
-                tracing::warn!(csr = name, reason = d.reason, message = %d.message, "CSR denied");
+            Ok(Outcome::Refused { denial: d, failed }) => {
+                let decision = if failed { "failed" } else { "denied" };
+                metrics::counter!(CSR_DECISIONS, "decision" => decision, "reason" => d.reason)
+                    .increment(1);
+                tracing::warn!(csr = name, decision, reason = d.reason, message = %d.message, "CSR refused");
             }
             Err(e) => {
                 tracing::warn!(csr = name, error = %e, "CSR not handled; will retry");
@@ -217,8 +237,8 @@ impl Signer {
                 Ok(Outcome::Issued { node: grant.node })
             }
             Err(denial) => {
-                self.refuse(csr, &denial).await?;
-                Ok(Outcome::Denied(denial))
+                let failed = self.refuse(csr, &denial).await?;
+                Ok(Outcome::Refused { denial, failed })
             }
         }
     }
@@ -285,13 +305,7 @@ impl Signer {
         let api: Api<CertificateSigningRequest> = Api::all(self.client.clone());
         let name = csr.metadata.name.as_deref().unwrap_or("");
         if !condition(csr, "Approved") {
-            let mut conditions = csr
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.clone())
-                .map(|c| serde_json::to_value(c).unwrap_or_default())
-                .and_then(|v| v.as_array().cloned())
-                .unwrap_or_default();
+            let mut conditions = existing_conditions(csr);
             conditions.push(json!({
                 "type": "Approved",
                 "status": "True",
@@ -323,22 +337,17 @@ impl Signer {
         Ok(())
     }
 
-    /// Denies a request (or marks it Failed, if someone else already approved it).
+    /// Denies a request, or marks it Failed if someone else already approved it (then returns
+    /// true).
     async fn refuse(
         &self,
         csr: &CertificateSigningRequest,
         denial: &Denial,
-    ) -> Result<(), SignerError> {
+    ) -> Result<bool, SignerError> {
         let api: Api<CertificateSigningRequest> = Api::all(self.client.clone());
         let name = csr.metadata.name.as_deref().unwrap_or("");
         let approved = condition(csr, "Approved");
-        let mut conditions = csr
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.clone())
-            .map(|c| serde_json::to_value(c).unwrap_or_default())
-            .and_then(|v| v.as_array().cloned())
-            .unwrap_or_default();
+        let mut conditions = existing_conditions(csr);
         conditions.push(json!({
             "type": if approved { "Failed" } else { "Denied" },
             "status": "True",
@@ -354,7 +363,7 @@ impl Signer {
             api.patch_approval(name, &PatchParams::default(), &patch)
                 .await?;
         }
-        Ok(())
+        Ok(approved)
     }
 }
 

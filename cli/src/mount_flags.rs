@@ -32,6 +32,11 @@ pub struct MountFlags {
     /// The job or pod this mount serves: a label of its data-stall metric (keep it low-cardinality).
     #[arg(long, value_name = "NAME", env = "GRANARY_JOB", default_value = "")]
     pub job: String,
+    /// Let other users than the one mounting read through the mount (FUSE allow_other; training
+    /// pods usually run as another user than the node's mount). Each file's mode bits, as the
+    /// source has them, still decide who may read it. Off: only the mounting user may.
+    #[arg(long)]
+    pub allow_other: bool,
 }
 
 /// The default attribute TTL, as a flag default.
@@ -49,6 +54,7 @@ impl MountFlags {
             readahead_total: self.readahead_total.bytes(),
             passthrough: !self.no_passthrough,
             io_uring: self.io_uring,
+            allow_other: self.allow_other,
             job: self.job.clone(),
             uid: current_uid(),
             gid: current_gid(),

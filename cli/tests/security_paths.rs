@@ -171,11 +171,13 @@ fn posix_modes_are_kept_and_links_out_of_the_source_refused() {
     std::os::unix::fs::symlink("../outside.txt", source.join("up-link")).unwrap();
 
     let (cache, mnt) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mount = up(
+    // Shared with other users (as the node mount for training pods is): modes still decide.
+    let mount = up_with(
         format!("file://{}", source.display()),
         vec![],
         cache.path(),
         mnt.path(),
+        vec!["--allow-other".into()],
     );
     let m = mnt.path();
     let mode = |p: &str| std::fs::metadata(m.join(p)).unwrap().mode() & 0o777;
@@ -216,6 +218,18 @@ fn posix_modes_are_kept_and_links_out_of_the_source_refused() {
         mount.stderr()
     );
     assert_eq!(std::fs::read(&outside).unwrap(), b"outside\n");
+    assert!(mount.stop().success());
+
+    // Without --allow-other the mount is root's alone: nobody cannot read even a 0644 file.
+    let mount = up(
+        format!("file://{}", source.display()),
+        vec![],
+        cache.path(),
+        mnt.path(),
+    );
+    assert_eq!(std::fs::read(m.join("public.txt")).unwrap(), b"everyone\n");
+    let denied = read_as_nobody(&m.join("public.txt")).unwrap_err();
+    assert!(denied.contains("Permission denied"), "{denied}");
     assert!(mount.stop().success());
 }
 

@@ -65,6 +65,10 @@ pub struct FsConfig {
     /// root, the mount turns on the `fuse` module's `enable_uring` parameter), else `/dev/fuse`.
     /// Off by default: see docs/ARCHITECTURE.md, "The kernel interface".
     pub io_uring: bool,
+    /// Let users other than the mounter use the mount (FUSE `allow_other`; for a non-root
+    /// mounter `/etc/fuse.conf` must have `user_allow_other`). The kernel still checks each
+    /// file's mode bits (`default_permissions`).
+    pub allow_other: bool,
 }
 
 impl Default for FsConfig {
@@ -81,6 +85,7 @@ impl Default for FsConfig {
             kept_backings: 4096,
             pinned_ttl: Duration::from_secs(3600),
             io_uring: false,
+            allow_other: false,
         }
     }
 }

@@ -247,8 +247,9 @@ pub fn mount<A: CacheApi>(
         MountOption::NoDev,
         MountOption::NoSuid,
     ];
-    // Training pods often run as another user than the mounter: let root's mounts be shared.
-    if is_root {
+    // Training pods often run as another user than the mounter: sharing the mount is the
+    // operator's explicit choice (`--allow-other`); the kernel checks the modes either way.
+    if fs.config().allow_other {
         config.acl = SessionACL::All;
     }
     config.n_threads = Some(2);

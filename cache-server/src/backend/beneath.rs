@@ -207,6 +207,16 @@ mod tests {
         assert!(remove_file(&root, "esc/secret").is_err());
         assert!(rename(&root, "in", "esc/moved").is_err());
         assert_eq!(std::fs::read(&outside).unwrap(), b"secret");
+        // Opened again without creating (an append, as a journal is).
+        let mut f = open_file(
+            &root,
+            "d/..%2F..%2Fx",
+            OFlags::WRONLY | OFlags::APPEND,
+            false,
+        )
+        .unwrap();
+        std::io::Write::write_all(&mut f, b"x").unwrap();
+        assert!(open_file(&root, "d/missing", OFlags::WRONLY, false).is_err());
         remove_file(&root, "d/..%2F..%2Fx").unwrap();
         rename(&root, "in", "d/in").unwrap();
         assert!(root.join("d/in").is_file());

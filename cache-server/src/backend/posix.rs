@@ -99,6 +99,7 @@ fn posix_list(root: &OwnedFd, key: &str) -> std::io::Result<Vec<RawEntry>> {
     )?;
     let mut out = Vec::new();
     let mut outside = Vec::new();
+    let mut skipped = 0u64;
     for entry in rustix::fs::Dir::new(dir)? {
         let entry = entry?;
         let raw = entry.file_name().to_bytes();
@@ -107,10 +108,12 @@ fn posix_list(root: &OwnedFd, key: &str) -> std::io::Result<Vec<RawEntry>> {
         }
         let Ok(name) = String::from_utf8(raw.to_vec()) else {
             skipped_key(key, "not_utf8", &String::from_utf8_lossy(raw));
+            skipped += 1;
             continue;
         };
         if let Err(e) = keys::check_name(&name) {
             skipped_key(key, e.label(), &name);
+            skipped += 1;
             continue;
         }
         // Follow symlinks beneath the root; leave out what cannot be stat'ed (dangling links)
@@ -155,6 +158,13 @@ fn posix_list(root: &OwnedFd, key: &str) -> std::io::Result<Vec<RawEntry>> {
             version: None,
             owner: Some(owner(&meta)),
         });
+    }
+    if skipped > 0 {
+        tracing::warn!(
+            dir = key,
+            names = skipped,
+            "left out of the listing: names that cannot be file names here"
+        );
     }
     if !outside.is_empty() {
         tracing::warn!(

@@ -892,3 +892,48 @@ fn bad_signer_and_csr_flags_are_refused_naming_the_problem() {
         assert!(out_dir.join(file).exists(), "{file}");
     }
 }
+
+#[test]
+fn only_the_signer_mounts_the_ca_key_and_nodes_ask_through_the_csr_api() {
+    let out = Command::new("kubectl")
+        .args(["kustomize", deploy("").to_str().unwrap()])
+        .output()
+        .expect("kubectl is installed (scripts/services/kube.sh install)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rendered = String::from_utf8(out.stdout).unwrap();
+    let docs: Vec<&str> = rendered.split("\n---\n").collect();
+    let named = |kind: &str, name: &str| {
+        docs.iter()
+            .find(|d| {
+                d.lines().any(|l| l == format!("kind: {kind}"))
+                    && d.contains(&format!("\n  name: {name}\n"))
+            })
+            .unwrap_or_else(|| panic!("{kind} {name} in deploy/k8s"))
+            .to_string()
+    };
+    let with_ca_key: Vec<&&str> = docs
+        .iter()
+        .filter(|d| d.lines().any(|l| l.trim() == "secretName: granary-ca"))
+        .collect();
+    assert_eq!(with_ca_key.len(), 1, "{with_ca_key:?}");
+    assert!(with_ca_key[0].contains("\n  name: granary-signer\n"));
+    let ds = named("DaemonSet", "granary-worker");
+    assert!(
+        !ds.contains("ca.key") && !ds.lines().any(|l| l.trim() == "secretName: granary-ca"),
+        "{ds}"
+    );
+    assert_eq!(
+        ds.matches("- --csr").count(),
+        2,
+        "init container and renewal sidecar"
+    );
+    assert!(ds.contains("- --renew"));
+    assert!(
+        ds.contains("serviceAccountToken:"),
+        "a pod-bound token for the CSR"
+    );
+}

@@ -48,7 +48,8 @@ pub struct ServerArgs {
     pub tls_dir: Option<PathBuf>,
     /// The scheduler hook (`granary scheduler`), whose gangs the dashboard at `/` of the
     /// metrics address shows.
-    #[arg(long, value_name = "http://HOST:PORT")]
+    /// `https://` (a hook with --tls-dir) is asked with this worker's certificate.
+    #[arg(long, value_name = "https://HOST:PORT")]
     pub scheduler_url: Option<String>,
 }
 
@@ -104,9 +105,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
     if let Some(url) = &args.scheduler_url
-        && !url.starts_with("http://")
+        && !(url.starts_with("http://") || (url.starts_with("https://") && settings.tls.is_some()))
     {
-        anyhow::bail!("--scheduler-url {url:?}: give http://HOST:PORT");
+        anyhow::bail!(
+            "--scheduler-url {url:?}: give https://HOST:PORT (with [tls]: the hook checks this worker's certificate) or http://HOST:PORT (a hook on loopback)"
+        );
     }
     let metrics = match settings.metrics_addr {
         Some(addr) => Some(runtime::metrics_endpoint(addr).await?),

@@ -177,26 +177,47 @@ async fn sample(state: Arc<State>) {
     }
 }
 
-async fn gangs(url: &str) -> Value {
-    match http_get_json(url, "/gangs").await {
-        Ok(v) => v,
+async fn gangs(url: &str, tls: Option<&granary_net::tls::TlsIdentity>) -> Value {
+    match http_client(tls) {
+        Ok(client) => match get_json(client, url, "/gangs").await {
+            Ok(v) => v,
+            Err(e) => json!({ "error": e }),
+        },
         Err(e) => json!({ "error": e }),
     }
+}
+
+/// The one HTTP client of the dashboard: over TLS (`https://` hook URLs) it presents this
+/// worker's certificate, which the hook asks of every client.
+fn http_client(
+    tls: Option<&granary_net::tls::TlsIdentity>,
+) -> Result<&'static reqwest::Client, String> {
+    static CLIENT: std::sync::OnceLock<Result<reqwest::Client, String>> =
+        std::sync::OnceLock::new();
+    CLIENT
+        .get_or_init(|| {
+            let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(3));
+            if let Some(tls) = tls {
+                let mut config = tls.grpc_client_config().map_err(|e| e.to_string())?;
+                config.alpn_protocols = vec![b"http/1.1".to_vec()];
+                builder = builder.tls_backend_preconfigured(config);
+            }
+            builder.build().map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(Clone::clone)
 }
 
 /// Largest answer the hook may send to a dashboard request.
 const MAX_ANSWER: usize = 16 << 20;
 
-/// A GET of `base` + `path` as JSON within 3 s (the hook's `/gangs`), its body bounded.
+#[cfg(test)]
 async fn http_get_json(base: &str, path: &str) -> Result<Value, String> {
-    static CLIENT: std::sync::LazyLock<Result<reqwest::Client, String>> =
-        std::sync::LazyLock::new(|| {
-            reqwest::Client::builder()
-                .timeout(Duration::from_secs(3))
-                .build()
-                .map_err(|e| e.to_string())
-        });
-    let client = CLIENT.as_ref().map_err(Clone::clone)?;
+    get_json(http_client(None)?, base, path).await
+}
+
+/// A GET of `base` + `path` as JSON within 3 s (the hook's `/gangs`), its body bounded.
+async fn get_json(client: &reqwest::Client, base: &str, path: &str) -> Result<Value, String> {
     let url = format!("{}{path}", base.trim_end_matches('/'));
     let mut resp = client
         .get(&url)
@@ -232,7 +253,15 @@ async fn gather(state: &State, caller: &Caller) -> Value {
         .collect();
     let (hits, all) = totals(&status);
     let gangs = match (&state.scheduler, caller) {
-        (Some(url), Caller::Admin) => gangs(url).await,
+        (Some(url), Caller::Admin) => {
+            let tls = state
+                .worker
+                .settings()
+                .tls
+                .as_ref()
+                .and_then(|files| granary_net::tls::TlsIdentity::load(files).ok());
+            gangs(url, tls.as_ref()).await
+        }
         (Some(_), _) => json!({ "error": "gangs are shown with the admin's token only" }),
         (None, _) => Value::Null,
     };

@@ -389,7 +389,8 @@ async fn put_record(
 fn first_sighting(key: &[u8], revision: i64) -> bool {
     use std::collections::HashSet;
     use std::sync::Mutex;
-    static SEEN: Mutex<Option<HashSet<(Vec<u8>, i64)>>> = Mutex::new(None);
+    type Versions = HashSet<(Vec<u8>, i64)>;
+    static SEEN: Mutex<Option<Versions>> = Mutex::new(None);
     let mut seen = SEEN.lock().expect("refused records");
     let seen = seen.get_or_insert_with(HashSet::new);
     if seen.len() >= 1024 {

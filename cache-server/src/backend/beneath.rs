@@ -76,6 +76,7 @@ pub(crate) fn open_at(
 }
 
 /// Opens `rel` beneath the directory `root`.
+#[cfg(test)]
 pub(crate) fn open(
     root: &Path,
     rel: &str,
@@ -86,51 +87,58 @@ pub(crate) fn open(
     open_at(open_root(root)?, rel, flags, mode, links)
 }
 
-/// The directory holding `rel` (opened beneath `root`, created when `create`) and `rel`'s last
-/// component.
-fn parent<'a>(root: &Path, rel: &'a str, create: bool) -> io::Result<(File, &'a str)> {
+/// The directory holding `rel` beneath `root` (the root itself for a top-level name: no
+/// open) and `rel`'s last component.
+fn parent_at<'a>(root: &OwnedFd, rel: &'a str) -> io::Result<(Option<File>, &'a str)> {
     checked(rel)?;
-    let (dir, name) = rel.rsplit_once('/').unwrap_or(("", rel));
-    let open_dir = || open(root, dir, OFlags::PATH | OFlags::DIRECTORY, 0, Links::None);
-    let d = match open_dir() {
-        // The directory is there but for a file's first in its directory: one open.
-        Err(e) if create && e.kind() == io::ErrorKind::NotFound => {
-            create_dirs(root, dir)?;
-            open_dir()?
-        }
-        other => other?,
-    };
-    Ok((d, name))
+    Ok(match rel.rsplit_once('/') {
+        None => (None, rel),
+        Some((dir, name)) => (
+            Some(open_at(
+                root,
+                dir,
+                OFlags::PATH | OFlags::DIRECTORY,
+                0,
+                Links::None,
+            )?),
+            name,
+        ),
+    })
 }
 
 /// Creates the directory `rel` beneath `root` and those above it, one component at a time,
 /// each resolved beneath the root (no symlink followed).
-pub(crate) fn create_dirs(root: &Path, rel: &str) -> io::Result<()> {
+pub(crate) fn create_dirs_at(root: &OwnedFd, rel: &str) -> io::Result<()> {
     if rel.is_empty() {
         return Ok(());
     }
     checked(rel)?;
-    let mut dir = open_root(root)?;
+    let mut dir: Option<OwnedFd> = None;
     for name in rel.split('/') {
-        match rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o755)) {
+        let at = dir.as_ref().unwrap_or(root);
+        match rustix::fs::mkdirat(at, name, Mode::from_raw_mode(0o755)) {
             Ok(()) | Err(rustix::io::Errno::EXIST) => {}
             Err(e) => return Err(e.into()),
         }
-        dir = rustix::fs::openat2(
-            &dir,
+        dir = Some(rustix::fs::openat2(
+            at,
             name,
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
             Links::None.resolve(),
-        )?;
+        )?);
     }
     Ok(())
 }
 
 /// Creates (`create`), or opens, the file `rel` beneath `root` for `flags`, making its
-/// directories; never through a symlink.
-pub(crate) fn open_file(root: &Path, rel: &str, flags: OFlags, create: bool) -> io::Result<File> {
-    let (dir, name) = parent(root, rel, create)?;
+/// directories; never through a symlink. One `openat2` when its directory is there.
+pub(crate) fn open_file_at(
+    root: &OwnedFd,
+    rel: &str,
+    flags: OFlags,
+    create: bool,
+) -> io::Result<File> {
     let flags = flags
         | OFlags::NOFOLLOW
         | if create {
@@ -139,26 +147,60 @@ pub(crate) fn open_file(root: &Path, rel: &str, flags: OFlags, create: bool) -> 
             OFlags::empty()
         };
     // (openat2 takes a mode only with O_CREAT.)
-    open_at(
-        &dir,
-        name,
-        flags,
-        if create { 0o644 } else { 0 },
-        Links::None,
-    )
+    let mode = if create { 0o644 } else { 0 };
+    match open_at(root, rel, flags, mode, Links::None) {
+        // The directory is there but for a file's first in its directory.
+        Err(e) if create && e.kind() == io::ErrorKind::NotFound => {
+            if let Some((dir, _)) = rel.rsplit_once('/') {
+                create_dirs_at(root, dir)?;
+            }
+            open_at(root, rel, flags, mode, Links::None)
+        }
+        other => other,
+    }
+}
+
+/// [`open_file_at`] beneath the directory `root`.
+#[cfg(test)]
+pub(crate) fn open_file(root: &Path, rel: &str, flags: OFlags, create: bool) -> io::Result<File> {
+    open_file_at(&open_root(root)?, rel, flags, create)
 }
 
 /// Renames `from` to `to`, both beneath `root`.
+pub(crate) fn rename_at(root: &OwnedFd, from: &str, to: &str) -> io::Result<()> {
+    let (fd, fname) = parent_at(root, from)?;
+    let same_dir = from.rsplit_once('/').map(|(d, _)| d) == to.rsplit_once('/').map(|(d, _)| d);
+    let (td, tname) = if same_dir {
+        checked(to)?;
+        (None, to.rsplit_once('/').map_or(to, |(_, n)| n))
+    } else {
+        parent_at(root, to)?
+    };
+    let fd = fd.as_ref().map_or(root.as_fd(), |f| f.as_fd());
+    let td = match (&td, same_dir) {
+        (Some(t), _) => t.as_fd(),
+        (None, true) => fd,
+        (None, false) => root.as_fd(),
+    };
+    Ok(rustix::fs::renameat(fd, fname, td, tname)?)
+}
+
+/// [`rename_at`] beneath the directory `root`.
+#[cfg(test)]
 pub(crate) fn rename(root: &Path, from: &str, to: &str) -> io::Result<()> {
-    let (fd, fname) = parent(root, from, false)?;
-    let (td, tname) = parent(root, to, false)?;
-    Ok(rustix::fs::renameat(&fd, fname, &td, tname)?)
+    rename_at(&open_root(root)?, from, to)
 }
 
 /// Removes the file `rel` beneath `root` (never what a symlink names).
+pub(crate) fn remove_file_at(root: &OwnedFd, rel: &str) -> io::Result<()> {
+    let (d, name) = parent_at(root, rel)?;
+    let d = d.as_ref().map_or(root.as_fd(), |f| f.as_fd());
+    Ok(rustix::fs::unlinkat(d, name, AtFlags::empty())?)
+}
+
+/// [`remove_file_at`] beneath the directory `root`.
 pub(crate) fn remove_file(root: &Path, rel: &str) -> io::Result<()> {
-    let (d, name) = parent(root, rel, false)?;
-    Ok(rustix::fs::unlinkat(&d, name, AtFlags::empty())?)
+    remove_file_at(&open_root(root)?, rel)
 }
 
 /// Whether `e` says a path left its root (a symlink out, or `..` above it).

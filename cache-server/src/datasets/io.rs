@@ -5,6 +5,7 @@
 use crate::backend::beneath;
 use memmap2::MmapMut;
 use rustix::fs::OFlags;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,18 +14,28 @@ use std::sync::{Arc, Mutex, OnceLock};
 /// A file of the dataset store: `rel` (a checked key) beneath a dataset's `files` directory,
 /// reached only by resolution beneath that directory (never through a symlink or `..`), so
 /// no name, however odd, creates, truncates, renames or removes anything outside the store.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(super) struct InStore {
     pub(super) root: PathBuf,
+    /// `root`, opened (once for a whole load).
+    dir: Arc<OwnedFd>,
     pub(super) rel: String,
 }
 
 impl InStore {
-    pub(super) fn new(root: &Path, rel: &str) -> Self {
+    /// `rel` beneath `root`, whose directory `dir` is (see [`InStore::open_root`]).
+    pub(super) fn new(root: &Path, dir: &Arc<OwnedFd>, rel: &str) -> Self {
         InStore {
             root: root.to_path_buf(),
+            dir: dir.clone(),
             rel: rel.to_string(),
         }
+    }
+
+    /// Opens `root`, to resolve files beneath it.
+    #[cfg(test)]
+    fn open_root(root: &Path) -> std::io::Result<Arc<OwnedFd>> {
+        beneath::open_root(root).map(Arc::new)
     }
 
     /// The file named `name(last component)` in the same directory.
@@ -36,6 +47,7 @@ impl InStore {
         let name = name(last);
         InStore {
             root: self.root.clone(),
+            dir: self.dir.clone(),
             rel: dir.map_or(name.clone(), |d| format!("{d}/{name}")),
         }
     }
@@ -47,16 +59,16 @@ impl InStore {
 
     /// Opens it for `flags`; `create` makes it (and its directories) when missing.
     pub(super) fn open(&self, flags: OFlags, create: bool) -> std::io::Result<std::fs::File> {
-        beneath::open_file(&self.root, &self.rel, flags, create)
+        beneath::open_file_at(&self.dir, &self.rel, flags, create)
     }
 
     pub(super) fn rename_to(&self, to: &InStore) -> std::io::Result<()> {
         debug_assert_eq!(self.root, to.root);
-        beneath::rename(&self.root, &self.rel, &to.rel)
+        beneath::rename_at(&self.dir, &self.rel, &to.rel)
     }
 
     pub(super) fn remove(&self) -> std::io::Result<()> {
-        beneath::remove_file(&self.root, &self.rel)
+        beneath::remove_file_at(&self.dir, &self.rel)
     }
 }
 
@@ -277,7 +289,7 @@ mod tests {
     fn direct_writes_of_any_length_read_back_exactly() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
-        let at = InStore::new(dir.path(), "f");
+        let at = InStore::new(dir.path(), &InStore::open_root(dir.path()).unwrap(), "f");
         let writer = BlockWriter::create(&at, BufferPool::new()).unwrap();
         // On this filesystem (ext4 under the test's temp dir) writes go around the page cache.
         let direct = writer.direct.is_some();
@@ -331,7 +343,8 @@ mod tests {
         std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
         for len in [128 << 10, (128 << 10) + 5, 10] {
             let data: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
-            let writer = BlockWriter::create(&InStore::new(dir.path(), "f"), pool.clone()).unwrap();
+            let at = InStore::new(dir.path(), &InStore::open_root(dir.path()).unwrap(), "f");
+            let writer = BlockWriter::create(&at, pool.clone()).unwrap();
             writer.write_at(&data, 0).unwrap();
             writer.finish(len as u64).unwrap();
             assert_eq!(std::fs::read(&path).unwrap(), data, "{len} bytes");

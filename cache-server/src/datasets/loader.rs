@@ -56,16 +56,26 @@ impl Datasets {
             state.failure = None;
         }
         // (A pin from the registry is checked again: its name is a directory of the store.)
+        // The dataset's `files` directory, opened once beneath the store: every file of the
+        // load is resolved beneath it.
         let dir = self.root.join(&pin.name).join("files");
-        if let Err(e) = granary_core::dataset::check_name(&pin.name)
+        let files = granary_core::dataset::check_name(&pin.name)
             .map_err(std::io::Error::other)
             .and_then(|()| {
-                crate::backend::beneath::create_dirs(&self.root, &format!("{}/files", pin.name))
-            })
-        {
-            self.fail(&pin.name, format!("cannot create {}: {e}", dir.display()));
-            return;
-        }
+                use crate::backend::beneath;
+                let store = beneath::open_root(&self.root)?;
+                let rel = format!("{}/files", pin.name);
+                beneath::create_dirs_at(&store, &rel)?;
+                let flags = rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY;
+                beneath::open_at(&store, &rel, flags, 0, beneath::Links::None)
+            });
+        let files = match files {
+            Ok(f) => Arc::new(std::os::fd::OwnedFd::from(f)),
+            Err(e) => {
+                self.fail(&pin.name, format!("cannot create {}: {e}", dir.display()));
+                return;
+            }
+        };
         // Files this node fetches from the backend first, copies from peers after.
         let (mut primary, replica): (Vec<_>, Vec<_>) =
             missing.into_iter().partition(|(_, h)| h[0] == self.node_id);
@@ -75,6 +85,7 @@ impl Datasets {
             reads: Semaphore::new(in_flight),
             unwritten: Semaphore::new(2 * in_flight),
             buffers: BufferPool::new(),
+            files,
         };
         let (done_tx, done_rx) = mpsc::channel::<Completed>(COMMIT_BATCH);
         let fetch = async {
@@ -170,7 +181,11 @@ impl Datasets {
                 pin.name, file.path
             )));
         }
-        let target = InStore::new(&self.root.join(&pin.name).join("files"), &file.path);
+        let target = InStore::new(
+            &self.root.join(&pin.name).join("files"),
+            &limits.files,
+            &file.path,
+        );
         let tmp = target.sibling(|name| format!(".{name}.loading"));
         // From the first holder when it is another node and alive; else from the backend.
         let copy_from = holders
@@ -577,6 +592,8 @@ struct LoadLimits {
     unwritten: Semaphore,
     /// Aligned buffers for direct writes, reused (at most one per unwritten block).
     buffers: Arc<BufferPool>,
+    /// The dataset's `files` directory: every file of the load is resolved beneath it.
+    files: Arc<std::os::fd::OwnedFd>,
 }
 
 /// Errors worth trying again at once (the object's version is gone or the bytes are wrong: not).

@@ -301,7 +301,7 @@ impl Datasets {
             tracing::warn!(dataset, error = %e, "cannot record a dropped file");
         }
         // Beneath the dataset's `files` directory by resolution: never through `..` or a link.
-        let _ = io::InStore::new(&files, &rel).remove();
+        let _ = crate::backend::beneath::remove_file(&files, &rel);
         self.rebuild_held();
     }
 

@@ -347,7 +347,8 @@ impl ConfigFile {
     pub fn settings(&self) -> Result<Settings, ConfigError> {
         let node_id = match &self.node_id {
             Some(id) => {
-                granary_core::placement::check_node_id(id).map_err(ConfigError::Invalid)?;
+                granary_core::placement::check_node_id(id)
+                    .map_err(|e| ConfigError::Invalid(format!("node_id: {e}")))?;
                 id.clone()
             }
             None => default_node_id(),

@@ -60,7 +60,7 @@ pub async fn connect(
             message = format!("{message}: {s}");
             source = s.source();
         }
-        ApiError::Unavailable(format!("cannot connect to worker {addr}: {message}"))
+        ApiError::Unavailable(format!("cannot reach the worker at {addr}: {message}"))
     };
     let Some(tls) = tls else {
         return endpoint.connect().await.map_err(unavailable);

@@ -283,7 +283,11 @@ impl BlockClient {
             send.finish()
                 .map_err(|e| ApiError::Unavailable(format!("{server_name}: {e}")))?;
             // Collect the response without an intermediate Vec: reserve the body once its
-            // length is known, refuse anything longer than a frame may be.
+            // length is known, refuse anything longer than a block of this object may be
+            // before reserving for it.
+            let max_block = usize::try_from(object.id.size)
+                .unwrap_or(usize::MAX)
+                .min(frame::MAX_BODY);
             let mut buf = BytesMut::with_capacity(64 << 10);
             let mut reserved = false;
             loop {
@@ -295,16 +299,24 @@ impl BlockClient {
                             )));
                         }
                         buf.extend_from_slice(&chunk.bytes);
-                        if !reserved && let Some(len) = frame::response_body_len(&buf) {
-                            buf.reserve(len.min(frame::MAX_BODY) + frame::RESPONSE_HEADER);
-                            reserved = true;
+                        if !reserved {
+                            match frame::checked_body_len(&buf, max_block) {
+                                Ok(Some(len)) => {
+                                    buf.reserve(len + frame::RESPONSE_HEADER);
+                                    reserved = true;
+                                }
+                                Ok(None) => {}
+                                Err(e) => {
+                                    return Err(ApiError::Corrupt(format!("{server_name}: {e}")));
+                                }
+                            }
                         }
                     }
                     Ok(None) => break,
                     Err(e) => return Err(ApiError::Unavailable(format!("{server_name}: {e}"))),
                 }
             }
-            match frame::decode_response(&mut buf) {
+            match frame::decode_response_within(&mut buf, max_block) {
                 Ok(Some(result)) => result,
                 Ok(None) => Err(ApiError::Unavailable(format!(
                     "{server_name}: truncated response"

@@ -788,7 +788,7 @@ mod tests {
             (format!("node_id = \"a b\"\n{mount}"), "node_id"),
             (
                 format!("[datasets]\nadmin_token = \"short\"\n{mount}"),
-                "at least 16 characters",
+                "at least 16",
             ),
             (
                 format!("[datasets]\ncapacity = \"huge\"\n{mount}"),

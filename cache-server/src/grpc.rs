@@ -177,7 +177,7 @@ pub async fn serve_worker(
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let datasets =
         pb::datasets_server::DatasetsServer::new(crate::dataset_grpc::DatasetService { worker })
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_decoding_message_size(crate::dataset_api::MAX_REQUEST_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let router = builder().add_service(cache).add_service(datasets);
     match &tls {

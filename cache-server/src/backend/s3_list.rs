@@ -24,6 +24,10 @@ const QUERY: &AsciiSet = &NON_ALPHANUMERIC
 /// Pages of one listing at most (1,000 keys a page): a bound on a directory's size.
 const MAX_PAGES: usize = 100_000;
 
+/// Bytes of one page's answer at most: 1,000 keys of up to 1 KiB, each URL-encoded (3 bytes a
+/// byte at worst), with their metadata, fit well within it.
+const MAX_PAGE_BYTES: usize = 16 << 20;
+
 /// Lists a bucket with the settings of its object_store store.
 pub(super) struct Lister {
     http: reqwest::Client,
@@ -225,7 +229,7 @@ impl Lister {
                 .try_authorize(&mut request, None)
                 .map_err(|e| fail(None, format!("signing: {e}")))?;
         }
-        let response = self
+        let mut response = self
             .http
             .get(url)
             .headers(request.headers().clone())
@@ -233,12 +237,25 @@ impl Lister {
             .await
             .map_err(|e| fail(None, format!("GET {url}: error sending request: {e}")))?;
         let status = response.status();
-        let body = response
-            .text()
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
             .await
-            .map_err(|e| fail(Some(status.as_u16()), format!("GET {url}: {e}")))?;
+            .map_err(|e| fail(Some(status.as_u16()), format!("GET {url}: {e}")))?
+        {
+            if body.len() + chunk.len() > MAX_PAGE_BYTES {
+                return Err(fail(
+                    Some(status.as_u16()),
+                    format!("GET {url}: the answer is over {MAX_PAGE_BYTES} bytes"),
+                ));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let body = String::from_utf8_lossy(&body);
         if !status.is_success() {
-            return Err(fail(Some(status.as_u16()), format!("GET {url}: {body}")));
+            // (The server's own words, as far as a message needs them.)
+            let words: String = body.chars().take(1024).collect();
+            return Err(fail(Some(status.as_u16()), format!("GET {url}: {words}")));
         }
         quick_xml::de::from_str(&body).map_err(|e| {
             fail(

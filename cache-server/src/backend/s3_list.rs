@@ -124,8 +124,11 @@ impl Lister {
         let region = get(AmazonS3ConfigKey::Region).unwrap_or_else(|| "us-east-1".into());
         let virtual_hosted = get(AmazonS3ConfigKey::VirtualHostedStyleRequest)
             .is_some_and(|v| v.eq_ignore_ascii_case("true"));
-        // As object_store addresses the bucket.
-        let bucket_url = match (get(AmazonS3ConfigKey::Endpoint), virtual_hosted) {
+        // As object_store addresses the bucket (an S3-specific endpoint first; S3 Express
+        // zonal endpoints are not derived here).
+        let endpoint =
+            get(AmazonS3ConfigKey::S3Endpoint).or_else(|| get(AmazonS3ConfigKey::Endpoint));
+        let bucket_url = match (endpoint, virtual_hosted) {
             (Some(e), true) => e.trim_end_matches('/').to_string(),
             (Some(e), false) => format!("{}/{bucket}", e.trim_end_matches('/')),
             (None, true) => format!("https://{bucket}.s3.{region}.amazonaws.com"),

@@ -45,6 +45,10 @@ pub struct SignerArgs {
     /// Serve Prometheus metrics (granary_csr_decisions_total) at http://ADDR/metrics.
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// DNS names every node certificate also carries (repeat or comma-separate): the workers'
+    /// Service, through which the scheduler hook and `granary dataset --server` reach any worker.
+    #[arg(long, value_name = "NAME", value_delimiter = ',')]
+    pub service_name: Vec<String>,
 }
 
 /// `granary certs --csr` options.
@@ -118,6 +122,15 @@ pub async fn run(args: SignerArgs) -> anyhow::Result<()> {
             account,
             lifetime,
             ca_config_map,
+            service_names: args
+                .service_name
+                .iter()
+                .map(|n| {
+                    granary_core::placement::check_node_id(n)
+                        .map(|()| n.clone())
+                        .map_err(|e| anyhow::anyhow!("--service-name: {e}"))
+                })
+                .collect::<anyhow::Result<_>>()?,
         },
     );
     tokio::select! {

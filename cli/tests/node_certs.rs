@@ -238,6 +238,8 @@ impl Cluster {
                 lifetime,
                 "--metrics-addr",
                 &metrics_addr,
+                "--service-name",
+                "granary-workers.granary.svc",
             ],
             &self.work.path().join("signer.log"),
         );
@@ -394,6 +396,8 @@ fn check_node_files(dir: &Path, node: &str, ip: &str) -> String {
         "DNS:localhost".to_string(),
         "IP Address:127.0.0.1".to_string(),
         format!("IP Address:{ip}"),
+        // Added by the signer, never asked: the Service in front of every worker.
+        "DNS:granary-workers.granary.svc".to_string(),
     ] {
         assert!(text.contains(&san), "{san} in {text}");
     }

@@ -38,6 +38,10 @@ pub struct SignerConfig {
     pub lifetime: Duration,
     /// Where the CA certificate is published: namespace and ConfigMap name.
     pub ca_config_map: (String, String),
+    /// DNS names every node certificate also carries, never asked by nodes: the Service in
+    /// front of all workers (`granary-workers.granary.svc`), so that a client reaching any
+    /// worker through it (the scheduler hook, `granary dataset --server`) can check the name.
+    pub service_names: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -293,7 +297,16 @@ impl Signer {
             .filter(|a| a.type_ == "InternalIP")
             .filter_map(|a| a.address.parse().ok())
             .collect();
-        Ok(policy::check_names(&requested, &node, &addresses).map(|g| (g, requested.public_key)))
+        Ok(
+            policy::check_names(&requested, &node, &addresses).map(|mut grant| {
+                for name in &self.config.service_names {
+                    if !grant.dns_names.contains(name) {
+                        grant.dns_names.push(name.clone());
+                    }
+                }
+                (grant, requested.public_key)
+            }),
+        )
     }
 
     async fn approve_and_sign(

@@ -292,6 +292,15 @@ impl Datasets {
         // A load cut short (a crash, a restart) resumes after the blocks it had written: the
         // `.crcs` journal beside the partial file names each written block and its CRC.
         let (bs, size) = (self.block_size, object.id.size);
+        // A pin's files were checked against each node's capacity when it was made; a file
+        // larger than this node may hold at all comes from a forged record: never allocate
+        // for it (resuming keeps a slot per block).
+        if size > self.settings.capacity.bytes() {
+            return Err(ApiError::Exhausted(format!(
+                "{path}: {size} bytes is over this node's dataset capacity of {}",
+                self.settings.capacity.bytes()
+            )));
+        }
         let journal_path = tmp.sibling(|name| format!("{name}.crcs"));
         let identity = serde_json::json!({
             "size": size, "etag": object.id.etag, "version": object.id.version,

@@ -144,21 +144,7 @@ pub async fn serve<A: CacheApi>(
     let service = pb::cache_server::CacheServer::new(CacheService { api, certificates })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let router = builder().add_service(service);
-    match &tls {
-        Some(tls) => {
-            let incoming = granary_net::channel::tls_incoming(listener, tls.grpc_server_config()?);
-            router
-                .serve_with_incoming_shutdown(incoming, shutdown)
-                .await?
-        }
-        None => {
-            router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-                .await?
-        }
-    }
-    Ok(())
+    run(builder().add_service(service), listener, tls, shutdown).await
 }
 
 /// Serves a worker's whole API on `listener`: the cache service and the dataset control service;
@@ -180,6 +166,16 @@ pub async fn serve_worker(
             .max_decoding_message_size(crate::dataset_api::MAX_REQUEST_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let router = builder().add_service(cache).add_service(datasets);
+    run(router, listener, tls, shutdown).await
+}
+
+/// Runs `router` on `listener`: over the TLS accept loop with `tls`, else plaintext.
+async fn run(
+    router: tonic::transport::server::Router,
+    listener: TcpListener,
+    tls: Option<TlsIdentity>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
     match &tls {
         Some(tls) => {
             let incoming = granary_net::channel::tls_incoming(listener, tls.grpc_server_config()?);

@@ -8,7 +8,7 @@ use granary_net::datasets::DatasetClient;
 use granary_proto::ApiError;
 use granary_proto::datasets::DatasetStatus;
 use granary_scheduler_hook::data::{BoxFuture, DataSource, DatasetView, NodeBytes};
-use granary_scheduler_hook::kube::{KubeCluster, client, spawn_watches};
+use granary_scheduler_hook::kube::{KubeCluster, spawn_watches};
 use granary_scheduler_hook::{CallError, Hook, HookConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -191,9 +191,7 @@ pub async fn run(args: SchedulerArgs) -> anyhow::Result<()> {
     )
     .await
     .with_context(|| format!("cache server {}", args.cache_server))?;
-    let kube = client(args.kubeconfig.as_deref())
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let kube = crate::runtime::kube_client(args.kubeconfig.as_deref()).await?;
     kube.apiserver_version()
         .await
         .context("cannot reach the Kubernetes API server")?;

@@ -110,9 +110,7 @@ pub async fn run(args: SignerArgs) -> anyhow::Result<()> {
     if let Some(addr) = args.metrics_addr {
         crate::runtime::serve_metrics(addr).await?;
     }
-    let client = request::client(args.kubeconfig.as_deref())
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let client = crate::runtime::kube_client(args.kubeconfig.as_deref()).await?;
     tracing::info!(signer = %args.signer_name, account = %args.worker_account, ?lifetime, "signer starting");
     let signer = Signer::new(
         client,
@@ -165,9 +163,7 @@ pub async fn certs_by_csr(
         ca_config_map,
         timeout,
     };
-    let client = request::client(opts.kubeconfig.as_deref())
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let client = crate::runtime::kube_client(opts.kubeconfig.as_deref()).await?;
     let validity = match req.current(SystemTime::now()) {
         Ok(v) => {
             tracing::info!(node = %req.node, "the certificate in place is valid; kept");

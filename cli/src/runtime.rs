@@ -105,6 +105,25 @@ pub async fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
 }
 
 /// Takes an exclusive lock on the cache directory for this process's lifetime.
+/// A Kubernetes client from `kubeconfig`, or from the in-cluster service account (or
+/// `$KUBECONFIG` / `~/.kube/config`) when none is given: the hook's, the signer's and the node's
+/// certificate requests'.
+pub async fn kube_client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("cannot read kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .with_context(|| format!("kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no in-cluster config and no kubeconfig")?,
+    };
+    kube::Client::try_from(config).context("cannot build a Kubernetes client")
+}
+
 pub fn lock_cache_dir(dir: &Path) -> anyhow::Result<File> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create cache dir {}", dir.display()))?;

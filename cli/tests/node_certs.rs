@@ -18,10 +18,10 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use support::own::OwnService;
-use support::process::{Finished, granary, granary_bin, interrupt_and_reap, run_with_timeout};
+use support::process::{Finished, Logged, granary, granary_bin, run_with_timeout};
 use support::{free_port, http_get, metric, wait_until};
 
 const NS: &str = "granary";
@@ -34,46 +34,13 @@ fn deploy(file: &str) -> PathBuf {
 }
 
 /// A child process killed (SIGINT, then SIGKILL) when the test ends, whatever happens.
-struct Process {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Process {
-    fn spawn(args: &[&str], log: &Path) -> Process {
-        let file = std::fs::File::create(log).unwrap();
-        let child = Command::new(granary_bin())
-            .args(args)
-            .env("GRANARY_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap();
-        Process {
-            child: Some(child),
-            log: log.into(),
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().unwrap().is_none())
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if let Some(c) = self.child.take() {
-            interrupt_and_reap(c, Duration::from_secs(10));
-        }
-    }
+/// `granary ARGS` in the background, logging at info level to `log`.
+fn spawn(args: &[&str], log: &Path) -> Logged {
+    let mut cmd = Command::new(granary_bin());
+    cmd.args(args)
+        .env("GRANARY_LOG", "info")
+        .env("NO_COLOR", "1");
+    Logged::spawn(cmd, log)
 }
 
 fn openssl(args: &[&str]) -> (bool, String) {
@@ -218,7 +185,7 @@ impl Cluster {
     /// A CA made with `granary certs` (development), and `granary signer` over it, running as
     /// the granary-signer service account; returns once the CA certificate is published, with
     /// the CA's directory and the signer's metrics address.
-    fn signer(&self, lifetime: &str) -> (Process, PathBuf, String) {
+    fn signer(&self, lifetime: &str) -> (Logged, PathBuf, String) {
         let ca_dir = self.work.path().join("ca");
         let out = run_with_timeout(
             granary(&["certs", "--out", ca_dir.to_str().unwrap(), "dev"], &[]),
@@ -227,7 +194,7 @@ impl Cluster {
         assert!(out.status.success(), "granary certs: {}", out.stderr);
         let kc = self.kubeconfig("signer", &self.token("granary-signer", None));
         let metrics_addr = format!("127.0.0.1:{}", free_port());
-        let mut signer = Process::spawn(
+        let mut signer = spawn(
             &[
                 "signer",
                 "--ca-dir",
@@ -501,7 +468,7 @@ fn a_worker_pod_gets_its_nodes_certificate_and_renews_it_without_the_ca_key() {
     // (about 22s after issue) by a new key and certificate, with no leftover temporary file.
     let old_key = std::fs::read(tls.join("n1.key")).unwrap();
     let renew_log = c.work.path().join("renew.log");
-    let mut renewer = Process::spawn(
+    let mut renewer = spawn(
         &[
             "certs",
             "--csr",

@@ -20,13 +20,13 @@ use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::backends::{S3Target, unique};
 use support::cluster::Worker;
 use support::data::Tree;
 use support::own::OwnService;
-use support::process::{Finished, granary, granary_bin, interrupt_and_reap, run_with_timeout};
+use support::process::{Finished, Logged, granary, granary_bin, run_with_timeout};
 use support::{free_port, http_get, wait_until};
 
 const ADMIN: &str = "admin-token-0123456789";
@@ -35,39 +35,6 @@ const SCHEDULER: &str = "scheduler-token-0123456789";
 const GIB: u64 = 1 << 30;
 
 /// A child process killed (SIGINT, then SIGKILL) when the test ends, whatever happens.
-struct Process {
-    child: Option<Child>,
-    log: std::path::PathBuf,
-}
-
-impl Process {
-    fn spawn(mut cmd: Command, log: &Path) -> Process {
-        let file = std::fs::File::create(log).unwrap();
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap();
-        Process {
-            child: Some(child),
-            log: log.into(),
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if let Some(c) = self.child.take() {
-            interrupt_and_reap(c, Duration::from_secs(10));
-        }
-    }
-}
-
 fn ok(out: Finished, what: &str) -> String {
     assert!(
         out.status.success(),
@@ -616,7 +583,7 @@ fn gangs_bind_whole_near_ready_data_through_a_real_kube_scheduler() {
         &hook_metrics,
     ])
     .env("GRANARY_LOG", "info,kube=warn");
-    let hook = Process::spawn(cmd, &work.path().join("hook.log"));
+    let hook = Logged::spawn(cmd, &work.path().join("hook.log"));
     // The hook's credential reads status and loads; it cannot pin (nor unpin, nor verify).
     let out = run_with_timeout(
         granary(
@@ -665,7 +632,7 @@ fn gangs_bind_whole_near_ready_data_through_a_real_kube_scheduler() {
         "--secure-port=0",
         "-v=2",
     ]);
-    let scheduler = Process::spawn(cmd, &work.path().join("kube-scheduler.log"));
+    let scheduler = Logged::spawn(cmd, &work.path().join("kube-scheduler.log"));
     wait_until(
         "kube-scheduler to be healthy",
         Duration::from_secs(60),

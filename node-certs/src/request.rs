@@ -17,10 +17,8 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, PostParams};
 use rcgen::{CertificateParams, DnType, KeyPair, PublicKeyData, SanType};
 use serde_json::json;
-use std::io::Write;
 use std::net::Ipv4Addr;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -139,29 +137,6 @@ pub fn verify_issued(
         return Err("the certificate has expired".into());
     }
     Ok(validity)
-}
-
-/// Writes `bytes` to `path` atomically (temporary file in the same directory, then rename),
-/// created with `mode`.
-pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| std::io::Error::other("no file name"))?
-        .to_string_lossy();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)?;
-    let written = file.write_all(bytes).and_then(|()| file.sync_all());
-    drop(file);
-    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    Ok(())
 }
 
 impl NodeRequest {
@@ -299,7 +274,7 @@ impl NodeRequest {
     fn write(&self, ca: &[u8], key: &str, cert: &[u8]) -> Result<(), RequestError> {
         let put = |file: String, bytes: &[u8], mode: u32| {
             let path = self.path(&file);
-            write_atomic(&path, bytes, mode)
+            granary_net::tls::write_file(&path, bytes, mode)
                 .map_err(|e| RequestError::Local(format!("cannot write {}: {e}", path.display())))
         };
         put("ca.pem".into(), ca, 0o644)?;
@@ -333,23 +308,6 @@ pub async fn keep_renewed(client: &kube::Client, request: &NodeRequest, mut vali
     }
 }
 
-/// A client from `kubeconfig`, else the in-cluster service account (or `$KUBECONFIG`).
-pub async fn client(kubeconfig: Option<&Path>) -> Result<kube::Client, String> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .map_err(|e| format!("cannot read kubeconfig {}: {e}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &Default::default())
-                .await
-                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
-        }
-        None => kube::Config::infer()
-            .await
-            .map_err(|e| format!("no in-cluster config and no kubeconfig: {e}"))?,
-    };
-    kube::Client::try_from(config).map_err(|e| e.to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -369,8 +327,8 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("n1.key");
-        write_atomic(&path, b"old", 0o600).unwrap();
-        write_atomic(&path, b"new", 0o600).unwrap();
+        granary_net::tls::write_file(&path, b"old", 0o600).unwrap();
+        granary_net::tls::write_file(&path, b"new", 0o600).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"new");
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);

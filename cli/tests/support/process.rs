@@ -217,3 +217,45 @@ impl Drop for Mount {
         }
     }
 }
+
+/// A background process whose output goes to a log file; interrupted (SIGINT) and reaped when
+/// dropped.
+pub struct Logged {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Logged {
+    pub fn spawn(mut cmd: Command, log: &Path) -> Logged {
+        let file = std::fs::File::create(log).unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Logged {
+            child: Some(child),
+            log: log.into(),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether it has not exited.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.take() {
+            interrupt_and_reap(c, Duration::from_secs(10));
+        }
+    }
+}

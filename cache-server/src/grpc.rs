@@ -23,9 +23,15 @@ pub struct CacheService<A> {
 }
 
 impl<A> CacheService<A> {
+    /// Whether the caller presented a certificate the cluster CA signed (always, without TLS:
+    /// then only this machine's users reach the listener).
+    fn is_node<T>(&self, req: &Request<T>) -> bool {
+        !self.certificates || req.peer_certs().is_some_and(|c| !c.is_empty())
+    }
+
     /// Refuses a request without a verified client certificate when the listener is TLS.
     fn node_only<T>(&self, req: &Request<T>, method: &'static str) -> Result<(), Status> {
-        if !self.certificates || req.peer_certs().is_some_and(|c| !c.is_empty()) {
+        if self.is_node(req) {
             return Ok(());
         }
         metrics::counter!(granary_core::metrics::RPC_REFUSED, "method" => method, "reason" => "no_certificate")
@@ -40,9 +46,12 @@ impl<A> CacheService<A> {
 impl<A: CacheApi> pb::cache_server::Cache for CacheService<A> {
     async fn info(
         &self,
-        _: Request<pb::InfoRequest>,
+        req: Request<pb::InfoRequest>,
     ) -> Result<Response<pb::InfoResponse>, Status> {
         let info = self.api.info();
+        // Where this machine keeps its files is for nodes (the FUSE client checking a
+        // LocalCopy path), not for anyone who may ask for the counters.
+        let node = self.is_node(&req);
         Ok(Response::new(pb::InfoResponse {
             node_id: info.node_id,
             block_size: info.block_size.get(),
@@ -52,6 +61,7 @@ impl<A: CacheApi> pb::cache_server::Cache for CacheService<A> {
             dataset_store: self
                 .api
                 .dataset_store()
+                .filter(|_| node)
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
         }))

@@ -108,6 +108,11 @@ fn the_worker_api_and_etcd_refuse_whoever_lacks_the_credential_they_need() {
     let anonymous = rt
         .block_on(GrpcCache::connect(&api, Some(&ca_only), None, t))
         .unwrap();
+    assert_eq!(
+        anonymous.dataset_store(),
+        None,
+        "the store's path is for nodes"
+    );
     let object = ObjectRef {
         mount: 0,
         id: granary_core::ObjectId {
@@ -146,6 +151,7 @@ fn the_worker_api_and_etcd_refuse_whoever_lacks_the_credential_they_need() {
     let node = rt
         .block_on(GrpcCache::connect(&api, Some(&client), None, t))
         .unwrap();
+    assert!(node.dataset_store().is_some());
     let listed = rt.block_on(node.list("/data")).unwrap();
     assert!(listed.iter().any(|e| e.name == "a.bin"), "{listed:?}");
 

@@ -88,7 +88,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .start(worker.clone())
         .context("cannot start the dataset loader's threads")?;
     let fs = Arc::new(GranaryFs::new(worker.clone(), fs_config));
-    let mounted = granary_fuse_client::mount(fs, &args.mount, &args.source)?;
+    let mounted = granary_fuse_client::mount(fs, &args.mount, &format!("granary:{}", args.source))?;
     println!(
         "granary: {} mounted at {}",
         args.source,

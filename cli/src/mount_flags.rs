@@ -37,6 +37,11 @@ pub struct MountFlags {
     /// source has them, still decide who may read it. Off: only the mounting user may.
     #[arg(long)]
     pub allow_other: bool,
+    /// Unmount when this process exits, however it exits (kill -9 included; FUSE auto_unmount
+    /// through fusermount3): no dead mount is left behind. A dead Granary mount found on the
+    /// mount point is detached and mounted afresh either way.
+    #[arg(long)]
+    pub auto_unmount: bool,
 }
 
 /// The default attribute TTL, as a flag default.
@@ -55,6 +60,7 @@ impl MountFlags {
             passthrough: !self.no_passthrough,
             io_uring: self.io_uring,
             allow_other: self.allow_other,
+            auto_unmount: self.auto_unmount,
             job: self.job.clone(),
             uid: current_uid(),
             gid: current_gid(),

@@ -8,8 +8,8 @@ mod support;
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 use support::data::{Tree, content, fill, seed_of, standard_tree, write_local};
-use support::process::{Mount, UpOptions, granary, run_with_timeout};
-use support::{free_port, metric};
+use support::process::{Mount, UpOptions, granary, run_with_timeout, signal};
+use support::{free_port, is_mounted, metric, wait_until};
 
 fn up(
     source: &std::path::Path,
@@ -423,4 +423,63 @@ fn statfs_block_size(dir: &std::path::Path) -> u64 {
         .trim()
         .parse()
         .unwrap()
+}
+
+/// `kill -9` of `granary up` leaves a dead mount (reads fail with ENOTCONN); `granary up` on the
+/// same directory detaches it, says so and mounts afresh. With `--auto-unmount` the kill leaves
+/// no mount at all.
+#[test]
+fn a_killed_mount_is_detached_by_the_next_and_auto_unmount_leaves_none() {
+    let work = tempfile::tempdir().unwrap();
+    let (src, mnt) = (work.path().join("src"), work.path().join("mnt"));
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::create_dir_all(&mnt).unwrap();
+    std::fs::write(src.join("a.txt"), b"still here\n").unwrap();
+    let start = |cache: &str, extra: &[&str]| {
+        let mut more = vec!["--memory-cache".to_string(), "64MiB".into()];
+        more.extend(extra.iter().map(|s| s.to_string()));
+        Mount::up(UpOptions {
+            source: src.display().to_string(),
+            envs: vec![],
+            cache_dir: &work.path().join(cache),
+            mount_dir: &mnt,
+            extra: more,
+        })
+    };
+    let dead = |what: &str| {
+        let mut last = None;
+        for _ in 0..100 {
+            match std::fs::read(mnt.join("a.txt")) {
+                Err(e) if e.raw_os_error() == Some(107) => return,
+                other => last = Some(other),
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{what}: the mount did not die: {last:?}");
+    };
+
+    let first = start("c1", &[]);
+    signal(first.pid(), "KILL");
+    dead("kill -9");
+    let second = start("c2", &[]);
+    assert_eq!(std::fs::read(mnt.join("a.txt")).unwrap(), b"still here\n");
+    assert!(
+        second
+            .stderr()
+            .contains("detached a dead Granary mount (its daemon is gone); mounting afresh"),
+        "{}",
+        second.stderr()
+    );
+    assert!(second.stop().success());
+
+    let third = start("c3", &["--auto-unmount"]);
+    assert_eq!(std::fs::read(mnt.join("a.txt")).unwrap(), b"still here\n");
+    signal(third.pid(), "KILL");
+    wait_until("the killed mount is gone", Duration::from_secs(10), || {
+        !is_mounted(&mnt)
+    });
+    // Nothing dead left: the directory is the plain, empty directory again.
+    assert_eq!(std::fs::read_dir(&mnt).unwrap().count(), 0);
+    drop(third);
+    drop(first);
 }

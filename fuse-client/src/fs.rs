@@ -69,6 +69,9 @@ pub struct FsConfig {
     /// mounter `/etc/fuse.conf` must have `user_allow_other`). The kernel still checks each
     /// file's mode bits (`default_permissions`).
     pub allow_other: bool,
+    /// Unmount when the daemon exits, however it exits (FUSE `auto_unmount`, through
+    /// fusermount3): for a user's mount, so that a killed daemon leaves no dead mount behind.
+    pub auto_unmount: bool,
 }
 
 impl Default for FsConfig {
@@ -86,6 +89,7 @@ impl Default for FsConfig {
             pinned_ttl: Duration::from_secs(3600),
             io_uring: false,
             allow_other: false,
+            auto_unmount: false,
         }
     }
 }

@@ -34,22 +34,115 @@ pub enum MountError {
     Mount(PathBuf, std::io::Error),
 }
 
-/// The mount point must exist, be a directory and be empty.
+/// The mount point must exist, be a directory and be empty. A dead Granary mount there (its
+/// daemon killed: `ENOTCONN`) is detached first, with a log line saying so; a dead mount of any
+/// other filesystem is left alone and named in the error.
 pub fn check_mount_dir(dir: &Path) -> Result<(), MountError> {
-    let meta = match std::fs::metadata(dir) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(MountError::Missing(dir.into()));
+    // A dead mount answers ENOTCONN, to stat or (its root's attributes still cached) to
+    // readdir. Dead mounts may be stacked (each restart mounted over the last): detach them all.
+    let mut probe = probe_mount_dir(dir);
+    for _ in 0..8 {
+        match probe {
+            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+                detach_dead_mount(dir, e)?;
+                probe = probe_mount_dir(dir);
+            }
+            _ => break,
         }
-        Err(e) => return Err(MountError::Io(dir.into(), e)),
+    }
+    match probe {
+        Ok(Some(true)) => Ok(()),
+        Ok(Some(false)) => Err(MountError::NotEmpty(dir.into())),
+        Ok(None) => Err(MountError::NotADirectory(dir.into())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(MountError::Missing(dir.into())),
+        Err(e) => Err(MountError::Io(dir.into(), e)),
+    }
+}
+
+/// Whether `dir` is an empty directory (`None`: not a directory).
+fn probe_mount_dir(dir: &Path) -> std::io::Result<Option<bool>> {
+    if !std::fs::metadata(dir)?.is_dir() {
+        return Ok(None);
+    }
+    Ok(Some(std::fs::read_dir(dir)?.next().is_none()))
+}
+
+/// What `/proc/self/mountinfo` says is mounted at `dir`: (filesystem type, source).
+fn mounted_at(dir: &Path) -> Option<(String, String)> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = std::path::absolute(dir).ok()?;
+    // The last line for a mount point is the one on top.
+    text.lines().rev().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let mount_point = unescape_mountinfo(fields.get(4)?);
+        let dash = fields.iter().position(|f| *f == "-")?;
+        let (fstype, source) = (fields.get(dash + 1)?, fields.get(dash + 2)?);
+        (Path::new(&mount_point) == want).then(|| (fstype.to_string(), unescape_mountinfo(source)))
+    })
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .and_then(|o| std::str::from_utf8(o).ok())
+            .and_then(|o| u8::from_str_radix(o, 8).ok());
+        match (bytes[i], octal) {
+            (b'\\', Some(v)) => {
+                out.push(v);
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Lazily detaches the dead Granary mount at `dir` (`stat` gave `error`, ENOTCONN).
+fn detach_dead_mount(dir: &Path, error: std::io::Error) -> Result<(), MountError> {
+    let Some((fstype, source)) = mounted_at(dir) else {
+        return Err(MountError::Io(dir.into(), error));
     };
-    if !meta.is_dir() {
-        return Err(MountError::NotADirectory(dir.into()));
+    if !(fstype.starts_with("fuse") && source.starts_with("granary:")) {
+        return Err(MountError::Io(
+            dir.into(),
+            std::io::Error::other(format!(
+                "{error}: a dead {fstype} mount of {source:?} is there; unmount it first (umount -l)"
+            )),
+        ));
     }
-    let mut entries = std::fs::read_dir(dir).map_err(|e| MountError::Io(dir.into(), e))?;
-    if entries.next().is_some() {
-        return Err(MountError::NotEmpty(dir.into()));
-    }
+    let detached = match rustix::mount::unmount(dir, rustix::mount::UnmountFlags::DETACH) {
+        Ok(()) => Ok(()),
+        // Not root: the setuid helper may detach a mount its user made.
+        Err(rustix::io::Errno::PERM) => std::process::Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(dir)
+            .status()
+            .map_err(|e| e.to_string())
+            .and_then(|s| s.success().then_some(()).ok_or(format!("fusermount3: {s}"))),
+        Err(e) => Err(e.to_string()),
+    };
+    detached.map_err(|why| {
+        MountError::Io(
+            dir.into(),
+            std::io::Error::other(format!(
+                "{error}; detaching the dead Granary mount failed: {why}"
+            )),
+        )
+    })?;
+    tracing::warn!(
+        dir = %dir.display(),
+        source = %source,
+        "detached a dead Granary mount (its daemon is gone); mounting afresh"
+    );
     Ok(())
 }
 
@@ -251,6 +344,14 @@ pub fn mount<A: CacheApi>(
     // operator's explicit choice (`--allow-other`); the kernel checks the modes either way.
     if fs.config().allow_other {
         config.acl = SessionACL::All;
+    }
+    if fs.config().auto_unmount {
+        // The kernel mount goes when the daemon does (fusermount3 watches it); fusermount
+        // needs an ACL other than "owner only": root may then use the mount too.
+        config.mount_options.push(MountOption::AutoUnmount);
+        if config.acl == SessionACL::Owner {
+            config.acl = SessionACL::RootAndOwner;
+        }
     }
     config.n_threads = Some(2);
     config.clone_fd = true;

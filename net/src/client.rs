@@ -49,8 +49,10 @@ impl GrpcCache {
             .map_err(|e| ApiError::Invalid(format!("worker {addr} reports {e}")))?;
         Ok(GrpcCache {
             client,
-            dataset_store: (!info.dataset_store.is_empty())
-                .then(|| std::path::PathBuf::from(&info.dataset_store)),
+            // Resolved once: LocalCopy answers are checked against it at every open.
+            dataset_store: Some(info.dataset_store.as_str())
+                .filter(|p| !p.is_empty())
+                .and_then(|p| std::path::Path::new(p).canonicalize().ok()),
             info: Info {
                 node_id: info.node_id,
                 block_size,
@@ -181,16 +183,16 @@ impl CacheApi for GrpcCache {
     }
 }
 
-/// `path` resolved (symlinks followed), if it is a regular file beneath the resolved `store`;
-/// else why not (a metric label).
+/// `path` resolved (symlinks followed), if it is a regular file beneath `store` (already
+/// resolved; `None` when the worker's store is not on this machine); else why not (a metric
+/// label).
 fn beneath_store(
     store: Option<&std::path::Path>,
     path: &std::path::Path,
 ) -> Result<std::path::PathBuf, &'static str> {
     let store = store.ok_or("no_store")?;
-    let store = store.canonicalize().map_err(|_| "no_store")?;
     let resolved = path.canonicalize().map_err(|_| "missing")?;
-    if !resolved.starts_with(&store) || resolved == store {
+    if !resolved.starts_with(store) || resolved == store {
         return Err("outside_store");
     }
     match std::fs::symlink_metadata(&resolved) {
@@ -211,7 +213,8 @@ mod local_copy_tests {
         std::fs::write(store.join("ds/files/f"), b"f").unwrap();
         std::fs::write(dir.path().join("secret"), b"s").unwrap();
         std::os::unix::fs::symlink(dir.path().join("secret"), store.join("ds/files/out")).unwrap();
-        let s = Some(store.as_path());
+        let resolved = store.canonicalize().unwrap();
+        let s = Some(resolved.as_path());
         assert!(beneath_store(s, &store.join("ds/files/f")).is_ok());
         assert_eq!(
             beneath_store(s, &dir.path().join("secret")),

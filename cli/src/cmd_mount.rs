@@ -6,7 +6,7 @@ use crate::tls_args;
 use anyhow::Context;
 use clap::Args;
 use granary_core::parse_duration;
-use granary_fuse_client::GranaryFs;
+use granary_fuse_client::{GranaryFs, Handoff};
 use granary_net::client::GrpcCache;
 use granary_net::cluster::ClusterClient;
 use granary_net::membership::Membership;
@@ -53,10 +53,29 @@ pub struct MountArgs {
     pub client: MountFlags,
 }
 
-pub async fn run(args: MountArgs) -> anyhow::Result<()> {
+/// What the keeper mounts; `None` with `--no-keeper` (or `--io-uring`), and when the flags do
+/// not parse (the command itself then says why).
+pub fn kept(args: &MountArgs) -> Option<crate::keeper::Kept> {
+    let ttl = parse_duration(&args.attr_ttl).ok()?;
+    args.client
+        .kept(&args.dir, fsname(args), ttl)
+        .ok()
+        .flatten()
+}
+
+fn fsname(args: &MountArgs) -> String {
+    match &args.server {
+        Some(server) => format!("granary:{server}"),
+        None => "granary:cluster".into(),
+    }
+}
+
+pub async fn run(args: MountArgs, handoff: Option<Handoff>) -> anyhow::Result<()> {
     let config = args.client.fs_config(parse_duration(&args.attr_ttl)?)?;
-    granary_fuse_client::check_mount_dir(&args.dir)?;
-    granary_fuse_client::check_fuse_device()?;
+    if handoff.is_none() {
+        granary_fuse_client::check_mount_dir(&args.dir)?;
+        granary_fuse_client::check_fuse_device()?;
+    }
     if let Some(addr) = args.metrics_addr {
         runtime::serve_metrics(addr).await?;
     }
@@ -67,7 +86,7 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
                 GrpcCache::connect(server, tls.as_ref(), None, Duration::from_secs(10)).await?,
             );
             let fs = Arc::new(GranaryFs::new(api, config));
-            granary_fuse_client::mount(fs, &args.dir, &format!("granary:{server}"))?
+            mount(fs, &args, handoff).await?
         }
         None => {
             let tls_dir = args.tls_dir.as_ref().context("--etcd needs --tls-dir")?;
@@ -91,7 +110,7 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
                     .with_local_node(local),
             );
             let fs = Arc::new(GranaryFs::new(api, config));
-            granary_fuse_client::mount(fs, &args.dir, "granary:cluster")?
+            mount(fs, &args, handoff).await?
         }
     };
     println!(
@@ -102,4 +121,16 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
     runtime::shutdown_signal().await;
     tokio::task::spawn_blocking(move || mounted.unmount()).await??;
     Ok(())
+}
+
+/// Mounts `fs`, or serves the mount a keeper handed over.
+async fn mount<A: granary_proto::CacheApi>(
+    fs: Arc<GranaryFs<A>>,
+    args: &MountArgs,
+    handoff: Option<Handoff>,
+) -> anyhow::Result<granary_fuse_client::Mounted> {
+    Ok(match handoff {
+        Some(handoff) => granary_fuse_client::serve_handed(fs, &args.dir, handoff).await?,
+        None => granary_fuse_client::mount(fs, &args.dir, &fsname(args))?,
+    })
 }

@@ -7,7 +7,7 @@ use clap::Args;
 use granary_cache_server::config::{CacheSection, ConfigFile, MountSection};
 use granary_cache_server::{Worker, grpc};
 use granary_core::ByteSize;
-use granary_fuse_client::GranaryFs;
+use granary_fuse_client::{GranaryFs, Handoff};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -45,7 +45,15 @@ pub struct UpArgs {
     pub client: MountFlags,
 }
 
-pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+/// What the keeper mounts for `up`; `None` with `--no-keeper` (or `--io-uring`), and when the
+/// flags do not parse (the command itself then says why).
+pub fn kept(args: &UpArgs) -> Option<crate::keeper::Kept> {
+    let ttl = granary_core::parse_duration(&args.metadata_ttl).ok()?;
+    let fsname = format!("granary:{}", args.source);
+    args.client.kept(&args.mount, fsname, ttl).ok().flatten()
+}
+
+pub async fn run(args: UpArgs, handoff: Option<Handoff>) -> anyhow::Result<()> {
     let file = ConfigFile {
         listen: args.listen.map(|a| a.to_string()),
         metadata_ttl: Some(args.metadata_ttl.clone()),
@@ -63,9 +71,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     };
     let settings = file.settings()?;
     let fs_config = args.client.fs_config(settings.metadata_ttl)?;
-    // Fail on a bad mount point or /dev/fuse before touching any backend.
-    granary_fuse_client::check_mount_dir(&args.mount)?;
-    granary_fuse_client::check_fuse_device()?;
+    // Fail on a bad mount point or /dev/fuse before touching any backend (a keeper checked
+    // them, and the mount is there now).
+    if handoff.is_none() {
+        granary_fuse_client::check_mount_dir(&args.mount)?;
+        granary_fuse_client::check_fuse_device()?;
+    }
     let _lock = runtime::lock_cache_dir(&settings.cache.dir)?;
     let grpc_listener = match args.listen {
         Some(addr) if !addr.ip().is_loopback() => anyhow::bail!(
@@ -88,7 +99,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .start(worker.clone())
         .context("cannot start the dataset loader's threads")?;
     let fs = Arc::new(GranaryFs::new(worker.clone(), fs_config));
-    let mounted = granary_fuse_client::mount(fs, &args.mount, &format!("granary:{}", args.source))?;
+    let mounted = match handoff {
+        Some(handoff) => granary_fuse_client::serve_handed(fs, &args.mount, handoff).await?,
+        None => granary_fuse_client::mount(fs, &args.mount, &format!("granary:{}", args.source))?,
+    };
     println!(
         "granary: {} mounted at {}",
         args.source,

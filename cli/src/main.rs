@@ -9,6 +9,7 @@ mod cmd_server;
 mod cmd_signer;
 mod cmd_up;
 mod dashboard;
+mod keeper;
 mod mount_flags;
 mod runtime;
 mod tls_args;
@@ -52,12 +53,35 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // First: a FUSE server started by its keeper takes the descriptors it inherited.
+    let handoff = granary_fuse_client::Handoff::from_env();
     let cli = Cli::parse();
     runtime::init_tracing();
+    let handoff = match handoff {
+        Ok(Some(handoff)) => {
+            // The keeper blocks the signals it waits for; a child inherits that mask.
+            if let Err(e) = nix::sys::signal::SigSet::empty().thread_set_mask() {
+                eprintln!("granary: error: cannot unblock signals: {e}");
+                return ExitCode::FAILURE;
+            }
+            Some(handoff)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            eprintln!("granary: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
-        Command::Up(args) => runtime::block_on(cmd_up::run(args)),
+        Command::Up(args) => match (handoff, cmd_up::kept(&args)) {
+            (None, Some(kept)) => return exit(keeper::run(kept)),
+            (handoff, _) => runtime::block_on(cmd_up::run(args, handoff)),
+        },
         Command::Server(args) => runtime::block_on(cmd_server::run(args)),
-        Command::Mount(args) => runtime::block_on(cmd_mount::run(args)),
+        Command::Mount(args) => match (handoff, cmd_mount::kept(&args)) {
+            (None, Some(kept)) => return exit(keeper::run(kept)),
+            (handoff, _) => runtime::block_on(cmd_mount::run(args, handoff)),
+        },
         Command::Status(args) => runtime::block_on(cmd_cluster::status(args)),
         Command::Certs(args) => cmd_cluster::certs(args),
         Command::Dataset(args) => runtime::block_on(cmd_dataset::run(args)),
@@ -71,6 +95,13 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn exit(result: anyhow::Result<ExitCode>) -> ExitCode {
+    result.unwrap_or_else(|e| {
+        eprintln!("granary: error: {}", one_line(&e));
+        ExitCode::FAILURE
+    })
 }
 
 /// The error and its causes on one line.

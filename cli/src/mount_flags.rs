@@ -42,6 +42,32 @@ pub struct MountFlags {
     /// mount point is detached and mounted afresh either way.
     #[arg(long)]
     pub auto_unmount: bool,
+    /// Serve the mount from this process alone, with no keeper: when it dies, the mount dies
+    /// with it. By default a small keeper process holds the mount and runs the FUSE server as
+    /// its child, starting another (which takes the mount over) when one dies, and the binary
+    /// on disk on SIGHUP. With --io-uring there is no keeper yet.
+    #[arg(long)]
+    pub no_keeper: bool,
+}
+
+impl MountFlags {
+    /// What a keeper mounts at `dir` as `fsname`, if this mount is to have one.
+    pub fn kept(
+        &self,
+        dir: &std::path::Path,
+        fsname: String,
+        attr_ttl: Duration,
+    ) -> anyhow::Result<Option<crate::keeper::Kept>> {
+        let config = self.fs_config(attr_ttl)?;
+        if self.no_keeper || self.io_uring {
+            return Ok(None);
+        }
+        Ok(Some(crate::keeper::Kept {
+            dir: dir.to_path_buf(),
+            fsname,
+            config,
+        }))
+    }
 }
 
 /// The default attribute TTL, as a flag default.

@@ -62,6 +62,13 @@ pub const FUSE_STALL_SECONDS: &str = "granary_fuse_stall_seconds";
 pub const FUSE_BLOCKS: &str = "granary_fuse_blocks_total";
 /// Bytes of those blocks, by the same labels. Counter, bytes.
 pub const FUSE_BLOCK_BYTES: &str = "granary_fuse_block_bytes_total";
+/// Gauge: bytes of the mount's journal (what the kernel holds, for the next server).
+pub const FUSE_JOURNAL_BYTES: &str = "granary_fuse_journal_bytes";
+/// Counter, label `reason` (`crash`, `upgrade`): FUSE servers that took the kernel connection
+/// over from an earlier one (the keeper's count, as this server was told it).
+pub const FUSE_HANDOVERS: &str = "granary_fuse_handovers_total";
+/// Gauge: entries rebuilt from the journal by this server (label `kind`: inode, file, dir).
+pub const FUSE_REBUILT: &str = "granary_fuse_rebuilt_entries";
 /// Bytes currently held by readahead across all open files. Gauge, bytes.
 pub const READAHEAD_BYTES: &str = "granary_readahead_bytes";
 /// Configured capacity of a cache tier, by `tier` (`memory`, `disk`). Gauge, bytes.
@@ -113,6 +120,9 @@ pub const ALL: &[&str] = &[
     FUSE_STALL_SECONDS,
     FUSE_BLOCKS,
     FUSE_BLOCK_BYTES,
+    FUSE_JOURNAL_BYTES,
+    FUSE_HANDOVERS,
+    FUSE_REBUILT,
     READAHEAD_BYTES,
     CACHE_CAPACITY_BYTES,
     RPC_REQUESTS,

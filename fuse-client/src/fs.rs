@@ -21,6 +21,7 @@
 //! [`granary_core::trust`]; the epoch's state ([`PinsView`]) is kept here under its lock.
 
 use crate::inodes::{InodeTable, KernelEntry, ROOT, Seen, child_path, seen_now};
+use crate::journal::{Journal, Rebuilt, Record};
 use crate::open::{Decided, IoModes, Opener};
 use crate::prefetch::{Budget, FileReader, LabelSets};
 use bytes::Bytes;
@@ -30,7 +31,7 @@ use granary_proto::{ApiError, CacheApi, Entry, EntryKind};
 use std::collections::HashMap;
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub use crate::error::FsError;
@@ -126,6 +127,13 @@ struct OpenFile {
     reader: Arc<FileReader>,
 }
 
+/// Where a server records what the kernel holds ([`crate::journal`]), and how it names a
+/// passthrough backing file's kernel id in those records.
+struct Journaled {
+    journal: Arc<Journal>,
+    backing_id: fn(&Backing) -> Option<u32>,
+}
+
 struct DirHandle {
     path: String,
     parent_ino: u64,
@@ -150,6 +158,8 @@ pub struct GranaryFs<A> {
     /// Read metric labels by top directory.
     labels: LabelSets,
     next_fh: AtomicU64,
+    /// Set when a keeper holds the connection: every reference given to the kernel is recorded.
+    journal: OnceLock<Journaled>,
 }
 
 impl<A> std::fmt::Debug for GranaryFs<A> {
@@ -187,8 +197,142 @@ impl<A: CacheApi> GranaryFs<A> {
             pins: Mutex::new(PinsView::default()),
             labels: LabelSets::new(config.job.clone()),
             next_fh: AtomicU64::new(1),
+            journal: OnceLock::new(),
             config,
         }
+    }
+
+    /// Records every reference given to the kernel in `journal` from now on; `backing_id`
+    /// names a backing file's kernel id.
+    pub fn attach_journal(&self, journal: Arc<Journal>, backing_id: fn(&Backing) -> Option<u32>) {
+        let _ = self.journal.set(Journaled {
+            journal,
+            backing_id,
+        });
+    }
+
+    fn log(&self, records: &[Record]) {
+        if let Some(j) = self.journal.get() {
+            j.journal.records(records);
+        }
+    }
+
+    /// Takes over what the kernel holds of an earlier server on this connection, as its journal
+    /// says: inodes (asked for again before they answer anything), open files (each reading the
+    /// version it opened), directory handles (listed again) and passthrough backing ids
+    /// (`adopt` makes a backing of an id; ids no open file uses are unregistered).
+    pub async fn restore(&self, rebuilt: Rebuilt, adopt: impl Fn(u32) -> Backing) {
+        let Rebuilt {
+            inodes,
+            files,
+            dirs,
+            backings,
+            ..
+        } = &rebuilt;
+        // Old enough that every trust rule asks the worker again.
+        let now = Instant::now();
+        let seen = Seen {
+            at: now
+                .checked_sub(
+                    self.config.attr_ttl.max(self.config.pinned_ttl) + Duration::from_secs(1),
+                )
+                .unwrap_or(now),
+            epoch: None,
+        };
+        {
+            let mut table = self.inodes.lock().expect("inode lock");
+            for (&ino, (path, dir, refs)) in inodes {
+                let name = path.rsplit('/').next().unwrap_or_default().to_string();
+                let entry = Entry {
+                    name,
+                    kind: if *dir {
+                        EntryKind::Dir
+                    } else {
+                        EntryKind::File
+                    },
+                    size: 0,
+                    mtime_ns: 0,
+                    object: None,
+                    pinned: false,
+                    owner: None,
+                };
+                table.restore(ino, path, entry, *refs, seen);
+            }
+        }
+        let mut adopted: HashMap<u32, Backing> = HashMap::new();
+        let mut modes: HashMap<u64, (u128, u64, Option<Backing>)> = HashMap::new();
+        {
+            let mut open = self.files.lock().expect("files lock");
+            for (&fh, f) in files {
+                let reader = FileReader::new(
+                    f.object.clone(),
+                    self.block_size,
+                    self.max_ahead_blocks,
+                    self.budget.clone(),
+                    self.labels.for_path(&f.path),
+                );
+                let backing = f
+                    .passthrough
+                    .map(|(_, id)| adopted.entry(id).or_insert_with(|| adopt(id)).clone());
+                let fingerprint = match f.passthrough {
+                    Some((fingerprint, _)) => fingerprint,
+                    None => f.object.id.fingerprint(),
+                };
+                let mode = modes.entry(f.ino).or_insert((fingerprint, 0, backing));
+                mode.1 += 1;
+                open.insert(
+                    fh,
+                    OpenFile {
+                        ino: f.ino,
+                        reader: Arc::new(reader),
+                    },
+                );
+            }
+        }
+        for (ino, (fingerprint, opens, backing)) in modes {
+            self.modes.restore(ino, fingerprint, opens, backing);
+        }
+        // Registered, and no open file reads them: unregistered now (dropping does it).
+        for &id in backings.iter().filter(|id| !adopted.contains_key(id)) {
+            drop(adopt(id));
+        }
+        for (&fh, &dir) in dirs {
+            if let Err(e) = self.restore_dir(fh, dir).await {
+                tracing::warn!(fh, ino = dir, error = %e, "a directory handle could not be listed again");
+            }
+        }
+        self.next_fh.fetch_max(rebuilt.next_fh(), Ordering::Relaxed);
+        for (kind, n) in [
+            ("inode", inodes.len()),
+            ("file", files.len()),
+            ("dir", dirs.len()),
+        ] {
+            metrics::gauge!(granary_core::metrics::FUSE_REBUILT, "kind" => kind).set(n as f64);
+        }
+        tracing::info!(
+            inodes = inodes.len(),
+            files = files.len(),
+            dirs = dirs.len(),
+            backings = backings.len(),
+            "took over what the kernel holds from the journal"
+        );
+    }
+
+    /// A directory handle of an earlier server: its listing is taken again.
+    async fn restore_dir(&self, fh: u64, ino: u64) -> Result<(), FsError> {
+        let (path, parent_ino) = self.dir_path(ino)?;
+        let epoch = self.known_epoch();
+        let entries = self.api.list(&path).await?;
+        self.dirs.lock().expect("dirs lock").insert(
+            fh,
+            DirHandle {
+                path,
+                parent_ino,
+                entries,
+                epoch,
+            },
+        );
+        Ok(())
     }
 
     pub fn config(&self) -> &FsConfig {
@@ -301,10 +445,21 @@ impl<A: CacheApi> GranaryFs<A> {
         let ino = inodes.upsert(&path, entry.clone(), 1, seen);
         let ttl = self.kernel_ttl(&mut inodes, ino, &entry, seen, known);
         drop(inodes);
+        self.log(&[Record::Lookup {
+            ino,
+            n: 1,
+            dir: entry.kind == EntryKind::Dir,
+            path,
+        }]);
         Ok(self.attr(ino, &entry, ttl))
     }
 
     pub fn forget(&self, ino: u64, n: u64) {
+        self.log(&[Record::Forget { ino, n }]);
+        self.forget_unlogged(ino, n);
+    }
+
+    fn forget_unlogged(&self, ino: u64, n: u64) {
         let gone = self.inodes.lock().expect("inode lock").forget(ino, n);
         if gone {
             self.modes.forget(ino);
@@ -415,6 +570,21 @@ impl<A: CacheApi> GranaryFs<A> {
             self.labels.for_path(&path),
         );
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        if let Some(j) = self.journal.get() {
+            let passthrough = match &io {
+                OpenIo::Passthrough(backing) => {
+                    (j.backing_id)(backing).map(|id| (reader.object().id.fingerprint(), id))
+                }
+                OpenIo::Userspace => None,
+            };
+            j.journal.record(Record::Open {
+                fh,
+                ino,
+                path,
+                object: reader.object().clone(),
+                passthrough,
+            });
+        }
         self.files.lock().expect("files lock").insert(
             fh,
             OpenFile {
@@ -454,6 +624,7 @@ impl<A: CacheApi> GranaryFs<A> {
         let Some(file) = self.files.lock().expect("files lock").remove(&fh) else {
             return;
         };
+        self.log(&[Record::Release { fh }]);
         let now = Instant::now();
         self.modes.release(file.ino, now);
     }
@@ -530,22 +701,11 @@ impl<A: CacheApi> GranaryFs<A> {
 
     /// Opens a directory: its listing is taken now and served from this handle.
     pub async fn opendir(&self, ino: u64) -> Result<u64, FsError> {
-        let (path, parent_ino) = {
-            let inodes = self.inodes.lock().expect("inode lock");
-            let inode = inodes.get(ino).ok_or(FsError::NotFound)?;
-            if inode.entry.kind != EntryKind::Dir {
-                return Err(FsError::NotADirectory);
-            }
-            let parent = inode
-                .path
-                .rsplit_once('/')
-                .map(|(p, _)| if p.is_empty() { "/" } else { p })
-                .unwrap_or("/");
-            (inode.path.clone(), inodes.ino_of(parent).unwrap_or(ROOT))
-        };
+        let (path, parent_ino) = self.dir_path(ino)?;
         let epoch = self.known_epoch();
         let entries = self.api.list(&path).await?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.log(&[Record::OpenDir { fh, ino }]);
         self.dirs.lock().expect("dirs lock").insert(
             fh,
             DirHandle {
@@ -556,6 +716,21 @@ impl<A: CacheApi> GranaryFs<A> {
             },
         );
         Ok(fh)
+    }
+
+    /// The path of directory `ino`, and its parent's inode.
+    fn dir_path(&self, ino: u64) -> Result<(String, u64), FsError> {
+        let inodes = self.inodes.lock().expect("inode lock");
+        let inode = inodes.get(ino).ok_or(FsError::NotFound)?;
+        if inode.entry.kind != EntryKind::Dir {
+            return Err(FsError::NotADirectory);
+        }
+        let parent = inode
+            .path
+            .rsplit_once('/')
+            .map(|(p, _)| if p.is_empty() { "/" } else { p })
+            .unwrap_or("/");
+        Ok((inode.path.clone(), inodes.ino_of(parent).unwrap_or(ROOT)))
     }
 
     /// Directory entries from `offset` on, `.` and `..` first. With `plus`, each returned entry is
@@ -585,6 +760,8 @@ impl<A: CacheApi> GranaryFs<A> {
             owner: None,
         };
         let total = entries.len() as u64 + 2;
+        // References given with readdirplus, recorded once the answer is complete.
+        let mut given = Vec::new();
         for off in offset..total {
             let item = match off {
                 0 => DirItem {
@@ -610,6 +787,12 @@ impl<A: CacheApi> GranaryFs<A> {
                             let child_ino = inodes.upsert(&child, entry.clone(), 1, seen);
                             let child_ttl =
                                 self.kernel_ttl(&mut inodes, child_ino, entry, seen, known);
+                            given.push(Record::Lookup {
+                                ino: child_ino,
+                                n: 1,
+                                dir: entry.kind == EntryKind::Dir,
+                                path: child,
+                            });
                             (child_ino, child_ttl)
                         } else {
                             let child_ino = inodes
@@ -628,16 +811,20 @@ impl<A: CacheApi> GranaryFs<A> {
             };
             if !accept(&item) {
                 if plus && off >= 2 {
-                    self.forget(item.ino, 1);
+                    given.pop();
+                    self.forget_unlogged(item.ino, 1);
                 }
                 break;
             }
         }
+        self.log(&given);
         Ok(())
     }
 
     pub fn releasedir(&self, fh: u64) {
-        self.dirs.lock().expect("dirs lock").remove(&fh);
+        if self.dirs.lock().expect("dirs lock").remove(&fh).is_some() {
+            self.log(&[Record::ReleaseDir { fh }]);
+        }
     }
 
     /// Number of inodes the kernel holds references to.

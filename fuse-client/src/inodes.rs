@@ -236,6 +236,34 @@ impl InodeTable {
         false
     }
 
+    /// Puts back an inode the kernel holds `refs` references to, as a journal names it
+    /// ([`crate::journal`]): its entry is `entry`, had at `seen` (long enough ago that it is
+    /// asked for again before it answers anything). New inode numbers start after it.
+    pub fn restore(&mut self, ino: u64, path: &str, entry: Entry, refs: u64, seen: Seen) {
+        if ino == ROOT || refs == 0 {
+            return;
+        }
+        if let Some(old) = self.by_path.insert(path.to_string(), ino)
+            && old != ino
+        {
+            // Two numbers for one path (a lookup raced a forget): the later one answers by
+            // path; the kernel may still use both numbers.
+            tracing::debug!(path, old, ino, "journal: two inode numbers for one path");
+        }
+        self.by_ino.insert(
+            ino,
+            Inode {
+                path: path.to_string(),
+                entry,
+                seen,
+                local: None,
+                kept_in: None,
+                lookups: refs,
+            },
+        );
+        self.next = self.next.max(ino + 1);
+    }
+
     pub fn len(&self) -> usize {
         self.by_ino.len()
     }

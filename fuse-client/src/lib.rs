@@ -15,9 +15,13 @@ pub mod backings;
 pub mod error;
 pub mod fs;
 pub mod inodes;
+pub mod journal;
 pub mod kernel;
 pub mod open;
 pub mod prefetch;
 
 pub use fs::{FsConfig, FsError, GranaryFs};
+pub use kernel::handover::{
+    Connection, HANDOFF_ENV, Handoff, hold, inheritable, serve as serve_handed,
+};
 pub use kernel::mount::{MountError, Mounted, check_fuse_device, check_mount_dir, mount};

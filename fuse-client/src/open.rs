@@ -317,6 +317,34 @@ impl IoModes {
         drop(dropped);
     }
 
+    /// Puts back the io mode of `ino`, open `opens` times: through passthrough of `backing`
+    /// (version `fingerprint`), or through this process with version `fingerprint` in the
+    /// kernel's page cache. For a server that took over the connection of another.
+    pub(crate) fn restore(
+        &self,
+        ino: u64,
+        fingerprint: u128,
+        opens: u64,
+        backing: Option<Backing>,
+    ) {
+        let mode = match backing {
+            Some(backing) => InodeIo::Passthrough {
+                fingerprint,
+                backing,
+                opens,
+                keep: false,
+            },
+            None => {
+                self.cached_versions
+                    .lock()
+                    .expect("versions lock")
+                    .insert(ino, fingerprint);
+                InodeIo::Userspace { opens }
+            }
+        };
+        self.io.lock().expect("io lock").modes.insert(ino, mode);
+    }
+
     /// Number of passthrough registrations kept for inodes without open handles.
     pub(crate) fn kept(&self) -> usize {
         self.io.lock().expect("io lock").idle.len()

@@ -49,7 +49,7 @@ impl<A: CacheApi> FuseAdapter<A> {
     fn register(&self) -> impl FnOnce(&std::fs::File) -> std::io::Result<Backing> + use<A> {
         let dev = self.dev.get().cloned();
         move |file| match dev {
-            Some(dev) => register_backing(&dev, file),
+            Some(dev) => register_backing(&dev, file, None),
             None => Err(std::io::Error::other("the FUSE session has no device yet")),
         }
     }
@@ -115,6 +115,58 @@ fn reply_open(reply: ReplyOpen, start: Instant, result: Result<Opened, FsError>)
     }
 }
 
+/// What FUSE_INIT agreed on beyond the basics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Agreed {
+    pub io_uring: bool,
+    /// Passthrough was wanted and the kernel refused it: why.
+    pub no_passthrough: Option<&'static str>,
+}
+
+/// Answers FUSE_INIT's `config` for this filesystem: readdirplus, parallel directory
+/// operations, asynchronous reads, 1 MiB requests; FUSE over io_uring and passthrough when
+/// asked for and offered.
+pub fn negotiate(config: &mut KernelConfig, passthrough: bool, io_uring: bool) -> Agreed {
+    let wanted = InitFlags::FUSE_DO_READDIRPLUS
+        | InitFlags::FUSE_READDIRPLUS_AUTO
+        | InitFlags::FUSE_PARALLEL_DIROPS
+        | InitFlags::FUSE_ASYNC_READ;
+    if let Err(unsupported) = config.add_capabilities(wanted) {
+        tracing::info!(?unsupported, "kernel lacks some FUSE capabilities");
+        let _ = config.add_capabilities(wanted - unsupported);
+    }
+    let _ = config
+        .set_max_readahead(1 << 20)
+        .or_else(|max| config.set_max_readahead(max));
+    let _ = config.set_max_background(64);
+    // Read-only: no write is ever this large, and a ring slot holds the largest request.
+    let _ = config.set_max_write(MAX_PAYLOAD as u32);
+    let mut agreed = Agreed {
+        io_uring: false,
+        no_passthrough: None,
+    };
+    if io_uring {
+        match config.add_capabilities(InitFlags::FUSE_OVER_IO_URING) {
+            Ok(()) => agreed.io_uring = true,
+            Err(_) => tracing::info!(
+                "the kernel does not offer FUSE over io_uring (fuse.enable_uring=N or a kernel before 6.14): requests go through /dev/fuse"
+            ),
+        }
+    }
+    if passthrough {
+        // Depth 1: backing files (the worker's dataset store) must sit on an ordinary
+        // filesystem, not on a stacked one such as overlayfs (the kernel refuses those with
+        // ELOOP, and we fall back), while this mount can still be a layer under overlayfs.
+        match config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
+            Ok(()) => {
+                let _ = config.set_max_stack_depth(1);
+            }
+            Err(_) => agreed.no_passthrough = Some("the kernel does not offer FUSE passthrough"),
+        }
+    }
+    agreed
+}
+
 fn kind(k: EntryKind) -> FileType {
     match k {
         EntryKind::Dir => FileType::Directory,
@@ -124,40 +176,11 @@ fn kind(k: EntryKind) -> FileType {
 
 impl<A: CacheApi> Filesystem for FuseAdapter<A> {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let wanted = InitFlags::FUSE_DO_READDIRPLUS
-            | InitFlags::FUSE_READDIRPLUS_AUTO
-            | InitFlags::FUSE_PARALLEL_DIROPS
-            | InitFlags::FUSE_ASYNC_READ;
-        if let Err(unsupported) = config.add_capabilities(wanted) {
-            tracing::info!(?unsupported, "kernel lacks some FUSE capabilities");
-            let _ = config.add_capabilities(wanted - unsupported);
-        }
-        let _ = config
-            .set_max_readahead(1 << 20)
-            .or_else(|max| config.set_max_readahead(max));
-        let _ = config.set_max_background(64);
-        // Read-only: no write is ever this large, and a ring slot holds the largest request.
-        let _ = config.set_max_write(MAX_PAYLOAD as u32);
-        if self.uring.swap(false, Ordering::Relaxed) {
-            match config.add_capabilities(InitFlags::FUSE_OVER_IO_URING) {
-                Ok(()) => self.uring.store(true, Ordering::Relaxed),
-                Err(_) => tracing::info!(
-                    "the kernel does not offer FUSE over io_uring (fuse.enable_uring=N or a kernel before 6.14): requests go through /dev/fuse"
-                ),
-            }
-        }
-        if self.fs.passthrough_enabled() {
-            // Depth 1: backing files (the worker's dataset store) must sit on an ordinary
-            // filesystem, not on a stacked one such as overlayfs (the kernel refuses those with
-            // ELOOP, and we fall back), while this mount can still be a layer under overlayfs.
-            match config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
-                Ok(()) => {
-                    let _ = config.set_max_stack_depth(1);
-                }
-                Err(_) => self
-                    .fs
-                    .disable_passthrough("the kernel does not offer FUSE passthrough"),
-            }
+        let uring = self.uring.swap(false, Ordering::Relaxed);
+        let agreed = negotiate(config, self.fs.passthrough_enabled(), uring);
+        self.uring.store(agreed.io_uring, Ordering::Relaxed);
+        if let Some(why) = agreed.no_passthrough {
+            self.fs.disable_passthrough(why);
         }
         Ok(())
     }

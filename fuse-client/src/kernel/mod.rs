@@ -7,7 +7,9 @@
 //! Dependencies point one way: `mount` -> `fuser`, `uring` -> `shared` -> [`crate::fs`]; no file
 //! here uses one that uses it back.
 
+pub mod devfuse;
 pub mod fuser;
+pub mod handover;
 pub mod mount;
 pub mod shared;
 pub mod uring;

@@ -7,7 +7,7 @@
 
 use super::fuser::FuseAdapter;
 use super::uring::{self, Rings};
-use crate::fs::GranaryFs;
+use crate::fs::{FsConfig, GranaryFs};
 use crate::inodes::KernelEntry;
 use fuser::{BackgroundSession, Config, INodeNo, MountOption, Notifier, Session, SessionACL};
 use granary_proto::CacheApi;
@@ -170,6 +170,15 @@ impl std::fmt::Debug for Mounted {
 }
 
 impl Mounted {
+    /// A mount whose connection a keeper holds ([`super::handover`]): the keeper unmounts it.
+    pub(crate) fn kept(dir: &Path) -> Self {
+        Mounted {
+            session: None,
+            rings: None,
+            dir: dir.to_path_buf(),
+        }
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -210,7 +219,7 @@ const KERNEL_READAHEAD_MAX_KB: u64 = 4096;
 /// sequential read into many small requests). Measured on a 1 GiB file: 128 KiB -> 4 MiB takes a
 /// memory-tier read from 2.3 to 3.9 GB/s and a cold read from 0.60 to 0.78 GB/s. Needs root (it
 /// is a sysfs knob of the mount's backing device); without it the default stays, said once.
-fn set_kernel_readahead(dir: &Path, kb: u64) {
+pub(crate) fn set_kernel_readahead(dir: &Path, kb: u64) {
     use std::os::unix::fs::MetadataExt;
     let Ok(meta) = std::fs::metadata(dir) else {
         return;
@@ -267,7 +276,7 @@ impl Drop for Mounted {
 /// told to keep are no longer trusted, tells the kernel to drop them; lets go of kept
 /// passthrough registrations past their time (also while nothing is opened or closed). Ends
 /// with the filesystem.
-async fn maintain<A: CacheApi>(fs: Weak<GranaryFs<A>>, notifier: Notifier) {
+pub(crate) async fn maintain<A: CacheApi>(fs: Weak<GranaryFs<A>>, notifier: impl Invalidate) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -287,14 +296,39 @@ async fn maintain<A: CacheApi>(fs: Weak<GranaryFs<A>>, notifier: Notifier) {
     }
 }
 
+/// How the kernel is told to drop an entry or an inode's attributes and pages: fuser's
+/// notifier, or a kept connection's ([`super::devfuse::DevNotifier`]).
+pub(crate) trait Invalidate: Clone + Send + 'static {
+    fn entry(&self, parent: u64, name: &str) -> std::io::Result<()>;
+    fn inode(&self, ino: u64) -> std::io::Result<()>;
+}
+
+impl Invalidate for Notifier {
+    fn entry(&self, parent: u64, name: &str) -> std::io::Result<()> {
+        self.inval_entry(INodeNo(parent), OsStr::new(name))
+    }
+    fn inode(&self, ino: u64) -> std::io::Result<()> {
+        self.inval_inode(INodeNo(ino), 0, 0)
+    }
+}
+
+impl Invalidate for super::devfuse::DevNotifier {
+    fn entry(&self, parent: u64, name: &str) -> std::io::Result<()> {
+        self.inval_entry(parent, name)
+    }
+    fn inode(&self, ino: u64) -> std::io::Result<()> {
+        self.inval_inode(ino)
+    }
+}
+
 /// Tells the kernel to drop these entries and the attributes and pages of their inodes.
-fn invalidate(notifier: &Notifier, entries: &[KernelEntry]) {
+fn invalidate(notifier: &impl Invalidate, entries: &[KernelEntry]) {
     let mut failed = 0;
     for e in entries {
         if let Some(parent) = e.parent {
-            failed += notify_failed(notifier.inval_entry(INodeNo(parent), OsStr::new(&e.name)));
+            failed += notify_failed(notifier.entry(parent, &e.name));
         }
-        failed += notify_failed(notifier.inval_inode(INodeNo(e.ino), 0, 0));
+        failed += notify_failed(notifier.inode(e.ino));
     }
     metrics::counter!(granary_core::metrics::FUSE_KERNEL_INVALIDATIONS)
         .increment(entries.len() as u64);
@@ -325,37 +359,8 @@ pub fn mount<A: CacheApi>(
 ) -> Result<Mounted, MountError> {
     check_mount_dir(dir)?;
     check_fuse_device()?;
-    let kernel_readahead_kb =
-        (fs.config().readahead_per_file >> 10).clamp(128, KERNEL_READAHEAD_MAX_KB);
-    let is_root = std::fs::metadata("/proc/self")
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-        .unwrap_or(false);
-    let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::RO,
-        MountOption::FSName(fsname.to_string()),
-        MountOption::Subtype("granary".into()),
-        MountOption::DefaultPermissions,
-        MountOption::NoAtime,
-        MountOption::NoDev,
-        MountOption::NoSuid,
-    ];
-    // Training pods often run as another user than the mounter: sharing the mount is the
-    // operator's explicit choice (`--allow-other`); the kernel checks the modes either way.
-    if fs.config().allow_other {
-        config.acl = SessionACL::All;
-    }
-    if fs.config().auto_unmount {
-        // The kernel mount goes when the daemon does (fusermount3 watches it); fusermount
-        // needs an ACL other than "owner only": root may then use the mount too.
-        config.mount_options.push(MountOption::AutoUnmount);
-        if config.acl == SessionACL::Owner {
-            config.acl = SessionACL::RootAndOwner;
-        }
-    }
-    config.n_threads = Some(2);
-    config.clone_fd = true;
-    if fs.config().io_uring && is_root {
+    let config = mount_config(fs.config(), fsname);
+    if fs.config().io_uring && is_root() {
         enable_fuse_io_uring();
     }
     let (session, rings) = match start_session(&fs, dir, &config, fs.config().io_uring)? {
@@ -369,13 +374,54 @@ pub fn mount<A: CacheApi>(
             }
         }
     };
-    set_kernel_readahead(dir, kernel_readahead_kb);
+    set_kernel_readahead(dir, kernel_readahead_kb(fs.config()));
     tokio::spawn(maintain(Arc::downgrade(&fs), session.notifier()));
     Ok(Mounted {
         session: Some(session),
         rings,
         dir: dir.to_path_buf(),
     })
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
+}
+
+/// The kernel readahead this configuration wants, in KiB.
+pub(crate) fn kernel_readahead_kb(config: &FsConfig) -> u64 {
+    (config.readahead_per_file >> 10).clamp(128, KERNEL_READAHEAD_MAX_KB)
+}
+
+/// The mount options and session settings of a read-only Granary mount.
+pub(crate) fn mount_config(fs: &FsConfig, fsname: &str) -> Config {
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::RO,
+        MountOption::FSName(fsname.to_string()),
+        MountOption::Subtype("granary".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoAtime,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+    ];
+    // Training pods often run as another user than the mounter: sharing the mount is the
+    // operator's explicit choice (`--allow-other`); the kernel checks the modes either way.
+    if fs.allow_other {
+        config.acl = SessionACL::All;
+    }
+    if fs.auto_unmount {
+        // The kernel mount goes when the daemon does (fusermount3 watches it); fusermount
+        // needs an ACL other than "owner only": root may then use the mount too.
+        config.mount_options.push(MountOption::AutoUnmount);
+        if config.acl == SessionACL::Owner {
+            config.acl = SessionACL::RootAndOwner;
+        }
+    }
+    config.n_threads = Some(2);
+    config.clone_fd = true;
+    config
 }
 
 enum Started {

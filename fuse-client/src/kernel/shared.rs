@@ -3,6 +3,7 @@
 //! for write access, the op metrics every answer records, and the largest request or answer body.
 
 use crate::fs::{Backing, FsError};
+use crate::journal::{Journal, Record};
 use fuser::BackingId;
 use granary_core::metrics as m;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -18,15 +19,34 @@ pub const MAX_PAYLOAD: usize = 1 << 20;
 pub struct KernelBacking {
     dev: Arc<OwnedFd>,
     id: u32,
+    /// Where a kept connection records the id's registration and its end.
+    journal: Option<Arc<Journal>>,
 }
 
 impl KernelBacking {
-    pub fn open(dev: &Arc<OwnedFd>, file: &std::fs::File) -> std::io::Result<Self> {
+    pub fn open(
+        dev: &Arc<OwnedFd>,
+        file: &std::fs::File,
+        journal: Option<&Arc<Journal>>,
+    ) -> std::io::Result<Self> {
         let id = BackingId::create_raw(&**dev, file)?;
+        if let Some(j) = journal {
+            j.record(Record::Backing { id });
+        }
         Ok(KernelBacking {
             dev: dev.clone(),
             id,
+            journal: journal.cloned(),
         })
+    }
+
+    /// An id an earlier server registered on this connection (its journal names it).
+    pub fn adopt(dev: &Arc<OwnedFd>, id: u32, journal: Option<&Arc<Journal>>) -> Self {
+        KernelBacking {
+            dev: dev.clone(),
+            id,
+            journal: journal.cloned(),
+        }
     }
 
     /// The `backing_id` an open answer names.
@@ -49,15 +69,26 @@ impl Drop for KernelBacking {
                 &self.id as *const u32,
             )
         };
+        if let Some(j) = &self.journal {
+            j.record(Record::Unbacking { id: self.id });
+        }
     }
+}
+
+/// The kernel id of a backing file this module registered.
+pub(crate) fn backing_id(backing: &Backing) -> Option<u32> {
+    backing
+        .downcast_ref::<KernelBacking>()
+        .map(KernelBacking::id)
 }
 
 /// Registers `file` on the connection `dev` as a passthrough backing file.
 pub(crate) fn register_backing(
     dev: &Arc<OwnedFd>,
     file: &std::fs::File,
+    journal: Option<&Arc<Journal>>,
 ) -> std::io::Result<Backing> {
-    KernelBacking::open(dev, file).map(|b| Arc::new(b) as Backing)
+    KernelBacking::open(dev, file, journal).map(|b| Arc::new(b) as Backing)
 }
 
 /// Whether an open with these `open(2)` flags asks for write access (or truncation).

@@ -34,15 +34,15 @@
 //! buffers behind the compiler's back, and the SQEs carry raw pointers to them.
 #![allow(unsafe_code)]
 
-mod ring;
-mod serve;
-mod wire;
+pub(crate) mod ring;
+pub(crate) mod serve;
+pub(crate) mod wire;
 
 use super::shared::MAX_PAYLOAD;
 use crate::fs::GranaryFs;
 use granary_core::metrics as m;
 use granary_proto::CacheApi;
-use ring::{Lent, Ring, WAKE, register_sqe};
+use ring::{Home, Lent, Ring, WAKE, register_sqe};
 use serve::{Served, Server};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
@@ -265,8 +265,10 @@ impl<A: CacheApi> Queue<A> {
             lent.set(true);
             Lent {
                 slot: slot.clone(),
-                index,
-                ring: self.ring.clone(),
+                home: Home::Ring {
+                    ring: self.ring.clone(),
+                    index,
+                },
                 answered: false,
             }
         };
@@ -309,7 +311,12 @@ pub fn start<A: CacheApi>(
 ) -> std::io::Result<Rings> {
     let n = possible_cpus();
     let depth = (TOTAL_SLOTS / n).clamp(2, 16);
-    let server = Server { fs, rt, dev };
+    let server = Server {
+        fs,
+        rt,
+        dev,
+        journal: None,
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let mut rings = Rings {
         queues: Vec::with_capacity(n),

@@ -16,19 +16,24 @@ const CMD_REGISTER: u32 = 1;
 const CMD_COMMIT_AND_FETCH: u32 = 2;
 
 /// `user_data` of the eventfd read that wakes a ring thread to stop.
-pub(super) const WAKE: u64 = u64::MAX;
+pub(crate) const WAKE: u64 = u64::MAX;
+
+/// Where a lent slot's answer goes: committed to its ring, or written to `/dev/fuse`.
+pub(crate) enum Home {
+    Ring { ring: Arc<Ring>, index: usize },
+    Dev(Arc<OwnedFd>),
+}
 
 /// A slot lent to a runtime task, which answers and commits it itself. Answers EIO if dropped
 /// unanswered (a panic, or the runtime shutting down), so the kernel's request always ends.
-pub(super) struct Lent {
-    pub(super) slot: Arc<Slot>,
-    pub(super) index: usize,
-    pub(super) ring: Arc<Ring>,
-    pub(super) answered: bool,
+pub(crate) struct Lent {
+    pub(crate) slot: Arc<Slot>,
+    pub(crate) home: Home,
+    pub(crate) answered: bool,
 }
 
 impl Lent {
-    pub(super) fn answer(mut self, f: impl FnOnce(&mut Answer)) {
+    pub(crate) fn answer(mut self, f: impl FnOnce(&mut Answer)) {
         self.give_back(f);
     }
 
@@ -37,7 +42,10 @@ impl Lent {
         let (header, payload) = unsafe { self.slot.parts() };
         f(&mut Answer { header, payload });
         self.answered = true;
-        self.ring.commit(self.index, &self.slot, true);
+        match &self.home {
+            Home::Ring { ring, index } => ring.commit(*index, &self.slot, true),
+            Home::Dev(dev) => crate::kernel::devfuse::write_slot(dev, &self.slot),
+        }
     }
 }
 
@@ -58,7 +66,7 @@ fn ring_cmd(commit_id: u64, qid: u16) -> [u8; 80] {
 }
 
 /// `REGISTER`: lends the kernel a slot's two buffers (`iov`) and waits for a request.
-pub(super) fn register_sqe(
+pub(crate) fn register_sqe(
     dev: &OwnedFd,
     qid: u16,
     index: usize,
@@ -88,13 +96,13 @@ fn commit_sqe(dev: &OwnedFd, qid: u16, index: usize, commit_id: u64) -> Entry128
 /// ones) and the runtime tasks that answer the others. Whoever answers submits the commit, so
 /// the kernel copies a large answer into the reader's pages on that thread's CPU, and no slot
 /// is handed back to the ring thread first.
-pub(super) struct Ring {
-    pub(super) uring: IoUring<Entry128>,
+pub(crate) struct Ring {
+    pub(crate) uring: IoUring<Entry128>,
     /// Held while pushing SQEs (the ring thread and answering tasks push; only the ring thread
     /// reads completions).
     sq: Mutex<()>,
-    pub(super) dev: Arc<OwnedFd>,
-    pub(super) qid: u16,
+    pub(crate) dev: Arc<OwnedFd>,
+    pub(crate) qid: u16,
     /// Where the wake-up read of `Rings::stop` lands: lives as long as the ring.
     wake_buf: UnsafeCell<[u8; 8]>,
 }
@@ -103,7 +111,7 @@ pub(super) struct Ring {
 unsafe impl Sync for Ring {}
 
 impl Ring {
-    pub(super) fn new(dev: Arc<OwnedFd>, qid: u16, depth: usize) -> std::io::Result<Ring> {
+    pub(crate) fn new(dev: Arc<OwnedFd>, qid: u16, depth: usize) -> std::io::Result<Ring> {
         // Room for a commit or registration per slot plus the wake-up read; twice that for
         // completions.
         let uring = IoUring::<Entry128>::builder().build((depth as u32 + 1).next_power_of_two())?;
@@ -118,7 +126,7 @@ impl Ring {
 
     /// Queues an SQE; with `submit` the kernel takes it now, on this thread, else at the ring
     /// thread's next wait.
-    pub(super) fn push(&self, sqe: &Entry128, submit: bool) {
+    pub(crate) fn push(&self, sqe: &Entry128, submit: bool) {
         let _guard = self.sq.lock().expect("sq lock");
         // SAFETY: SQEs are pushed only under `sq`. Each points at buffers that outlive the ring
         // (slots held by `Arc`, iovecs kept by the ring thread until their REGISTER was
@@ -136,14 +144,14 @@ impl Ring {
     }
 
     /// Commits the answer written into `slot` and re-arms the slot for the next request.
-    pub(super) fn commit(&self, index: usize, slot: &Slot, submit: bool) {
+    pub(crate) fn commit(&self, index: usize, slot: &Slot, submit: bool) {
         // SAFETY: the caller owns the slot; the kernel wrote the commit id with the request and
         // an answer leaves it in place.
         let commit_id = u64_at(unsafe { slot.parts() }.0, ENT + 8);
         self.push(&commit_sqe(&self.dev, self.qid, index, commit_id), submit);
     }
 
-    pub(super) fn arm_wake(&self, wake: &OwnedFd) {
+    pub(crate) fn arm_wake(&self, wake: &OwnedFd) {
         let read = opcode::Read::new(types::Fd(wake.as_raw_fd()), self.wake_buf.get().cast(), 8)
             .build()
             .user_data(WAKE);
@@ -168,8 +176,10 @@ mod tests {
         let ring = Arc::new(Ring::new(dev, 0, 2).unwrap());
         let lent = Lent {
             slot: slot.clone(),
-            index: 3,
-            ring: ring.clone(),
+            home: Home::Ring {
+                ring: ring.clone(),
+                index: 3,
+            },
             answered: false,
         };
         drop(lent);

@@ -9,6 +9,7 @@
 use super::ring::Lent;
 use super::wire::{Answer, DirWriter, ENT, OP_IN, Slot, op, put_u32, put_u64, u32_at, u64_at};
 use crate::fs::{Backing, GranaryFs};
+use crate::journal::Journal;
 use crate::kernel::shared::{MAX_PAYLOAD, record, register_backing, wants_write};
 use granary_core::metrics as m;
 use granary_proto::CacheApi;
@@ -19,10 +20,12 @@ use std::time::Instant;
 use tokio::runtime::Handle;
 
 /// What a ring thread needs to answer requests.
-pub(super) struct Server<A> {
-    pub(super) fs: Arc<GranaryFs<A>>,
-    pub(super) rt: Handle,
-    pub(super) dev: Arc<OwnedFd>,
+pub(crate) struct Server<A> {
+    pub(crate) fs: Arc<GranaryFs<A>>,
+    pub(crate) rt: Handle,
+    pub(crate) dev: Arc<OwnedFd>,
+    /// A kept connection's journal, where backing ids are recorded.
+    pub(crate) journal: Option<Arc<Journal>>,
 }
 
 impl<A> Clone for Server<A> {
@@ -31,20 +34,21 @@ impl<A> Clone for Server<A> {
             fs: self.fs.clone(),
             rt: self.rt.clone(),
             dev: self.dev.clone(),
+            journal: self.journal.clone(),
         }
     }
 }
 
 /// Answered at once, or lent to a runtime task that answers later.
-pub(super) enum Served {
+pub(crate) enum Served {
     Now,
     Later,
 }
 
 impl<A: CacheApi> Server<A> {
     fn register(&self) -> impl Fn(&std::fs::File) -> std::io::Result<Backing> + Send + 'static {
-        let dev = self.dev.clone();
-        move |file| register_backing(&dev, file)
+        let (dev, journal) = (self.dev.clone(), self.journal.clone());
+        move |file| register_backing(&dev, file, journal.as_ref())
     }
 
     /// Answers with what `work` gives. With `inline` it is polled once here first: a fresh entry
@@ -84,7 +88,7 @@ impl<A: CacheApi> Server<A> {
     }
 
     /// Answers the request in `slot`, or lends the slot to a runtime task that will.
-    pub(super) fn serve(&self, slot: &Slot, lend: impl FnOnce() -> Lent) -> Served {
+    pub(crate) fn serve(&self, slot: &Slot, lend: impl FnOnce() -> Lent) -> Served {
         // SAFETY: the kernel just handed this slot to the ring thread, which calls us.
         let (header, payload) = unsafe { slot.parts() };
         // Everything needed from the request is copied out before an answer overwrites it.

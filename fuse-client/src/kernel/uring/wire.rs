@@ -14,11 +14,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// `struct fuse_uring_req_header`: in/out header (128), op header (128), ring entry (32).
-pub(super) const HEADER: usize = 288;
-pub(super) const OP_IN: usize = 128;
-pub(super) const ENT: usize = 256;
+pub(crate) const HEADER: usize = 288;
+pub(crate) const OP_IN: usize = 128;
+pub(crate) const ENT: usize = 256;
 
-pub(super) mod op {
+pub(crate) mod op {
     pub const LOOKUP: u32 = 1;
     pub const GETATTR: u32 = 3;
     pub const OPEN: u32 = 14;
@@ -39,19 +39,19 @@ pub(super) mod op {
 const FOPEN_KEEP_CACHE: u32 = 1 << 1;
 const FOPEN_PASSTHROUGH: u32 = 1 << 7;
 
-pub(super) fn u32_at(b: &[u8], at: usize) -> u32 {
+pub(crate) fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_ne_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
 
-pub(super) fn u64_at(b: &[u8], at: usize) -> u64 {
+pub(crate) fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_ne_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-pub(super) fn put_u32(b: &mut [u8], at: usize, v: u32) {
+pub(crate) fn put_u32(b: &mut [u8], at: usize, v: u32) {
     b[at..at + 4].copy_from_slice(&v.to_ne_bytes());
 }
 
-pub(super) fn put_u64(b: &mut [u8], at: usize, v: u64) {
+pub(crate) fn put_u64(b: &mut [u8], at: usize, v: u64) {
     b[at..at + 8].copy_from_slice(&v.to_ne_bytes());
 }
 
@@ -99,16 +99,16 @@ fn put_entry(b: &mut [u8], a: &Attr) {
 }
 
 /// Adds directory entries to an answer until it is full.
-pub(super) struct DirWriter<'a> {
-    pub(super) buf: &'a mut [u8],
-    pub(super) len: usize,
-    pub(super) plus: bool,
+pub(crate) struct DirWriter<'a> {
+    pub(crate) buf: &'a mut [u8],
+    pub(crate) len: usize,
+    pub(crate) plus: bool,
 }
 
 impl DirWriter<'_> {
     /// Appends `item` (`struct fuse_dirent`, after a `fuse_entry_out` for READDIRPLUS); false
     /// when it does not fit.
-    pub(super) fn add(&mut self, item: &DirItem) -> bool {
+    pub(crate) fn add(&mut self, item: &DirItem) -> bool {
         let name = item.name.as_bytes();
         let head = if self.plus { 128 } else { 0 };
         let size = head + (24 + name.len()).next_multiple_of(8);
@@ -138,9 +138,9 @@ impl DirWriter<'_> {
 /// One registered slot: the kernel writes a request into it, we write the answer over it.
 /// Owned by the ring thread while the kernel or that thread holds it, and by one runtime task
 /// while the task works on the request; never by two at once.
-pub(super) struct Slot {
-    pub(super) header: UnsafeCell<[u8; HEADER]>,
-    pub(super) payload: UnsafeCell<Box<[u8]>>,
+pub(crate) struct Slot {
+    pub(crate) header: UnsafeCell<[u8; HEADER]>,
+    pub(crate) payload: UnsafeCell<Box<[u8]>>,
 }
 
 // SAFETY: access is handed over explicitly (see `Slot`): the ring thread gives the slot to at
@@ -148,7 +148,7 @@ pub(super) struct Slot {
 unsafe impl Sync for Slot {}
 
 impl Slot {
-    pub(super) fn new(payload: usize) -> Arc<Slot> {
+    pub(crate) fn new(payload: usize) -> Arc<Slot> {
         Arc::new(Slot {
             header: UnsafeCell::new([0; HEADER]),
             // Zeroed: pages are mapped only when an answer first writes them.
@@ -159,28 +159,28 @@ impl Slot {
     /// # Safety
     /// The caller owns the slot (see [`Slot`]).
     #[allow(clippy::mut_from_ref)]
-    pub(super) unsafe fn parts(&self) -> (&mut [u8; HEADER], &mut [u8]) {
+    pub(crate) unsafe fn parts(&self) -> (&mut [u8; HEADER], &mut [u8]) {
         let (header, payload) = unsafe { (&mut *self.header.get(), &mut *self.payload.get()) };
         (header, &mut payload[..])
     }
 }
 
 /// Writes an answer into a slot.
-pub(super) struct Answer<'a> {
-    pub(super) header: &'a mut [u8; HEADER],
-    pub(super) payload: &'a mut [u8],
+pub(crate) struct Answer<'a> {
+    pub(crate) header: &'a mut [u8; HEADER],
+    pub(crate) payload: &'a mut [u8],
 }
 
 impl Answer<'_> {
     /// `struct fuse_out_header` and the body size. The out header's `unique` sits where the in
     /// header's did, so it is left as the kernel wrote it.
-    pub(super) fn finish(&mut self, error: i32, len: usize) {
+    pub(crate) fn finish(&mut self, error: i32, len: usize) {
         put_u32(&mut self.header[..], 0, (16 + len) as u32);
         put_u32(&mut self.header[..], 4, (-error) as u32);
         put_u32(&mut self.header[..], ENT + 16, len as u32);
     }
 
-    pub(super) fn error(&mut self, errno: i32) {
+    pub(crate) fn error(&mut self, errno: i32) {
         self.finish(errno, 0);
     }
 
@@ -188,20 +188,20 @@ impl Answer<'_> {
         self.error(e.errno());
     }
 
-    pub(super) fn empty(&mut self) {
+    pub(crate) fn empty(&mut self) {
         self.finish(0, 0);
     }
 
-    pub(super) fn body(&mut self, len: usize, fill: impl FnOnce(&mut [u8])) {
+    pub(crate) fn body(&mut self, len: usize, fill: impl FnOnce(&mut [u8])) {
         fill(&mut self.payload[..len]);
         self.finish(0, len);
     }
 
-    pub(super) fn entry(&mut self, a: &Attr) {
+    pub(crate) fn entry(&mut self, a: &Attr) {
         self.body(128, |b| put_entry(b, a));
     }
 
-    pub(super) fn attr(&mut self, a: &Attr) {
+    pub(crate) fn attr(&mut self, a: &Attr) {
         self.body(104, |b| {
             put_u64(b, 0, a.ttl.as_secs());
             put_u32(b, 8, a.ttl.subsec_nanos());
@@ -211,7 +211,7 @@ impl Answer<'_> {
     }
 
     /// `struct fuse_open_out`.
-    pub(super) fn open(&mut self, fh: u64, flags: u32, backing_id: u32) {
+    pub(crate) fn open(&mut self, fh: u64, flags: u32, backing_id: u32) {
         self.body(16, |b| {
             put_u64(b, 0, fh);
             put_u32(b, 8, flags);
@@ -219,7 +219,7 @@ impl Answer<'_> {
         });
     }
 
-    pub(super) fn opened(&mut self, start: Instant, result: Result<Opened, FsError>) {
+    pub(crate) fn opened(&mut self, start: Instant, result: Result<Opened, FsError>) {
         self.outcome("open", start, result, |a, opened| match &opened.io {
             OpenIo::Passthrough(backing) => {
                 a.open(opened.fh, FOPEN_PASSTHROUGH, passthrough_open(backing));
@@ -237,7 +237,7 @@ impl Answer<'_> {
 
     /// Records `op`'s outcome (count, latency), then answers with `ok` of its value, or with
     /// its errno.
-    pub(super) fn outcome<T>(
+    pub(crate) fn outcome<T>(
         &mut self,
         op: &'static str,
         start: Instant,
@@ -251,7 +251,7 @@ impl Answer<'_> {
         }
     }
 
-    pub(super) fn data(&mut self, data: &[u8]) {
+    pub(crate) fn data(&mut self, data: &[u8]) {
         let n = data.len().min(self.payload.len());
         self.body(n, |b| b.copy_from_slice(&data[..n]));
     }

@@ -1,0 +1,263 @@
+//! The keeper: the process `granary up` and `granary mount` run as, which holds the mount and
+//! runs the FUSE server (this same command, started again with [`HANDOFF_ENV`]) as its child.
+//!
+//! It mounts and answers FUSE_INIT ([`granary_fuse_client::hold`]), then starts the server and
+//! waits. When the server dies for any reason it starts another, which takes the connection
+//! over (`granary_fuse_client::kernel::handover`); SIGHUP stops the server and starts the
+//! binary now on disk (a live upgrade); SIGTERM or SIGINT stops the server and unmounts. A
+//! server that exits before serving on the first start (bad flags, a backend refusing it)
+//! ends the keeper with its status, after unmounting; later, a server that keeps failing is
+//! started again with a growing pause (up to 5 s). The keeper reads no request and does no
+//! I/O beyond this: one thread, no runtime.
+
+use anyhow::Context;
+use granary_fuse_client::{Connection, FsConfig, HANDOFF_ENV, hold, inheritable};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, Signal, kill};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitCode};
+use std::time::{Duration, Instant};
+
+/// What the keeper mounts.
+pub struct Kept {
+    pub dir: PathBuf,
+    pub fsname: String,
+    pub config: FsConfig,
+}
+
+/// How long a server may take to exit after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+const MAX_PAUSE: Duration = Duration::from_secs(5);
+
+/// How a wait for the server ended.
+enum Event {
+    Exited(WaitStatus),
+    Upgrade,
+    Stop,
+}
+
+struct Keeper {
+    signals: SignalFd,
+    conn: Connection,
+    dev: OwnedFd,
+    journal: OwnedFd,
+    exe: PathBuf,
+}
+
+pub fn run(kept: Kept) -> anyhow::Result<ExitCode> {
+    let exe = std::env::current_exe().context("cannot find this program's path")?;
+    let mut mask = SigSet::empty();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGHUP,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+    ] {
+        mask.add(s);
+    }
+    mask.thread_block().context("cannot block signals")?;
+    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .context("cannot open a signalfd")?;
+    let conn = hold(&kept.dir, &kept.fsname, &kept.config)?;
+    let dev = inheritable(conn.device())?;
+    let journal = inheritable(conn.journal())?;
+    let keeper = Keeper {
+        signals,
+        conn,
+        dev,
+        journal,
+        exe,
+    };
+    keeper.supervise()
+}
+
+impl Keeper {
+    fn supervise(self) -> anyhow::Result<ExitCode> {
+        let mut starts = 0u64;
+        let mut reason = "start";
+        let mut failures = 0u32;
+        loop {
+            let started = Instant::now();
+            let (mut child, ready) = self.start(starts, reason)?;
+            let (event, served) = self.wait(&mut child, ready)?;
+            match event {
+                Event::Stop => {
+                    self.stop(&mut child);
+                    return self.unmount(ExitCode::SUCCESS);
+                }
+                Event::Upgrade => {
+                    tracing::info!(exe = %self.exe.display(), "SIGHUP: starting the server on disk, which takes the mount over");
+                    self.stop(&mut child);
+                    reason = "upgrade";
+                    failures = 0;
+                }
+                Event::Exited(status) => {
+                    if starts == 0 && !served {
+                        tracing::error!(
+                            ?status,
+                            "the FUSE server exited before serving; unmounting"
+                        );
+                        let code = match status {
+                            WaitStatus::Exited(_, code) => (code & 0xff) as u8,
+                            _ => 1,
+                        };
+                        return self.unmount(ExitCode::from(code.max(1)));
+                    }
+                    failures = if served { 0 } else { failures + 1 };
+                    tracing::warn!(
+                        ?status,
+                        ran_for = ?started.elapsed(),
+                        "the FUSE server exited; starting another, which takes the mount over"
+                    );
+                    reason = "crash";
+                    if failures > 0 {
+                        let pause = (Duration::from_millis(100) * 2u32.saturating_pow(failures))
+                            .min(MAX_PAUSE);
+                        if self.pause(pause)? {
+                            return self.unmount(ExitCode::SUCCESS);
+                        }
+                    }
+                }
+            }
+            starts += 1;
+        }
+    }
+
+    /// Starts a server that inherits the connection; returns it and the read end of its
+    /// "serving" pipe.
+    fn start(&self, starts: u64, reason: &str) -> anyhow::Result<(Child, std::fs::File)> {
+        let (ready_read, ready_write) = nix::unistd::pipe().context("cannot make a pipe")?;
+        let ready_write = inheritable(ready_write.as_fd())?;
+        let env = self.conn.handoff_env(
+            self.dev.as_raw_fd(),
+            self.journal.as_raw_fd(),
+            ready_write.as_raw_fd(),
+            starts,
+            reason,
+        );
+        let child = Command::new(&self.exe)
+            .args(std::env::args_os().skip(1))
+            .env(HANDOFF_ENV, env)
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.exe.display()))?;
+        tracing::debug!(pid = child.id(), starts, "FUSE server started");
+        Ok((child, std::fs::File::from(ready_read)))
+    }
+
+    /// Waits for the server to exit, or for a signal to the keeper; also says whether the
+    /// server got as far as serving.
+    fn wait(&self, child: &mut Child, mut ready: std::fs::File) -> anyhow::Result<(Event, bool)> {
+        let mut served = false;
+        let mut ready_open = true;
+        loop {
+            let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
+            if ready_open {
+                fds.push(PollFd::new(ready.as_fd(), PollFlags::POLLIN));
+            }
+            match poll(&mut fds, PollTimeout::NONE) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                other => other.context("poll")?,
+            };
+            let ready_event = ready_open && fds[1].any().unwrap_or(false);
+            let signal_event = fds[0].any().unwrap_or(false);
+            if ready_event {
+                let mut byte = [0u8; 1];
+                match ready.read(&mut byte) {
+                    Ok(1) => served = true,
+                    _ => ready_open = false,
+                }
+            }
+            if signal_event {
+                while let Ok(Some(info)) = self.signals.read_signal() {
+                    match Signal::try_from(info.ssi_signo as i32) {
+                        Ok(Signal::SIGHUP) => return Ok((Event::Upgrade, served)),
+                        Ok(Signal::SIGTERM | Signal::SIGINT) => {
+                            tracing::info!(
+                                "shutting down: stopping the FUSE server, then unmounting"
+                            );
+                            return Ok((Event::Stop, served));
+                        }
+                        _ => {}
+                    }
+                }
+                if let Some(status) = reap(child) {
+                    return Ok((Event::Exited(status), served));
+                }
+            }
+        }
+    }
+
+    /// Stops the server: SIGTERM, then SIGKILL after [`STOP_GRACE`].
+    fn stop(&self, child: &mut Child) {
+        let pid = Pid::from_raw(child.id() as i32);
+        if reap(child).is_some() {
+            return;
+        }
+        let _ = kill(pid, Signal::SIGTERM);
+        let deadline = Instant::now() + STOP_GRACE;
+        while Instant::now() < deadline {
+            if reap(child).is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tracing::warn!(
+            pid = pid.as_raw(),
+            "the FUSE server did not stop in time; killing it"
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Sleeps `pause`, or less if told to stop (then true).
+    fn pause(&self, pause: Duration) -> anyhow::Result<bool> {
+        let deadline = Instant::now() + pause;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            let mut fds = [PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
+            let ms = PollTimeout::try_from(left.as_millis().min(60_000) as i32)
+                .unwrap_or(PollTimeout::ZERO);
+            match poll(&mut fds, ms) {
+                Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+                Ok(_) => {
+                    while let Ok(Some(info)) = self.signals.read_signal() {
+                        if matches!(
+                            Signal::try_from(info.ssi_signo as i32),
+                            Ok(Signal::SIGTERM | Signal::SIGINT)
+                        ) {
+                            return Ok(true);
+                        }
+                    }
+                }
+                Err(e) => return Err(e).context("poll"),
+            }
+        }
+    }
+
+    fn unmount(self, code: ExitCode) -> anyhow::Result<ExitCode> {
+        let dir = self.conn.dir().to_path_buf();
+        self.conn
+            .unmount()
+            .with_context(|| format!("cannot unmount {}", dir.display()))?;
+        tracing::info!(dir = %dir.display(), "unmounted");
+        Ok(code)
+    }
+}
+
+/// The server's exit status, if it has exited.
+fn reap(child: &Child) -> Option<WaitStatus> {
+    match waitpid(Pid::from_raw(child.id() as i32), Some(WaitPidFlag::WNOHANG)) {
+        Ok(WaitStatus::StillAlive) => None,
+        Ok(status) => Some(status),
+        // Reaped already (ECHILD): it is gone.
+        Err(_) => Some(WaitStatus::Exited(Pid::from_raw(child.id() as i32), 1)),
+    }
+}

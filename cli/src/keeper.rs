@@ -11,7 +11,7 @@
 //! I/O beyond this: one thread, no runtime.
 
 use anyhow::Context;
-use granary_fuse_client::{Connection, FsConfig, HANDOFF_ENV, hold, inheritable};
+use granary_fuse_client::{Connection, FsConfig, HANDOFF_ENV, Handovers, hold, inheritable};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigSet, Signal, kill};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -78,12 +78,11 @@ pub fn run(kept: Kept) -> anyhow::Result<ExitCode> {
 
 impl Keeper {
     fn supervise(self) -> anyhow::Result<ExitCode> {
-        let mut starts = 0u64;
-        let mut reason = "start";
+        let mut handovers = Handovers::default();
         let mut failures = 0u32;
         loop {
             let started = Instant::now();
-            let (mut child, ready) = self.start(starts, reason)?;
+            let (mut child, ready) = self.start(handovers)?;
             let (event, served) = self.wait(&mut child, ready)?;
             match event {
                 Event::Stop => {
@@ -93,11 +92,11 @@ impl Keeper {
                 Event::Upgrade => {
                     tracing::info!(exe = %self.exe.display(), "SIGHUP: starting the server on disk, which takes the mount over");
                     self.stop(&mut child);
-                    reason = "upgrade";
+                    handovers.upgrades += 1;
                     failures = 0;
                 }
                 Event::Exited(status) => {
-                    if starts == 0 && !served {
+                    if handovers == Handovers::default() && !served {
                         tracing::error!(
                             ?status,
                             "the FUSE server exited before serving; unmounting"
@@ -114,7 +113,7 @@ impl Keeper {
                         ran_for = ?started.elapsed(),
                         "the FUSE server exited; starting another, which takes the mount over"
                     );
-                    reason = "crash";
+                    handovers.crashes += 1;
                     if failures > 0 {
                         let pause = (Duration::from_millis(100) * 2u32.saturating_pow(failures))
                             .min(MAX_PAUSE);
@@ -124,28 +123,26 @@ impl Keeper {
                     }
                 }
             }
-            starts += 1;
         }
     }
 
     /// Starts a server that inherits the connection; returns it and the read end of its
     /// "serving" pipe.
-    fn start(&self, starts: u64, reason: &str) -> anyhow::Result<(Child, std::fs::File)> {
+    fn start(&self, handovers: Handovers) -> anyhow::Result<(Child, std::fs::File)> {
         let (ready_read, ready_write) = nix::unistd::pipe().context("cannot make a pipe")?;
         let ready_write = inheritable(ready_write.as_fd())?;
         let env = self.conn.handoff_env(
             self.dev.as_raw_fd(),
             self.journal.as_raw_fd(),
             ready_write.as_raw_fd(),
-            starts,
-            reason,
+            handovers,
         );
         let child = Command::new(&self.exe)
             .args(std::env::args_os().skip(1))
             .env(HANDOFF_ENV, env)
             .spawn()
             .with_context(|| format!("cannot start {}", self.exe.display()))?;
-        tracing::debug!(pid = child.id(), starts, "FUSE server started");
+        tracing::debug!(pid = child.id(), ?handovers, "FUSE server started");
         Ok((child, std::fs::File::from(ready_read)))
     }
 

@@ -273,7 +273,7 @@ fn dataset_wait_rides_out_a_file_failing_to_load_and_fail_fast_does_not() {
     // worker idles until the file's next try (it once restarted an empty load in a loop,
     // keeping both cores busy: over 3 CPU-seconds in these 3 s).
     let cpu = || {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", mount.pid())).unwrap();
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", mount.server_pid())).unwrap();
         let fields: Vec<&str> = stat
             .rsplit(')')
             .next()

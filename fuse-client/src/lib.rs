@@ -22,6 +22,6 @@ pub mod prefetch;
 
 pub use fs::{FsConfig, FsError, GranaryFs};
 pub use kernel::handover::{
-    Connection, HANDOFF_ENV, Handoff, hold, inheritable, serve as serve_handed,
+    Connection, HANDOFF_ENV, Handoff, Handovers, hold, inheritable, serve as serve_handed,
 };
 pub use kernel::mount::{MountError, Mounted, check_fuse_device, check_mount_dir, mount};

@@ -164,6 +164,11 @@ impl Mount {
         self.child.as_ref().unwrap().id()
     }
 
+    /// The FUSE server: the keeper's `granary` child (the process itself with --no-keeper).
+    pub fn server_pid(&self) -> u32 {
+        server_of(self.pid()).unwrap_or(self.pid())
+    }
+
     /// SIGINT, then wait: the process must unmount and exit 0.
     pub fn stop(mut self) -> ExitStatus {
         let mut child = self.child.take().unwrap();
@@ -185,6 +190,18 @@ impl Mount {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// The `granary` child of keeper `pid`, if it has one now.
+pub fn server_of(pid: u32) -> Option<u32> {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    children
+        .split_whitespace()
+        .filter_map(|c| c.parse::<u32>().ok())
+        .find(|c| {
+            std::fs::read_to_string(format!("/proc/{c}/comm"))
+                .is_ok_and(|comm| comm.trim() == "granary")
+        })
 }
 
 /// SIGINT, a grace period to exit, then SIGKILL; always reaps the child.

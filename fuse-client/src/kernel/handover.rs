@@ -115,18 +115,18 @@ impl Connection {
     }
 
     /// The value of [`HANDOFF_ENV`] for a server that inherits `dev`, `journal` and `ready`
-    /// (descriptors the caller made inheritable: see [`inheritable`]); `starts` servers ran
-    /// before it, the last one ended for `reason`.
+    /// (descriptors the caller made inheritable: see [`inheritable`]); `handovers` earlier
+    /// servers ended, by crash and by upgrade.
     pub fn handoff_env(
         &self,
         dev: RawFd,
         journal: RawFd,
         ready: RawFd,
-        starts: u64,
-        reason: &str,
+        handovers: Handovers,
     ) -> String {
+        let Handovers { crashes, upgrades } = handovers;
         format!(
-            "dev={dev},journal={journal},ready={ready},passthrough={},starts={starts},reason={reason},keeper={}",
+            "dev={dev},journal={journal},ready={ready},passthrough={},crashes={crashes},upgrades={upgrades},keeper={}",
             u8::from(self.passthrough),
             std::process::id()
         )
@@ -160,6 +160,13 @@ pub fn inheritable(fd: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
     Ok(copy)
 }
 
+/// How many servers of a mount ended before this one, by cause.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Handovers {
+    pub crashes: u64,
+    pub upgrades: u64,
+}
+
 /// What a server inherits from its keeper.
 #[derive(Debug)]
 pub struct Handoff {
@@ -168,9 +175,7 @@ pub struct Handoff {
     /// Written (one byte) and closed once the server serves.
     ready: Option<File>,
     passthrough: bool,
-    /// Servers started before this one, and why the last one ended.
-    starts: u64,
-    reason: String,
+    handovers: Handovers,
 }
 
 impl Handoff {
@@ -230,8 +235,10 @@ impl Handoff {
             journal,
             ready,
             passthrough: field("passthrough")? == "1",
-            starts: field("starts")?.parse().unwrap_or(0),
-            reason: field("reason")?.to_string(),
+            handovers: Handovers {
+                crashes: field("crashes")?.parse().unwrap_or(0),
+                upgrades: field("upgrades")?.parse().unwrap_or(0),
+            },
         }))
     }
 }
@@ -249,8 +256,7 @@ pub async fn serve<A: CacheApi>(
         journal,
         ready,
         passthrough,
-        starts,
-        reason,
+        handovers,
     } = handoff;
     let io_err = |e| MountError::Io(dir.into(), e);
     let dev = Arc::new(dev);
@@ -275,16 +281,17 @@ pub async fn serve<A: CacheApi>(
     )
     .map_err(io_err)?;
     let notifier = DevNotifier(dev);
-    if starts == 0 {
+    metrics::counter!(m::FUSE_HANDOVERS, "reason" => "crash").absolute(handovers.crashes);
+    metrics::counter!(m::FUSE_HANDOVERS, "reason" => "upgrade").absolute(handovers.upgrades);
+    if handovers == Handovers::default() {
         // A stat of the mount point: only once a server answers.
         set_kernel_readahead(dir, kernel_readahead_kb(fs.config()));
     } else {
-        metrics::counter!(m::FUSE_HANDOVERS, "reason" => reason.clone()).absolute(starts);
         match notifier.resend() {
             Ok(()) => tracing::info!(
                 records,
-                previous_servers = starts,
-                last_ended = %reason,
+                crashes = handovers.crashes,
+                upgrades = handovers.upgrades,
                 "took the mount over; the kernel sends again what the last server left unanswered"
             ),
             Err(e) => tracing::warn!(

@@ -113,6 +113,7 @@ pub async fn run(args: MountArgs, handoff: Option<Handoff>) -> anyhow::Result<()
             mount(fs, &args, handoff).await?
         }
     };
+    runtime::watch_mount(&args.dir);
     println!(
         "granary: {} mounted at {}",
         args.server.as_deref().unwrap_or("cluster"),

@@ -103,6 +103,7 @@ pub async fn run(args: UpArgs, handoff: Option<Handoff>) -> anyhow::Result<()> {
         Some(handoff) => granary_fuse_client::serve_handed(fs, &args.mount, handoff).await?,
         None => granary_fuse_client::mount(fs, &args.mount, &format!("granary:{}", args.source))?,
     };
+    runtime::watch_mount(&args.mount);
     println!(
         "granary: {} mounted at {}",
         args.source,

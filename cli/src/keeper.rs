@@ -7,8 +7,9 @@
 //! binary now on disk (a live upgrade); SIGTERM or SIGINT stops the server and unmounts. A
 //! server that exits before serving on the first start (bad flags, a backend refusing it)
 //! ends the keeper with its status, after unmounting; later, a server that keeps failing is
-//! started again with a growing pause (up to 5 s). The keeper reads no request and does no
-//! I/O beyond this: one thread, no runtime.
+//! started again with a growing pause (up to 5 s). A server that stops answering (a `statfs` of
+//! the mount, every 5 s, not back within 30 s) is killed and replaced the same way. The keeper
+//! reads no request and does no I/O beyond this probe: one thread and the probe's, no runtime.
 
 use anyhow::Context;
 use granary_fuse_client::{Connection, FsConfig, HANDOFF_ENV, Handovers, hold, inheritable};
@@ -34,6 +35,10 @@ pub struct Kept {
 const STOP_GRACE: Duration = Duration::from_secs(10);
 const MAX_PAUSE: Duration = Duration::from_secs(5);
 
+/// How often the keeper checks that the server answers, and how long an answer may take.
+const PROBE_EVERY: Duration = Duration::from_secs(5);
+const HUNG_AFTER: Duration = Duration::from_secs(30);
+
 /// How a wait for the server ended.
 enum Event {
     Exited(WaitStatus),
@@ -43,6 +48,8 @@ enum Event {
 
 struct Keeper {
     signals: SignalFd,
+    /// Readable when the probe finds the mount hung.
+    hung: std::fs::File,
     conn: Connection,
     dev: OwnedFd,
     journal: OwnedFd,
@@ -66,8 +73,15 @@ pub fn run(kept: Kept) -> anyhow::Result<ExitCode> {
     let conn = hold(&kept.dir, &kept.fsname, &kept.config)?;
     let dev = inheritable(conn.device())?;
     let journal = inheritable(conn.journal())?;
+    let (hung_read, hung_write) = nix::unistd::pipe().context("cannot make a pipe")?;
+    let dir = kept.dir.clone();
+    std::thread::Builder::new()
+        .name("probe".into())
+        .spawn(move || probe(dir, std::fs::File::from(hung_write)))
+        .context("cannot start the probe thread")?;
     let keeper = Keeper {
         signals,
+        hung: std::fs::File::from(hung_read),
         conn,
         dev,
         journal,
@@ -152,7 +166,10 @@ impl Keeper {
         let mut served = false;
         let mut ready_open = true;
         loop {
-            let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
+            let mut fds = vec![
+                PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.hung.as_fd(), PollFlags::POLLIN),
+            ];
             if ready_open {
                 fds.push(PollFd::new(ready.as_fd(), PollFlags::POLLIN));
             }
@@ -160,8 +177,22 @@ impl Keeper {
                 Err(nix::errno::Errno::EINTR) => continue,
                 other => other.context("poll")?,
             };
-            let ready_event = ready_open && fds[1].any().unwrap_or(false);
+            let ready_event = ready_open && fds[2].any().unwrap_or(false);
             let signal_event = fds[0].any().unwrap_or(false);
+            let hung_event = fds[1].any().unwrap_or(false);
+            drop(fds);
+            if hung_event {
+                let mut byte = [0u8; 1];
+                let _ = (&self.hung).read(&mut byte);
+                // A server still starting may take its time; one serving may not.
+                if served {
+                    tracing::error!(
+                        pid = child.id(),
+                        "the FUSE server has not answered a statfs of the mount for {HUNG_AFTER:?}: killing it; the next one takes the mount over"
+                    );
+                    let _ = child.kill();
+                }
+            }
             if ready_event {
                 let mut byte = [0u8; 1];
                 match ready.read(&mut byte) {
@@ -246,6 +277,32 @@ impl Keeper {
             .with_context(|| format!("cannot unmount {}", dir.display()))?;
         tracing::info!(dir = %dir.display(), "unmounted");
         Ok(code)
+    }
+}
+
+/// Every [`PROBE_EVERY`], a `statfs` of the mount (which the kernel sends to the server); when
+/// one has not come back after [`HUNG_AFTER`], says so on `hung` (once per hung probe).
+fn probe(dir: PathBuf, mut hung: std::fs::File) {
+    use std::io::Write;
+    loop {
+        std::thread::sleep(PROBE_EVERY);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = dir.clone();
+        let spawned = std::thread::Builder::new()
+            .name("statfs".into())
+            .spawn(move || {
+                let _ = tx.send(nix::sys::statvfs::statvfs(&path).is_ok());
+            });
+        if spawned.is_err() {
+            continue;
+        }
+        if rx.recv_timeout(HUNG_AFTER).is_err() {
+            if hung.write_all(b"h").is_err() {
+                return;
+            }
+            // Until it comes back (the next server answers it), no second report.
+            let _ = rx.recv();
+        }
     }
 }
 

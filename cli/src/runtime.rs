@@ -77,16 +77,18 @@ pub async fn metrics_endpoint(addr: SocketAddr) -> anyhow::Result<MetricsEndpoin
 }
 
 impl MetricsEndpoint {
-    /// Serves `/metrics` and the routes of `extra`.
+    /// Serves `/metrics`, `/healthz` and the routes of `extra`.
     pub fn serve(self, extra: axum::Router) {
         let handle = self.handle;
-        let app = extra.route(
-            "/metrics",
-            axum::routing::get(move || {
-                let handle = handle.clone();
-                async move { handle.render() }
-            }),
-        );
+        let app = extra
+            .route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let handle = handle.clone();
+                    async move { handle.render() }
+                }),
+            )
+            .route("/healthz", axum::routing::get(healthz));
         let listener = self.listener;
         tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
@@ -95,6 +97,50 @@ impl MetricsEndpoint {
         });
         let addr = self.addr;
         tracing::info!(%addr, "metrics at http://{addr}/metrics");
+    }
+}
+
+/// The mount `/healthz` checks, once there is one.
+static HEALTH_MOUNT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+/// Set while a health check's statfs is in the kernel (a hung mount keeps it set).
+static HEALTH_PROBING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// From now on `/healthz` answers only if the FUSE mount at `dir` answers.
+pub fn watch_mount(dir: &Path) {
+    let _ = HEALTH_MOUNT.set(dir.to_path_buf());
+}
+
+/// `/healthz`: 200 while the FUSE server answers the kernel: a `statfs` of the mount (which the
+/// kernel always sends to the server) comes back within 5 s; 503 naming the problem otherwise.
+/// Without a mount (a worker alone): 200.
+async fn healthz() -> (axum::http::StatusCode, String) {
+    use axum::http::StatusCode;
+    use std::sync::atomic::Ordering;
+    let Some(dir) = HEALTH_MOUNT.get().cloned() else {
+        return (StatusCode::OK, "ok\n".into());
+    };
+    if HEALTH_PROBING.swap(true, Ordering::SeqCst) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("an earlier statfs of {} has not come back\n", dir.display()),
+        );
+    }
+    let probe = tokio::task::spawn_blocking(move || {
+        let result = nix::sys::statvfs::statvfs(&dir);
+        HEALTH_PROBING.store(false, Ordering::SeqCst);
+        result
+            .map(drop)
+            .map_err(|e| format!("statfs of {}: {e}", dir.display()))
+    });
+    match tokio::time::timeout(HEALTH_TIMEOUT, probe).await {
+        Ok(Ok(Ok(()))) => (StatusCode::OK, "ok\n".into()),
+        Ok(Ok(Err(e))) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the FUSE mount did not answer a statfs within {HEALTH_TIMEOUT:?}\n"),
+        ),
     }
 }
 

@@ -3,12 +3,14 @@
 //! A lookup of `dir/name` is answered from the listing of `dir`, so `ls -l`, `find` and the
 //! lookups that follow a readdir cost one backend LIST per directory per TTL. Concurrent misses
 //! on one directory share one LIST (each directory has a slot guarded by an async mutex). The
-//! number of directories kept is bounded; the oldest are dropped first.
+//! number of directories and of entries kept are bounded; the oldest listings are dropped
+//! first.
 
 use granary_core::metrics as m;
 use granary_proto::{ApiError, Entry};
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -50,16 +52,51 @@ type Slot = Arc<tokio::sync::Mutex<Option<(Instant, Arc<Listing>)>>>;
 pub struct ListingCache {
     ttl: Duration,
     max_dirs: usize,
+    max_entries: usize,
+    /// Entries held, about (counted as listings are stored; recounted when shrinking).
+    held: AtomicUsize,
     slots: Mutex<HashMap<(usize, String), Slot>>,
 }
 
 impl ListingCache {
-    pub fn new(ttl: Duration, max_dirs: usize) -> Self {
+    /// At most `max_dirs` listings and about `max_entries` entries in all.
+    pub fn new(ttl: Duration, max_dirs: usize, max_entries: usize) -> Self {
         ListingCache {
             ttl,
             max_dirs,
+            max_entries,
+            held: AtomicUsize::new(0),
             slots: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Drops the oldest idle listings until the entries held are three quarters of the limit.
+    fn shrink(&self) {
+        let mut slots = self.slots.lock().expect("listing cache lock");
+        let mut idle: Vec<_> = slots
+            .iter()
+            .filter_map(|(k, s)| {
+                s.try_lock().ok().map(|g| {
+                    let at = g.as_ref().map(|(t, _)| *t);
+                    (
+                        k.clone(),
+                        at,
+                        g.as_ref().map_or(0, |(_, l)| l.entries.len()),
+                    )
+                })
+            })
+            .collect();
+        let mut held: usize = idle.iter().map(|(_, _, n)| n).sum();
+        idle.sort_by_key(|(_, at, _)| *at);
+        let target = self.max_entries / 4 * 3;
+        for (k, _, n) in idle {
+            if held <= target {
+                break;
+            }
+            slots.remove(&k);
+            held -= n;
+        }
+        self.held.store(held, Ordering::Relaxed);
     }
 
     fn slot(&self, mount: usize, key: &str) -> Slot {
@@ -103,7 +140,19 @@ impl ListingCache {
         }
         metrics::counter!(m::METADATA_LOOKUPS, "result" => "miss").increment(1);
         let listing = Arc::new(list().await?);
-        *guard = Some((Instant::now(), listing.clone()));
+        let old = guard.replace((Instant::now(), listing.clone()));
+        let old = old.map_or(0, |(_, l)| l.entries.len());
+        drop(guard);
+        let added = listing.entries.len();
+        let held = self.held.fetch_add(added, Ordering::Relaxed) + added;
+        let _ = self
+            .held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| {
+                Some(h.saturating_sub(old))
+            });
+        if held.saturating_sub(old) > self.max_entries {
+            self.shrink();
+        }
         Ok(listing)
     }
 }
@@ -126,6 +175,45 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn entries_held_stay_under_their_limit() {
+        let cache = ListingCache::new(Duration::from_secs(60), 1000, 1000);
+        let big = |n: usize| {
+            Listing::new(
+                (0..n)
+                    .map(|i| entry(&format!("f{i}"), EntryKind::File))
+                    .collect(),
+            )
+        };
+        for d in 0..50 {
+            let l = cache
+                .get_or_list(0, &format!("d{d}"), || async { Ok(big(100)) })
+                .await
+                .unwrap();
+            assert_eq!(l.entries.len(), 100);
+        }
+        let held: usize = cache
+            .slots
+            .lock()
+            .unwrap()
+            .values()
+            .map(|s| {
+                s.try_lock()
+                    .unwrap()
+                    .as_ref()
+                    .map_or(0, |(_, l)| l.entries.len())
+            })
+            .sum();
+        assert!(held <= 1000, "{held} entries held");
+        assert!(held >= 700, "the newest listings stay: {held}");
+        // The newest directory is still a hit.
+        let hit = cache
+            .get_or_list(0, "d49", || async { panic!("d49 should be cached") })
+            .await
+            .unwrap();
+        assert_eq!(hit.entries.len(), 100);
+    }
+
     #[test]
     fn directory_wins_a_name_clash() {
         let l = Listing::new(vec![
@@ -140,7 +228,7 @@ mod tests {
 
     #[tokio::test]
     async fn caches_for_the_ttl_and_bounds_size() {
-        let cache = ListingCache::new(Duration::from_secs(60), 4);
+        let cache = ListingCache::new(Duration::from_secs(60), 4, 1000);
         let calls = AtomicUsize::new(0);
         for _ in 0..3 {
             cache
@@ -159,7 +247,7 @@ mod tests {
                 .unwrap();
         }
         assert!(cache.slots.lock().unwrap().len() <= 4);
-        let expired = ListingCache::new(Duration::ZERO, 4);
+        let expired = ListingCache::new(Duration::ZERO, 4, 1000);
         for _ in 0..2 {
             expired
                 .get_or_list(0, "d", || async {

@@ -9,6 +9,10 @@ use crate::config::Settings;
 use crate::dataset_api::{Caller, DatasetApi, DatasetStatus, member_ids};
 use crate::datasets::{Datasets, Source};
 use crate::listing::{Listing, ListingCache};
+
+/// Directory entries the listing cache keeps at most (a few hundred bytes each): a walk of
+/// millions of files does not keep them all.
+const LISTED_ENTRIES: usize = 250_000;
 use crate::registry::Registry;
 use granary_core::placement::ask_order;
 use granary_core::{BlockKey, BlockSize, ObjectId, Resolved};
@@ -142,7 +146,7 @@ impl Worker {
             started_ns,
         );
         Ok(Arc::new(Worker {
-            listings: ListingCache::new(settings.metadata_ttl, 100_000),
+            listings: ListingCache::new(settings.metadata_ttl, 100_000, LISTED_ENTRIES),
             settings,
             cluster,
             served: Served::default(),

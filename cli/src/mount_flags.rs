@@ -48,6 +48,15 @@ pub struct MountFlags {
     /// on disk on SIGHUP. With --io-uring there is no keeper yet.
     #[arg(long)]
     pub no_keeper: bool,
+    /// Inodes kept for the kernel at most; past it the kernel is asked to drop the least
+    /// recently used entries it is not using (so a walk of millions of files stays bounded).
+    #[arg(long, value_name = "N", default_value_t = FsConfig::default().max_inodes as u64,
+          value_parser = clap::value_parser!(u64).range(1024..))]
+    pub max_inodes: u64,
+    /// Open file and directory handles at most; an open beyond fails with ENFILE.
+    #[arg(long, value_name = "N", default_value_t = FsConfig::default().max_handles as u64,
+          value_parser = clap::value_parser!(u64).range(64..))]
+    pub max_handles: u64,
 }
 
 impl MountFlags {
@@ -88,6 +97,8 @@ impl MountFlags {
             allow_other: self.allow_other,
             auto_unmount: self.auto_unmount,
             job: self.job.clone(),
+            max_inodes: self.max_inodes as usize,
+            max_handles: self.max_handles as usize,
             uid: current_uid(),
             gid: current_gid(),
             ..FsConfig::default()

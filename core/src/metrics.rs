@@ -69,6 +69,10 @@ pub const FUSE_JOURNAL_BYTES: &str = "granary_fuse_journal_bytes";
 pub const FUSE_HANDOVERS: &str = "granary_fuse_handovers_total";
 /// Gauge: entries rebuilt from the journal by this server (label `kind`: inode, file, dir).
 pub const FUSE_REBUILT: &str = "granary_fuse_rebuilt_entries";
+/// Inodes the FUSE client keeps for the kernel. Gauge.
+pub const FUSE_INODES: &str = "granary_fuse_inodes";
+/// Entries the FUSE client asked the kernel to drop because its inode table was full. Counter.
+pub const FUSE_INODES_SHED: &str = "granary_fuse_inodes_shed_total";
 /// Bytes currently held by readahead across all open files. Gauge, bytes.
 pub const READAHEAD_BYTES: &str = "granary_readahead_bytes";
 /// Configured capacity of a cache tier, by `tier` (`memory`, `disk`). Gauge, bytes.
@@ -123,6 +127,8 @@ pub const ALL: &[&str] = &[
     FUSE_JOURNAL_BYTES,
     FUSE_HANDOVERS,
     FUSE_REBUILT,
+    FUSE_INODES,
+    FUSE_INODES_SHED,
     READAHEAD_BYTES,
     CACHE_CAPACITY_BYTES,
     RPC_REQUESTS,

@@ -26,6 +26,9 @@ pub enum FsError {
     /// The worker refused (a symlink leading out of a POSIX source, a token's scope).
     #[error("permission denied: {0}")]
     Denied(String),
+    /// The open-handle table is full (`FsConfig::max_handles`).
+    #[error("too many open files on this mount ({0} handles)")]
+    TooManyOpen(usize),
 }
 
 impl From<ApiError> for FsError {
@@ -53,6 +56,7 @@ impl FsError {
             FsError::Invalid(_) => libc::EINVAL,
             FsError::Io(_) => libc::EIO,
             FsError::Denied(_) => libc::EACCES,
+            FsError::TooManyOpen(_) => libc::ENFILE,
         }
     }
 
@@ -68,6 +72,7 @@ impl FsError {
             FsError::Invalid(_) => "einval",
             FsError::Io(_) => "eio",
             FsError::Denied(_) => "eacces",
+            FsError::TooManyOpen(_) => "enfile",
         }
     }
 }

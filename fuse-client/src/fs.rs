@@ -73,6 +73,11 @@ pub struct FsConfig {
     /// Unmount when the daemon exits, however it exits (FUSE `auto_unmount`, through
     /// fusermount3): for a user's mount, so that a killed daemon leaves no dead mount behind.
     pub auto_unmount: bool,
+    /// Inodes kept for the kernel before the least recently used are handed back: past this,
+    /// the kernel is asked (once a second) to drop entries it is not using, and forgets them.
+    pub max_inodes: usize,
+    /// Open file and directory handles at most; an open beyond fails with ENFILE.
+    pub max_handles: usize,
 }
 
 impl Default for FsConfig {
@@ -91,6 +96,8 @@ impl Default for FsConfig {
             io_uring: false,
             allow_other: false,
             auto_unmount: false,
+            max_inodes: 262_144,
+            max_handles: 65_536,
         }
     }
 }
@@ -475,6 +482,7 @@ impl<A: CacheApi> GranaryFs<A> {
             return None;
         }
         let (entry, seen) = (inode.entry.clone(), inode.seen);
+        inodes.touch(ino, Instant::now());
         let ttl = self.kernel_ttl(&mut inodes, ino, &entry, seen, known);
         Some(self.attr(ino, &entry, ttl))
     }
@@ -528,9 +536,43 @@ impl<A: CacheApi> GranaryFs<A> {
         write: bool,
         register: impl FnOnce(&File) -> std::io::Result<Backing>,
     ) -> Option<Result<Opened, FsError>> {
+        if let Err(e) = self.room_for_a_handle() {
+            return Some(Err(e));
+        }
         self.opener()
             .open_known(ino, write, &mut Some(register))
             .map(|decided| decided.map(|decided| self.handle(ino, decided)))
+    }
+
+    /// Whether another handle may be opened (`FsConfig::max_handles`).
+    fn room_for_a_handle(&self) -> Result<(), FsError> {
+        let open = self.files.lock().expect("files lock").len()
+            + self.dirs.lock().expect("dirs lock").len();
+        if open >= self.config.max_handles {
+            return Err(FsError::TooManyOpen(open));
+        }
+        Ok(())
+    }
+
+    /// Entries to ask the kernel to drop so that the inode table gets back under
+    /// `FsConfig::max_inodes` (a tenth below it), least recently used first, none open. The
+    /// kernel forgets those it is not using, and they leave the table. Counted.
+    pub fn excess_entries(&self) -> Vec<KernelEntry> {
+        let mut inodes = self.inodes.lock().expect("inode lock");
+        let len = inodes.len();
+        metrics::gauge!(granary_core::metrics::FUSE_INODES).set(len as f64);
+        if len <= self.config.max_inodes {
+            return Vec::new();
+        }
+        let target = self.config.max_inodes - self.config.max_inodes / 10;
+        let shed = inodes.least_used(
+            len - target,
+            |ino| self.modes.is_open(ino),
+            Instant::now(),
+            Duration::from_secs(60),
+        );
+        metrics::counter!(granary_core::metrics::FUSE_INODES_SHED).increment(shed.len() as u64);
+        shed
     }
 
     /// The open chain ([`crate::open`]) over this filesystem's parts.
@@ -550,6 +592,7 @@ impl<A: CacheApi> GranaryFs<A> {
         write: bool,
         register: Option<impl FnOnce(&File) -> std::io::Result<Backing>>,
     ) -> Result<Opened, FsError> {
+        self.room_for_a_handle()?;
         let decided = self.opener().open(ino, write, register).await?;
         Ok(self.handle(ino, decided))
     }
@@ -702,6 +745,7 @@ impl<A: CacheApi> GranaryFs<A> {
     /// Opens a directory: its listing is taken now and served from this handle.
     pub async fn opendir(&self, ino: u64) -> Result<u64, FsError> {
         let (path, parent_ino) = self.dir_path(ino)?;
+        self.room_for_a_handle()?;
         let epoch = self.known_epoch();
         let entries = self.api.list(&path).await?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);

@@ -6,7 +6,7 @@
 //! for its path, which answers getattr and is refreshed once no longer trusted ([`Seen`]), and,
 //! for a pinned file, the local copy the worker named for that version.
 
-use granary_proto::Entry;
+use granary_proto::{Entry, EntryKind};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -77,6 +77,10 @@ pub struct Inode {
     /// TTL: it must be told to drop it when that epoch ends, whatever was had since.
     kept_in: Option<u64>,
     lookups: u64,
+    /// When the kernel last had this entry from us (a lookup, readdirplus or getattr), and
+    /// when it was last asked to drop it ([`InodeTable::least_used`]).
+    used: Instant,
+    shed: Option<Instant>,
 }
 
 impl Inode {
@@ -86,6 +90,7 @@ impl Inode {
             self.local = None;
         }
         self.entry = entry;
+        self.used = seen.at;
         self.seen = seen;
     }
 }
@@ -121,6 +126,8 @@ impl InodeTable {
                 local: None,
                 kept_in: None,
                 lookups: 1,
+                used: now,
+                shed: None,
             },
         );
         let mut by_path = HashMap::new();
@@ -155,14 +162,67 @@ impl InodeTable {
             Inode {
                 path: path.to_string(),
                 entry,
+                used: seen.at,
                 seen,
                 local: None,
                 kept_in: None,
                 lookups: refs,
+                shed: None,
             },
         );
         self.by_path.insert(path.to_string(), ino);
         ino
+    }
+
+    /// Notes that the kernel had `ino`'s attributes from us now.
+    pub fn touch(&mut self, ino: u64, now: Instant) {
+        if let Some(inode) = self.by_ino.get_mut(&ino) {
+            inode.used = now;
+        }
+    }
+
+    /// Up to `n` entries to ask the kernel to drop, least recently used first: files before
+    /// directories, none in `busy` (open), none asked for in the last `again` (the kernel keeps
+    /// an entry in use however often it is asked). Marks them asked.
+    pub fn least_used(
+        &mut self,
+        n: usize,
+        busy: impl Fn(u64) -> bool,
+        now: Instant,
+        again: std::time::Duration,
+    ) -> Vec<KernelEntry> {
+        let mut candidates: Vec<(bool, Instant, u64)> = self
+            .by_ino
+            .iter()
+            .filter(|(ino, i)| {
+                **ino != ROOT
+                    && i.shed
+                        .is_none_or(|at| now.saturating_duration_since(at) >= again)
+                    && !busy(**ino)
+            })
+            .map(|(ino, i)| (i.entry.kind == EntryKind::Dir, i.used, *ino))
+            .collect();
+        if candidates.len() > n {
+            candidates.select_nth_unstable(n);
+            candidates.truncate(n);
+        }
+        candidates
+            .into_iter()
+            .filter_map(|(_, _, ino)| {
+                let inode = self.by_ino.get_mut(&ino)?;
+                inode.shed = Some(now);
+                let (parent, name) = inode.path.rsplit_once('/')?;
+                let (parent, name) = (
+                    if parent.is_empty() { "/" } else { parent },
+                    name.to_string(),
+                );
+                Some(KernelEntry {
+                    ino,
+                    parent: self.by_path.get(parent).copied(),
+                    name,
+                })
+            })
+            .collect()
     }
 
     /// Refreshes the entry of a known inode.
@@ -259,6 +319,8 @@ impl InodeTable {
                 local: None,
                 kept_in: None,
                 lookups: refs,
+                used: seen.at,
+                shed: None,
             },
         );
         self.next = self.next.max(ino + 1);

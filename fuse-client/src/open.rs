@@ -140,7 +140,7 @@ impl IoModes {
     }
 
     /// Whether `ino` has open handles (its io mode is set).
-    fn is_open(&self, ino: u64) -> bool {
+    pub(crate) fn is_open(&self, ino: u64) -> bool {
         self.io.lock().expect("io lock").modes.contains_key(&ino)
     }
 
@@ -292,8 +292,13 @@ impl IoModes {
         drop(unregister);
     }
 
-    /// The kernel forgot `ino`: the registration kept for it goes.
+    /// The kernel forgot `ino`: the registration kept for it goes, and so does the record of
+    /// its page cache (gone with the inode).
     pub(crate) fn forget(&self, ino: u64) {
+        self.cached_versions
+            .lock()
+            .expect("versions lock")
+            .remove(&ino);
         let kept = self.io.lock().expect("io lock").idle.remove(ino);
         // Unregistering (an ioctl) outside the lock.
         drop(kept);

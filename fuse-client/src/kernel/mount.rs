@@ -286,12 +286,16 @@ pub(crate) async fn maintain<A: CacheApi>(fs: Weak<GranaryFs<A>>, notifier: impl
         };
         let stale = fs.check_pins().await;
         fs.expire_kept_backings();
+        let excess = fs.excess_entries();
         drop(fs);
-        if !stale.is_empty() {
-            // A notification blocks while the kernel takes the directory's lock, which a
-            // request in flight may hold: off the runtime's threads.
-            let notifier = notifier.clone();
-            let _ = tokio::task::spawn_blocking(move || invalidate(&notifier, &stale)).await;
+        // A notification blocks while the kernel takes the directory's lock, which a request
+        // in flight may hold: off the runtime's threads.
+        for (entries, why) in [(stale, Why::PinsChanged), (excess, Why::TableFull)] {
+            if !entries.is_empty() {
+                let notifier = notifier.clone();
+                let _ =
+                    tokio::task::spawn_blocking(move || invalidate(&notifier, &entries, why)).await;
+            }
         }
     }
 }
@@ -321,22 +325,44 @@ impl Invalidate for super::devfuse::DevNotifier {
     }
 }
 
+/// Why the kernel is told to drop entries.
+#[derive(Debug, Clone, Copy)]
+enum Why {
+    /// Pinned entries it keeps for the pinned TTL are no longer trusted.
+    PinsChanged,
+    /// The inode table is over its limit: the least used entries go.
+    TableFull,
+}
+
 /// Tells the kernel to drop these entries and the attributes and pages of their inodes.
-fn invalidate(notifier: &impl Invalidate, entries: &[KernelEntry]) {
+fn invalidate(notifier: &impl Invalidate, entries: &[KernelEntry], why: Why) {
     let mut failed = 0;
     for e in entries {
         if let Some(parent) = e.parent {
             failed += notify_failed(notifier.entry(parent, &e.name));
         }
-        failed += notify_failed(notifier.inode(e.ino));
+        // A full table only needs the name gone (the kernel then forgets an inode it does
+        // not use); untrusted pinned entries also lose their attributes and pages.
+        if let Why::PinsChanged = why {
+            failed += notify_failed(notifier.inode(e.ino));
+        }
     }
-    metrics::counter!(granary_core::metrics::FUSE_KERNEL_INVALIDATIONS)
-        .increment(entries.len() as u64);
-    tracing::info!(
-        entries = entries.len(),
-        failed,
-        "told the kernel to drop pinned entries"
-    );
+    match why {
+        Why::PinsChanged => {
+            metrics::counter!(granary_core::metrics::FUSE_KERNEL_INVALIDATIONS)
+                .increment(entries.len() as u64);
+            tracing::info!(
+                entries = entries.len(),
+                failed,
+                "told the kernel to drop pinned entries"
+            );
+        }
+        Why::TableFull => tracing::debug!(
+            entries = entries.len(),
+            failed,
+            "the inode table is full: told the kernel to drop the least used entries"
+        ),
+    }
 }
 
 /// 1 for a notification the kernel refused for another reason than not knowing the entry (it

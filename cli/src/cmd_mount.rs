@@ -19,7 +19,7 @@ use std::time::Duration;
 #[derive(Args, Debug)]
 pub struct MountArgs {
     /// The worker to read from.
-    #[arg(long, value_name = "HOST:PORT", required_unless_present = "etcd")]
+    #[arg(long, value_name = "HOST:PORT", required_unless_present_any = ["etcd", "upgrade"])]
     pub server: Option<String>,
     /// Read from the whole cluster registered in etcd: each block from the worker that owns it.
     #[arg(
@@ -43,6 +43,11 @@ pub struct MountArgs {
     /// Where to mount (an existing, empty directory).
     #[arg(value_name = "DIR")]
     pub dir: PathBuf,
+    /// Upgrade the running mount at DIR (made by `granary mount` or `granary up`) in place:
+    /// its keeper starts the binary now on disk, which takes the mount over; readers see no
+    /// error. Same as SIGHUP to the keeper.
+    #[arg(long, conflicts_with_all = ["server", "etcd"])]
+    pub upgrade: bool,
     /// Serve Prometheus metrics at http://HOST:PORT/metrics.
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_addr: Option<SocketAddr>,

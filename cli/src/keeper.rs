@@ -306,6 +306,110 @@ fn probe(dir: PathBuf, mut hung: std::fs::File) {
     }
 }
 
+/// `granary mount --upgrade DIR`: finds the keeper of the mount at `dir` (a process whose command
+/// line `mount_dir` reads as mounting it, with no handoff of its own), sends it SIGHUP, and
+/// waits until a new server answers at `dir`.
+pub fn upgrade(
+    dir: &std::path::Path,
+    mount_dir: fn(&[std::ffi::OsString]) -> Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let want = std::fs::canonicalize(dir).with_context(|| format!("{}", dir.display()))?;
+    let keeper = find_keeper(&want, mount_dir)?;
+    let old = server_of(keeper);
+    kill(Pid::from_raw(keeper as i32), Signal::SIGHUP)
+        .with_context(|| format!("cannot signal keeper {keeper}"))?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(new) = server_of(keeper)
+            && Some(new) != old
+            && nix::sys::statvfs::statvfs(&want).is_ok()
+        {
+            println!(
+                "granary: {} upgraded: keeper {keeper} runs server {new} (was {})",
+                want.display(),
+                old.map_or("none".into(), |p| p.to_string())
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "keeper {keeper} of {} has no new server after 120 s (see its log)",
+            want.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The keeper of the mount at `dir`, among this machine's processes.
+fn find_keeper(
+    dir: &std::path::Path,
+    mount_dir: fn(&[std::ffi::OsString]) -> Option<PathBuf>,
+) -> anyhow::Result<u32> {
+    use std::os::unix::ffi::OsStringExt;
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").context("/proc")?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let argv: Vec<std::ffi::OsString> = cmdline
+            .split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| std::ffi::OsString::from_vec(a.to_vec()))
+            .collect();
+        let is_granary = argv
+            .first()
+            .and_then(|a| std::path::Path::new(a).file_name())
+            .is_some_and(|n| n.to_string_lossy().starts_with("granary"));
+        if !is_granary {
+            continue;
+        }
+        // Servers carry the handoff in their environment; keepers do not.
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        if environ
+            .split(|&b| b == 0)
+            .any(|v| v.starts_with(HANDOFF_ENV.as_bytes()))
+        {
+            continue;
+        }
+        let Some(mounted) = mount_dir(&argv) else {
+            continue;
+        };
+        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
+        if std::fs::canonicalize(cwd.join(mounted)).is_ok_and(|m| m == dir) {
+            found.push(pid);
+        }
+    }
+    match found[..] {
+        [pid] => Ok(pid),
+        [] => anyhow::bail!(
+            "no Granary keeper serves {} (is it mounted with `granary up` or `granary mount`, without --no-keeper?)",
+            dir.display()
+        ),
+        _ => anyhow::bail!("several processes claim {}: {found:?}", dir.display()),
+    }
+}
+
+/// The `granary` server child of keeper `pid`, if it has one now.
+fn server_of(pid: u32) -> Option<u32> {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    children
+        .split_whitespace()
+        .filter_map(|c| c.parse::<u32>().ok())
+        .find(|c| {
+            std::fs::read(format!("/proc/{c}/environ")).is_ok_and(|e| {
+                e.split(|&b| b == 0)
+                    .any(|v| v.starts_with(HANDOFF_ENV.as_bytes()))
+            })
+        })
+}
+
 /// The server's exit status, if it has exited.
 fn reap(child: &Child) -> Option<WaitStatus> {
     match waitpid(Pid::from_raw(child.id() as i32), Some(WaitPidFlag::WNOHANG)) {

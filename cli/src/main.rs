@@ -89,6 +89,9 @@ fn main() -> ExitCode {
             (handoff, _) => runtime::block_on(cmd_up::run(args, handoff)),
         },
         Command::Server(args) => runtime::block_on(cmd_server::run(args)),
+        Command::Mount(args) if args.upgrade => {
+            return exit(keeper::upgrade(&args.dir, mount_dir_of));
+        }
         Command::Mount(args) => match (handoff, cmd_mount::kept(&args)) {
             (None, Some(kept)) => return exit(keeper::run(kept)),
             (handoff, _) => runtime::block_on(cmd_mount::run(args, handoff)),
@@ -105,6 +108,15 @@ fn main() -> ExitCode {
             eprintln!("granary: error: {}", one_line(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The directory a `granary up` or `granary mount` command line mounts (not an upgrade's).
+fn mount_dir_of(argv: &[std::ffi::OsString]) -> Option<std::path::PathBuf> {
+    match Cli::try_parse_from(argv).ok()?.command {
+        Command::Up(args) => Some(args.mount),
+        Command::Mount(args) if !args.upgrade => Some(args.dir),
+        _ => None,
     }
 }
 

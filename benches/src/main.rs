@@ -11,6 +11,9 @@
 //!
 //! `--pinned` measures a pinned dataset instead ([`pinned`]): its load onto one node and reads of
 //! it through the mount (kernel FUSE passthrough) against native disk.
+//!
+//! `--survival` measures what killing the FUSE server costs readers of the mount ([`survival`]):
+//! no S3 server, a local source directory, readers timed without and with SIGKILLs of the server.
 
 mod cleanup;
 mod cluster;
@@ -22,6 +25,7 @@ mod progress;
 mod report;
 mod runner;
 mod s3;
+mod survival;
 mod systems;
 mod workloads;
 
@@ -77,6 +81,20 @@ struct Args {
     /// small files again past the mount's attribute TTL, but with --smoke).
     #[arg(long, conflicts_with_all = ["systems", "cluster"])]
     pinned: bool,
+    /// Instead of the workloads, the FUSE server survival benchmark: a local source directory
+    /// mounted by `granary up` (256MiB memory cache, 4GiB disk cache), three readers (a large
+    /// file, small files, mmap pages) timed in a window without kills and one with the server
+    /// SIGKILLed every --kill-every seconds; throughput ratios and stalls after each kill.
+    #[arg(long, conflicts_with_all = ["systems", "cluster", "pinned", "s3", "runs", "memory_cache", "disk_cache"])]
+    survival: bool,
+    /// With --survival: seconds between two kills of the FUSE server.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 3.0,
+        requires = "survival"
+    )]
+    kill_every: f64,
     /// Granary's memory cache [default: 512MiB; with --cluster, per worker, 1.5 times one
     /// reader's file (1536MiB with --quick), so that a worker's share of the files stays in
     /// memory].
@@ -156,13 +174,19 @@ fn target_dir() -> PathBuf {
 /// Runs the benchmark; `Ok(false)` when it ran but something was wrong (errors, bad bytes).
 fn run(args: &Args) -> anyhow::Result<bool> {
     let started = SystemTime::now();
+    if !(args.kill_every.is_finite() && args.kill_every > 0.0) {
+        bail!(
+            "--kill-every {}: expected a positive number of seconds",
+            args.kill_every
+        );
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.spawn(cleanup::on_signal());
     let profile = args.profile();
     let shape = profile.shape;
-    let names = if args.cluster || args.pinned {
+    let names = if args.cluster || args.pinned || args.survival {
         Vec::new()
     } else {
         system_names(&args.systems)?
@@ -176,6 +200,8 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         "logs-cluster"
     } else if args.pinned {
         "logs-pinned"
+    } else if args.survival {
+        "logs-survival"
     } else {
         "logs"
     });
@@ -210,6 +236,19 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     };
 
     let mut progress = Progress::new();
+    if args.survival {
+        return survival::run(survival::Setup {
+            started,
+            profile,
+            work: &work,
+            log_dir: &log_dir,
+            results_dir: &results_dir,
+            granary_bin: &granary_bin,
+            git: git_describe(&root),
+            kill_every: std::time::Duration::from_secs_f64(args.kill_every),
+            progress,
+        });
+    }
     progress.note(&format!(
         "starting {} (scripts/services/{})",
         flavor.name(),

@@ -7,7 +7,8 @@
 //! binary now on disk (a live upgrade); SIGTERM or SIGINT stops the server and unmounts. A
 //! server that exits before serving on the first start (bad flags, a backend refusing it)
 //! ends the keeper with its status, after unmounting; later, a server that keeps failing is
-//! started again with a growing pause (up to 5 s). A server that stops answering (a `statfs` of
+//! started again with a growing pause (up to 5 s), and an upgraded one that fails to start
+//! three times running is given up for the keeper's own build. A server that stops answering (a `statfs` of
 //! the mount, every 5 s, not back within 30 s) is killed and replaced the same way. The keeper
 //! reads no request and does no I/O beyond this probe: one thread and the probe's, no runtime.
 
@@ -20,6 +21,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode};
 use std::time::{Duration, Instant};
@@ -34,6 +36,8 @@ pub struct Kept {
 /// How long a server may take to exit after SIGTERM before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 const MAX_PAUSE: Duration = Duration::from_secs(5);
+/// An upgraded server that fails to start this many times running is given up.
+const UPGRADE_TRIES: u32 = 3;
 
 /// How often the keeper checks that the server answers, and how long an answer may take.
 const PROBE_EVERY: Duration = Duration::from_secs(5);
@@ -94,9 +98,13 @@ impl Keeper {
     fn supervise(self) -> anyhow::Result<ExitCode> {
         let mut handovers = Handovers::default();
         let mut failures = 0u32;
+        // The binary servers start from: the one on disk, or the keeper's own after an upgrade
+        // that does not start.
+        let own = PathBuf::from(format!("/proc/{}/exe", std::process::id()));
+        let mut exe = self.exe.clone();
         loop {
             let started = Instant::now();
-            let (mut child, ready) = self.start(handovers)?;
+            let (mut child, ready) = self.start(&exe, handovers)?;
             let (event, served) = self.wait(&mut child, ready)?;
             match event {
                 Event::Stop => {
@@ -108,6 +116,7 @@ impl Keeper {
                     self.stop(&mut child);
                     handovers.upgrades += 1;
                     failures = 0;
+                    exe = self.exe.clone();
                 }
                 Event::Exited(status) => {
                     if handovers == Handovers::default() && !served {
@@ -128,6 +137,13 @@ impl Keeper {
                         "the FUSE server exited; starting another, which takes the mount over"
                     );
                     handovers.crashes += 1;
+                    if failures >= UPGRADE_TRIES && handovers.upgrades > 0 && exe != own {
+                        tracing::error!(
+                            exe = %self.exe.display(),
+                            "the upgraded FUSE server failed to start {UPGRADE_TRIES} times: going back to the keeper's own build"
+                        );
+                        exe = own.clone();
+                    }
                     if failures > 0 {
                         let pause = (Duration::from_millis(100) * 2u32.saturating_pow(failures))
                             .min(MAX_PAUSE);
@@ -142,7 +158,11 @@ impl Keeper {
 
     /// Starts a server that inherits the connection; returns it and the read end of its
     /// "serving" pipe.
-    fn start(&self, handovers: Handovers) -> anyhow::Result<(Child, std::fs::File)> {
+    fn start(
+        &self,
+        exe: &std::path::Path,
+        handovers: Handovers,
+    ) -> anyhow::Result<(Child, std::fs::File)> {
         let (ready_read, ready_write) = nix::unistd::pipe().context("cannot make a pipe")?;
         let ready_write = inheritable(ready_write.as_fd())?;
         let env = self.conn.handoff_env(
@@ -151,11 +171,12 @@ impl Keeper {
             ready_write.as_raw_fd(),
             handovers,
         );
-        let child = Command::new(&self.exe)
+        let child = Command::new(exe)
+            .arg0(&self.exe)
             .args(std::env::args_os().skip(1))
             .env(HANDOFF_ENV, env)
             .spawn()
-            .with_context(|| format!("cannot start {}", self.exe.display()))?;
+            .with_context(|| format!("cannot start {}", exe.display()))?;
         tracing::debug!(pid = child.id(), ?handovers, "FUSE server started");
         Ok((child, std::fs::File::from(ready_read)))
     }

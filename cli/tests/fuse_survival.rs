@@ -514,11 +514,12 @@ fn walking_300_000_entries_twice_keeps_the_server_bounded() {
         );
         assert!(held < 2.0 * 30_000.0, "{held} inodes held past the limit");
     }
-    // Unbounded, the inode table and the listing cache grow with every entry (a million
-    // entries: 1.6 GiB at the peak, measured by hand): bounded, what stays is the limits' share.
+    // Unbounded (--max-inodes 10000000), the first walk alone left 289,366 inodes held and a
+    // peak RSS of 491 MiB; bounded, two walks peaked at 242-367 MiB (glibc's arenas make it
+    // vary). The inode count above is the exact check; this one catches gross growth.
     let peak = peak_rss_mib(server);
     assert!(
-        peak < 320,
+        peak < 460,
         "peak RSS {peak} MiB after two walks of 300,000 entries"
     );
     assert!(mount.stop().success());

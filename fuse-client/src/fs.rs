@@ -466,6 +466,18 @@ impl<A: CacheApi> GranaryFs<A> {
         self.forget_unlogged(ino, n);
     }
 
+    /// The kernel gave these references back at once (BATCH_FORGET): one journal write.
+    pub fn forget_many(&self, forgets: &[(u64, u64)]) {
+        let records: Vec<Record> = forgets
+            .iter()
+            .map(|&(ino, n)| Record::Forget { ino, n })
+            .collect();
+        self.log(&records);
+        for &(ino, n) in forgets {
+            self.forget_unlogged(ino, n);
+        }
+    }
+
     fn forget_unlogged(&self, ino: u64, n: u64) {
         let gone = self.inodes.lock().expect("inode lock").forget(ino, n);
         if gone {

@@ -49,9 +49,9 @@ mod op {
 
 /// `struct fuse_in_header`.
 const IN_HEADER: usize = 40;
-/// A slot's payload for requests other than READ: a READDIR answer is one page, a name at most
-/// 4 KiB.
-const SLOT_PAYLOAD: usize = 64 << 10;
+/// A slot's payload for requests other than READ and READDIR: room for a name (at most 4 KiB)
+/// and for any of their answers (an entry, attributes: under 256 bytes).
+const SLOT_PAYLOAD: usize = 4 << 10;
 /// The kernel wants a read buffer of at least `max_write` + 8 KiB.
 const READ_BUFFER: usize = MAX_PAYLOAD + (8 << 10);
 
@@ -218,9 +218,12 @@ fn dispatch<A: CacheApi>(server: &Server<A>, req: &[u8]) {
         op::FORGET if body.len() >= 8 => server.fs.forget(nodeid, u64_at(body, 0)),
         op::BATCH_FORGET if body.len() >= 8 => {
             let count = u32_at(body, 0) as usize;
-            for one in body[8..].chunks_exact(16).take(count) {
-                server.fs.forget(u64_at(one, 0), u64_at(one, 8));
-            }
+            let forgets: Vec<(u64, u64)> = body[8..]
+                .chunks_exact(16)
+                .take(count)
+                .map(|one| (u64_at(one, 0), u64_at(one, 8)))
+                .collect();
+            server.fs.forget_many(&forgets);
         }
         op::FORGET | op::BATCH_FORGET | op::INTERRUPT => {}
         op::INIT => {
@@ -258,7 +261,14 @@ fn errno(e: &FsError) -> i32 {
 
 /// Any other request: copied into a slot laid out as a ring's, answered by the rings' code.
 fn in_slot<A: CacheApi>(server: &Server<A>, opcode: u32, req: &[u8]) {
-    let slot = Slot::new(SLOT_PAYLOAD);
+    // A directory read's answer is as large as the kernel asks (a page or a few).
+    let payload = match opcode {
+        op::READDIR | op::READDIRPLUS if req.len() >= IN_HEADER + 20 => {
+            (u32_at(req, IN_HEADER + 16) as usize).clamp(SLOT_PAYLOAD, MAX_PAYLOAD)
+        }
+        _ => SLOT_PAYLOAD,
+    };
+    let slot = Slot::new(payload);
     {
         // SAFETY: the slot is new and ours.
         let (header, payload) = unsafe { slot.parts() };

@@ -60,6 +60,8 @@ pub struct Connection {
     journal: File,
     passthrough: bool,
     dir: PathBuf,
+    /// With `auto_unmount`: an inheritable copy of fusermount3's control socket, for servers.
+    _unmount_socket: Option<OwnedFd>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -100,13 +102,47 @@ pub fn hold(dir: &Path, fsname: &str, config: &FsConfig) -> Result<Connection, M
         }
         None => false,
     };
+    // fusermount3 unmounts (`auto_unmount`) once its control socket closes, if the mount no
+    // longer answers then. Servers inherit a copy, numbered above their other descriptors
+    // (closed last when a process dies): the socket closes only after the last server's
+    // `/dev/fuse`, whoever dies first.
+    let unmount_socket = match config.auto_unmount {
+        true => unmount_socket().map_err(mount_err)?,
+        false => None,
+    };
     Ok(Connection {
         session,
         dev,
         journal,
         passthrough,
         dir: dir.to_path_buf(),
+        _unmount_socket: unmount_socket,
     })
+}
+
+/// An inheritable copy, numbered 512 or above, of the one socket this process holds after
+/// mounting with `auto_unmount`: fuser's end of fusermount3's control socket.
+fn unmount_socket() -> std::io::Result<Option<OwnedFd>> {
+    let mut found = None;
+    for entry in std::fs::read_dir("/proc/self/fd")?.flatten() {
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<RawFd>().ok())
+        else {
+            continue;
+        };
+        let is_socket = std::fs::metadata(entry.path())
+            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
+        if is_socket {
+            // SAFETY: borrowed only for the duplication, while /proc lists it as open.
+            let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+            let copy = rustix::io::fcntl_dupfd_cloexec(borrowed, 512)?;
+            rustix::io::fcntl_setfd(&copy, rustix::io::FdFlags::empty())?;
+            found = Some(copy);
+        }
+    }
+    Ok(found)
 }
 
 impl Connection {

@@ -327,19 +327,22 @@ impl<A: CacheApi> GranaryFs<A> {
 
     /// A directory handle of an earlier server: its listing is taken again.
     async fn restore_dir(&self, fh: u64, ino: u64) -> Result<(), FsError> {
+        let handle = self.list_dir(ino).await?;
+        self.dirs.lock().expect("dirs lock").insert(fh, handle);
+        Ok(())
+    }
+
+    /// A handle of directory `ino`: its listing, taken now.
+    async fn list_dir(&self, ino: u64) -> Result<DirHandle, FsError> {
         let (path, parent_ino) = self.dir_path(ino)?;
         let epoch = self.known_epoch();
         let entries = self.api.list(&path).await?;
-        self.dirs.lock().expect("dirs lock").insert(
-            fh,
-            DirHandle {
-                path,
-                parent_ino,
-                entries,
-                epoch,
-            },
-        );
-        Ok(())
+        Ok(DirHandle {
+            path,
+            parent_ino,
+            entries,
+            epoch,
+        })
     }
 
     pub fn config(&self) -> &FsConfig {
@@ -756,21 +759,11 @@ impl<A: CacheApi> GranaryFs<A> {
 
     /// Opens a directory: its listing is taken now and served from this handle.
     pub async fn opendir(&self, ino: u64) -> Result<u64, FsError> {
-        let (path, parent_ino) = self.dir_path(ino)?;
         self.room_for_a_handle()?;
-        let epoch = self.known_epoch();
-        let entries = self.api.list(&path).await?;
+        let handle = self.list_dir(ino).await?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.log(&[Record::OpenDir { fh, ino }]);
-        self.dirs.lock().expect("dirs lock").insert(
-            fh,
-            DirHandle {
-                path,
-                parent_ino,
-                entries,
-                epoch,
-            },
-        );
+        self.dirs.lock().expect("dirs lock").insert(fh, handle);
         Ok(fh)
     }
 

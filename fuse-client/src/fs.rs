@@ -21,7 +21,7 @@
 //! [`granary_core::trust`]; the epoch's state ([`PinsView`]) is kept here under its lock.
 
 use crate::inodes::{InodeTable, KernelEntry, ROOT, Seen, child_path, seen_now};
-use crate::journal::{Journal, Rebuilt, Record};
+use crate::journal::{Journal, Record};
 use crate::open::{Decided, IoModes, Opener};
 use crate::prefetch::{Budget, FileReader, LabelSets};
 use bytes::Bytes;
@@ -33,6 +33,9 @@ use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+mod bounds;
+mod takeover;
 
 pub use crate::error::FsError;
 pub use crate::open::{Backing, OpenIo, Opened};
@@ -222,114 +225,6 @@ impl<A: CacheApi> GranaryFs<A> {
         if let Some(j) = self.journal.get() {
             j.journal.records(records);
         }
-    }
-
-    /// Takes over what the kernel holds of an earlier server on this connection, as its journal
-    /// says: inodes (asked for again before they answer anything), open files (each reading the
-    /// version it opened), directory handles (listed again) and passthrough backing ids
-    /// (`adopt` makes a backing of an id; ids no open file uses are unregistered).
-    pub async fn restore(&self, rebuilt: Rebuilt, adopt: impl Fn(u32) -> Backing) {
-        let Rebuilt {
-            inodes,
-            files,
-            dirs,
-            backings,
-            ..
-        } = &rebuilt;
-        // Old enough that every trust rule asks the worker again.
-        let now = Instant::now();
-        let seen = Seen {
-            at: now
-                .checked_sub(
-                    self.config.attr_ttl.max(self.config.pinned_ttl) + Duration::from_secs(1),
-                )
-                .unwrap_or(now),
-            epoch: None,
-        };
-        {
-            let mut table = self.inodes.lock().expect("inode lock");
-            for (&ino, (path, dir, refs)) in inodes {
-                let name = path.rsplit('/').next().unwrap_or_default().to_string();
-                let entry = Entry {
-                    name,
-                    kind: if *dir {
-                        EntryKind::Dir
-                    } else {
-                        EntryKind::File
-                    },
-                    size: 0,
-                    mtime_ns: 0,
-                    object: None,
-                    pinned: false,
-                    owner: None,
-                };
-                table.restore(ino, path, entry, *refs, seen);
-            }
-        }
-        let mut adopted: HashMap<u32, Backing> = HashMap::new();
-        let mut modes: HashMap<u64, (u128, u64, Option<Backing>)> = HashMap::new();
-        {
-            let mut open = self.files.lock().expect("files lock");
-            for (&fh, f) in files {
-                let reader = FileReader::new(
-                    f.object.clone(),
-                    self.block_size,
-                    self.max_ahead_blocks,
-                    self.budget.clone(),
-                    self.labels.for_path(&f.path),
-                );
-                let backing = f
-                    .passthrough
-                    .map(|(_, id)| adopted.entry(id).or_insert_with(|| adopt(id)).clone());
-                let fingerprint = match f.passthrough {
-                    Some((fingerprint, _)) => fingerprint,
-                    None => f.object.id.fingerprint(),
-                };
-                let mode = modes.entry(f.ino).or_insert((fingerprint, 0, backing));
-                mode.1 += 1;
-                open.insert(
-                    fh,
-                    OpenFile {
-                        ino: f.ino,
-                        reader: Arc::new(reader),
-                    },
-                );
-            }
-        }
-        for (ino, (fingerprint, opens, backing)) in modes {
-            self.modes.restore(ino, fingerprint, opens, backing);
-        }
-        // Registered, and no open file reads them: unregistered now (dropping does it).
-        for &id in backings.iter().filter(|id| !adopted.contains_key(id)) {
-            drop(adopt(id));
-        }
-        for (&fh, &dir) in dirs {
-            if let Err(e) = self.restore_dir(fh, dir).await {
-                tracing::warn!(fh, ino = dir, error = %e, "a directory handle could not be listed again");
-            }
-        }
-        self.next_fh.fetch_max(rebuilt.next_fh(), Ordering::Relaxed);
-        for (kind, n) in [
-            ("inode", inodes.len()),
-            ("file", files.len()),
-            ("dir", dirs.len()),
-        ] {
-            metrics::gauge!(granary_core::metrics::FUSE_REBUILT, "kind" => kind).set(n as f64);
-        }
-        tracing::info!(
-            inodes = inodes.len(),
-            files = files.len(),
-            dirs = dirs.len(),
-            backings = backings.len(),
-            "took over what the kernel holds from the journal"
-        );
-    }
-
-    /// A directory handle of an earlier server: its listing is taken again.
-    async fn restore_dir(&self, fh: u64, ino: u64) -> Result<(), FsError> {
-        let handle = self.list_dir(ino).await?;
-        self.dirs.lock().expect("dirs lock").insert(fh, handle);
-        Ok(())
     }
 
     /// A handle of directory `ino`: its listing, taken now.
@@ -557,37 +452,6 @@ impl<A: CacheApi> GranaryFs<A> {
         self.opener()
             .open_known(ino, write, &mut Some(register))
             .map(|decided| decided.map(|decided| self.handle(ino, decided)))
-    }
-
-    /// Whether another handle may be opened (`FsConfig::max_handles`).
-    fn room_for_a_handle(&self) -> Result<(), FsError> {
-        let open = self.files.lock().expect("files lock").len()
-            + self.dirs.lock().expect("dirs lock").len();
-        if open >= self.config.max_handles {
-            return Err(FsError::TooManyOpen(open));
-        }
-        Ok(())
-    }
-
-    /// Entries to ask the kernel to drop so that the inode table gets back under
-    /// `FsConfig::max_inodes` (a tenth below it), least recently used first, none open. The
-    /// kernel forgets those it is not using, and they leave the table. Counted.
-    pub fn excess_entries(&self) -> Vec<KernelEntry> {
-        let mut inodes = self.inodes.lock().expect("inode lock");
-        let len = inodes.len();
-        metrics::gauge!(granary_core::metrics::FUSE_INODES).set(len as f64);
-        if len <= self.config.max_inodes {
-            return Vec::new();
-        }
-        let target = self.config.max_inodes - self.config.max_inodes / 10;
-        let shed = inodes.least_used(
-            len - target,
-            |ino| self.modes.is_open(ino),
-            Instant::now(),
-            Duration::from_secs(60),
-        );
-        metrics::counter!(granary_core::metrics::FUSE_INODES_SHED).increment(shed.len() as u64);
-        shed
     }
 
     /// The open chain ([`crate::open`]) over this filesystem's parts.

@@ -73,9 +73,8 @@ fn op_struct(opcode: u32) -> usize {
     }
 }
 
-/// Writes `parts` to the device as one message. ENOENT (the request was interrupted, or the
-/// kernel forgot it) is not an error for us.
-fn write_parts(dev: &OwnedFd, parts: &[&[u8]]) {
+/// Writes `parts` to the device as one message (one `writev`).
+fn writev(dev: &OwnedFd, parts: &[&[u8]]) -> std::io::Result<()> {
     let iov: Vec<libc::iovec> = parts
         .iter()
         .map(|p| libc::iovec {
@@ -86,10 +85,18 @@ fn write_parts(dev: &OwnedFd, parts: &[&[u8]]) {
     // SAFETY: every iovec points into a live borrowed slice.
     let n = unsafe { libc::writev(dev.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
     if n < 0 {
-        let e = std::io::Error::last_os_error();
-        if !matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENODEV)) {
-            tracing::warn!(error = %e, "a FUSE answer was refused");
-        }
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Writes an answer. ENOENT (the request was interrupted, or the kernel forgot it) and ENODEV
+/// (the mount is gone) are not errors for us.
+fn write_parts(dev: &OwnedFd, parts: &[&[u8]]) {
+    if let Err(e) = writev(dev, parts)
+        && !matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENODEV))
+    {
+        tracing::warn!(error = %e, "a FUSE answer was refused");
     }
 }
 
@@ -119,19 +126,7 @@ impl DevNotifier {
         let header = out_header(len, code, 0);
         let mut parts = vec![&header[..]];
         parts.extend_from_slice(body);
-        let iov: Vec<libc::iovec> = parts
-            .iter()
-            .map(|p| libc::iovec {
-                iov_base: p.as_ptr() as *mut _,
-                iov_len: p.len(),
-            })
-            .collect();
-        // SAFETY: every iovec points into a live borrowed slice.
-        let n = unsafe { libc::writev(self.0.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(())
+        writev(&self.0, &parts)
     }
 
     /// `FUSE_NOTIFY_RESEND` (Linux 6.9+): the kernel sends again every request a server took

@@ -77,6 +77,16 @@ pub const FUSE_INODES_SHED: &str = "granary_fuse_inodes_shed_total";
 pub const READAHEAD_BYTES: &str = "granary_readahead_bytes";
 /// Configured capacity of a cache tier, by `tier` (`memory`, `disk`). Gauge, bytes.
 pub const CACHE_CAPACITY_BYTES: &str = "granary_cache_capacity_bytes";
+/// Bytes a cache tier holds, by `tier` (`memory`, `disk`). Gauge, bytes.
+pub const CACHE_USED_BYTES: &str = "granary_cache_used_bytes";
+/// Blocks offered to a full cache tier and what the policy decided, by `tier` and `result`
+/// (`admitted`, `rejected`). Counter, blocks.
+pub const CACHE_ADMISSIONS: &str = "granary_cache_admissions_total";
+/// Blocks a cache tier gave up to make room, by `tier`. Counter, blocks.
+pub const CACHE_EVICTIONS: &str = "granary_cache_evictions_total";
+/// Bytes queued for writing to the disk tier (at most 64 MiB; a reader offering more waits).
+/// Gauge, bytes.
+pub const CACHE_WRITE_QUEUE_BYTES: &str = "granary_cache_write_queue_bytes";
 /// gRPC requests served by the worker, by `method` and `code`. Counter.
 pub const RPC_REQUESTS: &str = "granary_rpc_requests_total";
 
@@ -131,6 +141,10 @@ pub const ALL: &[&str] = &[
     FUSE_INODES_SHED,
     READAHEAD_BYTES,
     CACHE_CAPACITY_BYTES,
+    CACHE_USED_BYTES,
+    CACHE_ADMISSIONS,
+    CACHE_EVICTIONS,
+    CACHE_WRITE_QUEUE_BYTES,
     RPC_REQUESTS,
     DATASET_LOADED_BYTES,
     DATASET_READY_BYTES,

@@ -1,79 +1,35 @@
-//! The block cache: foyer's hybrid (memory + disk) cache of fixed-size object blocks.
+//! The block cache: a memory tier (foyer's in-memory cache) over a disk tier of block files
+//! (`disk.rs`), both of fixed-size object blocks.
 //!
 //! Keys are [`BlockKey`]s (object version fingerprint + block index), so a changed object never
-//! reuses an old block. Values carry the CRC32C computed when the block was fetched; foyer checks
-//! its own checksum on every disk read and treats a corrupt entry as a miss, and we check ours on
-//! every disk hit as well, so a damaged disk block is refetched from the backend, never served.
-//! Concurrent misses on one key share one fetch (`get_or_fetch`). Blocks are written to disk as
-//! they are inserted, so a restarted worker finds them again in the same cache directory.
+//! reuses an old block. A miss is read from the disk tier, else fetched from the backend; a
+//! block fetched from the backend is offered to both tiers, and the disk tier's write queue
+//! slows the reader down rather than drop it. Concurrent misses on one key share one fetch.
+//! Random readers ask for a range of a block (`read_range`): the disk tier reads, and the
+//! backend fetches, only the 64 KiB chunks that cover it. The disk tier checks the CRC32C of
+//! the chunks it reads (one check per hit); a damaged chunk is a miss and is refetched, never
+//! served. A restarted worker finds its block files again.
 //!
-//! Which blocks each tier admits and evicts is chosen in one place, `CachePolicy` (`policy.rs`).
+//! Which blocks each tier admits and gives up is decided in one place, [`CachePolicy`]
+//! (`policy.rs`).
 
+mod disk;
 mod policy;
 
-use crate::config::{CacheSettings, disk_region_size};
+use crate::config::CacheSettings;
 use bytes::Bytes;
-use foyer::{
-    BlockEngineConfig, Code, DeviceBuilder, FsDeviceBuilder, HybridCache, HybridCacheBuilder,
-    RecoverMode, Source,
-};
+use disk::DiskTier;
+use foyer::{Cache, CacheBuilder, Event, EventListener, LruConfig};
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
 use granary_core::BlockKey;
 use granary_core::metrics as m;
 use granary_proto::{ApiError, Block};
-use policy::CachePolicy;
+use policy::{Admit, CachePolicy, TierId};
+use std::collections::HashMap;
 use std::future::Future;
-use std::io::{Read, Write};
-
-/// Bytes of blocks buffered for writing to the disk tier (and as much again queued). When the
-/// disk falls behind a cold read, blocks past this are not written: the cache stays correct, it
-/// just keeps less on disk.
-const DISK_WRITE_BUFFER: usize = 32 << 20;
-
-/// A cached block: the bytes and their CRC32C.
-#[derive(Debug, Clone)]
-pub struct CachedBlock(pub Block);
-
-impl Code for CachedBlock {
-    fn encode(&self, writer: &mut impl Write) -> foyer::Result<()> {
-        writer
-            .write_all(&self.0.crc32c.to_le_bytes())
-            .map_err(foyer::Error::io_error)?;
-        writer
-            .write_all(&(self.0.data.len() as u64).to_le_bytes())
-            .map_err(foyer::Error::io_error)?;
-        writer
-            .write_all(&self.0.data)
-            .map_err(foyer::Error::io_error)
-    }
-
-    fn decode(reader: &mut impl Read) -> foyer::Result<Self> {
-        let mut header = [0u8; 12];
-        reader
-            .read_exact(&mut header)
-            .map_err(foyer::Error::io_error)?;
-        let crc32c = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
-        let len = u64::from_le_bytes(header[4..].try_into().expect("8 bytes"));
-        if len > granary_core::BlockSize::MAX {
-            return Err(foyer::Error::new(
-                foyer::ErrorKind::Parse,
-                "cached block length out of range",
-            ));
-        }
-        let mut data = vec![0u8; len as usize];
-        reader
-            .read_exact(&mut data)
-            .map_err(foyer::Error::io_error)?;
-        Ok(CachedBlock(Block {
-            data: Bytes::from(data),
-            crc32c,
-            origin: granary_proto::Origin::Unknown,
-        }))
-    }
-
-    fn estimated_size(&self) -> usize {
-        12 + self.0.data.len()
-    }
-}
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
 
 /// Which tier served a block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,12 +63,23 @@ impl Tier {
     }
 }
 
-fn memory_shards(memory: u64, block: u64) -> usize {
-    (memory / (64 * block)).clamp(1, 16) as usize
+/// What a block weighs against the memory tier's capacity: its bytes plus 64.
+fn memory_weight(block: &Block) -> u64 {
+    block.data.len() as u64 + 64
 }
 
+type Flight = Shared<BoxFuture<'static, Result<(Block, Tier), ApiError>>>;
+
 pub struct BlockCache {
-    cache: HybridCache<u128, CachedBlock>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    memory: Cache<u128, Block>,
+    disk: Option<Arc<DiskTier>>,
+    policy: Arc<CachePolicy>,
+    /// Misses being served, by key: concurrent readers of one block share its fetch.
+    flights: Mutex<HashMap<u128, Flight>>,
 }
 
 impl std::fmt::Debug for BlockCache {
@@ -128,60 +95,75 @@ pub struct CacheOpenError {
     pub message: String,
 }
 
+/// Tells the policy what the memory tier gave up on its own.
+struct Departures(Arc<CachePolicy>);
+
+impl EventListener for Departures {
+    type Key = u128;
+    type Value = Block;
+
+    fn on_leave(&self, reason: Event, key: &u128, _value: &Block) {
+        // A replaced entry is the same key, still held.
+        if reason != Event::Replace {
+            self.0.left(TierId::Memory, *key);
+        }
+    }
+}
+
 impl BlockCache {
     pub async fn open(settings: &CacheSettings) -> Result<Self, CacheOpenError> {
         let err = |message: String| CacheOpenError {
             dir: settings.dir.display().to_string(),
             message,
         };
-        let policy = CachePolicy::current();
-        let builder = HybridCacheBuilder::new()
+        let (memory_bytes, disk_bytes) = (settings.memory.bytes(), settings.disk.bytes());
+        let policy = Arc::new(CachePolicy::new(
+            memory_bytes,
+            disk_bytes,
+            settings.block_size.get(),
+        ));
+        let memory = CacheBuilder::new(memory_bytes as usize)
             .with_name("granary-blocks")
-            .with_policy(policy.disk_writes())
-            .memory(settings.memory.bytes() as usize)
-            // foyer splits the memory tier into shards of equal capacity: keep at least 64 blocks
-            // per shard, or a small cache evicts blocks long before it is full.
-            .with_shards(memory_shards(
-                settings.memory.bytes(),
-                settings.block_size.get(),
-            ))
-            .with_eviction_config(policy.memory_eviction())
-            .with_weighter(CachePolicy::weight)
-            .storage();
-        let cache = if settings.disk.bytes() == 0 {
-            builder.build().await
-        } else {
-            let dir = settings.dir.join("blocks");
-            std::fs::create_dir_all(&dir).map_err(|e| err(e.to_string()))?;
-            let device = FsDeviceBuilder::new(&dir)
-                .with_capacity(settings.disk.bytes() as usize)
-                .with_direct(true)
-                .build()
-                .map_err(|e| err(e.to_string()))?;
-            builder
-                .with_recover_mode(RecoverMode::Quiet)
-                .with_engine_config(
-                    BlockEngineConfig::new(device)
-                        .with_admission_filter(policy.disk_admission())
-                        .with_eviction_pickers(policy.disk_eviction())
-                        .with_block_size(disk_region_size(settings.block_size))
-                        .with_flushers(2)
-                        .with_buffer_pool_size(DISK_WRITE_BUFFER)
-                        .with_submit_queue_size_threshold(2 * DISK_WRITE_BUFFER),
-                )
-                .build()
-                .await
+            // One shard: the policy decides evictions for the whole tier, and foyer evicts only
+            // when its count and the policy's disagree for a moment.
+            .with_shards(1)
+            .with_eviction_config(LruConfig {
+                high_priority_pool_ratio: 0.0,
+            })
+            .with_weighter(|_: &u128, block: &Block| memory_weight(block) as usize)
+            .with_event_listener(Arc::new(Departures(policy.clone())))
+            .build();
+        // The disk tier of the cache's earlier versions (foyer's regions): not readable now.
+        let old = settings.dir.join("blocks");
+        if old.is_dir() {
+            tracing::info!(dir = %old.display(), "removing the disk tier of an earlier version");
+            std::fs::remove_dir_all(&old).map_err(|e| err(e.to_string()))?;
         }
-        .map_err(|e| err(e.to_string()))?;
-        metrics::gauge!(m::CACHE_CAPACITY_BYTES, "tier" => "memory")
-            .set(settings.memory.bytes() as f64);
-        metrics::gauge!(m::CACHE_CAPACITY_BYTES, "tier" => "disk")
-            .set(settings.disk.bytes() as f64);
-        Ok(BlockCache { cache })
+        let disk = if disk_bytes == 0 {
+            None
+        } else {
+            let dir = settings.dir.join("block-files");
+            let policy = policy.clone();
+            let tier = tokio::task::spawn_blocking(move || DiskTier::open(&dir, policy, disk_bytes))
+                .await
+                .map_err(|e| err(e.to_string()))?
+                .map_err(|e| err(e.to_string()))?;
+            Some(Arc::new(tier))
+        };
+        metrics::gauge!(m::CACHE_CAPACITY_BYTES, "tier" => "memory").set(memory_bytes as f64);
+        metrics::gauge!(m::CACHE_CAPACITY_BYTES, "tier" => "disk").set(disk_bytes as f64);
+        Ok(BlockCache {
+            inner: Arc::new(Inner {
+                memory,
+                disk,
+                policy,
+                flights: Mutex::default(),
+            }),
+        })
     }
 
     /// The block at `key`, from memory, disk, or `fetch` (one fetch for concurrent misses).
-    /// `fetch` makes the backend read; it is called again if a disk copy fails its checksum.
+    /// `fetch` makes the backend read.
     pub async fn get_or_fetch<F, Fut>(
         &self,
         key: BlockKey,
@@ -191,67 +173,189 @@ impl BlockCache {
         F: Fn() -> Fut,
         Fut: Future<Output = Result<Block, ApiError>> + Send + 'static,
     {
-        for attempt in 0..2 {
-            let fut = fetch();
-            let entry = self
-                .cache
-                .get_or_fetch(&key.0, move || async move { fut.await.map(CachedBlock) })
-                .await
-                .map_err(|e| match e.downcast_ref::<ApiError>() {
-                    Some(api) => api.clone(),
-                    None => ApiError::Internal(format!("block cache: {e}")),
-                })?;
-            let tier = match entry.source() {
-                Source::Memory => Tier::Memory,
-                Source::Disk => Tier::Disk,
-                Source::Outer => Tier::Backend,
-            };
-            let block = entry.value().0.clone();
-            if tier == Tier::Disk && !block.verify() {
-                metrics::counter!(m::BLOCK_CHECKSUM_FAILURES).increment(1);
-                tracing::warn!(key = ?key, attempt, "a block from the disk cache failed its checksum; refetching");
-                self.cache.remove(&key.0);
-                continue;
+        let inner = &self.inner;
+        inner.policy.request(key.0);
+        let (block, tier) = match inner.from_memory(key.0) {
+            Some(block) => (block, Tier::Memory),
+            None => {
+                let flight = {
+                    let mut flights = inner.flights.lock().expect("flights");
+                    match flights.get(&key.0) {
+                        Some(f) => f.clone(),
+                        None => {
+                            let fut = fetch();
+                            let inner2 = inner.clone();
+                            let f = async move {
+                                let r = inner2.clone().miss(key.0, fut).await;
+                                inner2.flights.lock().expect("flights").remove(&key.0);
+                                r
+                            }
+                            .boxed()
+                            .shared();
+                            flights.insert(key.0, f.clone());
+                            f
+                        }
+                    }
+                };
+                flight.await?
             }
-            metrics::counter!(m::BLOCK_READS, "tier" => tier.label()).increment(1);
-            metrics::counter!(m::BLOCK_READ_BYTES, "tier" => tier.label())
-                .increment(block.data.len() as u64);
-            return Ok((block, tier));
-        }
-        Err(ApiError::Corrupt(format!(
-            "block {key:?} failed its checksum twice"
-        )))
+        };
+        count(tier, block.data.len());
+        Ok((block, tier))
     }
 
     /// The block at `key` if this node has it (memory or disk), without fetching.
     pub async fn get_cached(&self, key: BlockKey) -> Option<(Block, Tier)> {
-        let entry = self.cache.get(&key.0).await.ok().flatten()?;
-        let tier = if entry.source() == Source::Disk {
-            Tier::Disk
-        } else {
-            Tier::Memory
+        let inner = &self.inner;
+        inner.policy.request(key.0);
+        let (block, tier) = match inner.from_memory(key.0) {
+            Some(block) => (block, Tier::Memory),
+            None => (inner.from_disk(key.0).await?, Tier::Disk),
         };
-        let block = entry.value().0.clone();
-        if tier == Tier::Disk && !block.verify() {
-            metrics::counter!(m::BLOCK_CHECKSUM_FAILURES).increment(1);
-            self.cache.remove(&key.0);
-            return None;
-        }
-        metrics::counter!(m::BLOCK_READS, "tier" => tier.label()).increment(1);
-        metrics::counter!(m::BLOCK_READ_BYTES, "tier" => tier.label())
-            .increment(block.data.len() as u64);
+        count(tier, block.data.len());
         Some((block, tier))
+    }
+
+    /// `range` of the block at `key` (`len` bytes long), reading from the disk tier, and
+    /// fetching from the backend (`fetch`, given a range of the block), only the 64 KiB chunks
+    /// that cover it. For random readers: a whole block from memory is sliced; the memory tier
+    /// does not take parts of blocks.
+    pub async fn read_range<F, Fut>(
+        &self,
+        key: BlockKey,
+        len: u64,
+        range: Range<u64>,
+        fetch: F,
+    ) -> Result<(Bytes, Tier), ApiError>
+    where
+        F: FnOnce(Range<u64>) -> Fut,
+        Fut: Future<Output = Result<Bytes, ApiError>> + Send + 'static,
+    {
+        let inner = &self.inner;
+        if range.end > len || range.start > range.end {
+            return Err(ApiError::Invalid(format!(
+                "range {range:?} is outside a block of {len} bytes"
+            )));
+        }
+        inner.policy.request(key.0);
+        let slice = |data: &Bytes| data.slice(range.start as usize..range.end as usize);
+        let (data, tier) = if let Some(block) = inner.from_memory(key.0) {
+            (slice(&block.data), Tier::Memory)
+        } else if let Some(disk) = inner.disk.clone()
+            && let Some(read) = {
+                let range = range.clone();
+                tokio::task::spawn_blocking(move || disk.read(key.0, Some(range)))
+                    .await
+                    .ok()
+                    .flatten()
+            }
+        {
+            inner.policy.touch(TierId::Disk, key.0);
+            (read.data, Tier::Disk)
+        } else {
+            let span = range.start / disk::CHUNK * disk::CHUNK
+                ..(range.end.div_ceil(disk::CHUNK) * disk::CHUNK).min(len);
+            let data = fetch(span.clone()).await?;
+            if data.len() as u64 != span.end - span.start {
+                return Err(ApiError::Unavailable(format!(
+                    "asked the backend for {} bytes and got {}",
+                    span.end - span.start,
+                    data.len()
+                )));
+            }
+            if let Some(disk) = &inner.disk {
+                disk.offer(key.0, len, span.start, data.clone()).await;
+            }
+            let from = (range.start - span.start) as usize;
+            (
+                data.slice(from..from + (range.end - range.start) as usize),
+                Tier::Backend,
+            )
+        };
+        count(tier, data.len());
+        Ok((data, tier))
     }
 
     /// Bytes held by the memory tier.
     pub fn memory_used(&self) -> u64 {
-        self.cache.memory().usage() as u64
+        self.inner.memory.usage() as u64
     }
 
-    /// Flushes what is in flight to disk and stops the cache.
+    /// Writes what is queued to disk.
     pub async fn close(&self) {
-        if let Err(e) = self.cache.close().await {
-            tracing::warn!(error = %e, "closing the block cache");
+        if let Some(disk) = &self.inner.disk {
+            disk.flush().await;
         }
     }
+}
+
+impl Inner {
+    fn from_memory(&self, key: u128) -> Option<Block> {
+        let entry = self.memory.get(&key)?;
+        self.policy.touch(TierId::Memory, key);
+        Some(entry.value().clone())
+    }
+
+    /// The whole block from the disk tier (its chunks checked), offered to the memory tier.
+    async fn from_disk(&self, key: u128) -> Option<Block> {
+        let disk = self.disk.clone()?;
+        let read = tokio::task::spawn_blocking(move || disk.read(key, None))
+            .await
+            .ok()
+            .flatten()?;
+        self.policy.touch(TierId::Disk, key);
+        let crc32c = read
+            .crc32c
+            .unwrap_or_else(|| granary_core::object::checksum(&read.data));
+        let block = Block {
+            data: read.data,
+            crc32c,
+            origin: granary_proto::Origin::Unknown,
+        };
+        self.offer_memory(key, &block);
+        Some(block)
+    }
+
+    /// A miss of the memory tier: the disk tier, else the backend (then offered to both).
+    async fn miss(
+        self: Arc<Self>,
+        key: u128,
+        fetch: impl Future<Output = Result<Block, ApiError>>,
+    ) -> Result<(Block, Tier), ApiError> {
+        if let Some(block) = self.from_disk(key).await {
+            return Ok((block, Tier::Disk));
+        }
+        let block = fetch.await?;
+        self.offer_memory(key, &block);
+        if let Some(disk) = &self.disk {
+            disk.offer(key, block.data.len() as u64, 0, block.data.clone())
+                .await;
+        }
+        Ok((block, Tier::Backend))
+    }
+
+    fn offer_memory(&self, key: u128, block: &Block) {
+        match self.policy.admit(TierId::Memory, key, memory_weight(block)) {
+            Admit::Yes { evict } => {
+                metrics::counter!(m::CACHE_ADMISSIONS, "tier" => "memory", "result" => "admitted")
+                    .increment(1);
+                for victim in evict {
+                    metrics::counter!(m::CACHE_EVICTIONS, "tier" => "memory").increment(1);
+                    self.memory.remove(&victim);
+                }
+                self.memory.insert(key, block.clone());
+            }
+            Admit::No => {
+                metrics::counter!(m::CACHE_ADMISSIONS, "tier" => "memory", "result" => "rejected")
+                    .increment(1);
+            }
+        }
+        metrics::gauge!(m::CACHE_USED_BYTES, "tier" => "memory")
+            .set(self.policy.used(TierId::Memory) as f64);
+    }
+}
+
+fn count(tier: Tier, bytes: usize) {
+    metrics::counter!(m::BLOCK_READS, "tier" => tier.label()).increment(1);
+    metrics::counter!(m::BLOCK_READ_BYTES, "tier" => tier.label()).increment(bytes as u64);
 }

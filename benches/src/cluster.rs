@@ -169,11 +169,7 @@ pub fn run(setup: Setup) -> anyhow::Result<bool> {
     };
     report.finish();
     print!("{}", report.render());
-    let stamp: String = report
-        .started_at
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric())
-        .collect();
+    let stamp = crate::report::stamp(&report.started_at);
     let json = report.write_json(results_dir, &stamp, profile.label())?;
     println!(
         "\nResults: {} (and cluster-latest.json beside it); logs in {}",

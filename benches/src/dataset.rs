@@ -58,15 +58,8 @@ impl Dataset {
         let large = create_files(&["large.bin".into()], shape.large_bytes, native_root, store)
             .await?
             .remove(0);
-        let mut small: Vec<FileSpec> = futures::stream::iter(0..shape.small_count)
-            .map(|i| {
-                let name = format!("{SMALL_DIR}/{i:05}.bin");
-                write_small(name, shape.small_bytes, native_root, store)
-            })
-            .buffer_unordered(UPLOADS)
-            .try_collect()
-            .await?;
-        small.sort_by(|a, b| a.name.cmp(&b.name));
+        let names = (0..shape.small_count).map(|i| format!("{SMALL_DIR}/{i:05}.bin"));
+        let small = create_small_files(names, shape.small_bytes, native_root, store).await?;
         Ok(Dataset {
             prefix: PREFIX.to_string(),
             native_root: native_root.to_path_buf(),
@@ -101,6 +94,24 @@ pub async fn create_files(
         }
         files.push(write_large(name, size, Some(native_root), store).await?);
     }
+    Ok(files)
+}
+
+/// Files of `size` bytes named `names` (relative to [`PREFIX`], in existing directories under
+/// `native_root`), each generated whole, written under `native_root` and uploaded with one PUT,
+/// [`UPLOADS`] at a time; sorted by name.
+pub async fn create_small_files(
+    names: impl IntoIterator<Item = String>,
+    size: u64,
+    native_root: &Path,
+    store: &Arc<dyn ObjectStore>,
+) -> anyhow::Result<Vec<FileSpec>> {
+    let mut files: Vec<FileSpec> = futures::stream::iter(names)
+        .map(|name| write_small(name, size, native_root, store))
+        .buffer_unordered(UPLOADS)
+        .try_collect()
+        .await?;
+    files.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(files)
 }
 
@@ -182,7 +193,8 @@ async fn write_small(
 ) -> anyhow::Result<FileSpec> {
     let mut data = vec![0u8; size as usize];
     Rng::for_file(&name).fill(&mut data);
-    std::fs::write(root.join(&name), &data)?;
+    let path = root.join(&name);
+    std::fs::write(&path, &data).with_context(|| format!("cannot write {}", path.display()))?;
     let key = ObjectPath::from(format!("{PREFIX}/{name}"));
     store
         .put(&key, PutPayload::from(data))
@@ -216,6 +228,14 @@ impl Rng {
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
+    }
+
+    /// Shuffles `items` in place (Fisher-Yates).
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            let j = (self.next_u64() % (i as u64 + 1)) as usize;
+            items.swap(i, j);
+        }
     }
 
     /// Skips `n` numbers (8 bytes of a file each).

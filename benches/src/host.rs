@@ -359,6 +359,14 @@ pub fn drop_caches() -> anyhow::Result<()> {
         .context("cannot write /proc/sys/vm/drop_caches (the benchmark must run as root)")
 }
 
+/// The machine's 1-minute load average (other work on the 2 cores shows up here).
+pub fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_local_addr() -> anyhow::Result<SocketAddr> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)

@@ -19,7 +19,7 @@
 //! GETs for the load), the ratio and the target; JSON under `target/bench-results/`.
 
 mod backend;
-mod node;
+pub mod node;
 mod report;
 
 use crate::dataset::{self, Dataset, FileSpec, Rng, Shape};
@@ -29,10 +29,8 @@ use crate::progress::Progress;
 use crate::s3::{Flavor, S3Conn};
 use crate::workloads::{Access, Job, Timed, run_pass};
 use anyhow::{Context, ensure};
-use futures::{StreamExt, TryStreamExt};
 use node::{Node, Spec};
-use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::ObjectStore;
 use report::{
     AFTER_TTL, CheckResult, Condition, DatasetShape, GranaryConfig, GranaryDelta, PassResult,
     PinnedReport, RunResult, Workload,
@@ -52,8 +50,6 @@ const NAME: &str = "bench";
 const BLOCK_BYTES: u64 = 4 << 20;
 /// GETs in flight in the raw passes.
 const RAW_IN_FLIGHT: [usize; 3] = [8, 16, 32];
-/// Uploads in flight while creating the dataset.
-const UPLOADS: usize = 8;
 const MIB: u64 = 1 << 20;
 
 /// What the pinned mode gets from the common setup (main.rs).
@@ -197,11 +193,7 @@ pub fn run(setup: Setup) -> anyhow::Result<bool> {
     };
     report.finish();
     print!("{}", report.render());
-    let stamp: String = report
-        .started_at
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric())
-        .collect();
+    let stamp = crate::report::stamp(&report.started_at);
     let json = report.write_json(results_dir, &stamp)?;
     println!(
         "\nResults: {} (and pinned-latest.json beside it); logs in {}",
@@ -227,28 +219,8 @@ async fn create_dataset(
     .await?
     .remove(0);
     std::fs::create_dir_all(native_root.join(DIR).join("small"))?;
-    let mut small: Vec<FileSpec> = futures::stream::iter(0..shape.small_count)
-        .map(|i| async move {
-            let file = FileSpec {
-                name: format!("{DIR}/small/{i:05}.bin"),
-                size: shape.small_bytes,
-            };
-            let mut data = vec![0u8; file.size as usize];
-            dataset::expected(&file, 0, &mut data);
-            let path = native_root.join(&file.name);
-            std::fs::write(&path, &data)
-                .with_context(|| format!("cannot write {}", path.display()))?;
-            let key = ObjectPath::from(format!("{}/{}", dataset::PREFIX, file.name));
-            store
-                .put(&key, PutPayload::from(data))
-                .await
-                .with_context(|| format!("cannot upload {key}"))?;
-            Ok::<_, anyhow::Error>(file)
-        })
-        .buffer_unordered(UPLOADS)
-        .try_collect()
-        .await?;
-    small.sort_by(|a, b| a.name.cmp(&b.name));
+    let names = (0..shape.small_count).map(|i| format!("{DIR}/small/{i:05}.bin"));
+    let small = dataset::create_small_files(names, shape.small_bytes, native_root, store).await?;
     Ok(Dataset {
         prefix: dataset::PREFIX.to_string(),
         native_root: native_root.to_path_buf(),
@@ -257,14 +229,10 @@ async fn create_dataset(
     })
 }
 
-/// `files` in a random order (Fisher-Yates), from `seed`.
+/// `files` in a random order, from `seed`.
 fn shuffled(files: &[FileSpec], seed: u64) -> Vec<&FileSpec> {
-    let mut rng = Rng::seeded(seed);
     let mut files: Vec<&FileSpec> = files.iter().collect();
-    for i in (1..files.len()).rev() {
-        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-        files.swap(i, j);
-    }
+    Rng::seeded(seed).shuffle(&mut files);
     files
 }
 
@@ -284,7 +252,7 @@ fn one_run(ctx: &Ctx, run: usize, progress: &mut Progress) -> anyhow::Result<Run
         .chain(&dataset.small)
         .collect();
     let total: u64 = all.iter().map(|f| f.size).sum();
-    let load_average_start = load_average();
+    let load_average_start = host::load_average();
 
     // 1. The backend alone (the first run's first pass also checks the bytes, untimed).
     let mut raw = Vec::new();
@@ -498,7 +466,7 @@ fn one_run(ctx: &Ctx, run: usize, progress: &mut Progress) -> anyhow::Result<Run
     drop(node);
     Ok(RunResult {
         run,
-        load_average: [load_average_start, load_average()],
+        load_average: [load_average_start, host::load_average()],
         raw,
         raw_large,
         load,
@@ -507,14 +475,6 @@ fn one_run(ctx: &Ctx, run: usize, progress: &mut Progress) -> anyhow::Result<Run
         peak_rss_after_load_bytes,
         peak_rss_bytes,
     })
-}
-
-/// The machine's 1-minute load average (other work on the 2 cores shows up here).
-fn load_average() -> f64 {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0.0)
 }
 
 fn report_pass(progress: &mut Progress, p: &PassResult, run: usize, runs: usize) {

@@ -300,13 +300,36 @@ impl Report {
 
     /// Writes `<stamp>-<profile>.json` and `latest.json` into `dir`; returns the first.
     pub fn write_json(&self, dir: &Path, stamp: &str) -> anyhow::Result<PathBuf> {
-        std::fs::create_dir_all(dir)?;
-        let text = serde_json::to_string_pretty(self)?;
-        let path = dir.join(format!("{stamp}-{}.json", self.profile.label()));
-        std::fs::write(&path, &text)?;
-        std::fs::write(dir.join("latest.json"), &text)?;
-        Ok(path)
+        write_json(dir, stamp, None, self.profile.label(), self)
     }
+}
+
+/// The file-name stamp of a report that started at `started_at` (RFC 3339): its digits and
+/// letters, `20261129T082854Z`.
+pub fn stamp(started_at: &str) -> String {
+    started_at
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect()
+}
+
+/// Writes `report` as JSON into `dir` twice: `<stamp>-<mode>-<profile>.json` (returned) and
+/// `<mode>-latest.json`, which the next report of the same mode replaces. The workloads have no
+/// mode: `<stamp>-<profile>.json` and `latest.json`.
+pub fn write_json(
+    dir: &Path,
+    stamp: &str,
+    mode: Option<&str>,
+    profile: &str,
+    report: &impl Serialize,
+) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let text = serde_json::to_string_pretty(report)?;
+    let mode = mode.map_or(String::new(), |m| format!("{m}-"));
+    let path = dir.join(format!("{stamp}-{mode}{profile}.json"));
+    std::fs::write(&path, &text)?;
+    std::fs::write(dir.join(format!("{mode}latest.json")), &text)?;
+    Ok(path)
 }
 
 /// A figure with three significant digits or so: 12345, 123, 12.3, 1.23, 0.123.

@@ -525,12 +525,7 @@ impl SurvivalReport {
     }
 
     fn write_json(&self, dir: &Path, stamp: &str) -> anyhow::Result<PathBuf> {
-        std::fs::create_dir_all(dir)?;
-        let text = serde_json::to_string_pretty(self)?;
-        let path = dir.join(format!("{stamp}-survival-{}.json", self.label));
-        std::fs::write(&path, &text)?;
-        std::fs::write(dir.join("survival-latest.json"), &text)?;
-        Ok(path)
+        crate::report::write_json(dir, stamp, Some("survival"), self.label, self)
     }
 }
 
@@ -661,11 +656,7 @@ pub fn run(setup: Setup) -> anyhow::Result<bool> {
         errors,
     };
     print!("{}", report.render());
-    let stamp: String = report
-        .started_at
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric())
-        .collect();
+    let stamp = crate::report::stamp(&report.started_at);
     let json = report.write_json(results_dir, &stamp)?;
     println!(
         "\nResults: {} (and survival-latest.json beside it); granary's log in {}",

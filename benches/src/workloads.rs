@@ -178,13 +178,10 @@ impl Workload {
     }
 }
 
-/// `files` in a random order (Fisher-Yates).
+/// `files` in a random order.
 fn shuffled<'a>(files: &'a [FileSpec], rng: &mut Rng) -> Vec<&'a FileSpec> {
     let mut files: Vec<&FileSpec> = files.iter().collect();
-    for i in (1..files.len()).rev() {
-        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-        files.swap(i, j);
-    }
+    rng.shuffle(&mut files);
     files
 }
 

@@ -533,12 +533,7 @@ impl ClusterReport {
     /// Writes `<stamp>-cluster-<profile>.json` and `cluster-latest.json` into `dir`; returns the
     /// first.
     pub fn write_json(&self, dir: &Path, stamp: &str, profile: &str) -> anyhow::Result<PathBuf> {
-        std::fs::create_dir_all(dir)?;
-        let text = serde_json::to_string_pretty(self)?;
-        let path = dir.join(format!("{stamp}-cluster-{profile}.json"));
-        std::fs::write(&path, &text)?;
-        std::fs::write(dir.join("cluster-latest.json"), &text)?;
-        Ok(path)
+        crate::report::write_json(dir, stamp, Some("cluster"), profile, self)
     }
 }
 

@@ -33,7 +33,9 @@ pub const FUSE_OPS: &str = "granary_fuse_ops_total";
 pub const FUSE_READ_BYTES: &str = "granary_fuse_read_bytes_total";
 pub const PASSTHROUGH_OPENS: &str = "granary_fuse_passthrough_opens_total";
 pub const LOADED_BYTES: &str = "granary_dataset_loaded_bytes_total";
-const BLOCK_READS: &str = "granary_block_reads_total";
+pub const BLOCK_READS: &str = "granary_block_reads_total";
+/// The total of `granary_fuse_stall_seconds`: how long reads waited for blocks not fetched yet.
+pub const STALL_SECONDS: &str = "granary_fuse_stall_seconds_sum";
 
 /// The counters read around every pass and during the load.
 const COUNTERS: &[&str] = &[
@@ -44,6 +46,7 @@ const COUNTERS: &[&str] = &[
     FUSE_READ_BYTES,
     PASSTHROUGH_OPENS,
     LOADED_BYTES,
+    STALL_SECONDS,
 ];
 
 /// What the node runs with.

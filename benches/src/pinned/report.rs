@@ -569,12 +569,7 @@ impl PinnedReport {
     /// Writes `<stamp>-pinned-<profile>.json` and `pinned-latest.json` into `dir`; returns the
     /// first.
     pub fn write_json(&self, dir: &Path, stamp: &str) -> anyhow::Result<PathBuf> {
-        std::fs::create_dir_all(dir)?;
-        let text = serde_json::to_string_pretty(self)?;
-        let path = dir.join(format!("{stamp}-pinned-{}.json", self.profile_label()));
-        std::fs::write(&path, &text)?;
-        std::fs::write(dir.join("pinned-latest.json"), &text)?;
-        Ok(path)
+        crate::report::write_json(dir, stamp, Some("pinned"), self.profile_label(), self)
     }
 }
 

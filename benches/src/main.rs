@@ -14,6 +14,10 @@
 //!
 //! `--survival` measures what killing the FUSE server costs readers of the mount ([`survival`]):
 //! no S3 server, a local source directory, readers timed without and with SIGKILLs of the server.
+//!
+//! `--training` measures accelerator utilisation in the manner of MLPerf Storage ([`training`]):
+//! loader threads read shuffled sample files in batches for a "GPU" that sleeps per batch, several
+//! epochs, native disk, Granary (unpinned and pinned) and s3fs side by side.
 
 mod cleanup;
 mod cluster;
@@ -27,6 +31,7 @@ mod runner;
 mod s3;
 mod survival;
 mod systems;
+mod training;
 mod workloads;
 
 use anyhow::{Context, bail};
@@ -87,6 +92,17 @@ struct Args {
     /// SIGKILLed every --kill-every seconds; throughput ratios and stalls after each kill.
     #[arg(long, conflicts_with_all = ["systems", "cluster", "pinned", "s3", "runs", "memory_cache", "disk_cache"])]
     survival: bool,
+    /// Instead of the workloads, the training-shaped benchmark (MLPerf Storage's accelerator
+    /// utilisation): 4 loader threads read shuffled sample files (1,000 x 1 MiB with --quick) in
+    /// batches for a "GPU" that sleeps a fixed time per batch, several epochs, page cache dropped
+    /// before epoch 1 only; native, granary (memory cache half the dataset, no disk tier),
+    /// granary-pinned and s3fs. --systems picks among those.
+    #[arg(long, conflicts_with_all = ["cluster", "pinned", "survival", "runs", "memory_cache", "disk_cache"])]
+    training: bool,
+    /// With --training: the GPU's compute time per batch in milliseconds [default: calibrated, so
+    /// that the GPU consumes 80% of what native's loaders read with no compute].
+    #[arg(long, value_name = "MS", requires = "training")]
+    compute_ms: Option<f64>,
     /// With --survival: seconds between two kills of the FUSE server.
     #[arg(
         long,
@@ -180,13 +196,18 @@ fn run(args: &Args) -> anyhow::Result<bool> {
             args.kill_every
         );
     }
+    if let Some(ms) = args.compute_ms
+        && !(ms.is_finite() && ms >= 0.0)
+    {
+        bail!("--compute-ms {ms}: expected milliseconds, 0 or more");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.spawn(cleanup::on_signal());
     let profile = args.profile();
     let shape = profile.shape;
-    let names = if args.cluster || args.pinned || args.survival {
+    let names = if args.cluster || args.pinned || args.survival || args.training {
         Vec::new()
     } else {
         system_names(&args.systems)?
@@ -202,6 +223,8 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         "logs-pinned"
     } else if args.survival {
         "logs-survival"
+    } else if args.training {
+        "logs-training"
     } else {
         "logs"
     });
@@ -256,6 +279,8 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     ));
     let data_bytes = if args.cluster {
         cluster::data_bytes(&profile)
+    } else if args.training {
+        training::data_bytes(profile.name)
     } else {
         shape.large_bytes + shape.small_count as u64 * shape.small_bytes
     };
@@ -277,6 +302,26 @@ fn run(args: &Args) -> anyhow::Result<bool> {
             git: git_describe(&root),
             memory_cache: args.memory_cache,
             disk_cache: args.disk_cache,
+            progress,
+        });
+    }
+    if args.training {
+        return training::run(training::Setup {
+            started,
+            rt: &rt,
+            profile,
+            flavor,
+            s3: &server.conn,
+            store: &store,
+            work: &work,
+            log_dir: &log_dir,
+            results_dir: &results_dir,
+            granary_bin: &granary_bin,
+            git: git_describe(&root),
+            systems: &args.systems,
+            compute: args
+                .compute_ms
+                .map(|ms| std::time::Duration::from_secs_f64(ms / 1e3)),
             progress,
         });
     }
@@ -382,11 +427,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     };
     report.finish();
     print!("{}", report.render());
-    let stamp: String = report
-        .started_at
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric())
-        .collect();
+    let stamp = report::stamp(&report.started_at);
     let json = report.write_json(&results_dir, &stamp)?;
     let chart = results_dir.join(format!("{stamp}-{}.png", profile.label()));
     let charted = report::chart::draw(&report, &chart).and_then(|()| {

@@ -3,8 +3,10 @@
 # missing, then runs `granary-bench --smoke`: every installed system on every workload at tiny
 # sizes, one run; then `granary-bench --cluster --smoke`: 1, 2 and 3 workers with their clients
 # (~15 s); then `granary-bench --pinned --smoke`: a pinned dataset loaded and read through
-# passthrough (~10 s). It fails unless every figure was measured with the right bytes and the
-# chart was drawn, or if anything is left mounted afterwards. Extra arguments go to the first run.
+# passthrough (~10 s); then `granary-bench --training --smoke`: two epochs of batches for a
+# simulated GPU over native, granary, granary-pinned and s3fs (~10 s). It fails unless every
+# figure was measured with the right bytes and the chart was drawn, or if anything is left
+# mounted afterwards. Extra arguments go to the first run.
 # GRANARY_BENCH_DEBUG=1 measures the debug build (what CI does: the smoke checks figures, not speed).
 #   s3fs, rclone       the peer FUSE tools measured beside Granary
 #   fonts-dejavu-core  the font the chart's labels are drawn in
@@ -23,6 +25,7 @@ fi
 "${bench[@]}" --smoke "$@" || status=$?
 "${bench[@]}" --cluster --smoke || status=$?
 "${bench[@]}" --pinned --smoke || status=$?
+"${bench[@]}" --training --smoke || status=$?
 # The bench unmounts and stops everything it started, however it ends; check.
 work=$(realpath -m "${CARGO_TARGET_DIR:-target}/bench-work")
 if grep -q " $work" /proc/mounts; then

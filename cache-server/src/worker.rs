@@ -14,11 +14,14 @@ use crate::listing::{Listing, ListingCache};
 /// millions of files does not keep them all.
 const LISTED_ENTRIES: usize = 250_000;
 use crate::registry::Registry;
+use bytes::Bytes;
 use granary_core::placement::ask_order;
 use granary_core::{BlockKey, BlockSize, ObjectId, Resolved};
 use granary_net::membership::Membership;
 use granary_net::quic::BlockClient;
-use granary_proto::{ApiError, Block, CacheApi, Entry, EntryKind, Info, NodeStats, ObjectRef};
+use granary_proto::{
+    ApiError, Block, CacheApi, Entry, EntryKind, Info, NodeStats, ObjectRef, Origin,
+};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -360,6 +363,48 @@ impl CacheApi for Worker {
             }
         }
         self.read_local(backend, object, key, index).await
+    }
+
+    async fn read_range(
+        &self,
+        object: &ObjectRef,
+        index: u64,
+        range: std::ops::Range<u64>,
+    ) -> Result<(Bytes, Origin), ApiError> {
+        let backend = self.check_ref(object, index)?;
+        let key = BlockKey::new(object.id.fingerprint(), index);
+        let bs: BlockSize = self.settings.cache.block_size;
+        let block = bs.range(index, object.id.size);
+        let whole_block = || async {
+            let b = self.read_block(object, index).await?;
+            granary_proto::slice_block(&b.data, &range).map(|d| (d, b.origin))
+        };
+        // Blocks owned by other workers, and pinned files, are read whole as before.
+        if let Some(cluster) = &self.cluster {
+            let view = cluster.membership.view();
+            let owners = ask_order(key, &view.members, cluster.replicas, None).owners;
+            if !owners.is_empty() && !owners.iter().any(|m| m.node_id == self.settings.node_id) {
+                return whole_block().await;
+            }
+        }
+        if self.datasets.held(object).is_some() || !self.datasets.holders_of(object).is_empty() {
+            return whole_block().await;
+        }
+        let (data, tier) = self
+            .blocks
+            .read_range(key, block.end - block.start, range, |span| {
+                let backend = backend.clone();
+                let id = object.id.clone();
+                let span = block.start + span.start..block.start + span.end;
+                async move {
+                    backend
+                        .get_range(&id.key, span, id.etag.as_deref(), id.version.as_deref())
+                        .await
+                }
+            })
+            .await?;
+        self.served.record(tier, data.len());
+        Ok((data, tier.origin().unwrap_or_default()))
     }
 
     async fn read_held_block(&self, object: &ObjectRef, index: u64) -> Result<Block, ApiError> {

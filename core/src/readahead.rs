@@ -3,7 +3,8 @@
 //! Each read reports its offset and length; the window answers which blocks should be in flight.
 //! A read that lands within the current stream (just behind where the last read ended, or inside
 //! the blocks already requested ahead) is sequential: the window doubles, up to `max_blocks`
-//! ahead. Any other read is a seek: the window collapses to zero blocks ahead, so random reads
+//! ahead. With no stream, only a read next to the last one (within four of its lengths, or 256
+//! KiB) starts one. Any other read is a seek: the window collapses to zero blocks ahead, so random reads
 //! cost exactly the blocks they touch. The kernel may deliver readahead requests slightly out of
 //! order (FUSE async reads), which a tolerance of one window behind `last_end` absorbs.
 //!
@@ -20,7 +21,13 @@ pub struct Readahead {
     window: u64,
     /// Where the stream's furthest read ended.
     last_end: u64,
+    /// The last read's length.
+    last_len: u64,
 }
+
+/// How far from the last read's end a read may start and still start a stream (or four times
+/// the last read's length, if more).
+const START_TOLERANCE: u64 = 256 << 10;
 
 impl Readahead {
     /// A window that grows to at most `max_blocks` blocks ahead of the reader.
@@ -29,6 +36,7 @@ impl Readahead {
             max_blocks,
             window: 0,
             last_end: 0,
+            last_len: 0,
         }
     }
 
@@ -41,11 +49,17 @@ impl Readahead {
     pub fn on_read(&mut self, offset: u64, len: u64, bs: BlockSize, size: u64) -> Range<u64> {
         let needed = bs.indices(offset, len, size);
         // Reads anywhere within the current window, behind or ahead of the furthest read, belong
-        // to the stream: the kernel sends a window's worth of async reads in any order.
-        let ahead = (self.window + 1) * bs.get();
-        let behind = ahead;
-        let sequential = offset.saturating_add(behind) >= self.last_end
-            && offset <= self.last_end.saturating_add(ahead);
+        // to the stream: the kernel sends a window's worth of async reads in any order. With no
+        // stream yet (the first read, or after a seek), only a read next to the last one starts
+        // one: a random reader whose reads happen to land a block apart does not.
+        let tolerance = if self.window == 0 {
+            self.last_len.saturating_mul(4).max(START_TOLERANCE)
+        } else {
+            (self.window + 1) * bs.get()
+        };
+        let sequential = offset.saturating_add(tolerance) >= self.last_end
+            && offset <= self.last_end.saturating_add(tolerance);
+        self.last_len = len;
         if sequential {
             self.window = (self.window * 2)
                 .clamp(1, self.max_blocks.max(1))
@@ -100,6 +114,19 @@ mod tests {
         ra.on_read(9 * MIB, MIB, bs, 1 << 30);
         ra.on_read(8 * MIB, MIB, bs, 1 << 30);
         assert!(ra.window() >= w);
+    }
+
+    #[test]
+    fn random_reads_a_block_apart_start_no_stream() {
+        let bs = BlockSize::new(4 * MIB).unwrap();
+        let mut ra = Readahead::new(8);
+        assert_eq!(ra.on_read(100 * MIB, 64 << 10, bs, 1 << 30), 25..26);
+        assert_eq!(ra.window(), 0);
+        assert_eq!(ra.on_read(103 * MIB, 64 << 10, bs, 1 << 30), 25..26);
+        assert_eq!(ra.window(), 0);
+        // Next to the last read: a stream starts.
+        ra.on_read(103 * MIB + (64 << 10), 64 << 10, bs, 1 << 30);
+        assert_eq!(ra.window(), 1);
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! Each open file keeps a map of in-flight (or landed) blocks, driven by
 //! [`granary_core::Readahead`]: a read first asks the window which blocks should be in flight,
 //! drops the blocks behind it (or everything, after a seek), starts the missing ones, and waits
-//! only for those it touches. Blocks ahead of the reader hold permits from a global byte budget,
+//! only for those it touches. A seek with nothing in flight (a random reader) asks for the bytes
+//! it reads (`CacheApi::read_range`) instead of whole blocks. Blocks ahead of the reader hold permits from a global byte budget,
 //! so readahead across all open files never holds more than `readahead_total` bytes; when the
 //! budget is spent, readahead shrinks rather than waits. Blocks the reader needs now are always
 //! fetched. A failed block is dropped from the map so that the next read retries it.
@@ -210,9 +211,16 @@ impl FileReader {
         if needed.is_empty() {
             return Ok(Bytes::new());
         }
-        let waits: Vec<(u64, BlockFuture)> = {
+        let waits: Option<Vec<(u64, BlockFuture)>> = 'plan: {
             let mut state = self.state.lock().expect("reader lock");
             let plan = state.readahead.on_read(offset, len, bs, size);
+            if state.readahead.window() == 0
+                && !needed.clone().any(|i| state.blocks.contains_key(&i))
+            {
+                // A seek with nothing in flight: a random reader. It gets the bytes it asked
+                // for, not whole blocks (the worker fetches and reads only what covers them).
+                break 'plan None;
+            }
             // Keep what the stream may still read: the block just behind the plan (the kernel's
             // parallel requests arrive out of order across a block boundary) and the whole
             // window ahead (a straggler's plan ends before the blocks already in flight for
@@ -244,10 +252,15 @@ impl FileReader {
                     },
                 );
             }
-            needed
-                .clone()
-                .map(|i| (i, state.blocks[&i].block.clone()))
-                .collect()
+            Some(
+                needed
+                    .clone()
+                    .map(|i| (i, state.blocks[&i].block.clone()))
+                    .collect(),
+            )
+        };
+        let Some(waits) = waits else {
+            return self.read_ranges(api, offset, len).await;
         };
         let mut parts = Vec::with_capacity(waits.len());
         let mut failure = None;
@@ -290,6 +303,48 @@ impl FileReader {
         let mut out = BytesMut::with_capacity(expected_total as usize);
         for (span, data) in spans.zip(&parts) {
             out.extend_from_slice(&slice(data, span.within, span.index, &self.object)?);
+        }
+        Ok(out.freeze())
+    }
+}
+
+impl FileReader {
+    /// A random read: each block's part of it read as a range, in parallel.
+    async fn read_ranges<A: CacheApi>(
+        &self,
+        api: &Arc<A>,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, ApiError> {
+        let started = std::time::Instant::now();
+        let spans: Vec<_> = self
+            .block_size
+            .spans(offset, len, self.object.id.size)
+            .collect();
+        let reads = spans.iter().map(|span| async {
+            let (data, origin) = api
+                .read_range(&self.object, span.index, span.within.clone())
+                .await?;
+            if data.len() as u64 != span.within.end - span.within.start {
+                return Err(ApiError::Corrupt(format!(
+                    "block {} of {:?}: asked for {} bytes, got {}",
+                    span.index,
+                    self.object.id.key,
+                    span.within.end - span.within.start,
+                    data.len()
+                )));
+            }
+            self.labels.fetched(origin, data.len());
+            Ok(data)
+        });
+        let parts = futures::future::try_join_all(reads).await?;
+        self.labels.stall().record(started.elapsed().as_secs_f64());
+        if parts.len() == 1 {
+            return Ok(parts.into_iter().next().expect("one part"));
+        }
+        let mut out = BytesMut::with_capacity(len as usize);
+        for part in &parts {
+            out.extend_from_slice(part);
         }
         Ok(out.freeze())
     }

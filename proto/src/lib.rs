@@ -205,6 +205,17 @@ impl ApiError {
     }
 }
 
+/// `range` of a block's bytes, or `Invalid` if the block is too short for it.
+pub fn slice_block(data: &Bytes, range: &std::ops::Range<u64>) -> Result<Bytes, ApiError> {
+    if range.start > range.end || range.end > data.len() as u64 {
+        return Err(ApiError::Invalid(format!(
+            "range {range:?} of a block of {} bytes",
+            data.len()
+        )));
+    }
+    Ok(data.slice(range.start as usize..range.end as usize))
+}
+
 /// What a FUSE client needs from a cache worker.
 pub trait CacheApi: Send + Sync + 'static {
     fn info(&self) -> Info;
@@ -221,6 +232,22 @@ pub trait CacheApi: Send + Sync + 'static {
         object: &ObjectRef,
         index: u64,
     ) -> impl Future<Output = Result<Block, ApiError>> + Send;
+
+    /// Bytes `range` of block `index` (offsets within the block), with where they were found:
+    /// what a random reader asks for. A worker reads from its disk tier, and fetches from the
+    /// backend, only the parts of the block that cover the range; by default the whole block
+    /// is read and sliced.
+    fn read_range(
+        &self,
+        object: &ObjectRef,
+        index: u64,
+        range: std::ops::Range<u64>,
+    ) -> impl Future<Output = Result<(Bytes, Origin), ApiError>> + Send {
+        async move {
+            let block = self.read_block(object, index).await?;
+            slice_block(&block.data, &range).map(|data| (data, block.origin))
+        }
+    }
 
     /// Block `index` of `object` only when this node already holds it (`NotFound` otherwise),
     /// never fetching it from anywhere. An API with no cache of its own holds nothing.
@@ -278,6 +305,15 @@ impl<T: CacheApi> CacheApi for Arc<T> {
         index: u64,
     ) -> impl Future<Output = Result<Block, ApiError>> + Send {
         (**self).read_block(object, index)
+    }
+
+    fn read_range(
+        &self,
+        object: &ObjectRef,
+        index: u64,
+        range: std::ops::Range<u64>,
+    ) -> impl Future<Output = Result<(Bytes, Origin), ApiError>> + Send {
+        (**self).read_range(object, index, range)
     }
 
     fn read_held_block(

@@ -97,9 +97,7 @@ impl Meta {
         let len = u64::from_le_bytes(fixed[8..16].try_into().ok()?);
         let chunk = u32::from_le_bytes(fixed[16..20].try_into().ok()?) as u64;
         let n = u32::from_le_bytes(fixed[20..24].try_into().ok()?) as usize;
-        if chunk != CHUNK
-            || len > granary_core::BlockSize::MAX
-            || n != len.div_ceil(CHUNK) as usize
+        if chunk != CHUNK || len > granary_core::BlockSize::MAX || n != len.div_ceil(CHUNK) as usize
         {
             return None;
         }
@@ -155,7 +153,11 @@ impl DiskTier {
     /// Opens the tier in `dir` (created if missing), adopting the block files found there as
     /// far as `capacity` (bytes) allows, newest first; files that are damaged, partly written
     /// or beyond the capacity are removed.
-    pub(crate) fn open(dir: &Path, policy: Arc<CachePolicy>, capacity: u64) -> std::io::Result<Self> {
+    pub(crate) fn open(
+        dir: &Path,
+        policy: Arc<CachePolicy>,
+        capacity: u64,
+    ) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let mut found = Vec::new();
         for sub in std::fs::read_dir(dir)? {
@@ -181,7 +183,7 @@ impl DiskTier {
                 }
             }
         }
-        found.sort_by(|a, b| b.0.cmp(&a.0));
+        found.sort_by_key(|f| std::cmp::Reverse(f.0));
         let mut index = HashMap::new();
         let mut used = 0;
         for (_, key, meta, path) in found {
@@ -195,7 +197,11 @@ impl DiskTier {
             index.insert(key, Arc::new(meta));
         }
         if !index.is_empty() {
-            tracing::info!(blocks = index.len(), bytes = used, "disk tier: found blocks from before");
+            tracing::info!(
+                blocks = index.len(),
+                bytes = used,
+                "disk tier: found blocks from before"
+            );
         }
         metrics::gauge!(m::CACHE_USED_BYTES, "tier" => "disk").set(used as f64);
         Ok(DiskTier {
@@ -233,7 +239,10 @@ impl DiskTier {
             return None;
         }
         let chunks = meta.chunks_of(&range);
-        let crcs: Vec<u32> = meta.chunks[chunks.clone()].iter().copied().collect::<Option<_>>()?;
+        let crcs: Vec<u32> = meta.chunks[chunks.clone()]
+            .iter()
+            .copied()
+            .collect::<Option<_>>()?;
         let span = chunks.start as u64 * CHUNK..(chunks.end as u64 * CHUNK).min(meta.len);
         let file = match File::open(self.path(key)) {
             Ok(f) => f,
@@ -257,7 +266,10 @@ impl DiskTier {
                 .all(|(bytes, crc)| crc32c::crc32c(bytes) == *crc);
         if !whole {
             metrics::counter!(m::BLOCK_CHECKSUM_FAILURES).increment(1);
-            tracing::warn!(key = format!("{key:032x}"), "a block file failed its checksum; dropping it");
+            tracing::warn!(
+                key = format!("{key:032x}"),
+                "a block file failed its checksum; dropping it"
+            );
             self.forget(key);
             return None;
         }
@@ -313,7 +325,10 @@ impl DiskTier {
         }
         let whole = start == 0 && data.len() as u64 == len;
         if whole {
-            self.pending.lock().expect("pending").insert(key, data.clone());
+            self.pending
+                .lock()
+                .expect("pending")
+                .insert(key, data.clone());
         }
         let kib = (data.len() as u64).div_ceil(1024).max(1) as u32;
         let Ok(permit) = self.queue.clone().acquire_many_owned(kib).await else {
@@ -371,7 +386,10 @@ impl DiskTier {
             file.write_all_at(data, meta.header_len() + start)?;
             file.write_all_at(&meta.encode(), 0)?;
         }
-        self.index.lock().expect("index").insert(key, Arc::new(meta));
+        self.index
+            .lock()
+            .expect("index")
+            .insert(key, Arc::new(meta));
         Ok(())
     }
 
@@ -394,7 +412,9 @@ mod tests {
     }
 
     fn bytes(len: usize, seed: u8) -> Bytes {
-        (0..len).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
     }
 
     #[tokio::test]
@@ -416,13 +436,19 @@ mod tests {
             let r = t.read(1, None).unwrap();
             assert_eq!(r.data, whole);
             assert_eq!(r.crc32c, Some(crc32c::crc32c(&whole)));
-            assert_eq!(t.read(1, Some(70_000..200_001)).unwrap().data, whole.slice(70_000..200_001));
+            assert_eq!(
+                t.read(1, Some(70_000..200_001)).unwrap().data,
+                whole.slice(70_000..200_001)
+            );
             assert_eq!(
                 t.read(2, Some(2 * CHUNK + 7..4 * CHUNK)).unwrap().data,
                 part.slice(7..)
             );
             assert_eq!(t.read(2, Some(15 * CHUNK..len)).unwrap().data, tail);
-            assert!(t.read(2, Some(CHUNK..3 * CHUNK)).is_none(), "chunk 1 was never written");
+            assert!(
+                t.read(2, Some(CHUNK..3 * CHUNK)).is_none(),
+                "chunk 1 was never written"
+            );
             assert!(t.read(2, None).is_none());
         };
         check(&t);
@@ -439,9 +465,13 @@ mod tests {
         t.flush().await;
         let path = t.path(7);
         let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        f.write_all_at(b"X", header_len(16) + 5 * CHUNK + 3).unwrap();
+        f.write_all_at(b"X", header_len(16) + 5 * CHUNK + 3)
+            .unwrap();
         // Chunks before the damage still read; the damaged one does not, and drops the file.
-        assert_eq!(t.read(7, Some(0..CHUNK)).unwrap().data, data.slice(..CHUNK as usize));
+        assert_eq!(
+            t.read(7, Some(0..CHUNK)).unwrap().data,
+            data.slice(..CHUNK as usize)
+        );
         assert!(t.read(7, Some(5 * CHUNK..5 * CHUNK + 10)).is_none());
         assert!(!path.exists());
         assert!(t.read(7, Some(0..CHUNK)).is_none());
@@ -474,7 +504,10 @@ mod tests {
         t.flush().await;
         let held: Vec<u128> = (0..20).filter(|k| t.read(*k, None).is_some()).collect();
         assert_eq!(held.len(), 8, "held {held:?}");
-        let on_disk: u64 = walk(dir.path()).iter().map(|p| p.metadata().unwrap().len()).sum();
+        let on_disk: u64 = walk(dir.path())
+            .iter()
+            .map(|p| p.metadata().unwrap().len())
+            .sum();
         assert!(on_disk <= cap, "{on_disk} bytes on disk, capacity {cap}");
     }
 

@@ -144,10 +144,11 @@ impl BlockCache {
         } else {
             let dir = settings.dir.join("block-files");
             let policy = policy.clone();
-            let tier = tokio::task::spawn_blocking(move || DiskTier::open(&dir, policy, disk_bytes))
-                .await
-                .map_err(|e| err(e.to_string()))?
-                .map_err(|e| err(e.to_string()))?;
+            let tier =
+                tokio::task::spawn_blocking(move || DiskTier::open(&dir, policy, disk_bytes))
+                    .await
+                    .map_err(|e| err(e.to_string()))?
+                    .map_err(|e| err(e.to_string()))?;
             Some(Arc::new(tier))
         };
         metrics::gauge!(m::CACHE_CAPACITY_BYTES, "tier" => "memory").set(memory_bytes as f64);
@@ -175,7 +176,7 @@ impl BlockCache {
     {
         let inner = &self.inner;
         inner.policy.request(key.0);
-        let (block, tier) = match inner.from_memory(key.0) {
+        let (block, tier) = match inner.memory_hit(key.0) {
             Some(block) => (block, Tier::Memory),
             None => {
                 let flight = {
@@ -208,9 +209,9 @@ impl BlockCache {
     pub async fn get_cached(&self, key: BlockKey) -> Option<(Block, Tier)> {
         let inner = &self.inner;
         inner.policy.request(key.0);
-        let (block, tier) = match inner.from_memory(key.0) {
+        let (block, tier) = match inner.memory_hit(key.0) {
             Some(block) => (block, Tier::Memory),
-            None => (inner.from_disk(key.0).await?, Tier::Disk),
+            None => (inner.disk_hit(key.0).await?, Tier::Disk),
         };
         count(tier, block.data.len());
         Some((block, tier))
@@ -239,7 +240,7 @@ impl BlockCache {
         }
         inner.policy.request(key.0);
         let slice = |data: &Bytes| data.slice(range.start as usize..range.end as usize);
-        let (data, tier) = if let Some(block) = inner.from_memory(key.0) {
+        let (data, tier) = if let Some(block) = inner.memory_hit(key.0) {
             (slice(&block.data), Tier::Memory)
         } else if let Some(disk) = inner.disk.clone()
             && let Some(read) = {
@@ -290,14 +291,14 @@ impl BlockCache {
 }
 
 impl Inner {
-    fn from_memory(&self, key: u128) -> Option<Block> {
+    fn memory_hit(&self, key: u128) -> Option<Block> {
         let entry = self.memory.get(&key)?;
         self.policy.touch(TierId::Memory, key);
         Some(entry.value().clone())
     }
 
     /// The whole block from the disk tier (its chunks checked), offered to the memory tier.
-    async fn from_disk(&self, key: u128) -> Option<Block> {
+    async fn disk_hit(&self, key: u128) -> Option<Block> {
         let disk = self.disk.clone()?;
         let read = tokio::task::spawn_blocking(move || disk.read(key, None))
             .await
@@ -322,7 +323,7 @@ impl Inner {
         key: u128,
         fetch: impl Future<Output = Result<Block, ApiError>>,
     ) -> Result<(Block, Tier), ApiError> {
-        if let Some(block) = self.from_disk(key).await {
+        if let Some(block) = self.disk_hit(key).await {
             return Ok((block, Tier::Disk));
         }
         let block = fetch.await?;

@@ -278,7 +278,10 @@ mod tests {
                 self.held.insert(key);
             }
             assert!(self.policy.used(TierId::Memory) <= self.cap * BS);
-            assert_eq!(self.held.len() as u64 * BS, self.policy.used(TierId::Memory));
+            assert_eq!(
+                self.held.len() as u64 * BS,
+                self.policy.used(TierId::Memory)
+            );
             false
         }
     }
@@ -319,7 +322,12 @@ mod tests {
         v
     }
 
-    fn epochs(cache: &mut dyn FnMut(u128) -> bool, dataset: u64, offset: u128, n: usize) -> Vec<f64> {
+    fn epochs(
+        cache: &mut dyn FnMut(u128) -> bool,
+        dataset: u64,
+        offset: u128,
+        n: usize,
+    ) -> Vec<f64> {
         (0..n)
             .map(|e| {
                 let order = shuffled(dataset, e as u64 + 1 + offset as u64);
@@ -386,7 +394,11 @@ mod tests {
             // A hot set of 96 blocks on every other request, between blocks of a scan of
             // never-repeated blocks: 191 other blocks between two reads of a hot one, too many
             // for LRU to keep it.
-            let key = if i % 2 == 0 { (i / 2) % 96 } else { 1_000_000 + i };
+            let key = if i % 2 == 0 {
+                (i / 2) % 96
+            } else {
+                1_000_000 + i
+            };
             let (a, b) = (tier.read(key), lru.read(key));
             if i % 2 == 0 && i > 2_000 {
                 n += 1;

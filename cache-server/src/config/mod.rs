@@ -287,7 +287,7 @@ impl CacheSettings {
     pub const DEFAULT_MEMORY: ByteSize = ByteSize::mib(512);
     pub const DEFAULT_DISK: ByteSize = ByteSize::gib(4);
 
-    /// The disk tier must hold at least a few of its regions to be useful.
+    /// The memory tier must hold a few blocks, and a disk tier at least 64 MiB or 8 blocks.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.memory.bytes() < 4 * self.block_size.get() {
             return Err(ConfigError::Invalid(format!(
@@ -296,7 +296,7 @@ impl CacheSettings {
                 ByteSize(self.block_size.get())
             )));
         }
-        let min_disk = 4 * disk_region_size(self.block_size) as u64;
+        let min_disk = (64 << 20).max(8 * self.block_size.get());
         if self.disk.bytes() != 0 && self.disk.bytes() < min_disk {
             return Err(ConfigError::Invalid(format!(
                 "disk cache {} is too small: use 0 (no disk tier) or at least {}",
@@ -306,11 +306,6 @@ impl CacheSettings {
         }
         Ok(())
     }
-}
-
-/// The size of one region of the disk tier: the largest entry it can hold.
-pub fn disk_region_size(block_size: BlockSize) -> usize {
-    (16usize << 20).max((block_size.get() as usize * 2).next_power_of_two())
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -407,6 +407,35 @@ impl CacheApi for Worker {
         Ok((data, tier.origin().unwrap_or_default()))
     }
 
+    async fn prefetch(&self, object: &ObjectRef, index: u64) -> Result<(), ApiError> {
+        let backend = self.check_ref(object, index)?;
+        let key = BlockKey::new(object.id.fingerprint(), index);
+        let owned_elsewhere = self.cluster.as_ref().is_some_and(|cluster| {
+            let view = cluster.membership.view();
+            let owners = ask_order(key, &view.members, cluster.replicas, None).owners;
+            !owners.is_empty() && !owners.iter().any(|m| m.node_id == self.settings.node_id)
+        });
+        if owned_elsewhere || self.datasets.held(object).is_some() {
+            // The owner's cache (or the dataset store) serves it; nothing to bring here.
+            return self.read_block(object, index).await.map(drop);
+        }
+        let range = self.settings.cache.block_size.range(index, object.id.size);
+        self.blocks
+            .prefetch(key, || {
+                let backend = backend.clone();
+                let id = object.id.clone();
+                let range = range.clone();
+                async move {
+                    let data = backend
+                        .get_range(&id.key, range, id.etag.as_deref(), id.version.as_deref())
+                        .await?;
+                    Ok(Block::new(data))
+                }
+            })
+            .await
+            .map(drop)
+    }
+
     async fn read_held_block(&self, object: &ObjectRef, index: u64) -> Result<Block, ApiError> {
         self.check_ref(object, index)?;
         if let Some(file) = self.datasets.held(object)

@@ -3,6 +3,7 @@
 
 mod cmd_cluster;
 mod cmd_dataset;
+mod cmd_hint;
 mod cmd_mount;
 mod cmd_scheduler;
 mod cmd_server;
@@ -52,6 +53,8 @@ enum Command {
     Certs(cmd_cluster::CertsArgs),
     /// Pin, load, watch and release datasets.
     Dataset(cmd_dataset::DatasetArgs),
+    /// Tell a mount the order in which the next epoch reads its files: it fetches them ahead.
+    Hint(cmd_hint::HintArgs),
     /// Run the kube-scheduler extender: gangs placed whole near their data, bound only when
     /// GPUs and data are ready.
     Scheduler(cmd_scheduler::SchedulerArgs),
@@ -99,6 +102,7 @@ fn main() -> ExitCode {
         Command::Status(args) => runtime::block_on(cmd_cluster::status(args)),
         Command::Certs(args) => cmd_cluster::certs(args),
         Command::Dataset(args) => runtime::block_on(cmd_dataset::run(args)),
+        Command::Hint(args) => cmd_hint::run(args),
         Command::Scheduler(args) => runtime::block_on(cmd_scheduler::run(args)),
         Command::Signer(args) => runtime::block_on(cmd_signer::run(args)),
     };

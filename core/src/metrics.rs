@@ -73,6 +73,11 @@ pub const FUSE_REBUILT: &str = "granary_fuse_rebuilt_entries";
 pub const FUSE_INODES: &str = "granary_fuse_inodes";
 /// Entries the FUSE client asked the kernel to drop because its inode table was full. Counter.
 pub const FUSE_INODES_SHED: &str = "granary_fuse_inodes_shed_total";
+/// Bytes of hinted files fetched (or being fetched) ahead of the job that gave the hint (at most
+/// the mount's hint budget). Gauge, bytes.
+pub const FUSE_HINT_AHEAD_BYTES: &str = "granary_fuse_hint_ahead_bytes";
+/// Blocks of hinted files brought into the worker's memory tier ahead of the job. Counter.
+pub const FUSE_HINT_BLOCKS: &str = "granary_fuse_hint_blocks_total";
 /// Bytes currently held by readahead across all open files. Gauge, bytes.
 pub const READAHEAD_BYTES: &str = "granary_readahead_bytes";
 /// Configured capacity of a cache tier, by `tier` (`memory`, `disk`). Gauge, bytes.
@@ -139,6 +144,8 @@ pub const ALL: &[&str] = &[
     FUSE_REBUILT,
     FUSE_INODES,
     FUSE_INODES_SHED,
+    FUSE_HINT_AHEAD_BYTES,
+    FUSE_HINT_BLOCKS,
     READAHEAD_BYTES,
     CACHE_CAPACITY_BYTES,
     CACHE_USED_BYTES,

@@ -20,6 +20,7 @@
 //! track its pins, or does not answer, gets the attribute TTL. The rules are pure functions in
 //! [`granary_core::trust`]; the epoch's state ([`PinsView`]) is kept here under its lock.
 
+use crate::hint::Hints;
 use crate::inodes::{InodeTable, KernelEntry, ROOT, Seen, child_path, seen_now};
 use crate::journal::{Journal, Record};
 use crate::open::{Decided, IoModes, Opener};
@@ -81,6 +82,9 @@ pub struct FsConfig {
     pub max_inodes: usize,
     /// Open file and directory handles at most; an open beyond fails with ENFILE.
     pub max_handles: usize,
+    /// Bytes of hinted files fetched ahead of the job at most (`granary hint`); 0 = half the
+    /// worker's memory tier.
+    pub hint_budget: u64,
 }
 
 impl Default for FsConfig {
@@ -101,6 +105,7 @@ impl Default for FsConfig {
             auto_unmount: false,
             max_inodes: 262_144,
             max_handles: 65_536,
+            hint_budget: 0,
         }
     }
 }
@@ -170,6 +175,8 @@ pub struct GranaryFs<A> {
     next_fh: AtomicU64,
     /// Set when a keeper holds the connection: every reference given to the kernel is recorded.
     journal: OnceLock<Journaled>,
+    /// The order the job said it will read files in, fetched ahead (`granary hint`).
+    hints: Arc<Hints<A>>,
 }
 
 impl<A> std::fmt::Debug for GranaryFs<A> {
@@ -182,7 +189,12 @@ impl<A> std::fmt::Debug for GranaryFs<A> {
 
 impl<A: CacheApi> GranaryFs<A> {
     pub fn new(api: Arc<A>, config: FsConfig) -> Self {
-        let block_size = api.info().block_size;
+        let info = api.info();
+        let block_size = info.block_size;
+        let hint_budget = match config.hint_budget {
+            0 => (info.memory_capacity / 2).max(block_size.get()),
+            b => b,
+        };
         let mounted_ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as i64);
@@ -198,7 +210,6 @@ impl<A: CacheApi> GranaryFs<A> {
         GranaryFs {
             max_ahead_blocks: (config.readahead_per_file / block_size.get()).max(1),
             budget: Budget::new(config.readahead_total),
-            api,
             block_size,
             inodes: Mutex::new(InodeTable::new(root, Instant::now())),
             files: Mutex::new(HashMap::new()),
@@ -208,8 +219,15 @@ impl<A: CacheApi> GranaryFs<A> {
             labels: LabelSets::new(config.job.clone()),
             next_fh: AtomicU64::new(1),
             journal: OnceLock::new(),
+            hints: Hints::new(api.clone(), block_size, hint_budget),
+            api,
             config,
         }
+    }
+
+    /// The mount's prefetcher of hinted files.
+    pub fn hints(&self) -> &Arc<Hints<A>> {
+        &self.hints
     }
 
     /// Records every reference given to the kernel in `journal` from now on; `backing_id`
@@ -484,6 +502,7 @@ impl<A: CacheApi> GranaryFs<A> {
             keep_cache,
             io,
         } = decided;
+        self.hints.opened(&path);
         let reader = FileReader::new(
             object,
             self.block_size,

@@ -9,11 +9,13 @@
 //! [`kernel::mount`] checks the mount point and mounts.
 //!
 //! Dependencies point one way: `kernel` -> `fs` -> `open` -> `error`, `inodes`, `backings`
-//! (and `fs` -> `prefetch`), all -> `granary_core`.
+//! (and `fs` -> `prefetch`, `hint`), all -> `granary_core`. [`hint`] also takes hints from
+//! `granary hint` on the mount's socket.
 
 pub mod backings;
 pub mod error;
 pub mod fs;
+pub mod hint;
 pub mod inodes;
 pub mod journal;
 pub mod kernel;

@@ -249,6 +249,17 @@ pub trait CacheApi: Send + Sync + 'static {
         }
     }
 
+    /// Brings block `index` of `object` into the worker's memory tier ahead of a reader that
+    /// said it will read it soon (a hint), even past the cache policy's frequency test. By
+    /// default, a plain read whose bytes are dropped.
+    fn prefetch(
+        &self,
+        object: &ObjectRef,
+        index: u64,
+    ) -> impl Future<Output = Result<(), ApiError>> + Send {
+        async move { self.read_block(object, index).await.map(drop) }
+    }
+
     /// Block `index` of `object` only when this node already holds it (`NotFound` otherwise),
     /// never fetching it from anywhere. An API with no cache of its own holds nothing.
     fn read_held_block(
@@ -314,6 +325,14 @@ impl<T: CacheApi> CacheApi for Arc<T> {
         range: std::ops::Range<u64>,
     ) -> impl Future<Output = Result<(Bytes, Origin), ApiError>> + Send {
         (**self).read_range(object, index, range)
+    }
+
+    fn prefetch(
+        &self,
+        object: &ObjectRef,
+        index: u64,
+    ) -> impl Future<Output = Result<(), ApiError>> + Send {
+        (**self).prefetch(object, index)
     }
 
     fn read_held_block(

@@ -277,6 +277,42 @@ impl BlockCache {
         Ok((data, tier))
     }
 
+    /// Brings the block at `key` into the memory tier, admitted whatever the policy's counts say
+    /// (a reader said it will read it soon): from memory (touched), disk or `fetch`.
+    pub async fn prefetch<F, Fut>(&self, key: BlockKey, fetch: F) -> Result<Tier, ApiError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<Block, ApiError>> + Send + 'static,
+    {
+        let inner = &self.inner;
+        if inner.memory_hit(key.0).is_some() {
+            return Ok(Tier::Memory);
+        }
+        let (block, tier) = match inner.disk_hit(key.0).await {
+            Some(block) => (block, Tier::Disk),
+            None => {
+                let block = fetch().await?;
+                if let Some(disk) = &inner.disk {
+                    disk.offer(key.0, block.data.len() as u64, 0, block.data.clone())
+                        .await;
+                }
+                (block, Tier::Backend)
+            }
+        };
+        if let Admit::Yes { evict } =
+            inner
+                .policy
+                .admit_anyway(TierId::Memory, key.0, memory_weight(&block))
+        {
+            for victim in evict {
+                metrics::counter!(m::CACHE_EVICTIONS, "tier" => "memory").increment(1);
+                inner.memory.remove(&victim);
+            }
+            inner.memory.insert(key.0, block);
+        }
+        Ok(tier)
+    }
+
     /// Bytes held by the memory tier.
     pub fn memory_used(&self) -> u64 {
         self.inner.memory.usage() as u64

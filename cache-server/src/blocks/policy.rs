@@ -217,6 +217,31 @@ impl CachePolicy {
         Admit::Yes { evict }
     }
 
+    /// `tier` must keep `key` (a block a reader said it will read soon): admitted whatever its
+    /// count, giving up least recently used blocks for it.
+    pub(crate) fn admit_anyway(&self, tier: TierId, key: u128, weight: u64) -> Admit {
+        let mut s = self.state.lock().expect("policy lock");
+        let tick = s.tick;
+        let t = &mut s.tiers[tier as usize];
+        if t.by_key.contains_key(&key) {
+            t.touch(key, tick);
+            return Admit::Yes { evict: Vec::new() };
+        }
+        if weight > t.capacity {
+            return Admit::No;
+        }
+        let mut evict = Vec::new();
+        while t.used + weight > t.capacity {
+            let Some((_, &victim)) = t.by_use.iter().next() else {
+                break;
+            };
+            t.remove(victim);
+            evict.push(victim);
+        }
+        t.insert(key, tick, weight);
+        Admit::Yes { evict }
+    }
+
     /// `key` left `tier` (evicted by the tier itself, removed, or failed to be stored).
     pub(crate) fn left(&self, tier: TierId, key: u128) {
         self.state.lock().expect("policy lock").tiers[tier as usize].remove(key);

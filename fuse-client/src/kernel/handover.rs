@@ -337,6 +337,7 @@ pub async fn serve<A: CacheApi>(
         }
     }
     tokio::spawn(maintain(Arc::downgrade(&fs), notifier));
+    crate::hint::listen(fs.hints().clone(), dir);
     if let Some(mut ready) = ready {
         let _ = ready.write_all(b"r");
     }

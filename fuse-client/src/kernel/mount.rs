@@ -402,6 +402,7 @@ pub fn mount<A: CacheApi>(
     };
     set_kernel_readahead(dir, kernel_readahead_kb(fs.config()));
     tokio::spawn(maintain(Arc::downgrade(&fs), session.notifier()));
+    crate::hint::listen(fs.hints().clone(), dir);
     Ok(Mounted {
         session: Some(session),
         rings,

@@ -57,6 +57,10 @@ pub struct MountFlags {
     #[arg(long, value_name = "N", default_value_t = FsConfig::default().max_handles as u64,
           value_parser = clap::value_parser!(u64).range(64..))]
     pub max_handles: u64,
+    /// Bytes of hinted files (`granary hint`) fetched ahead of the job at most; they go to the
+    /// worker's memory tier. 0: half the worker's memory cache.
+    #[arg(long, value_name = "SIZE", default_value_t = ByteSize(FsConfig::default().hint_budget))]
+    pub hint_budget: ByteSize,
 }
 
 impl MountFlags {
@@ -99,6 +103,7 @@ impl MountFlags {
             job: self.job.clone(),
             max_inodes: self.max_inodes as usize,
             max_handles: self.max_handles as usize,
+            hint_budget: self.hint_budget.bytes(),
             uid: current_uid(),
             gid: current_gid(),
             ..FsConfig::default()

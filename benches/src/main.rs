@@ -103,6 +103,10 @@ struct Args {
     /// that the GPU consumes 80% of what native's loaders read with no compute].
     #[arg(long, value_name = "MS", requires = "training")]
     compute_ms: Option<f64>,
+    /// With --training: keep samples' pages in the page cache between epochs [default: each
+    /// sample's pages are dropped once read, standing for a dataset larger than memory].
+    #[arg(long, requires = "training")]
+    keep_page_cache: bool,
     /// With --survival: seconds between two kills of the FUSE server.
     #[arg(
         long,
@@ -322,6 +326,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
             compute: args
                 .compute_ms
                 .map(|ms| std::time::Duration::from_secs_f64(ms / 1e3)),
+            keep_page_cache: args.keep_page_cache,
             progress,
         });
     }

@@ -11,8 +11,10 @@
 //!
 //! each epoch is read by loader threads in batches for a simulated accelerator that sleeps a fixed
 //! compute time per batch ([`loader`]); AU is compute over compute plus waiting for data. The page
-//! cache is dropped before each system's epoch 1 only: between epochs the kernel keeps what it
-//! has, as it does for a training job. Each epoch has its own shuffled order, the same for every
+//! cache is dropped before each system's epoch 1, and each sample's pages once it is read
+//! (`POSIX_FADV_DONTNEED`), so that the dataset stands for one larger than the host's memory, as
+//! MLPerf Storage requires, and every epoch reads through the system measured;
+//! `--keep-page-cache` lets the kernel keep what it has between epochs instead. Each epoch has its own shuffled order, the same for every
 //! system. Every sample read is checked against a checksum made from the generator.
 //!
 //! The compute time per batch is calibrated first (unless `--compute-ms` gives it): native's
@@ -133,6 +135,9 @@ pub struct Sizes {
     /// Batches each loader may have outstanding (PyTorch's `prefetch_factor`).
     pub prefetch_batches: usize,
     pub epochs: usize,
+    /// Each sample's pages dropped once read (see [`Shape::drop_pages`]); off with
+    /// `--keep-page-cache`.
+    pub drop_pages: bool,
 }
 
 impl Sizes {
@@ -149,6 +154,7 @@ impl Sizes {
             batch_samples,
             prefetch_batches: 2,
             epochs,
+            drop_pages: true,
         }
     }
 
@@ -161,6 +167,7 @@ impl Sizes {
             loaders: self.loaders,
             batch_samples: self.batch_samples,
             prefetch_batches: self.prefetch_batches,
+            drop_pages: self.drop_pages,
         }
     }
 }
@@ -183,6 +190,8 @@ pub struct Setup<'a> {
     pub systems: &'a [String],
     /// `--compute-ms`: no calibration.
     pub compute: Option<Duration>,
+    /// `--keep-page-cache`: samples' pages stay in the page cache between epochs.
+    pub keep_page_cache: bool,
     pub progress: Progress,
 }
 
@@ -225,10 +234,14 @@ pub fn run(setup: Setup) -> anyhow::Result<bool> {
         git,
         systems,
         compute,
+        keep_page_cache,
         mut progress,
     } = setup;
     let systems = System::chosen(systems)?;
-    let sizes = Sizes::of(profile.name);
+    let sizes = Sizes {
+        drop_pages: !keep_page_cache,
+        ..Sizes::of(profile.name)
+    };
     let dataset_bytes = sizes.dataset_bytes();
     let memory_cache = (dataset_bytes / 2).max(MIN_MEMORY_CACHE);
     progress.note(&format!(

@@ -299,7 +299,7 @@ mod tests {
         std::fs::remove_file(s.dir.join("train/002.bin")).unwrap();
         let order: Vec<&Sample> = s.samples.iter().take(5).collect();
         let e = run_epoch(&s.dir, &order, SHAPE, Duration::ZERO).unwrap_err();
-        assert!(format!("{e:#}").contains("cannot read"), "{e:#}");
+        assert!(format!("{e:#}").contains("cannot open"), "{e:#}");
     }
 
     #[test]

@@ -62,7 +62,22 @@ enum Command {
     Signer(cmd_signer::SignerArgs),
 }
 
+/// Allocations from this size up get their own mapping, returned to the system when freed.
+/// glibc's default threshold rises to the largest block freed (4 MiB): blocks are then carved
+/// from its heaps, whose freed memory stays resident (80 MiB more peak RSS with 16 readers).
+const MMAP_THRESHOLD: i32 = 1 << 20;
+
+#[allow(unsafe_code)]
+fn fix_mmap_threshold() {
+    // SAFETY: mallopt only sets a parameter of glibc's allocator; called before any thread
+    // starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+    }
+}
+
 fn main() -> ExitCode {
+    fix_mmap_threshold();
     // First: a FUSE server started by its keeper takes the descriptors it inherited.
     let handoff = granary_fuse_client::Handoff::from_env();
     let cli = Cli::parse();

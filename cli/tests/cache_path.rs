@@ -214,3 +214,80 @@ fn a_hinted_epoch_finds_its_files_fetched_ahead() {
     );
     assert!(mount.stop().success());
 }
+
+/// The server's peak resident memory (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib << 10
+}
+
+#[test]
+fn sixteen_readers_stay_within_the_memory_cache_and_its_budgets() {
+    // 16 readers, each streaming its own 48 MiB file (768 MiB, twelve times the memory tier),
+    // then reading it again at random.
+    let source = tempfile::tempdir().unwrap();
+    let mut tree = Tree::new();
+    for i in 0..16 {
+        tree.insert(format!("r{i:02}"), 48 * MIB);
+    }
+    write_local(source.path(), &tree);
+    let cache = tempfile::tempdir().unwrap();
+    let mnt = tempfile::tempdir().unwrap();
+    let memory = 64 * MIB;
+    let mount = Mount::up(UpOptions {
+        source: format!("file://{}", source.path().display()),
+        envs: vec![],
+        cache_dir: cache.path(),
+        mount_dir: mnt.path(),
+        extra: ["--memory-cache", "64MiB", "--disk-cache", "512MiB"]
+            .map(String::from)
+            .to_vec(),
+    });
+    let server = support::process::server_of(mount.pid()).expect("the FUSE server");
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    std::thread::scope(|s| {
+        for i in 0..16u64 {
+            let path = mnt.path().join(format!("r{i:02}"));
+            s.spawn(move || {
+                use std::io::Read;
+                let mut f = std::fs::File::open(&path).unwrap();
+                let mut buf = vec![0u8; MIB as usize];
+                let mut total = 0;
+                loop {
+                    let n = f.read(&mut buf).unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    total += n as u64;
+                }
+                assert_eq!(total, 48 * MIB);
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
+                    .open(&path)
+                    .unwrap();
+                let mut rng = Rng(0x1234_5678 + i);
+                for _ in 0..100 {
+                    let offset = rng.next() % (47 * MIB);
+                    f.read_at(&mut buf[..256 << 10], offset).unwrap();
+                }
+            });
+        }
+    });
+    let peak = peak_rss(server);
+    println!("peak RSS of the FUSE server: {} MiB", peak >> 20);
+    // The target is the memory cache + 256 MiB (readahead 128 MiB, the disk tier's write
+    // queue 32 MiB, the rest); a debug build gets 64 MiB more.
+    assert!(
+        peak <= memory + 320 * MIB,
+        "peak RSS {} MiB with a {} MiB memory cache",
+        peak >> 20,
+        memory >> 20
+    );
+    assert!(mount.stop().success());
+}

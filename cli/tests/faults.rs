@@ -141,7 +141,7 @@ fn corrupt_disk_tier(dir: &Path) -> usize {
 fn a_corrupted_disk_block_is_detected_and_refetched() {
     let source = tempfile::tempdir().unwrap();
     let mut tree = Tree::new();
-    // 160 blocks: more than the disk tier's write queue (64 MiB), read from a local source as
+    // 160 blocks: more than the disk tier's write queue (32 MiB), read from a local source as
     // fast as the disk tier can take them.
     tree.insert("data.bin".into(), 160 << 20);
     write_local(source.path(), &tree);

@@ -89,7 +89,7 @@ pub const CACHE_USED_BYTES: &str = "granary_cache_used_bytes";
 pub const CACHE_ADMISSIONS: &str = "granary_cache_admissions_total";
 /// Blocks a cache tier gave up to make room, by `tier`. Counter, blocks.
 pub const CACHE_EVICTIONS: &str = "granary_cache_evictions_total";
-/// Bytes queued for writing to the disk tier (at most 64 MiB; a reader offering more waits).
+/// Bytes queued for writing to the disk tier (at most 32 MiB; a reader offering more waits).
 /// Gauge, bytes.
 pub const CACHE_WRITE_QUEUE_BYTES: &str = "granary_cache_write_queue_bytes";
 /// gRPC requests served by the worker, by `method` and `code`. Counter.

@@ -37,7 +37,7 @@ use tokio::sync::Semaphore;
 pub(crate) const CHUNK: u64 = 64 << 10;
 
 /// Bytes of writes queued for the disk at most; a reader offering more waits for room.
-const WRITE_QUEUE: u64 = 64 << 20;
+const WRITE_QUEUE: u64 = 32 << 20;
 
 const MAGIC: &[u8; 8] = b"GRNBLK01";
 
@@ -323,17 +323,16 @@ impl DiskTier {
                 }
             }
         }
-        let whole = start == 0 && data.len() as u64 == len;
-        if whole {
+        let kib = (data.len() as u64).div_ceil(1024).max(1) as u32;
+        let Ok(permit) = self.queue.clone().acquire_many_owned(kib).await else {
+            return;
+        };
+        if start == 0 && data.len() as u64 == len {
             self.pending
                 .lock()
                 .expect("pending")
                 .insert(key, data.clone());
         }
-        let kib = (data.len() as u64).div_ceil(1024).max(1) as u32;
-        let Ok(permit) = self.queue.clone().acquire_many_owned(kib).await else {
-            return;
-        };
         metrics::gauge!(m::CACHE_WRITE_QUEUE_BYTES).increment((kib as u64 * 1024) as f64);
         let tier = self.clone();
         tokio::task::spawn_blocking(move || {

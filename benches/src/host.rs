@@ -190,7 +190,22 @@ pub struct ProcStats {
 }
 
 impl ProcStats {
+    /// The process `pid` and its descendants, summed (`granary up` is a keeper whose child
+    /// serves: both count). The peaks are summed too, an upper bound of the tree's peak.
     pub fn read(pid: u32) -> anyhow::Result<ProcStats> {
+        let mut total = ProcStats::read_one(pid)?;
+        for child in children(pid) {
+            // A child may end meanwhile: what it used is then not counted.
+            if let Ok(c) = ProcStats::read(child) {
+                total.cpu_seconds += c.cpu_seconds;
+                total.peak_rss_bytes += c.peak_rss_bytes;
+            }
+        }
+        Ok(total)
+    }
+
+    /// The process `pid` alone.
+    pub fn read_one(pid: u32) -> anyhow::Result<ProcStats> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
         // Fields after the command name, which is in parentheses and may contain anything:
         // [0] is field 3 (state), so utime (field 14) is [11] and stime (field 15) is [12].
@@ -217,6 +232,22 @@ impl ProcStats {
             peak_rss_bytes: peak_kib * 1024,
         })
     }
+}
+
+/// The children of every thread of `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|text| {
+            text.split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
 }
 
 /// An exclusive lock on a file, held until dropped (the kernel drops it if we die): one benchmark

@@ -618,7 +618,7 @@ pub fn run(setup: Setup) -> anyhow::Result<bool> {
             "{kills_done} kills, but granary counted {handovers_counted:?} crash handovers"
         ));
     }
-    let keeper_peak_rss_bytes = ProcStats::read(mount.keeper.pid())?.peak_rss_bytes;
+    let keeper_peak_rss_bytes = ProcStats::read_one(mount.keeper.pid())?.peak_rss_bytes;
     progress.note("tearing down");
     drop(mount);
 

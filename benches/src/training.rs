@@ -5,6 +5,7 @@
 //!
 //! - `native`: the local copy;
 //! - `granary`: `granary up` with a memory cache of half the dataset and no disk tier;
+//! - `granary-hinted`: the same, told each epoch's order as the epoch starts (`granary hint`);
 //! - `granary-pinned`: the same, with `train/` pinned and loaded before epoch 1 (its files then
 //!   open through kernel FUSE passthrough);
 //! - `s3fs`, when installed: s3fs-fuse with its disk cache, as the other modes mount it.
@@ -74,14 +75,17 @@ const MIB: u64 = 1 << 20;
 pub enum System {
     Native,
     Granary,
+    /// Granary told each epoch's order first (`granary hint`).
+    GranaryHinted,
     GranaryPinned,
     S3fs,
 }
 
 impl System {
-    const ALL: [System; 4] = [
+    const ALL: [System; 5] = [
         System::Native,
         System::Granary,
+        System::GranaryHinted,
         System::GranaryPinned,
         System::S3fs,
     ];
@@ -90,6 +94,7 @@ impl System {
         match self {
             System::Native => "native",
             System::Granary => "granary",
+            System::GranaryHinted => "granary-hinted",
             System::GranaryPinned => "granary-pinned",
             System::S3fs => "s3fs",
         }
@@ -320,7 +325,7 @@ pub fn run(setup: Setup) -> anyhow::Result<bool> {
         dataset_bytes,
         dataset_dir: DIR,
         compute,
-        page_cache: report::PAGE_CACHE,
+        page_cache: report::page_cache(sizes.drop_pages),
         systems: results,
         targets: Vec::new(),
         errors,
@@ -408,11 +413,13 @@ impl Instance {
     fn start(ctx: &Ctx, system: System) -> anyhow::Result<Instance> {
         Ok(match system {
             System::Native => Instance::Native,
-            System::Granary | System::GranaryPinned => Instance::Granary(Node::start(
-                &ctx.spec,
-                &ctx.base.join(system.name()),
-                &ctx.log_dir.join(format!("training-{}.log", system.name())),
-            )?),
+            System::Granary | System::GranaryHinted | System::GranaryPinned => {
+                Instance::Granary(Node::start(
+                    &ctx.spec,
+                    &ctx.base.join(system.name()),
+                    &ctx.log_dir.join(format!("training-{}.log", system.name())),
+                )?)
+            }
             System::S3fs => {
                 let mut mount = Mount::new(
                     Tool::S3fs,
@@ -519,6 +526,11 @@ fn measure_into(
     host::drop_caches()?;
     for epoch in 1..=ctx.sizes.epochs {
         let order = ctx.order(SEED + epoch as u64);
+        if let (System::GranaryHinted, Instance::Granary(node)) = (system, &instance) {
+            // What a job does as an epoch starts: its sampler's order, told to the mount.
+            let list: String = order.iter().map(|s| format!("{}\n", s.name)).collect();
+            node.hint(&ctx.base.join(format!("order-{epoch}.txt")), &list)?;
+        }
         let (before, load_before) = (instance.counters()?, host::load_average());
         let timing: EpochTiming = loader::run_epoch(&root, &order, ctx.sizes.shape(), ctx.compute)
             .with_context(|| format!("epoch {epoch}"))?;

@@ -191,6 +191,20 @@ impl Node {
         cmd
     }
 
+    /// `granary hint --mount MNT FILE`, with `list` (paths relative to the mount) written to
+    /// `file` first.
+    pub fn hint(&self, file: &Path, list: &str) -> anyhow::Result<()> {
+        std::fs::write(file, list).with_context(|| format!("cannot write {}", file.display()))?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("hint")
+            .arg("--mount")
+            .arg(&self.mnt)
+            .arg(file)
+            .env("GRANARY_LOG", "warn");
+        host::run_command(&mut cmd)?;
+        Ok(())
+    }
+
     /// `granary dataset pin NAME --path PATH`.
     pub fn pin(&self, name: &str, path: &str) -> anyhow::Result<()> {
         host::run_command(&mut self.dataset_command(&["pin", name, "--path", path]))?;

@@ -188,9 +188,16 @@ pub struct TrainingReport {
 }
 
 /// For the report: what the page cache goes through.
-pub const PAGE_CACHE: &str = "dropped (sync; echo 3 > /proc/sys/vm/drop_caches) before each \
-                              system's epoch 1 only, kept between epochs, as a training job \
-                              finds it";
+pub fn page_cache(drop_pages: bool) -> &'static str {
+    if drop_pages {
+        "dropped (sync; echo 3 > /proc/sys/vm/drop_caches) before each system's epoch 1, and \
+         each sample's pages once it is read (POSIX_FADV_DONTNEED): the dataset stands for one \
+         larger than the host's memory"
+    } else {
+        "dropped (sync; echo 3 > /proc/sys/vm/drop_caches) before each system's epoch 1 only, \
+         kept between epochs (--keep-page-cache)"
+    }
+}
 
 impl TrainingReport {
     /// Evaluates the targets.
@@ -206,8 +213,10 @@ impl TrainingReport {
         };
         let measured = |system| self.systems.iter().any(|s| s.system == system);
         let mut wanted = Vec::new();
-        if measured(System::Granary) && self.sizes.epochs >= GRANARY_TARGET.0 {
-            wanted.push((System::Granary, GRANARY_TARGET.0, GRANARY_TARGET.1));
+        for system in [System::Granary, System::GranaryHinted] {
+            if measured(system) && self.sizes.epochs >= GRANARY_TARGET.0 {
+                wanted.push((system, GRANARY_TARGET.0, GRANARY_TARGET.1));
+            }
         }
         if measured(System::GranaryPinned) {
             wanted
@@ -308,7 +317,7 @@ impl TrainingReport {
             }
             None => out.push_str("Compute per batch: not determined (see the problems below).\n"),
         }
-        let _ = writeln!(out, "Page cache: {}.\n", PAGE_CACHE);
+        let _ = writeln!(out, "Page cache: {}.\n", self.page_cache);
 
         let header = [
             "system",

@@ -406,7 +406,7 @@ mod tests {
     use super::*;
 
     fn tier(dir: &Path, capacity: u64) -> Arc<DiskTier> {
-        let policy = Arc::new(CachePolicy::new(0, capacity, 1 << 20));
+        let policy = Arc::new(CachePolicy::new(0, capacity));
         Arc::new(DiskTier::open(dir, policy, capacity).unwrap())
     }
 

@@ -117,11 +117,7 @@ impl BlockCache {
             message,
         };
         let (memory_bytes, disk_bytes) = (settings.memory.bytes(), settings.disk.bytes());
-        let policy = Arc::new(CachePolicy::new(
-            memory_bytes,
-            disk_bytes,
-            settings.block_size.get(),
-        ));
+        let policy = Arc::new(CachePolicy::new(memory_bytes, disk_bytes));
         let memory = CacheBuilder::new(memory_bytes as usize)
             .with_name("granary-blocks")
             // One shard: the policy decides evictions for the whole tier, and foyer evicts only

@@ -2,13 +2,17 @@
 //! Both tiers (memory, disk) run the same rule, decided here, once:
 //!
 //! - Every request for a block counts once in a frequency sketch (count-min, every counter
-//!   halved each `window` requests, so that old popularity fades).
+//!   halved every eight times as many requests as the fuller tier holds blocks, so that old
+//!   popularity fades).
 //! - A tier with room admits every block.
 //! - A full tier orders its blocks by last use (LRU) and admits a new block only if
 //!   - it has been asked for at least twice more often than the block it would evict (the least
 //!     recently used), or
-//!   - that block has not been asked for in `cold_after` requests (eight times what the tier
-//!     holds: LRU would have given it up long ago).
+//!   - that block has not been asked for in eight times as many requests as the tier holds
+//!     blocks (LRU would have given it up long ago).
+//!
+//! Both spans count the blocks a tier holds, not its capacity over the block size: a tier of
+//! small files holds many more entries than it has room for whole blocks.
 //!
 //! Why, for training: a shuffled epoch reads every block once. Under LRU, every miss of an epoch
 //! over a dataset larger than the tier evicts a block that the same epoch is about to read, so
@@ -29,6 +33,11 @@ use datasketches::countmin::CountMinSketch;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
+
+/// The sketch's halving period and a block's cold age, in requests per block the tier holds.
+const SPAN: u64 = 8;
+/// The smallest number of blocks those spans count (so that a tier nearly empty is not all cold).
+const MIN_BLOCKS: u64 = 128;
 
 /// A cache tier the policy governs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,8 +65,6 @@ struct State {
     sketch: CountMinSketch<u16>,
     /// Requests counted so far.
     tick: u64,
-    /// Requests between two halvings of the sketch.
-    window: u64,
     since_halving: u64,
     tiers: [Resident; 2],
 }
@@ -66,7 +73,6 @@ impl std::fmt::Debug for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("State")
             .field("tick", &self.tick)
-            .field("window", &self.window)
             .finish_non_exhaustive()
     }
 }
@@ -76,8 +82,6 @@ impl std::fmt::Debug for State {
 struct Resident {
     capacity: u64,
     used: u64,
-    /// A block not asked for in this many requests is cold: any block may replace it.
-    cold_after: u64,
     /// Ordering sequence (unique per touch), so that `by_use` never collides.
     seq: u64,
     /// key -> (use sequence, request tick of last use, weight)
@@ -87,12 +91,16 @@ struct Resident {
 }
 
 impl Resident {
-    fn new(capacity: u64, block_size: u64) -> Self {
+    fn new(capacity: u64) -> Self {
         Resident {
             capacity,
-            cold_after: (8 * capacity / block_size.max(1)).max(64),
             ..Resident::default()
         }
+    }
+
+    /// A block not asked for in this many requests is cold: any block may replace it.
+    fn cold_after(&self) -> u64 {
+        SPAN * (self.by_key.len() as u64).max(MIN_BLOCKS)
     }
 
     fn touch(&mut self, key: u128, tick: u64) -> bool {
@@ -137,22 +145,17 @@ impl Hash for SketchKey {
 }
 
 impl CachePolicy {
-    /// A policy for a memory tier and a disk tier of these capacities (bytes; 0 = no such tier)
-    /// holding blocks of `block_size` bytes.
-    pub(crate) fn new(memory: u64, disk: u64, block_size: u64) -> Self {
-        let blocks = (memory.max(disk) / block_size.max(1)).max(1);
-        // About 1% over-estimate for a sketch of 100,000 distinct blocks (400 GiB of 4 MiB
-        // blocks); a few MiB of counters at most.
-        let buckets = ((4 * blocks) as u32).clamp(1 << 12, 1 << 20);
+    /// A policy for a memory tier and a disk tier of these capacities (bytes; 0 = no such tier).
+    pub(crate) fn new(memory: u64, disk: u64) -> Self {
+        // Four counters per 64 KiB of the larger tier (its most entries, were they all of the
+        // smallest block size), 4,096 to 1 Mi: 32 KiB to 8 MiB of counters.
+        let entries = memory.max(disk) / granary_core::BlockSize::MIN;
+        let buckets = (4 * entries).clamp(1 << 12, 1 << 20) as u32;
         let state = State {
             sketch: CountMinSketch::new(4, buckets),
             tick: 0,
-            window: (8 * blocks).max(1024),
             since_halving: 0,
-            tiers: [
-                Resident::new(memory, block_size),
-                Resident::new(disk, block_size),
-            ],
+            tiers: [Resident::new(memory), Resident::new(disk)],
         };
         CachePolicy {
             state: Mutex::new(state),
@@ -164,7 +167,8 @@ impl CachePolicy {
         let mut s = self.state.lock().expect("policy lock");
         s.tick += 1;
         s.since_halving += 1;
-        if s.since_halving >= s.window {
+        let held = s.tiers.iter().map(|t| t.by_key.len() as u64).max();
+        if s.since_halving >= SPAN * held.unwrap_or(0).max(MIN_BLOCKS) {
             s.since_halving = 0;
             s.sketch.halve();
         }
@@ -203,7 +207,7 @@ impl CachePolicy {
                 break;
             }
             let (_, last, w) = t.by_key[&victim];
-            let cold = tick.saturating_sub(last) > t.cold_after;
+            let cold = tick.saturating_sub(last) > t.cold_after();
             if !cold && freq <= sketch.estimate(SketchKey(victim)).saturating_add(1) {
                 return Admit::No;
             }
@@ -278,14 +282,21 @@ mod tests {
         policy: CachePolicy,
         held: std::collections::HashSet<u128>,
         cap: u64,
+        weight: u64,
     }
 
     impl Tier {
         fn new(blocks: u64) -> Self {
+            Tier::of(blocks, BS)
+        }
+
+        /// A tier with room for `entries` entries of `weight` bytes.
+        fn of(entries: u64, weight: u64) -> Self {
             Tier {
-                policy: CachePolicy::new(blocks * BS, 0, BS),
+                policy: CachePolicy::new(entries * weight, 0),
                 held: Default::default(),
-                cap: blocks,
+                cap: entries * weight,
+                weight,
             }
         }
 
@@ -296,15 +307,15 @@ mod tests {
                 assert!(self.policy.touch(TierId::Memory, key));
                 return true;
             }
-            if let Admit::Yes { evict } = self.policy.admit(TierId::Memory, key, BS) {
+            if let Admit::Yes { evict } = self.policy.admit(TierId::Memory, key, self.weight) {
                 for v in evict {
                     assert!(self.held.remove(&v), "evicted a block not held");
                 }
                 self.held.insert(key);
             }
-            assert!(self.policy.used(TierId::Memory) <= self.cap * BS);
+            assert!(self.policy.used(TierId::Memory) <= self.cap);
             assert_eq!(
-                self.held.len() as u64 * BS,
+                self.held.len() as u64 * self.weight,
                 self.policy.used(TierId::Memory)
             );
             false
@@ -366,9 +377,17 @@ mod tests {
     /// LRU thrashes. The figures are printed for docs/ARCHITECTURE.md.
     #[test]
     fn policy_simulation_shuffled_epochs() {
-        for (cap, factor) in [(128u64, 2.0f64), (128, 1.5), (128, 4.0), (1024, 2.0)] {
+        // (entries the tier holds, their size, dataset over tier): 4 MiB blocks, and files of
+        // 128 KiB (the bench's small files: many more entries than the tier has whole blocks).
+        for (cap, weight, factor) in [
+            (128u64, BS, 2.0f64),
+            (128, BS, 1.5),
+            (128, BS, 4.0),
+            (1024, BS, 2.0),
+            (1000, BS / 32, 2.0),
+        ] {
             let dataset = (cap as f64 * factor) as u64;
-            let mut tier = Tier::new(cap);
+            let mut tier = Tier::of(cap, weight);
             let mut lru = Lru {
                 cap: cap as usize,
                 order: Vec::new(),
@@ -377,7 +396,8 @@ mod tests {
             let theirs = epochs(&mut |k| lru.read(k), dataset, 0, 5);
             let optimum = cap as f64 / dataset as f64;
             println!(
-                "tier {cap} blocks, dataset {factor}x: policy {ours:.2?}, LRU {theirs:.2?}, optimum {optimum:.2}"
+                "tier {cap} entries of {} KiB, dataset {factor}x: policy {ours:.2?}, LRU {theirs:.2?}, optimum {optimum:.2}",
+                weight >> 10
             );
             for (e, hit) in ours.iter().enumerate().skip(1) {
                 assert!(
@@ -438,7 +458,7 @@ mod tests {
 
     #[test]
     fn a_tier_with_room_admits_everything_and_a_block_too_large_never() {
-        let p = CachePolicy::new(4 * BS, 0, BS);
+        let p = CachePolicy::new(4 * BS, 0);
         for k in 0..4 {
             assert_eq!(p.admit(TierId::Memory, k, BS), Admit::Yes { evict: vec![] });
         }
@@ -451,7 +471,7 @@ mod tests {
 
     #[test]
     fn a_block_asked_for_often_displaces_the_least_recently_used() {
-        let p = CachePolicy::new(2 * BS, 0, BS);
+        let p = CachePolicy::new(2 * BS, 0);
         for k in [1, 2] {
             p.request(k);
             assert!(matches!(p.admit(TierId::Memory, k, BS), Admit::Yes { .. }));

@@ -261,7 +261,7 @@ impl BlockCache {
                 )));
             }
             if let Some(disk) = &inner.disk {
-                disk.offer(key.0, len, span.start, data.clone()).await;
+                disk.offer(key.0, len, span.start, data.clone(), None).await;
             }
             let from = (range.start - span.start) as usize;
             (
@@ -289,8 +289,14 @@ impl BlockCache {
             None => {
                 let block = fetch().await?;
                 if let Some(disk) = &inner.disk {
-                    disk.offer(key.0, block.data.len() as u64, 0, block.data.clone())
-                        .await;
+                    disk.offer(
+                        key.0,
+                        block.data.len() as u64,
+                        0,
+                        block.data.clone(),
+                        Some(block.crc32c),
+                    )
+                    .await;
                 }
                 (block, Tier::Backend)
             }
@@ -361,8 +367,14 @@ impl Inner {
         let block = fetch.await?;
         self.offer_memory(key, &block);
         if let Some(disk) = &self.disk {
-            disk.offer(key, block.data.len() as u64, 0, block.data.clone())
-                .await;
+            disk.offer(
+                key,
+                block.data.len() as u64,
+                0,
+                block.data.clone(),
+                Some(block.crc32c),
+            )
+            .await;
         }
         Ok((block, Tier::Backend))
     }

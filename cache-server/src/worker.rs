@@ -421,17 +421,7 @@ impl CacheApi for Worker {
         }
         let range = self.settings.cache.block_size.range(index, object.id.size);
         self.blocks
-            .prefetch(key, || {
-                let backend = backend.clone();
-                let id = object.id.clone();
-                let range = range.clone();
-                async move {
-                    let data = backend
-                        .get_range(&id.key, range, id.etag.as_deref(), id.version.as_deref())
-                        .await?;
-                    Ok(Block::new(data))
-                }
-            })
+            .prefetch(key, fetch_block(backend, object, range))
             .await
             .map(drop)
     }
@@ -497,17 +487,7 @@ impl Worker {
         let range = bs.range(index, object.id.size);
         let (block, tier) = self
             .blocks
-            .get_or_fetch(key, || {
-                let backend = backend.clone();
-                let id = object.id.clone();
-                let range = range.clone();
-                async move {
-                    let data = backend
-                        .get_range(&id.key, range, id.etag.as_deref(), id.version.as_deref())
-                        .await?;
-                    Ok(Block::new(data))
-                }
-            })
+            .get_or_fetch(key, fetch_block(backend, object, range))
             .await?;
         Ok(self.serve(block, tier))
     }
@@ -591,6 +571,25 @@ impl Worker {
             bytes_backend: b.1,
             bytes_peer: p.1,
         }
+    }
+}
+
+/// The block cache's fetch of `range` of `object` from its backend (called again if the
+/// cache must refetch).
+fn fetch_block(
+    backend: &Arc<Backend>,
+    object: &ObjectRef,
+    range: std::ops::Range<u64>,
+) -> impl Fn() -> futures::future::BoxFuture<'static, Result<Block, ApiError>> {
+    let (backend, id) = (backend.clone(), object.id.clone());
+    move || {
+        let (backend, id, range) = (backend.clone(), id.clone(), range.clone());
+        Box::pin(async move {
+            let data = backend
+                .get_range(&id.key, range, id.etag.as_deref(), id.version.as_deref())
+                .await?;
+            Ok(Block::new(data))
+        })
     }
 }
 

@@ -10,6 +10,22 @@ use support::process::{Mount, UpOptions, granary, run_with_timeout};
 
 const MIB: u64 = 1 << 20;
 
+/// `granary up` of the plain files under `source`, with `extra` flags.
+fn up(
+    source: &std::path::Path,
+    cache: &std::path::Path,
+    mnt: &std::path::Path,
+    extra: &[&str],
+) -> Mount {
+    Mount::up(UpOptions {
+        source: format!("file://{}", source.display()),
+        envs: vec![],
+        cache_dir: cache,
+        mount_dir: mnt,
+        extra: extra.iter().map(|s| s.to_string()).collect(),
+    })
+}
+
 /// A deterministic generator (xorshift64), so a failure can be replayed.
 struct Rng(u64);
 
@@ -32,22 +48,19 @@ fn random_reads_return_exact_bytes_and_fetch_only_what_covers_them() {
     let expected = content("random.bin", size);
     let cache = tempfile::tempdir().unwrap();
     let mnt = tempfile::tempdir().unwrap();
-    let mount = Mount::up(UpOptions {
-        source: format!("file://{}", source.path().display()),
-        envs: vec![],
-        cache_dir: cache.path(),
-        mount_dir: mnt.path(),
-        extra: [
+    let mount = up(
+        source.path(),
+        cache.path(),
+        mnt.path(),
+        &[
             "--block-size",
             "4MiB",
             "--memory-cache",
             "16MiB",
             "--disk-cache",
             "512MiB",
-        ]
-        .map(String::from)
-        .to_vec(),
-    });
+        ],
+    );
     // O_DIRECT: every read reaches the mount at its own offset and length, as a loader that
     // bypasses the page cache (or an mmap of a file larger than memory) makes them.
     let file = std::fs::OpenOptions::new()
@@ -156,22 +169,19 @@ fn a_hinted_epoch_finds_its_files_fetched_ahead() {
     let expected: Vec<Vec<u8>> = (0..96).map(|i| content(&format!("f{i:03}"), MIB)).collect();
     let cache = tempfile::tempdir().unwrap();
     let mnt = tempfile::tempdir().unwrap();
-    let mount = Mount::up(UpOptions {
-        source: format!("file://{}", source.path().display()),
-        envs: vec![],
-        cache_dir: cache.path(),
-        mount_dir: mnt.path(),
-        extra: [
+    let mount = up(
+        source.path(),
+        cache.path(),
+        mnt.path(),
+        &[
             "--block-size",
             "1MiB",
             "--memory-cache",
             "32MiB",
             "--disk-cache",
             "0",
-        ]
-        .map(String::from)
-        .to_vec(),
-    });
+        ],
+    );
     let hint = |list: &str| {
         let file = cache.path().join("order.txt");
         std::fs::write(&file, list).unwrap();
@@ -239,15 +249,12 @@ fn sixteen_readers_stay_within_the_memory_cache_and_its_budgets() {
     let cache = tempfile::tempdir().unwrap();
     let mnt = tempfile::tempdir().unwrap();
     let memory = 64 * MIB;
-    let mount = Mount::up(UpOptions {
-        source: format!("file://{}", source.path().display()),
-        envs: vec![],
-        cache_dir: cache.path(),
-        mount_dir: mnt.path(),
-        extra: ["--memory-cache", "64MiB", "--disk-cache", "512MiB"]
-            .map(String::from)
-            .to_vec(),
-    });
+    let mount = up(
+        source.path(),
+        cache.path(),
+        mnt.path(),
+        &["--memory-cache", "64MiB", "--disk-cache", "512MiB"],
+    );
     let server = support::process::server_of(mount.pid()).expect("the FUSE server");
     std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
     std::thread::scope(|s| {

@@ -86,6 +86,10 @@ struct Resident {
     seq: u64,
     /// key -> (use sequence, request tick of last use, weight)
     by_key: HashMap<u128, (u64, u64, u64)>,
+    /// Blocks admitted for a hint (`admit_anyway`), and whether they were read since: those
+    /// read are the first to go for the next hinted block, so that a hint's prefetch cycles
+    /// through about its budget and leaves the rest of the tier be.
+    hinted: HashMap<u128, bool>,
     /// use sequence -> key, oldest first
     by_use: BTreeMap<u64, u128>,
 }
@@ -107,6 +111,9 @@ impl Resident {
         let Some(entry) = self.by_key.get_mut(&key) else {
             return false;
         };
+        if let Some(read) = self.hinted.get_mut(&key) {
+            *read = true;
+        }
         self.by_use.remove(&entry.0);
         self.seq += 1;
         entry.0 = self.seq;
@@ -124,6 +131,7 @@ impl Resident {
     }
 
     fn remove(&mut self, key: u128) -> bool {
+        self.hinted.remove(&key);
         match self.by_key.remove(&key) {
             Some((seq, _, weight)) => {
                 self.by_use.remove(&seq);
@@ -222,7 +230,10 @@ impl CachePolicy {
     }
 
     /// `tier` must keep `key` (a block a reader said it will read soon): admitted whatever its
-    /// count, giving up least recently used blocks for it.
+    /// count, giving up blocks admitted the same way and read since first, then blocks not
+    /// hinted, then hinted blocks not read yet (least recently used first in each). A hint's prefetch then cycles through about its budget and the
+    /// part of the dataset the tier keeps stays: with a backend slower than the reader, fetching
+    /// that part again every epoch would cost more than it saves.
     pub(crate) fn admit_anyway(&self, tier: TierId, key: u128, weight: u64) -> Admit {
         let mut s = self.state.lock().expect("policy lock");
         let tick = s.tick;
@@ -234,15 +245,26 @@ impl CachePolicy {
         if weight > t.capacity {
             return Admit::No;
         }
+        // Hinted blocks read since first, then blocks not hinted, then hinted blocks not read
+        // yet; least recently used first in each.
         let mut evict = Vec::new();
-        while t.used + weight > t.capacity {
-            let Some((_, &victim)) = t.by_use.iter().next() else {
-                break;
-            };
-            t.remove(victim);
-            evict.push(victim);
+        let mut freed = 0;
+        for pass in [Some(true), None, Some(false)] {
+            for (_, &victim) in t.by_use.iter() {
+                if t.used - freed + weight <= t.capacity {
+                    break;
+                }
+                if t.hinted.get(&victim).copied() == pass && !evict.contains(&victim) {
+                    freed += t.by_key[&victim].2;
+                    evict.push(victim);
+                }
+            }
+        }
+        for v in &evict {
+            t.remove(*v);
         }
         t.insert(key, tick, weight);
+        t.hinted.insert(key, false);
         Admit::Yes { evict }
     }
 
@@ -454,6 +476,33 @@ mod tests {
         let (ours, theirs) = (ours as f64 / n as f64, theirs as f64 / n as f64);
         println!("hot set under a scan: policy {ours:.2}, LRU {theirs:.2}");
         assert!(ours >= 0.95, "hot set hit {ours:.2}");
+    }
+
+    #[test]
+    fn hinted_blocks_make_room_for_each_other_first() {
+        let p = CachePolicy::new(4 * BS, 0);
+        for k in [1, 2] {
+            assert!(matches!(p.admit(TierId::Memory, k, BS), Admit::Yes { .. }));
+        }
+        for k in [10, 11] {
+            assert_eq!(
+                p.admit_anyway(TierId::Memory, k, BS),
+                Admit::Yes { evict: vec![] }
+            );
+        }
+        // Full, nothing hinted read yet: the least recently used block not hinted goes.
+        assert_eq!(
+            p.admit_anyway(TierId::Memory, 12, BS),
+            Admit::Yes { evict: vec![1] }
+        );
+        // Block 11 was read: it goes before block 2 and the hinted blocks still ahead.
+        p.touch(TierId::Memory, 11);
+        assert_eq!(
+            p.admit_anyway(TierId::Memory, 13, BS),
+            Admit::Yes { evict: vec![11] }
+        );
+        assert!(p.holds(TierId::Memory, 2) && p.holds(TierId::Memory, 10));
+        assert!(p.holds(TierId::Memory, 12) && p.holds(TierId::Memory, 13));
     }
 
     #[test]

@@ -58,7 +58,7 @@ pub struct MountFlags {
           value_parser = clap::value_parser!(u64).range(64..))]
     pub max_handles: u64,
     /// Bytes of hinted files (`granary hint`) fetched ahead of the job at most; they go to the
-    /// worker's memory tier. 0: half the worker's memory cache.
+    /// worker's memory tier. 0: an eighth of the worker's memory cache.
     #[arg(long, value_name = "SIZE", default_value_t = ByteSize(FsConfig::default().hint_budget))]
     pub hint_budget: ByteSize,
 }

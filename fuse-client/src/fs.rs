@@ -82,8 +82,8 @@ pub struct FsConfig {
     pub max_inodes: usize,
     /// Open file and directory handles at most; an open beyond fails with ENFILE.
     pub max_handles: usize,
-    /// Bytes of hinted files fetched ahead of the job at most (`granary hint`); 0 = half the
-    /// worker's memory tier.
+    /// Bytes of hinted files fetched ahead of the job at most (`granary hint`); 0 = an eighth of
+    /// the worker's memory tier.
     pub hint_budget: u64,
 }
 
@@ -192,7 +192,7 @@ impl<A: CacheApi> GranaryFs<A> {
         let info = api.info();
         let block_size = info.block_size;
         let hint_budget = match config.hint_budget {
-            0 => (info.memory_capacity / 2).max(block_size.get()),
+            0 => (info.memory_capacity / 8).max(block_size.get()),
             b => b,
         };
         let mounted_ns = std::time::SystemTime::now()

@@ -7,7 +7,10 @@
 //! the furthest one read in flight or fetched, as long as their bytes stay within the budget. A
 //! file opened before its prefetch got to it is simply read as usual. Without a hint nothing
 //! happens. The fetched blocks go to the worker's memory tier (`CacheApi::prefetch`), so the
-//! budget is kept within half of it by default.
+//! budget is an eighth of it by default: each byte of budget is a byte of the dataset the tier
+//! cannot keep between epochs (prefetched blocks take turns in about the budget, the rest of the
+//! tier keeps its part of the dataset), so a job whose backend is slower than its reader wants
+//! the budget small, just enough to cover the backend's latency.
 //!
 //! `granary hint` reaches the mount's FUSE server on an abstract unix socket named after the
 //! mount point ([`socket_name`]); the server answers only root and its own user (checked with

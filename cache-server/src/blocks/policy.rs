@@ -264,7 +264,10 @@ impl CachePolicy {
             t.remove(*v);
         }
         t.insert(key, tick, weight);
-        t.hinted.insert(key, false);
+        if !evict.is_empty() {
+            // A block that took another's place; one that found room is kept like any other.
+            t.hinted.insert(key, false);
+        }
         Admit::Yes { evict }
     }
 
@@ -490,19 +493,24 @@ mod tests {
                 Admit::Yes { evict: vec![] }
             );
         }
-        // Full, nothing hinted read yet: the least recently used block not hinted goes.
+        // Full, nothing hinted yet (10 and 11 found room: kept like any block): the least
+        // recently used block goes.
         assert_eq!(
             p.admit_anyway(TierId::Memory, 12, BS),
             Admit::Yes { evict: vec![1] }
         );
-        // Block 11 was read: it goes before block 2 and the hinted blocks still ahead.
-        p.touch(TierId::Memory, 11);
         assert_eq!(
             p.admit_anyway(TierId::Memory, 13, BS),
-            Admit::Yes { evict: vec![11] }
+            Admit::Yes { evict: vec![2] }
         );
-        assert!(p.holds(TierId::Memory, 2) && p.holds(TierId::Memory, 10));
-        assert!(p.holds(TierId::Memory, 12) && p.holds(TierId::Memory, 13));
+        // Block 12 was read: it goes before the kept blocks and block 13, still ahead.
+        p.touch(TierId::Memory, 12);
+        assert_eq!(
+            p.admit_anyway(TierId::Memory, 14, BS),
+            Admit::Yes { evict: vec![12] }
+        );
+        assert!(p.holds(TierId::Memory, 10) && p.holds(TierId::Memory, 11));
+        assert!(p.holds(TierId::Memory, 13) && p.holds(TierId::Memory, 14));
     }
 
     #[test]

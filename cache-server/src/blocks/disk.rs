@@ -268,6 +268,23 @@ impl DiskTier {
         &self.stripes[(key % self.stripes.len() as u128) as usize]
     }
 
+    /// Whether the tier holds (or is writing) all of `range` of block `key` (`None`: all of
+    /// it), as its index says: without touching the disk, so that a miss costs no trip to a
+    /// blocking thread.
+    pub(crate) fn has(&self, key: u128, range: Option<&Range<u64>>) -> bool {
+        if self.pending.lock().expect("pending").contains_key(&key) {
+            return true;
+        }
+        let index = self.index.lock().expect("index");
+        index.get(&key).is_some_and(|meta| {
+            let range = range.cloned().unwrap_or(0..meta.len);
+            range.end <= meta.len
+                && meta.chunks[meta.chunks_of(&range)]
+                    .iter()
+                    .all(Option::is_some)
+        })
+    }
+
     /// `range` of block `key` (`None` = all of it), if the tier holds all of it and its chunks
     /// pass their checksums. Blocking: call from a blocking thread.
     pub(crate) fn read(&self, key: u128, range: Option<Range<u64>>) -> Option<Read> {
@@ -569,6 +586,8 @@ mod tests {
                 "chunk 1 was never written"
             );
             assert!(t.read(2, None).is_none());
+            assert!(t.has(1, None) && t.has(2, Some(&(2 * CHUNK..4 * CHUNK))));
+            assert!(!t.has(2, Some(&(0..1))) && !t.has(2, None) && !t.has(3, None));
         };
         check(&t);
         drop(t);

@@ -238,7 +238,7 @@ impl BlockCache {
         let slice = |data: &Bytes| data.slice(range.start as usize..range.end as usize);
         let (data, tier) = if let Some(block) = inner.memory_hit(key.0) {
             (slice(&block.data), Tier::Memory)
-        } else if let Some(disk) = inner.disk.clone()
+        } else if let Some(disk) = inner.disk.clone().filter(|d| d.has(key.0, Some(&range)))
             && let Some(read) = {
                 let range = range.clone();
                 tokio::task::spawn_blocking(move || disk.read(key.0, Some(range)))
@@ -337,7 +337,7 @@ impl Inner {
 
     /// The whole block from the disk tier (its chunks checked), offered to the memory tier.
     async fn disk_hit(&self, key: u128) -> Option<Block> {
-        let disk = self.disk.clone()?;
+        let disk = self.disk.clone().filter(|d| d.has(key, None))?;
         let read = tokio::task::spawn_blocking(move || disk.read(key, None))
             .await
             .ok()

@@ -28,10 +28,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Notify, Semaphore};
 
 /// Most paths a hint may list.
-pub const MAX_PATHS: usize = 10_000_000;
+pub const MAX_PATHS: usize = 4_000_000;
 
 /// Most bytes a hint may take.
-pub const MAX_BYTES: u64 = 512 << 20;
+pub const MAX_BYTES: u64 = 256 << 20;
 
 /// How long a client may take to send its hint.
 const RECEIVE_TIMEOUT: Duration = Duration::from_secs(60);

@@ -33,9 +33,10 @@ pub fn run(args: HintArgs) -> anyhow::Result<()> {
     let accepted = granary_fuse_client::hint::send(&args.mount, relative.as_bytes())
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.mount.display()))?;
     println!(
-        "granary: {} will fetch {} files ahead in this order, at most {} bytes ahead of the reader",
+        "granary: {} will fetch {} file{} ahead in this order, at most {} bytes ahead of the reader",
         args.mount.display(),
         accepted.paths,
+        if accepted.paths == 1 { "" } else { "s" },
         accepted.budget
     );
     Ok(())

@@ -130,6 +130,24 @@ impl Resident {
         self.used += weight;
     }
 
+    /// The decision for `key` when it needs none: held already (touched), or larger than the
+    /// tier.
+    fn settled(&mut self, key: u128, tick: u64, weight: u64) -> Option<Admit> {
+        if self.by_key.contains_key(&key) {
+            self.touch(key, tick);
+            return Some(Admit::Yes { evict: Vec::new() });
+        }
+        (weight > self.capacity).then_some(Admit::No)
+    }
+
+    /// Gives up `evict` and holds `key` instead.
+    fn replace(&mut self, evict: &[u128], key: u128, tick: u64, weight: u64) {
+        for v in evict {
+            self.remove(*v);
+        }
+        self.insert(key, tick, weight);
+    }
+
     fn remove(&mut self, key: u128) -> bool {
         self.hinted.remove(&key);
         match self.by_key.remove(&key) {
@@ -199,12 +217,8 @@ impl CachePolicy {
         let freq = s.sketch.estimate(SketchKey(key));
         let State { sketch, tiers, .. } = &mut *s;
         let t = &mut tiers[tier as usize];
-        if t.by_key.contains_key(&key) {
-            t.touch(key, tick);
-            return Admit::Yes { evict: Vec::new() };
-        }
-        if weight > t.capacity {
-            return Admit::No;
+        if let Some(known) = t.settled(key, tick, weight) {
+            return known;
         }
         // Walk the LRU end while the block does not fit; any victim it may not displace stops
         // the walk, and nothing is evicted.
@@ -222,28 +236,22 @@ impl CachePolicy {
             evict.push(victim);
             freed += w;
         }
-        for v in &evict {
-            t.remove(*v);
-        }
-        t.insert(key, tick, weight);
+        t.replace(&evict, key, tick, weight);
         Admit::Yes { evict }
     }
 
     /// `tier` must keep `key` (a block a reader said it will read soon): admitted whatever its
     /// count, giving up blocks admitted the same way and read since first, then blocks not
-    /// hinted, then hinted blocks not read yet (least recently used first in each). A hint's prefetch then cycles through about its budget and the
-    /// part of the dataset the tier keeps stays: with a backend slower than the reader, fetching
-    /// that part again every epoch would cost more than it saves.
+    /// hinted, then hinted blocks not read yet (least recently used first in each). A hint's
+    /// prefetch then cycles through about its budget and the part of the dataset the tier keeps
+    /// stays: with a backend slower than the reader, fetching that part again every epoch would
+    /// cost more than it saves.
     pub(crate) fn admit_anyway(&self, tier: TierId, key: u128, weight: u64) -> Admit {
         let mut s = self.state.lock().expect("policy lock");
         let tick = s.tick;
         let t = &mut s.tiers[tier as usize];
-        if t.by_key.contains_key(&key) {
-            t.touch(key, tick);
-            return Admit::Yes { evict: Vec::new() };
-        }
-        if weight > t.capacity {
-            return Admit::No;
+        if let Some(known) = t.settled(key, tick, weight) {
+            return known;
         }
         // Hinted blocks read since first, then blocks not hinted, then hinted blocks not read
         // yet; least recently used first in each.
@@ -260,10 +268,7 @@ impl CachePolicy {
                 }
             }
         }
-        for v in &evict {
-            t.remove(*v);
-        }
-        t.insert(key, tick, weight);
+        t.replace(&evict, key, tick, weight);
         if !evict.is_empty() {
             // A block that took another's place; one that found room is kept like any other.
             t.hinted.insert(key, false);

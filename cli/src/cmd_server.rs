@@ -1,12 +1,16 @@
-//! `granary server`: a cache worker serving its namespace over gRPC.
+//! `granary server`: a cache worker serving its namespace over gRPC and QUIC and, with `[fuse]
+//! mount` (or `--mount`), the node's FUSE mount in its own process: a block this node holds is
+//! read without leaving the process, a pinned file opens by passthrough.
 
+use crate::mount_flags::fuse_section_config;
 use crate::runtime;
 use anyhow::Context;
 use clap::Args;
-use granary_cache_server::config::TlsSection;
+use granary_cache_server::config::{FuseSection, TlsSection};
 use granary_cache_server::worker::{Cluster, LocalReads};
 use granary_cache_server::{ConfigFile, Settings, Worker, grpc};
 use granary_core::ByteSize;
+use granary_fuse_client::{FsConfig, GranaryFs, Handoff};
 use granary_net::membership::{Etcd, MemberInfo, Membership};
 use granary_net::quic::{self, BlockClient};
 use granary_net::tls::TlsIdentity;
@@ -51,18 +55,65 @@ pub struct ServerArgs {
     /// `https://` (a hook with --tls-dir) is asked with this worker's certificate.
     #[arg(long, value_name = "https://HOST:PORT")]
     pub scheduler_url: Option<String>,
+    /// Serve the node's FUSE mount at DIR in this process (overrides `[fuse] mount`).
+    #[arg(long, value_name = "DIR")]
+    pub mount: Option<PathBuf>,
+    /// Serve the mount from this process alone, with no keeper (overrides `[fuse] keeper`):
+    /// when the worker dies, the mount dies with it.
+    #[arg(long)]
+    pub no_keeper: bool,
 }
 
-pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
+/// The file system name of a worker's node mount.
+const FSNAME: &str = "granary:node";
+
+/// What the keeper mounts for the worker's node mount; `None` without a mount, with `keeper =
+/// false` (or `io_uring`), and when the config does not load (the command itself then says why).
+pub fn kept(args: &ServerArgs) -> Option<crate::keeper::Kept> {
+    if args.check_config {
+        return None;
+    }
+    let file = config_file(args).ok()?;
+    let (dir, config) = node_mount(&file).ok()??;
+    let keeper = file.fuse.as_ref().and_then(|f| f.keeper).unwrap_or(true);
+    (keeper && !config.io_uring).then(|| crate::keeper::Kept {
+        dir,
+        fsname: FSNAME.into(),
+        config,
+    })
+}
+
+/// The directory a worker's node mount is at, if it has one.
+pub fn mount_dir(args: &ServerArgs) -> Option<PathBuf> {
+    config_file(args).ok()?.fuse?.mount
+}
+
+/// The node mount the config asks for: where, and the client's configuration.
+fn node_mount(file: &ConfigFile) -> anyhow::Result<Option<(PathBuf, FsConfig)>> {
+    let Some(section) = &file.fuse else {
+        return Ok(None);
+    };
+    let Some(dir) = &section.mount else {
+        return Ok(None);
+    };
+    let metadata_ttl = file.settings()?.metadata_ttl;
+    Ok(Some((
+        dir.clone(),
+        fuse_section_config(section, metadata_ttl)?,
+    )))
+}
+
+/// The config file with the command line's overrides.
+fn config_file(args: &ServerArgs) -> anyhow::Result<ConfigFile> {
     let mut file = ConfigFile::load(&args.config)?;
-    if let Some(v) = args.node_id {
-        file.node_id = Some(v);
+    if let Some(v) = &args.node_id {
+        file.node_id = Some(v.clone());
     }
-    if let Some(v) = args.listen {
-        file.listen = Some(v);
+    if let Some(v) = &args.listen {
+        file.listen = Some(v.clone());
     }
-    if let Some(v) = args.cache_dir {
-        file.cache.dir = Some(v);
+    if let Some(v) = &args.cache_dir {
+        file.cache.dir = Some(v.clone());
     }
     if let Some(v) = args.memory_cache {
         file.cache.memory = Some(v.to_string());
@@ -70,29 +121,56 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     if let Some(v) = args.disk_cache {
         file.cache.disk = Some(v.to_string());
     }
-    if let Some(v) = args.metrics_addr {
-        file.metrics_addr = Some(v);
+    if let Some(v) = &args.metrics_addr {
+        file.metrics_addr = Some(v.clone());
     }
     if !args.etcd.is_empty() {
         let mut cluster = file.cluster.take().unwrap_or_default();
-        cluster.etcd = args.etcd;
+        cluster.etcd = args.etcd.clone();
         cluster.members.clear();
         file.cluster = Some(cluster);
     }
-    if let Some(dir) = args.tls_dir {
+    if let Some(dir) = &args.tls_dir {
         file.tls = Some(TlsSection {
-            dir: Some(dir),
+            dir: Some(dir.clone()),
             ..TlsSection::default()
         });
     }
+    if args.mount.is_some() || args.no_keeper {
+        let fuse = file.fuse.get_or_insert_with(FuseSection::default);
+        if let Some(dir) = &args.mount {
+            fuse.mount = Some(dir.clone());
+        }
+        if args.no_keeper {
+            fuse.keeper = Some(false);
+        }
+    }
+    Ok(file)
+}
+
+pub async fn run(args: ServerArgs, handoff: Option<Handoff>) -> anyhow::Result<()> {
+    let file = config_file(&args)?;
     let settings = file.settings()?;
+    let node_mount = node_mount(&file)?;
     if args.check_config {
         println!(
-            "{}: ok ({} mounts)",
+            "{}: ok ({} mounts{})",
             args.config.display(),
-            settings.namespace.mounts().len()
+            settings.namespace.mounts().len(),
+            match &node_mount {
+                Some((dir, _)) => format!(", node mount at {}", dir.display()),
+                None => String::new(),
+            }
         );
         return Ok(());
+    }
+    // Fail on a bad mount point or /dev/fuse before touching any backend (a keeper checked
+    // them, and the mount is there now).
+    if let Some((dir, _)) = &node_mount
+        && handoff.is_none()
+    {
+        granary_fuse_client::check_mount_dir(dir)?;
+        granary_fuse_client::check_fuse_device()?;
     }
     if settings.tls.is_none() && !settings.listen.ip().is_loopback() {
         anyhow::bail!(
@@ -145,6 +223,20 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         let reads = Arc::new(LocalReads(worker.clone()));
         tokio::spawn(quic::serve(endpoint, reads, runtime::shutdown_signal()));
     }
+    // The node mount reads through this worker in process: its own blocks never cross QUIC.
+    let mounted = match node_mount {
+        Some((dir, config)) => {
+            let fs = Arc::new(GranaryFs::new(worker.clone(), config));
+            let mounted = match handoff {
+                Some(handoff) => granary_fuse_client::serve_handed(fs, &dir, handoff).await?,
+                None => granary_fuse_client::mount(fs, &dir, FSNAME)?,
+            };
+            runtime::watch_mount(&dir);
+            println!("granary: node mount at {}", dir.display());
+            Some(mounted)
+        }
+        None => None,
+    };
     println!(
         "granary: worker {} serving on {}",
         settings.node_id, settings.listen
@@ -156,6 +248,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         runtime::shutdown_signal(),
     )
     .await?;
+    if let Some(mounted) = mounted {
+        tokio::task::spawn_blocking(move || mounted.unmount())
+            .await?
+            .context("unmount failed")?;
+    }
     worker.close().await;
     Ok(())
 }

@@ -106,7 +106,10 @@ fn main() -> ExitCode {
             (None, Some(kept)) => return exit(keeper::run(kept)),
             (handoff, _) => runtime::block_on(cmd_up::run(args, handoff)),
         },
-        Command::Server(args) => runtime::block_on(cmd_server::run(args)),
+        Command::Server(args) => match (handoff, cmd_server::kept(&args)) {
+            (None, Some(kept)) => return exit(keeper::run(kept)),
+            (handoff, _) => runtime::block_on(cmd_server::run(args, handoff)),
+        },
         Command::Mount(args) if args.upgrade => {
             return exit(keeper::upgrade(&args.dir, mount_dir_of));
         }
@@ -130,10 +133,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// The directory a `granary up` or `granary mount` command line mounts (not an upgrade's).
+/// The directory a `granary up`, `granary mount` or `granary server` command line mounts (not
+/// an upgrade's).
 fn mount_dir_of(argv: &[std::ffi::OsString]) -> Option<std::path::PathBuf> {
     match Cli::try_parse_from(argv).ok()?.command {
         Command::Up(args) => Some(args.mount),
+        Command::Server(args) => cmd_server::mount_dir(&args),
         Command::Mount(args) if !args.upgrade => Some(args.dir),
         _ => None,
     }

@@ -122,3 +122,54 @@ fn current_gid() -> u32 {
         .map(|m| std::os::unix::fs::MetadataExt::gid(&m))
         .unwrap_or(0)
 }
+
+/// The client's configuration from a worker's `[fuse]` section: each key left out takes the
+/// default of the flag of the same name; `attr_ttl` defaults to the worker's metadata TTL.
+pub fn fuse_section_config(
+    section: &granary_cache_server::config::FuseSection,
+    metadata_ttl: Duration,
+) -> anyhow::Result<FsConfig> {
+    let d = FsConfig::default();
+    let size = |key: &str, value: &Option<String>, default: u64| -> anyhow::Result<u64> {
+        match value {
+            Some(v) => Ok(v
+                .parse::<ByteSize>()
+                .map_err(|e| anyhow::anyhow!("[fuse] {key} = {v:?}: {e}"))?
+                .bytes()),
+            None => Ok(default),
+        }
+    };
+    let duration = |key: &str, value: &Option<String>, default: Duration| match value {
+        Some(v) => parse_duration(v).with_context(|| format!("[fuse] {key} = {v:?}")),
+        None => Ok(default),
+    };
+    let max_inodes = section.max_inodes.unwrap_or(d.max_inodes);
+    if max_inodes < 1024 {
+        anyhow::bail!("[fuse] max_inodes = {max_inodes}: give at least 1024");
+    }
+    let max_handles = section.max_handles.unwrap_or(d.max_handles);
+    if max_handles < 64 {
+        anyhow::bail!("[fuse] max_handles = {max_handles}: give at least 64");
+    }
+    Ok(FsConfig {
+        attr_ttl: duration("attr_ttl", &section.attr_ttl, metadata_ttl)?,
+        pinned_ttl: duration("pinned_ttl", &section.pinned_ttl, d.pinned_ttl)?,
+        readahead_per_file: size("readahead", &section.readahead, d.readahead_per_file)?,
+        readahead_total: size(
+            "readahead_total",
+            &section.readahead_total,
+            d.readahead_total,
+        )?,
+        passthrough: section.passthrough.unwrap_or(d.passthrough),
+        io_uring: section.io_uring.unwrap_or(d.io_uring),
+        allow_other: section.allow_other.unwrap_or(d.allow_other),
+        auto_unmount: section.auto_unmount.unwrap_or(d.auto_unmount),
+        job: section.job.clone().unwrap_or_default(),
+        max_inodes,
+        max_handles,
+        hint_budget: size("hint_budget", &section.hint_budget, d.hint_budget)?,
+        uid: current_uid(),
+        gid: current_gid(),
+        ..d
+    })
+}

@@ -19,8 +19,9 @@
 //!
 //! [backend]
 //! request_timeout = "20s"
-//! max_concurrency = 64
-//! max_requests_per_second = 500
+//! max_concurrency = 64            # this worker's
+//! cluster_max_concurrency = 256   # the cluster's, shared among the live members
+//! max_requests_per_second = 500   # the cluster's, shared among the live members
 //!
 //! [[mount]]
 //! path = "/imagenet"
@@ -60,6 +61,34 @@ pub struct ConfigFile {
     pub datasets: DatasetsSection,
     #[serde(default, rename = "tenant")]
     pub tenants: Vec<TenantSection>,
+    /// The node's FUSE mount, served by the worker in its own process.
+    pub fuse: Option<FuseSection>,
+}
+
+/// The node's FUSE mount, served in the worker's process: blocks this node holds are read
+/// without leaving it. Keys and defaults as the flags of `granary mount` (docs/CONFIGURATION.md);
+/// checked by the CLI, which builds the mount.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FuseSection {
+    /// Where to mount (an existing, empty directory); no mount without it.
+    pub mount: Option<PathBuf>,
+    pub readahead: Option<String>,
+    pub readahead_total: Option<String>,
+    /// [default: the worker's `metadata_ttl`]
+    pub attr_ttl: Option<String>,
+    pub pinned_ttl: Option<String>,
+    /// Open pinned files with kernel FUSE passthrough [default: true].
+    pub passthrough: Option<bool>,
+    pub io_uring: Option<bool>,
+    pub job: Option<String>,
+    pub allow_other: Option<bool>,
+    pub auto_unmount: Option<bool>,
+    /// Hold the mount in a keeper process that outlives the worker [default: true].
+    pub keeper: Option<bool>,
+    pub max_inodes: Option<usize>,
+    pub max_handles: Option<usize>,
+    pub hint_budget: Option<String>,
 }
 
 /// The dataset store (pinned datasets, kept whole on local disk apart from the block cache) and
@@ -169,6 +198,7 @@ pub struct BackendSection {
     pub connect_timeout: Option<String>,
     pub max_retries: Option<usize>,
     pub max_concurrency: Option<usize>,
+    pub cluster_max_concurrency: Option<usize>,
     pub max_requests_per_second: Option<f64>,
 }
 
@@ -266,8 +296,13 @@ pub struct BackendSettings {
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
     pub max_retries: usize,
+    /// Requests in flight to each backend from this worker.
     pub max_concurrency: usize,
-    /// Requests per second to each backend (bursts of one second's worth); `None` = unlimited.
+    /// Requests in flight to each backend from the whole cluster: each of N members takes 1/N
+    /// (at least 1, at most `max_concurrency`); `None` = only `max_concurrency`.
+    pub cluster_max_concurrency: Option<usize>,
+    /// Requests per second to each backend (bursts of one second's worth) from the whole
+    /// cluster: each of N members takes 1/N; `None` = unlimited.
     pub max_requests_per_second: Option<f64>,
 }
 
@@ -278,6 +313,7 @@ impl Default for BackendSettings {
             connect_timeout: Duration::from_secs(3),
             max_retries: 3,
             max_concurrency: 64,
+            cluster_max_concurrency: None,
             max_requests_per_second: None,
         }
     }
@@ -412,6 +448,14 @@ impl ConfigFile {
                 ));
             }
             backend.max_requests_per_second = Some(rate);
+        }
+        if let Some(n) = self.backend.cluster_max_concurrency {
+            if n == 0 {
+                return Err(ConfigError::Invalid(
+                    "backend.cluster_max_concurrency must be at least 1".into(),
+                ));
+            }
+            backend.cluster_max_concurrency = Some(n);
         }
         if self.mounts.is_empty() {
             return Err(ConfigError::Invalid(

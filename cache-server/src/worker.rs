@@ -17,7 +17,7 @@ use crate::registry::Registry;
 use bytes::Bytes;
 use granary_core::placement::ask_order;
 use granary_core::{BlockKey, BlockSize, ObjectId, Resolved};
-use granary_net::membership::Membership;
+use granary_net::membership::{MemberInfo, Membership};
 use granary_net::quic::BlockClient;
 use granary_proto::{
     ApiError, Block, CacheApi, Entry, EntryKind, Info, NodeStats, ObjectRef, Origin,
@@ -135,6 +135,9 @@ impl Worker {
         );
         if let Err(e) = datasets.refresh().await {
             tracing::warn!(error = %e, "cannot read the pins yet; the dataset loop keeps trying");
+        }
+        if let Some(cluster) = &cluster {
+            share_backend_limits(cluster.membership.clone(), backends.clone());
         }
         let blocks = BlockCache::open(&settings.cache).await?;
         let started_ns = SystemTime::now()
@@ -334,32 +337,16 @@ impl CacheApi for Worker {
             let view = cluster.membership.view();
             let owners = ask_order(key, &view.members, cluster.replicas, None).owners;
             if !owners.is_empty() && !owners.iter().any(|m| m.node_id == self.settings.node_id) {
-                if let Some((block, tier)) = self.blocks.get_cached(key).await {
-                    return Ok(self.serve(block, tier));
-                }
-                for owner in owners {
-                    let peer = cluster.peers.read_block(
-                        owner.data_addr,
-                        &owner.node_id,
-                        object,
-                        index,
-                        cluster.peer_timeout,
-                    );
-                    match peer.await {
-                        Ok(block) => {
-                            let block = self.serve(block, Tier::Peer);
-                            metrics::counter!(granary_core::metrics::BLOCK_READS, "tier" => "peer")
-                                .increment(1);
-                            metrics::counter!(granary_core::metrics::BLOCK_READ_BYTES, "tier" => "peer").increment(block.data.len() as u64);
-                            return Ok(block);
-                        }
-                        Err(e) if e.worth_retrying_elsewhere() => {
-                            tracing::warn!(owner = %owner.node_id, error = %e, "owner did not serve the block; trying the next");
-                        }
-                        Err(definitive) => return Err(definitive),
+                let owners = owners.into_iter().cloned().collect();
+                let fetch = fetch_from_owners(cluster, owners, object, index);
+                match self.blocks.get_or_fetch_remote(key, fetch).await {
+                    Ok((block, tier)) => return Ok(self.serve(block, tier)),
+                    Err(e) if e.worth_retrying_elsewhere() => {
+                        // No owner answered: read it ourselves rather than fail the reader.
+                        tracing::warn!(error = %e, "no owner served the block; reading it here");
                     }
+                    Err(definitive) => return Err(definitive),
                 }
-                // No owner answered: read it ourselves rather than fail the reader.
             }
         }
         self.read_local(backend, object, key, index).await
@@ -593,6 +580,52 @@ fn fetch_block(
     }
 }
 
+/// Keeps each backend's share of the cluster-wide limits: 1/N for N live members, redivided
+/// whenever the membership changes (every member sees the same view, so the shares add up).
+fn share_backend_limits(mut membership: Membership, backends: Vec<Arc<Backend>>) {
+    tokio::spawn(async move {
+        loop {
+            let members = membership.view().members.len();
+            for backend in &backends {
+                backend.set_members(members);
+            }
+            tracing::debug!(members, "backend limits shared");
+            if !membership.changed().await {
+                return;
+            }
+        }
+    });
+}
+
+/// The fetch of block `index` of `object` from its `owners` in turn (the next when one does not
+/// answer), for [`BlockCache::get_or_fetch_remote`].
+fn fetch_from_owners(
+    cluster: &Cluster,
+    owners: Vec<MemberInfo>,
+    object: &ObjectRef,
+    index: u64,
+) -> impl Fn() -> futures::future::BoxFuture<'static, Result<Block, ApiError>> {
+    let (peers, timeout, object) = (cluster.peers.clone(), cluster.peer_timeout, object.clone());
+    move || {
+        let (peers, owners, object) = (peers.clone(), owners.clone(), object.clone());
+        Box::pin(async move {
+            let mut last = ApiError::Unavailable("the block has no owner".into());
+            for owner in &owners {
+                let read =
+                    peers.read_block(owner.data_addr, &owner.node_id, &object, index, timeout);
+                match read.await {
+                    Err(e) if e.worth_retrying_elsewhere() => {
+                        tracing::warn!(owner = %owner.node_id, error = %e, "owner did not serve the block; trying the next");
+                        last = e;
+                    }
+                    result => return result,
+                }
+            }
+            Err(last)
+        })
+    }
+}
+
 /// A worker as its peers see it: block reads are served locally, never forwarded.
 pub struct LocalReads(pub Arc<Worker>);
 
@@ -614,16 +647,24 @@ impl CacheApi for LocalReads {
     }
 
     async fn read_block(&self, object: &ObjectRef, index: u64) -> Result<Block, ApiError> {
-        self.0.read_block_local(object, index).await
+        served_to_peer("block", self.0.read_block_local(object, index).await)
     }
 
     async fn read_held_block(&self, object: &ObjectRef, index: u64) -> Result<Block, ApiError> {
-        self.0.read_held_block(object, index).await
+        served_to_peer("held", self.0.read_held_block(object, index).await)
     }
 
     async fn pins_epoch(&self) -> Result<Option<u64>, ApiError> {
         self.0.pins_epoch().await
     }
+}
+
+/// Counts a block read answered over the data plane.
+fn served_to_peer(kind: &'static str, result: Result<Block, ApiError>) -> Result<Block, ApiError> {
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    metrics::counter!(granary_core::metrics::PEER_BLOCKS_SERVED, "kind" => kind, "result" => outcome)
+        .increment(1);
+    result
 }
 
 impl Source for Worker {

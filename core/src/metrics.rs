@@ -12,6 +12,9 @@ pub const BACKEND_REQUESTS: &str = "granary_backend_requests_total";
 pub const BACKEND_REQUEST_SECONDS: &str = "granary_backend_request_seconds";
 /// Bytes received from backends. Counter, bytes.
 pub const BACKEND_BYTES: &str = "granary_backend_bytes_total";
+/// A backend's request limit as this worker applies it (its share of a cluster-wide limit), by
+/// `backend` and `limit` (`concurrency`, `requests_per_second`). Gauge.
+pub const BACKEND_LIMIT: &str = "granary_backend_limit";
 /// Keys left out of listings because they cannot be a path (an empty, `.` or `..` segment, a
 /// control character, a POSIX name that is not UTF-8), by `reason`. Counter, keys.
 pub const BACKEND_KEYS_SKIPPED: &str = "granary_backend_keys_skipped_total";
@@ -94,6 +97,9 @@ pub const CACHE_EVICTIONS: &str = "granary_cache_evictions_total";
 pub const CACHE_WRITE_QUEUE_BYTES: &str = "granary_cache_write_queue_bytes";
 /// gRPC requests served by the worker, by `method` and `code`. Counter.
 pub const RPC_REQUESTS: &str = "granary_rpc_requests_total";
+/// Block reads this worker answered for other processes over the QUIC data plane, by `kind`
+/// (`block`: fetched if need be, `held`: only if held) and `result` (`ok`, `error`). Counter.
+pub const PEER_BLOCKS_SERVED: &str = "granary_peer_blocks_served_total";
 
 /// Bytes of pinned datasets written to this node's dataset store by loads. Counter, bytes.
 pub const DATASET_LOADED_BYTES: &str = "granary_dataset_loaded_bytes_total";
@@ -122,6 +128,7 @@ pub const ALL: &[&str] = &[
     BACKEND_REQUEST_SECONDS,
     BACKEND_BYTES,
     BACKEND_KEYS_SKIPPED,
+    BACKEND_LIMIT,
     ETCD_RECORDS_REFUSED,
     CSR_DECISIONS,
     RPC_REFUSED,
@@ -153,6 +160,7 @@ pub const ALL: &[&str] = &[
     CACHE_EVICTIONS,
     CACHE_WRITE_QUEUE_BYTES,
     RPC_REQUESTS,
+    PEER_BLOCKS_SERVED,
     DATASET_LOADED_BYTES,
     DATASET_READY_BYTES,
     DATASET_WANTED_BYTES,

@@ -27,6 +27,13 @@ impl TokenBucket {
         }
     }
 
+    /// Changes the rate and burst from now on; tokens beyond the new burst are dropped.
+    pub fn set_rate(&mut self, rate: f64, burst: f64) {
+        self.rate = rate.max(f64::MIN_POSITIVE);
+        self.burst = burst.max(1.0);
+        self.tokens = self.tokens.min(self.burst);
+    }
+
     /// Takes one token at `now`, or says how long to wait before asking again.
     pub fn try_take(&mut self, now: Instant) -> Result<(), Duration> {
         if let Some(last) = self.last {

@@ -8,6 +8,7 @@
 //! read asks for exactly the key listed.
 
 pub(crate) mod beneath;
+mod limits;
 mod posix;
 mod s3;
 mod s3_list;
@@ -18,11 +19,9 @@ use futures::future::BoxFuture;
 use granary_core::SourceUri;
 use granary_core::keys;
 use granary_core::metrics as m;
-use granary_core::rate::TokenBucket;
 use granary_proto::ApiError;
 use std::ops::Range;
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
 
 /// Why a backend could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -145,8 +144,7 @@ pub struct Backend {
     /// The source URI, also the backend part of object identities.
     id: String,
     source: Box<dyn ObjectSource>,
-    limit: Semaphore,
-    rate: Option<std::sync::Mutex<TokenBucket>>,
+    limits: limits::Limits,
 }
 
 impl std::fmt::Debug for Backend {
@@ -184,28 +182,19 @@ impl Backend {
         Ok(Backend {
             id: source.to_string(),
             source: implementation,
-            limit: Semaphore::new(settings.max_concurrency),
-            rate: settings
-                .max_requests_per_second
-                .map(|r| std::sync::Mutex::new(TokenBucket::new(r, r))),
+            limits: limits::Limits::new(&source.to_string(), settings),
         })
     }
 
-    /// Waits for a request slot: one of `max_concurrency`, and a token when rate-limited.
+    /// Takes this worker's share of the cluster-wide limits, `members` live workers sharing
+    /// them (see `limits.rs`).
+    pub fn set_members(&self, members: usize) {
+        self.limits.set_members(members);
+    }
+
+    /// Waits for a request slot, and a token when rate-limited.
     async fn admit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
-        if let Some(rate) = &self.rate {
-            loop {
-                let wait = match rate.lock().expect("rate lock").try_take(Instant::now()) {
-                    Ok(()) => break,
-                    Err(wait) => wait,
-                };
-                tokio::time::sleep(wait).await;
-            }
-        }
-        self.limit
-            .acquire()
-            .await
-            .map_err(|_| ApiError::Unavailable("backend closed".into()))
+        self.limits.admit().await
     }
 
     /// Refuses a key that cannot be a path before anything is asked for it.

@@ -160,11 +160,43 @@ impl BlockCache {
     }
 
     /// The block at `key`, from memory, disk, or `fetch` (one fetch for concurrent misses).
-    /// `fetch` makes the backend read.
+    /// `fetch` makes the backend read; the block is offered to both tiers.
     pub async fn get_or_fetch<F, Fut>(
         &self,
         key: BlockKey,
         fetch: F,
+    ) -> Result<(Block, Tier), ApiError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<Block, ApiError>> + Send + 'static,
+    {
+        self.get_or_fetch_from(key, fetch, Tier::Backend).await
+    }
+
+    /// A block another worker owns: from this node's tiers, else `fetch` from its owner, one
+    /// fetch for this node's concurrent readers (so an owner sends a block to a node once
+    /// however many of its readers want it). The block is offered to the memory tier only,
+    /// through the same frequency test as any block: blocks of other owners take at most the
+    /// memory tier, and only as long as they are read more than what they would replace; the
+    /// owner's disk tier keeps the lasting copy.
+    pub async fn get_or_fetch_remote<F, Fut>(
+        &self,
+        key: BlockKey,
+        fetch: F,
+    ) -> Result<(Block, Tier), ApiError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<Block, ApiError>> + Send + 'static,
+    {
+        self.get_or_fetch_from(key, fetch, Tier::Peer).await
+    }
+
+    /// `source` is [`Tier::Backend`] or [`Tier::Peer`]: what `fetch` reads.
+    async fn get_or_fetch_from<F, Fut>(
+        &self,
+        key: BlockKey,
+        fetch: F,
+        source: Tier,
     ) -> Result<(Block, Tier), ApiError>
     where
         F: Fn() -> Fut,
@@ -183,7 +215,7 @@ impl BlockCache {
                             let fut = fetch();
                             let inner2 = inner.clone();
                             let f = async move {
-                                let r = inner2.clone().miss(key.0, fut).await;
+                                let r = inner2.clone().miss(key.0, fut, source).await;
                                 inner2.flights.lock().expect("flights").remove(&key.0);
                                 r
                             }
@@ -355,17 +387,22 @@ impl Inner {
         Some(block)
     }
 
-    /// A miss of the memory tier: the disk tier, else the backend (then offered to both).
+    /// A miss of the memory tier: the disk tier, else `fetch` from `source` (a backend's
+    /// block is then offered to both tiers, an owner's to memory only).
     async fn miss(
         self: Arc<Self>,
         key: u128,
         fetch: impl Future<Output = Result<Block, ApiError>>,
+        source: Tier,
     ) -> Result<(Block, Tier), ApiError> {
         if let Some(block) = self.disk_hit(key).await {
             return Ok((block, Tier::Disk));
         }
         let block = fetch.await?;
         self.offer_memory(key, &block);
+        if source == Tier::Peer {
+            return Ok((block, Tier::Peer));
+        }
         if let Some(disk) = &self.disk {
             disk.offer(
                 key,

@@ -8,6 +8,7 @@ pub mod data;
 pub mod keys;
 pub mod own;
 pub mod process;
+pub mod s3_count;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

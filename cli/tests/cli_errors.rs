@@ -220,6 +220,26 @@ fn bad_configs() {
         None,
         "no [[mount]] sections",
     );
+    let bad_fuse = write(
+        "fuse.toml",
+        "[fuse]\nmount = \"/mnt/x\"\nreadahead = \"lots\"\n[[mount]]\npath = \"/a\"\nsource = \"/tmp\"\n",
+    );
+    fails(
+        &["server", "--config", &bad_fuse, "--check-config"],
+        &[],
+        None,
+        "[fuse] readahead = \"lots\"",
+    );
+    let zero = write(
+        "zero.toml",
+        "[backend]\ncluster_max_concurrency = 0\n[[mount]]\npath = \"/a\"\nsource = \"/tmp\"\n",
+    );
+    fails(
+        &["server", "--config", &zero, "--check-config"],
+        &[],
+        None,
+        "cluster_max_concurrency must be at least 1",
+    );
     let ok = write("ok.toml", "[[mount]]\npath = \"/a\"\nsource = \"/tmp\"\n");
     let out = run_with_timeout(
         granary(&["server", "--config", &ok, "--check-config"], &[]),

@@ -206,21 +206,7 @@ impl ProcStats {
 
     /// The process `pid` alone.
     pub fn read_one(pid: u32) -> anyhow::Result<ProcStats> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        // Fields after the command name, which is in parentheses and may contain anything:
-        // [0] is field 3 (state), so utime (field 14) is [11] and stime (field 15) is [12].
-        let rest = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest)
-            .context("odd /proc/PID/stat")?;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| -> anyhow::Result<f64> {
-            Ok(fields
-                .get(i)
-                .context("short /proc/PID/stat")?
-                .parse::<u64>()? as f64)
-        };
-        let cpu_seconds = (ticks(11)? + ticks(12)?) / USER_HZ;
+        let cpu_seconds = stat_cpu_seconds(&format!("/proc/{pid}/stat"))?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         let peak_kib = status
             .lines()
@@ -232,6 +218,30 @@ impl ProcStats {
             peak_rss_bytes: peak_kib * 1024,
         })
     }
+}
+
+/// The CPU time (user plus system) of one thread of this process so far.
+pub fn thread_cpu_seconds(tid: u32) -> anyhow::Result<f64> {
+    stat_cpu_seconds(&format!("/proc/self/task/{tid}/stat"))
+}
+
+/// User plus system CPU time in a `/proc/.../stat` file.
+fn stat_cpu_seconds(path: &str) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(path)?;
+    // Fields after the command name, which is in parentheses and may contain anything:
+    // [0] is field 3 (state), so utime (field 14) is [11] and stime (field 15) is [12].
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .with_context(|| format!("odd {path}"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields
+            .get(i)
+            .with_context(|| format!("short {path}"))?
+            .parse::<u64>()? as f64)
+    };
+    Ok((ticks(11)? + ticks(12)?) / USER_HZ)
 }
 
 /// The children of every thread of `pid`.
@@ -406,19 +416,25 @@ pub fn free_local_addr() -> anyhow::Result<SocketAddr> {
 /// `n` distinct ports on 127.0.0.1 that were free a moment ago for both TCP and UDP (a Granary
 /// worker serves gRPC over TCP and QUIC over UDP on the same port number).
 pub fn free_local_addrs(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
+    free_addrs(std::net::Ipv4Addr::LOCALHOST, n)
+}
+
+/// `n` distinct ports on `ip` (an address of this machine) that were free a moment ago for both
+/// TCP and UDP.
+pub fn free_addrs(ip: std::net::Ipv4Addr, n: usize) -> anyhow::Result<Vec<SocketAddr>> {
     let mut held = Vec::with_capacity(n);
     for _ in 0..n * 20 {
         if held.len() == n {
             break;
         }
-        let tcp = TcpListener::bind("127.0.0.1:0")?;
+        let tcp = TcpListener::bind((ip, 0))?;
         let addr = tcp.local_addr()?;
         if let Ok(udp) = UdpSocket::bind(addr) {
             held.push((tcp, udp, addr));
         }
     }
     if held.len() < n {
-        bail!("cannot find {n} free ports on 127.0.0.1 for both TCP and UDP");
+        bail!("cannot find {n} free ports on {ip} for both TCP and UDP");
     }
     Ok(held.into_iter().map(|(_, _, addr)| addr).collect())
 }

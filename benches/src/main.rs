@@ -80,6 +80,14 @@ struct Args {
     /// file at the same time; aggregate MB/s cold and hot, backend GETs per block.
     #[arg(long, conflicts_with = "systems")]
     cluster: bool,
+    /// With --cluster: 1 to 4 workers as emulated hosts instead (network namespaces joined by
+    /// links shaped to --link-mbit each way), each serving its own FUSE mount (`granary server
+    /// --mount --no-keeper`) read by one reader; the S3 server and etcd in the root namespace.
+    #[arg(long, requires = "cluster")]
+    hosts: bool,
+    /// With --cluster --hosts: each host's link, Mbit/s each way (`tc qdisc ... tbf`).
+    #[arg(long, value_name = "MBIT", default_value_t = 1000, requires = "hosts")]
+    link_mbit: u32,
     /// Instead of the workloads, the pinned-dataset benchmark: pin and load a dataset (the large
     /// file and the small files) onto one `granary up` node, timed against raw parallel GETs, then
     /// read it through the mount (kernel FUSE passthrough) and natively, cold and hot (and the
@@ -117,7 +125,7 @@ struct Args {
     kill_every: f64,
     /// Granary's memory cache [default: 512MiB; with --cluster, per worker, 1.5 times one
     /// reader's file (1536MiB with --quick), so that a worker's share of the files stays in
-    /// memory].
+    /// memory; with --cluster --hosts, twice one reader's file (1024MiB with --quick)].
     #[arg(long, value_parser = parse_size)]
     memory_cache: Option<u64>,
     /// Granary's disk cache (per worker with --cluster).
@@ -135,6 +143,11 @@ impl Args {
         } else {
             s3::Flavor::Ceph
         })
+    }
+
+    /// `--hosts`' link rate, if given.
+    fn cluster_hosts(&self) -> cluster::Hosts {
+        self.hosts.then_some(self.link_mbit)
     }
 
     fn profile(&self) -> Profile {
@@ -221,7 +234,9 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     let root = workspace_root();
     let results_dir = target_dir().join("bench-results");
     // Each mode its own log directory: one run does not wipe the other's logs.
-    let log_dir = results_dir.join(if args.cluster {
+    let log_dir = results_dir.join(if args.hosts {
+        "logs-cluster-hosts"
+    } else if args.cluster {
         "logs-cluster"
     } else if args.pinned {
         "logs-pinned"
@@ -282,7 +297,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         flavor.script()
     ));
     let data_bytes = if args.cluster {
-        cluster::data_bytes(&profile)
+        cluster::data_bytes(&profile, args.cluster_hosts())
     } else if args.training {
         training::data_bytes(profile.name)
     } else {
@@ -306,6 +321,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
             git: git_describe(&root),
             memory_cache: args.memory_cache,
             disk_cache: args.disk_cache,
+            hosts: args.cluster_hosts(),
             progress,
         });
     }

@@ -1,22 +1,38 @@
-//! One Granary cluster on 127.0.0.1: its own etcd (own data directory and ports), N `granary
-//! server` workers over the bucket (each with its own cache directory, ports and log) and N
-//! `granary mount --etcd` clients. Everything is stopped when the [`Instance`] is dropped, clients
-//! first (their mounts undone), then workers, then etcd, then its directory is removed; on an error
-//! or Ctrl-C the cleanup guards do the same.
+//! One Granary cluster: its own etcd (own data directory and ports), N `granary server` workers
+//! over the bucket (each with its own cache directory, ports and log) and, as [`Layout`] says,
+//! either N `granary mount --etcd` clients, everything on 127.0.0.1, or no clients but each
+//! worker in its own emulated host ([`super::netns`]) serving a FUSE mount itself (`--mount`,
+//! `--no-keeper`). Everything is stopped when the [`Instance`] is dropped, clients first (their
+//! mounts undone), then workers (theirs undone), then etcd, then its directory is removed; on an
+//! error or Ctrl-C the cleanup guards do the same.
 
+use super::netns::{Host, LinkBytes, Network};
 use crate::cleanup::{self, Guard};
 use crate::host::{self, Daemon, MachineCpu, ProcStats};
 use crate::s3::S3Conn;
 use crate::systems::scrape;
 use anyhow::{Context, bail};
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// How long etcd, a worker, the membership or a mount get to come up.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// A worker's gRPC and QUIC port, and its metrics port, in an emulated host (each has its own).
+const HOST_WORKER_PORT: u16 = 7070;
+const HOST_METRICS_PORT: u16 = 9100;
+
+/// Where a cluster's processes run.
+#[derive(Clone, Copy)]
+pub enum Layout<'a> {
+    /// Everything on 127.0.0.1: the workers and one `granary mount --etcd` client per worker.
+    Loopback,
+    /// Worker i in emulated host i, serving a FUSE mount in its own process; no clients. etcd
+    /// listens on the bridge.
+    Hosts(&'a Network),
+}
 
 /// The counters read from every worker and client around each pass.
 const COUNTERS: &[&str] = &[
@@ -36,22 +52,55 @@ pub struct Spec {
     pub etcd: PathBuf,
     /// The workers' shared config file (the mount of the bucket, the block size).
     pub config: PathBuf,
-    /// What `granary certs` wrote: `ca.pem`, `wI.pem`/`wI.key` for each worker, `client.*`.
+    /// What `granary certs` wrote: `ca.pem`, `wI.pem`/`wI.key` for each worker, `client.*`, and
+    /// etcd's.
     pub tls: PathBuf,
+    /// The name of etcd's certificate in `tls` (valid for the address it listens on).
+    pub etcd_cert: String,
+    /// How the workers reach the S3 server.
     pub s3: S3Conn,
     /// The S3 server's processes, whose CPU time is read around each pass.
     pub s3_pids: Vec<u32>,
+    /// A thread of this process that forwards to the S3 server: its CPU time is the S3 server's,
+    /// not the readers'.
+    pub s3_forwarder_tid: Option<u32>,
     /// Per worker.
     pub memory_cache: u64,
     /// Per worker.
     pub disk_cache: u64,
 }
 
-/// A granary process with a metrics endpoint.
+/// A granary process with a metrics endpoint (fields drop in order: the daemon stops, then
+/// whatever it left mounted is unmounted).
 pub struct Node {
     pub name: String,
     daemon: Daemon,
     metrics: SocketAddr,
+    /// The FUSE mount a worker serves itself.
+    mount: Option<MountPoint>,
+}
+
+/// A mount point, unmounted (if still mounted) when dropped.
+struct MountPoint {
+    path: PathBuf,
+    _unmount: Guard,
+}
+
+impl MountPoint {
+    fn new(path: PathBuf) -> anyhow::Result<MountPoint> {
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        let unmount = {
+            let path = path.clone();
+            cleanup::register(format!("unmount {}", path.display()), move || {
+                host::unmount_all_under(&path)
+            })
+        };
+        Ok(MountPoint {
+            path,
+            _unmount: unmount,
+        })
+    }
 }
 
 /// A client: its mount point (dropped in order: the daemon unmounts, then the fallback unmount).
@@ -73,10 +122,13 @@ pub struct Reading {
     pub machine_cpu: MachineCpu,
     pub workers: Vec<NodeReading>,
     pub clients: Vec<NodeReading>,
-    /// CPU time so far of etcd, of the S3 server's processes and of this process (the readers).
+    /// CPU time so far of etcd, of the S3 server's processes (and the forwarder to it) and of
+    /// this process (the readers).
     pub etcd_cpu: f64,
     pub s3_cpu: f64,
     pub bench_cpu: f64,
+    /// What crossed each emulated host's link so far (none on loopback).
+    pub links: Vec<LinkBytes>,
 }
 
 /// A running cluster. Fields drop in declaration order.
@@ -85,14 +137,17 @@ pub struct Instance {
     pub workers: Vec<Node>,
     etcd: Daemon,
     s3_pids: Vec<u32>,
+    s3_forwarder_tid: Option<u32>,
+    hosts: Vec<Host>,
     _remove: Guard,
 }
 
 impl Instance {
-    /// Starts etcd, `n` workers (once all are members) and `n` clients, everything under `dir`;
-    /// logs go to `log_dir/cluster-<label>-<process>.log`.
+    /// Starts etcd, `n` workers (once all are members) and, on loopback, `n` clients, everything
+    /// under `dir`; logs go to `log_dir/cluster-<label>-<process>.log`.
     pub fn start(
         spec: &Spec,
+        layout: Layout,
         n: usize,
         dir: &Path,
         log_dir: &Path,
@@ -107,10 +162,28 @@ impl Instance {
             })
         };
         let log = |name: &str| log_dir.join(format!("cluster-{label}-{name}.log"));
-        let mut ports = host::free_local_addrs(2 + 3 * n)?.into_iter();
+        let hosts: &[Host] = match layout {
+            Layout::Loopback => &[],
+            Layout::Hosts(network) => {
+                if network.hosts.len() < n {
+                    bail!("{n} workers but {} emulated hosts", network.hosts.len());
+                }
+                &network.hosts[..n]
+            }
+        };
+        // etcd where every worker reaches it: loopback, or the bridge.
+        let etcd_ip = match layout {
+            Layout::Loopback => std::net::Ipv4Addr::LOCALHOST,
+            Layout::Hosts(_) => Network::gateway(),
+        };
+        let mut etcd_ports = host::free_addrs(etcd_ip, 2)?.into_iter();
+        let mut ports = host::free_local_addrs(3 * n)?.into_iter();
         let mut port = || ports.next().expect("enough ports were reserved");
 
-        let (client_addr, peer_addr) = (port(), port());
+        let (client_addr, peer_addr) = (
+            etcd_ports.next().expect("two ports"),
+            etcd_ports.next().expect("two ports"),
+        );
         // etcd as deployed: TLS with client-certificate auth, its certificate from the
         // cluster's CA (`granary certs ... etcd`).
         let (client_url, peer_url) = (
@@ -119,8 +192,8 @@ impl Instance {
         );
         let (ca, cert, key) = (
             spec.tls.join("ca.pem"),
-            spec.tls.join("etcd.pem"),
-            spec.tls.join("etcd.key"),
+            spec.tls.join(format!("{}.pem", spec.etcd_cert)),
+            spec.tls.join(format!("{}.key", spec.etcd_cert)),
         );
         let mut cmd = Command::new(&spec.etcd);
         cmd.args(["--name", "bench"])
@@ -154,8 +227,18 @@ impl Instance {
         let mut workers = Vec::with_capacity(n);
         for i in 1..=n {
             let name = format!("w{i}");
-            let (listen, metrics) = (port(), port());
-            let mut cmd = Command::new(&spec.bin);
+            let (mut cmd, listen, metrics, mount) = match hosts.get(i - 1) {
+                None => (Command::new(&spec.bin), port(), port(), None),
+                Some(h) => {
+                    let ip = IpAddr::V4(h.ip);
+                    (
+                        h.command(&spec.bin),
+                        SocketAddr::new(ip, HOST_WORKER_PORT),
+                        SocketAddr::new(ip, HOST_METRICS_PORT),
+                        Some(MountPoint::new(dir.join(format!("mnt-{name}")))?),
+                    )
+                }
+            };
             cmd.arg("server")
                 .arg("--config")
                 .arg(&spec.config)
@@ -170,11 +253,17 @@ impl Instance {
                 .args(["--disk-cache", &spec.disk_cache.to_string()])
                 .args(["--metrics-addr", &metrics.to_string()])
                 .envs(spec.s3.aws_env());
+            if let Some(m) = &mount {
+                // The worker serves the mount itself, with no keeper: the process measured is
+                // the one serving both the mount and its peers.
+                cmd.arg("--mount").arg(&m.path).arg("--no-keeper");
+            }
             let daemon = Daemon::spawn(&format!("worker {name}"), cmd, &log(&name))?;
             workers.push(Node {
                 name,
                 daemon,
                 metrics,
+                mount,
             });
         }
         for w in &workers {
@@ -184,9 +273,20 @@ impl Instance {
             })?;
         }
         wait_for_members(spec, &client_url, &workers)?;
+        for w in &workers {
+            if let Some(m) = &w.mount {
+                w.daemon.wait_until(
+                    &format!("a mount at {}", m.path.display()),
+                    START_TIMEOUT,
+                    || host::is_mounted(&m.path),
+                )?;
+            }
+        }
 
-        let mut clients = Vec::with_capacity(n);
-        for i in 1..=n {
+        // On emulated hosts, each worker's own mount is read instead.
+        let clients_wanted = if hosts.is_empty() { n } else { 0 };
+        let mut clients = Vec::with_capacity(clients_wanted);
+        for i in 1..=clients_wanted {
             let name = format!("c{i}");
             let mnt = dir.join(format!("mnt-{name}"));
             std::fs::create_dir_all(&mnt)?;
@@ -211,6 +311,7 @@ impl Instance {
                     name,
                     daemon,
                     metrics,
+                    mount: None,
                 },
                 mnt,
                 _unmount: unmount,
@@ -232,8 +333,22 @@ impl Instance {
             workers,
             etcd,
             s3_pids: spec.s3_pids.clone(),
+            s3_forwarder_tid: spec.s3_forwarder_tid,
+            hosts: hosts.to_vec(),
             _remove: remove,
         })
+    }
+
+    /// Where reader i reads: client i's mount on loopback, worker i's own on emulated hosts.
+    pub fn mounts(&self) -> Vec<&Path> {
+        if self.clients.is_empty() {
+            self.workers
+                .iter()
+                .filter_map(|w| w.mount.as_ref().map(|m| m.path.as_path()))
+                .collect()
+        } else {
+            self.clients.iter().map(|c| c.mnt.as_path()).collect()
+        }
     }
 
     /// Fails (with the end of its log) if any worker or client has exited.
@@ -260,11 +375,21 @@ impl Instance {
                 counters: scrape(node.metrics, COUNTERS),
             })
         };
+        let forwarder = self
+            .s3_forwarder_tid
+            .map_or(0.0, |tid| host::thread_cpu_seconds(tid).unwrap_or(0.0));
         Ok(Reading {
             machine_cpu: MachineCpu::read()?,
             etcd_cpu: cpu(self.etcd.pid()),
-            s3_cpu: self.s3_pids.iter().map(|&pid| cpu(pid)).sum(),
-            bench_cpu: cpu(std::process::id()),
+            s3_cpu: self.s3_pids.iter().map(|&pid| cpu(pid)).sum::<f64>() + forwarder,
+            // This process alone: its children are the etcd, workers and clients above.
+            bench_cpu: ProcStats::read_one(std::process::id()).map_or(0.0, |s| s.cpu_seconds)
+                - forwarder,
+            links: self
+                .hosts
+                .iter()
+                .map(Host::link_bytes)
+                .collect::<Result<_, _>>()?,
             workers: self.workers.iter().map(read).collect::<Result<_, _>>()?,
             clients: self
                 .clients

@@ -1,7 +1,8 @@
 //! What the cluster benchmark found: for each cluster size, every run's passes with the counters
 //! that explain them; the summary of each size (median and range over the runs, ratio to one
-//! worker, backend GETs per block, blocks by tier, CPU load, peak RSS), the table printed on
-//! stdout and the JSON written under `target/bench-results/`.
+//! worker, backend GETs per block, blocks by tier, CPU load, peak RSS; on emulated hosts also the
+//! links' use and each worker's CPU per GB), the table printed on stdout and the JSON written
+//! under `target/bench-results/`.
 
 use super::instance::{NodeReading, Reading};
 use crate::host::Machine;
@@ -84,6 +85,16 @@ impl Tiers {
     }
 }
 
+/// What crossed one emulated host's link during a pass.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct LinkPass {
+    pub to_host_bytes: u64,
+    pub from_host_bytes: u64,
+    /// The busier direction's bytes over what the link carries in the pass's time (1.0: the
+    /// link was full all along).
+    pub use_share: f64,
+}
+
 /// One pass: every reader reading its file through its own client, all at once.
 #[derive(Debug, Serialize)]
 pub struct Pass {
@@ -121,6 +132,16 @@ pub struct Pass {
     /// What the benchmark's processes (workers, clients, etcd, S3 server, readers) spent per GB
     /// read: unlike MB/s, it does not depend on what else the machine runs.
     pub cpu_seconds_per_gb: f64,
+    /// Each worker's CPU time during the pass (w1, w2...).
+    pub worker_cpu_seconds_each: Vec<f64>,
+    /// All workers' CPU seconds per GB read; and each worker's over the GB its own reader read
+    /// (a worker serves its reader and its peers: with equal files, the mean of these is the
+    /// former).
+    pub worker_cpu_seconds_per_gb: f64,
+    pub worker_cpu_seconds_per_gb_each: Vec<f64>,
+    /// On emulated hosts, each host's link (w1's host first), and the busiest link's use.
+    pub links: Vec<LinkPass>,
+    pub link_use_max: Option<f64>,
     /// The share of the machine's CPU time (all cores) that was not idle during the pass, and
     /// the share that other processes took.
     pub machine_cpu_busy: f64,
@@ -131,12 +152,14 @@ pub struct Pass {
 }
 
 impl Pass {
+    /// `link_mbit`: the emulated hosts' link rate (none on loopback).
     pub fn new(
         readers: Vec<ReaderResult>,
         seconds: f64,
         blocks: u64,
         before: &Reading,
         after: &Reading,
+        link_mbit: Option<u32>,
     ) -> Pass {
         let workers = deltas(&before.workers, &after.workers);
         let clients = deltas(&before.clients, &after.clients);
@@ -159,6 +182,33 @@ impl Pass {
             + s3_cpu_seconds
             + reader_cpu_seconds;
         let bytes = readers.iter().map(|r| r.bytes).sum();
+        let gb = |bytes: u64| (bytes as f64 / 1e9).max(f64::MIN_POSITIVE);
+        let worker_cpu_seconds_each: Vec<f64> = after
+            .workers
+            .iter()
+            .zip(&before.workers)
+            .map(|(a, b)| a.stats.cpu_seconds - b.stats.cpu_seconds)
+            .collect();
+        let worker_cpu_seconds_per_gb_each = worker_cpu_seconds_each
+            .iter()
+            .zip(&readers)
+            .map(|(cpu, r)| cpu / gb(r.bytes))
+            .collect();
+        let links: Vec<LinkPass> = after
+            .links
+            .iter()
+            .zip(&before.links)
+            .map(|(a, b)| {
+                let (to, from) = (a.to_host - b.to_host, a.from_host - b.from_host);
+                let capacity = link_mbit.map_or(0.0, |m| f64::from(m) * 1e6 / 8.0 * seconds);
+                LinkPass {
+                    to_host_bytes: to,
+                    from_host_bytes: from,
+                    use_share: share(to.max(from) as f64, capacity),
+                }
+            })
+            .collect();
+        let link_use_max = links.iter().map(|l| l.use_share).reduce(f64::max);
         let backend_gets = sum(
             &workers,
             BACKEND_REQUESTS,
@@ -188,7 +238,12 @@ impl Pass {
             machine_irq_seconds: machine.irq,
             machine_steal_seconds: machine.steal,
             other_cpu_seconds: (busy - ours).max(0.0),
-            cpu_seconds_per_gb: ours / (bytes as f64 / 1e9).max(f64::MIN_POSITIVE),
+            cpu_seconds_per_gb: ours / gb(bytes),
+            worker_cpu_seconds_each,
+            worker_cpu_seconds_per_gb: worker_cpu_seconds / gb(bytes),
+            worker_cpu_seconds_per_gb_each,
+            links,
+            link_use_max,
             machine_cpu_busy: share(busy, total),
             other_cpu_share: share((busy - ours).max(0.0), total),
             workers,
@@ -237,11 +292,21 @@ pub struct RunResult {
     pub run: usize,
     pub cold: Pass,
     pub hot: Pass,
+    /// On emulated hosts: hot again, reader i on reader i+1's file (N=1: its own), served
+    /// mostly by the peers' caches over the links.
+    pub peer: Option<Pass>,
     /// The untimed pass that compared every byte (first run only).
     pub check: Option<Pass>,
     /// VmHWM of each worker and client at the end of the run.
     pub worker_peak_rss_bytes: Vec<u64>,
     pub client_peak_rss_bytes: Vec<u64>,
+}
+
+impl RunResult {
+    /// Backend GETs of the passes that should have sent none (hot, peer).
+    fn hot_backend_gets(&self) -> f64 {
+        self.hot.backend_gets + self.peer.as_ref().map_or(0.0, |p| p.backend_gets)
+    }
 }
 
 /// One cluster size over all runs.
@@ -277,6 +342,11 @@ pub struct SizeSummary {
     /// The median over the median with one worker (N means perfect scaling).
     pub cold_vs_one: Option<f64>,
     pub hot_vs_one: Option<f64>,
+    /// On emulated hosts: the peer pass, and its ratio to one host.
+    pub peer_mb_per_s: Option<Stats>,
+    pub peer_vs_one: Option<f64>,
+    pub peer_link_use: Option<Stats>,
+    pub peer_worker_cpu_seconds_per_gb: Option<Stats>,
     /// Backend GETs per block in the cold pass.
     pub gets_per_block: Stats,
     /// The most backend GETs of any hot pass (0 when the caches kept every block).
@@ -292,6 +362,13 @@ pub struct SizeSummary {
     /// CPU seconds of the benchmark's processes per GB read.
     pub cold_cpu_seconds_per_gb: Stats,
     pub hot_cpu_seconds_per_gb: Stats,
+    /// The workers' CPU seconds per GB, all together; and each worker's (median over the runs).
+    pub cold_worker_cpu_seconds_per_gb: Stats,
+    pub hot_worker_cpu_seconds_per_gb: Stats,
+    pub hot_worker_cpu_seconds_per_gb_each: Vec<f64>,
+    /// On emulated hosts: the busiest link's use.
+    pub cold_link_use: Option<Stats>,
+    pub hot_link_use: Option<Stats>,
     /// Highest over the runs and processes.
     pub worker_peak_rss_bytes: u64,
     pub client_peak_rss_bytes: u64,
@@ -306,9 +383,10 @@ pub struct GranaryConfig {
     pub disk_cache_bytes: u64,
 }
 
-/// The issue-3 target.
+/// An issue's target.
 #[derive(Debug, Serialize)]
 pub struct Target {
+    pub issue: u32,
     pub name: &'static str,
     pub measured: String,
     pub met: Option<bool>,
@@ -316,7 +394,10 @@ pub struct Target {
 
 #[derive(Debug, Serialize)]
 pub struct ClusterReport {
+    /// `cluster` (loopback) or `cluster-hosts` (emulated hosts).
     pub mode: &'static str,
+    /// The emulated hosts' links, Mbit/s each way; none on loopback.
+    pub link_mbit: Option<u32>,
     pub started_at: String,
     pub finished_at: String,
     pub profile: Name,
@@ -328,8 +409,13 @@ pub struct ClusterReport {
     pub machine: Machine,
     pub granary: GranaryConfig,
     pub sizes: Vec<SizeResult>,
-    pub target: Option<Target>,
+    pub targets: Vec<Target>,
 }
+
+/// Issue 22: with N hosts on links of their own, the aggregate hot throughput of 4 is at least
+/// 3.5 times that of 1.
+const SCALING_HOSTS: usize = 4;
+const SCALING_TARGET: f64 = 3.5;
 
 impl ClusterReport {
     /// Summarizes every size and judges the target.
@@ -342,12 +428,65 @@ impl ClusterReport {
             .iter()
             .find(|s| s.workers == 1)
             .and_then(|s| s.summary.as_ref())
-            .map(|s| (s.cold_mb_per_s.median, s.hot_mb_per_s.median));
+            .map(|s| {
+                (
+                    s.cold_mb_per_s.median,
+                    s.hot_mb_per_s.median,
+                    s.peer_mb_per_s.as_ref().map(|p| p.median),
+                )
+            });
         for summary in self.sizes.iter_mut().filter_map(|s| s.summary.as_mut()) {
-            summary.cold_vs_one = one.map(|(cold, _)| summary.cold_mb_per_s.median / cold);
-            summary.hot_vs_one = one.map(|(_, hot)| summary.hot_mb_per_s.median / hot);
+            summary.cold_vs_one = one.map(|(cold, _, _)| summary.cold_mb_per_s.median / cold);
+            summary.hot_vs_one = one.map(|(_, hot, _)| summary.hot_mb_per_s.median / hot);
+            summary.peer_vs_one = match (one.and_then(|o| o.2), &summary.peer_mb_per_s) {
+                (Some(one), Some(peer)) => Some(peer.median / one),
+                _ => None,
+            };
         }
-        self.target = self.judge();
+        self.targets = self.judge().into_iter().collect();
+        if self.link_mbit.is_some() {
+            self.targets.extend(self.judge_scaling(false));
+            self.targets.extend(self.judge_scaling(true));
+        }
+    }
+
+    /// Issue 22: aggregate hot MB/s with 4 hosts over that with 1 (of the peer pass with
+    /// `peer`).
+    fn judge_scaling(&self, peer: bool) -> Option<Target> {
+        let of = |n: usize| {
+            self.sizes
+                .iter()
+                .find(|s| s.workers == n)
+                .and_then(|s| s.summary.as_ref())
+        };
+        let (one, four) = (of(1)?, of(SCALING_HOSTS)?);
+        let (ratio, four_mb, one_mb) = if peer {
+            (
+                four.peer_vs_one?,
+                four.peer_mb_per_s.as_ref()?.median,
+                one.peer_mb_per_s.as_ref()?.median,
+            )
+        } else {
+            (
+                four.hot_vs_one?,
+                four.hot_mb_per_s.median,
+                one.hot_mb_per_s.median,
+            )
+        };
+        Some(Target {
+            issue: 22,
+            name: if peer {
+                "the same, peer pass (each reader on another reader's file)"
+            } else {
+                "aggregate hot throughput of 4 hosts >= 3.5x that of 1"
+            },
+            measured: format!(
+                "{ratio:.2}x ({} MB/s with 4, {} MB/s with 1)",
+                number(four_mb),
+                number(one_mb)
+            ),
+            met: Some(ratio >= SCALING_TARGET),
+        })
     }
 
     /// Exactly one backend GET per block in every cold pass, none in any hot pass.
@@ -363,12 +502,15 @@ impl ClusterReport {
         let off: Vec<String> = passes
             .iter()
             .filter(|(_, r)| {
-                r.cold.backend_gets != r.cold.blocks as f64 || r.hot.backend_gets > 0.0
+                r.cold.backend_gets != r.cold.blocks as f64 || r.hot_backend_gets() > 0.0
             })
             .map(|(n, r)| {
                 format!(
                     "N={n} run {}: {} GETs for {} blocks cold, {} hot",
-                    r.run, r.cold.backend_gets, r.cold.blocks, r.hot.backend_gets
+                    r.run,
+                    r.cold.backend_gets,
+                    r.cold.blocks,
+                    r.hot_backend_gets()
                 )
             })
             .collect();
@@ -381,6 +523,7 @@ impl ClusterReport {
             off.join("; ")
         };
         Some(Target {
+            issue: 3,
             name: "exactly 1 backend GET per block across the cluster",
             measured,
             met: Some(off.is_empty()),
@@ -396,25 +539,37 @@ impl ClusterReport {
 
     /// The table, the target and any problems, for a terminal.
     pub fn render(&self) -> String {
-        let header = [
-            "workers",
+        let hosts = self.link_mbit.is_some();
+        let mut header = vec![
+            if hosts { "hosts" } else { "workers" },
             "cold MB/s",
             "[min-max]",
             "hot MB/s",
             "[min-max]",
             "cold vs 1",
             "hot vs 1",
+        ];
+        if hosts {
+            header.extend(["peer MB/s", "[min-max]", "peer vs 1"]);
+        }
+        header.extend([
             "GETs/block",
             "hot GETs",
             "cold tiers m/d/p/b",
             "hot tiers m/d/p/b",
-            "CPU busy cold/hot",
-            "others' CPU",
-            "CPU s/GB",
-            "peak RSS worker",
-            "peak RSS client",
-        ];
-        let mut rows = vec![header.map(String::from).to_vec()];
+        ]);
+        if hosts {
+            header.push("link use cold/hot/peer");
+        }
+        header.extend(["CPU busy cold/hot", "others' CPU", "CPU s/GB"]);
+        if hosts {
+            header.extend(["worker s/GB cold/hot/peer", "hot s/GB each worker"]);
+        }
+        header.push("peak RSS worker");
+        if !hosts {
+            header.push("peak RSS client");
+        }
+        let mut rows = vec![header.into_iter().map(String::from).collect::<Vec<_>>()];
         let mut problems = Vec::new();
         for size in &self.sizes {
             let mut row = vec![size.workers.to_string()];
@@ -429,6 +584,15 @@ impl ClusterReport {
                         range(&s.hot_mb_per_s),
                         ratio(s.cold_vs_one),
                         ratio(s.hot_vs_one),
+                    ]);
+                    if hosts {
+                        match &s.peer_mb_per_s {
+                            Some(p) => row.extend([number(p.median), range(p)]),
+                            None => row.extend(["-".into(), "-".into()]),
+                        }
+                        row.push(ratio(s.peer_vs_one));
+                    }
+                    row.extend([
                         if s.gets_per_block.min == s.gets_per_block.max {
                             format!("{:.2}", s.gets_per_block.median)
                         } else {
@@ -440,6 +604,20 @@ impl ClusterReport {
                         format!("{:.0}", s.hot_backend_gets_max),
                         s.cold_block_reads.render(),
                         s.hot_block_reads.render(),
+                    ]);
+                    if hosts {
+                        let pct = |st: &Option<Stats>| {
+                            st.as_ref()
+                                .map_or("-".into(), |st| format!("{:.0}%", st.median * 100.0))
+                        };
+                        row.push(format!(
+                            "{}/{}/{}",
+                            pct(&s.cold_link_use),
+                            pct(&s.hot_link_use),
+                            pct(&s.peer_link_use)
+                        ));
+                    }
+                    row.extend([
                         format!(
                             "{:.0}%/{:.0}%",
                             s.cold_cpu_busy.median * 100.0,
@@ -454,9 +632,28 @@ impl ClusterReport {
                             "{:.1}/{:.1}",
                             s.cold_cpu_seconds_per_gb.median, s.hot_cpu_seconds_per_gb.median
                         ),
-                        format!("{} MiB", s.worker_peak_rss_bytes / MIB),
-                        format!("{} MiB", s.client_peak_rss_bytes / MIB),
                     ]);
+                    if hosts {
+                        row.push(format!(
+                            "{:.1}/{:.1}/{}",
+                            s.cold_worker_cpu_seconds_per_gb.median,
+                            s.hot_worker_cpu_seconds_per_gb.median,
+                            s.peer_worker_cpu_seconds_per_gb
+                                .as_ref()
+                                .map_or("-".into(), |p| format!("{:.1}", p.median))
+                        ));
+                        row.push(
+                            s.hot_worker_cpu_seconds_per_gb_each
+                                .iter()
+                                .map(|x| format!("{x:.1}"))
+                                .collect::<Vec<_>>()
+                                .join("/"),
+                        );
+                    }
+                    row.push(format!("{} MiB", s.worker_peak_rss_bytes / MIB));
+                    if !hosts {
+                        row.push(format!("{} MiB", s.client_peak_rss_bytes / MIB));
+                    }
                 }
                 None => row.push("not measured".into()),
             }
@@ -468,12 +665,24 @@ impl ClusterReport {
                 problems.push(format!("{what}: bytes not verified"));
             }
         }
+        let setting = match self.link_mbit {
+            None => format!(
+                "--cluster --{}: per worker count N, N clients each reading its own {} MiB file at \
+                 once",
+                self.profile_label(),
+                self.file_bytes / MIB
+            ),
+            Some(mbit) => format!(
+                "--cluster --hosts --{}: N emulated hosts (network namespaces, links of {mbit} \
+                 Mbit/s each way), each a worker serving its own mount read by one reader, {} MiB \
+                 per reader, all at once",
+                self.profile_label(),
+                self.file_bytes / MIB
+            ),
+        };
         let mut out = format!(
-            "granary-bench --cluster --{}: per worker count N, N clients each reading its own {} MiB \
-             file at once; S3 server {}, granary {}\n(per worker: memory cache {} MiB, disk cache {} \
-             MiB, {} MiB blocks), {} CPU cores for everything\n\n",
-            self.profile_label(),
-            self.file_bytes / MIB,
+            "granary-bench {setting}; S3 server {}, granary {}\n(per worker: memory cache {} MiB, \
+             disk cache {} MiB, {} MiB blocks), {} CPU cores for everything\n\n",
             self.s3.name(),
             self.granary.git,
             self.granary.memory_cache_bytes / MIB,
@@ -482,6 +691,18 @@ impl ClusterReport {
             self.machine.nproc,
         );
         out.push_str(&aligned(&rows, &[2, 4]));
+        if hosts {
+            out.push_str(
+                "\nOn emulated hosts: each worker serves its own mount (no clients); peer: hot again, \
+                 reader i on reader i+1's file, so that\nall but the reader's worker's share comes \
+                 from the peers' caches over the links (N=1: its own file); hot GETs counts the \
+                 peer pass too;\nlink use: the busiest link's busier direction over \
+                 what it carries in the pass's time (median); \
+                 worker s/GB: all workers' CPU seconds per GB read, cold/hot/peer; each worker: its\nCPU \
+                 seconds in the hot pass over the GB its own reader read (w1/w2/...). The S3 server's \
+                 CPU includes the forwarder to it.",
+            );
+        }
         out.push_str(&format!(
             "\nMB/s: all readers' bytes over the time from their common start until the last one \
              finished (10^6 bytes), median of {} run(s) [min-max];\nvs 1: over the median with one \
@@ -502,15 +723,18 @@ impl ClusterReport {
                 ", except as listed below"
             }
         ));
-        if let Some(t) = &self.target {
+        if !self.targets.is_empty() {
+            out.push_str("\nTargets:\n");
+        }
+        for t in &self.targets {
             let verdict = match t.met {
                 Some(true) => "met",
                 Some(false) => "NOT met",
                 None => "unknown",
             };
             out.push_str(&format!(
-                "\nIssue-3 target:\n  {verdict:<8} {}: {}\n",
-                t.name, t.measured
+                "  {verdict:<8} issue {}: {}: {}\n",
+                t.issue, t.name, t.measured
             ));
         }
         if !problems.is_empty() {
@@ -533,7 +757,7 @@ impl ClusterReport {
     /// Writes `<stamp>-cluster-<profile>.json` and `cluster-latest.json` into `dir`; returns the
     /// first.
     pub fn write_json(&self, dir: &Path, stamp: &str, profile: &str) -> anyhow::Result<PathBuf> {
-        crate::report::write_json(dir, stamp, Some("cluster"), profile, self)
+        crate::report::write_json(dir, stamp, Some(self.mode), profile, self)
     }
 }
 
@@ -545,6 +769,19 @@ fn summarize(runs: &[RunResult]) -> Option<SizeSummary> {
             .max()
             .unwrap_or(0)
     };
+    let link_use = |get: fn(&RunResult) -> Option<f64>| Stats::of(runs.iter().filter_map(get));
+    let workers = runs
+        .first()
+        .map_or(0, |r| r.hot.worker_cpu_seconds_per_gb_each.len());
+    let hot_each = (0..workers)
+        .map(|i| {
+            Stats::of(
+                runs.iter()
+                    .filter_map(|r| r.hot.worker_cpu_seconds_per_gb_each.get(i).copied()),
+            )
+            .map_or(0.0, |s| s.median)
+        })
+        .collect();
     let cold_tiers: Vec<Tiers> = runs.iter().map(|r| r.cold.block_reads).collect();
     let hot_tiers: Vec<Tiers> = runs.iter().map(|r| r.hot.block_reads).collect();
     Some(SizeSummary {
@@ -553,7 +790,17 @@ fn summarize(runs: &[RunResult]) -> Option<SizeSummary> {
         cold_vs_one: None,
         hot_vs_one: None,
         gets_per_block: stats(|r| r.cold.gets_per_block)?,
-        hot_backend_gets_max: runs.iter().map(|r| r.hot.backend_gets).fold(0.0, f64::max),
+        hot_backend_gets_max: runs
+            .iter()
+            .map(RunResult::hot_backend_gets)
+            .fold(0.0, f64::max),
+        peer_mb_per_s: Stats::of(runs.iter().filter_map(|r| Some(r.peer.as_ref()?.mb_per_s))),
+        peer_vs_one: None,
+        peer_link_use: Stats::of(runs.iter().filter_map(|r| r.peer.as_ref()?.link_use_max)),
+        peer_worker_cpu_seconds_per_gb: Stats::of(
+            runs.iter()
+                .filter_map(|r| Some(r.peer.as_ref()?.worker_cpu_seconds_per_gb)),
+        ),
         cold_block_reads: Tiers::median(&cold_tiers)?,
         hot_block_reads: Tiers::median(&hot_tiers)?,
         cold_cpu_busy: stats(|r| r.cold.machine_cpu_busy)?,
@@ -562,6 +809,11 @@ fn summarize(runs: &[RunResult]) -> Option<SizeSummary> {
         hot_other_cpu: stats(|r| r.hot.other_cpu_share)?,
         cold_cpu_seconds_per_gb: stats(|r| r.cold.cpu_seconds_per_gb)?,
         hot_cpu_seconds_per_gb: stats(|r| r.hot.cpu_seconds_per_gb)?,
+        cold_worker_cpu_seconds_per_gb: stats(|r| r.cold.worker_cpu_seconds_per_gb)?,
+        hot_worker_cpu_seconds_per_gb: stats(|r| r.hot.worker_cpu_seconds_per_gb)?,
+        hot_worker_cpu_seconds_per_gb_each: hot_each,
+        cold_link_use: link_use(|r| r.cold.link_use_max),
+        hot_link_use: link_use(|r| r.hot.link_use_max),
         worker_peak_rss_bytes: max_rss(|r| &r.worker_peak_rss_bytes),
         client_peak_rss_bytes: max_rss(|r| &r.client_peak_rss_bytes),
     })

@@ -1,19 +1,35 @@
-//! Block fetch from a remote worker on loopback: the QUIC data plane (mutual TLS, framed,
-//! checksummed) against a plain TCP stream carrying the same bytes (no TLS, no checksum), in one
-//! run. Reports p50/p99 latency of one block read at a time and throughput with 8 in flight.
+//! Block fetch from a remote worker on loopback, three ways in one run, for the same blocks:
 //!
-//! Run: `cargo bench -p granary-proto --bench block_fetch [-- BLOCK_MIB COUNT]`
+//! - `QUIC`: the data plane as Granary uses it ([`quic::serve`] + [`BlockClient`]: mutual TLS,
+//!   framed, CRC32C verified per block), all reads on one connection;
+//! - `TCP+TLS`: TLS 1.3 over TCP with rustls and the same [`TlsIdentity`] configurations (mutual
+//!   TLS), a length + CRC32C header per block and the CRC verified on arrival, one connection per
+//!   reader;
+//! - `TCP`: plain TCP, no TLS, no checksum (the floor), one connection per reader.
+//!
+//! For each: p50/p99 of one read at a time, throughput with 8 reads in flight, and the process's
+//! CPU time (user + system, from `/proc/self/stat`) per GB moved during the throughput phase.
+//! Client and server run in this one process, so the CPU figure is both ends together.
+//!
+//! Run: `cargo bench -p granary-net --bench block_fetch [-- BLOCK_MIB COUNT [ONLY]]`: COUNT reads
+//! one at a time, then 3 x COUNT with 8 in flight; ONLY = quic, tcp+tls or tcp runs just that
+//! one, for profiling.
 
 use bytes::Bytes;
 use granary_core::{BlockSize, ObjectId};
 use granary_net::quic::{self, BlockClient};
 use granary_net::tls::{TlsFiles, TlsIdentity, generate_dev_certs};
 use granary_proto::{ApiError, Block, CacheApi, Entry, Info, ObjectRef};
+use rustls_pki_types::ServerName;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+const IN_FLIGHT: usize = 8;
+const TIMEOUT: Duration = Duration::from_secs(30);
 
 struct MemoryBlocks(Block);
 
@@ -38,43 +54,189 @@ impl CacheApi for MemoryBlocks {
     }
 }
 
-async fn tcp_server(listener: TcpListener, block: Bytes) {
+/// Answers each 8-byte request with `len u32 BE | crc32c u32 BE | block` (the CRC is the block's
+/// stored one, as the QUIC server sends it; the plain TCP client ignores it).
+async fn stream_server<S, F, Fut>(listener: TcpListener, block: Block, wrap: F)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(TcpStream) -> Fut,
+    Fut: Future<Output = std::io::Result<S>> + Send + 'static,
+{
     loop {
-        let (mut stream, _) = listener.accept().await.unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
         stream.set_nodelay(true).unwrap();
-        let block = block.clone();
+        let (block, accepted) = (block.clone(), wrap(stream));
         tokio::spawn(async move {
+            let mut stream = accepted.await.unwrap();
             let mut request = [0u8; 8];
             while stream.read_exact(&mut request).await.is_ok() {
-                stream
-                    .write_all(&(block.len() as u32).to_be_bytes())
-                    .await
-                    .unwrap();
-                stream.write_all(&block).await.unwrap();
+                let mut header = [0u8; 8];
+                header[..4].copy_from_slice(&(block.data.len() as u32).to_be_bytes());
+                header[4..].copy_from_slice(&block.crc32c.to_be_bytes());
+                stream.write_all(&header).await.unwrap();
+                stream.write_all(&block.data).await.unwrap();
+                stream.flush().await.unwrap();
             }
         });
     }
 }
 
-async fn tcp_fetch(stream: &mut TcpStream, index: u64, buf: &mut Vec<u8>) {
+/// One reader: a handle on the shared QUIC connection, or a stream of its own.
+enum Reader {
+    Quic {
+        client: BlockClient,
+        addr: SocketAddr,
+        object: ObjectRef,
+    },
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>, Vec<u8>),
+    Tcp(TcpStream, Vec<u8>),
+}
+
+async fn stream_fetch<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    index: u64,
+    buf: &mut Vec<u8>,
+    verify: bool,
+) -> usize {
     stream.write_all(&index.to_be_bytes()).await.unwrap();
-    let mut len = [0u8; 4];
-    stream.read_exact(&mut len).await.unwrap();
-    buf.resize(u32::from_be_bytes(len) as usize, 0);
-    stream.read_exact(buf).await.unwrap();
+    stream.flush().await.unwrap();
+    let mut header = [0u8; 8];
+    stream.read_exact(&mut header).await.unwrap();
+    let len = u32::from_be_bytes(header[..4].try_into().unwrap()) as usize;
+    buf.resize(len, 0);
+    // The CRC32C is computed piece by piece as the bytes arrive, as the QUIC client does.
+    let mut crc = 0;
+    for piece in buf.chunks_mut(64 << 10) {
+        stream.read_exact(piece).await.unwrap();
+        if verify {
+            crc = granary_core::object::checksum_append(crc, piece);
+        }
+    }
+    if verify {
+        let expected = u32::from_be_bytes(header[4..].try_into().unwrap());
+        assert_eq!(crc, expected, "block checksum");
+    }
+    len
+}
+
+impl Reader {
+    async fn fetch(&mut self, index: u64) -> usize {
+        match self {
+            Reader::Quic {
+                client,
+                addr,
+                object,
+            } => {
+                let block = client
+                    .read_block(*addr, "w1", object, index, TIMEOUT)
+                    .await
+                    .unwrap();
+                block.data.len()
+            }
+            Reader::Tls(stream, buf) => stream_fetch(stream, index, buf, true).await,
+            Reader::Tcp(stream, buf) => stream_fetch(stream, index, buf, false).await,
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Transport {
+    Quic(BlockClient, SocketAddr, Box<ObjectRef>),
+    Tls(SocketAddr, TlsConnector),
+    Tcp(SocketAddr),
+}
+
+impl Transport {
+    async fn reader(&self) -> Reader {
+        match self {
+            Transport::Quic(client, addr, object) => Reader::Quic {
+                client: client.clone(),
+                addr: *addr,
+                object: (**object).clone(),
+            },
+            Transport::Tls(addr, connector) => {
+                let tcp = TcpStream::connect(addr).await.unwrap();
+                tcp.set_nodelay(true).unwrap();
+                let name = ServerName::try_from("w1").unwrap();
+                let tls = connector.connect(name, tcp).await.unwrap();
+                Reader::Tls(Box::new(tls), Vec::new())
+            }
+            Transport::Tcp(addr) => {
+                let tcp = TcpStream::connect(addr).await.unwrap();
+                tcp.set_nodelay(true).unwrap();
+                Reader::Tcp(tcp, Vec::new())
+            }
+        }
+    }
+}
+
+/// User + system CPU time of this whole process (all threads, exited ones included), from
+/// `/proc/self/stat` (clock ticks of 10 ms: `USER_HZ` is 100 on Linux).
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+struct Row {
+    name: &'static str,
+    p50: Duration,
+    p99: Duration,
+    bytes_per_s: f64,
+    cpu_s_per_gb: f64,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-fn report(name: &str, mut latencies: Vec<Duration>, throughput_mib_s: f64) {
+async fn measure(name: &'static str, transport: Transport, count: usize, bulk: usize) -> Row {
+    let mut reader = transport.reader().await;
+    reader.fetch(0).await;
+    let mut latencies = Vec::with_capacity(count);
+    for i in 0..count {
+        let start = Instant::now();
+        reader.fetch(i as u64).await;
+        latencies.push(start.elapsed());
+    }
     latencies.sort();
-    println!(
-        "{name:<6} p50 {:>8.2} ms   p99 {:>8.2} ms   8 in flight: {throughput_mib_s:>7.0} MiB/s",
-        percentile(&latencies, 0.5).as_secs_f64() * 1e3,
-        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
-    );
+    drop(reader);
+
+    // Readers (and their connections) are set up before the clock starts.
+    let mut readers = Vec::with_capacity(IN_FLIGHT);
+    for _ in 0..IN_FLIGHT {
+        let mut reader = transport.reader().await;
+        reader.fetch(0).await;
+        readers.push(reader);
+    }
+    let (cpu, start) = (process_cpu(), Instant::now());
+    let tasks: Vec<_> = readers
+        .into_iter()
+        .enumerate()
+        .map(|(worker, mut reader)| {
+            tokio::spawn(async move {
+                let mut bytes = 0;
+                for i in (worker..bulk).step_by(IN_FLIGHT) {
+                    bytes += reader.fetch(i as u64).await;
+                }
+                bytes
+            })
+        })
+        .collect();
+    let mut bytes = 0;
+    for t in tasks {
+        bytes += t.await.unwrap();
+    }
+    let (wall, cpu) = (start.elapsed(), process_cpu() - cpu);
+    Row {
+        name,
+        p50: percentile(&latencies, 0.5),
+        p99: percentile(&latencies, 0.99),
+        bytes_per_s: bytes as f64 / wall.as_secs_f64(),
+        cpu_s_per_gb: cpu.as_secs_f64() / (bytes as f64 / 1e9),
+    }
 }
 
 #[tokio::main]
@@ -85,6 +247,8 @@ async fn main() {
         .collect();
     let block_mib: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(4);
     let count: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(200);
+    // The throughput phase moves more blocks, for CPU time measured in 10 ms ticks.
+    let bulk = 3 * count;
     let block = Block::new(Bytes::from(vec![7u8; block_mib << 20]));
     let object = ObjectRef {
         mount: 0,
@@ -101,6 +265,8 @@ async fn main() {
     let certs = tempfile::tempdir().unwrap();
     generate_dev_certs(certs.path(), &["w1".into(), "client".into()]).unwrap();
     let server_tls = TlsIdentity::load(&TlsFiles::in_dir(certs.path(), "w1")).unwrap();
+    let client_tls = TlsIdentity::load(&TlsFiles::in_dir(certs.path(), "client")).unwrap();
+
     let endpoint = quic::server_endpoint("127.0.0.1:0".parse().unwrap(), &server_tls).unwrap();
     let quic_addr: SocketAddr = endpoint.local_addr().unwrap();
     tokio::spawn(quic::serve(
@@ -108,79 +274,71 @@ async fn main() {
         Arc::new(MemoryBlocks(block.clone())),
         std::future::pending(),
     ));
-    let client =
-        BlockClient::new(&TlsIdentity::load(&TlsFiles::in_dir(certs.path(), "client")).unwrap())
-            .unwrap();
+    let client = BlockClient::new(&client_tls).unwrap();
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tls_addr = listener.local_addr().unwrap();
+    let acceptor = TlsAcceptor::from(Arc::new(server_tls.server_config().unwrap()));
+    tokio::spawn(stream_server(listener, block.clone(), move |tcp| {
+        acceptor.accept(tcp)
+    }));
+    let connector = TlsConnector::from(Arc::new(client_tls.client_config().unwrap()));
 
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let tcp_addr = listener.local_addr().unwrap();
-    tokio::spawn(tcp_server(listener, block.data.clone()));
+    tokio::spawn(stream_server(listener, block.clone(), |tcp| async {
+        Ok(tcp)
+    }));
 
-    let timeout = Duration::from_secs(30);
     println!(
-        "block fetch over loopback: {block_mib} MiB blocks, {count} sequential reads, then {count} with 8 in flight"
+        "block fetch over loopback: {block_mib} MiB blocks, {count} reads one at a time, then {bulk} with {IN_FLIGHT} in flight\n"
     );
-    // QUIC: one at a time, then 8 in flight.
-    client
-        .read_block(quic_addr, "w1", &object, 0, timeout)
-        .await
-        .unwrap();
-    let mut latencies = Vec::with_capacity(count);
-    for i in 0..count {
-        let start = Instant::now();
-        let b = client
-            .read_block(quic_addr, "w1", &object, i as u64, timeout)
-            .await
-            .unwrap();
-        latencies.push(start.elapsed());
-        assert_eq!(b.data.len(), block_mib << 20);
+    let only = args.get(2).map(|a| a.to_ascii_lowercase());
+    let wanted = |name: &str| {
+        only.as_deref()
+            .is_none_or(|o| o == name.to_ascii_lowercase())
+    };
+    let transports = [
+        (
+            "QUIC",
+            Transport::Quic(client.clone(), quic_addr, Box::new(object.clone())),
+        ),
+        ("TCP+TLS", Transport::Tls(tls_addr, connector)),
+        ("TCP", Transport::Tcp(tcp_addr)),
+    ];
+    let mut rows = Vec::new();
+    for (name, transport) in transports {
+        if wanted(name) {
+            rows.push(measure(name, transport, count, bulk).await);
+        }
     }
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for worker in 0..8 {
-        let (client, object) = (client.clone(), object.clone());
-        tasks.push(tokio::spawn(async move {
-            for i in (worker..count).step_by(8) {
-                client
-                    .read_block(quic_addr, "w1", &object, i as u64, timeout)
-                    .await
-                    .unwrap();
-            }
-        }));
+    println!(
+        "| transport | p50 ms | p99 ms | {IN_FLIGHT} in flight MiB/s | GB/s | CPU s/GB (client+server) |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {:.2} | {:.2} | {:.0} | {:.2} | {:.3} |",
+            r.name,
+            r.p50.as_secs_f64() * 1e3,
+            r.p99.as_secs_f64() * 1e3,
+            r.bytes_per_s / (1 << 20) as f64,
+            r.bytes_per_s / 1e9,
+            r.cpu_s_per_gb,
+        );
     }
-    for t in tasks {
-        t.await.unwrap();
+    println!(
+        "\nQUIC: one connection, {IN_FLIGHT} streams; TCP+TLS and TCP: {IN_FLIGHT} connections. \
+         CPU is this process's user+system time (/proc/self/stat) during the {IN_FLIGHT}-in-flight \
+         phase: client and server together."
+    );
+    if let [quic, tls, ..] = &rows[..]
+        && (quic.name, tls.name) == ("QUIC", "TCP+TLS")
+    {
+        println!(
+            "QUIC / TCP+TLS: throughput {:.2}x, CPU per GB {:.2}x",
+            quic.bytes_per_s / tls.bytes_per_s,
+            quic.cpu_s_per_gb / tls.cpu_s_per_gb,
+        );
     }
-    let quic_rate = (count * block_mib) as f64 / start.elapsed().as_secs_f64();
-    report("QUIC", latencies, quic_rate);
-
-    // TCP: one connection per reader, the same pattern.
-    let mut stream = TcpStream::connect(tcp_addr).await.unwrap();
-    stream.set_nodelay(true).unwrap();
-    let mut buf = Vec::new();
-    tcp_fetch(&mut stream, 0, &mut buf).await;
-    let mut latencies = Vec::with_capacity(count);
-    for i in 0..count {
-        let start = Instant::now();
-        tcp_fetch(&mut stream, i as u64, &mut buf).await;
-        latencies.push(start.elapsed());
-    }
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for worker in 0..8 {
-        tasks.push(tokio::spawn(async move {
-            let mut stream = TcpStream::connect(tcp_addr).await.unwrap();
-            stream.set_nodelay(true).unwrap();
-            let mut buf = Vec::new();
-            for i in (worker..count).step_by(8) {
-                tcp_fetch(&mut stream, i as u64, &mut buf).await;
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let tcp_rate = (count * block_mib) as f64 / start.elapsed().as_secs_f64();
-    report("TCP", latencies, tcp_rate);
-    println!("QUIC / TCP throughput: {:.2}", quic_rate / tcp_rate);
 }

@@ -8,6 +8,7 @@
 
 use crate::tls::TlsIdentity;
 use bytes::BytesMut;
+use granary_core::object::checksum_append;
 use granary_proto::frame::{self, ReadBlock};
 use granary_proto::{ApiError, Block, CacheApi, ObjectRef};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -23,12 +24,135 @@ pub const MAX_STREAMS: u32 = 64;
 /// Error code sent when closing a connection for a protocol violation.
 pub const CLOSE_MALFORMED: u32 = 1;
 
+/// The largest UDP payload we send (MTU discovery's upper bound) and accept. Each peer
+/// advertises what it accepts (`max_udp_payload_size`), and discovery never probes above it: at
+/// quinn's default (1472) discovery stopped at Ethernet's size, whatever the path allowed.
+const MAX_UDP_PAYLOAD: u16 = 65_527;
+
+fn endpoint_config() -> quinn::EndpointConfig {
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(MAX_UDP_PAYLOAD)
+        .expect("within QUIC's bounds");
+    config
+}
+
+/// Kernel buffer asked for each UDP socket, each way (the kernel caps it at
+/// `net.core.rmem_max` / `wmem_max`). At the default (about 200 KiB) a receiver busy for a
+/// moment overflows at a few GB/s: the datagrams dropped count as congestion, and as losses of
+/// large packets they can trip MTU black-hole detection, which sends the path back to 1200 bytes.
+const SOCKET_BUFFER: usize = 8 << 20;
+/// What a connection may have in flight towards us ([`TransportConfig::receive_window`]): less
+/// than the receive buffer holds, so a burst does not overflow it while the endpoint is busy.
+/// 6 MiB is 6 GB/s at a 1 ms round trip.
+const RECEIVE_WINDOW: u32 = 6 << 20;
+/// What one stream (one block read) may have in flight: a 4 MiB block without waiting for the
+/// window to open.
+const STREAM_RECEIVE_WINDOW: u32 = 4 << 20;
+
+/// An endpoint on `socket` that accepts datagrams up to [`MAX_UDP_PAYLOAD`].
+fn endpoint(
+    socket: std::net::UdpSocket,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<Endpoint> {
+    let state = quinn::udp::UdpSocketState::new((&socket).into())?;
+    if let Err(e) = state.set_send_buffer_size((&socket).into(), SOCKET_BUFFER) {
+        tracing::debug!(error = %e, "cannot size the UDP send buffer");
+    }
+    let received = state
+        .set_recv_buffer_size((&socket).into(), SOCKET_BUFFER)
+        .and_then(|()| state.recv_buffer_size((&socket).into()));
+    // Linux reports twice what was asked (up to the cap): its budget for data plus bookkeeping.
+    match received {
+        Ok(bytes) if bytes >= RECEIVE_WINDOW as usize * 5 / 4 => {}
+        Ok(bytes) => tracing::warn!(
+            bytes,
+            "the UDP receive buffer is small for block transfers at line rate: expect losses; \
+             raise net.core.rmem_max to 8 MiB"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot size the UDP receive buffer"),
+    }
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime found"))?;
+    let socket = Arc::new(WithinSendLimit(runtime.wrap_udp_socket(socket)?));
+    Endpoint::new_with_abstract_socket(endpoint_config(), server, socket, runtime)
+}
+
+/// The most one `sendmsg` may carry: the largest UDP payload over IPv4.
+const MAX_SEND: usize = 65_507;
+
+/// A UDP socket that splits a send over [`MAX_SEND`] into several. quinn batches up to 10
+/// datagrams of the path MTU into one segmentation-offload (GSO) send; once MTU discovery goes
+/// past 6.5 KB (jumbo frames, loopback) the batch is over what one send may carry, the kernel
+/// refuses it (EMSGSIZE), quinn-udp drops it silently as it would a too-large MTU probe, and the
+/// loss of large packets trips black-hole detection, which puts the path back to 1200 bytes for a
+/// minute.
+#[derive(Debug)]
+struct WithinSendLimit(Arc<dyn quinn::AsyncUdpSocket>);
+
+impl quinn::AsyncUdpSocket for WithinSendLimit {
+    fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+        self.0.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
+        let segment = match transmit.segment_size {
+            Some(segment) if segment > 0 && transmit.contents.len() > MAX_SEND => segment,
+            _ => return self.0.try_send(transmit),
+        };
+        let per_send = (MAX_SEND / segment).max(1) * segment;
+        for (i, contents) in transmit.contents.chunks(per_send).enumerate() {
+            let part = quinn::udp::Transmit {
+                contents,
+                segment_size: (contents.len() > segment).then_some(segment),
+                ..*transmit
+            };
+            match self.0.try_send(&part) {
+                Ok(()) => {}
+                // Nothing sent yet: quinn waits until the socket is writable and retries it all.
+                Err(e) if i == 0 => return Err(e),
+                // Part sent: the rest is lost, as a full queue on the path would lose it, and
+                // recovered like any loss.
+                Err(_) => return Ok(()),
+            }
+        }
+        Ok(())
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.0.poll_recv(cx, bufs, meta)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.0.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.0.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.0.may_fragment()
+    }
+}
+
 fn transport() -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
-    t.stream_receive_window(VarInt::from_u32(16 << 20));
-    t.receive_window(VarInt::from_u32(128 << 20));
+    // Windows sized to the receiver's socket buffer, not beyond: measured on loopback, windows of
+    // 16/128 MiB overflowed it (thousands of datagrams dropped per run, congestion backoff).
+    t.stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW));
+    t.receive_window(VarInt::from_u32(RECEIVE_WINDOW));
     t.send_window(128 << 20);
     // A peer that stops answering (crashed, paused, partitioned) is declared gone after 3 s of
     // silence; live peers keep the connection busy with a keep-alive every second. A block read
@@ -36,9 +160,11 @@ fn transport() -> Arc<TransportConfig> {
     t.max_idle_timeout(Some(VarInt::from_u32(3_000).into()));
     t.keep_alive_interval(Some(Duration::from_secs(1)));
     // Per-packet work dominates QUIC's cost: let MTU discovery find jumbo paths (loopback,
-    // jumbo-frame networks) instead of stopping at 1452 bytes.
+    // jumbo-frame networks) instead of stopping at 1452 bytes. Connections still start at the
+    // default initial MTU (1200), safe on any path; probes larger than the path are lost and
+    // discovery settles on what gets through.
     let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(8952);
+    mtu.upper_bound(MAX_UDP_PAYLOAD);
     t.mtu_discovery_config(Some(mtu));
     Arc::new(t)
 }
@@ -58,7 +184,8 @@ pub fn server_endpoint(addr: SocketAddr, tls: &TlsIdentity) -> Result<Endpoint, 
     .map_err(|e| QuicError::Setup(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport());
-    Endpoint::server(config, addr)
+    std::net::UdpSocket::bind(addr)
+        .and_then(|socket| endpoint(socket, Some(config)))
         .map_err(|e| QuicError::Setup(format!("cannot listen on {addr}: {e}")))
 }
 
@@ -170,7 +297,9 @@ impl BlockClient {
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         config.transport_config(transport());
         let bind: SocketAddr = "0.0.0.0:0".parse().expect("address");
-        let mut endpoint = Endpoint::client(bind).map_err(|e| QuicError::Setup(e.to_string()))?;
+        let mut endpoint = std::net::UdpSocket::bind(bind)
+            .and_then(|socket| endpoint(socket, None))
+            .map_err(|e| QuicError::Setup(e.to_string()))?;
         endpoint.set_default_client_config(config);
         Ok(BlockClient {
             endpoint,
@@ -284,12 +413,14 @@ impl BlockClient {
                 .map_err(|e| ApiError::Unavailable(format!("{server_name}: {e}")))?;
             // Collect the response without an intermediate Vec: reserve the body once its
             // length is known, refuse anything longer than a block of this object may be
-            // before reserving for it.
+            // before reserving for it. The body's CRC32C is computed piece by piece, on the
+            // bytes just copied while they are in cache, not over the whole block afterwards.
             let max_block = usize::try_from(object.id.size)
                 .unwrap_or(usize::MAX)
                 .min(frame::MAX_BODY);
             let mut buf = BytesMut::with_capacity(64 << 10);
-            let mut reserved = false;
+            let mut body_end = None;
+            let (mut crc, mut crc_upto) = (0, frame::RESPONSE_HEADER);
             loop {
                 match recv.read_chunk(usize::MAX, true).await {
                     Ok(Some(chunk)) => {
@@ -299,11 +430,12 @@ impl BlockClient {
                             )));
                         }
                         buf.extend_from_slice(&chunk.bytes);
-                        if !reserved {
+                        if body_end.is_none() {
                             match frame::checked_body_len(&buf, max_block) {
                                 Ok(Some(len)) => {
-                                    buf.reserve(len + frame::RESPONSE_HEADER);
-                                    reserved = true;
+                                    let end = frame::RESPONSE_HEADER + len;
+                                    buf.reserve(end.saturating_sub(buf.len()));
+                                    body_end = Some(end);
                                 }
                                 Ok(None) => {}
                                 Err(e) => {
@@ -311,12 +443,19 @@ impl BlockClient {
                                 }
                             }
                         }
+                        if let Some(end) = body_end {
+                            let upto = buf.len().min(end);
+                            if upto > crc_upto {
+                                crc = checksum_append(crc, &buf[crc_upto..upto]);
+                                crc_upto = upto;
+                            }
+                        }
                     }
                     Ok(None) => break,
                     Err(e) => return Err(ApiError::Unavailable(format!("{server_name}: {e}"))),
                 }
             }
-            match frame::decode_response_within(&mut buf, max_block) {
+            match frame::decode_response_checked(&mut buf, max_block, body_end.map(|_| crc)) {
                 Ok(Some(result)) => result,
                 Ok(None) => Err(ApiError::Unavailable(format!(
                     "{server_name}: truncated response"

@@ -205,6 +205,17 @@ pub fn decode_response_within(
     buf: &mut BytesMut,
     max_block: usize,
 ) -> Result<Option<Result<Block, ApiError>>, FrameError> {
+    decode_response_checked(buf, max_block, None)
+}
+
+/// [`decode_response_within`] for a receiver that computed the CRC32C of the body as its bytes
+/// came in (`body_crc`: of the `len` bytes after the header, none other), so the block is not
+/// read again to verify it. `None`: computed here.
+pub fn decode_response_checked(
+    buf: &mut BytesMut,
+    max_block: usize,
+    body_crc: Option<u32>,
+) -> Result<Option<Result<Block, ApiError>>, FrameError> {
     if buf.len() < RESPONSE_HEADER {
         return check_prefix(buf, RESPONSE_MAGIC).map(|()| None);
     }
@@ -242,10 +253,11 @@ pub fn decode_response_within(
         crc32c: crc,
         origin,
     };
-    if !block.verify() {
+    let actual = body_crc.unwrap_or_else(|| granary_core::object::checksum(&block.data));
+    if actual != crc {
         return Err(FrameError::Checksum {
             expected: crc,
-            actual: granary_core::object::checksum(&block.data),
+            actual,
         });
     }
     Ok(Some(Ok(block)))
@@ -414,6 +426,21 @@ mod tests {
             })
         ));
         assert!(decode_response_within(&mut err, MAX_BODY).is_err());
+    }
+
+    #[test]
+    fn a_checksum_computed_on_arrival_is_checked_against_the_header() {
+        let block = Block::new(Bytes::from(vec![3u8; 5000]));
+        let mut buf = BytesMut::new();
+        let body = encode_response_header(&Ok(block.clone()), &mut buf).unwrap();
+        buf.put_slice(&body);
+        let mut right = buf.clone();
+        let got = decode_response_checked(&mut right, MAX_BODY, Some(block.crc32c));
+        assert_eq!(got.unwrap().unwrap().unwrap().data, block.data);
+        assert!(matches!(
+            decode_response_checked(&mut buf, MAX_BODY, Some(block.crc32c ^ 1)),
+            Err(FrameError::Checksum { .. })
+        ));
     }
 
     proptest! {

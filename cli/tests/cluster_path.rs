@@ -96,7 +96,9 @@ fn node_mounts_read_in_process_spread_hot_blocks_and_share_the_backend_rate() {
     support::keys::put(&moto.boto3(), &prefix, &objects);
     let expected = |name: &str| sha_of(&objects.iter().find(|(n, _)| n == name).unwrap().1);
 
-    let mounts: Vec<PathBuf> = (1..=3).map(|i| work.path().join(format!("mnt-w{i}"))).collect();
+    let mounts: Vec<PathBuf> = (1..=3)
+        .map(|i| work.path().join(format!("mnt-w{i}")))
+        .collect();
     let extra: Vec<(String, String)> = mounts
         .iter()
         .enumerate()
@@ -133,8 +135,13 @@ fn node_mounts_read_in_process_spread_hot_blocks_and_share_the_backend_rate() {
 
     // 1. One node reads a file: its own blocks never cross QUIC.
     drop_page_cache();
-    let out = direct_sha(&data(0).join("one.bin")).wait_with_output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), expected("one.bin"));
+    let out = direct_sha(&data(0).join("one.bin"))
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        expected("one.bin")
+    );
     let from_peers = block_reads(&metrics[0], "peer");
     assert!(
         (1.0..10.0).contains(&from_peers),
@@ -192,7 +199,10 @@ fn node_mounts_read_in_process_spread_hot_blocks_and_share_the_backend_rate() {
         .collect();
     let span = asked.last().unwrap().at - asked.first().unwrap().at;
     let bound = RATE * (span.as_secs_f64() + 1.0) * 1.05;
-    eprintln!("{} backend requests in {span:?} (limit {RATE}/s)", asked.len());
+    eprintln!(
+        "{} backend requests in {span:?} (limit {RATE}/s)",
+        asked.len()
+    );
     assert!(
         asked.len() >= 80 && asked.len() as f64 <= bound,
         "{} requests in {span:?}: more than {RATE}/s (plus a second's burst) for the cluster",
@@ -233,5 +243,8 @@ fn node_mounts_read_in_process_spread_hot_blocks_and_share_the_backend_rate() {
             expected(&name)
         );
     }
-    assert!(opens() - before >= 4.0, "passthrough opens of the pinned files");
+    assert!(
+        opens() - before >= 4.0,
+        "passthrough opens of the pinned files"
+    );
 }

@@ -2,6 +2,7 @@
 //! settings, builds the components and wires them together; it decides nothing else.
 
 mod cmd_cluster;
+mod cmd_csi;
 mod cmd_dataset;
 mod cmd_hint;
 mod cmd_mount;
@@ -9,6 +10,7 @@ mod cmd_scheduler;
 mod cmd_server;
 mod cmd_signer;
 mod cmd_up;
+mod csi_mount;
 mod dashboard;
 mod keeper;
 mod mount_flags;
@@ -60,6 +62,9 @@ enum Command {
     Scheduler(cmd_scheduler::SchedulerArgs),
     /// Approve and sign node certificate requests (CSR API); the only holder of the CA key.
     Signer(cmd_signer::SignerArgs),
+    /// The CSI node plugin (driver csi.granary.io): gives pods directories of the node's mount as
+    /// read-only volumes, each tenant only its own.
+    Csi(cmd_csi::CsiArgs),
 }
 
 /// Allocations from this size up get their own mapping, returned to the system when freed.
@@ -123,6 +128,7 @@ fn main() -> ExitCode {
         Command::Hint(args) => cmd_hint::run(args),
         Command::Scheduler(args) => runtime::block_on(cmd_scheduler::run(args)),
         Command::Signer(args) => runtime::block_on(cmd_signer::run(args)),
+        Command::Csi(args) => runtime::block_on(cmd_csi::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -23,6 +23,13 @@ pub mod pb {
     tonic::include_proto!("granary.v1");
 }
 
+/// The Container Storage Interface's Identity and Node services (`proto/csi.proto`), for the
+/// CSI node plugin.
+pub mod csi {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("csi.v1");
+}
+
 /// Largest gRPC message either side accepts: a 64 MiB block plus framing, or a large listing.
 pub const MAX_MESSAGE_BYTES: usize = 80 << 20;
 

@@ -1,0 +1,332 @@
+//! The CSI node plugin driven over its unix socket as kubelet drives it, with a real worker and
+//! FUSE node mount (`granary up` over a POSIX tree) and its dataset API: identity and node info,
+//! a dataset published with waitReady showing exactly its files, read-only; idempotent repeats;
+//! another tenant's dataset and paths refused with PERMISSION_DENIED; bad requests with the
+//! spec's codes; unpublish removing only its target; published targets readable across a kill
+//! of the node mount's server (its keeper starts another).
+
+mod support;
+
+use granary_proto::csi;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use support::process::{Mount, UpOptions, granary, run_with_timeout, server_of, signal};
+use support::{free_port, wait_until};
+use tonic::Code;
+
+type NodeClient = csi::node_client::NodeClient<tonic::transport::Channel>;
+
+async fn connect(socket: PathBuf) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::try_from("http://csi.sock")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(socket).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
+        .unwrap()
+}
+
+fn publish_request(
+    target: &Path,
+    namespace: &str,
+    attributes: &[(&str, &str)],
+) -> csi::NodePublishVolumeRequest {
+    let mut context: HashMap<String, String> = attributes
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    context.insert(
+        "csi.storage.k8s.io/pod.namespace".into(),
+        namespace.to_string(),
+    );
+    context.insert("csi.storage.k8s.io/ephemeral".into(), "true".into());
+    csi::NodePublishVolumeRequest {
+        volume_id: format!("csi-{}", target.file_name().unwrap().to_string_lossy()),
+        target_path: target.to_str().unwrap().to_string(),
+        volume_capability: Some(csi::VolumeCapability {
+            access_type: Some(csi::volume_capability::AccessType::Mount(
+                csi::volume_capability::MountVolume::default(),
+            )),
+            access_mode: Some(csi::volume_capability::AccessMode {
+                mode: csi::volume_capability::access_mode::Mode::SingleNodeReaderOnly as i32,
+            }),
+        }),
+        readonly: true,
+        volume_context: context,
+        ..Default::default()
+    }
+}
+
+async fn publish(
+    node: &mut NodeClient,
+    target: &Path,
+    namespace: &str,
+    attributes: &[(&str, &str)],
+) -> Result<(), tonic::Status> {
+    node.node_publish_volume(publish_request(target, namespace, attributes))
+        .await
+        .map(drop)
+}
+
+async fn unpublish(node: &mut NodeClient, target: &Path) -> Result<(), tonic::Status> {
+    node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+        volume_id: "v".into(),
+        target_path: target.to_str().unwrap().into(),
+    })
+    .await
+    .map(drop)
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn is_mount_point(path: &Path) -> bool {
+    mount_options(path).is_some()
+}
+
+/// The per-mount options of the mount at `path` (mountinfo's sixth field), if one is there.
+fn mount_options(path: &Path) -> Option<Vec<String>> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.split(' ').nth(4) == Some(path.to_str().unwrap()))
+        .next_back()
+        .map(|l| {
+            l.split(' ')
+                .nth(5)
+                .unwrap()
+                .split(',')
+                .map(String::from)
+                .collect()
+        })
+}
+
+#[test]
+fn pods_get_their_tenants_data_read_only_and_nothing_else() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    let files: &[(&str, usize)] = &[
+        ("team-a/ds/train-0.bin", 3 << 20),
+        ("team-a/ds/train-1.bin", 70_000),
+        ("team-a/ds/sub/labels.txt", 1_000),
+        ("team-a/free/notes.txt", 500),
+        ("team-b/secret/weights.bin", 200_000),
+    ];
+    for (i, (path, size)) in files.iter().enumerate() {
+        let p = src.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, vec![i as u8 + 1; *size]).unwrap();
+    }
+    let mnt = work.path().join("node-mount");
+    std::fs::create_dir(&mnt).unwrap();
+    let api = format!("127.0.0.1:{}", free_port());
+    let node_mount = Mount::up(UpOptions {
+        source: src.to_str().unwrap().into(),
+        envs: vec![],
+        cache_dir: &work.path().join("cache"),
+        mount_dir: &mnt,
+        extra: vec!["--listen".into(), api.clone(), "--allow-other".into()],
+    });
+    let node_id = granary_cache_server::config::default_node_id();
+
+    // A dataset of team-a, pinned and loaded onto this node (the worker's API has no tokens:
+    // the pin names its tenant).
+    let dataset = |args: &[&str]| {
+        let mut all = vec!["dataset", "--server", api.as_str()];
+        all.extend_from_slice(args);
+        let out = run_with_timeout(granary(&all, &[]), Duration::from_secs(60));
+        assert!(out.status.success(), "dataset {args:?}: {}", out.stderr);
+    };
+    dataset(&["pin", "ds-a", "--path", "/team-a/ds", "--tenant", "team-a"]);
+    dataset(&[
+        "pin",
+        "ds-b",
+        "--path",
+        "/team-b/secret",
+        "--tenant",
+        "team-b",
+    ]);
+
+    let config = work.path().join("csi.toml");
+    std::fs::write(
+        &config,
+        "[[tenant]]\nname = \"team-a\"\nnamespaces = [\"ns-a\"]\npaths = [\"/team-a/free\"]\n\
+         [[tenant]]\nname = \"team-b\"\nnamespaces = [\"ns-b\"]\npaths = [\"/team-b\"]\n",
+    )
+    .unwrap();
+    let socket = work.path().join("csi.sock");
+    let mut csi_plugin = granary(
+        &[
+            "csi",
+            "--endpoint",
+            &format!("unix://{}", socket.display()),
+            "--node-id",
+            &node_id,
+            "--node-mount",
+            mnt.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+            "--server",
+            &api,
+            "--wait-timeout",
+            "60s",
+        ],
+        &[],
+    )
+    .spawn()
+    .unwrap();
+    wait_until("the CSI socket", Duration::from_secs(20), || {
+        socket.exists()
+    });
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let channel = connect(socket.clone()).await;
+        let mut identity = csi::identity_client::IdentityClient::new(channel.clone());
+        let mut node = NodeClient::new(channel);
+        let info = identity
+            .get_plugin_info(csi::GetPluginInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(info.name, "csi.granary.io");
+        let probe = identity
+            .probe(csi::ProbeRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(probe.ready, Some(true));
+        let got = node
+            .node_get_info(csi::NodeGetInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.node_id, node_id);
+
+        // Kubelet's pod directories: the parent exists, the target may not.
+        let pods = work.path().join("pods");
+        std::fs::create_dir(&pods).unwrap();
+        let t1 = pods.join("t1");
+        let t2 = pods.join("t2");
+
+        // The dataset, once ready here: exactly its files, right bytes, read-only.
+        dataset(&["load", "ds-a"]);
+        publish(
+            &mut node,
+            &t1,
+            "ns-a",
+            &[("dataset", "ds-a"), ("waitReady", "true")],
+        )
+        .await
+        .unwrap();
+        assert_eq!(names(&t1), ["sub", "train-0.bin", "train-1.bin"]);
+        assert_eq!(names(&t1.join("sub")), ["labels.txt"]);
+        assert_eq!(
+            std::fs::read(t1.join("train-0.bin")).unwrap(),
+            std::fs::read(src.join("team-a/ds/train-0.bin")).unwrap()
+        );
+        let write = std::fs::write(t1.join("new"), b"x").unwrap_err();
+        assert_eq!(write.raw_os_error(), Some(libc::EROFS), "{write}");
+        // Read-only, no setuid, no devices, as the bind mount's own flags.
+        let options = mount_options(&t1).unwrap();
+        for flag in ["ro", "nosuid", "nodev"] {
+            assert!(options.iter().any(|o| o == flag), "{flag} in {options:?}");
+        }
+        // The same again: OK; something else onto the same target: ALREADY_EXISTS.
+        publish(
+            &mut node,
+            &t1,
+            "ns-a",
+            &[("dataset", "ds-a"), ("waitReady", "true")],
+        )
+        .await
+        .unwrap();
+        let other = publish(&mut node, &t1, "ns-a", &[("path", "/team-a/free")]).await;
+        assert_eq!(other.unwrap_err().code(), Code::AlreadyExists);
+
+        // A path of the tenant's: OK. Another tenant's data, paths or an unknown namespace:
+        // PERMISSION_DENIED, and nothing is mounted.
+        publish(&mut node, &t2, "ns-a", &[("path", "/team-a/free")])
+            .await
+            .unwrap();
+        assert_eq!(names(&t2), ["notes.txt"]);
+        let t3 = pods.join("t3");
+        for (namespace, attrs, says) in [
+            ("ns-b", vec![("dataset", "ds-a")], "another tenant"),
+            ("ns-a", vec![("dataset", "ds-b")], "another tenant"),
+            ("ns-a", vec![("path", "/team-b/secret")], "may not see"),
+            ("ns-a", vec![("path", "/team-a")], "may not see"),
+            (
+                "ns-x",
+                vec![("path", "/team-a/free")],
+                "belongs to no tenant",
+            ),
+        ] {
+            let err = publish(&mut node, &t3, namespace, &attrs)
+                .await
+                .unwrap_err();
+            assert_eq!(
+                err.code(),
+                Code::PermissionDenied,
+                "{namespace} {attrs:?}: {err}"
+            );
+            assert!(err.message().contains(says), "{err}");
+            assert!(!is_mount_point(&t3));
+        }
+        // Bad requests: the spec's codes.
+        let missing = publish(&mut node, &t3, "ns-a", &[("dataset", "nope")]).await;
+        assert_eq!(missing.unwrap_err().code(), Code::NotFound);
+        let mut no_id = publish_request(&t3, "ns-a", &[("path", "/team-a/free")]);
+        no_id.volume_id.clear();
+        let err = node.node_publish_volume(no_id).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        let mut no_cap = publish_request(&t3, "ns-a", &[("path", "/team-a/free")]);
+        no_cap.volume_capability = None;
+        let err = node.node_publish_volume(no_cap).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        let mut relative = publish_request(&t3, "ns-a", &[("path", "/team-a/free")]);
+        relative.target_path = "pods/t3".into();
+        let err = node.node_publish_volume(relative).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        for attrs in [
+            vec![("path", "/team-a/../team-b")],
+            vec![("path", "/team-a/free"), ("dataset", "ds-a")],
+        ] {
+            let err = publish(&mut node, &t3, "ns-a", &attrs).await.unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{attrs:?}");
+        }
+        assert!(!is_mount_point(&t3));
+
+        // The node mount's server dies: its keeper starts another; published targets stay
+        // readable.
+        let server = server_of(node_mount.pid()).expect("the FUSE server");
+        signal(server, "KILL");
+        assert_eq!(
+            std::fs::read(t1.join("train-1.bin")).unwrap(),
+            std::fs::read(src.join("team-a/ds/train-1.bin")).unwrap()
+        );
+        assert_eq!(names(&t2), ["notes.txt"]);
+
+        // Unpublish removes only its target; again: OK.
+        unpublish(&mut node, &t2).await.unwrap();
+        assert!(!t2.exists() && !is_mount_point(&t2));
+        unpublish(&mut node, &t2).await.unwrap();
+        assert_eq!(names(&t1), ["sub", "train-0.bin", "train-1.bin"]);
+        unpublish(&mut node, &t1).await.unwrap();
+        assert!(!t1.exists());
+    });
+    signal(csi_plugin.id(), "TERM");
+    csi_plugin.wait().unwrap();
+    drop(node_mount);
+}

@@ -283,18 +283,15 @@ fn example_configs_in_deploy_are_valid() {
                 .replace("/etc/granary/secrets", dir);
             let copy = secrets.path().join(path.file_name().unwrap());
             std::fs::write(&copy, text).unwrap();
-            let out = run_with_timeout(
-                granary(
-                    &[
-                        "server",
-                        "--config",
-                        copy.to_str().unwrap(),
-                        "--check-config",
-                    ],
-                    &[],
-                ),
-                Duration::from_secs(10),
-            );
+            // csi.toml is the CSI node plugin's; every other file a worker's.
+            let args: &[&str] = if path.file_name().is_some_and(|n| n == "csi.toml") {
+                &["csi", "--node-id", "n", "--check-config", "--config"]
+            } else {
+                &["server", "--check-config", "--config"]
+            };
+            let mut args = args.to_vec();
+            args.push(copy.to_str().unwrap());
+            let out = run_with_timeout(granary(&args, &[]), Duration::from_secs(10));
             assert!(out.status.success(), "{}: {}", path.display(), out.stderr);
             checked += 1;
         }

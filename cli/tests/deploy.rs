@@ -68,6 +68,7 @@ fn manifests_pass_server_side_dry_run() {
         "kind: Service",
         "kind: Deployment",
         "kind: ClusterRole",
+        "kind: CSIDriver",
         "mountPropagation: Bidirectional",
     ] {
         assert!(rendered.contains(kind), "rendered manifests lack {kind:?}");
@@ -88,6 +89,12 @@ fn manifests_pass_server_side_dry_run() {
     );
 
     let examples = deploy().join("k8s/examples");
+    for namespace in ["vision-train"] {
+        if !kubectl(&["get", "namespace", namespace], None).0 {
+            let (created, text) = kubectl(&["create", "namespace", namespace], None);
+            assert!(created, "{text}");
+        }
+    }
     let (ok, text) = kubectl(
         &[
             "apply",
@@ -102,6 +109,10 @@ fn manifests_pass_server_side_dry_run() {
         text.contains("job.batch/resnet-train created (server dry run)"),
         "{text}"
     );
+    assert!(
+        text.contains("persistentvolume/granary-vision-raw created (server dry run)"),
+        "{text}"
+    );
 
     // A type error is refused: the dry run really validates.
     let broken = rendered.replace("hostNetwork: true", "hostNetwork: \"yes\"");
@@ -109,6 +120,114 @@ fn manifests_pass_server_side_dry_run() {
     let (ok, text) = kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&broken));
     assert!(!ok, "a broken DaemonSet passed:\n{text}");
     assert!(text.contains("hostNetwork"), "{text}");
+}
+
+/// What the `restricted` Pod Security Standard refuses in `pod` (a pod spec), as reasons. The
+/// test's kube-apiserver (1.20) has no PodSecurity admission, so the profile is checked here,
+/// rule by rule as the standard states it.
+fn restricted_violations(pod: &serde_json::Value) -> Vec<String> {
+    let mut why = Vec::new();
+    for host in ["hostNetwork", "hostPID", "hostIPC"] {
+        if pod[host] == true {
+            why.push(format!("{host}: true"));
+        }
+    }
+    let allowed = [
+        "configMap",
+        "csi",
+        "downwardAPI",
+        "emptyDir",
+        "ephemeral",
+        "persistentVolumeClaim",
+        "projected",
+        "secret",
+    ];
+    for v in pod["volumes"].as_array().into_iter().flatten() {
+        for key in v.as_object().unwrap().keys().filter(|k| *k != "name") {
+            if !allowed.contains(&key.as_str()) {
+                why.push(format!("volume {} of type {key}", v["name"]));
+            }
+        }
+    }
+    let pod_sc = &pod["securityContext"];
+    let containers = ["containers", "initContainers"]
+        .iter()
+        .flat_map(|k| pod[*k].as_array().cloned().unwrap_or_default());
+    for c in containers {
+        let sc = &c["securityContext"];
+        let name = &c["name"];
+        if sc["privileged"] == true {
+            why.push(format!("{name}: privileged"));
+        }
+        if sc["allowPrivilegeEscalation"] != false {
+            why.push(format!("{name}: allowPrivilegeEscalation is not false"));
+        }
+        let drops = sc["capabilities"]["drop"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if !drops.iter().any(|d| d == "ALL") {
+            why.push(format!("{name}: capabilities do not drop ALL"));
+        }
+        for add in sc["capabilities"]["add"].as_array().into_iter().flatten() {
+            if add != "NET_BIND_SERVICE" {
+                why.push(format!("{name}: adds capability {add}"));
+            }
+        }
+        if sc["runAsNonRoot"] != true && pod_sc["runAsNonRoot"] != true {
+            why.push(format!("{name}: runAsNonRoot is not true"));
+        }
+        if sc["runAsUser"] == 0 || pod_sc["runAsUser"] == 0 {
+            why.push(format!("{name}: runAsUser 0"));
+        }
+        let seccomp = if sc["seccompProfile"].is_null() {
+            &pod_sc["seccompProfile"]
+        } else {
+            &sc["seccompProfile"]
+        };
+        if !(seccomp["type"] == "RuntimeDefault" || seccomp["type"] == "Localhost") {
+            why.push(format!(
+                "{name}: no RuntimeDefault or Localhost seccomp profile"
+            ));
+        }
+        for port in c["ports"].as_array().into_iter().flatten() {
+            if !port["hostPort"].is_null() {
+                why.push(format!("{name}: hostPort"));
+            }
+        }
+    }
+    why
+}
+
+#[test]
+fn training_pods_pass_the_restricted_pod_security_profile() {
+    let mut pods = 0;
+    for file in ["training-job.yaml", "static-pv.yaml"] {
+        let text = std::fs::read_to_string(deploy().join("k8s/examples").join(file)).unwrap();
+        for doc in text.split("\n---\n") {
+            let v: serde_json::Value = serde_saphyr::from_str(doc).unwrap();
+            let spec = match v["kind"].as_str() {
+                Some("Pod") => &v["spec"],
+                Some("Job") => &v["spec"]["template"]["spec"],
+                _ => continue,
+            };
+            let why = restricted_violations(spec);
+            assert!(why.is_empty(), "{file}: {}: {why:?}", v["metadata"]["name"]);
+            pods += 1;
+        }
+    }
+    assert_eq!(pods, 2);
+    // The checker refuses what the profile refuses: the node-level DaemonSet's pod.
+    let rendered = render();
+    let ds = rendered
+        .split("\n---\n")
+        .find(|d| d.contains("kind: DaemonSet"))
+        .unwrap();
+    let v: serde_json::Value = serde_saphyr::from_str(ds).unwrap();
+    let why = restricted_violations(&v["spec"]["template"]["spec"]);
+    assert!(why.iter().any(|w| w.contains("hostNetwork")), "{why:?}");
+    assert!(why.iter().any(|w| w.contains("hostPath")), "{why:?}");
+    assert!(why.iter().any(|w| w.contains("privileged")), "{why:?}");
 }
 
 fn promtool(args: &[&str]) -> (bool, String) {

@@ -7,6 +7,7 @@
 //! anything else), where the machine's users are the callers.
 
 use crate::rpc_metrics::record;
+use crate::tenant_view::TenantViews;
 use granary_net::tls::TlsIdentity;
 use granary_proto::{ApiError, CacheApi, MAX_MESSAGE_BYTES, ObjectRef, pb};
 use std::future::Future;
@@ -20,9 +21,29 @@ pub struct CacheService<A> {
     api: Arc<A>,
     /// Whether callers must present a client certificate (the listener is TLS).
     certificates: bool,
+    /// What a tenant's token may read (`None`: no tenant views, everyone reads everything).
+    views: Option<Arc<TenantViews>>,
 }
 
 impl<A> CacheService<A> {
+    /// The tenant whose view the request gets, from its bearer token (`None`: everything).
+    fn tenant<T>(&self, req: &Request<T>, method: &'static str) -> Result<Option<String>, Status> {
+        let Some(views) = &self.views else {
+            return Ok(None);
+        };
+        let token = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        views.caller(token).map_err(|e| {
+            metrics::counter!(granary_core::metrics::RPC_REFUSED, "method" => method, "reason" => "bad_token")
+                .increment(1);
+            Status::from(e)
+        })
+    }
+
     /// Whether the caller presented a certificate the cluster CA signed (always, without TLS:
     /// then only this machine's users reach the listener).
     fn is_node<T>(&self, req: &Request<T>) -> bool {
@@ -72,6 +93,7 @@ impl<A: CacheApi> pb::cache_server::Cache for CacheService<A> {
         req: Request<pb::ObjectRef>,
     ) -> Result<Response<pb::LocalCopyReply>, Status> {
         self.node_only(&req, "local_copy")?;
+        let tenant = self.tenant(&req, "local_copy")?;
         // A path means something only on this machine: answer callers on it alone (the
         // connection's two ends share an address), never a client elsewhere that might hold
         // another file at the same path.
@@ -85,6 +107,9 @@ impl<A: CacheApi> pb::cache_server::Cache for CacheService<A> {
             return Ok(Response::new(pb::LocalCopyReply { path: None }));
         }
         let object = ObjectRef::from(req.into_inner());
+        if let (Some(t), Some(views)) = (&tenant, &self.views) {
+            views.check_object(t, &object)?;
+        }
         let path = self.api.local_copy(&object).await?;
         Ok(Response::new(pb::LocalCopyReply {
             path: path.map(|p| p.to_string_lossy().into_owned()),
@@ -102,7 +127,15 @@ impl<A: CacheApi> pb::cache_server::Cache for CacheService<A> {
 
     async fn stat(&self, req: Request<pb::StatRequest>) -> Result<Response<pb::Entry>, Status> {
         self.node_only(&req, "stat")?;
-        let result = self.api.stat(&req.into_inner().path).await;
+        let tenant = self.tenant(&req, "stat")?;
+        let path = req.into_inner().path;
+        let result = match (&tenant, &self.views) {
+            (Some(t), Some(views)) => match views.check_path(t, &path) {
+                Ok(()) => self.api.stat(&path).await,
+                Err(e) => Err(e),
+            },
+            _ => self.api.stat(&path).await,
+        };
         record("stat", &result);
         Ok(Response::new(pb::Entry::from(&result?)))
     }
@@ -112,7 +145,19 @@ impl<A: CacheApi> pb::cache_server::Cache for CacheService<A> {
         req: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
         self.node_only(&req, "list")?;
-        let result = self.api.list(&req.into_inner().path).await;
+        let tenant = self.tenant(&req, "list")?;
+        let path = req.into_inner().path;
+        let result = match (&tenant, &self.views) {
+            (Some(t), Some(views)) => match views.check_path(t, &path) {
+                Ok(()) => self
+                    .api
+                    .list(&path)
+                    .await
+                    .map(|entries| views.filter(t, &path, entries)),
+                Err(e) => Err(e),
+            },
+            _ => self.api.list(&path).await,
+        };
         record("list", &result);
         let entries = result?.iter().map(pb::Entry::from).collect();
         Ok(Response::new(pb::ListResponse { entries }))
@@ -123,10 +168,17 @@ impl<A: CacheApi> pb::cache_server::Cache for CacheService<A> {
         req: Request<pb::ReadBlockRequest>,
     ) -> Result<Response<pb::BlockData>, Status> {
         self.node_only(&req, "read_block")?;
+        let tenant = self.tenant(&req, "read_block")?;
         let req = req.into_inner();
-        let result = match req.object {
+        let result = match req.object.map(ObjectRef::from) {
             None => Err(ApiError::Invalid("read_block without an object".into())),
-            Some(object) => self.api.read_block(&object.into(), req.index).await,
+            Some(object) => match (&tenant, &self.views) {
+                (Some(t), Some(views)) => match views.check_object(t, &object) {
+                    Ok(()) => self.api.read_block(&object, req.index).await,
+                    Err(e) => Err(e),
+                },
+                _ => self.api.read_block(&object, req.index).await,
+            },
         };
         record("read_block", &result);
         let block = result?;
@@ -151,9 +203,13 @@ pub async fn serve<A: CacheApi>(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let certificates = tls.is_some();
-    let service = pb::cache_server::CacheServer::new(CacheService { api, certificates })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let service = pb::cache_server::CacheServer::new(CacheService {
+        api,
+        certificates,
+        views: None,
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
     run(builder().add_service(service), listener, tls, shutdown).await
 }
 
@@ -168,6 +224,7 @@ pub async fn serve_worker(
     let cache = pb::cache_server::CacheServer::new(CacheService {
         api: worker.clone(),
         certificates: tls.is_some(),
+        views: Some(Arc::new(TenantViews::new(worker.settings()))),
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);

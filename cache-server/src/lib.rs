@@ -14,6 +14,7 @@ pub mod grpc;
 pub mod listing;
 pub mod registry;
 mod rpc_metrics;
+pub mod tenant_view;
 pub mod worker;
 
 pub use config::{ConfigFile, Settings};

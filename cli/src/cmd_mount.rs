@@ -40,6 +40,15 @@ pub struct MountArgs {
     /// it first [default: this host's name, when a worker of that id is a member].
     #[arg(long, value_name = "ID", env = "GRANARY_NODE_ID", requires = "etcd")]
     pub local_node: Option<String>,
+    /// With --server: a tenant's token (from the worker's `[[tenant]]`), read from FILE: the
+    /// mount then shows and reads only the mounts whose `tenants` name that tenant (or no one).
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "GRANARY_TOKEN_FILE",
+        requires = "server"
+    )]
+    pub token_file: Option<PathBuf>,
     /// Where to mount (an existing, empty directory).
     #[arg(value_name = "DIR")]
     pub dir: PathBuf,
@@ -87,9 +96,18 @@ pub async fn run(args: MountArgs, handoff: Option<Handoff>) -> anyhow::Result<()
     let mounted = match &args.server {
         Some(server) => {
             let tls = tls_args::identity(args.tls_dir.as_deref(), Some(&args.tls_name))?;
-            let api = Arc::new(
-                GrpcCache::connect(server, tls.as_ref(), None, Duration::from_secs(10)).await?,
-            );
+            let mut api =
+                GrpcCache::connect(server, tls.as_ref(), None, Duration::from_secs(10)).await?;
+            if let Some(file) = &args.token_file {
+                let token = std::fs::read_to_string(file)
+                    .with_context(|| format!("--token-file {}", file.display()))?;
+                api = api.with_token(token.trim())?;
+                // The token is checked now: a wrong one fails here, not at the first read.
+                granary_proto::CacheApi::list(&api, "/")
+                    .await
+                    .context("--token-file")?;
+            }
+            let api = Arc::new(api);
             let fs = Arc::new(GranaryFs::new(api, config));
             mount(fs, &args, handoff).await?
         }

@@ -66,6 +66,7 @@ pub async fn run(args: UpArgs, handoff: Option<Handoff>) -> anyhow::Result<()> {
         mounts: vec![MountSection {
             path: "/".into(),
             source: args.source.clone(),
+            tenants: None,
         }],
         ..ConfigFile::default()
     };

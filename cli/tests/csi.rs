@@ -100,8 +100,7 @@ fn mount_options(path: &Path) -> Option<Vec<String>> {
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap()
         .lines()
-        .filter(|l| l.split(' ').nth(4) == Some(path.to_str().unwrap()))
-        .next_back()
+        .rfind(|l| l.split(' ').nth(4) == Some(path.to_str().unwrap()))
         .map(|l| {
             l.split(' ')
                 .nth(5)
@@ -329,4 +328,109 @@ fn pods_get_their_tenants_data_read_only_and_nothing_else() {
     signal(csi_plugin.id(), "TERM");
     csi_plugin.wait().unwrap();
     drop(node_mount);
+}
+
+#[test]
+fn a_tenants_token_shows_and_reads_only_its_mounts() {
+    use granary_net::client::GrpcCache;
+    use granary_proto::CacheApi;
+    use support::cluster::Worker;
+    let work = tempfile::tempdir().unwrap();
+    for (dir, file) in [("a", "a.bin"), ("b", "b.bin"), ("shared", "s.bin")] {
+        std::fs::create_dir_all(work.path().join(dir)).unwrap();
+        std::fs::write(work.path().join(dir).join(file), vec![7u8; 100_000]).unwrap();
+    }
+    let api = format!("127.0.0.1:{}", free_port());
+    let config = work.path().join("w.toml");
+    let w = |d: &str| work.path().join(d).display().to_string();
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"{api}\"\n[cache]\ndir = \"{cache}\"\nmemory = \"64MiB\"\ndisk = \"0\"\n\
+             [datasets]\nadmin_token = \"admin-token-0123456789\"\n\
+             [[tenant]]\nname = \"team-a\"\ntoken = \"team-a-token-0123456789\"\n\
+             [[tenant]]\nname = \"team-b\"\ntoken = \"team-b-token-0123456789\"\n\
+             [[mount]]\npath = \"/teams/a\"\nsource = \"{a}\"\ntenants = [\"team-a\"]\n\
+             [[mount]]\npath = \"/teams/b\"\nsource = \"{b}\"\ntenants = [\"team-b\"]\n\
+             [[mount]]\npath = \"/shared\"\nsource = \"{s}\"\n",
+            cache = w("cache"),
+            a = w("a"),
+            b = w("b"),
+            s = w("shared"),
+        ),
+    )
+    .unwrap();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let _worker = Worker::start("w", &config, &metrics);
+    let token_a = work.path().join("token-a");
+    std::fs::write(&token_a, "team-a-token-0123456789\n").unwrap();
+    let mnt = work.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mount_metrics = format!("127.0.0.1:{}", free_port());
+    let args = [
+        "mount",
+        "--server",
+        api.as_str(),
+        "--token-file",
+        token_a.to_str().unwrap(),
+        "--no-keeper",
+        "--metrics-addr",
+        mount_metrics.as_str(),
+        mnt.to_str().unwrap(),
+    ];
+    let mount = Mount::spawn(granary(&args, &[]), &mnt, mount_metrics.clone());
+    assert_eq!(names(&mnt), ["shared", "teams"]);
+    assert_eq!(names(&mnt.join("teams")), ["a"]);
+    assert_eq!(
+        std::fs::read(mnt.join("teams/a/a.bin")).unwrap().len(),
+        100_000
+    );
+    assert_eq!(
+        std::fs::read(mnt.join("shared/s.bin")).unwrap().len(),
+        100_000
+    );
+    let hidden = std::fs::metadata(mnt.join("teams/b/b.bin")).unwrap_err();
+    assert_eq!(hidden.kind(), std::io::ErrorKind::NotFound, "{hidden}");
+    drop(mount);
+
+    // The worker enforces it, whatever a client asks: a block of team-b's mount, asked for with
+    // team-a's token, is refused; with the admin's token (or none, as a node) it is served.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let connect = || GrpcCache::connect(&api, None, None, Duration::from_secs(10));
+        let admin = connect()
+            .await
+            .unwrap()
+            .with_token("admin-token-0123456789")
+            .unwrap();
+        let entries = admin.list("/teams/b").await.unwrap();
+        let object = entries[0].object.clone().unwrap();
+        assert!(admin.read_block(&object, 0).await.is_ok());
+        let a = connect()
+            .await
+            .unwrap()
+            .with_token("team-a-token-0123456789")
+            .unwrap();
+        let refused = a.read_block(&object, 0).await.unwrap_err();
+        assert!(
+            matches!(refused, granary_proto::ApiError::Denied(_)),
+            "{refused:?}"
+        );
+        assert!(matches!(
+            a.list("/teams/b").await.unwrap_err(),
+            granary_proto::ApiError::NotFound(_)
+        ));
+        assert!(matches!(
+            a.stat("/teams/b/b.bin").await.unwrap_err(),
+            granary_proto::ApiError::NotFound(_)
+        ));
+        let stranger = connect()
+            .await
+            .unwrap()
+            .with_token("nobody-0123456789")
+            .unwrap();
+        assert!(stranger.list("/").await.is_err());
+        let node = connect().await.unwrap();
+        assert_eq!(node.list("/teams").await.unwrap().len(), 2);
+    });
 }

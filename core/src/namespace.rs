@@ -142,8 +142,8 @@ impl Namespace {
     }
 }
 
-/// `path` equals `dir` or lies below it.
-fn is_within(path: &str, dir: &str) -> bool {
+/// `path` equals `dir` or lies below it (both normalized).
+pub fn is_within(path: &str, dir: &str) -> bool {
     dir == "/"
         || path == dir
         || (path.starts_with(dir) && path.as_bytes().get(dir.len()) == Some(&b'/'))

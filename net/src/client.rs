@@ -13,6 +13,8 @@ type Client = pb::cache_client::CacheClient<Channel>;
 #[derive(Clone)]
 pub struct GrpcCache {
     client: Client,
+    /// `Bearer <token>`: a tenant's view of the worker's namespace (`with_token`).
+    token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
     info: Info,
     /// The worker's dataset store (from its info): the only place a local copy may be.
     dataset_store: Option<std::path::PathBuf>,
@@ -49,6 +51,7 @@ impl GrpcCache {
             .map_err(|e| ApiError::Invalid(format!("worker {addr} reports {e}")))?;
         Ok(GrpcCache {
             client,
+            token: None,
             // Resolved once: LocalCopy answers are checked against it at every open.
             dataset_store: Some(info.dataset_store.as_str())
                 .filter(|p| !p.is_empty())
@@ -61,6 +64,27 @@ impl GrpcCache {
                 stats: info.stats.map(Into::into).unwrap_or_default(),
             },
         })
+    }
+
+    /// Presents `token` with every call: the worker then shows and serves only what that
+    /// tenant may read (`[[mount]] tenants`).
+    pub fn with_token(mut self, token: &str) -> Result<Self, ApiError> {
+        let value = format!("Bearer {token}").parse().map_err(|_| {
+            ApiError::Invalid("the token has characters a header cannot carry".into())
+        })?;
+        self.token = Some(value);
+        Ok(self)
+    }
+
+    /// `message` as a request, with the token if there is one.
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(token) = &self.token {
+            request
+                .metadata_mut()
+                .insert("authorization", token.clone());
+        }
+        request
     }
 
     /// Asks the worker for its current info and stats.
@@ -100,7 +124,12 @@ impl CacheApi for GrpcCache {
         let req = pb::StatRequest {
             path: path.to_string(),
         };
-        let entry = self.client.clone().stat(req).await?.into_inner();
+        let entry = self
+            .client
+            .clone()
+            .stat(self.request(req))
+            .await?
+            .into_inner();
         Entry::try_from(entry)
     }
 
@@ -108,7 +137,12 @@ impl CacheApi for GrpcCache {
         let req = pb::ListRequest {
             path: path.to_string(),
         };
-        let resp = self.client.clone().list(req).await?.into_inner();
+        let resp = self
+            .client
+            .clone()
+            .list(self.request(req))
+            .await?
+            .into_inner();
         let entries = resp
             .entries
             .into_iter()
@@ -121,7 +155,7 @@ impl CacheApi for GrpcCache {
         let reply = self
             .client
             .clone()
-            .local_copy(pb::ObjectRef::from(object))
+            .local_copy(self.request(pb::ObjectRef::from(object)))
             .await?;
         let Some(path) = reply.into_inner().path.map(std::path::PathBuf::from) else {
             return Ok(None);
@@ -167,7 +201,12 @@ impl CacheApi for GrpcCache {
             object: Some(object.into()),
             index,
         };
-        let resp = self.client.clone().read_block(req).await?.into_inner();
+        let resp = self
+            .client
+            .clone()
+            .read_block(self.request(req))
+            .await?
+            .into_inner();
         let block = Block {
             data: resp.data,
             crc32c: resp.crc32c,

@@ -207,6 +207,9 @@ pub struct BackendSection {
 pub struct MountSection {
     pub path: String,
     pub source: String,
+    /// The tenants whose tokens may read this mount (`granary mount --token`, CSI volumes);
+    /// absent: every caller. Nodes (a cluster certificate, no token) read every mount.
+    pub tenants: Option<Vec<String>>,
 }
 
 /// Validated worker settings.
@@ -220,6 +223,8 @@ pub struct Settings {
     pub s3: S3Section,
     pub backend: BackendSettings,
     pub namespace: Namespace,
+    /// Per mount of `namespace` (same order): the tenants that may read it; `None`: everyone.
+    pub mount_tenants: Vec<Option<Vec<String>>>,
     pub cluster: Option<ClusterSettings>,
     pub tls: Option<TlsFiles>,
     pub datasets: DatasetSettings,
@@ -489,8 +494,20 @@ impl ConfigFile {
             ));
         }
         let datasets = self.dataset_settings()?;
+        for m in &self.mounts {
+            for t in m.tenants.iter().flatten() {
+                if !datasets.tenants.iter().any(|known| &known.name == t) {
+                    return Err(ConfigError::Invalid(format!(
+                        "mount {:?}: tenant {t:?} has no [[tenant]] section (its token)",
+                        m.path
+                    )));
+                }
+            }
+        }
+        let mount_tenants = self.mounts.iter().map(|m| m.tenants.clone()).collect();
         Ok(Settings {
             datasets,
+            mount_tenants,
             node_id,
             listen,
             metrics_addr,

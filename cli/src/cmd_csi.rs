@@ -134,13 +134,24 @@ pub async fn run(args: CsiArgs) -> anyhow::Result<()> {
             .strip_prefix("unix://")
             .unwrap_or(&args.endpoint),
     );
-    match std::fs::remove_file(&socket) {
-        Ok(()) => {}
+    // A socket left by an earlier run is replaced; anything else at that path is not ours.
+    match std::fs::symlink_metadata(&socket) {
+        Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
+            std::fs::remove_file(&socket)
+                .with_context(|| format!("cannot remove {}", socket.display()))?;
+        }
+        Ok(_) => anyhow::bail!(
+            "--endpoint {}: something other than a socket is there",
+            socket.display()
+        ),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("cannot remove {}", socket.display())),
+        Err(e) => return Err(e).with_context(|| format!("--endpoint {}", socket.display())),
     }
     let listener = tokio::net::UnixListener::bind(&socket)
         .with_context(|| format!("cannot listen on {}", socket.display()))?;
+    // Who may call: root (kubelet) alone; the plugin mounts and unmounts what it is told.
+    std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .with_context(|| format!("cannot restrict {}", socket.display()))?;
     println!("granary: CSI driver {DRIVER} on {}", socket.display());
     tonic::transport::Server::builder()
         .add_service(IdentityServer::from_arc(plugin.clone()))
@@ -185,6 +196,10 @@ fn namespace_path(path: &str) -> Result<PathBuf, String> {
     if !p.is_absolute() {
         return Err(format!("path {path:?} is not absolute"));
     }
+    // By text: `Path::components` drops a `.` in the middle.
+    if path.split('/').any(|c| c == "." || c == "..") {
+        return Err(format!("path {path:?} has a `.` or `..` component"));
+    }
     let mut out = PathBuf::new();
     for c in p.components() {
         match c {
@@ -197,6 +212,25 @@ fn namespace_path(path: &str) -> Result<PathBuf, String> {
         return Err(format!("path {path:?} names the whole namespace"));
     }
     Ok(out)
+}
+
+/// `path` (beneath the namespace's root) lies within one of the tenant's paths, component by
+/// component.
+fn check_paths(tenant: &TenantSection, path: &Path) -> Result<(), Status> {
+    let allowed = tenant
+        .paths
+        .iter()
+        .filter_map(|p| namespace_path(p).ok())
+        .any(|p| path.starts_with(&p));
+    if allowed {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(format!(
+            "tenant {:?} may not see /{}",
+            tenant.name,
+            path.display()
+        )))
+    }
 }
 
 /// What a volume asks for.
@@ -267,18 +301,7 @@ impl Plugin {
         let relative = match wanted {
             Wanted::Path(path) => {
                 if let Some(t) = tenant {
-                    let allowed = t
-                        .paths
-                        .iter()
-                        .filter_map(|p| namespace_path(p).ok())
-                        .any(|p| path.starts_with(&p));
-                    if !allowed {
-                        return Err(Status::permission_denied(format!(
-                            "tenant {:?} may not see /{}",
-                            t.name,
-                            path.display()
-                        )));
-                    }
+                    check_paths(t, path)?;
                 }
                 path.clone()
             }
@@ -310,11 +333,22 @@ impl Plugin {
             .join(&relative)
             .canonicalize()
             .map_err(|e| Status::not_found(format!("/{}: {e}", relative.display())))?;
-        if !source.starts_with(&self.node_mount) || !source.is_dir() {
+        let resolved = source.strip_prefix(&self.node_mount).map_err(|_| {
+            Status::permission_denied(format!(
+                "/{} leads out of the Granary namespace",
+                relative.display()
+            ))
+        })?;
+        if !source.is_dir() {
             return Err(Status::not_found(format!(
                 "/{} is not a directory of the Granary namespace",
                 relative.display()
             )));
+        }
+        // What the request named, resolved, must still be the tenant's (a link inside one of
+        // its paths may point elsewhere).
+        if let (Some(t), Wanted::Path(_)) = (tenant, wanted) {
+            check_paths(t, resolved)?;
         }
         Ok(source)
     }
@@ -488,10 +522,8 @@ fn target_path(path: &str) -> Result<PathBuf, Status> {
         return Err(Status::invalid_argument("target_path is required"));
     }
     let p = Path::new(path);
-    if !p.is_absolute()
-        || p.components()
-            .any(|c| !matches!(c, Component::RootDir | Component::Normal(_)))
-    {
+    // By text: `Path::components` drops a `.` in the middle.
+    if !p.is_absolute() || path.split('/').any(|c| c == "." || c == "..") {
         return Err(Status::invalid_argument(format!(
             "target_path {path:?} must be absolute, without `.` or `..`"
         )));
@@ -528,6 +560,7 @@ mod tests {
             ctx(&[]),
             ctx(&[("dataset", "a"), ("path", "/b")]),
             ctx(&[("path", "/data/../etc")]),
+            ctx(&[("path", "/data/./x")]),
             ctx(&[("path", "data")]),
             ctx(&[("path", "/")]),
             ctx(&[("path", "/a"), ("waitReady", "true")]),

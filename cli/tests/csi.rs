@@ -221,14 +221,8 @@ fn pods_get_their_tenants_data_read_only_and_nothing_else() {
 
         // The dataset, once ready here: exactly its files, right bytes, read-only.
         dataset(&["load", "ds-a"]);
-        publish(
-            &mut node,
-            &t1,
-            "ns-a",
-            &[("dataset", "ds-a"), ("waitReady", "true")],
-        )
-        .await
-        .unwrap();
+        let ds_a = [("dataset", "ds-a"), ("waitReady", "true")];
+        publish(&mut node, &t1, "ns-a", &ds_a).await.unwrap();
         assert_eq!(names(&t1), ["sub", "train-0.bin", "train-1.bin"]);
         assert_eq!(names(&t1.join("sub")), ["labels.txt"]);
         assert_eq!(
@@ -243,14 +237,7 @@ fn pods_get_their_tenants_data_read_only_and_nothing_else() {
             assert!(options.iter().any(|o| o == flag), "{flag} in {options:?}");
         }
         // The same again: OK; something else onto the same target: ALREADY_EXISTS.
-        publish(
-            &mut node,
-            &t1,
-            "ns-a",
-            &[("dataset", "ds-a"), ("waitReady", "true")],
-        )
-        .await
-        .unwrap();
+        publish(&mut node, &t1, "ns-a", &ds_a).await.unwrap();
         let other = publish(&mut node, &t1, "ns-a", &[("path", "/team-a/free")]).await;
         assert_eq!(other.unwrap_err().code(), Code::AlreadyExists);
 

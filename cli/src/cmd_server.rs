@@ -74,7 +74,8 @@ pub fn kept(args: &ServerArgs) -> Option<crate::keeper::Kept> {
         return None;
     }
     let file = config_file(args).ok()?;
-    let (dir, config) = node_mount(&file).ok()??;
+    let metadata_ttl = file.settings().ok()?.metadata_ttl;
+    let (dir, config) = node_mount(&file, metadata_ttl).ok()??;
     let keeper = file.fuse.as_ref().and_then(|f| f.keeper).unwrap_or(true);
     (keeper && !config.io_uring).then(|| crate::keeper::Kept {
         dir,
@@ -88,15 +89,18 @@ pub fn mount_dir(args: &ServerArgs) -> Option<PathBuf> {
     config_file(args).ok()?.fuse?.mount
 }
 
-/// The node mount the config asks for: where, and the client's configuration.
-fn node_mount(file: &ConfigFile) -> anyhow::Result<Option<(PathBuf, FsConfig)>> {
+/// The node mount the config asks for: where, and the client's configuration (its attribute
+/// TTL defaulting to the worker's `metadata_ttl`).
+fn node_mount(
+    file: &ConfigFile,
+    metadata_ttl: std::time::Duration,
+) -> anyhow::Result<Option<(PathBuf, FsConfig)>> {
     let Some(section) = &file.fuse else {
         return Ok(None);
     };
     let Some(dir) = &section.mount else {
         return Ok(None);
     };
-    let metadata_ttl = file.settings()?.metadata_ttl;
     Ok(Some((
         dir.clone(),
         fuse_section_config(section, metadata_ttl)?,
@@ -151,7 +155,7 @@ fn config_file(args: &ServerArgs) -> anyhow::Result<ConfigFile> {
 pub async fn run(args: ServerArgs, handoff: Option<Handoff>) -> anyhow::Result<()> {
     let file = config_file(&args)?;
     let settings = file.settings()?;
-    let node_mount = node_mount(&file)?;
+    let node_mount = node_mount(&file, settings.metadata_ttl)?;
     if args.check_config {
         println!(
             "{}: ok ({} mounts{})",

@@ -166,27 +166,32 @@ pub(crate) struct DiskTier {
     direct: AtomicBool,
 }
 
-/// Page-aligned buffers (anonymous mappings) for direct writes, kept for reuse up to the write
-/// queue's size: the block bytes are copied once into one, never into fresh memory.
+/// Bytes a direct write goes through at a time: the block is copied into page-aligned pieces
+/// of this size and written piece by piece, so a writer holds one piece, not a second copy of
+/// its block (a 1 MiB direct write keeps a disk as busy as a larger one).
+const DIRECT_PIECE: usize = 1 << 20;
+
+/// Page-aligned buffers of `DIRECT_PIECE` bytes (anonymous mappings) for direct writes, at most
+/// `KEPT_PIECES` kept for reuse: the bytes are copied once into one, never into fresh memory.
 #[derive(Debug, Default)]
 struct Buffers {
     free: Mutex<Vec<memmap2::MmapMut>>,
 }
 
+/// Pieces kept for reuse, one per writer the write queue keeps busy.
+const KEPT_PIECES: usize = 8;
+
 impl Buffers {
-    fn take(&self, len: usize) -> std::io::Result<memmap2::MmapMut> {
-        let mut free = self.free.lock().expect("buffers");
-        if let Some(i) = free.iter().position(|b| b.len() >= len) {
-            return Ok(free.swap_remove(i));
+    fn take(&self) -> std::io::Result<memmap2::MmapMut> {
+        match self.free.lock().expect("buffers").pop() {
+            Some(buf) => Ok(buf),
+            None => memmap2::MmapMut::map_anon(DIRECT_PIECE),
         }
-        drop(free);
-        memmap2::MmapMut::map_anon(len.next_multiple_of(1 << 20))
     }
 
     fn put(&self, buf: memmap2::MmapMut) {
         let mut free = self.free.lock().expect("buffers");
-        let kept: usize = free.iter().map(|b| b.len()).sum();
-        if kept + buf.len() <= WRITE_QUEUE as usize {
+        if free.len() < KEPT_PIECES {
             free.push(buf);
         }
     }
@@ -502,8 +507,9 @@ impl DiskTier {
     }
 
     /// Writes `parts`, one after another, at `at` (a multiple of 4 KiB). With direct I/O they
-    /// are copied into an aligned buffer of the pool and padded with zeros to a multiple of 4
-    /// KiB (past the block's end: nothing reads there).
+    /// are copied, `DIRECT_PIECE` bytes at a time, into an aligned buffer of the pool, the last
+    /// piece padded with zeros to a multiple of 4 KiB (past the block's end: nothing reads
+    /// there).
     fn write_at(&self, file: &File, at: u64, parts: &[&[u8]]) -> std::io::Result<()> {
         if !self.direct.load(Ordering::Relaxed) {
             let mut off = at;
@@ -513,16 +519,31 @@ impl DiskTier {
             }
             return Ok(());
         }
-        let len: usize = parts.iter().map(|p| p.len()).sum();
-        let padded = len.next_multiple_of(4096);
-        let mut buf = self.buffers.take(padded)?;
-        let mut filled = 0;
-        for p in parts {
-            buf[filled..filled + p.len()].copy_from_slice(p);
-            filled += p.len();
-        }
-        buf[filled..padded].fill(0);
-        let written = file.write_all_at(&buf[..padded], at);
+        let mut buf = self.buffers.take()?;
+        let written = (|| {
+            let mut off = at;
+            let mut filled = 0;
+            for p in parts {
+                let mut p: &[u8] = p;
+                while !p.is_empty() {
+                    let n = p.len().min(DIRECT_PIECE - filled);
+                    buf[filled..filled + n].copy_from_slice(&p[..n]);
+                    filled += n;
+                    p = &p[n..];
+                    if filled == DIRECT_PIECE {
+                        file.write_all_at(&buf[..], off)?;
+                        off += DIRECT_PIECE as u64;
+                        filled = 0;
+                    }
+                }
+            }
+            if filled > 0 {
+                let padded = filled.next_multiple_of(4096);
+                buf[filled..padded].fill(0);
+                file.write_all_at(&buf[..padded], off)?;
+            }
+            Ok(())
+        })();
         self.buffers.put(buf);
         written
     }

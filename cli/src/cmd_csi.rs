@@ -22,6 +22,8 @@ use tonic::{Request, Response, Status};
 /// The driver's name, as pods' volumes and the CSIDriver object name it.
 pub const DRIVER: &str = "csi.granary.io";
 const POD_NAMESPACE: &str = "csi.storage.k8s.io/pod.namespace";
+const POD_NAME: &str = "csi.storage.k8s.io/pod.name";
+const POD_UID: &str = "csi.storage.k8s.io/pod.uid";
 
 #[derive(Args, Debug)]
 pub struct CsiArgs {
@@ -48,6 +50,11 @@ pub struct CsiArgs {
     pub token_file: Option<PathBuf>,
     #[command(flatten)]
     pub tls: crate::tls_args::TlsArgs,
+    /// Where to record each published pod's `namespace/job` (the volume's `job` attribute, else
+    /// the pod's name), for the node mount's `pods_dir`: reads by the pod then carry its job in
+    /// the data-stall metrics. A record goes once none of its pod's volumes is mounted.
+    #[arg(long, value_name = "DIR")]
+    pub pods_dir: Option<PathBuf>,
     /// How long `waitReady` volumes wait for their dataset before failing (kubelet retries).
     #[arg(long, value_name = "DURATION", default_value = "100s")]
     pub wait_timeout: String,
@@ -84,6 +91,8 @@ struct Plugin {
     tenants: Option<Vec<TenantSection>>,
     datasets: DatasetClient,
     wait_timeout: Duration,
+    /// Where pods' jobs are recorded (`--pods-dir`).
+    pods_dir: Option<PathBuf>,
 }
 
 pub async fn run(args: CsiArgs) -> anyhow::Result<()> {
@@ -128,6 +137,7 @@ pub async fn run(args: CsiArgs) -> anyhow::Result<()> {
         tenants,
         datasets,
         wait_timeout: granary_core::parse_duration(&args.wait_timeout).context("--wait-timeout")?,
+        pods_dir: args.pods_dir.clone(),
     });
     let socket = PathBuf::from(
         args.endpoint
@@ -353,6 +363,29 @@ impl Plugin {
         Ok(source)
     }
 
+    /// Records the pod's job (the `job` attribute, else the pod's name) for the node mount's
+    /// metrics, when the driver keeps records and kubelet named the pod.
+    fn record_pod(
+        &self,
+        context: &std::collections::HashMap<String, String>,
+    ) -> Result<(), Status> {
+        let (Some(dir), Some(uid), Some(namespace)) = (
+            &self.pods_dir,
+            context.get(POD_UID),
+            context.get(POD_NAMESPACE),
+        ) else {
+            return Ok(());
+        };
+        let Some(job) = context.get("job").or(context.get(POD_NAME)) else {
+            return Ok(());
+        };
+        let label = granary_fuse_client::pods::label_of(uid, namespace, job)
+            .map_err(Status::invalid_argument)?;
+        granary_fuse_client::pods::record(dir, uid, &label).map_err(|e| {
+            Status::internal(format!("cannot record pod {uid} in {}: {e}", dir.display()))
+        })
+    }
+
     /// Waits until dataset `name` is ready on this node, up to the wait timeout.
     async fn wait_ready(&self, name: &str) -> Result<(), Status> {
         let deadline = tokio::time::Instant::now() + self.wait_timeout;
@@ -468,6 +501,7 @@ impl Node for Plugin {
         let wanted = wanted(&r.volume_context)?;
         let tenant = self.tenant_of(&r.volume_context)?;
         let source = self.source(&wanted, tenant).await?;
+        self.record_pod(&r.volume_context)?;
         let node_mount = self.node_mount.clone();
         tokio::task::spawn_blocking(move || {
             crate::csi_mount::publish(&node_mount, &source, &target)
@@ -487,9 +521,17 @@ impl Node for Plugin {
             return Err(Status::invalid_argument("volume_id is required"));
         }
         let target = target_path(&r.target_path)?;
-        tokio::task::spawn_blocking(move || crate::csi_mount::unpublish(&target))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))??;
+        let pods_dir = self.pods_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::csi_mount::unpublish(&target)?;
+            if let Some(dir) = pods_dir {
+                let mounted = crate::csi_mount::pods_with_mounts()?;
+                granary_fuse_client::pods::forget_unmounted(&dir, |uid| mounted.contains(uid));
+            }
+            Ok::<_, Status>(())
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
         tracing::info!(volume = %r.volume_id, target = %r.target_path, "unpublished");
         Ok(Response::new(csi::NodeUnpublishVolumeResponse {}))
     }

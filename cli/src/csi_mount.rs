@@ -63,6 +63,26 @@ fn mounted_at(point: &Path) -> Result<Option<MountEntry>, Status> {
         .rfind(|m| m.mount_point == point))
 }
 
+/// The UIDs of the pods that have a volume mounted where kubelet puts them
+/// (`.../pods/<UID>/volumes/...`).
+pub fn pods_with_mounts() -> Result<std::collections::HashSet<String>, Status> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Status::internal(format!("/proc/self/mountinfo: {e}")))?;
+    Ok(parse_mountinfo(&text)
+        .into_iter()
+        .filter_map(|m| pod_of_target(&m.mount_point))
+        .collect())
+}
+
+/// The pod UID of a target path of kubelet's form, `.../pods/<UID>/volumes/...`.
+pub fn pod_of_target(target: &Path) -> Option<String> {
+    let parts: Vec<_> = target.iter().filter_map(|c| c.to_str()).collect();
+    parts.windows(3).find_map(|w| {
+        (w[0] == "pods" && w[2] == "volumes" && granary_fuse_client::pods::is_uid(w[1]))
+            .then(|| w[1].to_string())
+    })
+}
+
 /// Bind-mounts `source` (a directory beneath `node_mount`, both resolved) read-only onto
 /// `target`, creating `target` if need be.
 pub fn publish(node_mount: &Path, source: &Path, target: &Path) -> Result<(), Status> {
@@ -140,6 +160,15 @@ pub fn unpublish(target: &Path) -> Result<(), Status> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kubelet_targets_name_their_pod() {
+        let uid = "1b4e28ba-2fa1-11d2-883f-0016d3cca427";
+        let target = format!("/var/lib/kubelet/pods/{uid}/volumes/kubernetes.io~csi/data/mount");
+        assert_eq!(pod_of_target(Path::new(&target)).as_deref(), Some(uid));
+        assert_eq!(pod_of_target(Path::new("/mnt/x/pods/abc/volumes/v")), None);
+        assert_eq!(pod_of_target(Path::new("/tmp/target")), None);
+    }
 
     #[test]
     fn mountinfo_lines_give_root_point_source_and_mode() {

@@ -32,6 +32,11 @@ pub struct MountFlags {
     /// The job or pod this mount serves: a label of its data-stall metric (keep it low-cardinality).
     #[arg(long, value_name = "NAME", env = "GRANARY_JOB", default_value = "")]
     pub job: String,
+    /// The CSI driver's pod records (`granary csi --pods-dir`): reads by a pod the driver
+    /// published a volume for carry that pod's `namespace/job` as their job label instead of
+    /// --job. The server must see the pods' processes (the host's PID namespace).
+    #[arg(long, value_name = "DIR")]
+    pub pods_dir: Option<std::path::PathBuf>,
     /// Let other users than the one mounting read through the mount (FUSE allow_other; training
     /// pods usually run as another user than the node's mount). Each file's mode bits, as the
     /// source has them, still decide who may read it. Off: only the mounting user may.
@@ -101,6 +106,7 @@ impl MountFlags {
             allow_other: self.allow_other,
             auto_unmount: self.auto_unmount,
             job: self.job.clone(),
+            pods_dir: self.pods_dir.clone(),
             max_inodes: self.max_inodes as usize,
             max_handles: self.max_handles as usize,
             hint_budget: self.hint_budget.bytes(),
@@ -165,6 +171,7 @@ pub fn fuse_section_config(
         allow_other: section.allow_other.unwrap_or(d.allow_other),
         auto_unmount: section.auto_unmount.unwrap_or(d.auto_unmount),
         job: section.job.clone().unwrap_or_default(),
+        pods_dir: section.pods_dir.clone(),
         max_inodes,
         max_handles,
         hint_budget: size("hint_budget", &section.hint_budget, d.hint_budget)?,

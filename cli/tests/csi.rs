@@ -3,7 +3,7 @@
 //! a dataset published with waitReady showing exactly its files, read-only; idempotent repeats;
 //! another tenant's dataset and paths refused with PERMISSION_DENIED; bad requests with the
 //! spec's codes; unpublish removing only its target; published targets readable across a kill
-//! of the node mount's server (its keeper starts another).
+//! of the node mount's server (its keeper starts another); a pod's reads labelled with its job.
 
 mod support;
 
@@ -11,7 +11,7 @@ use granary_proto::csi;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use support::process::{Mount, UpOptions, granary, run_with_timeout, server_of, signal};
+use support::process::{Logged, Mount, UpOptions, granary, run_with_timeout, server_of, signal};
 use support::{free_port, wait_until};
 use tonic::Code;
 
@@ -111,6 +111,30 @@ fn mount_options(path: &Path) -> Option<Vec<String>> {
         })
 }
 
+/// Runs `command` with `sh` in a cgroup named as kubelet names pod `uid`'s (cgroupfs driver),
+/// beneath a cgroup of this test's own.
+fn in_pod_cgroup(uid: &str, command: &str) -> std::process::ExitStatus {
+    let root = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .into_iter()
+        .find(|r| Path::new(r).join("cgroup.procs").exists())
+        .expect("a cgroup v2 hierarchy");
+    let ours = Path::new(root).join(format!("granary-test-{}", std::process::id()));
+    let pod = ours.join(format!("kubepods/pod{uid}"));
+    std::fs::create_dir_all(&pod).unwrap();
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec {command}",
+            pod.display()
+        ))
+        .status()
+        .unwrap();
+    for dir in [pod.clone(), ours.join("kubepods"), ours] {
+        std::fs::remove_dir(&dir).unwrap();
+    }
+    status
+}
+
 #[test]
 fn pods_get_their_tenants_data_read_only_and_nothing_else() {
     let work = tempfile::tempdir().unwrap();
@@ -129,13 +153,20 @@ fn pods_get_their_tenants_data_read_only_and_nothing_else() {
     }
     let mnt = work.path().join("node-mount");
     std::fs::create_dir(&mnt).unwrap();
+    let pod_records = work.path().join("pod-records");
     let api = format!("127.0.0.1:{}", free_port());
     let node_mount = Mount::up(UpOptions {
         source: src.to_str().unwrap().into(),
         envs: vec![],
         cache_dir: &work.path().join("cache"),
         mount_dir: &mnt,
-        extra: vec!["--listen".into(), api.clone(), "--allow-other".into()],
+        extra: vec![
+            "--listen".into(),
+            api.clone(),
+            "--allow-other".into(),
+            "--pods-dir".into(),
+            pod_records.to_str().unwrap().into(),
+        ],
     });
     let node_id = granary_cache_server::config::default_node_id();
 
@@ -165,26 +196,30 @@ fn pods_get_their_tenants_data_read_only_and_nothing_else() {
     )
     .unwrap();
     let socket = work.path().join("csi.sock");
-    let mut csi_plugin = granary(
-        &[
-            "csi",
-            "--endpoint",
-            &format!("unix://{}", socket.display()),
-            "--node-id",
-            &node_id,
-            "--node-mount",
-            mnt.to_str().unwrap(),
-            "--config",
-            config.to_str().unwrap(),
-            "--server",
-            &api,
-            "--wait-timeout",
-            "60s",
-        ],
-        &[],
-    )
-    .spawn()
-    .unwrap();
+    // Interrupted and reaped when dropped, a failed assertion included.
+    let csi_plugin = Logged::spawn(
+        granary(
+            &[
+                "csi",
+                "--endpoint",
+                &format!("unix://{}", socket.display()),
+                "--node-id",
+                &node_id,
+                "--node-mount",
+                mnt.to_str().unwrap(),
+                "--config",
+                config.to_str().unwrap(),
+                "--server",
+                &api,
+                "--wait-timeout",
+                "60s",
+                "--pods-dir",
+                pod_records.to_str().unwrap(),
+            ],
+            &[],
+        ),
+        &work.path().join("csi.log"),
+    );
     wait_until("the CSI socket", Duration::from_secs(20), || {
         socket.exists()
     });
@@ -294,6 +329,50 @@ fn pods_get_their_tenants_data_read_only_and_nothing_else() {
         }
         assert!(!is_mount_point(&t3));
 
+        // A pod's reads carry its job: a volume at kubelet's path for pod UID, its reader in
+        // that pod's cgroup; the record goes with the pod's last volume.
+        let uid = "1b4e28ba-2fa1-11d2-883f-0016d3cca427";
+        let t4 = pods.join(format!("{uid}/volumes/kubernetes.io~csi/data/mount"));
+        std::fs::create_dir_all(t4.parent().unwrap()).unwrap();
+        let mut request =
+            publish_request(&t4, "ns-a", &[("path", "/team-a/free"), ("job", "resnet")]);
+        let bad_job = {
+            let mut r = request.clone();
+            r.volume_context
+                .insert("csi.storage.k8s.io/pod.uid".into(), uid.into());
+            r.volume_context.insert("job".into(), "a job".into());
+            node.node_publish_volume(r).await.unwrap_err()
+        };
+        assert_eq!(bad_job.code(), Code::InvalidArgument, "{bad_job}");
+        assert!(!is_mount_point(&t4) && !pod_records.join(uid).exists());
+        request
+            .volume_context
+            .insert("csi.storage.k8s.io/pod.uid".into(), uid.into());
+        node.node_publish_volume(request).await.unwrap();
+        let attributed = |m: &str| {
+            support::metric(
+                m,
+                "granary_fuse_blocks_total",
+                &[("dataset", "team-a"), ("training_job", "ns-a/resnet")],
+            )
+        };
+        assert_eq!(attributed(&node_mount.metrics()), 0.0);
+        let read = in_pod_cgroup(
+            uid,
+            &format!(
+                "dd if={} of=/dev/null bs=4k iflag=direct",
+                t4.join("notes.txt").display()
+            ),
+        );
+        assert!(read.success());
+        assert!(
+            attributed(&node_mount.metrics()) >= 1.0,
+            "{}",
+            node_mount.metrics()
+        );
+        unpublish(&mut node, &t4).await.unwrap();
+        assert!(!pod_records.join(uid).exists());
+
         // The node mount's server dies: its keeper starts another; published targets stay
         // readable.
         let server = server_of(node_mount.pid()).expect("the FUSE server");
@@ -312,8 +391,7 @@ fn pods_get_their_tenants_data_read_only_and_nothing_else() {
         unpublish(&mut node, &t1).await.unwrap();
         assert!(!t1.exists());
     });
-    signal(csi_plugin.id(), "TERM");
-    csi_plugin.wait().unwrap();
+    drop(csi_plugin);
     drop(node_mount);
 }
 

@@ -24,6 +24,7 @@ use crate::hint::Hints;
 use crate::inodes::{InodeTable, KernelEntry, ROOT, Seen, child_path, seen_now};
 use crate::journal::{Journal, Record};
 use crate::open::{Decided, IoModes, Opener};
+use crate::pods::PodJobs;
 use crate::prefetch::{Budget, FileReader, LabelSets};
 use bytes::Bytes;
 use granary_core::BlockSize;
@@ -60,6 +61,9 @@ pub struct FsConfig {
     pub passthrough: bool,
     /// The job (or pod) this mount serves, a label of its data-stall metric ("" = none).
     pub job: String,
+    /// The CSI driver's pod records (`granary csi --pods-dir`): a file opened by a pod's
+    /// process is labelled with that pod's `namespace/job` instead of `job`.
+    pub pods_dir: Option<std::path::PathBuf>,
     /// Passthrough registrations of pinned files kept after their last close (for as long as
     /// their entries are trusted), so that reopening a hot file costs no system call; 0 = none.
     pub kept_backings: usize,
@@ -98,6 +102,7 @@ impl Default for FsConfig {
             gid: 0,
             passthrough: true,
             job: String::new(),
+            pods_dir: None,
             kept_backings: 4096,
             pinned_ttl: Duration::from_secs(3600),
             io_uring: false,
@@ -170,8 +175,10 @@ pub struct GranaryFs<A> {
     modes: IoModes,
     /// The worker's pins epoch, as last polled.
     pins: Mutex<PinsView>,
-    /// Read metric labels by top directory.
+    /// Read metric labels by top directory and job.
     labels: LabelSets,
+    /// The jobs of the CSI driver's pods, when it records them.
+    pods: Option<PodJobs>,
     next_fh: AtomicU64,
     /// Set when a keeper holds the connection: every reference given to the kernel is recorded.
     journal: OnceLock<Journaled>,
@@ -217,6 +224,7 @@ impl<A: CacheApi> GranaryFs<A> {
             modes: IoModes::new(config.passthrough, config.kept_backings, config.attr_ttl),
             pins: Mutex::new(PinsView::default()),
             labels: LabelSets::new(config.job.clone()),
+            pods: config.pods_dir.clone().map(PodJobs::new),
             next_fh: AtomicU64::new(1),
             journal: OnceLock::new(),
             hints: Hints::new(api.clone(), block_size, hint_budget),
@@ -432,11 +440,17 @@ impl<A: CacheApi> GranaryFs<A> {
         Ok(self.attr(ino, &entry, ttl))
     }
 
-    /// Opens a file for reading through this process; `write` = the open asked for write access.
+    /// Opens a file for reading through this process; `write` = the open asked for write access,
+    /// `pid` = the opener's (0: unknown), whose pod's job labels the file's read metrics.
     /// (An inode already open through passthrough is opened the same way, as the kernel requires.)
-    pub async fn open(&self, ino: u64, write: bool) -> Result<Opened, FsError> {
-        self.open_inner(ino, write, None::<fn(&File) -> std::io::Result<Backing>>)
-            .await
+    pub async fn open(&self, ino: u64, write: bool, pid: u32) -> Result<Opened, FsError> {
+        self.open_inner(
+            ino,
+            write,
+            pid,
+            None::<fn(&File) -> std::io::Result<Backing>>,
+        )
+        .await
     }
 
     /// Opens a file for reading, through passthrough when the worker holds a usable local copy
@@ -449,9 +463,10 @@ impl<A: CacheApi> GranaryFs<A> {
         &self,
         ino: u64,
         write: bool,
+        pid: u32,
         register: impl FnOnce(&File) -> std::io::Result<Backing>,
     ) -> Result<Opened, FsError> {
-        self.open_inner(ino, write, Some(register)).await
+        self.open_inner(ino, write, pid, Some(register)).await
     }
 
     /// [`GranaryFs::open_passthrough`] without waiting, when the open needs no call to the
@@ -462,6 +477,7 @@ impl<A: CacheApi> GranaryFs<A> {
         &self,
         ino: u64,
         write: bool,
+        pid: u32,
         register: impl FnOnce(&File) -> std::io::Result<Backing>,
     ) -> Option<Result<Opened, FsError>> {
         if let Err(e) = self.room_for_a_handle() {
@@ -469,7 +485,7 @@ impl<A: CacheApi> GranaryFs<A> {
         }
         self.opener()
             .open_known(ino, write, &mut Some(register))
-            .map(|decided| decided.map(|decided| self.handle(ino, decided)))
+            .map(|decided| decided.map(|decided| self.handle(ino, decided, pid)))
     }
 
     /// The open chain ([`crate::open`]) over this filesystem's parts.
@@ -487,15 +503,17 @@ impl<A: CacheApi> GranaryFs<A> {
         &self,
         ino: u64,
         write: bool,
+        pid: u32,
         register: Option<impl FnOnce(&File) -> std::io::Result<Backing>>,
     ) -> Result<Opened, FsError> {
         self.room_for_a_handle()?;
         let decided = self.opener().open(ino, write, register).await?;
-        Ok(self.handle(ino, decided))
+        Ok(self.handle(ino, decided, pid))
     }
 
-    /// The handle of an open of `ino` once its io mode and page cache decision are made.
-    fn handle(&self, ino: u64, decided: Decided) -> Opened {
+    /// The handle of an open of `ino` by `pid` once its io mode and page cache decision are
+    /// made.
+    fn handle(&self, ino: u64, decided: Decided, pid: u32) -> Opened {
         let Decided {
             path,
             object,
@@ -508,7 +526,8 @@ impl<A: CacheApi> GranaryFs<A> {
             self.block_size,
             self.max_ahead_blocks,
             self.budget.clone(),
-            self.labels.for_path(&path),
+            self.labels
+                .for_path(&path, self.pods.as_ref().and_then(|p| p.job_of(pid))),
         );
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         if let Some(j) = self.journal.get() {

@@ -20,6 +20,7 @@ pub mod inodes;
 pub mod journal;
 pub mod kernel;
 pub mod open;
+pub mod pods;
 pub mod prefetch;
 
 pub use fs::{FsConfig, FsError, GranaryFs};

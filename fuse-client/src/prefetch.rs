@@ -95,14 +95,17 @@ impl ReadLabels {
 /// Most distinct label sets kept for read metrics (one per top directory).
 const MAX_LABEL_SETS: usize = 256;
 
+/// A label set's key: the namespace's top directory and the opener's pod's job, if known.
+type LabelKey = (String, Option<Arc<str>>);
+
 /// The read metric labels of a mount's open files: one shared [`ReadLabels`] per top directory
-/// of the namespace, at most `MAX_LABEL_SETS` of them kept.
+/// of the namespace and job, at most `MAX_LABEL_SETS` of them kept.
 #[derive(Debug)]
 pub struct LabelSets {
     /// The mount's job (or pod), "" = none.
     job: String,
-    /// Read metric labels by top directory.
-    by_top: Mutex<HashMap<String, Arc<ReadLabels>>>,
+    /// Read metric labels by top directory and pod job.
+    by_top: Mutex<HashMap<LabelKey, Arc<ReadLabels>>>,
 }
 
 impl LabelSets {
@@ -113,24 +116,26 @@ impl LabelSets {
         }
     }
 
-    /// Stall time by the namespace's top directory (a mount point: low cardinality) and job;
-    /// one shared label set per top directory.
-    pub fn for_path(&self, path: &str) -> Arc<ReadLabels> {
+    /// Stall time by the namespace's top directory (a mount point: low cardinality) and job:
+    /// `pod_job` (the opener's pod's, from the CSI driver) or else the mount's; one shared
+    /// label set per pair.
+    pub fn for_path(&self, path: &str, pod_job: Option<Arc<str>>) -> Arc<ReadLabels> {
         let top = path
             .trim_start_matches('/')
             .split('/')
             .next()
             .unwrap_or_default();
         let mut labels = self.by_top.lock().expect("labels lock");
-        if let Some(found) = labels.get(top) {
+        let key = (top.to_string(), pod_job);
+        if let Some(found) = labels.get(&key) {
             return found.clone();
         }
         let made = Arc::new(ReadLabels {
             dataset: top.to_string(),
-            job: self.job.clone(),
+            job: key.1.as_deref().unwrap_or(&self.job).to_string(),
         });
         if labels.len() < MAX_LABEL_SETS {
-            labels.insert(top.to_string(), made.clone());
+            labels.insert(key, made.clone());
         }
         made
     }

@@ -226,10 +226,13 @@ async fn lookup_list_and_attributes() {
         Err(FsError::NotADirectory)
     ));
     assert!(matches!(
-        fs.open(a.ino, false).await,
+        fs.open(a.ino, false, 0).await,
         Err(FsError::IsADirectory)
     ));
-    assert!(matches!(fs.open(x.ino, true).await, Err(FsError::ReadOnly)));
+    assert!(matches!(
+        fs.open(x.ino, true, 0).await,
+        Err(FsError::ReadOnly)
+    ));
 }
 
 #[tokio::test]
@@ -239,7 +242,7 @@ async fn reads_match_the_bytes_at_any_offset() {
     w.put("/f", bytes.clone(), "e");
     let fs = fs(w, FsConfig::default());
     let ino = fs.lookup(1, "f").await.unwrap().ino;
-    let fh = fs.open(ino, false).await.unwrap().fh;
+    let fh = fs.open(ino, false, 0).await.unwrap().fh;
     let mut state = 42u64;
     for _ in 0..300 {
         state = state
@@ -268,7 +271,7 @@ async fn random_reads_fetch_only_what_they_touch_and_sequential_reads_read_ahead
         },
     );
     let ino = fs.lookup(1, "f").await.unwrap().ino;
-    let fh = fs.open(ino, false).await.unwrap().fh;
+    let fh = fs.open(ino, false, 0).await.unwrap().fh;
     for i in [40u64, 3, 17, 55, 9] {
         fs.read(fh, i * BS + 10, 100).await.unwrap();
     }
@@ -277,7 +280,7 @@ async fn random_reads_fetch_only_what_they_touch_and_sequential_reads_read_ahead
         5,
         "a seek reads only the touched block"
     );
-    let fh2 = fs.open(ino, false).await.unwrap().fh;
+    let fh2 = fs.open(ino, false, 0).await.unwrap().fh;
     w.block_reads.store(0, Ordering::SeqCst);
     for i in 0..4 {
         fs.read(fh2, i * (BS / 2), (BS / 2) as u32).await.unwrap();
@@ -302,7 +305,7 @@ async fn out_of_order_requests_across_a_block_boundary_fetch_each_block_once() {
         },
     );
     let ino = fs.lookup(1, "f").await.unwrap().ino;
-    let fh = fs.open(ino, false).await.unwrap().fh;
+    let fh = fs.open(ino, false, 0).await.unwrap().fh;
     // The kernel's requests, a quarter block each, with the last quarter of every block
     // arriving after the first quarter of the next.
     let q = BS / 4;
@@ -346,7 +349,7 @@ async fn readahead_memory_is_bounded_in_total() {
     let mut handles = Vec::new();
     for i in 0..20 {
         let ino = fs.lookup(1, &format!("f{i}")).await.unwrap().ino;
-        handles.push(fs.open(ino, false).await.unwrap().fh);
+        handles.push(fs.open(ino, false, 0).await.unwrap().fh);
     }
     for step in 0..6u64 {
         for &fh in &handles {
@@ -380,9 +383,9 @@ async fn versions_pin_opens_and_steer_the_page_cache() {
         },
     );
     let ino = fs.lookup(1, "f").await.unwrap().ino;
-    let first = fs.open(ino, false).await.unwrap();
+    let first = fs.open(ino, false, 0).await.unwrap();
     assert!(!first.keep_cache, "nothing cached yet");
-    let second = fs.open(ino, false).await.unwrap();
+    let second = fs.open(ino, false, 0).await.unwrap();
     assert!(second.keep_cache, "same version: keep the page cache");
     w.put("/f", data(4 * BS as usize, 6), "v2");
     // The open handle of v1 never gets v2's bytes.
@@ -390,7 +393,7 @@ async fn versions_pin_opens_and_steer_the_page_cache() {
         fs.read(first.fh, 0, 10).await,
         Err(FsError::Stale(_))
     ));
-    let third = fs.open(ino, false).await.unwrap();
+    let third = fs.open(ino, false, 0).await.unwrap();
     assert!(!third.keep_cache, "new version: drop the page cache");
     assert_eq!(fs.read(third.fh, 0, 4).await.unwrap()[..], data(4, 6)[..]);
 }
@@ -478,7 +481,7 @@ async fn a_matching_local_copy_is_passed_to_the_kernel_once_per_inode() {
     assert_eq!(w.local_copy_calls.load(Ordering::SeqCst), 1);
     assert_eq!(fs.passthrough_handles(ino), 2);
     // A plain open of an inode in passthrough must be passthrough too (the kernel insists).
-    let plain = fs.open(ino, false).await.unwrap();
+    let plain = fs.open(ino, false, 0).await.unwrap();
     assert!(same_backing(&first.io, &plain.io));
     // The handles still read correctly should the kernel ever ask.
     assert_eq!(fs.read(first.fh, 0, 10).await.unwrap()[..], bytes[..10]);
@@ -566,7 +569,7 @@ async fn a_refusing_kernel_turns_passthrough_off_without_failing_opens() {
     };
     let a = fs.lookup(1, "a.bin").await.unwrap().ino;
     let opened = fs
-        .open_passthrough(a, false, kernel.register())
+        .open_passthrough(a, false, 0, kernel.register())
         .await
         .unwrap();
     assert!(!opened.is_passthrough());
@@ -575,7 +578,7 @@ async fn a_refusing_kernel_turns_passthrough_off_without_failing_opens() {
     let calls = w.local_copy_calls.load(Ordering::SeqCst);
     let b = fs.lookup(1, "b.bin").await.unwrap().ino;
     let opened = fs
-        .open_passthrough(b, false, kernel.register())
+        .open_passthrough(b, false, 0, kernel.register())
         .await
         .unwrap();
     assert!(!opened.is_passthrough());
@@ -652,10 +655,13 @@ async fn an_inode_keeps_one_io_mode_while_open() {
     let v2 = data(2 * BS as usize, 12);
     w.put("/f.bin", v2.clone(), "v2");
     assert!(matches!(
-        fs.open_passthrough(ino, false, kernel.register()).await,
+        fs.open_passthrough(ino, false, 0, kernel.register()).await,
         Err(FsError::Stale(_))
     ));
-    assert!(matches!(fs.open(ino, false).await, Err(FsError::Stale(_))));
+    assert!(matches!(
+        fs.open(ino, false, 0).await,
+        Err(FsError::Stale(_))
+    ));
     close(&fs, pt);
     // The worker's copy is of v1: v2 is read through userspace, whole.
     let fresh = open_pt(&fs, ino, &kernel).await;
@@ -699,7 +705,7 @@ async fn a_copy_for_the_version_last_seen_is_not_used_for_a_newer_one() {
 
 /// Opens `ino` for reading, through passthrough where `kernel` takes the backing file.
 async fn open_pt(fs: &GranaryFs<FakeWorker>, ino: u64, kernel: &FakeKernel) -> Opened {
-    fs.open_passthrough(ino, false, kernel.register())
+    fs.open_passthrough(ino, false, 0, kernel.register())
         .await
         .unwrap()
 }
@@ -741,7 +747,7 @@ async fn a_pinned_file_opens_again_without_asking_the_worker() {
 
     // First open: the entry is fresh and pinned (no stat), the worker names the copy.
     assert!(
-        fs.open_now(ino, false, kernel.register()).is_none(),
+        fs.open_now(ino, false, 0, kernel.register()).is_none(),
         "nothing known about a local copy yet"
     );
     let first = open_pt(&fs, ino, &kernel).await;
@@ -760,7 +766,7 @@ async fn a_pinned_file_opens_again_without_asking_the_worker() {
     let calls = w.calls();
     for _ in 0..3 {
         let again = fs
-            .open_now(ino, false, kernel.register())
+            .open_now(ino, false, 0, kernel.register())
             .expect("known")
             .unwrap();
         assert!(again.is_passthrough());
@@ -799,7 +805,7 @@ async fn without_kept_registrations_a_pinned_file_reopens_its_remembered_copy() 
     assert!(!kernel.last_alive(), "unregistered at the last close");
     let calls = w.calls();
     let second = fs
-        .open_now(ino, false, kernel.register())
+        .open_now(ino, false, 0, kernel.register())
         .expect("the copy is remembered")
         .unwrap();
     assert!(second.is_passthrough());
@@ -840,7 +846,7 @@ async fn a_remembered_copy_that_vanished_or_changed_is_asked_for_again() {
     // file reads through userspace, right.
     std::fs::remove_file(dir.0.join("v.bin")).unwrap();
     w.local.lock().unwrap().clear();
-    assert!(fs.open_now(ino, false, kernel.register()).is_none());
+    assert!(fs.open_now(ino, false, 0, kernel.register()).is_none());
     let opened = open_pt(&fs, ino, &kernel).await;
     assert!(!opened.is_passthrough());
     assert_eq!(w.calls(), (stats, copies + 1));
@@ -890,7 +896,7 @@ async fn an_unpinned_file_asks_the_worker_on_every_open() {
     let ino = fs.lookup(1, "u.bin").await.unwrap().ino;
     for round in 1..=3 {
         let (stats, copies) = w.calls();
-        assert!(fs.open_now(ino, false, kernel.register()).is_none());
+        assert!(fs.open_now(ino, false, 0, kernel.register()).is_none());
         let opened = open_pt(&fs, ino, &kernel).await;
         assert!(opened.is_passthrough());
         assert_eq!(
@@ -904,8 +910,8 @@ async fn an_unpinned_file_asks_the_worker_on_every_open() {
     }
     // Also through userspace (plain opens): a stat per open.
     let stats = w.calls().0;
-    let opened = fs.open(ino, false).await.unwrap();
-    assert!(fs.open_now(ino, false, kernel.register()).is_none());
+    let opened = fs.open(ino, false, 0).await.unwrap();
+    assert!(fs.open_now(ino, false, 0, kernel.register()).is_none());
     fs.release(opened.fh);
     assert_eq!(w.calls().0, stats + 1);
 }
@@ -936,7 +942,7 @@ async fn a_pinned_entry_is_trusted_for_the_attribute_ttl_only() {
     // ...and the entry is stat'ed again: unpinned meanwhile, so it is not trusted any more.
     w.unpin("/t.bin");
     let (stats, _) = w.calls();
-    assert!(fs.open_now(ino, false, kernel.register()).is_none());
+    assert!(fs.open_now(ino, false, 0, kernel.register()).is_none());
     let opened = open_pt(&fs, ino, &kernel).await;
     assert_eq!(w.calls().0, stats + 1);
     close(&fs, opened);
@@ -958,7 +964,7 @@ async fn a_pinned_entry_is_trusted_for_the_attribute_ttl_only() {
     let stats = w.calls().0;
     for _ in 0..2 {
         let opened = fs0
-            .open_passthrough(ino, false, kernel.register())
+            .open_passthrough(ino, false, 0, kernel.register())
             .await
             .unwrap();
         fs0.release(opened.fh);
@@ -1004,7 +1010,7 @@ async fn a_pinned_entry_is_trusted_while_the_pins_epoch_holds() {
     assert_eq!(fs.kept_backings(), 1, "kept while the epoch holds");
     let calls = w.calls();
     let again = fs
-        .open_now(ino, false, kernel.register())
+        .open_now(ino, false, 0, kernel.register())
         .expect("still trusted")
         .unwrap();
     assert!(again.is_passthrough());
@@ -1035,7 +1041,7 @@ async fn a_pinned_entry_is_trusted_while_the_pins_epoch_holds() {
     assert!(fs.check_pins().await.is_empty());
     assert_eq!(fs.kept_backings(), 0, "kept registrations go");
     assert!(!kernel.last_alive());
-    assert!(fs.open_now(ino, false, kernel.register()).is_none());
+    assert!(fs.open_now(ino, false, 0, kernel.register()).is_none());
     assert!(fs.getattr_now(ino).is_none());
     let opened = open_pt(&fs, ino, &kernel).await;
     assert_eq!(w.calls().0, calls.0 + 1, "asked the worker");
@@ -1141,7 +1147,7 @@ async fn a_kept_registration_goes_once_its_copy_is_dropped_or_replaced() {
     let copies = w.calls().1;
     std::fs::write(dir.0.join("d.tmp"), &bytes).unwrap();
     std::fs::rename(dir.0.join("d.tmp"), dir.0.join("d.bin")).unwrap();
-    assert!(fs.open_now(ino, false, kernel.register()).is_none());
+    assert!(fs.open_now(ino, false, 0, kernel.register()).is_none());
     open_close(true).await;
     assert_eq!(w.calls().1, copies + 1);
     assert_eq!(kernel.registered.load(Ordering::SeqCst), 2);
@@ -1151,7 +1157,7 @@ async fn a_kept_registration_goes_once_its_copy_is_dropped_or_replaced() {
     // next open (the worker is asked, has none: userspace) and is let go.
     std::fs::remove_file(dir.0.join("d.bin")).unwrap();
     w.local.lock().unwrap().clear();
-    assert!(fs.open_now(ino, false, kernel.register()).is_none());
+    assert!(fs.open_now(ino, false, 0, kernel.register()).is_none());
     assert!(kernel.last_alive());
     open_close(false).await;
     assert_eq!(w.calls().1, copies + 2);

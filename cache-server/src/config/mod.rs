@@ -82,6 +82,8 @@ pub struct FuseSection {
     pub passthrough: Option<bool>,
     pub io_uring: Option<bool>,
     pub job: Option<String>,
+    /// The CSI driver's pod records: reads by its pods carry their pods' jobs.
+    pub pods_dir: Option<PathBuf>,
     pub allow_other: Option<bool>,
     pub auto_unmount: Option<bool>,
     /// Hold the mount in a keeper process that outlives the worker [default: true].

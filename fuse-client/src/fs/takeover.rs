@@ -64,7 +64,7 @@ impl<A: CacheApi> GranaryFs<A> {
                     self.block_size,
                     self.max_ahead_blocks,
                     self.budget.clone(),
-                    self.labels.for_path(&f.path),
+                    self.labels.for_path(&f.path, None),
                 );
                 let backing = f
                     .passthrough

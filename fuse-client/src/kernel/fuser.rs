@@ -221,17 +221,18 @@ impl<A: CacheApi> Filesystem for FuseAdapter<A> {
         });
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let start = Instant::now();
         let write = wants_write(flags.0);
-        if let Some(result) = self.fs.open_now(ino.0, write, self.register()) {
+        let pid = req.pid();
+        if let Some(result) = self.fs.open_now(ino.0, write, pid, self.register()) {
             reply_open(reply, start, result);
             return;
         }
         let fs = self.fs.clone();
         let register = self.register();
         self.rt.spawn(async move {
-            let result = fs.open_passthrough(ino.0, write, register).await;
+            let result = fs.open_passthrough(ino.0, write, pid, register).await;
             reply_open(reply, start, result);
         });
     }

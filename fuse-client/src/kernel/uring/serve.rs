@@ -130,12 +130,14 @@ impl<A: CacheApi> Server<A> {
                 let start = Instant::now();
                 let flags = u32_at(&op_in, 0) as i32;
                 let write = wants_write(flags);
-                if let Some(result) = fs.open_now(ino, write, self.register()) {
+                // fuse_in_header: the opener's pid after len, opcode, unique, nodeid, uid, gid.
+                let pid = u32_at(header, 32);
+                if let Some(result) = fs.open_now(ino, write, pid, self.register()) {
                     Answer { header, payload }.opened(start, result);
                     return Served::Now;
                 }
                 let (fs, register) = (fs.clone(), self.register());
-                let open = async move { fs.open_passthrough(ino, write, register).await };
+                let open = async move { fs.open_passthrough(ino, write, pid, register).await };
                 self.answer_with(slot, true, lend, open, move |a, result| {
                     a.opened(start, result)
                 })

@@ -40,8 +40,20 @@ pub struct MountArgs {
     /// it first [default: this host's name, when a worker of that id is a member].
     #[arg(long, value_name = "ID", env = "GRANARY_NODE_ID", requires = "etcd")]
     pub local_node: Option<String>,
-    /// With --server: a tenant's token (from the worker's `[[tenant]]`), read from FILE: the
-    /// mount then shows and reads only the mounts whose `tenants` name that tenant (or no one).
+    /// With --server: a tenant's token (from the worker's `[[tenant]]`): the mount then shows
+    /// and reads only the mounts whose `tenants` name that tenant (or no one), as the worker
+    /// checks on every listing and block read. (--etcd mounts take no token: the QUIC data
+    /// plane admits nodes by certificate, not tenants.)
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "GRANARY_TOKEN",
+        hide_env_values = true,
+        requires = "server"
+    )]
+    pub token: Option<String>,
+    /// The tenant's token from FILE (one line; e.g. a mounted Secret): unlike --token, it never
+    /// shows in the process list. Overrides --token and GRANARY_TOKEN.
     #[arg(
         long,
         value_name = "FILE",
@@ -98,14 +110,21 @@ pub async fn run(args: MountArgs, handoff: Option<Handoff>) -> anyhow::Result<()
             let tls = tls_args::identity(args.tls_dir.as_deref(), Some(&args.tls_name))?;
             let mut api =
                 GrpcCache::connect(server, tls.as_ref(), None, Duration::from_secs(10)).await?;
-            if let Some(file) = &args.token_file {
-                let token = std::fs::read_to_string(file)
-                    .with_context(|| format!("--token-file {}", file.display()))?;
-                api = api.with_token(token.trim())?;
+            let token = match (&args.token_file, &args.token) {
+                (Some(file), _) => Some(
+                    std::fs::read_to_string(file)
+                        .with_context(|| format!("--token-file {}", file.display()))?
+                        .trim()
+                        .to_string(),
+                ),
+                (None, token) => token.clone(),
+            };
+            if let Some(token) = token {
+                api = api.with_token(&token)?;
                 // The token is checked now: a wrong one fails here, not at the first read.
                 granary_proto::CacheApi::list(&api, "/")
                     .await
-                    .context("--token-file")?;
+                    .context("the tenant token")?;
             }
             let api = Arc::new(api);
             let fs = Arc::new(GranaryFs::new(api, config));

@@ -457,6 +457,34 @@ fn a_tenants_token_shows_and_reads_only_its_mounts() {
     let hidden = std::fs::metadata(mnt.join("teams/b/b.bin")).unwrap_err();
     assert_eq!(hidden.kind(), std::io::ErrorKind::NotFound, "{hidden}");
     drop(mount);
+    // The token given inline (`--token`): team-b's view; a token no tenant has: no mount.
+    let mount_with = |token: &str| {
+        let args = [
+            "mount",
+            "--server",
+            api.as_str(),
+            "--token",
+            token,
+            "--no-keeper",
+            mnt.to_str().unwrap(),
+        ];
+        granary(&args, &[])
+    };
+    let mount = Mount::spawn(mount_with("team-b-token-0123456789"), &mnt, String::new());
+    assert_eq!(names(&mnt.join("teams")), ["b"]);
+    assert_eq!(
+        std::fs::read(mnt.join("teams/b/b.bin")).unwrap().len(),
+        100_000
+    );
+    drop(mount);
+    let refused = run_with_timeout(mount_with("nobody-0123456789"), Duration::from_secs(30));
+    assert!(!refused.status.success());
+    assert!(
+        refused.stderr.contains("tenant token"),
+        "{}",
+        refused.stderr
+    );
+    assert!(!support::is_mounted(&mnt));
 
     // The worker enforces it, whatever a client asks: a block of team-b's mount, asked for with
     // team-a's token, is refused; with the admin's token (or none, as a node) it is served.

@@ -92,7 +92,8 @@ impl ReadLabels {
     }
 }
 
-/// Most distinct label sets kept for read metrics (one per top directory).
+/// Most distinct label sets of read metrics (one per top directory and job): past it, new
+/// pods' reads count under the mount's job.
 const MAX_LABEL_SETS: usize = 256;
 
 /// A label set's key: the namespace's top directory and the opener's pod's job, if known.
@@ -126,8 +127,15 @@ impl LabelSets {
             .next()
             .unwrap_or_default();
         let mut labels = self.by_top.lock().expect("labels lock");
-        let key = (top.to_string(), pod_job);
+        let mut key = (top.to_string(), pod_job);
         if let Some(found) = labels.get(&key) {
+            return found.clone();
+        }
+        // Past the bound a new pod's reads count under the mount's job: the series stay bounded.
+        if labels.len() >= MAX_LABEL_SETS
+            && key.1.take().is_some()
+            && let Some(found) = labels.get(&key)
+        {
             return found.clone();
         }
         let made = Arc::new(ReadLabels {
@@ -370,4 +378,34 @@ fn slice(
         )));
     }
     Ok(data.slice(within.start as usize..within.end as usize))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_sets_carry_pod_jobs_and_stay_bounded() {
+        let sets = LabelSets::new("mount-job".into());
+        let plain = sets.for_path("/imagenet/train/0.jpg", None);
+        assert_eq!(
+            (plain.dataset.as_str(), plain.job.as_str()),
+            ("imagenet", "mount-job")
+        );
+        let pod = sets.for_path("/imagenet/x", Some(Arc::from("ns/resnet")));
+        assert_eq!(pod.job, "ns/resnet");
+        assert!(Arc::ptr_eq(
+            &pod,
+            &sets.for_path("/imagenet/y", Some(Arc::from("ns/resnet")))
+        ));
+        for i in 0..2 * MAX_LABEL_SETS {
+            sets.for_path("/imagenet/z", Some(Arc::from(format!("ns/job-{i}"))));
+        }
+        assert_eq!(sets.by_top.lock().unwrap().len(), MAX_LABEL_SETS);
+        let late = sets.for_path("/imagenet/z", Some(Arc::from("ns/late")));
+        assert!(
+            Arc::ptr_eq(&late, &plain),
+            "past the bound: the mount's job"
+        );
+    }
 }

@@ -10,6 +10,8 @@
 
 use anyhow::Context;
 use clap::Args;
+use granary_cache_server::config::ConfigFile;
+use granary_cache_server::tenant_view::MountTenants;
 use granary_net::datasets::DatasetClient;
 use granary_proto::csi;
 use granary_proto::csi::identity_server::{Identity, IdentityServer};
@@ -44,6 +46,11 @@ pub struct CsiArgs {
     /// The worker API to look datasets up at (the node's worker).
     #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:7070")]
     pub server: String,
+    /// The workers' config (their `[[tenant]]` and `[[mount]] tenants` sections): a pod is given
+    /// a directory only if every mount in it is one its tenant may read, the rule the workers
+    /// apply to tenants' tokens; the driver's tenants must be the workers'.
+    #[arg(long, value_name = "FILE")]
+    pub worker_config: Option<PathBuf>,
     /// A token that may read every dataset's status (the scheduler's or the admin's), from a
     /// file.
     #[arg(long, value_name = "FILE", env = "GRANARY_TOKEN_FILE")]
@@ -72,15 +79,15 @@ struct CsiConfig {
 }
 
 /// A tenant: its pods' namespaces, and the namespace paths its pods may mount with `path`
-/// (its own datasets are always allowed).
+/// (its own datasets are always allowed). Without `paths`, the workers' `[[mount]] tenants`
+/// (`--worker-config`) alone decide; with both, a path must pass both.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TenantSection {
     name: String,
     #[serde(default)]
     namespaces: Vec<String>,
-    #[serde(default)]
-    paths: Vec<String>,
+    paths: Option<Vec<String>>,
 }
 
 struct Plugin {
@@ -89,6 +96,8 @@ struct Plugin {
     node_mount: PathBuf,
     /// `None`: no config, every namespace sees everything.
     tenants: Option<Vec<TenantSection>>,
+    /// Who may read each mount, from the workers' config (`--worker-config`).
+    mounts: Option<MountTenants>,
     datasets: DatasetClient,
     wait_timeout: Duration,
     /// Where pods' jobs are recorded (`--pods-dir`).
@@ -98,6 +107,13 @@ struct Plugin {
 pub async fn run(args: CsiArgs) -> anyhow::Result<()> {
     let tenants = match &args.config {
         Some(path) => Some(load_config(path)?),
+        None => None,
+    };
+    let mounts = match &args.worker_config {
+        Some(path) => Some(load_worker_config(
+            path,
+            tenants.as_deref().unwrap_or_default(),
+        )?),
         None => None,
     };
     if args.check_config {
@@ -135,6 +151,7 @@ pub async fn run(args: CsiArgs) -> anyhow::Result<()> {
         node_id: args.node_id.clone(),
         node_mount,
         tenants,
+        mounts,
         datasets,
         wait_timeout: granary_core::parse_duration(&args.wait_timeout).context("--wait-timeout")?,
         pods_dir: args.pods_dir.clone(),
@@ -181,7 +198,7 @@ fn load_config(path: &Path) -> anyhow::Result<Vec<TenantSection>> {
     let config: CsiConfig = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
     let mut seen = std::collections::HashMap::new();
     for t in &config.tenants {
-        for p in &t.paths {
+        for p in t.paths.iter().flatten() {
             namespace_path(p)
                 .map_err(anyhow::Error::msg)
                 .with_context(|| format!("{}: tenant {:?}: paths", path.display(), t.name))?;
@@ -197,6 +214,22 @@ fn load_config(path: &Path) -> anyhow::Result<Vec<TenantSection>> {
         }
     }
     Ok(config.tenants)
+}
+
+/// Who may read each mount, from the workers' config at `path`, whose `[[tenant]]`s must include
+/// each of the driver's `tenants`.
+fn load_worker_config(path: &Path, tenants: &[TenantSection]) -> anyhow::Result<MountTenants> {
+    let file = ConfigFile::load(path)?;
+    for t in tenants {
+        if !file.tenants.iter().any(|w| w.name == t.name) {
+            anyhow::bail!(
+                "tenant {:?} of the driver config is no [[tenant]] of the workers' config {}",
+                t.name,
+                path.display()
+            );
+        }
+    }
+    Ok(MountTenants::from_config(&file))
 }
 
 /// A namespace path as a volume names it: absolute, no `.` or `..`, not the root; as the
@@ -225,22 +258,15 @@ fn namespace_path(path: &str) -> Result<PathBuf, String> {
 }
 
 /// `path` (beneath the namespace's root) lies within one of the tenant's paths, component by
-/// component.
-fn check_paths(tenant: &TenantSection, path: &Path) -> Result<(), Status> {
-    let allowed = tenant
-        .paths
+/// component (`true` when the tenant has no `paths`: the workers' rule decides).
+fn within_paths(tenant: &TenantSection, path: &Path) -> bool {
+    let Some(paths) = &tenant.paths else {
+        return true;
+    };
+    paths
         .iter()
         .filter_map(|p| namespace_path(p).ok())
-        .any(|p| path.starts_with(&p));
-    if allowed {
-        Ok(())
-    } else {
-        Err(Status::permission_denied(format!(
-            "tenant {:?} may not see /{}",
-            tenant.name,
-            path.display()
-        )))
-    }
+        .any(|p| path.starts_with(&p))
 }
 
 /// What a volume asks for.
@@ -278,6 +304,36 @@ fn wanted(context: &std::collections::HashMap<String, String>) -> Result<Wanted,
 }
 
 impl Plugin {
+    /// Whether the tenant may be given directory `path` (beneath the namespace's root): within
+    /// its `paths` if it has some, and wholly of mounts it may read if the workers' config is
+    /// known; with neither, only its datasets.
+    fn may_publish(
+        &self,
+        tenant: &TenantSection,
+        path: &Path,
+        dataset: bool,
+    ) -> Result<(), Status> {
+        let refused = |why: &str| {
+            Err(Status::permission_denied(format!(
+                "tenant {:?} may not see /{}{why}",
+                tenant.name,
+                path.display()
+            )))
+        };
+        if !dataset && tenant.paths.is_none() && self.mounts.is_none() {
+            return refused(": it has no paths in the driver config");
+        }
+        if !dataset && !within_paths(tenant, path) {
+            return refused("");
+        }
+        if let Some(mounts) = &self.mounts
+            && !mounts.may_publish(&tenant.name, &format!("/{}", path.display()))
+        {
+            return refused(": a mount there is not the tenant's ([[mount]] tenants)");
+        }
+        Ok(())
+    }
+
     /// The tenant of the pod's namespace; `Ok(None)` when the driver has no tenants.
     fn tenant_of<'a>(
         &'a self,
@@ -311,7 +367,7 @@ impl Plugin {
         let relative = match wanted {
             Wanted::Path(path) => {
                 if let Some(t) = tenant {
-                    check_paths(t, path)?;
+                    self.may_publish(t, path, false)?;
                 }
                 path.clone()
             }
@@ -357,8 +413,8 @@ impl Plugin {
         }
         // What the request named, resolved, must still be the tenant's (a link inside one of
         // its paths may point elsewhere).
-        if let (Some(t), Wanted::Path(_)) = (tenant, wanted) {
-            check_paths(t, resolved)?;
+        if let Some(t) = tenant {
+            self.may_publish(t, resolved, matches!(wanted, Wanted::Dataset { .. }))?;
         }
         Ok(source)
     }

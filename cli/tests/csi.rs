@@ -145,6 +145,7 @@ fn pods_get_their_tenants_data_read_only_and_nothing_else() {
         ("team-a/ds/sub/labels.txt", 1_000),
         ("team-a/free/notes.txt", 500),
         ("team-b/secret/weights.bin", 200_000),
+        ("team-b/ops/keys.txt", 300),
     ];
     for (i, (path, size)) in files.iter().enumerate() {
         let p = src.join(path);
@@ -192,9 +193,56 @@ fn pods_get_their_tenants_data_read_only_and_nothing_else() {
     std::fs::write(
         &config,
         "[[tenant]]\nname = \"team-a\"\nnamespaces = [\"ns-a\"]\npaths = [\"/team-a/free\"]\n\
-         [[tenant]]\nname = \"team-b\"\nnamespaces = [\"ns-b\"]\npaths = [\"/team-b\"]\n",
+         [[tenant]]\nname = \"team-b\"\nnamespaces = [\"ns-b\"]\n",
     )
     .unwrap();
+    // The workers' rule of who reads which mount: team-b has no `paths` above, so this alone
+    // decides what its pods may mount.
+    let worker_config = work.path().join("worker.toml");
+    let mount = |path: &str, tenant: &str| {
+        format!("[[mount]]\npath = \"{path}\"\nsource = \"/unused\"\ntenants = [\"{tenant}\"]\n")
+    };
+    std::fs::write(
+        &worker_config,
+        format!(
+            "[[tenant]]\nname = \"team-a\"\n[[tenant]]\nname = \"team-b\"\n{}{}{}",
+            mount("/team-a", "team-a"),
+            mount("/team-b", "team-b"),
+            mount("/team-b/ops", "team-a"),
+        ),
+    )
+    .unwrap();
+    // The driver's tenants must be the workers'.
+    let stranger = work.path().join("stranger.toml");
+    std::fs::write(
+        &stranger,
+        "[[tenant]]\nname = \"team-c\"\nnamespaces = [\"ns-c\"]\n",
+    )
+    .unwrap();
+    let check = run_with_timeout(
+        granary(
+            &[
+                "csi",
+                "--node-id",
+                "n",
+                "--config",
+                stranger.to_str().unwrap(),
+                "--worker-config",
+                worker_config.to_str().unwrap(),
+                "--check-config",
+            ],
+            &[],
+        ),
+        Duration::from_secs(30),
+    );
+    assert!(!check.status.success());
+    assert!(
+        check
+            .stderr
+            .contains("\"team-c\" of the driver config is no [[tenant]]"),
+        "{}",
+        check.stderr
+    );
     let socket = work.path().join("csi.sock");
     // Interrupted and reaped when dropped, a failed assertion included.
     let csi_plugin = Logged::spawn(
@@ -209,6 +257,8 @@ fn pods_get_their_tenants_data_read_only_and_nothing_else() {
                 mnt.to_str().unwrap(),
                 "--config",
                 config.to_str().unwrap(),
+                "--worker-config",
+                worker_config.to_str().unwrap(),
                 "--server",
                 &api,
                 "--wait-timeout",
@@ -283,11 +333,19 @@ fn pods_get_their_tenants_data_read_only_and_nothing_else() {
             .unwrap();
         assert_eq!(names(&t2), ["notes.txt"]);
         let t3 = pods.join("t3");
+        // Team-b's own mount, by the workers' rule alone.
+        publish(&mut node, &t3, "ns-b", &[("path", "/team-b/secret")])
+            .await
+            .unwrap();
+        assert_eq!(names(&t3), ["weights.bin"]);
+        unpublish(&mut node, &t3).await.unwrap();
         for (namespace, attrs, says) in [
             ("ns-b", vec![("dataset", "ds-a")], "another tenant"),
             ("ns-a", vec![("dataset", "ds-b")], "another tenant"),
             ("ns-a", vec![("path", "/team-b/secret")], "may not see"),
             ("ns-a", vec![("path", "/team-a")], "may not see"),
+            // Within team-b's mount, but over a mount of team-a's.
+            ("ns-b", vec![("path", "/team-b")], "[[mount]] tenants"),
             (
                 "ns-x",
                 vec![("path", "/team-a/free")],

@@ -217,11 +217,6 @@ mod tests {
             assert_eq!(v.may_see("a", path), seen, "{path}");
         }
     }
-}
-
-#[cfg(test)]
-mod publish_tests {
-    use super::*;
 
     fn rule() -> MountTenants {
         let file: ConfigFile = toml::from_str(

@@ -134,15 +134,11 @@ pub async fn run(args: CsiArgs) -> anyhow::Result<()> {
         .node_mount
         .canonicalize()
         .with_context(|| format!("node mount {}", args.node_mount.display()))?;
-    let token = match &args.token_file {
-        Some(f) => Some(
-            std::fs::read_to_string(f)
-                .with_context(|| format!("cannot read {}", f.display()))?
-                .trim()
-                .to_string(),
-        ),
-        None => None,
-    };
+    let token = args
+        .token_file
+        .as_deref()
+        .map(crate::cmd_dataset::read_token_file)
+        .transpose()?;
     let tls = args.tls.identity()?;
     let datasets = DatasetClient::connect_with(&args.server, tls.as_ref(), token.as_deref())
         .await

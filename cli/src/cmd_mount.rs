@@ -110,14 +110,9 @@ pub async fn run(args: MountArgs, handoff: Option<Handoff>) -> anyhow::Result<()
             let tls = tls_args::identity(args.tls_dir.as_deref(), Some(&args.tls_name))?;
             let mut api =
                 GrpcCache::connect(server, tls.as_ref(), None, Duration::from_secs(10)).await?;
-            let token = match (&args.token_file, &args.token) {
-                (Some(file), _) => Some(
-                    std::fs::read_to_string(file)
-                        .with_context(|| format!("--token-file {}", file.display()))?
-                        .trim()
-                        .to_string(),
-                ),
-                (None, token) => token.clone(),
+            let token = match &args.token_file {
+                Some(file) => Some(crate::cmd_dataset::read_token_file(file)?),
+                None => args.token.clone(),
             };
             if let Some(token) = token {
                 api = api.with_token(&token)?;

@@ -69,10 +69,7 @@ impl GrpcCache {
     /// Presents `token` with every call: the worker then shows and serves only what that
     /// tenant may read (`[[mount]] tenants`).
     pub fn with_token(mut self, token: &str) -> Result<Self, ApiError> {
-        let value = format!("Bearer {token}").parse().map_err(|_| {
-            ApiError::Invalid("the token has characters a header cannot carry".into())
-        })?;
-        self.token = Some(value);
+        self.token = Some(bearer(token)?);
         Ok(self)
     }
 
@@ -103,6 +100,15 @@ impl GrpcCache {
             stats: info.stats.map(Into::into).unwrap_or_default(),
         })
     }
+}
+
+/// The `authorization` header's value for `token`.
+pub(crate) fn bearer(
+    token: &str,
+) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>, ApiError> {
+    format!("Bearer {token}")
+        .parse()
+        .map_err(|_| ApiError::Invalid("the token has characters a header cannot carry".into()))
 }
 
 /// A plaintext call to a TLS listener fails deep in HTTP/2: say what is likely wrong.

@@ -38,13 +38,7 @@ impl DatasetClient {
             Duration::from_secs(300),
         )
         .await?;
-        let token = token
-            .map(|t| {
-                format!("Bearer {t}").parse().map_err(|_| {
-                    ApiError::Invalid("the token has characters a header cannot carry".into())
-                })
-            })
-            .transpose()?;
+        let token = token.map(crate::client::bearer).transpose()?;
         Ok(DatasetClient {
             client: pb::datasets_client::DatasetsClient::new(channel)
                 .max_decoding_message_size(granary_proto::MAX_MESSAGE_BYTES),

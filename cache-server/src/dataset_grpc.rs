@@ -14,7 +14,8 @@ pub struct DatasetService {
     pub worker: Arc<Worker>,
 }
 
-fn token<T>(req: &Request<T>) -> Option<String> {
+/// The caller's bearer token, if it sent one.
+pub(crate) fn token<T>(req: &Request<T>) -> Option<String> {
     let value = req.metadata().get("authorization")?.to_str().ok()?;
     value.strip_prefix("Bearer ").map(|t| t.trim().to_string())
 }

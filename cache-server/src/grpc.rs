@@ -26,22 +26,25 @@ pub struct CacheService<A> {
 }
 
 impl<A> CacheService<A> {
-    /// The tenant whose view the request gets, from its bearer token (`None`: everything).
-    fn tenant<T>(&self, req: &Request<T>, method: &'static str) -> Result<Option<String>, Status> {
+    /// The tenant whose view the request gets, from its bearer token, with the views (`None`:
+    /// everything).
+    fn tenant<T>(
+        &self,
+        req: &Request<T>,
+        method: &'static str,
+    ) -> Result<Option<(&TenantViews, String)>, Status> {
         let Some(views) = &self.views else {
             return Ok(None);
         };
-        let token = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        views.caller(token).map_err(|e| {
-            metrics::counter!(granary_core::metrics::RPC_REFUSED, "method" => method, "reason" => "bad_token")
-                .increment(1);
-            Status::from(e)
-        })
+        let token = crate::dataset_grpc::token(req);
+        match views.caller(token.as_deref()) {
+            Ok(tenant) => Ok(tenant.map(|t| (views.as_ref(), t))),
+            Err(e) => {
+                metrics::counter!(granary_core::metrics::RPC_REFUSED, "method" => method, "reason" => "bad_token")
+                    .increment(1);
+                Err(Status::from(e))
+            }
+        }
     }
 
     /// Whether the caller presented a certificate the cluster CA signed (always, without TLS:
@@ -107,7 +110,7 @@ impl<A: CacheApi> pb::cache_server::Cache for CacheService<A> {
             return Ok(Response::new(pb::LocalCopyReply { path: None }));
         }
         let object = ObjectRef::from(req.into_inner());
-        if let (Some(t), Some(views)) = (&tenant, &self.views) {
+        if let Some((views, t)) = &tenant {
             views.check_object(t, &object)?;
         }
         let path = self.api.local_copy(&object).await?;
@@ -129,12 +132,12 @@ impl<A: CacheApi> pb::cache_server::Cache for CacheService<A> {
         self.node_only(&req, "stat")?;
         let tenant = self.tenant(&req, "stat")?;
         let path = req.into_inner().path;
-        let result = match (&tenant, &self.views) {
-            (Some(t), Some(views)) => match views.check_path(t, &path) {
+        let result = match &tenant {
+            Some((views, t)) => match views.check_path(t, &path) {
                 Ok(()) => self.api.stat(&path).await,
                 Err(e) => Err(e),
             },
-            _ => self.api.stat(&path).await,
+            None => self.api.stat(&path).await,
         };
         record("stat", &result);
         Ok(Response::new(pb::Entry::from(&result?)))
@@ -147,8 +150,8 @@ impl<A: CacheApi> pb::cache_server::Cache for CacheService<A> {
         self.node_only(&req, "list")?;
         let tenant = self.tenant(&req, "list")?;
         let path = req.into_inner().path;
-        let result = match (&tenant, &self.views) {
-            (Some(t), Some(views)) => match views.check_path(t, &path) {
+        let result = match &tenant {
+            Some((views, t)) => match views.check_path(t, &path) {
                 Ok(()) => self
                     .api
                     .list(&path)
@@ -156,7 +159,7 @@ impl<A: CacheApi> pb::cache_server::Cache for CacheService<A> {
                     .map(|entries| views.filter(t, &path, entries)),
                 Err(e) => Err(e),
             },
-            _ => self.api.list(&path).await,
+            None => self.api.list(&path).await,
         };
         record("list", &result);
         let entries = result?.iter().map(pb::Entry::from).collect();
@@ -172,12 +175,12 @@ impl<A: CacheApi> pb::cache_server::Cache for CacheService<A> {
         let req = req.into_inner();
         let result = match req.object.map(ObjectRef::from) {
             None => Err(ApiError::Invalid("read_block without an object".into())),
-            Some(object) => match (&tenant, &self.views) {
-                (Some(t), Some(views)) => match views.check_object(t, &object) {
+            Some(object) => match &tenant {
+                Some((views, t)) => match views.check_object(t, &object) {
                     Ok(()) => self.api.read_block(&object, req.index).await,
                     Err(e) => Err(e),
                 },
-                _ => self.api.read_block(&object, req.index).await,
+                None => self.api.read_block(&object, req.index).await,
             },
         };
         record("read_block", &result);
